@@ -1,0 +1,11 @@
+//! thaw: save QEMU VMs and restore them lazily through userfaultfd, so a
+//! restored guest runs again at once while its RAM streams in behind it.
+//!
+//! The modules follow the data's path: [`config`] (YAML → typed VM config) →
+//! [`qemu`] (command line, launch, QMP, RAM discovery) → [`inject`] (ptrace
+//! syscall injection) → [`uffd`] (userfaultfd takeover and typed ioctls) →
+//! [`image`] (on-disk format, writer, verifying reader) → [`save`] /
+//! [`restore`] (orchestration and the restore engine).
+
+pub mod config;
+pub mod mem;

@@ -1,0 +1,109 @@
+//! Guest memory vocabulary shared by every module: page size, typed page
+//! numbers and host addresses, and the layout of a VM's RAM blocks.
+
+use serde::{Deserialize, Serialize};
+
+/// Size of the pages thaw saves, indexes and installs (x86-64 base page).
+pub const PAGE_SIZE: u64 = 4096;
+
+/// A guest RAM page, numbered across all RAM blocks in layout order
+/// (block 0's pages first, then block 1's, ...).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct PageIndex(pub u64);
+
+/// A virtual address in some process (QEMU's or thaw's own).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct HostAddr(pub u64);
+
+impl HostAddr {
+    /// The address `bytes` further on.
+    pub fn add(self, bytes: u64) -> HostAddr {
+        HostAddr(self.0 + bytes)
+    }
+    /// The address as a raw pointer, for ioctls that take one.
+    pub fn as_ptr(self) -> *mut libc::c_void {
+        self.0 as *mut libc::c_void
+    }
+}
+
+/// One guest RAM block: a QEMU memory backend (`memory-backend-file`) with its id.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RamBlock {
+    /// QEMU object id of the memory backend (e.g. `ram0`).
+    pub id: String,
+    /// Size in bytes, a multiple of [`PAGE_SIZE`].
+    pub size: u64,
+    /// Global number of this block's first page.
+    pub first_page: u64,
+}
+
+impl RamBlock {
+    /// Number of pages in the block.
+    pub fn pages(&self) -> u64 {
+        self.size / PAGE_SIZE
+    }
+    /// Whether a global page number falls inside this block.
+    pub fn contains(&self, page: PageIndex) -> bool {
+        page.0 >= self.first_page && page.0 < self.first_page + self.pages()
+    }
+}
+
+/// The RAM blocks of a VM, in order; page numbers are contiguous across them.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RamLayout {
+    pub blocks: Vec<RamBlock>,
+}
+
+impl RamLayout {
+    /// Builds a layout from `(id, size)` pairs, numbering pages contiguously.
+    pub fn from_sizes<I, S>(blocks: I) -> RamLayout
+    where
+        I: IntoIterator<Item = (S, u64)>,
+        S: Into<String>,
+    {
+        let mut first_page = 0;
+        let blocks = blocks
+            .into_iter()
+            .map(|(id, size)| {
+                let block = RamBlock { id: id.into(), size, first_page };
+                first_page += block.pages();
+                block
+            })
+            .collect();
+        RamLayout { blocks }
+    }
+
+    /// Total number of guest pages.
+    pub fn total_pages(&self) -> u64 {
+        self.blocks.iter().map(RamBlock::pages).sum()
+    }
+
+    /// Total guest RAM in bytes.
+    pub fn total_bytes(&self) -> u64 {
+        self.blocks.iter().map(|b| b.size).sum()
+    }
+
+    /// The block holding `page` and the page's byte offset inside it.
+    pub fn locate(&self, page: PageIndex) -> Option<(usize, u64)> {
+        self.blocks
+            .iter()
+            .position(|b| b.contains(page))
+            .map(|i| (i, (page.0 - self.blocks[i].first_page) * PAGE_SIZE))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layout_numbers_pages_across_blocks() {
+        let layout = RamLayout::from_sizes([("ram0", 8 * PAGE_SIZE), ("ram1", 4 * PAGE_SIZE)]);
+        assert_eq!(layout.total_pages(), 12);
+        assert_eq!(layout.blocks[1].first_page, 8);
+        assert_eq!(layout.locate(PageIndex(9)), Some((1, PAGE_SIZE)));
+        assert_eq!(layout.locate(PageIndex(12)), None);
+    }
+}
