@@ -8,4 +8,7 @@
 //! [`restore`] (orchestration and the restore engine).
 
 pub mod config;
+pub mod inject;
 pub mod mem;
+pub mod qemu;
+pub mod uffd;

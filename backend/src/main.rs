@@ -1,1 +1,181 @@
-fn main() {}
+//! The `thaw` command line: a thin layer mapping subcommands onto the library.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use serde_json::json;
+
+use thaw::config::VmConfig;
+use thaw::qemu::{self, Qmp, VmState};
+use thaw::restore::{Mode, RestoreOptions};
+use thaw::save::SaveOptions;
+
+/// Save QEMU VMs and restore them lazily: the guest runs again at once while
+/// its RAM streams in behind it through userfaultfd.
+#[derive(Parser)]
+#[command(name = "thaw", version, about, long_about = None)]
+struct Cli {
+    /// Print machine-readable JSON instead of text.
+    #[arg(long, global = true)]
+    json: bool,
+    /// More log output (-v info, -vv debug); RUST_LOG overrides.
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    verbose: u8,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Boot a VM from a YAML config (QEMU daemonized); returns once QMP is up.
+    Start {
+        /// The VM config (see configs/).
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Save a running VM into an image directory; the VM is gone afterwards
+    /// (virsh save semantics). On failure the VM keeps running.
+    Save {
+        name: String,
+        image: PathBuf,
+        /// Replace an existing image.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Restore a VM from an image; returns once all its RAM is resident.
+    Restore {
+        image: PathBuf,
+        /// eager: load all RAM, then run; lazy: run at once, load RAM behind.
+        #[arg(long, value_enum, default_value_t = Mode::Lazy)]
+        mode: Mode,
+        /// Run the restored VM under another name.
+        #[arg(long)]
+        name: Option<String>,
+    },
+    /// Describe an image: VM, QEMU, RAM layout, sizes.
+    Inspect { image: PathBuf },
+    /// List running VMs.
+    List,
+    /// Show a VM's state.
+    Status { name: String },
+    /// Stop a VM (QMP quit; SIGKILL with --force or if quit fails).
+    Stop {
+        name: String,
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let level = match cli.verbose {
+        0 => "warn",
+        1 => "info",
+        _ => "debug",
+    };
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(level))
+        .format_timestamp_millis()
+        .init();
+    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("thaw: cannot start the async runtime: {e}");
+            std::process::exit(2);
+        }
+    };
+    if let Err(e) = rt.block_on(run(cli)) {
+        eprintln!("thaw: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn print(json_out: bool, value: &impl serde::Serialize, text: impl std::fmt::Display) -> Result<()> {
+    if json_out {
+        println!("{}", serde_json::to_string_pretty(value)?);
+    } else {
+        println!("{text}");
+    }
+    Ok(())
+}
+
+async fn run(cli: Cli) -> Result<()> {
+    let j = cli.json;
+    match cli.command {
+        Command::Start { config } => {
+            let cfg = VmConfig::load(&config)?;
+            let accel = qemu::resolve_accel(&cfg)?;
+            let launched = qemu::launch(&cfg, accel, false)
+                .await
+                .with_context(|| format!("starting VM {}", cfg.name))?;
+            let s = &launched.state;
+            let out = json!({ "name": cfg.name, "pid": s.qemu_pid, "accel": s.accel,
+                "qemu_version": s.qemu_version, "serial": s.serial, "qmp": launched.paths.qmp });
+            print(j, &out, format_args!(
+                "started {} (pid {}, {}, QEMU {}); console: {}",
+                cfg.name, s.qemu_pid, s.accel, s.qemu_version, s.serial.display()
+            ))
+        }
+        Command::Save { name, image, force } => {
+            let report = thaw::save::save(&name, &image, &SaveOptions { force, keep_running: false })
+                .await
+                .with_context(|| format!("saving VM {name} to {}", image.display()))?;
+            print(j, &report, format_args!(
+                "saved {} to {}: {} MiB RAM, {} non-zero pages, device state {} KiB; paused {:.0} ms",
+                report.name, report.image.display(), report.ram_bytes >> 20, report.nonzero_pages,
+                report.device_state_bytes >> 10, report.paused_ms
+            ))
+        }
+        Command::Restore { image, mode, name } => {
+            let stats = thaw::restore::restore(&image, &RestoreOptions { mode, name })
+                .await
+                .with_context(|| format!("restoring {}", image.display()))?;
+            print(j, &stats, &stats)
+        }
+        Command::Inspect { image } => {
+            let img = thaw::image::Image::open(&image).with_context(|| format!("opening {}", image.display()))?;
+            let report = thaw::image::inspect(&img);
+            print(j, &report, &report)
+        }
+        Command::List => {
+            let mut rows = Vec::new();
+            for name in qemu::list_vms() {
+                if let Ok((paths, state)) = VmState::load(&name) {
+                    let status = match Qmp::connect(&paths.qmp).await {
+                        Ok(mut q) => q.run_state().await.unwrap_or_else(|_| "unknown".into()),
+                        Err(_) => "busy".into(),
+                    };
+                    rows.push(json!({ "name": name, "pid": state.qemu_pid, "status": status,
+                        "memory": state.config.memory, "accel": state.accel }));
+                }
+            }
+            let text = rows
+                .iter()
+                .map(|r| format!("{:<20} {:>8} {:<10} {:>6} {}", r["name"].as_str().unwrap_or(""),
+                    r["pid"], r["status"].as_str().unwrap_or(""), r["memory"].as_str().unwrap_or(""),
+                    r["accel"].as_str().unwrap_or("")))
+                .collect::<Vec<_>>()
+                .join("\n");
+            print(j, &rows, if text.is_empty() { "no VMs running".to_string() } else { text })
+        }
+        Command::Status { name } => {
+            let (paths, state) = VmState::load(&name)?;
+            let mut qmp = Qmp::connect(&paths.qmp).await.context("connecting to QMP")?;
+            let status = qmp.run_state().await?;
+            let restoring = paths.dir.join("restore.json").exists();
+            let out = json!({ "name": name, "status": status, "pid": state.qemu_pid, "accel": state.accel,
+                "memory": state.config.memory, "qemu_version": state.qemu_version,
+                "serial": state.serial, "restore_in_progress": restoring });
+            print(j, &out, format_args!(
+                "{name}: {status} (pid {}, {}, {} RAM, QEMU {}){}",
+                state.qemu_pid, state.accel, state.config.memory, state.qemu_version,
+                if restoring { ", restore in progress" } else { "" }
+            ))
+        }
+        Command::Stop { name, force } => {
+            let (paths, state) = VmState::load(&name)?;
+            qemu::stop(&paths, &state, force).await?;
+            print(j, &json!({ "name": name, "stopped": true }), format_args!("stopped {name}"))
+        }
+    }
+}

@@ -1,0 +1,546 @@
+//! Running QEMU for thaw: where a VM's runtime files live, the command line
+//! thaw builds from a [`VmConfig`], launching (daemonized) and stopping QEMU,
+//! the KVM probe behind `accel: auto`, and finding guest RAM inside QEMU.
+
+pub mod qmp;
+
+use std::fs::{self, DirBuilder, File, OpenOptions};
+use std::io::Write;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+use crate::config::{Accel, VmConfig};
+use crate::mem::{HostAddr, RamLayout};
+pub use qmp::{Qmp, QmpError};
+
+/// Errors running QEMU.
+#[derive(Debug, thiserror::Error)]
+pub enum QemuError {
+    #[error("{what} {path}: {source}")]
+    Fs { what: &'static str, path: PathBuf, source: std::io::Error },
+    #[error("VM {0:?} is already running (see `thaw status {0}`)")]
+    AlreadyRunning(String),
+    #[error("no running VM named {0:?} (see `thaw list`)")]
+    NotRunning(String),
+    #[error("QEMU binary {0:?} not found: install qemu-system-x86 (>= 8.2) or set `qemu:` in the config")]
+    MissingBinary(String),
+    #[error("QEMU failed to start: {0}")]
+    Launch(String),
+    #[error("QEMU {found} is too old: thaw needs >= 8.2 (x-ignore-shared with file-backed shared RAM)")]
+    TooOld { found: String },
+    #[error(transparent)]
+    Qmp(#[from] QmpError),
+    #[error("guest RAM block {id:?} ({path}) is not mapped in QEMU process {pid}")]
+    RamNotFound { id: String, path: PathBuf, pid: i32 },
+    #[error("QEMU (pid {0}) did not exit within {1:?}")]
+    StuckQemu(i32, Duration),
+}
+
+fn fs_err<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> QemuError + 'a {
+    move |source| QemuError::Fs { what, path: path.to_owned(), source }
+}
+
+/// Root of the runtime directories: `$THAW_RUNTIME_DIR` or `/run/thaw`.
+pub fn runtime_root() -> PathBuf {
+    std::env::var_os("THAW_RUNTIME_DIR").map(PathBuf::from).unwrap_or_else(|| "/run/thaw".into())
+}
+
+/// Root of the guest RAM files: `$THAW_SHM_DIR` or `/dev/shm/thaw`.
+pub fn shm_root() -> PathBuf {
+    std::env::var_os("THAW_SHM_DIR").map(PathBuf::from).unwrap_or_else(|| "/dev/shm/thaw".into())
+}
+
+/// Where one VM's runtime files are.
+#[derive(Clone, Debug)]
+pub struct VmPaths {
+    pub name: String,
+    /// `<runtime root>/<name>`, mode 0700.
+    pub dir: PathBuf,
+    pub qmp: PathBuf,
+    pub pidfile: PathBuf,
+    /// The [`VmState`] record.
+    pub state: PathBuf,
+    /// Lock held by a save or restore in progress.
+    pub lock: PathBuf,
+    /// Default guest console log when the config sets no `serial`.
+    pub default_serial: PathBuf,
+    /// `<shm root>/<name>`: RAM files live here until QEMU has opened them.
+    pub shm_dir: PathBuf,
+}
+
+impl VmPaths {
+    pub fn new(name: &str) -> VmPaths {
+        let dir = runtime_root().join(name);
+        VmPaths {
+            name: name.to_string(),
+            qmp: dir.join("qmp.sock"),
+            pidfile: dir.join("qemu.pid"),
+            state: dir.join("vm.json"),
+            lock: dir.join("lock"),
+            default_serial: dir.join("serial.log"),
+            shm_dir: shm_root().join(name),
+            dir,
+        }
+    }
+
+    /// The RAM file of memory backend `id`.
+    pub fn ram_file(&self, id: &str) -> PathBuf {
+        self.shm_dir.join(id)
+    }
+}
+
+/// What thaw records about a running VM in its runtime directory.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct VmState {
+    pub config: VmConfig,
+    /// The accelerator actually in use (`kvm` or `tcg`).
+    pub accel: String,
+    pub layout: RamLayout,
+    pub qemu_pid: i32,
+    pub qemu_version: String,
+    /// Guest console log.
+    pub serial: PathBuf,
+    /// Creation time (seconds since the epoch).
+    pub started_unix: u64,
+}
+
+impl VmState {
+    /// Loads the record of running VM `name`; a VM whose QEMU has gone is
+    /// cleaned up and reported as not running.
+    pub fn load(name: &str) -> Result<(VmPaths, VmState), QemuError> {
+        crate::config::validate_name(name).map_err(|_| QemuError::NotRunning(name.to_string()))?;
+        let paths = VmPaths::new(name);
+        let text = match fs::read_to_string(&paths.state) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(QemuError::NotRunning(name.to_string()))
+            }
+            Err(e) => return Err(fs_err("cannot read", &paths.state)(e)),
+        };
+        let state: VmState = serde_json::from_str(&text).map_err(|e| QemuError::Fs {
+            what: "corrupt VM record",
+            path: paths.state.clone(),
+            source: std::io::Error::other(e),
+        })?;
+        if !process_alive(state.qemu_pid) {
+            log::warn!("QEMU of VM {name} (pid {}) has exited; removing its runtime files", state.qemu_pid);
+            remove_runtime(&paths);
+            return Err(QemuError::NotRunning(name.to_string()));
+        }
+        Ok((paths, state))
+    }
+
+    fn store(&self, paths: &VmPaths) -> Result<(), QemuError> {
+        let tmp = paths.dir.join("vm.json.tmp");
+        let text = serde_json::to_vec_pretty(self).map_err(std::io::Error::other).map_err(fs_err("cannot encode", &tmp))?;
+        write_private(&tmp, &text)?;
+        fs::rename(&tmp, &paths.state).map_err(fs_err("cannot write", &paths.state))
+    }
+}
+
+/// Names of all VMs with a runtime directory.
+pub fn list_vms() -> Vec<String> {
+    let mut names: Vec<String> = fs::read_dir(runtime_root())
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| e.path().join("vm.json").exists())
+        .filter_map(|e| e.file_name().into_string().ok())
+        .collect();
+    names.sort();
+    names
+}
+
+/// Creates a file 0600 that must not exist yet, refusing symlinks.
+pub fn create_private(path: &Path) -> Result<File, QemuError> {
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(path)
+        .map_err(fs_err("cannot create", path))
+}
+
+fn write_private(path: &Path, data: &[u8]) -> Result<(), QemuError> {
+    let _ = fs::remove_file(path);
+    let mut f = create_private(path)?;
+    f.write_all(data).map_err(fs_err("cannot write", path))
+}
+
+fn create_private_dir(path: &Path) -> Result<(), QemuError> {
+    DirBuilder::new().recursive(false).mode(0o700).create(path).map_err(fs_err("cannot create directory", path))
+}
+
+fn ensure_root_dir(path: &Path) -> Result<(), QemuError> {
+    if !path.is_dir() {
+        DirBuilder::new().recursive(true).mode(0o700).create(path).map_err(fs_err("cannot create directory", path))?;
+    }
+    Ok(())
+}
+
+/// Whether process `pid` exists (and is not a zombie we could reap).
+pub fn process_alive(pid: i32) -> bool {
+    if pid <= 0 || kill(Pid::from_raw(pid), None).is_err() {
+        return false;
+    }
+    // A zombie still answers kill(0); its state letter says it is gone.
+    match fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => !stat.rsplit(')').next().is_some_and(|rest| rest.trim_start().starts_with('Z')),
+        Err(_) => false,
+    }
+}
+
+/// Removes a VM's runtime directory and RAM directory (best effort).
+pub fn remove_runtime(paths: &VmPaths) {
+    for dir in [&paths.dir, &paths.shm_dir] {
+        if let Err(e) = fs::remove_dir_all(dir) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                log::warn!("cannot remove {}: {e}", dir.display());
+            }
+        }
+    }
+}
+
+/// Resolves `accel: auto` by probing KVM; explicit choices are kept.
+pub fn resolve_accel(cfg: &VmConfig) -> Result<&'static str, QemuError> {
+    Ok(match cfg.accel {
+        Accel::Kvm => "kvm",
+        Accel::Tcg => "tcg",
+        Accel::Auto => {
+            if kvm_boots_guest(&cfg.qemu)? {
+                "kvm"
+            } else {
+                "tcg"
+            }
+        }
+    })
+}
+
+/// Whether KVM can really run a guest here: boots a 64 KiB firmware that
+/// writes one byte to the serial port from real mode. `/dev/kvm` existing is
+/// not enough (some hosts only run paravirtualized guests).
+pub fn kvm_boots_guest(qemu: &str) -> Result<bool, QemuError> {
+    if !Path::new("/dev/kvm").exists() {
+        return Ok(false);
+    }
+    let dir = tempdir_in_runtime()?;
+    let bios = dir.join("probe.bin");
+    let out = dir.join("probe.out");
+    let mut image = vec![0u8; 64 << 10];
+    // Reset vector (0xFFFF0): mov dx,0x3f8; mov al,'K'; out dx,al; hlt; jmp $-3
+    let code = [0xBA, 0xF8, 0x03, 0xB0, b'K', 0xEE, 0xF4, 0xEB, 0xFD];
+    let at = image.len() - 16;
+    image[at..at + code.len()].copy_from_slice(&code);
+    fs::write(&bios, &image).map_err(fs_err("cannot write", &bios))?;
+    let mut child = std::process::Command::new(qemu)
+        .args(["-accel", "kvm", "-machine", "q35", "-nodefaults", "-display", "none", "-no-reboot", "-bios"])
+        .arg(&bios)
+        .arg("-chardev")
+        .arg(format!("file,id=probe,path={}", out.display()))
+        .args(["-serial", "chardev:probe"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => QemuError::MissingBinary(qemu.to_string()),
+            _ => QemuError::Launch(e.to_string()),
+        })?;
+    let mut ok = false;
+    for _ in 0..50 {
+        if fs::read(&out).is_ok_and(|b| b.contains(&b'K')) {
+            ok = true;
+            break;
+        }
+        if let Ok(Some(_)) = child.try_wait() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    let _ = fs::remove_dir_all(&dir);
+    log::info!("KVM probe: {}", if ok { "guest ran, using kvm" } else { "no guest output, using tcg" });
+    Ok(ok)
+}
+
+fn tempdir_in_runtime() -> Result<PathBuf, QemuError> {
+    let root = runtime_root();
+    ensure_root_dir(&root)?;
+    let dir = root.join(format!(".probe-{}", std::process::id()));
+    let _ = fs::remove_dir_all(&dir);
+    create_private_dir(&dir)?;
+    Ok(dir)
+}
+
+/// Builds QEMU's argument list for `cfg`: thaw's RAM backends, QMP socket,
+/// pid file and serial chardev, then the user's settings. `incoming` adds
+/// `-incoming defer -S` for a restore.
+pub fn command_line(cfg: &VmConfig, accel: &str, paths: &VmPaths, serial: &Path, incoming: bool) -> Vec<String> {
+    let mut a: Vec<String> = Vec::new();
+    let mut push = |items: &[&str]| a.extend(items.iter().map(|s| s.to_string()));
+    push(&["-name", &format!("{},process=thaw-{}", cfg.name, cfg.name)]);
+    push(&["-accel", accel]);
+    let nodes = cfg.numa_nodes;
+    let size = cfg.backend_size();
+    if nodes == 1 {
+        push(&["-machine", &format!("{},memory-backend=ram0", cfg.machine)]);
+    } else {
+        push(&["-machine", &cfg.machine]);
+    }
+    push(&["-m", &format!("{}M", cfg.memory.0 >> 20)]);
+    push(&["-smp", &cfg.cpus.to_string()]);
+    for i in 0..nodes {
+        let id = format!("ram{i}");
+        let file = paths.ram_file(&id);
+        push(&[
+            "-object",
+            &format!("memory-backend-file,id={id},size={size},share=on,mem-path={}", file.display()),
+        ]);
+        if nodes > 1 {
+            push(&["-numa", &format!("node,nodeid={i},memdev={id}")]);
+        }
+    }
+    if let Some(k) = &cfg.kernel {
+        push(&["-kernel", &k.display().to_string()]);
+    }
+    if let Some(i) = &cfg.initrd {
+        push(&["-initrd", &i.display().to_string()]);
+    }
+    if let Some(ap) = &cfg.append {
+        push(&["-append", ap]);
+    }
+    push(&["-nodefaults", "-display", "none"]);
+    push(&["-chardev", &format!("file,id=thaw-serial,path={},append=on", serial.display())]);
+    push(&["-serial", "chardev:thaw-serial"]);
+    push(&["-qmp", &format!("unix:{},server=on,wait=off", paths.qmp.display())]);
+    push(&["-pidfile", &paths.pidfile.display().to_string()]);
+    push(&["-daemonize"]);
+    if incoming {
+        push(&["-incoming", "defer", "-S"]);
+    }
+    a.extend(cfg.extra_args.iter().cloned());
+    a
+}
+
+/// A QEMU process thaw launched, with its QMP session.
+pub struct Launched {
+    pub paths: VmPaths,
+    pub state: VmState,
+    pub qmp: Qmp,
+}
+
+/// Starts QEMU daemonized for `cfg` with fresh, empty RAM files; returns once
+/// QMP answers. The RAM files are unlinked as soon as QEMU holds them open.
+pub async fn launch(cfg: &VmConfig, accel: &str, incoming: bool) -> Result<Launched, QemuError> {
+    let paths = VmPaths::new(&cfg.name);
+    ensure_root_dir(&runtime_root())?;
+    ensure_root_dir(&shm_root())?;
+    if paths.state.exists() {
+        match VmState::load(&cfg.name) {
+            Ok(_) => return Err(QemuError::AlreadyRunning(cfg.name.clone())),
+            Err(QemuError::NotRunning(_)) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    // Leftovers of a VM that died before writing its record.
+    if paths.dir.exists() {
+        let pid = fs::read_to_string(&paths.pidfile).ok().and_then(|p| p.trim().parse().ok());
+        if pid.is_some_and(process_alive) {
+            return Err(QemuError::AlreadyRunning(cfg.name.clone()));
+        }
+        remove_runtime(&paths);
+    }
+    create_private_dir(&paths.dir)?;
+    let result = launch_in(cfg, accel, incoming, paths.clone()).await;
+    if result.is_err() {
+        if let Ok(pid) = fs::read_to_string(&paths.pidfile).map(|p| p.trim().parse::<i32>().unwrap_or(0)) {
+            if process_alive(pid) {
+                let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+            }
+        }
+        remove_runtime(&paths);
+    }
+    result
+}
+
+async fn launch_in(cfg: &VmConfig, accel: &str, incoming: bool, paths: VmPaths) -> Result<Launched, QemuError> {
+    let _ = fs::remove_dir_all(&paths.shm_dir);
+    create_private_dir(&paths.shm_dir)?;
+    let layout = RamLayout::from_sizes((0..cfg.numa_nodes).map(|i| (format!("ram{i}"), cfg.backend_size())));
+    for block in &layout.blocks {
+        create_private(&paths.ram_file(&block.id))?;
+    }
+    let serial = cfg.serial.clone().unwrap_or_else(|| paths.default_serial.clone());
+    if let Some(parent) = serial.parent() {
+        ensure_root_dir(parent)?;
+    }
+    let args = command_line(cfg, accel, &paths, &serial, incoming);
+    log::debug!("launching {} {}", cfg.qemu, args.join(" "));
+    let out = tokio::process::Command::new(&cfg.qemu)
+        .args(&args)
+        .stdin(Stdio::null())
+        .output()
+        .await
+        .map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => QemuError::MissingBinary(cfg.qemu.clone()),
+            _ => QemuError::Launch(format!("{}: {e}", cfg.qemu)),
+        })?;
+    if !out.status.success() {
+        let msg = String::from_utf8_lossy(&out.stderr).trim().to_string();
+        return Err(QemuError::Launch(if msg.is_empty() { format!("exit status {}", out.status) } else { msg }));
+    }
+    let pid: i32 = fs::read_to_string(&paths.pidfile)
+        .map_err(fs_err("cannot read", &paths.pidfile))?
+        .trim()
+        .parse()
+        .map_err(|_| QemuError::Launch("QEMU wrote an unreadable pid file".into()))?;
+    // QEMU has the RAM files open and mapped: unlink them so nothing leaks.
+    remove_dir_files(&paths.shm_dir);
+    let mut qmp = Qmp::connect(&paths.qmp).await?;
+    let qemu_version = qmp.version().await?;
+    check_version(&qemu_version)?;
+    let state = VmState {
+        config: cfg.clone(),
+        accel: accel.to_string(),
+        layout,
+        qemu_pid: pid,
+        qemu_version,
+        serial,
+        started_unix: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0),
+    };
+    check_memdevs(&mut qmp, &state.layout).await?;
+    state.store(&paths)?;
+    Ok(Launched { paths, state, qmp })
+}
+
+fn remove_dir_files(dir: &Path) {
+    if let Err(e) = fs::remove_dir_all(dir) {
+        log::warn!("cannot remove {}: {e}", dir.display());
+    }
+}
+
+/// Refuses QEMU older than 8.2 (x-ignore-shared skipping file-backed RAM).
+pub fn check_version(version: &str) -> Result<(), QemuError> {
+    let mut it = version.split('.').map(|p| p.parse::<u32>().unwrap_or(0));
+    let (major, minor) = (it.next().unwrap_or(0), it.next().unwrap_or(0));
+    if (major, minor) < (8, 2) {
+        return Err(QemuError::TooOld { found: version.to_string() });
+    }
+    Ok(())
+}
+
+/// Checks QEMU's memory backends against the expected layout.
+async fn check_memdevs(qmp: &mut Qmp, layout: &RamLayout) -> Result<(), QemuError> {
+    let devs = qmp.execute("query-memdev", json!({})).await?;
+    for block in &layout.blocks {
+        let found = devs
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|d| d["id"].as_str() == Some(block.id.as_str()));
+        match found {
+            Some(d) if d["size"].as_u64() == Some(block.size) && d["share"].as_bool() == Some(true) => {}
+            Some(d) => {
+                return Err(QemuError::Launch(format!(
+                    "memory backend {} is {d}, expected a shared backend of {} bytes",
+                    block.id, block.size
+                )))
+            }
+            None => return Err(QemuError::Launch(format!("QEMU has no memory backend {}", block.id))),
+        }
+    }
+    Ok(())
+}
+
+/// One RAM block as QEMU has it: its mapping and its file descriptor.
+#[derive(Clone, Debug)]
+pub struct RamMapping {
+    pub id: String,
+    pub start: HostAddr,
+    pub len: u64,
+    /// `/proc/<pid>/fd/<n>`: opens QEMU's RAM file even after it was unlinked.
+    pub fd_path: PathBuf,
+}
+
+/// Finds every block of `layout` in QEMU's address space (`/proc/<pid>/maps`)
+/// and file table (`/proc/<pid>/fd`), by RAM file path.
+pub fn find_ram(pid: i32, paths: &VmPaths, layout: &RamLayout) -> Result<Vec<RamMapping>, QemuError> {
+    let maps_path = PathBuf::from(format!("/proc/{pid}/maps"));
+    let maps = fs::read_to_string(&maps_path).map_err(fs_err("cannot read", &maps_path))?;
+    let fd_dir = PathBuf::from(format!("/proc/{pid}/fd"));
+    let fds: Vec<(PathBuf, String)> = fs::read_dir(&fd_dir)
+        .map_err(fs_err("cannot read", &fd_dir))?
+        .flatten()
+        .filter_map(|e| fs::read_link(e.path()).ok().map(|t| (e.path(), t.to_string_lossy().into_owned())))
+        .collect();
+    let mut out = Vec::new();
+    for block in &layout.blocks {
+        let file = paths.ram_file(&block.id).to_string_lossy().into_owned();
+        let deleted = format!("{file} (deleted)");
+        let same = |t: &str| t == file || t == deleted;
+        let not_found = || QemuError::RamNotFound { id: block.id.clone(), path: file.clone().into(), pid };
+        let mapping = maps
+            .lines()
+            .filter_map(|line| {
+                let mut parts = line.splitn(6, ' ');
+                let range = parts.next()?;
+                let path = parts.nth(4)?.trim_start();
+                same(path).then_some(range)
+            })
+            .filter_map(|range| {
+                let (s, e) = range.split_once('-')?;
+                let (s, e) = (u64::from_str_radix(s, 16).ok()?, u64::from_str_radix(e, 16).ok()?);
+                Some((s, e - s))
+            })
+            .find(|&(_, len)| len == block.size)
+            .ok_or_else(not_found)?;
+        let fd_path = fds.iter().find(|(_, t)| same(t)).map(|(p, _)| p.clone()).ok_or_else(not_found)?;
+        out.push(RamMapping { id: block.id.clone(), start: HostAddr(mapping.0), len: mapping.1, fd_path });
+    }
+    Ok(out)
+}
+
+/// Waits up to `within` for process `pid` to exit.
+pub async fn wait_exit(pid: i32, within: Duration) -> bool {
+    let deadline = tokio::time::Instant::now() + within;
+    while process_alive(pid) {
+        if tokio::time::Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    true
+}
+
+/// Stops a VM: `quit` over QMP (or SIGKILL when `force` or QMP fails), waits
+/// for QEMU to exit, removes the runtime files.
+pub async fn stop(paths: &VmPaths, state: &VmState, force: bool) -> Result<(), QemuError> {
+    let pid = state.qemu_pid;
+    let mut quit_sent = false;
+    if !force {
+        if let Ok(mut qmp) = Qmp::connect(&paths.qmp).await {
+            quit_sent = qmp.execute("quit", json!({})).await.is_ok() || !process_alive(pid);
+        }
+    }
+    if !quit_sent || !wait_exit(pid, Duration::from_secs(30)).await {
+        let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+        if !wait_exit(pid, Duration::from_secs(10)).await {
+            return Err(QemuError::StuckQemu(pid, Duration::from_secs(40)));
+        }
+    }
+    remove_runtime(paths);
+    Ok(())
+}

@@ -1,0 +1,309 @@
+//! The restore engine: installs saved pages into QEMU's registered RAM
+//! through the stolen userfaultfd. One fault thread serves first touches
+//! (minimal work, no allocation: one verified chunk read, one copy); one
+//! filler streams the remaining non-zero pages in address order with large
+//! reads and one `UFFDIO_COPY` per contiguous run. A page is installed at
+//! most once: the resident bitmap is the only shared state and is lock-free.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use crate::image::{Image, PageLocation};
+use crate::mem::{HostAddr, PageIndex, PAGE_SIZE};
+use crate::uffd::{CopyResult, EventBuffer, FaultEvent, RemoteUffd};
+
+/// Bytes the filler reads per request.
+const FILL_READ_BYTES: u64 = 4 << 20;
+/// How long the fault thread waits for an event before checking for stop.
+const FAULT_POLL: Duration = Duration::from_millis(20);
+
+/// Errors inside the engine; fatal for the restore.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error(transparent)]
+    Image(#[from] crate::image::ImageError),
+    #[error(transparent)]
+    Uffd(#[from] crate::uffd::UffdError),
+    #[error("installing {what} at {addr:#x}: {errno}")]
+    Install { what: &'static str, addr: u64, errno: nix::errno::Errno },
+    #[error("QEMU faulted on {0:#x}, outside guest RAM")]
+    StrayFault(u64),
+}
+
+/// Where one RAM block lives in QEMU.
+#[derive(Clone, Copy, Debug)]
+pub struct BlockMap {
+    pub start: HostAddr,
+    pub first_page: u64,
+    pub pages: u64,
+}
+
+/// Counters the engine keeps while it runs.
+#[derive(Debug, Default)]
+pub struct Counters {
+    pub faults_before_resume: AtomicU64,
+    pub faults_after_resume: AtomicU64,
+    pub zero_faults: AtomicU64,
+    pub fault_pages: AtomicU64,
+    pub fill_pages: AtomicU64,
+    pub fill_pages_after_resume: AtomicU64,
+    pub bytes_read: AtomicU64,
+}
+
+/// Shared state of one restore.
+pub struct Engine {
+    image: Arc<Image>,
+    uffd: Arc<RemoteUffd>,
+    blocks: Vec<BlockMap>,
+    resident: Box<[AtomicU64]>,
+    remaining: AtomicU64,
+    resumed: AtomicBool,
+    stop: AtomicBool,
+    failure: Mutex<Option<String>>,
+    pub counters: Counters,
+}
+
+impl Engine {
+    pub fn new(image: Arc<Image>, uffd: Arc<RemoteUffd>, blocks: Vec<BlockMap>) -> Engine {
+        let total: u64 = blocks.iter().map(|b| b.pages).sum();
+        let words = total.div_ceil(64) as usize;
+        let remaining = image.meta().nonzero_pages;
+        Engine {
+            image,
+            uffd,
+            blocks,
+            resident: (0..words).map(|_| AtomicU64::new(0)).collect(),
+            remaining: AtomicU64::new(remaining),
+            resumed: AtomicBool::new(false),
+            stop: AtomicBool::new(false),
+            failure: Mutex::new(None),
+            counters: Counters::default(),
+        }
+    }
+
+    /// Non-zero pages not installed yet.
+    pub fn remaining(&self) -> u64 {
+        self.remaining.load(Ordering::Acquire)
+    }
+
+    /// Marks the moment the guest is resumed (faults after it count as on-demand).
+    pub fn set_resumed(&self) {
+        self.resumed.store(true, Ordering::Release);
+    }
+
+    /// Asks the threads to stop at their next check.
+    pub fn request_stop(&self) {
+        self.stop.store(true, Ordering::Release);
+    }
+
+    /// The first fatal error a thread hit, if any.
+    pub fn failure(&self) -> Option<String> {
+        self.failure.lock().ok().and_then(|f| f.clone())
+    }
+
+    fn fail(&self, e: &EngineError) {
+        log::error!("restore engine: {e}");
+        if let Ok(mut f) = self.failure.lock() {
+            f.get_or_insert_with(|| e.to_string());
+        }
+        self.request_stop();
+    }
+
+    fn is_resident(&self, page: PageIndex) -> bool {
+        let (w, b) = ((page.0 / 64) as usize, page.0 % 64);
+        self.resident[w].load(Ordering::Acquire) & (1 << b) != 0
+    }
+
+    /// Records `page` as installed; counts it once if it holds saved data.
+    fn mark_resident(&self, page: PageIndex, nonzero: bool) {
+        let (w, b) = ((page.0 / 64) as usize, page.0 % 64);
+        let before = self.resident[w].fetch_or(1 << b, Ordering::AcqRel);
+        if before & (1 << b) == 0 && nonzero {
+            self.remaining.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+
+    fn host_addr(&self, page: PageIndex) -> HostAddr {
+        // Pages come from the image's own layout, which matches `blocks`.
+        let b = self
+            .blocks
+            .iter()
+            .find(|b| page.0 >= b.first_page && page.0 < b.first_page + b.pages)
+            .unwrap_or(&self.blocks[0]);
+        b.start.add((page.0 - b.first_page) * PAGE_SIZE)
+    }
+
+    fn page_of(&self, addr: u64) -> Option<PageIndex> {
+        self.blocks.iter().find_map(|b| {
+            let off = addr.checked_sub(b.start.0)?;
+            (off < b.pages * PAGE_SIZE).then(|| PageIndex(b.first_page + off / PAGE_SIZE))
+        })
+    }
+
+    /// The fault thread: serves page faults until asked to stop; returns the
+    /// service time of each fault in microseconds.
+    pub fn serve_faults(&self, latency_capacity: usize) -> Vec<u32> {
+        let mut latencies = Vec::with_capacity(latency_capacity);
+        let mut chunk = vec![0u8; self.image.meta().chunk_pages as usize * PAGE_SIZE as usize];
+        let mut events = EventBuffer::new(64);
+        while !self.stop.load(Ordering::Acquire) {
+            let batch = match self.uffd.read_events(&mut events, Some(FAULT_POLL)) {
+                Ok(b) => b,
+                Err(e) => {
+                    self.fail(&e.into());
+                    break;
+                }
+            };
+            let read_at = Instant::now();
+            for ev in batch {
+                match *ev {
+                    FaultEvent::PageFault { addr } => {
+                        if let Err(e) = self.serve_fault(addr, &mut chunk) {
+                            self.fail(&e);
+                            return latencies;
+                        }
+                        if latencies.len() < latencies.capacity() {
+                            let us = read_at.elapsed().as_micros().min(u32::MAX as u128) as u32;
+                            latencies.push(us);
+                        }
+                    }
+                    ref other => log::debug!("userfaultfd event ignored: {other:?}"),
+                }
+            }
+        }
+        latencies
+    }
+
+    fn serve_fault(&self, addr: u64, chunk: &mut [u8]) -> Result<(), EngineError> {
+        let page = self.page_of(addr).ok_or(EngineError::StrayFault(addr))?;
+        let dst = self.host_addr(page);
+        if self.resumed.load(Ordering::Acquire) {
+            self.counters.faults_after_resume.fetch_add(1, Ordering::Relaxed);
+        } else {
+            self.counters.faults_before_resume.fetch_add(1, Ordering::Relaxed);
+        }
+        if self.is_resident(page) {
+            // Installed by the filler after this fault was queued.
+            self.uffd.wake(dst, PAGE_SIZE)?;
+            return Ok(());
+        }
+        match self.image.locate(page) {
+            PageLocation::Zero => {
+                let r = self.uffd.zeropage(dst, PAGE_SIZE, true);
+                self.settle(r, dst, "a zero page")?;
+                self.mark_resident(page, false);
+                self.counters.zero_faults.fetch_add(1, Ordering::Relaxed);
+            }
+            PageLocation::Slot(slot) => {
+                let c = self.image.chunk_of(slot);
+                let first = self.image.chunk_slots(c).start;
+                let n = self.image.read_chunks(c, 1, chunk)?;
+                self.counters.bytes_read.fetch_add(n as u64, Ordering::Relaxed);
+                let off = (slot - first) as usize * PAGE_SIZE as usize;
+                let r = self.uffd.copy(dst, &chunk[off..off + PAGE_SIZE as usize], true);
+                self.settle(r, dst, "a page")?;
+                self.mark_resident(page, true);
+                self.counters.fault_pages.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        Ok(())
+    }
+
+    /// A single-page install either worked or lost a race to the filler
+    /// (the page exists: wake the faulting thread); anything else is fatal.
+    fn settle(&self, r: CopyResult, dst: HostAddr, what: &'static str) -> Result<(), EngineError> {
+        match r {
+            CopyResult::Done(_) => Ok(()),
+            CopyResult::Exists { .. } => Ok(self.uffd.wake(dst, PAGE_SIZE)?),
+            CopyResult::Failed { errno, .. } => Err(EngineError::Install { what, addr: dst.0, errno }),
+        }
+    }
+
+    /// The filler: every non-zero page not yet resident, in address order.
+    pub fn fill(&self, progress: &indicatif::ProgressBar) -> Result<(), EngineError> {
+        let r = self.fill_inner(progress);
+        if let Err(e) = &r {
+            self.fail(e);
+        }
+        r
+    }
+
+    fn fill_inner(&self, progress: &indicatif::ProgressBar) -> Result<(), EngineError> {
+        let meta = self.image.meta();
+        let chunk_bytes = meta.chunk_pages as u64 * PAGE_SIZE;
+        let chunk_count = meta.nonzero_pages.div_ceil(meta.chunk_pages as u64) as u32;
+        let per_read = (FILL_READ_BYTES / chunk_bytes).max(1) as u32;
+        let mut buf = vec![0u8; (per_read as u64 * chunk_bytes) as usize];
+        let mut first = 0u32;
+        while first < chunk_count {
+            if self.stop.load(Ordering::Acquire) {
+                return Ok(());
+            }
+            let count = per_read.min(chunk_count - first);
+            let start = self.image.chunk_slots(first).start;
+            let end = self.image.chunk_slots(first + count - 1).end;
+            first += count;
+            if (start..end).all(|s| self.is_resident(self.image.slot_page(s))) {
+                progress.inc((end - start) as u64 * PAGE_SIZE);
+                continue;
+            }
+            let n = self.image.read_chunks(first - count, count, &mut buf)?;
+            self.counters.bytes_read.fetch_add(n as u64, Ordering::Relaxed);
+            let mut s = start;
+            while s < end {
+                let page = self.image.slot_page(s);
+                if self.is_resident(page) {
+                    s += 1;
+                    continue;
+                }
+                // Extend the run while slots map to adjacent host pages.
+                let dst = self.host_addr(page);
+                let mut e = s + 1;
+                while e < end {
+                    let p = self.image.slot_page(e);
+                    if self.is_resident(p) || self.host_addr(p) != dst.add((e - s) as u64 * PAGE_SIZE) {
+                        break;
+                    }
+                    e += 1;
+                }
+                let off = (s - start) as usize * PAGE_SIZE as usize;
+                let len = (e - s) as usize * PAGE_SIZE as usize;
+                self.install_run(s, dst, &buf[off..off + len])?;
+                s = e;
+            }
+            progress.inc((end - start) as u64 * PAGE_SIZE);
+        }
+        Ok(())
+    }
+
+    /// Copies a run of pages starting at slot `slot`; pages that appeared
+    /// meanwhile (served by the fault thread) are skipped.
+    fn install_run(&self, slot: u32, dst: HostAddr, data: &[u8]) -> Result<(), EngineError> {
+        let pages = (data.len() as u64 / PAGE_SIZE) as u32;
+        let mut done = 0u32;
+        while done < pages {
+            let off = done as usize * PAGE_SIZE as usize;
+            let at = dst.add(done as u64 * PAGE_SIZE);
+            let (copied, skip) = match self.uffd.copy(at, &data[off..], true) {
+                CopyResult::Done(n) => (n, 0),
+                CopyResult::Exists { copied } => (copied, 1),
+                CopyResult::Failed { copied, errno } if errno == nix::errno::Errno::EAGAIN => (copied, 0),
+                CopyResult::Failed { errno, .. } => {
+                    return Err(EngineError::Install { what: "a run of pages", addr: at.0, errno })
+                }
+            };
+            let n = (copied as u64 / PAGE_SIZE) as u32 + skip;
+            for i in done..done + n {
+                self.mark_resident(self.image.slot_page(slot + i), true);
+            }
+            let fresh = (copied as u64 / PAGE_SIZE) as u32;
+            self.counters.fill_pages.fetch_add(fresh as u64, Ordering::Relaxed);
+            if self.resumed.load(Ordering::Acquire) {
+                self.counters.fill_pages_after_resume.fetch_add(fresh as u64, Ordering::Relaxed);
+            }
+            done += n;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,254 @@
+//! `thaw save`: pause a running VM, write its device state (QEMU migration
+//! with `x-ignore-shared`) and its non-zero RAM pages (read by thaw straight
+//! from the shared RAM files) into a new image, and only then stop QEMU.
+//! Any failure resumes the VM as it was and removes the partial image.
+
+use std::fs::File;
+use std::os::fd::AsFd;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use nix::fcntl::{Flock, FlockArg};
+use nix::unistd::{lseek, Whence};
+use serde::Serialize;
+use serde_json::json;
+use vm_memory::mmap::MmapRegionBuilder;
+use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryMmap, GuestRegionMmap};
+
+use crate::image::{ImageInfo, ImageWriter};
+use crate::mem::{PageIndex, RamLayout, PAGE_SIZE};
+use crate::qemu::{self, Qmp, RamMapping, VmPaths, VmState};
+
+/// How long QEMU may take to write the device state.
+const DEVICE_STATE_TIMEOUT: Duration = Duration::from_secs(300);
+/// Bytes copied from guest RAM per read.
+const READ_BLOCK: usize = 4 << 20;
+
+/// Errors saving a VM.
+#[derive(Debug, thiserror::Error)]
+pub enum SaveError {
+    #[error(transparent)]
+    Qemu(#[from] qemu::QemuError),
+    #[error(transparent)]
+    Qmp(#[from] qemu::QmpError),
+    #[error(transparent)]
+    Image(#[from] crate::image::ImageError),
+    #[error("another save or restore of VM {0:?} is in progress")]
+    Busy(String),
+    #[error("reading guest RAM block {id} from {path}: {source}")]
+    ReadRam { id: String, path: PathBuf, source: std::io::Error },
+    #[error("mapping guest RAM: {0}")]
+    Map(String),
+    #[error("{context}: {source}")]
+    Io { context: String, source: std::io::Error },
+}
+
+/// Options of `thaw save`.
+#[derive(Clone, Debug, Default)]
+pub struct SaveOptions {
+    /// Replace an existing image at the target path.
+    pub force: bool,
+    /// Leave the VM running after the save (a checkpoint) instead of stopping it.
+    pub keep_running: bool,
+}
+
+/// What a save did, for humans and `--json`.
+#[derive(Clone, Debug, Serialize)]
+pub struct SaveReport {
+    pub name: String,
+    pub image: PathBuf,
+    pub ram_bytes: u64,
+    pub nonzero_pages: u64,
+    pub data_bytes_scanned: u64,
+    pub device_state_bytes: u64,
+    /// Pause → device state written.
+    pub device_state_ms: f64,
+    /// Pause → image complete and synced.
+    pub paused_ms: f64,
+    pub total_ms: f64,
+}
+
+/// An exclusive, non-blocking lock on a VM's save/restore operations.
+pub fn lock_vm(paths: &VmPaths) -> Result<Flock<File>, SaveError> {
+    let file = File::options()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&paths.lock)
+        .map_err(|source| SaveError::Io { context: format!("cannot open {}", paths.lock.display()), source })?;
+    Flock::lock(file, FlockArg::LockExclusiveNonblock).map_err(|_| SaveError::Busy(paths.name.clone()))
+}
+
+/// Saves VM `name` into a new image directory `image`.
+pub async fn save(name: &str, image: &Path, opts: &SaveOptions) -> Result<SaveReport, SaveError> {
+    let started = Instant::now();
+    let (paths, state) = VmState::load(name)?;
+    let _lock = lock_vm(&paths)?;
+    let mut qmp = Qmp::connect(&paths.qmp).await?;
+    let run_state = qmp.run_state().await?;
+    let was_running = run_state == "running";
+    let mut writer = ImageWriter::create(image, state.layout.clone(), opts.force)?;
+
+    let paused = Instant::now();
+    if was_running {
+        qmp.execute("stop", json!({})).await?;
+    }
+    let result = write_image(&mut qmp, &state, &paths, &mut writer, paused).await;
+    let (device_state_ms, device_state_bytes, scanned) = match result {
+        Ok(v) => v,
+        Err(e) => {
+            drop(writer);
+            resume_after_failure(&mut qmp, was_running).await;
+            return Err(e);
+        }
+    };
+    let summary = match writer.finish(ImageInfo {
+        qemu_version: state.qemu_version.clone(),
+        accel: state.accel.clone(),
+        vm: state.config.clone(),
+    }) {
+        Ok(s) => s,
+        Err(e) => {
+            resume_after_failure(&mut qmp, was_running).await;
+            return Err(e.into());
+        }
+    };
+    let paused_ms = ms(paused.elapsed());
+    if opts.keep_running {
+        if was_running {
+            qmp.execute("cont", json!({})).await?;
+        }
+    } else {
+        drop(qmp);
+        qemu::stop(&paths, &state, false).await?;
+    }
+    Ok(SaveReport {
+        name: name.to_string(),
+        image: image.to_path_buf(),
+        ram_bytes: state.layout.total_bytes(),
+        nonzero_pages: summary.nonzero_pages,
+        data_bytes_scanned: scanned,
+        device_state_bytes,
+        device_state_ms,
+        paused_ms,
+        total_ms: ms(started.elapsed()),
+    })
+}
+
+async fn resume_after_failure(qmp: &mut Qmp, was_running: bool) {
+    if was_running {
+        match qmp.execute("cont", json!({})).await {
+            Ok(_) => log::warn!("save failed; the VM was resumed"),
+            Err(e) => log::error!("save failed and resuming the VM failed too: {e}"),
+        }
+    }
+}
+
+/// Device state through QEMU, then RAM from the shared files.
+async fn write_image(
+    qmp: &mut Qmp,
+    state: &VmState,
+    paths: &VmPaths,
+    writer: &mut ImageWriter,
+    paused: Instant,
+) -> Result<(f64, u64, u64), SaveError> {
+    let device_file = writer.device_state_file()?;
+    qmp.set_migration_capabilities(&["x-ignore-shared", "events"]).await?;
+    qmp.execute_with_fd("getfd", json!({ "fdname": "thaw-save" }), device_file.as_fd()).await?;
+    qmp.execute("migrate", json!({ "uri": "fd:thaw-save" })).await?;
+    qmp.wait_migration(DEVICE_STATE_TIMEOUT).await?;
+    let device_state_ms = ms(paused.elapsed());
+    let device_state_bytes = device_file
+        .metadata()
+        .map_err(|source| SaveError::Io { context: "device state".into(), source })?
+        .len();
+    log::info!("device state: {device_state_bytes} bytes in {device_state_ms:.1} ms");
+
+    let ram = qemu::find_ram(state.qemu_pid, paths, &state.layout)?;
+    let scanned = copy_ram(&ram, &state.layout, writer)?;
+    Ok((device_state_ms, device_state_bytes, scanned))
+}
+
+/// Copies every data extent of every RAM file into the image; holes are
+/// zero pages and are never read. Returns the bytes scanned.
+fn copy_ram(ram: &[RamMapping], layout: &RamLayout, writer: &mut ImageWriter) -> Result<u64, SaveError> {
+    let mut files = Vec::new();
+    for (m, block) in ram.iter().zip(&layout.blocks) {
+        let file = File::open(&m.fd_path)
+            .map_err(|source| SaveError::ReadRam { id: m.id.clone(), path: m.fd_path.clone(), source })?;
+        let extents = data_extents(&file, block.size)
+            .map_err(|source| SaveError::ReadRam { id: m.id.clone(), path: m.fd_path.clone(), source })?;
+        files.push((file, extents));
+    }
+    let memory = map_guest_ram(&files, layout)?;
+    let total: u64 = files.iter().flat_map(|(_, e)| e.iter().map(|r| r.1 - r.0)).sum();
+    let bar = crate::progress::bytes_bar(total, "RAM");
+    let mut buf = vec![0u8; READ_BLOCK];
+    for ((_, extents), block) in files.iter().zip(&layout.blocks) {
+        let base = block.first_page * PAGE_SIZE;
+        for &(start, end) in extents {
+            let mut off = start;
+            while off < end {
+                let len = (end - off).min(READ_BLOCK as u64) as usize;
+                memory
+                    .read_slice(&mut buf[..len], GuestAddress(base + off))
+                    .map_err(|e| SaveError::Map(format!("reading {}+{off:#x}: {e}", block.id)))?;
+                writer.write_run(PageIndex((base + off) / PAGE_SIZE), &buf[..len])?;
+                off += len as u64;
+                bar.inc(len as u64);
+            }
+        }
+    }
+    bar.finish_and_clear();
+    Ok(total)
+}
+
+/// Maps each RAM file read-only into thaw, at the guest-RAM offsets of the
+/// layout (block after block), as one `GuestMemoryMmap`.
+fn map_guest_ram(files: &[(File, Vec<(u64, u64)>)], layout: &RamLayout) -> Result<GuestMemoryMmap, SaveError> {
+    let mut regions = Vec::new();
+    for ((file, _), block) in files.iter().zip(&layout.blocks) {
+        let file = file
+            .try_clone()
+            .map_err(|source| SaveError::Io { context: "duplicating RAM fd".into(), source })?;
+        let region = MmapRegionBuilder::new(block.size as usize)
+            .with_file_offset(FileOffset::new(file, 0))
+            .with_mmap_prot(libc::PROT_READ)
+            .with_mmap_flags(libc::MAP_SHARED | libc::MAP_NORESERVE)
+            .build()
+            .map_err(|e| SaveError::Map(format!("{}: {e}", block.id)))?;
+        let region = GuestRegionMmap::new(region, GuestAddress(block.first_page * PAGE_SIZE))
+            .ok_or_else(|| SaveError::Map(format!("{}: invalid region", block.id)))?;
+        regions.push(region);
+    }
+    GuestMemoryMmap::from_regions(regions).map_err(|e| SaveError::Map(e.to_string()))
+}
+
+/// Page-aligned `[start, end)` byte ranges of `file` that hold data
+/// (`SEEK_DATA`/`SEEK_HOLE`), clipped to `size`.
+pub fn data_extents(file: &File, size: u64) -> std::io::Result<Vec<(u64, u64)>> {
+    let mut out = Vec::new();
+    let mut pos: u64 = 0;
+    while pos < size {
+        let start = match lseek(file, pos as i64, Whence::SeekData) {
+            Ok(s) => s as u64,
+            Err(nix::errno::Errno::ENXIO) => break,
+            Err(e) => return Err(e.into()),
+        };
+        if start >= size {
+            break;
+        }
+        let end = match lseek(file, start as i64, Whence::SeekHole) {
+            Ok(e) => (e as u64).min(size),
+            Err(e) => return Err(e.into()),
+        };
+        let (start, end) = (start / PAGE_SIZE * PAGE_SIZE, end.div_ceil(PAGE_SIZE) * PAGE_SIZE);
+        out.push((start, end.min(size)));
+        pos = end;
+    }
+    Ok(out)
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}

@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Sets up this machine (Debian bookworm, as root) and runs thaw's whole test
+# suite: unit tests and end-to-end tests with real QEMU and the guest kit.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+# shellcheck source=/dev/null
+command -v cargo >/dev/null 2>&1 || . "$HOME/.cargo/env"
+
+echo "== host setup"
+bash ci/setup-host.sh
+echo "== guest kit"
+bash tests/guest/build.sh
+echo "== format and lints"
+cargo fmt --all -- --check
+cargo clippy --workspace --release --all-targets -- -D warnings
+echo "== tests"
+# Two test threads: each end-to-end test runs a TCG guest on a 2-core machine.
+cargo test --workspace --release -- --test-threads=2

@@ -1,0 +1,266 @@
+//! Test harness: boots a guest-kit VM through the `thaw` binary in its own
+//! runtime directory and reads the guest's console.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+/// Generous: TCG on a shared 2-core machine is slow.
+const BOOT_TIMEOUT: Duration = Duration::from_secs(300);
+const TICK_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// What the test guest looks like.
+pub struct GuestSpec {
+    pub memory: &'static str,
+    pub fill: &'static str,
+    pub hot: &'static str,
+    pub numa_nodes: u32,
+    pub extra_args: Vec<String>,
+}
+
+impl Default for GuestSpec {
+    fn default() -> Self {
+        GuestSpec { memory: "512M", fill: "96M", hot: "8M", numa_nodes: 1, extra_args: Vec::new() }
+    }
+}
+
+/// One parsed `THAW-TICK` console line.
+#[derive(Clone, Debug)]
+pub struct Tick {
+    pub n: u64,
+    pub nonce: String,
+    pub ok: bool,
+    pub full: bool,
+}
+
+pub enum Restore {
+    Eager,
+    Lazy,
+}
+
+/// The `--json` output of `thaw restore`.
+pub struct RestoreJson {
+    pub json: Value,
+}
+
+impl RestoreJson {
+    pub fn u64(&self, key: &str) -> u64 {
+        self.json[key].as_u64().unwrap_or_else(|| panic!("restore JSON lacks integer {key}: {}", self.json))
+    }
+
+    /// Every field the restore statistics promise.
+    pub fn assert_fields(&self) {
+        for key in ["ram_bytes", "nonzero_pages", "prefetched_pages", "faults", "background_pages"] {
+            self.u64(key);
+        }
+        for key in ["resume_ms", "device_state_ms", "complete_ms", "fault_p50_us", "fault_p99_us"] {
+            assert!(self.json[key].is_number(), "restore JSON lacks {key}: {}", self.json);
+        }
+        assert!(self.json["mode"].is_string());
+        assert!(self.json["complete_ms"].as_f64() >= self.json["resume_ms"].as_f64());
+    }
+}
+
+/// A VM under test; stopped (and its files removed) on drop.
+pub struct Vm {
+    pub name: String,
+    pub dir: PathBuf,
+    runtime: PathBuf,
+    serial: PathBuf,
+}
+
+fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("backend/ has a parent").to_path_buf()
+}
+
+fn guest_dir() -> PathBuf {
+    std::env::var_os("THAW_GUEST_DIR").map(PathBuf::from).unwrap_or_else(|| repo_root().join("target/guest"))
+}
+
+impl Vm {
+    /// Writes a config for the guest kit and starts it with `thaw start`.
+    pub fn boot(test: &str, spec: &GuestSpec) -> Vm {
+        let kit = guest_dir();
+        let (kernel, initrd) = (kit.join("vmlinuz"), kit.join("initrd.img"));
+        assert!(
+            kernel.is_file() && initrd.is_file(),
+            "guest kit missing in {}: run tests/guest/build.sh first",
+            kit.display()
+        );
+        let name = format!("e2e-{test}-{}", std::process::id());
+        let dir = std::env::temp_dir().join(&name);
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("create test dir");
+        let runtime = dir.join("run");
+        let serial = dir.join("console.log");
+        let extra: Vec<String> = std::iter::once("-no-reboot".to_string()).chain(spec.extra_args.iter().cloned()).collect();
+        let config = format!(
+            "name: {name}\nmemory: {}\ncpus: 1\nmachine: q35\naccel: tcg\nkernel: {}\ninitrd: {}\n\
+             append: \"console=ttyS0 quiet panic=-1 thaw.mem={} thaw.hot={} thaw.tick_ms=100 thaw.full_every=5\"\n\
+             serial: {}\nnuma_nodes: {}\nextra_args: {}\n",
+            spec.memory,
+            kernel.display(),
+            initrd.display(),
+            spec.fill,
+            spec.hot,
+            serial.display(),
+            spec.numa_nodes,
+            serde_json::to_string(&extra).expect("json"),
+        );
+        let cfg_path = dir.join("vm.yaml");
+        std::fs::write(&cfg_path, config).expect("write config");
+        let vm = Vm { name, dir, runtime, serial };
+        vm.thaw(&["start", "--config", cfg_path.to_str().expect("utf-8 path")]);
+        vm.wait_for(BOOT_TIMEOUT, "the workload to be ready", |text| text.contains("THAW-READY"));
+        vm
+    }
+
+    /// Runs `thaw` with this VM's runtime dir; panics with its output on failure.
+    pub fn thaw(&self, args: &[&str]) -> Output {
+        let out = self.thaw_raw(args);
+        assert!(
+            out.status.success(),
+            "thaw {args:?} failed ({}):\nstdout: {}\nstderr: {}\nconsole tail:\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+            self.console_tail(15)
+        );
+        out
+    }
+
+    pub fn thaw_raw(&self, args: &[&str]) -> Output {
+        Command::new(env!("CARGO_BIN_EXE_thaw"))
+            .args(args)
+            .env("THAW_RUNTIME_DIR", &self.runtime)
+            .env("RUST_LOG", "info")
+            .output()
+            .expect("run thaw")
+    }
+
+    pub fn console(&self) -> String {
+        std::fs::read(&self.serial).map(|b| String::from_utf8_lossy(&b).into_owned()).unwrap_or_default()
+    }
+
+    fn console_tail(&self, n: usize) -> String {
+        let text = self.console();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(n)..].join("\n")
+    }
+
+    /// Polls the console until `pred` holds (the guest writes it; there is
+    /// no other event to wait on).
+    pub fn wait_for(&self, within: Duration, what: &str, pred: impl Fn(&str) -> bool) -> String {
+        let start = Instant::now();
+        loop {
+            let text = self.console();
+            if pred(&text) {
+                return text;
+            }
+            assert!(start.elapsed() < within, "timed out after {within:?} waiting for {what}; console tail:\n{}", self.console_tail(15));
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    pub fn ticks(&self) -> Vec<Tick> {
+        parse_ticks(&self.console())
+    }
+
+    pub fn last_tick(&self) -> Tick {
+        self.ticks().pop().expect("the guest printed no tick")
+    }
+
+    /// Waits until the guest has printed at least `n` ticks; returns the last.
+    pub fn wait_ticks(&self, n: u64) -> Tick {
+        self.wait_for(TICK_TIMEOUT, &format!("tick {n}"), |t| parse_ticks(t).last().is_some_and(|k| k.n >= n));
+        self.last_tick()
+    }
+
+    pub fn save(&self) -> PathBuf {
+        self.save_as("image")
+    }
+
+    /// `thaw save`; checks the VM is gone afterwards.
+    pub fn save_as(&self, file: &str) -> PathBuf {
+        let image = self.dir.join(file);
+        self.thaw(&["save", &self.name, image.to_str().expect("utf-8")]);
+        assert!(image.join("meta.json").is_file(), "image {} incomplete", image.display());
+        let list: Value = serde_json::from_slice(&self.thaw(&["list", "--json"]).stdout).expect("list JSON");
+        assert!(
+            !list.as_array().expect("list is an array").iter().any(|v| v["name"] == self.name.as_str()),
+            "VM still listed after save: {list}"
+        );
+        image
+    }
+
+    pub fn inspect(&self, image: &Path) -> Value {
+        serde_json::from_slice(&self.thaw(&["inspect", "--json", image.to_str().expect("utf-8")]).stdout)
+            .expect("inspect JSON")
+    }
+
+    pub fn restore(&self, image: &Path, mode: Restore) -> RestoreJson {
+        let mode = match mode {
+            Restore::Eager => "eager",
+            Restore::Lazy => "lazy",
+        };
+        let out = self.thaw(&["restore", image.to_str().expect("utf-8"), "--mode", mode, "--json"]);
+        let json = serde_json::from_slice(&out.stdout)
+            .unwrap_or_else(|e| panic!("restore printed no JSON ({e}): {}", String::from_utf8_lossy(&out.stdout)));
+        RestoreJson { json }
+    }
+
+    /// The guest resumed where it was: same nonce, tick counter beyond the
+    /// value at save time, a full checksum pass after the restore, no
+    /// mismatch ever, and no reboot.
+    pub fn assert_continues_after(&self, before: &Tick) {
+        let target = before.n + 10;
+        self.wait_for(TICK_TIMEOUT, &format!("tick {target} after restore"), |t| {
+            parse_ticks(t).iter().any(|k| k.n >= target && k.full && k.n > before.n + 1)
+        });
+        let text = self.console();
+        let ticks = parse_ticks(&text);
+        assert!(!text.contains("THAW-CORRUPT"), "guest reported corruption:\n{}", self.console_tail(20));
+        assert!(ticks.iter().all(|k| k.ok), "a tick reported ok=0:\n{}", self.console_tail(20));
+        assert!(ticks.iter().all(|k| k.nonce == before.nonce), "nonce changed: the guest rebooted or lost RAM");
+        assert_eq!(text.matches("THAW-READY").count(), 1, "the workload started twice");
+        // The counter moves on from where it was, without restarting.
+        assert!(ticks.windows(2).all(|w| w[1].n == w[0].n + 1 || w[1].n == w[0].n), "tick sequence broken");
+        assert!(ticks.iter().filter(|k| k.n > before.n && k.full).count() >= 1);
+    }
+
+    pub fn stop(&self) {
+        self.thaw(&["stop", &self.name]);
+    }
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        // Best effort: a failed test must not leave QEMU running.
+        let _ = self.thaw_raw(&["stop", "--force", &self.name]);
+        if !std::thread::panicking() {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+pub fn parse_ticks(text: &str) -> Vec<Tick> {
+    text.lines()
+        .filter_map(|line| {
+            let rest = line.trim().strip_prefix("THAW-TICK ")?;
+            let mut parts = rest.split_whitespace();
+            let n = parts.next()?.parse().ok()?;
+            let mut tick = Tick { n, nonce: String::new(), ok: false, full: false };
+            for kv in parts {
+                match kv.split_once('=') {
+                    Some(("nonce", v)) => tick.nonce = v.to_string(),
+                    Some(("ok", v)) => tick.ok = v == "1",
+                    Some(("full", v)) => tick.full = v == "1",
+                    _ => {}
+                }
+            }
+            Some(tick)
+        })
+        .collect()
+}
