@@ -8,7 +8,11 @@
 //! [`restore`] (orchestration and the restore engine).
 
 pub mod config;
+pub mod image;
 pub mod inject;
 pub mod mem;
 pub mod qemu;
 pub mod uffd;
+pub mod progress;
+pub mod restore;
+pub mod save;

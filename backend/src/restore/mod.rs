@@ -21,7 +21,7 @@ use serde_json::json;
 use crate::image::Image;
 use crate::mem::{RamLayout, PAGE_SIZE};
 use crate::qemu::{self, Launched, RamMapping};
-use crate::uffd::{self, RemoteUffd};
+use crate::uffd;
 use engine::{BlockMap, Engine};
 
 /// How long QEMU may take to load the device state.

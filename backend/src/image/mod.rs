@@ -1,0 +1,555 @@
+//! The thaw image format: writer, verifying reader and `inspect`.
+//!
+//! # Format, version 1
+//!
+//! An image is a directory (mode 0700) of files (mode 0600):
+//!
+//! - `meta.json`: [`ImageMeta`]: `format_version`, `thaw_version`,
+//!   `created_unix`, `qemu_version`, `accel`, `vm` (the VM config), `layout`
+//!   (RAM blocks: id, size, first global page), `page_size` (4096),
+//!   `chunk_pages`, `total_pages`, `nonzero_pages`, and a digest (length and
+//!   xxh3-64 in hex) of each of the other three files.
+//! - `device.state`: QEMU's migration stream without guest RAM
+//!   (`x-ignore-shared`), written by QEMU through a file descriptor.
+//! - `pages.bin`: the non-zero guest pages, in increasing page order; the
+//!   page in slot `s` is at byte `s * 4096`. Slots form chunks of
+//!   `chunk_pages` consecutive slots (the last may be short), each with an
+//!   xxh3-64 checksum.
+//! - `index.bin`, little endian: a 64-byte header (magic `THAWIDX1`, format
+//!   version u32, page size u32, total pages u64, non-zero pages u64, chunk
+//!   pages u32, chunk count u64, zero padding); the page table, one u32 per
+//!   guest page (0 = all-zero page, else slot + 1), which answers "where is
+//!   page N" in O(1); one u64 checksum per chunk; and a trailing u64 xxh3-64
+//!   of everything before it.
+//!
+//! A writer builds the image in `<image>.partial-<pid>` and renames it into
+//! place once every file is synced, so an image either is complete or does
+//! not exist.
+
+use std::fs::{self, DirBuilder, File, OpenOptions};
+use std::io::{BufWriter, Read, Write};
+use std::ops::Range;
+use std::os::unix::fs::{DirBuilderExt, FileExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use xxhash_rust::xxh3::{xxh3_64, Xxh3};
+
+use crate::config::VmConfig;
+use crate::mem::{PageIndex, RamLayout, PAGE_SIZE};
+
+/// The format version this thaw writes and reads.
+pub const FORMAT_VERSION: u32 = 1;
+/// Default pages per checksummed chunk (64 KiB).
+pub const DEFAULT_CHUNK_PAGES: u32 = 16;
+const INDEX_MAGIC: &[u8; 8] = b"THAWIDX1";
+const HEADER_LEN: usize = 64;
+
+/// Errors reading or writing an image.
+#[derive(Debug, thiserror::Error)]
+pub enum ImageError {
+    #[error("{path}: {context}: {source}")]
+    Io { path: PathBuf, context: &'static str, source: std::io::Error },
+    #[error("image {0} already exists (use --force to replace it)")]
+    Exists(PathBuf),
+    #[error("{path}: invalid metadata: {message}")]
+    Meta { path: PathBuf, message: String },
+    #[error("{path}: made by a newer thaw (format version {found}, this thaw reads {FORMAT_VERSION}); upgrade thaw")]
+    NewerFormat { path: PathBuf, found: u32 },
+    #[error("{path}: damaged: {message}")]
+    Damaged { path: PathBuf, message: String },
+    #[error("{path}: chunk {chunk} (pages.bin bytes {offset}..{end}) fails its checksum: expected {expected:016x}, got {got:016x}")]
+    ChunkChecksum { path: PathBuf, chunk: u32, offset: u64, end: u64, expected: u64, got: u64 },
+    #[error("pages must be written in increasing order: page {got} after {last}")]
+    OutOfOrder { last: u64, got: u64 },
+    #[error("page {0} is outside the RAM layout")]
+    OutOfRange(u64),
+}
+
+fn io_err<'a>(path: &'a Path, context: &'static str) -> impl FnOnce(std::io::Error) -> ImageError + 'a {
+    move |source| ImageError::Io { path: path.to_owned(), context, source }
+}
+
+/// Length and xxh3-64 of a file.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Digest {
+    pub len: u64,
+    pub xxh3: String,
+}
+
+/// `meta.json`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ImageMeta {
+    pub format_version: u32,
+    pub thaw_version: String,
+    pub created_unix: u64,
+    pub qemu_version: String,
+    pub accel: String,
+    pub vm: VmConfig,
+    pub layout: RamLayout,
+    pub page_size: u64,
+    pub chunk_pages: u32,
+    pub total_pages: u64,
+    pub nonzero_pages: u64,
+    pub device_state: Digest,
+    pub pages: Digest,
+    pub index: Digest,
+}
+
+/// What the saver knows that the writer does not.
+pub struct ImageInfo {
+    pub qemu_version: String,
+    pub accel: String,
+    pub vm: VmConfig,
+}
+
+/// Where a page's saved content is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PageLocation {
+    /// All zero: not stored.
+    Zero,
+    /// In `pages.bin` at slot * 4096.
+    Slot(u32),
+}
+
+fn create_file(path: &Path) -> Result<File, ImageError> {
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(path)
+        .map_err(io_err(path, "cannot create"))
+}
+
+fn digest_file(path: &Path) -> Result<Digest, ImageError> {
+    let mut f = File::open(path).map_err(io_err(path, "cannot open"))?;
+    let mut h = Xxh3::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut len = 0u64;
+    loop {
+        let n = f.read(&mut buf).map_err(io_err(path, "cannot read"))?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+        len += n as u64;
+    }
+    Ok(Digest { len, xxh3: format!("{:016x}", h.digest()) })
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+/// Builds an image; dropped unfinished, it removes what it wrote.
+pub struct ImageWriter {
+    target: PathBuf,
+    dir: PathBuf,
+    force: bool,
+    layout: RamLayout,
+    table: Vec<u32>,
+    pages: BufWriter<File>,
+    chunk_sums: Vec<u64>,
+    chunk_hasher: Xxh3,
+    in_chunk: u32,
+    chunk_pages: u32,
+    slots: u32,
+    next_page: u64,
+    finished: bool,
+}
+
+/// What a finished image holds.
+#[derive(Clone, Debug, Serialize)]
+pub struct ImageSummary {
+    pub nonzero_pages: u64,
+    pub total_pages: u64,
+}
+
+impl ImageWriter {
+    /// Starts an image that will appear at `target` when finished.
+    pub fn create(target: &Path, layout: RamLayout, force: bool) -> Result<ImageWriter, ImageError> {
+        if fs::symlink_metadata(target).is_ok() && !force {
+            return Err(ImageError::Exists(target.to_owned()));
+        }
+        let name = target.file_name().ok_or_else(|| ImageError::Meta {
+            path: target.to_owned(),
+            message: "the image path needs a final component".into(),
+        })?;
+        let mut partial = name.to_os_string();
+        partial.push(format!(".partial-{}", std::process::id()));
+        let dir = target.with_file_name(partial);
+        let _ = fs::remove_dir_all(&dir);
+        DirBuilder::new().mode(0o700).create(&dir).map_err(io_err(&dir, "cannot create image directory"))?;
+        let pages = match create_file(&dir.join("pages.bin")) {
+            Ok(f) => f,
+            Err(e) => {
+                let _ = fs::remove_dir_all(&dir);
+                return Err(e);
+            }
+        };
+        let total = layout.total_pages() as usize;
+        Ok(ImageWriter {
+            target: target.to_owned(),
+            dir,
+            force,
+            layout,
+            table: vec![0; total],
+            pages: BufWriter::with_capacity(4 << 20, pages),
+            chunk_sums: Vec::new(),
+            chunk_hasher: Xxh3::new(),
+            in_chunk: 0,
+            chunk_pages: DEFAULT_CHUNK_PAGES,
+            slots: 0,
+            next_page: 0,
+            finished: false,
+        })
+    }
+
+    /// The (empty) `device.state` file, for QEMU to write through an fd.
+    pub fn device_state_file(&mut self) -> Result<File, ImageError> {
+        create_file(&self.dir.join("device.state"))
+    }
+
+    /// Adds a run of whole pages starting at `first`; all-zero pages are dropped.
+    pub fn write_run(&mut self, first: PageIndex, data: &[u8]) -> Result<(), ImageError> {
+        if first.0 < self.next_page {
+            return Err(ImageError::OutOfOrder { last: self.next_page, got: first.0 });
+        }
+        let pages = data.len() as u64 / PAGE_SIZE;
+        if first.0 + pages > self.table.len() as u64 {
+            return Err(ImageError::OutOfRange(first.0 + pages));
+        }
+        let path = self.dir.join("pages.bin");
+        for (i, page) in data.chunks_exact(PAGE_SIZE as usize).enumerate() {
+            if is_zero(page) {
+                continue;
+            }
+            self.pages.write_all(page).map_err(io_err(&path, "cannot write"))?;
+            self.chunk_hasher.update(page);
+            self.table[first.0 as usize + i] = self.slots + 1;
+            self.slots += 1;
+            self.in_chunk += 1;
+            if self.in_chunk == self.chunk_pages {
+                self.close_chunk();
+            }
+        }
+        self.next_page = first.0 + pages;
+        Ok(())
+    }
+
+    fn close_chunk(&mut self) {
+        self.chunk_sums.push(self.chunk_hasher.digest());
+        self.chunk_hasher.reset();
+        self.in_chunk = 0;
+    }
+
+    /// Writes the index and metadata, syncs everything and moves the image into place.
+    pub fn finish(mut self, info: ImageInfo) -> Result<ImageSummary, ImageError> {
+        if self.in_chunk > 0 {
+            self.close_chunk();
+        }
+        let pages_path = self.dir.join("pages.bin");
+        self.pages.flush().map_err(io_err(&pages_path, "cannot write"))?;
+        self.pages.get_ref().sync_all().map_err(io_err(&pages_path, "cannot sync"))?;
+
+        let index_path = self.dir.join("index.bin");
+        let mut index = Vec::with_capacity(HEADER_LEN + self.table.len() * 4 + self.chunk_sums.len() * 8 + 8);
+        index.extend_from_slice(INDEX_MAGIC);
+        index.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
+        index.extend_from_slice(&(PAGE_SIZE as u32).to_le_bytes());
+        index.extend_from_slice(&(self.table.len() as u64).to_le_bytes());
+        index.extend_from_slice(&u64::from(self.slots).to_le_bytes());
+        index.extend_from_slice(&self.chunk_pages.to_le_bytes());
+        index.extend_from_slice(&(self.chunk_sums.len() as u64).to_le_bytes());
+        index.resize(HEADER_LEN, 0);
+        for e in &self.table {
+            index.extend_from_slice(&e.to_le_bytes());
+        }
+        for s in &self.chunk_sums {
+            index.extend_from_slice(&s.to_le_bytes());
+        }
+        let trailer = xxh3_64(&index);
+        index.extend_from_slice(&trailer.to_le_bytes());
+        let mut f = create_file(&index_path)?;
+        f.write_all(&index).map_err(io_err(&index_path, "cannot write"))?;
+        f.sync_all().map_err(io_err(&index_path, "cannot sync"))?;
+
+        let dev_path = self.dir.join("device.state");
+        File::open(&dev_path)
+            .and_then(|f| f.sync_all())
+            .map_err(io_err(&dev_path, "cannot sync"))?;
+        let meta = ImageMeta {
+            format_version: FORMAT_VERSION,
+            thaw_version: env!("CARGO_PKG_VERSION").to_string(),
+            created_unix: unix_now(),
+            qemu_version: info.qemu_version,
+            accel: info.accel,
+            vm: info.vm,
+            layout: self.layout.clone(),
+            page_size: PAGE_SIZE,
+            chunk_pages: self.chunk_pages,
+            total_pages: self.table.len() as u64,
+            nonzero_pages: u64::from(self.slots),
+            device_state: digest_file(&dev_path)?,
+            pages: digest_file(&pages_path)?,
+            index: Digest { len: index.len() as u64, xxh3: format!("{:016x}", xxh3_64(&index)) },
+        };
+        let meta_path = self.dir.join("meta.json");
+        let text = serde_json::to_vec_pretty(&meta)
+            .map_err(|e| ImageError::Meta { path: meta_path.clone(), message: e.to_string() })?;
+        let mut f = create_file(&meta_path)?;
+        f.write_all(&text).map_err(io_err(&meta_path, "cannot write"))?;
+        f.sync_all().map_err(io_err(&meta_path, "cannot sync"))?;
+        File::open(&self.dir).and_then(|d| d.sync_all()).map_err(io_err(&self.dir, "cannot sync"))?;
+
+        if self.force && fs::symlink_metadata(&self.target).is_ok() {
+            let old = self.target.with_extension(format!("old-{}", std::process::id()));
+            fs::rename(&self.target, &old).map_err(io_err(&self.target, "cannot replace"))?;
+            fs::rename(&self.dir, &self.target).map_err(io_err(&self.target, "cannot move into place"))?;
+            let _ = fs::remove_dir_all(&old).or_else(|_| fs::remove_file(&old));
+        } else {
+            fs::rename(&self.dir, &self.target).map_err(io_err(&self.target, "cannot move into place"))?;
+        }
+        if let Some(parent) = self.target.parent().filter(|p| !p.as_os_str().is_empty()) {
+            let _ = File::open(parent).and_then(|d| d.sync_all());
+        }
+        self.finished = true;
+        Ok(ImageSummary { nonzero_pages: meta.nonzero_pages, total_pages: meta.total_pages })
+    }
+}
+
+impl Drop for ImageWriter {
+    fn drop(&mut self) {
+        if !self.finished {
+            if let Err(e) = fs::remove_dir_all(&self.dir) {
+                log::warn!("cannot remove partial image {}: {e}", self.dir.display());
+            }
+        }
+    }
+}
+
+fn is_zero(page: &[u8]) -> bool {
+    let (head, words, tail) = {
+        // SAFETY: any bit pattern is a valid u64; align_to handles alignment.
+        unsafe { page.align_to::<u64>() }
+    };
+    head.iter().all(|&b| b == 0) && words.iter().all(|&w| w == 0) && tail.iter().all(|&b| b == 0)
+}
+
+/// An opened, structurally verified image; `&Image` is safe to share
+/// between a fault thread and a filler (all reads are `pread`).
+pub struct Image {
+    dir: PathBuf,
+    meta: ImageMeta,
+    table: Vec<u32>,
+    chunk_sums: Vec<u64>,
+    reverse: Vec<u64>,
+    pages: File,
+    pages_path: PathBuf,
+}
+
+impl Image {
+    /// Opens and checks an image: metadata, version, file sizes, digests
+    /// of the index, page-table consistency.
+    pub fn open(dir: &Path) -> Result<Image, ImageError> {
+        let meta_path = dir.join("meta.json");
+        let text = fs::read(&meta_path).map_err(io_err(&meta_path, "cannot read"))?;
+        let version: serde_json::Value = serde_json::from_slice(&text)
+            .map_err(|e| ImageError::Meta { path: meta_path.clone(), message: e.to_string() })?;
+        let found = version["format_version"].as_u64().unwrap_or(0) as u32;
+        if found > FORMAT_VERSION {
+            return Err(ImageError::NewerFormat { path: meta_path, found });
+        }
+        let meta: ImageMeta = serde_json::from_slice(&text)
+            .map_err(|e| ImageError::Meta { path: meta_path.clone(), message: e.to_string() })?;
+        let damaged = |path: &Path, message: String| ImageError::Damaged { path: path.to_owned(), message };
+        if meta.page_size != PAGE_SIZE || meta.chunk_pages == 0 || meta.total_pages != meta.layout.total_pages() {
+            return Err(damaged(&meta_path, "inconsistent page size, chunk size or layout".into()));
+        }
+        let pages_path = dir.join("pages.bin");
+        let pages = File::open(&pages_path).map_err(io_err(&pages_path, "cannot open"))?;
+        let plen = pages.metadata().map_err(io_err(&pages_path, "cannot stat"))?.len();
+        if plen != meta.nonzero_pages * PAGE_SIZE || plen != meta.pages.len {
+            return Err(damaged(&pages_path, format!("{plen} bytes, expected {}", meta.nonzero_pages * PAGE_SIZE)));
+        }
+        let dev_path = dir.join("device.state");
+        let dlen = fs::metadata(&dev_path).map_err(io_err(&dev_path, "cannot stat"))?.len();
+        if dlen != meta.device_state.len {
+            return Err(damaged(&dev_path, format!("{dlen} bytes, expected {}", meta.device_state.len)));
+        }
+        let index_path = dir.join("index.bin");
+        let index = fs::read(&index_path).map_err(io_err(&index_path, "cannot read"))?;
+        let chunks = meta.nonzero_pages.div_ceil(u64::from(meta.chunk_pages));
+        let expected_len = HEADER_LEN as u64 + meta.total_pages * 4 + chunks * 8 + 8;
+        if index.len() as u64 != expected_len || index.len() as u64 != meta.index.len {
+            return Err(damaged(&index_path, format!("{} bytes, expected {expected_len}", index.len())));
+        }
+        let body = &index[..index.len() - 8];
+        let trailer = u64::from_le_bytes(index[index.len() - 8..].try_into().unwrap_or_default());
+        if xxh3_64(body) != trailer || format!("{:016x}", xxh3_64(&index)) != meta.index.xxh3 {
+            return Err(damaged(&index_path, "checksum mismatch".into()));
+        }
+        let u32_at = |o: usize| u32::from_le_bytes([index[o], index[o + 1], index[o + 2], index[o + 3]]);
+        let u64_at = |o: usize| u64::from_le_bytes(index[o..o + 8].try_into().unwrap_or_default());
+        if &index[..8] != INDEX_MAGIC
+            || u32_at(8) != FORMAT_VERSION
+            || u64::from(u32_at(12)) != PAGE_SIZE
+            || u64_at(16) != meta.total_pages
+            || u64_at(24) != meta.nonzero_pages
+            || u32_at(32) != meta.chunk_pages
+            || u64_at(36) != chunks
+        {
+            return Err(damaged(&index_path, "header does not match meta.json".into()));
+        }
+        let table: Vec<u32> = (0..meta.total_pages as usize).map(|i| u32_at(HEADER_LEN + i * 4)).collect();
+        let sums_at = HEADER_LEN + meta.total_pages as usize * 4;
+        let chunk_sums: Vec<u64> = (0..chunks as usize).map(|i| u64_at(sums_at + i * 8)).collect();
+        let mut reverse = Vec::with_capacity(meta.nonzero_pages as usize);
+        for (page, &e) in table.iter().enumerate() {
+            if e != 0 {
+                if u64::from(e) != reverse.len() as u64 + 1 {
+                    return Err(damaged(&index_path, format!("page table entry of page {page} out of order")));
+                }
+                reverse.push(page as u64);
+            }
+        }
+        if reverse.len() as u64 != meta.nonzero_pages {
+            return Err(damaged(&index_path, "page table and non-zero page count disagree".into()));
+        }
+        Ok(Image { dir: dir.to_owned(), meta, table, chunk_sums, reverse, pages, pages_path })
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn meta(&self) -> &ImageMeta {
+        &self.meta
+    }
+
+    /// Where page `page` is: O(1).
+    pub fn locate(&self, page: PageIndex) -> PageLocation {
+        match self.table.get(page.0 as usize).copied().unwrap_or(0) {
+            0 => PageLocation::Zero,
+            e => PageLocation::Slot(e - 1),
+        }
+    }
+
+    /// The guest page stored in `slot`.
+    pub fn slot_page(&self, slot: u32) -> PageIndex {
+        PageIndex(self.reverse[slot as usize])
+    }
+
+    pub fn chunk_of(&self, slot: u32) -> u32 {
+        slot / self.meta.chunk_pages
+    }
+
+    /// The slots of chunk `chunk`.
+    pub fn chunk_slots(&self, chunk: u32) -> Range<u32> {
+        let start = chunk * self.meta.chunk_pages;
+        start..(start + self.meta.chunk_pages).min(self.meta.nonzero_pages as u32)
+    }
+
+    /// Reads `count` consecutive chunks from `first` into `buf` with one
+    /// pread and verifies each; returns the bytes read.
+    pub fn read_chunks(&self, first: u32, count: u32, buf: &mut [u8]) -> Result<usize, ImageError> {
+        let start = u64::from(self.chunk_slots(first).start) * PAGE_SIZE;
+        let end = u64::from(self.chunk_slots(first + count - 1).end) * PAGE_SIZE;
+        let len = (end - start) as usize;
+        self.pages.read_exact_at(&mut buf[..len], start).map_err(io_err(&self.pages_path, "cannot read"))?;
+        for c in first..first + count {
+            let r = self.chunk_slots(c);
+            let (a, b) = (u64::from(r.start) * PAGE_SIZE, u64::from(r.end) * PAGE_SIZE);
+            let got = xxh3_64(&buf[(a - start) as usize..(b - start) as usize]);
+            let expected = self.chunk_sums[c as usize];
+            if got != expected {
+                return Err(ImageError::ChunkChecksum {
+                    path: self.pages_path.clone(),
+                    chunk: c,
+                    offset: a,
+                    end: b,
+                    expected,
+                    got,
+                });
+            }
+        }
+        Ok(len)
+    }
+
+    /// The device state, verified against its digest.
+    pub fn read_device_state(&self) -> Result<Vec<u8>, ImageError> {
+        let path = self.dir.join("device.state");
+        let data = fs::read(&path).map_err(io_err(&path, "cannot read"))?;
+        if data.len() as u64 != self.meta.device_state.len
+            || format!("{:016x}", xxh3_64(&data)) != self.meta.device_state.xxh3
+        {
+            return Err(ImageError::Damaged { path, message: "checksum mismatch".into() });
+        }
+        Ok(data)
+    }
+}
+
+/// What `thaw inspect` shows.
+#[derive(Clone, Debug, Serialize)]
+pub struct InspectReport {
+    pub path: PathBuf,
+    pub format_version: u32,
+    pub thaw_version: String,
+    pub created_unix: u64,
+    pub vm: String,
+    pub memory_bytes: u64,
+    pub accel: String,
+    pub qemu_version: String,
+    pub layout: RamLayout,
+    pub total_pages: u64,
+    pub nonzero_pages: u64,
+    pub zero_pages: u64,
+    pub chunk_pages: u32,
+    pub chunks: u64,
+    pub device_state_bytes: u64,
+    pub pages_bytes: u64,
+    pub index_bytes: u64,
+}
+
+/// Describes an opened image.
+pub fn inspect(image: &Image) -> InspectReport {
+    let m = image.meta();
+    InspectReport {
+        path: image.dir.clone(),
+        format_version: m.format_version,
+        thaw_version: m.thaw_version.clone(),
+        created_unix: m.created_unix,
+        vm: m.vm.name.clone(),
+        memory_bytes: m.layout.total_bytes(),
+        accel: m.accel.clone(),
+        qemu_version: m.qemu_version.clone(),
+        layout: m.layout.clone(),
+        total_pages: m.total_pages,
+        nonzero_pages: m.nonzero_pages,
+        zero_pages: m.total_pages - m.nonzero_pages,
+        chunk_pages: m.chunk_pages,
+        chunks: image.chunk_sums.len() as u64,
+        device_state_bytes: m.device_state.len,
+        pages_bytes: m.pages.len,
+        index_bytes: m.index.len,
+    }
+}
+
+impl std::fmt::Display for InspectReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(f, "image {} (format {}, thaw {})", self.path.display(), self.format_version, self.thaw_version)?;
+        writeln!(f, "  VM {}: {} MiB RAM, {}, QEMU {}", self.vm, self.memory_bytes >> 20, self.accel, self.qemu_version)?;
+        for b in &self.layout.blocks {
+            writeln!(f, "  block {}: {} MiB from page {}", b.id, b.size >> 20, b.first_page)?;
+        }
+        writeln!(f, "  pages: {} total, {} non-zero, {} zero; {} chunks of {} pages", self.total_pages, self.nonzero_pages, self.zero_pages, self.chunks, self.chunk_pages)?;
+        write!(f, "  files: device.state {} KiB, pages.bin {} MiB, index.bin {} KiB", self.device_state_bytes >> 10, self.pages_bytes >> 20, self.index_bytes >> 10)
+    }
+}
+
+#[cfg(test)]
+mod tests;
