@@ -14,9 +14,17 @@ use crate::mem::PAGE_SIZE;
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read config {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("{path}:{line}:{column}: {message}")]
-    Syntax { path: PathBuf, line: usize, column: usize, message: String },
+    Syntax {
+        path: PathBuf,
+        line: usize,
+        column: usize,
+        message: String,
+    },
     #[error("{path}: {message}")]
     Invalid { path: PathBuf, message: String },
 }
@@ -160,33 +168,55 @@ impl VmConfig {
     /// Reads and validates a config file; relative paths in it are taken
     /// relative to the file's directory.
     pub fn load(path: &Path) -> Result<VmConfig, ConfigError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
         let base = path.parent().unwrap_or(Path::new("."));
-        let base = if base.as_os_str().is_empty() { Path::new(".") } else { base };
-        let base = std::fs::canonicalize(base)
-            .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+        let base = if base.as_os_str().is_empty() {
+            Path::new(".")
+        } else {
+            base
+        };
+        let base = std::fs::canonicalize(base).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
         VmConfig::parse(&text, path, &base)
     }
 
     /// Parses YAML text; `origin` names it in errors, `base` anchors relative paths.
     pub fn parse(text: &str, origin: &Path, base: &Path) -> Result<VmConfig, ConfigError> {
         let mut cfg: VmConfig = serde_yaml::from_str(text).map_err(|e| {
-            let (line, column) = e.location().map(|l| (l.line(), l.column())).unwrap_or((0, 0));
+            let (line, column) = e
+                .location()
+                .map(|l| (l.line(), l.column()))
+                .unwrap_or((0, 0));
             let message = e.to_string();
             // serde_yaml appends " at line L column C"; the prefix already says it.
             let message = match message.find(" at line ") {
                 Some(i) => message[..i].to_string(),
                 None => message,
             };
-            ConfigError::Syntax { path: origin.to_owned(), line, column, message }
+            ConfigError::Syntax {
+                path: origin.to_owned(),
+                line,
+                column,
+                message,
+            }
         })?;
-        for p in [&mut cfg.kernel, &mut cfg.initrd, &mut cfg.serial].into_iter().flatten() {
+        for p in [&mut cfg.kernel, &mut cfg.initrd, &mut cfg.serial]
+            .into_iter()
+            .flatten()
+        {
             if p.is_relative() {
                 *p = base.join(&*p);
             }
         }
-        cfg.validate().map_err(|message| ConfigError::Invalid { path: origin.to_owned(), message })?;
+        cfg.validate().map_err(|message| ConfigError::Invalid {
+            path: origin.to_owned(),
+            message,
+        })?;
         Ok(cfg)
     }
 
@@ -194,13 +224,19 @@ impl VmConfig {
     pub fn validate(&self) -> Result<(), String> {
         validate_name(&self.name)?;
         if self.memory.0 == 0 || self.memory.0 % (1 << 20) != 0 {
-            return Err(format!("memory: {} must be a positive whole number of MiB", self.memory));
+            return Err(format!(
+                "memory: {} must be a positive whole number of MiB",
+                self.memory
+            ));
         }
         if self.cpus == 0 || self.cpus > 1024 {
             return Err(format!("cpus: {} is out of range (1..=1024)", self.cpus));
         }
         if self.numa_nodes == 0 || self.numa_nodes > 64 {
-            return Err(format!("numa_nodes: {} is out of range (1..=64)", self.numa_nodes));
+            return Err(format!(
+                "numa_nodes: {} is out of range (1..=64)",
+                self.numa_nodes
+            ));
         }
         if self.memory.0 % (u64::from(self.numa_nodes) << 20) != 0 {
             return Err(format!(
@@ -217,7 +253,10 @@ impl VmConfig {
         for (key, p) in [("kernel", &self.kernel), ("initrd", &self.initrd)] {
             if let Some(p) = p {
                 if !p.is_file() {
-                    return Err(format!("{key}: {} does not exist or is not a file", p.display()));
+                    return Err(format!(
+                        "{key}: {} does not exist or is not a file",
+                        p.display()
+                    ));
                 }
             }
         }
@@ -240,7 +279,9 @@ pub fn validate_name(name: &str) -> Result<(), String> {
     let ok = !name.is_empty()
         && name.len() <= 64
         && !name.starts_with('.')
-        && name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
     if ok {
         Ok(())
     } else {
@@ -278,9 +319,15 @@ mod tests {
 
     #[test]
     fn bad_values_are_refused() {
-        assert!(parse("name: a\nmemory: 12Q\n").unwrap_err().to_string().contains("vm.yaml:2:"));
+        assert!(parse("name: a\nmemory: 12Q\n")
+            .unwrap_err()
+            .to_string()
+            .contains("vm.yaml:2:"));
         assert!(parse("name: a\nmemory: 1G\naccel: hvf\n").is_err());
-        assert!(parse("name: a/b\nmemory: 1G\n").unwrap_err().to_string().contains("name"));
+        assert!(parse("name: a/b\nmemory: 1G\n")
+            .unwrap_err()
+            .to_string()
+            .contains("name"));
         assert!(parse("name: a\nmemory: 1G\ncpus: 0\n").is_err());
         assert!(parse("name: a\nmemory: 100M\nnuma_nodes: 3\n").is_err());
     }

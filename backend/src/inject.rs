@@ -64,7 +64,11 @@ pub enum InjectError {
     #[error("{pid} is already traced by process {tracer} (a debugger, strace or another thaw?)")]
     AlreadyTraced { pid: Pid, tracer: i32 },
     #[error("ptrace {op} on {pid} failed: {errno}")]
-    Ptrace { op: &'static str, pid: Pid, errno: Errno },
+    Ptrace {
+        op: &'static str,
+        pid: Pid,
+        errno: Errno,
+    },
     #[error("waiting for {pid} to stop failed: {errno}")]
     Wait { pid: Pid, errno: Errno },
     #[error("{pid} did not stop within {waited:?} (stuck in an uninterruptible sleep?)")]
@@ -74,7 +78,12 @@ pub enum InjectError {
     #[error("unexpected stop of {pid} while injecting a system call: {detail}")]
     UnexpectedStop { pid: Pid, detail: String },
     #[error("the injected system call {nr} faulted in {pid} with {signal} at {addr:#x}")]
-    SiteFault { pid: Pid, nr: i64, signal: Signal, addr: u64 },
+    SiteFault {
+        pid: Pid,
+        nr: i64,
+        signal: Signal,
+        addr: u64,
+    },
     #[error("the injected system call {nr} did not return within {waited:?} in {pid}; it was interrupted")]
     CallTimeout { pid: Pid, nr: i64, waited: Duration },
     #[error("a system call takes at most {MAX_ARGS} arguments, got {0}")]
@@ -162,7 +171,11 @@ impl Injector {
         inj.wait_interrupt_stop()?;
         inj.saved = ptrace::getregs(pid).map_err(|errno| inj.ptrace_err("GETREGS", errno))?;
         inj.sigmask = inj.get_sigmask()?;
-        log::debug!("seized thread {pid}: rip {:#x}, orig_rax {}", inj.saved.rip, inj.saved.orig_rax as i64);
+        log::debug!(
+            "seized thread {pid}: rip {:#x}, orig_rax {}",
+            inj.saved.rip,
+            inj.saved.orig_rax as i64
+        );
         Ok(inj)
     }
 
@@ -190,13 +203,17 @@ impl Injector {
         regs.rip = site.addr();
         let mut a = [0u64; MAX_ARGS];
         a[..args.len()].copy_from_slice(args);
-        (regs.rdi, regs.rsi, regs.rdx, regs.r10, regs.r8, regs.r9) = (a[0], a[1], a[2], a[3], a[4], a[5]);
+        (regs.rdi, regs.rsi, regs.rdx, regs.r10, regs.r8, regs.r9) =
+            (a[0], a[1], a[2], a[3], a[4], a[5]);
 
         let result = self.prepare(site).and_then(|()| self.run(&regs, site, nr));
         let restored = self.restore(site);
         let ret = result?;
         restored?;
-        log::debug!("injected system call {nr}{args:x?} into {} at {site:x?}: {ret}", self.pid);
+        log::debug!(
+            "injected system call {nr}{args:x?} into {} at {site:x?}: {ret}",
+            self.pid
+        );
         Ok(ret)
     }
 
@@ -242,14 +259,22 @@ impl Injector {
         match first {
             None => Ok(()),
             Some(e) => {
-                log::error!("could not restore the state of thread {} after an injected call: {e}", self.pid);
+                log::error!(
+                    "could not restore the state of thread {} after an injected call: {e}",
+                    self.pid
+                );
                 Err(e)
             }
         }
     }
 
     /// Single-steps over the `syscall` at `site` and returns `rax`.
-    fn run(&mut self, regs: &libc::user_regs_struct, site: Site, nr: i64) -> Result<i64, InjectError> {
+    fn run(
+        &mut self,
+        regs: &libc::user_regs_struct,
+        site: Site,
+        nr: i64,
+    ) -> Result<i64, InjectError> {
         let (at, after) = (site.addr(), site.addr() + SYSCALL_LEN);
         ptrace::setregs(self.pid, *regs).map_err(|errno| self.ptrace_err("SETREGS", errno))?;
         self.step()?;
@@ -260,8 +285,12 @@ impl Injector {
                 Err(InjectError::StopTimeout { .. }) if !interrupted => {
                     // The call blocks: interrupt it (it returns -ERESTART*)
                     // and clean up at the next stop.
-                    log::warn!("system call {nr} injected into {} does not return; interrupting it", self.pid);
-                    ptrace::interrupt(self.pid).map_err(|errno| self.ptrace_err("INTERRUPT", errno))?;
+                    log::warn!(
+                        "system call {nr} injected into {} does not return; interrupting it",
+                        self.pid
+                    );
+                    ptrace::interrupt(self.pid)
+                        .map_err(|errno| self.ptrace_err("INTERRUPT", errno))?;
                     interrupted = true;
                     deadline = Instant::now() + STOP_TIMEOUT;
                     continue;
@@ -273,17 +302,32 @@ impl Injector {
             let sig = match status {
                 WaitStatus::Stopped(_, sig) => Some(sig),
                 WaitStatus::PtraceEvent(_, _, ev) if ev == Event::PTRACE_EVENT_STOP as i32 => None,
-                WaitStatus::Exited(_, code) => return Err(self.gone(format!("exited with status {code}"))),
+                WaitStatus::Exited(_, code) => {
+                    return Err(self.gone(format!("exited with status {code}")))
+                }
                 WaitStatus::Signaled(_, s, _) => return Err(self.gone(format!("killed by {s}"))),
-                other => return Err(InjectError::UnexpectedStop { pid: self.pid, detail: format!("{other:?}") }),
+                other => {
+                    return Err(InjectError::UnexpectedStop {
+                        pid: self.pid,
+                        detail: format!("{other:?}"),
+                    })
+                }
             };
-            let now = ptrace::getregs(self.pid).map_err(|errno| self.ptrace_err("GETREGS", errno))?;
+            let now =
+                ptrace::getregs(self.pid).map_err(|errno| self.ptrace_err("GETREGS", errno))?;
             match sig {
-                Some(Signal::SIGTRAP) if now.rip == after => return self.finish(nr, now.rax, interrupted),
+                Some(Signal::SIGTRAP) if now.rip == after => {
+                    return self.finish(nr, now.rax, interrupted)
+                }
                 Some(s @ (Signal::SIGSEGV | Signal::SIGBUS | Signal::SIGILL)) if now.rip == at => {
                     // Caused by our instruction; dropped when the thread is
                     // released (detach passes no signal).
-                    return Err(InjectError::SiteFault { pid: self.pid, nr, signal: s, addr: at });
+                    return Err(InjectError::SiteFault {
+                        pid: self.pid,
+                        nr,
+                        signal: s,
+                        addr: at,
+                    });
                 }
                 Some(Signal::SIGTRAP) if now.rip != at => {
                     return Err(InjectError::UnexpectedStop {
@@ -294,7 +338,10 @@ impl Injector {
                 Some(other) => {
                     // Not ours (ours comes after the instruction ran): the
                     // thread's own signal, held back and re-sent at release.
-                    log::debug!("holding back {other} for {} during an injected call", self.pid);
+                    log::debug!(
+                        "holding back {other} for {} during an injected call",
+                        self.pid
+                    );
                     self.deferred |= sig_bit(other);
                 }
                 None => {}
@@ -307,12 +354,18 @@ impl Injector {
             if now.rip != at && now.rip != after {
                 return Err(InjectError::UnexpectedStop {
                     pid: self.pid,
-                    detail: format!("stopped at {:#x}, outside the injected instruction at {at:#x}", now.rip),
+                    detail: format!(
+                        "stopped at {:#x}, outside the injected instruction at {at:#x}",
+                        now.rip
+                    ),
                 });
             }
             self.step()?;
         }
-        Err(InjectError::UnexpectedStop { pid: self.pid, detail: format!("more than {MAX_STOPS} stops") })
+        Err(InjectError::UnexpectedStop {
+            pid: self.pid,
+            detail: format!("more than {MAX_STOPS} stops"),
+        })
     }
 
     /// The result of a completed call: a call cut short by a signal (which
@@ -322,7 +375,11 @@ impl Injector {
         if !ERESTART_RANGE.contains(&ret) {
             Ok(ret)
         } else if interrupted {
-            Err(InjectError::CallTimeout { pid: self.pid, nr, waited: self.call_timeout })
+            Err(InjectError::CallTimeout {
+                pid: self.pid,
+                nr,
+                waited: self.call_timeout,
+            })
         } else {
             Ok(-(Errno::EINTR as i64))
         }
@@ -366,7 +423,8 @@ impl Injector {
         // Last resort: write `syscall` at rip for the duration of each call.
         // Another thread running the same code meanwhile would execute it,
         // hence the preference for the sites above.
-        let word = ptrace::read(self.pid, rip as AddressType).map_err(|errno| self.ptrace_err("PEEKTEXT", errno))?;
+        let word = ptrace::read(self.pid, rip as AddressType)
+            .map_err(|errno| self.ptrace_err("PEEKTEXT", errno))?;
         let site = Site::Patch { addr: rip, word };
         self.site = Some(site);
         Ok(site)
@@ -385,18 +443,31 @@ impl Injector {
                     return Ok(());
                 }
                 WaitStatus::Stopped(_, sig) => {
-                    log::debug!("{} stopped for {sig} before the interrupt; delivering it", self.pid);
+                    log::debug!(
+                        "{} stopped for {sig} before the interrupt; delivering it",
+                        self.pid
+                    );
                     ptrace::cont(self.pid, sig).map_err(|errno| self.ptrace_err("CONT", errno))?;
                 }
                 WaitStatus::PtraceEvent(_, _, _) => {
                     ptrace::cont(self.pid, None).map_err(|errno| self.ptrace_err("CONT", errno))?;
                 }
-                WaitStatus::Exited(_, code) => return Err(self.gone(format!("exited with status {code}"))),
+                WaitStatus::Exited(_, code) => {
+                    return Err(self.gone(format!("exited with status {code}")))
+                }
                 WaitStatus::Signaled(_, s, _) => return Err(self.gone(format!("killed by {s}"))),
-                other => return Err(InjectError::UnexpectedStop { pid: self.pid, detail: format!("{other:?}") }),
+                other => {
+                    return Err(InjectError::UnexpectedStop {
+                        pid: self.pid,
+                        detail: format!("{other:?}"),
+                    })
+                }
             }
         }
-        Err(InjectError::UnexpectedStop { pid: self.pid, detail: format!("more than {MAX_STOPS} stops") })
+        Err(InjectError::UnexpectedStop {
+            pid: self.pid,
+            detail: format!("more than {MAX_STOPS} stops"),
+        })
     }
 
     /// `waitpid` for this thread until `deadline`, polling so a thread that
@@ -410,12 +481,22 @@ impl Injector {
                 Ok(WaitStatus::StillAlive) => {}
                 Ok(status) => return Ok(status),
                 Err(Errno::EINTR) => continue,
-                Err(Errno::ECHILD) => return Err(self.gone("it is no longer traced by thaw".into())),
-                Err(errno) => return Err(InjectError::Wait { pid: self.pid, errno }),
+                Err(Errno::ECHILD) => {
+                    return Err(self.gone("it is no longer traced by thaw".into()))
+                }
+                Err(errno) => {
+                    return Err(InjectError::Wait {
+                        pid: self.pid,
+                        errno,
+                    })
+                }
             }
             let now = Instant::now();
             if now >= deadline {
-                return Err(InjectError::StopTimeout { pid: self.pid, waited: STOP_TIMEOUT });
+                return Err(InjectError::StopTimeout {
+                    pid: self.pid,
+                    waited: STOP_TIMEOUT,
+                });
             }
             // A stop usually takes a context switch or two: yield first, then back off.
             polls += 1;
@@ -439,7 +520,12 @@ impl Injector {
         // SAFETY: PTRACE_GETSIGMASK writes exactly `size_of::<u64>()` bytes
         // (the size passed as `addr`) to `mask`, which is a live, aligned u64.
         let r = unsafe {
-            libc::ptrace(libc::PTRACE_GETSIGMASK, self.pid.as_raw(), std::mem::size_of::<u64>(), &mut mask as *mut u64)
+            libc::ptrace(
+                libc::PTRACE_GETSIGMASK,
+                self.pid.as_raw(),
+                std::mem::size_of::<u64>(),
+                &mut mask as *mut u64,
+            )
         };
         if r < 0 {
             return Err(self.ptrace_err("GETSIGMASK", Errno::last()));
@@ -451,7 +537,12 @@ impl Injector {
         // SAFETY: PTRACE_SETSIGMASK reads `size_of::<u64>()` bytes from `mask`,
         // a live u64; the kernel keeps SIGKILL and SIGSTOP unblocked itself.
         let r = unsafe {
-            libc::ptrace(libc::PTRACE_SETSIGMASK, self.pid.as_raw(), std::mem::size_of::<u64>(), &mask as *const u64)
+            libc::ptrace(
+                libc::PTRACE_SETSIGMASK,
+                self.pid.as_raw(),
+                std::mem::size_of::<u64>(),
+                &mask as *const u64,
+            )
         };
         if r < 0 {
             return Err(self.ptrace_err("SETSIGMASK", Errno::last()));
@@ -461,7 +552,8 @@ impl Injector {
 
     /// Whether a `SIGTRAP` is queued for the thread (`SigPnd` in its status).
     fn sigtrap_pending(&self) -> bool {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid)).unwrap_or_default();
+        let status =
+            std::fs::read_to_string(format!("/proc/{}/status", self.pid)).unwrap_or_default();
         status
             .lines()
             .find_map(|l| l.strip_prefix("SigPnd:"))
@@ -479,7 +571,8 @@ impl Injector {
             // Never reached (or left) a stop: detaching needs one.
             let _ = ptrace::interrupt(self.pid);
             match self.wait_status(Instant::now() + STOP_TIMEOUT) {
-                Ok(WaitStatus::Exited(..) | WaitStatus::Signaled(..)) | Err(InjectError::Gone { .. }) => {
+                Ok(WaitStatus::Exited(..) | WaitStatus::Signaled(..))
+                | Err(InjectError::Gone { .. }) => {
                     self.detached = true;
                     return Ok(());
                 }
@@ -494,7 +587,11 @@ impl Injector {
                 // signal (we trace it), and the signal queues until it runs.
                 let r = unsafe { libc::syscall(libc::SYS_tkill, self.pid.as_raw(), n) };
                 if r < 0 {
-                    log::warn!("could not re-send signal {n} to {}: {}", self.pid, Errno::last());
+                    log::warn!(
+                        "could not re-send signal {n} to {}: {}",
+                        self.pid,
+                        Errno::last()
+                    );
                 }
             }
         }
@@ -505,10 +602,17 @@ impl Injector {
 
     fn ptrace_err(&self, op: &'static str, errno: Errno) -> InjectError {
         match errno {
-            Errno::ESRCH if op != "DETACH" && !std::path::Path::new(&format!("/proc/{}", self.pid)).exists() => {
+            Errno::ESRCH
+                if op != "DETACH"
+                    && !std::path::Path::new(&format!("/proc/{}", self.pid)).exists() =>
+            {
                 self.gone("it exited".into())
             }
-            _ => InjectError::Ptrace { op, pid: self.pid, errno },
+            _ => InjectError::Ptrace {
+                op,
+                pid: self.pid,
+                errno,
+            },
         }
     }
 
@@ -554,29 +658,46 @@ fn seize_error(pid: Pid, errno: Errno) -> InjectError {
             Some(tracer) if tracer != 0 => InjectError::AlreadyTraced { pid, tracer },
             _ => InjectError::PermissionDenied { pid },
         },
-        errno => InjectError::Ptrace { op: "SEIZE", pid, errno },
+        errno => InjectError::Ptrace {
+            op: "SEIZE",
+            pid,
+            errno,
+        },
     }
 }
 
 /// `TracerPid` of a thread, if readable.
 fn tracer_of(pid: Pid) -> Option<i32> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    status.lines().find_map(|l| l.strip_prefix("TracerPid:")).and_then(|v| v.trim().parse().ok())
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("TracerPid:"))
+        .and_then(|v| v.trim().parse().ok())
 }
 
 /// The address of a `0f 05` byte pair in the vDSO of `pid`, if any.
 fn find_vdso_syscall(pid: Pid) -> std::io::Result<Option<u64>> {
     let maps = std::fs::read_to_string(format!("/proc/{pid}/maps"))?;
-    let Some((start, end)) = maps.lines().filter(|l| l.ends_with("[vdso]")).find_map(|l| {
-        let (s, e) = l.split(' ').next()?.split_once('-')?;
-        Some((u64::from_str_radix(s, 16).ok()?, u64::from_str_radix(e, 16).ok()?))
-    }) else {
+    let Some((start, end)) = maps
+        .lines()
+        .filter(|l| l.ends_with("[vdso]"))
+        .find_map(|l| {
+            let (s, e) = l.split(' ').next()?.split_once('-')?;
+            Some((
+                u64::from_str_radix(s, 16).ok()?,
+                u64::from_str_radix(e, 16).ok()?,
+            ))
+        })
+    else {
         return Ok(None);
     };
     let mem = std::fs::File::open(format!("/proc/{pid}/mem"))?;
     let mut text = vec![0u8; end.saturating_sub(start) as usize];
     mem.read_exact_at(&mut text, start)?;
-    Ok(text.windows(2).position(|w| w == [0x0f, 0x05]).map(|i| start + i as u64))
+    Ok(text
+        .windows(2)
+        .position(|w| w == [0x0f, 0x05])
+        .map(|i| start + i as u64))
 }
 
 #[cfg(test)]
@@ -603,7 +724,10 @@ pub(crate) mod tests {
                     // SAFETY: plain _exit, skipping atexit handlers and unwinding.
                     unsafe { libc::_exit(127) }
                 }
-                nix::unistd::ForkResult::Parent { child } => Child { pid: child, reaped: false },
+                nix::unistd::ForkResult::Parent { child } => Child {
+                    pid: child,
+                    reaped: false,
+                },
             }
         }
 
@@ -635,7 +759,10 @@ pub(crate) mod tests {
             if s.split(' ').next().and_then(|n| n.parse::<i64>().ok()) == Some(nr) {
                 return;
             }
-            assert!(Instant::now() < deadline, "child {pid} never blocked in syscall {nr}: {s:?}");
+            assert!(
+                Instant::now() < deadline,
+                "child {pid} never blocked in syscall {nr}: {s:?}"
+            );
             std::thread::sleep(Duration::from_millis(1));
         }
     }
@@ -679,22 +806,38 @@ pub(crate) mod tests {
         wait_in_syscall(child.pid, libc::SYS_read);
 
         let mut inj = Injector::attach(child.pid).expect("attach");
-        assert!(matches!(inj.site(), Ok(Site::RipMinus2(_))), "a thread in read() has its syscall at rip-2");
-        assert_eq!(inj.syscall(libc::SYS_getpid, &[]).expect("getpid"), child.pid.as_raw() as i64);
+        assert!(
+            matches!(inj.site(), Ok(Site::RipMinus2(_))),
+            "a thread in read() has its syscall at rip-2"
+        );
+        assert_eq!(
+            inj.syscall(libc::SYS_getpid, &[]).expect("getpid"),
+            child.pid.as_raw() as i64
+        );
 
         // dup the pipe's read end inside the child and check the new fd.
         let dup = inj.syscall(libc::SYS_dup, &[in_fd as u64]).expect("dup");
         assert!(dup >= 0, "dup failed: {dup}");
-        assert_eq!(fd_target(child.pid, dup), fd_target(child.pid, in_fd as i64));
-        let getfd = |inj: &mut Injector| inj.syscall(libc::SYS_fcntl, &[dup as u64, libc::F_GETFD as u64]);
+        assert_eq!(
+            fd_target(child.pid, dup),
+            fd_target(child.pid, in_fd as i64)
+        );
+        let getfd =
+            |inj: &mut Injector| inj.syscall(libc::SYS_fcntl, &[dup as u64, libc::F_GETFD as u64]);
         assert_eq!(getfd(&mut inj).expect("F_GETFD"), 0);
         let set = [dup as u64, libc::F_SETFD as u64, libc::FD_CLOEXEC as u64];
         assert_eq!(inj.syscall(libc::SYS_fcntl, &set).expect("F_SETFD"), 0);
         assert_eq!(getfd(&mut inj).expect("F_GETFD"), libc::FD_CLOEXEC as i64);
-        assert_eq!(inj.syscall(libc::SYS_close, &[dup as u64]).expect("close"), 0);
+        assert_eq!(
+            inj.syscall(libc::SYS_close, &[dup as u64]).expect("close"),
+            0
+        );
         assert_eq!(fd_target(child.pid, dup), None);
         // Errors come back as -errno.
-        assert_eq!(inj.syscall(libc::SYS_close, &[9999]).expect("close"), -(libc::EBADF as i64));
+        assert_eq!(
+            inj.syscall(libc::SYS_close, &[9999]).expect("close"),
+            -(libc::EBADF as i64)
+        );
         inj.detach().expect("detach");
 
         // The interrupted read() restarts and still gets the data.
@@ -742,7 +885,10 @@ pub(crate) mod tests {
         let before = shared[0].load(Ordering::Relaxed);
         let deadline = Instant::now() + Duration::from_secs(10);
         while shared[0].load(Ordering::Relaxed) == before {
-            assert!(Instant::now() < deadline, "child stopped counting after the injection");
+            assert!(
+                Instant::now() < deadline,
+                "child stopped counting after the injection"
+            );
             std::thread::yield_now();
         }
         shared[1].store(1, Ordering::Relaxed);
@@ -776,7 +922,11 @@ pub(crate) mod tests {
             }
             let mut eintr = 0u8;
             loop {
-                let mut pfd = libc::pollfd { fd: input, events: libc::POLLIN, revents: 0 };
+                let mut pfd = libc::pollfd {
+                    fd: input,
+                    events: libc::POLLIN,
+                    revents: 0,
+                };
                 match libc::ppoll(&mut pfd, 1, std::ptr::null(), &empty) {
                     1 => break,
                     -1 if *libc::__errno_location() == libc::EINTR => eintr += 1,
@@ -810,11 +960,17 @@ pub(crate) mod tests {
         wait_in_syscall(child.pid, libc::SYS_ppoll);
 
         let mut inj = Injector::attach(child.pid).expect("attach");
-        assert_eq!(inj.syscall(libc::SYS_getpid, &[]).expect("getpid"), child.pid.as_raw() as i64);
+        assert_eq!(
+            inj.syscall(libc::SYS_getpid, &[]).expect("getpid"),
+            child.pid.as_raw() as i64
+        );
         // A signal sent meanwhile stays pending (everything is blocked during
         // a call) and reaches the child's handler once it is released.
         nix::sys::signal::kill(child.pid, Signal::SIGUSR2).expect("kill");
-        assert_eq!(inj.syscall(libc::SYS_getpid, &[]).expect("getpid"), child.pid.as_raw() as i64);
+        assert_eq!(
+            inj.syscall(libc::SYS_getpid, &[]).expect("getpid"),
+            child.pid.as_raw() as i64
+        );
         inj.detach().expect("detach");
 
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -828,7 +984,11 @@ pub(crate) mod tests {
         let mut buf = [0u8; 68];
         let n = read_with_timeout(from_child_r.as_raw_fd(), &mut buf);
         assert_eq!(&buf[4..n], b"after-ppoll");
-        assert_eq!(buf[..3], [1, 1, 0], "SIGUSR2 handled, SIGUSR1 still blocked, SIGUSR2 not");
+        assert_eq!(
+            buf[..3],
+            [1, 1, 0],
+            "SIGUSR2 handled, SIGUSR1 still blocked, SIGUSR2 not"
+        );
         assert!(buf[3] <= 1, "ppoll was interrupted {} times", buf[3]);
         assert_eq!(child.wait(), WaitStatus::Exited(child.pid, 0));
     }
@@ -837,9 +997,16 @@ pub(crate) mod tests {
     fn injects_into_a_busy_thread_through_the_vdso() {
         let (child, shared) = spinning_child();
         let mut inj = Injector::attach(child.pid).expect("attach");
-        assert!(matches!(inj.site(), Ok(Site::Vdso(_))), "expected the vDSO site, got {:?}", inj.site());
+        assert!(
+            matches!(inj.site(), Ok(Site::Vdso(_))),
+            "expected the vDSO site, got {:?}",
+            inj.site()
+        );
         for _ in 0..3 {
-            assert_eq!(inj.syscall(libc::SYS_getpid, &[]).expect("getpid"), child.pid.as_raw() as i64);
+            assert_eq!(
+                inj.syscall(libc::SYS_getpid, &[]).expect("getpid"),
+                child.pid.as_raw() as i64
+            );
         }
         inj.detach().expect("detach");
         check_still_spinning(child, shared);
@@ -858,8 +1025,14 @@ pub(crate) mod tests {
         };
         let rip = inj.saved.rip;
         let before = text(rip);
-        assert_eq!(inj.syscall(libc::SYS_getpid, &[]).expect("getpid"), child.pid.as_raw() as i64);
-        assert_eq!(inj.syscall(libc::SYS_gettid, &[]).expect("gettid"), child.pid.as_raw() as i64);
+        assert_eq!(
+            inj.syscall(libc::SYS_getpid, &[]).expect("getpid"),
+            child.pid.as_raw() as i64
+        );
+        assert_eq!(
+            inj.syscall(libc::SYS_gettid, &[]).expect("gettid"),
+            child.pid.as_raw() as i64
+        );
         assert_eq!(text(rip), before, "the patched text must be restored");
         inj.detach().expect("detach");
         check_still_spinning(child, shared);
@@ -875,7 +1048,10 @@ pub(crate) mod tests {
         let mut inj = Injector::attach(child.pid).expect("attach");
         inj.set_policy(SitePolicy::NoRipMinus2);
         assert!(matches!(inj.site(), Ok(Site::Vdso(_))));
-        assert_eq!(inj.syscall(libc::SYS_getppid, &[]).expect("getppid"), nix::unistd::getpid().as_raw() as i64);
+        assert_eq!(
+            inj.syscall(libc::SYS_getppid, &[]).expect("getppid"),
+            nix::unistd::getpid().as_raw() as i64
+        );
         inj.detach().expect("detach");
         nix::unistd::write(&to_child_w, b"still-fine").expect("write");
         let mut buf = [0u8; 64];
@@ -892,9 +1068,16 @@ pub(crate) mod tests {
         let mut child = Child::spawn(move || echo_child(in_fd, out_fd));
         wait_in_syscall(child.pid, libc::SYS_read);
         for _ in 0..5 {
-            assert_eq!(inject_syscall(child.pid, libc::SYS_getpid, &[]).expect("inject"), child.pid.as_raw() as i64);
+            assert_eq!(
+                inject_syscall(child.pid, libc::SYS_getpid, &[]).expect("inject"),
+                child.pid.as_raw() as i64
+            );
         }
-        assert_eq!(tracer_of(child.pid), Some(0), "the child must not stay traced");
+        assert_eq!(
+            tracer_of(child.pid),
+            Some(0),
+            "the child must not stay traced"
+        );
         nix::unistd::write(&to_child_w, b"x").expect("write");
         let mut buf = [0u8; 8];
         assert_eq!(read_with_timeout(from_child_r.as_raw_fd(), &mut buf), 1);
@@ -911,9 +1094,17 @@ pub(crate) mod tests {
         let mut inj = Injector::attach(child.pid).expect("attach");
         inj.set_call_timeout(Duration::from_millis(200));
         // pause() with every signal blocked would never return.
-        let err = inj.syscall(libc::SYS_pause, &[]).expect_err("pause must time out");
-        assert!(matches!(err, InjectError::CallTimeout { nr, .. } if nr == libc::SYS_pause), "{err:?}");
-        assert_eq!(inj.syscall(libc::SYS_getpid, &[]).expect("getpid"), child.pid.as_raw() as i64);
+        let err = inj
+            .syscall(libc::SYS_pause, &[])
+            .expect_err("pause must time out");
+        assert!(
+            matches!(err, InjectError::CallTimeout { nr, .. } if nr == libc::SYS_pause),
+            "{err:?}"
+        );
+        assert_eq!(
+            inj.syscall(libc::SYS_getpid, &[]).expect("getpid"),
+            child.pid.as_raw() as i64
+        );
         inj.detach().expect("detach");
         nix::unistd::write(&to_child_w, b"recovered").expect("write");
         let mut buf = [0u8; 64];
@@ -924,7 +1115,9 @@ pub(crate) mod tests {
 
     fn state(pid: Pid) -> char {
         let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-        stat.rsplit_once(") ").and_then(|(_, rest)| rest.chars().next()).unwrap_or('?')
+        stat.rsplit_once(") ")
+            .and_then(|(_, rest)| rest.chars().next())
+            .unwrap_or('?')
     }
 
     #[test]
@@ -940,9 +1133,16 @@ pub(crate) mod tests {
             assert!(Instant::now() < deadline, "child did not stop");
             std::thread::sleep(Duration::from_millis(1));
         }
-        assert_eq!(inject_syscall(child.pid, libc::SYS_getpid, &[]).expect("inject"), child.pid.as_raw() as i64);
+        assert_eq!(
+            inject_syscall(child.pid, libc::SYS_getpid, &[]).expect("inject"),
+            child.pid.as_raw() as i64
+        );
         std::thread::sleep(Duration::from_millis(20));
-        assert_eq!(state(child.pid), 'T', "the group stop must survive the injection");
+        assert_eq!(
+            state(child.pid),
+            'T',
+            "the group stop must survive the injection"
+        );
         nix::sys::signal::kill(child.pid, Signal::SIGCONT).expect("SIGCONT");
         nix::unistd::write(&to_child_w, b"continued").expect("write");
         let mut buf = [0u8; 64];
@@ -968,7 +1168,9 @@ pub(crate) mod tests {
         let child = Child::spawn(move || echo_child(in_fd, out_fd));
         wait_in_syscall(child.pid, libc::SYS_read);
         let mut inj = Injector::attach(child.pid).expect("attach");
-        let err = inj.syscall(libc::SYS_getpid, &[0; 7]).expect_err("must fail");
+        let err = inj
+            .syscall(libc::SYS_getpid, &[0; 7])
+            .expect_err("must fail");
         assert!(matches!(err, InjectError::TooManyArgs(7)), "{err:?}");
         inj.detach().expect("detach");
     }

@@ -77,7 +77,10 @@ fn main() {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(level))
         .format_timestamp_millis()
         .init();
-    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("thaw: cannot start the async runtime: {e}");
@@ -90,7 +93,11 @@ fn main() {
     }
 }
 
-fn print(json_out: bool, value: &impl serde::Serialize, text: impl std::fmt::Display) -> Result<()> {
+fn print(
+    json_out: bool,
+    value: &impl serde::Serialize,
+    text: impl std::fmt::Display,
+) -> Result<()> {
     if json_out {
         println!("{}", serde_json::to_string_pretty(value)?);
     } else {
@@ -111,15 +118,30 @@ async fn run(cli: Cli) -> Result<()> {
             let s = &launched.state;
             let out = json!({ "name": cfg.name, "pid": s.qemu_pid, "accel": s.accel,
                 "qemu_version": s.qemu_version, "serial": s.serial, "qmp": launched.paths.qmp });
-            print(j, &out, format_args!(
-                "started {} (pid {}, {}, QEMU {}); console: {}",
-                cfg.name, s.qemu_pid, s.accel, s.qemu_version, s.serial.display()
-            ))
+            print(
+                j,
+                &out,
+                format_args!(
+                    "started {} (pid {}, {}, QEMU {}); console: {}",
+                    cfg.name,
+                    s.qemu_pid,
+                    s.accel,
+                    s.qemu_version,
+                    s.serial.display()
+                ),
+            )
         }
         Command::Save { name, image, force } => {
-            let report = thaw::save::save(&name, &image, &SaveOptions { force, keep_running: false })
-                .await
-                .with_context(|| format!("saving VM {name} to {}", image.display()))?;
+            let report = thaw::save::save(
+                &name,
+                &image,
+                &SaveOptions {
+                    force,
+                    keep_running: false,
+                },
+            )
+            .await
+            .with_context(|| format!("saving VM {name} to {}", image.display()))?;
             print(j, &report, format_args!(
                 "saved {} to {}: {} MiB RAM, {} non-zero pages, device state {} KiB; paused {:.0} ms",
                 report.name, report.image.display(), report.ram_bytes >> 20, report.nonzero_pages,
@@ -133,7 +155,8 @@ async fn run(cli: Cli) -> Result<()> {
             print(j, &stats, &stats)
         }
         Command::Inspect { image } => {
-            let img = thaw::image::Image::open(&image).with_context(|| format!("opening {}", image.display()))?;
+            let img = thaw::image::Image::open(&image)
+                .with_context(|| format!("opening {}", image.display()))?;
             let report = thaw::image::inspect(&img);
             print(j, &report, &report)
         }
@@ -145,37 +168,71 @@ async fn run(cli: Cli) -> Result<()> {
                         Ok(mut q) => q.run_state().await.unwrap_or_else(|_| "unknown".into()),
                         Err(_) => "busy".into(),
                     };
-                    rows.push(json!({ "name": name, "pid": state.qemu_pid, "status": status,
-                        "memory": state.config.memory, "accel": state.accel }));
+                    rows.push(
+                        json!({ "name": name, "pid": state.qemu_pid, "status": status,
+                        "memory": state.config.memory, "accel": state.accel }),
+                    );
                 }
             }
             let text = rows
                 .iter()
-                .map(|r| format!("{:<20} {:>8} {:<10} {:>6} {}", r["name"].as_str().unwrap_or(""),
-                    r["pid"], r["status"].as_str().unwrap_or(""), r["memory"].as_str().unwrap_or(""),
-                    r["accel"].as_str().unwrap_or("")))
+                .map(|r| {
+                    format!(
+                        "{:<20} {:>8} {:<10} {:>6} {}",
+                        r["name"].as_str().unwrap_or(""),
+                        r["pid"],
+                        r["status"].as_str().unwrap_or(""),
+                        r["memory"].as_str().unwrap_or(""),
+                        r["accel"].as_str().unwrap_or("")
+                    )
+                })
                 .collect::<Vec<_>>()
                 .join("\n");
-            print(j, &rows, if text.is_empty() { "no VMs running".to_string() } else { text })
+            print(
+                j,
+                &rows,
+                if text.is_empty() {
+                    "no VMs running".to_string()
+                } else {
+                    text
+                },
+            )
         }
         Command::Status { name } => {
             let (paths, state) = VmState::load(&name)?;
-            let mut qmp = Qmp::connect(&paths.qmp).await.context("connecting to QMP")?;
+            let mut qmp = Qmp::connect(&paths.qmp)
+                .await
+                .context("connecting to QMP")?;
             let status = qmp.run_state().await?;
             let restoring = paths.dir.join("restore.json").exists();
             let out = json!({ "name": name, "status": status, "pid": state.qemu_pid, "accel": state.accel,
                 "memory": state.config.memory, "qemu_version": state.qemu_version,
                 "serial": state.serial, "restore_in_progress": restoring });
-            print(j, &out, format_args!(
-                "{name}: {status} (pid {}, {}, {} RAM, QEMU {}){}",
-                state.qemu_pid, state.accel, state.config.memory, state.qemu_version,
-                if restoring { ", restore in progress" } else { "" }
-            ))
+            print(
+                j,
+                &out,
+                format_args!(
+                    "{name}: {status} (pid {}, {}, {} RAM, QEMU {}){}",
+                    state.qemu_pid,
+                    state.accel,
+                    state.config.memory,
+                    state.qemu_version,
+                    if restoring {
+                        ", restore in progress"
+                    } else {
+                        ""
+                    }
+                ),
+            )
         }
         Command::Stop { name, force } => {
             let (paths, state) = VmState::load(&name)?;
             qemu::stop(&paths, &state, force).await?;
-            print(j, &json!({ "name": name, "stopped": true }), format_args!("stopped {name}"))
+            print(
+                j,
+                &json!({ "name": name, "stopped": true }),
+                format_args!("stopped {name}"),
+            )
         }
     }
 }

@@ -17,7 +17,7 @@ pub struct HostAddr(pub u64);
 
 impl HostAddr {
     /// The address `bytes` further on.
-    pub fn add(self, bytes: u64) -> HostAddr {
+    pub fn offset(self, bytes: u64) -> HostAddr {
         HostAddr(self.0 + bytes)
     }
     /// The address as a raw pointer, for ioctls that take one.
@@ -67,7 +67,11 @@ impl RamLayout {
         let blocks = blocks
             .into_iter()
             .map(|(id, size)| {
-                let block = RamBlock { id: id.into(), size, first_page };
+                let block = RamBlock {
+                    id: id.into(),
+                    size,
+                    first_page,
+                };
                 first_page += block.pages();
                 block
             })

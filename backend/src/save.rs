@@ -36,11 +36,18 @@ pub enum SaveError {
     #[error("another save or restore of VM {0:?} is in progress")]
     Busy(String),
     #[error("reading guest RAM block {id} from {path}: {source}")]
-    ReadRam { id: String, path: PathBuf, source: std::io::Error },
+    ReadRam {
+        id: String,
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("mapping guest RAM: {0}")]
     Map(String),
     #[error("{context}: {source}")]
-    Io { context: String, source: std::io::Error },
+    Io {
+        context: String,
+        source: std::io::Error,
+    },
 }
 
 /// Options of `thaw save`.
@@ -75,8 +82,12 @@ pub fn lock_vm(paths: &VmPaths) -> Result<Flock<File>, SaveError> {
         .truncate(false)
         .write(true)
         .open(&paths.lock)
-        .map_err(|source| SaveError::Io { context: format!("cannot open {}", paths.lock.display()), source })?;
-    Flock::lock(file, FlockArg::LockExclusiveNonblock).map_err(|_| SaveError::Busy(paths.name.clone()))
+        .map_err(|source| SaveError::Io {
+            context: format!("cannot open {}", paths.lock.display()),
+            source,
+        })?;
+    Flock::lock(file, FlockArg::LockExclusiveNonblock)
+        .map_err(|_| SaveError::Busy(paths.name.clone()))
 }
 
 /// Saves VM `name` into a new image directory `image`.
@@ -153,14 +164,24 @@ async fn write_image(
     paused: Instant,
 ) -> Result<(f64, u64, u64), SaveError> {
     let device_file = writer.device_state_file()?;
-    qmp.set_migration_capabilities(&["x-ignore-shared", "events"]).await?;
-    qmp.execute_with_fd("getfd", json!({ "fdname": "thaw-save" }), device_file.as_fd()).await?;
-    qmp.execute("migrate", json!({ "uri": "fd:thaw-save" })).await?;
+    qmp.set_migration_capabilities(&["x-ignore-shared", "events"])
+        .await?;
+    qmp.execute_with_fd(
+        "getfd",
+        json!({ "fdname": "thaw-save" }),
+        device_file.as_fd(),
+    )
+    .await?;
+    qmp.execute("migrate", json!({ "uri": "fd:thaw-save" }))
+        .await?;
     qmp.wait_migration(DEVICE_STATE_TIMEOUT).await?;
     let device_state_ms = ms(paused.elapsed());
     let device_state_bytes = device_file
         .metadata()
-        .map_err(|source| SaveError::Io { context: "device state".into(), source })?
+        .map_err(|source| SaveError::Io {
+            context: "device state".into(),
+            source,
+        })?
         .len();
     log::info!("device state: {device_state_bytes} bytes in {device_state_ms:.1} ms");
 
@@ -171,17 +192,30 @@ async fn write_image(
 
 /// Copies every data extent of every RAM file into the image; holes are
 /// zero pages and are never read. Returns the bytes scanned.
-fn copy_ram(ram: &[RamMapping], layout: &RamLayout, writer: &mut ImageWriter) -> Result<u64, SaveError> {
+fn copy_ram(
+    ram: &[RamMapping],
+    layout: &RamLayout,
+    writer: &mut ImageWriter,
+) -> Result<u64, SaveError> {
     let mut files = Vec::new();
     for (m, block) in ram.iter().zip(&layout.blocks) {
-        let file = File::open(&m.fd_path)
-            .map_err(|source| SaveError::ReadRam { id: m.id.clone(), path: m.fd_path.clone(), source })?;
-        let extents = data_extents(&file, block.size)
-            .map_err(|source| SaveError::ReadRam { id: m.id.clone(), path: m.fd_path.clone(), source })?;
+        let file = File::open(&m.fd_path).map_err(|source| SaveError::ReadRam {
+            id: m.id.clone(),
+            path: m.fd_path.clone(),
+            source,
+        })?;
+        let extents = data_extents(&file, block.size).map_err(|source| SaveError::ReadRam {
+            id: m.id.clone(),
+            path: m.fd_path.clone(),
+            source,
+        })?;
         files.push((file, extents));
     }
     let memory = map_guest_ram(&files, layout)?;
-    let total: u64 = files.iter().flat_map(|(_, e)| e.iter().map(|r| r.1 - r.0)).sum();
+    let total: u64 = files
+        .iter()
+        .flat_map(|(_, e)| e.iter().map(|r| r.1 - r.0))
+        .sum();
     let bar = crate::progress::bytes_bar(total, "RAM");
     let mut buf = vec![0u8; READ_BLOCK];
     for ((_, extents), block) in files.iter().zip(&layout.blocks) {
@@ -205,12 +239,16 @@ fn copy_ram(ram: &[RamMapping], layout: &RamLayout, writer: &mut ImageWriter) ->
 
 /// Maps each RAM file read-only into thaw, at the guest-RAM offsets of the
 /// layout (block after block), as one `GuestMemoryMmap`.
-fn map_guest_ram(files: &[(File, Vec<(u64, u64)>)], layout: &RamLayout) -> Result<GuestMemoryMmap, SaveError> {
+fn map_guest_ram(
+    files: &[(File, Vec<(u64, u64)>)],
+    layout: &RamLayout,
+) -> Result<GuestMemoryMmap, SaveError> {
     let mut regions = Vec::new();
     for ((file, _), block) in files.iter().zip(&layout.blocks) {
-        let file = file
-            .try_clone()
-            .map_err(|source| SaveError::Io { context: "duplicating RAM fd".into(), source })?;
+        let file = file.try_clone().map_err(|source| SaveError::Io {
+            context: "duplicating RAM fd".into(),
+            source,
+        })?;
         let region = MmapRegionBuilder::new(block.size as usize)
             .with_file_offset(FileOffset::new(file, 0))
             .with_mmap_prot(libc::PROT_READ)
@@ -242,7 +280,10 @@ pub fn data_extents(file: &File, size: u64) -> std::io::Result<Vec<(u64, u64)>> 
             Ok(e) => (e as u64).min(size),
             Err(e) => return Err(e.into()),
         };
-        let (start, end) = (start / PAGE_SIZE * PAGE_SIZE, end.div_ceil(PAGE_SIZE) * PAGE_SIZE);
+        let (start, end) = (
+            start / PAGE_SIZE * PAGE_SIZE,
+            end.div_ceil(PAGE_SIZE) * PAGE_SIZE,
+        );
         out.push((start, end.min(size)));
         pos = end;
     }

@@ -25,8 +25,8 @@ use userfaultfd::Uffd;
 pub use userfaultfd::{IoctlFlags, RegisterMode};
 use userfaultfd_sys::{
     uffd_msg, uffdio_api, uffdio_copy, uffdio_range, uffdio_zeropage, UFFDIO_COPY_MODE_DONTWAKE,
-    UFFDIO_ZEROPAGE_MODE_DONTWAKE, UFFD_API, UFFD_EVENT_PAGEFAULT, UFFD_EVENT_REMAP, UFFD_EVENT_REMOVE,
-    UFFD_EVENT_UNMAP, UFFD_PAGEFAULT_FLAG_MINOR, UFFD_PAGEFAULT_FLAG_WP,
+    UFFDIO_ZEROPAGE_MODE_DONTWAKE, UFFD_API, UFFD_EVENT_PAGEFAULT, UFFD_EVENT_REMAP,
+    UFFD_EVENT_REMOVE, UFFD_EVENT_UNMAP, UFFD_PAGEFAULT_FLAG_MINOR, UFFD_PAGEFAULT_FLAG_WP,
 };
 
 use crate::inject::{self, InjectError, Injector};
@@ -36,7 +36,8 @@ use crate::mem::HostAddr;
 /// thaw needs (partial progress, feature negotiation).
 mod sys {
     use userfaultfd_sys::{
-        uffdio_api, uffdio_copy, uffdio_zeropage, _UFFDIO_API, _UFFDIO_COPY, _UFFDIO_ZEROPAGE, UFFDIO,
+        uffdio_api, uffdio_copy, uffdio_zeropage, _UFFDIO_API, _UFFDIO_COPY, _UFFDIO_ZEROPAGE,
+        UFFDIO,
     };
     nix::ioctl_readwrite!(api, UFFDIO, _UFFDIO_API, uffdio_api);
     nix::ioctl_readwrite!(copy, UFFDIO, _UFFDIO_COPY, uffdio_copy);
@@ -48,7 +49,9 @@ const MSG_SIZE: usize = std::mem::size_of::<uffd_msg>();
 /// Internal flag some kernels show in fdinfo once `UFFDIO_API` ran.
 const FEATURE_INITIALIZED: u64 = 1 << 31;
 /// The ioctls a missing-mode range must offer to be served.
-const MISSING_IOCTLS: IoctlFlags = IoctlFlags::COPY.union(IoctlFlags::ZEROPAGE).union(IoctlFlags::WAKE);
+const MISSING_IOCTLS: IoctlFlags = IoctlFlags::COPY
+    .union(IoctlFlags::ZEROPAGE)
+    .union(IoctlFlags::WAKE);
 
 /// Errors taking over or using a userfaultfd.
 #[derive(Debug, thiserror::Error)]
@@ -65,13 +68,22 @@ pub enum UffdError {
     NotUserfaultfd { pid: Pid, fd: i32, target: String },
     #[error("the kernel lacks userfaultfd features {} (requested {}; it has {})",
         feature_names(*missing), feature_names(*requested), feature_names(*available))]
-    MissingFeatures { requested: u64, missing: u64, available: u64 },
+    MissingFeatures {
+        requested: u64,
+        missing: u64,
+        available: u64,
+    },
     #[error("UFFDIO_API with features {} failed: {errno}", feature_names(*requested))]
     Api { requested: u64, errno: Errno },
     #[error("registering {start:#x}+{len:#x} with the userfaultfd failed: {errno}{}", register_hint(*errno))]
     Register { start: u64, len: u64, errno: Errno },
     #[error("the range {start:#x}+{len:#x} was registered but lacks the ioctls {missing:?} (it has {have:?})")]
-    MissingIoctls { start: u64, len: u64, missing: IoctlFlags, have: IoctlFlags },
+    MissingIoctls {
+        start: u64,
+        len: u64,
+        missing: IoctlFlags,
+        have: IoctlFlags,
+    },
     #[error("unregistering {start:#x}+{len:#x} failed: {errno}")]
     Unregister { start: u64, len: u64, errno: Errno },
     #[error("waking {start:#x}+{len:#x} failed: {errno}")]
@@ -93,7 +105,10 @@ pub enum UffdError {
     #[error("fd {fd} inside process {pid} is no longer thaw's userfaultfd; not closing it")]
     RemoteFdChanged { pid: Pid, fd: i32 },
     #[error("reading {path}: {source}")]
-    Proc { path: PathBuf, source: std::io::Error },
+    Proc {
+        path: PathBuf,
+        source: std::io::Error,
+    },
 }
 
 fn create_hint(errno: Errno) -> &'static str {
@@ -102,7 +117,9 @@ fn create_hint(errno: Errno) -> &'static str {
             " (the process needs CAP_SYS_PTRACE, or sysctl vm.unprivileged_userfaultfd=1; \
              a seccomp sandbox may also forbid it)"
         }
-        Errno::ENOSYS => " (kernel built without CONFIG_USERFAULTFD, or a seccomp filter blocks it)",
+        Errno::ENOSYS => {
+            " (kernel built without CONFIG_USERFAULTFD, or a seccomp filter blocks it)"
+        }
         _ => "",
     }
 }
@@ -155,7 +172,11 @@ pub fn feature_names(features: u64) -> String {
     }
     (0..64)
         .filter(|b| features & (1 << b) != 0)
-        .map(|b| FEATURE_NAMES.get(b).map_or_else(|| format!("bit{b}"), |n| (*n).to_string()))
+        .map(|b| {
+            FEATURE_NAMES
+                .get(b)
+                .map_or_else(|| format!("bit{b}"), |n| (*n).to_string())
+        })
         .collect::<Vec<_>>()
         .join("|")
 }
@@ -181,7 +202,9 @@ impl CopyResult {
     /// Bytes installed from the start of the range.
     pub fn copied(self) -> usize {
         match self {
-            CopyResult::Done(n) | CopyResult::Exists { copied: n } | CopyResult::Failed { copied: n, .. } => n,
+            CopyResult::Done(n)
+            | CopyResult::Exists { copied: n }
+            | CopyResult::Failed { copied: n, .. } => n,
         }
     }
 }
@@ -256,12 +279,18 @@ pub fn take_over(pid: Pid, features: u64) -> Result<RemoteUffd, UffdError> {
         Ok(available) => {
             let missing = features & !available;
             if missing != 0 {
-                return Err(UffdError::MissingFeatures { requested: features, missing, available });
+                return Err(UffdError::MissingFeatures {
+                    requested: features,
+                    missing,
+                    available,
+                });
             }
             Some(available)
         }
         Err(errno) => {
-            log::debug!("cannot probe userfaultfd features locally ({errno}); asking on the stolen fd");
+            log::debug!(
+                "cannot probe userfaultfd features locally ({errno}); asking on the stolen fd"
+            );
             None
         }
     };
@@ -271,7 +300,10 @@ pub fn take_over(pid: Pid, features: u64) -> Result<RemoteUffd, UffdError> {
     let flags = (libc::O_CLOEXEC | libc::O_NONBLOCK) as u64;
     let ret = inj.syscall(libc::SYS_userfaultfd, &[flags])?;
     if ret < 0 {
-        return Err(UffdError::Create { pid, errno: Errno::from_raw(-ret as i32) });
+        return Err(UffdError::Create {
+            pid,
+            errno: Errno::from_raw(-ret as i32),
+        });
     }
     let remote_fd = ret as i32;
     match adopt(pid, remote_fd, features, available) {
@@ -293,7 +325,9 @@ pub fn take_over(pid: Pid, features: u64) -> Result<RemoteUffd, UffdError> {
                     let errno = Errno::from_raw(-r as i32);
                     log::warn!("closing fd {remote_fd} in {pid} after a failed takeover: {errno}")
                 }
-                Err(ce) => log::warn!("closing fd {remote_fd} in {pid} after a failed takeover: {ce}"),
+                Err(ce) => {
+                    log::warn!("closing fd {remote_fd} in {pid} after a failed takeover: {ce}")
+                }
             }
             if let Err(de) = inj.detach() {
                 log::warn!("{de}");
@@ -314,10 +348,17 @@ pub fn reattach(pid: Pid, remote_fd: i32) -> Result<RemoteUffd, UffdError> {
         .to_string_lossy()
         .into_owned();
     if target != "anon_inode:[userfaultfd]" {
-        return Err(UffdError::NotUserfaultfd { pid, fd: remote_fd, target });
+        return Err(UffdError::NotUserfaultfd {
+            pid,
+            fd: remote_fd,
+            target,
+        });
     }
     let info_path = PathBuf::from(format!("/proc/self/fdinfo/{}", fd.as_raw_fd()));
-    let info = std::fs::read_to_string(&info_path).map_err(|source| UffdError::Proc { path: info_path, source })?;
+    let info = std::fs::read_to_string(&info_path).map_err(|source| UffdError::Proc {
+        path: info_path,
+        source,
+    })?;
     // "API:\t<api>:<features>:<ioctls>"
     let features = info
         .lines()
@@ -330,7 +371,10 @@ pub fn reattach(pid: Pid, remote_fd: i32) -> Result<RemoteUffd, UffdError> {
     let fl = nix::fcntl::fcntl(&fd, nix::fcntl::FcntlArg::F_GETFL).map_err(UffdError::NonBlock)?;
     let fl = nix::fcntl::OFlag::from_bits_retain(fl) | nix::fcntl::OFlag::O_NONBLOCK;
     nix::fcntl::fcntl(&fd, nix::fcntl::FcntlArg::F_SETFL(fl)).map_err(UffdError::NonBlock)?;
-    log::info!("reattached to userfaultfd {remote_fd} of process {pid}, features {}", feature_names(features));
+    log::info!(
+        "reattached to userfaultfd {remote_fd} of process {pid}, features {}",
+        feature_names(features)
+    );
     Ok(RemoteUffd {
         // SAFETY: `fd` is an open userfaultfd we own; ownership moves into Uffd.
         uffd: unsafe { Uffd::from_raw_fd(into_raw(fd)) },
@@ -344,14 +388,27 @@ pub fn reattach(pid: Pid, remote_fd: i32) -> Result<RemoteUffd, UffdError> {
 }
 
 /// Copies `remote_fd` out of `pid` and runs `UFFDIO_API` on it.
-fn adopt(pid: Pid, remote_fd: i32, features: u64, available: Option<u64>) -> Result<RemoteUffd, UffdError> {
+fn adopt(
+    pid: Pid,
+    remote_fd: i32,
+    features: u64,
+    available: Option<u64>,
+) -> Result<RemoteUffd, UffdError> {
     let (pidfd, fd) = get_fd(pid, remote_fd)?;
-    let (available, _ioctls) = api(fd.as_raw_fd(), features).map_err(|errno| match (errno, available) {
-        (Errno::EINVAL, Some(available)) if features & !available != 0 => {
-            UffdError::MissingFeatures { requested: features, missing: features & !available, available }
-        }
-        _ => UffdError::Api { requested: features, errno },
-    })?;
+    let (available, _ioctls) =
+        api(fd.as_raw_fd(), features).map_err(|errno| match (errno, available) {
+            (Errno::EINVAL, Some(available)) if features & !available != 0 => {
+                UffdError::MissingFeatures {
+                    requested: features,
+                    missing: features & !available,
+                    available,
+                }
+            }
+            _ => UffdError::Api {
+                requested: features,
+                errno,
+            },
+        })?;
     Ok(RemoteUffd {
         // SAFETY: `fd` is an open userfaultfd we own; ownership moves into Uffd.
         uffd: unsafe { Uffd::from_raw_fd(into_raw(fd)) },
@@ -370,19 +427,35 @@ fn into_raw(fd: OwnedFd) -> RawFd {
 
 /// `pidfd_open(pid)` and `pidfd_getfd(remote_fd)`.
 fn get_fd(pid: Pid, remote_fd: i32) -> Result<(OwnedFd, OwnedFd), UffdError> {
-    let rpid =
-        rustix::process::Pid::from_raw(pid.as_raw()).ok_or(UffdError::PidfdOpen { pid, errno: Errno::EINVAL })?;
-    let pidfd = rustix::process::pidfd_open(rpid, rustix::process::PidfdFlags::empty())
-        .map_err(|e| UffdError::PidfdOpen { pid, errno: Errno::from_raw(e.raw_os_error()) })?;
-    let fd = rustix::process::pidfd_getfd(&pidfd, remote_fd, rustix::process::PidfdGetfdFlags::empty())
-        .map_err(|e| UffdError::GetFd { pid, fd: remote_fd, errno: Errno::from_raw(e.raw_os_error()) })?;
+    let rpid = rustix::process::Pid::from_raw(pid.as_raw()).ok_or(UffdError::PidfdOpen {
+        pid,
+        errno: Errno::EINVAL,
+    })?;
+    let pidfd =
+        rustix::process::pidfd_open(rpid, rustix::process::PidfdFlags::empty()).map_err(|e| {
+            UffdError::PidfdOpen {
+                pid,
+                errno: Errno::from_raw(e.raw_os_error()),
+            }
+        })?;
+    let fd =
+        rustix::process::pidfd_getfd(&pidfd, remote_fd, rustix::process::PidfdGetfdFlags::empty())
+            .map_err(|e| UffdError::GetFd {
+                pid,
+                fd: remote_fd,
+                errno: Errno::from_raw(e.raw_os_error()),
+            })?;
     Ok((pidfd, fd))
 }
 
 /// `UFFDIO_API` requesting `features`; returns the kernel's available
 /// features and the fd's ioctls.
 fn api(fd: RawFd, features: u64) -> Result<(u64, u64), Errno> {
-    let mut arg = uffdio_api { api: UFFD_API, features, ioctls: 0 };
+    let mut arg = uffdio_api {
+        api: UFFD_API,
+        features,
+        ioctls: 0,
+    };
     // SAFETY: `arg` is a valid uffdio_api the kernel reads and writes back;
     // `fd` is open for the duration of the call.
     unsafe { sys::api(fd, &mut arg) }?;
@@ -437,37 +510,57 @@ impl RemoteUffd {
             if let Err(e) = self.unregister(start, len) {
                 log::warn!("{e}");
             }
-            return Err(UffdError::MissingIoctls { start: start.0, len, missing, have });
+            return Err(UffdError::MissingIoctls {
+                start: start.0,
+                len,
+                missing,
+                have,
+            });
         }
-        log::debug!("registered {:#x}+{len:#x} of process {} for missing faults", start.0, self.owner);
+        log::debug!(
+            "registered {:#x}+{len:#x} of process {} for missing faults",
+            start.0,
+            self.owner
+        );
         Ok(())
     }
 
     /// Registers a range in any mode; returns the ioctls it offers.
-    pub fn register(&self, start: HostAddr, len: u64, mode: RegisterMode) -> Result<IoctlFlags, UffdError> {
-        self.uffd.register_with_mode(start.as_ptr(), len as usize, mode).map_err(|e| UffdError::Register {
-            start: start.0,
-            len,
-            errno: crate_errno(e),
-        })
+    pub fn register(
+        &self,
+        start: HostAddr,
+        len: u64,
+        mode: RegisterMode,
+    ) -> Result<IoctlFlags, UffdError> {
+        self.uffd
+            .register_with_mode(start.as_ptr(), len as usize, mode)
+            .map_err(|e| UffdError::Register {
+                start: start.0,
+                len,
+                errno: crate_errno(e),
+            })
     }
 
     /// Unregisters a range; faults there are no longer reported.
     pub fn unregister(&self, start: HostAddr, len: u64) -> Result<(), UffdError> {
-        self.uffd.unregister(start.as_ptr(), len as usize).map_err(|e| UffdError::Unregister {
-            start: start.0,
-            len,
-            errno: crate_errno(e),
-        })
+        self.uffd
+            .unregister(start.as_ptr(), len as usize)
+            .map_err(|e| UffdError::Unregister {
+                start: start.0,
+                len,
+                errno: crate_errno(e),
+            })
     }
 
     /// Wakes threads waiting on faults in a range (after another installer won).
     pub fn wake(&self, start: HostAddr, len: u64) -> Result<(), UffdError> {
-        self.uffd.wake(start.as_ptr(), len as usize).map_err(|e| UffdError::Wake {
-            start: start.0,
-            len,
-            errno: crate_errno(e),
-        })
+        self.uffd
+            .wake(start.as_ptr(), len as usize)
+            .map_err(|e| UffdError::Wake {
+                start: start.0,
+                len,
+                errno: crate_errno(e),
+            })
     }
 
     /// Installs `src` (page-multiple length) at `dst` in the owner with
@@ -482,16 +575,30 @@ impl RemoteUffd {
         let fd = self.uffd.as_raw_fd();
         let mut done = 0u64;
         while done < len {
-            let mut arg =
-                uffdio_copy { dst: dst.0 + done, src: src.as_ptr() as u64 + done, len: len - done, mode, copy: 0 };
+            let mut arg = uffdio_copy {
+                dst: dst.0 + done,
+                src: src.as_ptr() as u64 + done,
+                len: len - done,
+                mode,
+                copy: 0,
+            };
             // SAFETY: `arg` is a valid uffdio_copy; the kernel reads `len - done`
             // bytes at `src + done`, inside the live slice `src`, and writes
             // only into the owner's registered (missing) pages and `arg.copy`.
             match unsafe { sys::copy(fd, &mut arg) } {
                 Ok(_) => return CopyResult::Done(len as usize),
                 Err(_) if arg.copy > 0 => done += arg.copy as u64,
-                Err(Errno::EEXIST) => return CopyResult::Exists { copied: done as usize },
-                Err(errno) => return CopyResult::Failed { copied: done as usize, errno },
+                Err(Errno::EEXIST) => {
+                    return CopyResult::Exists {
+                        copied: done as usize,
+                    }
+                }
+                Err(errno) => {
+                    return CopyResult::Failed {
+                        copied: done as usize,
+                        errno,
+                    }
+                }
             }
         }
         CopyResult::Done(len as usize)
@@ -500,19 +607,38 @@ impl RemoteUffd {
     /// Installs zero pages over `dst..dst+len` with `UFFDIO_ZEROPAGE`;
     /// results as for [`RemoteUffd::copy`].
     pub fn zeropage(&self, dst: HostAddr, len: u64, wake: bool) -> CopyResult {
-        let mode = if wake { 0 } else { UFFDIO_ZEROPAGE_MODE_DONTWAKE };
+        let mode = if wake {
+            0
+        } else {
+            UFFDIO_ZEROPAGE_MODE_DONTWAKE
+        };
         let fd = self.uffd.as_raw_fd();
         let mut done = 0u64;
         while done < len {
-            let mut arg =
-                uffdio_zeropage { range: uffdio_range { start: dst.0 + done, len: len - done }, mode, zeropage: 0 };
+            let mut arg = uffdio_zeropage {
+                range: uffdio_range {
+                    start: dst.0 + done,
+                    len: len - done,
+                },
+                mode,
+                zeropage: 0,
+            };
             // SAFETY: `arg` is a valid uffdio_zeropage; the kernel writes only
             // into the owner's registered (missing) pages and `arg.zeropage`.
             match unsafe { sys::zeropage(fd, &mut arg) } {
                 Ok(_) => return CopyResult::Done(len as usize),
                 Err(_) if arg.zeropage > 0 => done += arg.zeropage as u64,
-                Err(Errno::EEXIST) => return CopyResult::Exists { copied: done as usize },
-                Err(errno) => return CopyResult::Failed { copied: done as usize, errno },
+                Err(Errno::EEXIST) => {
+                    return CopyResult::Exists {
+                        copied: done as usize,
+                    }
+                }
+                Err(errno) => {
+                    return CopyResult::Failed {
+                        copied: done as usize,
+                        errno,
+                    }
+                }
             }
         }
         CopyResult::Done(len as usize)
@@ -569,8 +695,10 @@ impl RemoteUffd {
 
     /// Polls the userfaultfd and the owner's pidfd; true when events wait.
     fn wait_readable(&self, timeout: Option<Duration>) -> Result<bool, UffdError> {
-        let mut fds =
-            [PollFd::new(self.uffd.as_fd(), PollFlags::POLLIN), PollFd::new(self.pidfd.as_fd(), PollFlags::POLLIN)];
+        let mut fds = [
+            PollFd::new(self.uffd.as_fd(), PollFlags::POLLIN),
+            PollFd::new(self.pidfd.as_fd(), PollFlags::POLLIN),
+        ];
         let ts = timeout.map(nix::sys::time::TimeSpec::from_duration);
         match nix::poll::ppoll(&mut fds, ts, None) {
             Ok(0) | Err(Errno::EINTR) => return Ok(false),
@@ -591,7 +719,10 @@ impl RemoteUffd {
     /// Whether the owner is still running (its pidfd is not yet readable).
     pub fn owner_alive(&self) -> bool {
         let mut fds = [PollFd::new(self.pidfd.as_fd(), PollFlags::POLLIN)];
-        matches!(nix::poll::poll(&mut fds, nix::poll::PollTimeout::ZERO), Ok(0))
+        matches!(
+            nix::poll::poll(&mut fds, nix::poll::PollTimeout::ZERO),
+            Ok(0)
+        )
     }
 
     /// Closes the owner's copy of the userfaultfd (an injected `close`).
@@ -621,7 +752,11 @@ impl RemoteUffd {
         }
         let r = inject::inject_syscall(pid, libc::SYS_close, &[fd as u64])?;
         if r < 0 {
-            return Err(UffdError::CloseRemote { pid, fd, errno: Errno::from_raw(-r as i32) });
+            return Err(UffdError::CloseRemote {
+                pid,
+                fd,
+                errno: Errno::from_raw(-r as i32),
+            });
         }
         log::info!("closed the userfaultfd (fd {fd}) inside process {pid}");
         Ok(())
@@ -647,7 +782,11 @@ impl RemoteUffd {
             r if r > 0 => false,
             _ => {
                 let errno = Errno::last();
-                log::debug!("kcmp unavailable ({errno}); trusting fd {} of {}", self.remote_fd, self.owner);
+                log::debug!(
+                    "kcmp unavailable ({errno}); trusting fd {} of {}",
+                    self.remote_fd,
+                    self.owner
+                );
                 errno != Errno::EBADF
             }
         }
@@ -699,17 +838,27 @@ fn decode(msg: &uffd_msg) -> FaultEvent {
         UFFD_EVENT_REMOVE => {
             // SAFETY: see above; `remove` is the member for REMOVE.
             let r = unsafe { msg.arg.remove };
-            FaultEvent::Remove { start: r.start, end: r.end }
+            FaultEvent::Remove {
+                start: r.start,
+                end: r.end,
+            }
         }
         UFFD_EVENT_UNMAP => {
             // SAFETY: see above; UNMAP reuses the `remove` member.
             let r = unsafe { msg.arg.remove };
-            FaultEvent::Unmap { start: r.start, end: r.end }
+            FaultEvent::Unmap {
+                start: r.start,
+                end: r.end,
+            }
         }
         UFFD_EVENT_REMAP => {
             // SAFETY: see above; `remap` is the member for REMAP.
             let r = unsafe { msg.arg.remap };
-            FaultEvent::Remap { from: r.from, to: r.to, len: r.len }
+            FaultEvent::Remap {
+                from: r.from,
+                to: r.to,
+                len: r.len,
+            }
         }
         event => FaultEvent::Other { event },
     }
@@ -734,7 +883,11 @@ pub struct Mapping {
 pub fn find_mapping(pid: Pid, path_substring: &str) -> Result<Vec<Mapping>, UffdError> {
     let path = PathBuf::from(format!("/proc/{pid}/maps"));
     let maps = std::fs::read_to_string(&path).map_err(|source| UffdError::Proc { path, source })?;
-    Ok(maps.lines().filter_map(parse_maps_line).filter(|m| m.path.contains(path_substring)).collect())
+    Ok(maps
+        .lines()
+        .filter_map(parse_maps_line)
+        .filter(|m| m.path.contains(path_substring))
+        .collect())
 }
 
 fn parse_maps_line(line: &str) -> Option<Mapping> {
@@ -747,7 +900,10 @@ fn parse_maps_line(line: &str) -> Option<Mapping> {
         return None;
     }
     let (s, e) = range.split_once('-')?;
-    let (start, end) = (u64::from_str_radix(s, 16).ok()?, u64::from_str_radix(e, 16).ok()?);
+    let (start, end) = (
+        u64::from_str_radix(s, 16).ok()?,
+        u64::from_str_radix(e, 16).ok()?,
+    );
     let (path, deleted) = match path.strip_suffix(" (deleted)") {
         Some(p) => (p, true),
         None => (path, false),
@@ -780,7 +936,9 @@ mod tests {
 
     /// Content of page `i` when it is not a zero page.
     fn pattern(i: u64) -> Vec<u8> {
-        (0..P / 8).flat_map(|w| ((i << 32) ^ w ^ 0x5eed_0000_0000_5eed).to_ne_bytes()).collect()
+        (0..P / 8)
+            .flat_map(|w| ((i << 32) ^ w ^ 0x5eed_0000_0000_5eed).to_ne_bytes())
+            .collect()
     }
 
     fn checksum(pages: &[Option<Vec<u8>>]) -> u64 {
@@ -812,14 +970,21 @@ mod tests {
     /// checksum back, waits for "exit" and exits 0. Async-signal-safe only.
     fn mapper(name: &str, pages: u64) -> Mapper {
         let cname = std::ffi::CString::new(name).expect("name");
-        let memfd = nix::sys::memfd::memfd_create(cname.as_c_str(), nix::sys::memfd::MFdFlags::MFD_CLOEXEC)
-            .expect("memfd_create");
+        let memfd =
+            nix::sys::memfd::memfd_create(cname.as_c_str(), nix::sys::memfd::MFdFlags::MFD_CLOEXEC)
+                .expect("memfd_create");
         nix::unistd::ftruncate(&memfd, (pages * P) as i64).expect("ftruncate");
         let (ready_r, ready_w) = pipe();
         let (go_r, go_w) = pipe();
         let (result_r, result_w) = pipe();
         let (exit_r, exit_w) = pipe();
-        let fds = [memfd.as_raw_fd(), ready_w.as_raw_fd(), go_r.as_raw_fd(), result_w.as_raw_fd(), exit_r.as_raw_fd()];
+        let fds = [
+            memfd.as_raw_fd(),
+            ready_w.as_raw_fd(),
+            go_r.as_raw_fd(),
+            result_w.as_raw_fd(),
+            exit_r.as_raw_fd(),
+        ];
         let len = (pages * P) as usize;
         let child = Child::spawn(move || {
             let [memfd, ready, go, result, exit] = fds;
@@ -827,11 +992,19 @@ mod tests {
             // SAFETY: raw system calls on inherited fds and a fresh mapping,
             // read with volatile loads inside its bounds; no allocation.
             unsafe {
-                let p = libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ, libc::MAP_SHARED, memfd, 0);
+                let p = libc::mmap(
+                    std::ptr::null_mut(),
+                    len,
+                    libc::PROT_READ,
+                    libc::MAP_SHARED,
+                    memfd,
+                    0,
+                );
                 if p == libc::MAP_FAILED {
                     libc::_exit(10);
                 }
-                if libc::write(ready, byte.as_ptr().cast(), 1) != 1 || libc::read(go, byte.as_mut_ptr().cast(), 1) != 1
+                if libc::write(ready, byte.as_ptr().cast(), 1) != 1
+                    || libc::read(go, byte.as_mut_ptr().cast(), 1) != 1
                 {
                     libc::_exit(11);
                 }
@@ -849,8 +1022,19 @@ mod tests {
             }
         });
         let mut b = [0u8; 1];
-        assert_eq!(read_with_timeout(ready_r.as_raw_fd(), &mut b), 1, "child not ready");
-        Mapper { child, memfd, go: go_w, result: result_r, exit: exit_w, pages }
+        assert_eq!(
+            read_with_timeout(ready_r.as_raw_fd(), &mut b),
+            1,
+            "child not ready"
+        );
+        Mapper {
+            child,
+            memfd,
+            go: go_w,
+            result: result_r,
+            exit: exit_w,
+            pages,
+        }
     }
 
     impl Mapper {
@@ -858,7 +1042,10 @@ mod tests {
             let maps = find_mapping(self.child.pid, name).expect("maps");
             assert_eq!(maps.len(), 1, "{maps:?}");
             let m = maps[0].clone();
-            assert!(m.shared && m.deleted && m.len == self.pages * P && m.offset == 0, "{m:?}");
+            assert!(
+                m.shared && m.deleted && m.len == self.pages * P && m.offset == 0,
+                "{m:?}"
+            );
             m
         }
 
@@ -882,7 +1069,14 @@ mod tests {
             let len = (self.pages * P) as usize;
             // SAFETY: a fresh read-only shared mapping of our memfd; checked below.
             let p = unsafe {
-                libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ, libc::MAP_SHARED, self.memfd.as_raw_fd(), 0)
+                libc::mmap(
+                    std::ptr::null_mut(),
+                    len,
+                    libc::PROT_READ,
+                    libc::MAP_SHARED,
+                    self.memfd.as_raw_fd(),
+                    0,
+                )
             };
             assert_ne!(p, libc::MAP_FAILED);
             View { p, len }
@@ -899,14 +1093,18 @@ mod tests {
         fn resident(&self, i: u64) -> bool {
             let mut vec = [0u8; 1];
             // SAFETY: the page lies inside our live mapping; mincore writes one byte.
-            let r = unsafe { libc::mincore(self.p.add((i * P) as usize), P as usize, vec.as_mut_ptr()) };
+            let r = unsafe {
+                libc::mincore(self.p.add((i * P) as usize), P as usize, vec.as_mut_ptr())
+            };
             assert_eq!(r, 0, "mincore: {}", Errno::last());
             vec[0] & 1 == 1
         }
 
         fn page(&self, i: u64) -> &[u8] {
             // SAFETY: inside our live read-only mapping; only called on resident pages.
-            unsafe { std::slice::from_raw_parts(self.p.add((i * P) as usize) as *const u8, P as usize) }
+            unsafe {
+                std::slice::from_raw_parts(self.p.add((i * P) as usize) as *const u8, P as usize)
+            }
         }
     }
 
@@ -923,7 +1121,10 @@ mod tests {
         let mut fds: Vec<i32> = std::fs::read_dir(format!("/proc/{pid}/fd"))
             .expect("fd dir")
             .flatten()
-            .filter(|e| std::fs::read_link(e.path()).is_ok_and(|t| t.as_os_str() == "anon_inode:[userfaultfd]"))
+            .filter(|e| {
+                std::fs::read_link(e.path())
+                    .is_ok_and(|t| t.as_os_str() == "anon_inode:[userfaultfd]")
+            })
             .filter_map(|e| e.file_name().to_str()?.parse().ok())
             .collect();
         fds.sort_unstable();
@@ -938,7 +1139,8 @@ mod tests {
         assert_eq!(uffd.owner(), m.child.pid);
         assert_eq!(uffd.features(), UFFD_FEATURE_MISSING_SHMEM);
         assert_eq!(
-            fd_target(m.child.pid, uffd.remote_fd() as i64).map(|t| t.to_string_lossy().into_owned()),
+            fd_target(m.child.pid, uffd.remote_fd() as i64)
+                .map(|t| t.to_string_lossy().into_owned()),
             Some("anon_inode:[userfaultfd]".into())
         );
         let map = m.mapping("thaw-uffd-serve");
@@ -950,13 +1152,20 @@ mod tests {
         let (mut faults, mut batches) = (0u64, 0u64);
         let mut buf = EventBuffer::new(16);
         while served.iter().any(|s| !s) {
-            let batch = uffd.read_events(&mut buf, Some(Duration::from_secs(10))).expect("read events");
+            let batch = uffd
+                .read_events(&mut buf, Some(Duration::from_secs(10)))
+                .expect("read events");
             assert!(!batch.is_empty(), "timed out with {faults} faults served");
             batches += 1;
             for ev in batch {
-                let FaultEvent::PageFault { addr } = *ev else { panic!("unexpected event {ev:?}") };
+                let FaultEvent::PageFault { addr } = *ev else {
+                    panic!("unexpected event {ev:?}")
+                };
                 let i = (addr - map.start.0) / P;
-                assert!(i < PAGES && !served[i as usize], "fault on {addr:#x} (page {i})");
+                assert!(
+                    i < PAGES && !served[i as usize],
+                    "fault on {addr:#x} (page {i})"
+                );
                 served[i as usize] = true;
                 faults += 1;
                 let r = if zero_page(i) {
@@ -967,11 +1176,21 @@ mod tests {
                 assert_eq!(r, CopyResult::Done(P as usize), "page {i}");
             }
         }
-        let expected: Vec<_> = (0..PAGES).map(|i| (!zero_page(i)).then(|| pattern(i))).collect();
-        assert_eq!(m.checksum(), checksum(&expected), "the child saw other data than was installed");
+        let expected: Vec<_> = (0..PAGES)
+            .map(|i| (!zero_page(i)).then(|| pattern(i)))
+            .collect();
+        assert_eq!(
+            m.checksum(),
+            checksum(&expected),
+            "the child saw other data than was installed"
+        );
         assert_eq!(faults, PAGES, "one fault per page touched");
         assert!(batches <= faults);
-        assert_eq!(uffd.read_fault(Some(Duration::from_millis(20))).expect("read"), None);
+        assert_eq!(
+            uffd.read_fault(Some(Duration::from_millis(20)))
+                .expect("read"),
+            None
+        );
 
         uffd.unregister(map.start, map.len).expect("unregister");
         uffd.close_remote().expect("close remote");
@@ -987,53 +1206,109 @@ mod tests {
         let map = m.mapping("thaw-uffd-copy");
         uffd.register_missing(map.start, map.len).expect("register");
         let view = m.view();
-        let at = |i: u64| map.start.add(i * P);
+        let at = |i: u64| map.start.offset(i * P);
         let data = |from: u64, n: u64| (from..from + n).flat_map(pattern).collect::<Vec<u8>>();
 
-        assert_eq!(uffd.copy(at(1), &data(1, 1), true), CopyResult::Done(P as usize));
-        assert_eq!(uffd.copy(at(1), &data(1, 1), true), CopyResult::Exists { copied: 0 });
+        assert_eq!(
+            uffd.copy(at(1), &data(1, 1), true),
+            CopyResult::Done(P as usize)
+        );
+        assert_eq!(
+            uffd.copy(at(1), &data(1, 1), true),
+            CopyResult::Exists { copied: 0 }
+        );
         // Pages 0..3 with page 1 present: page 0 lands, then the copy stops.
-        assert_eq!(uffd.copy(at(0), &data(0, 3), true), CopyResult::Exists { copied: P as usize });
+        assert_eq!(
+            uffd.copy(at(0), &data(0, 3), true),
+            CopyResult::Exists { copied: P as usize }
+        );
         assert!(view.resident(0) && view.resident(1) && !view.resident(2));
 
-        assert_eq!(uffd.zeropage(at(2), 2 * P, true), CopyResult::Done(2 * P as usize));
-        assert_eq!(uffd.zeropage(at(3), 3 * P, true), CopyResult::Exists { copied: 0 });
+        assert_eq!(
+            uffd.zeropage(at(2), 2 * P, true),
+            CopyResult::Done(2 * P as usize)
+        );
+        assert_eq!(
+            uffd.zeropage(at(3), 3 * P, true),
+            CopyResult::Exists { copied: 0 }
+        );
         assert!(!view.resident(4));
         assert_eq!(uffd.zeropage(at(6), P, true), CopyResult::Done(P as usize));
-        assert_eq!(uffd.copy(at(4), &data(4, 4), true), CopyResult::Exists { copied: 2 * P as usize });
-        assert_eq!(uffd.copy(at(7), &data(7, 1), true), CopyResult::Done(P as usize));
+        assert_eq!(
+            uffd.copy(at(4), &data(4, 4), true),
+            CopyResult::Exists {
+                copied: 2 * P as usize
+            }
+        );
+        assert_eq!(
+            uffd.copy(at(7), &data(7, 1), true),
+            CopyResult::Done(P as usize)
+        );
 
         // What the kernel itself reports for a copy stopped by a present page:
         // the bytes done in `copy` and EAGAIN, not EEXIST.
         assert_eq!(uffd.zeropage(at(10), P, true), CopyResult::Done(P as usize));
         let src = data(8, 4);
-        let mut arg = uffdio_copy { dst: at(8).0, src: src.as_ptr() as u64, len: 4 * P, mode: 0, copy: 0 };
+        let mut arg = uffdio_copy {
+            dst: at(8).0,
+            src: src.as_ptr() as u64,
+            len: 4 * P,
+            mode: 0,
+            copy: 0,
+        };
         // SAFETY: valid uffdio_copy reading `src` (4 pages, alive) into the child's registered range.
         let raw = unsafe { sys::copy(uffd.as_raw_fd(), &mut arg) };
         assert_eq!((raw, arg.copy), (Err(Errno::EAGAIN), 2 * P as i64));
-        assert_eq!(uffd.copy(at(11), &data(11, 1), true), CopyResult::Done(P as usize));
+        assert_eq!(
+            uffd.copy(at(11), &data(11, 1), true),
+            CopyResult::Done(P as usize)
+        );
 
         // Refusals are decoded too.
-        assert_eq!(uffd.copy(at(0), &[0u8; 100], true), CopyResult::Failed { copied: 0, errno: Errno::EINVAL });
-        let outside = uffd.copy(map.start.add(map.len + 64 * P), &data(0, 1), true);
+        assert_eq!(
+            uffd.copy(at(0), &[0u8; 100], true),
+            CopyResult::Failed {
+                copied: 0,
+                errno: Errno::EINVAL
+            }
+        );
+        let outside = uffd.copy(map.start.offset(map.len + 64 * P), &data(0, 1), true);
         assert!(
-            matches!(outside, CopyResult::Failed { copied: 0, errno: Errno::ENOENT | Errno::EINVAL }),
+            matches!(
+                outside,
+                CopyResult::Failed {
+                    copied: 0,
+                    errno: Errno::ENOENT | Errno::EINVAL
+                }
+            ),
             "{outside:?}"
         );
         assert_eq!(uffd.copy(at(5), &[], true), CopyResult::Done(0));
 
         let zeros = [2, 3, 6, 10];
-        let expected: Vec<_> = (0..12).map(|i| (!zeros.contains(&i)).then(|| pattern(i))).collect();
+        let expected: Vec<_> = (0..12)
+            .map(|i| (!zeros.contains(&i)).then(|| pattern(i)))
+            .collect();
         for (i, page) in expected.iter().enumerate() {
             assert!(view.resident(i as u64), "page {i} not installed");
-            assert_eq!(view.page(i as u64), page.as_deref().unwrap_or(&[0u8; P as usize]), "page {i}");
+            assert_eq!(
+                view.page(i as u64),
+                page.as_deref().unwrap_or(&[0u8; P as usize]),
+                "page {i}"
+            );
         }
         // Everything is resident: the child reads it all without faulting.
         m.go();
         assert_eq!(m.checksum(), checksum(&expected));
         let mut buf = EventBuffer::new(4);
-        assert!(uffd.read_events(&mut buf, Some(Duration::from_millis(20))).expect("read").is_empty());
-        assert!(uffd.read_events(&mut buf, Some(Duration::ZERO)).expect("read").is_empty());
+        assert!(uffd
+            .read_events(&mut buf, Some(Duration::from_millis(20)))
+            .expect("read")
+            .is_empty());
+        assert!(uffd
+            .read_events(&mut buf, Some(Duration::ZERO))
+            .expect("read")
+            .is_empty());
         m.finish();
     }
 
@@ -1042,10 +1317,19 @@ mod tests {
         let m = mapper("thaw-uffd-features", 1);
         let bogus = 1u64 << 63;
         let before = uffd_fds(m.child.pid);
-        let err = take_over(m.child.pid, UFFD_FEATURE_MISSING_SHMEM | bogus).expect_err("must fail");
-        assert!(matches!(err, UffdError::MissingFeatures { missing, .. } if missing == bogus), "{err:?}");
+        let err =
+            take_over(m.child.pid, UFFD_FEATURE_MISSING_SHMEM | bogus).expect_err("must fail");
+        assert!(
+            matches!(err, UffdError::MissingFeatures { missing, .. } if missing == bogus),
+            "{err:?}"
+        );
         let msg = err.to_string();
-        assert!(msg.starts_with("the kernel lacks userfaultfd features bit63 (requested MISSING_SHMEM|bit63"), "{msg}");
+        assert!(
+            msg.starts_with(
+                "the kernel lacks userfaultfd features bit63 (requested MISSING_SHMEM|bit63"
+            ),
+            "{msg}"
+        );
         assert_eq!(uffd_fds(m.child.pid), before);
         m.go();
         m.checksum();
@@ -1058,10 +1342,17 @@ mod tests {
         let mut before = uffd_fds(m.child.pid);
         let uffd = take_over(m.child.pid, UFFD_FEATURE_MISSING_SHMEM).expect("take over");
         let again = reattach(m.child.pid, uffd.remote_fd()).expect("reattach");
-        assert_eq!((again.remote_fd(), again.features()), (uffd.remote_fd(), UFFD_FEATURE_MISSING_SHMEM));
+        assert_eq!(
+            (again.remote_fd(), again.features()),
+            (uffd.remote_fd(), UFFD_FEATURE_MISSING_SHMEM)
+        );
         assert!(again.owner_alive());
-        let not_uffd = reattach(m.child.pid, m.go.as_raw_fd()).expect_err("a pipe is no userfaultfd");
-        assert!(matches!(not_uffd, UffdError::NotUserfaultfd { .. }), "{not_uffd:?}");
+        let not_uffd =
+            reattach(m.child.pid, m.go.as_raw_fd()).expect_err("a pipe is no userfaultfd");
+        assert!(
+            matches!(not_uffd, UffdError::NotUserfaultfd { .. }),
+            "{not_uffd:?}"
+        );
         before.push(uffd.remote_fd());
         before.sort_unstable();
         assert_eq!(uffd_fds(m.child.pid), before);
@@ -1072,9 +1363,17 @@ mod tests {
         let pid = m.child.pid;
         nix::unistd::write(&m.exit, b"x").expect("exit");
         let mut buf = EventBuffer::new(4);
-        let err = uffd.read_events(&mut buf, Some(Duration::from_secs(10))).expect_err("owner exited");
-        assert!(matches!(err, UffdError::OwnerExited { pid: p } if p == pid), "{err:?}");
-        assert!(matches!(again.close_remote(), Err(UffdError::OwnerExited { .. })));
+        let err = uffd
+            .read_events(&mut buf, Some(Duration::from_secs(10)))
+            .expect_err("owner exited");
+        assert!(
+            matches!(err, UffdError::OwnerExited { pid: p } if p == pid),
+            "{err:?}"
+        );
+        assert!(matches!(
+            again.close_remote(),
+            Err(UffdError::OwnerExited { .. })
+        ));
         let mut child = m.child;
         assert_eq!(child.wait(), WaitStatus::Exited(pid, 0));
     }
@@ -1090,14 +1389,19 @@ mod tests {
         assert!(m.deleted && m.shared);
         let anon = "7ffd1000-7ffd2000 rw-p 00000000 00:00 0 ";
         assert_eq!(parse_maps_line(anon), None);
-        let vdso = parse_maps_line("7ffd3000-7ffd5000 r-xp 00000000 00:00 0                  [vdso]").expect("vdso");
+        let vdso =
+            parse_maps_line("7ffd3000-7ffd5000 r-xp 00000000 00:00 0                  [vdso]")
+                .expect("vdso");
         assert!(!vdso.shared && !vdso.deleted && vdso.path == "[vdso]");
     }
 
     #[test]
     fn feature_names_are_readable() {
         assert_eq!(feature_names(0), "none");
-        assert_eq!(feature_names(UFFD_FEATURE_MISSING_SHMEM | 1 << 3), "EVENT_REMOVE|MISSING_SHMEM");
+        assert_eq!(
+            feature_names(UFFD_FEATURE_MISSING_SHMEM | 1 << 3),
+            "EVENT_REMOVE|MISSING_SHMEM"
+        );
         assert_eq!(feature_names(1 << 40), "bit40");
     }
 }

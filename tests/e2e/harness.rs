@@ -22,7 +22,13 @@ pub struct GuestSpec {
 
 impl Default for GuestSpec {
     fn default() -> Self {
-        GuestSpec { memory: "512M", fill: "96M", hot: "8M", numa_nodes: 1, extra_args: Vec::new() }
+        GuestSpec {
+            memory: "512M",
+            fill: "96M",
+            hot: "8M",
+            numa_nodes: 1,
+            extra_args: Vec::new(),
+        }
     }
 }
 
@@ -47,16 +53,34 @@ pub struct RestoreJson {
 
 impl RestoreJson {
     pub fn u64(&self, key: &str) -> u64 {
-        self.json[key].as_u64().unwrap_or_else(|| panic!("restore JSON lacks integer {key}: {}", self.json))
+        self.json[key]
+            .as_u64()
+            .unwrap_or_else(|| panic!("restore JSON lacks integer {key}: {}", self.json))
     }
 
     /// Every field the restore statistics promise.
     pub fn assert_fields(&self) {
-        for key in ["ram_bytes", "nonzero_pages", "prefetched_pages", "faults", "background_pages"] {
+        for key in [
+            "ram_bytes",
+            "nonzero_pages",
+            "prefetched_pages",
+            "faults",
+            "background_pages",
+        ] {
             self.u64(key);
         }
-        for key in ["resume_ms", "device_state_ms", "complete_ms", "fault_p50_us", "fault_p99_us"] {
-            assert!(self.json[key].is_number(), "restore JSON lacks {key}: {}", self.json);
+        for key in [
+            "resume_ms",
+            "device_state_ms",
+            "complete_ms",
+            "fault_p50_us",
+            "fault_p99_us",
+        ] {
+            assert!(
+                self.json[key].is_number(),
+                "restore JSON lacks {key}: {}",
+                self.json
+            );
         }
         assert!(self.json["mode"].is_string());
         assert!(self.json["complete_ms"].as_f64() >= self.json["resume_ms"].as_f64());
@@ -72,11 +96,16 @@ pub struct Vm {
 }
 
 fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("backend/ has a parent").to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("backend/ has a parent")
+        .to_path_buf()
 }
 
 fn guest_dir() -> PathBuf {
-    std::env::var_os("THAW_GUEST_DIR").map(PathBuf::from).unwrap_or_else(|| repo_root().join("target/guest"))
+    std::env::var_os("THAW_GUEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo_root().join("target/guest"))
 }
 
 impl Vm {
@@ -95,7 +124,9 @@ impl Vm {
         std::fs::create_dir_all(&dir).expect("create test dir");
         let runtime = dir.join("run");
         let serial = dir.join("console.log");
-        let extra: Vec<String> = std::iter::once("-no-reboot".to_string()).chain(spec.extra_args.iter().cloned()).collect();
+        let extra: Vec<String> = std::iter::once("-no-reboot".to_string())
+            .chain(spec.extra_args.iter().cloned())
+            .collect();
         let config = format!(
             "name: {name}\nmemory: {}\ncpus: 1\nmachine: q35\naccel: tcg\nkernel: {}\ninitrd: {}\n\
              append: \"console=ttyS0 quiet panic=-1 thaw.mem={} thaw.hot={} thaw.tick_ms=100 thaw.full_every=5\"\n\
@@ -111,9 +142,16 @@ impl Vm {
         );
         let cfg_path = dir.join("vm.yaml");
         std::fs::write(&cfg_path, config).expect("write config");
-        let vm = Vm { name, dir, runtime, serial };
+        let vm = Vm {
+            name,
+            dir,
+            runtime,
+            serial,
+        };
         vm.thaw(&["start", "--config", cfg_path.to_str().expect("utf-8 path")]);
-        vm.wait_for(BOOT_TIMEOUT, "the workload to be ready", |text| text.contains("THAW-READY"));
+        vm.wait_for(BOOT_TIMEOUT, "the workload to be ready", |text| {
+            text.contains("THAW-READY")
+        });
         vm
     }
 
@@ -141,7 +179,9 @@ impl Vm {
     }
 
     pub fn console(&self) -> String {
-        std::fs::read(&self.serial).map(|b| String::from_utf8_lossy(&b).into_owned()).unwrap_or_default()
+        std::fs::read(&self.serial)
+            .map(|b| String::from_utf8_lossy(&b).into_owned())
+            .unwrap_or_default()
     }
 
     fn console_tail(&self, n: usize) -> String {
@@ -159,7 +199,11 @@ impl Vm {
             if pred(&text) {
                 return text;
             }
-            assert!(start.elapsed() < within, "timed out after {within:?} waiting for {what}; console tail:\n{}", self.console_tail(15));
+            assert!(
+                start.elapsed() < within,
+                "timed out after {within:?} waiting for {what}; console tail:\n{}",
+                self.console_tail(15)
+            );
             std::thread::sleep(Duration::from_millis(200));
         }
     }
@@ -174,7 +218,9 @@ impl Vm {
 
     /// Waits until the guest has printed at least `n` ticks; returns the last.
     pub fn wait_ticks(&self, n: u64) -> Tick {
-        self.wait_for(TICK_TIMEOUT, &format!("tick {n}"), |t| parse_ticks(t).last().is_some_and(|k| k.n >= n));
+        self.wait_for(TICK_TIMEOUT, &format!("tick {n}"), |t| {
+            parse_ticks(t).last().is_some_and(|k| k.n >= n)
+        });
         self.last_tick()
     }
 
@@ -186,18 +232,31 @@ impl Vm {
     pub fn save_as(&self, file: &str) -> PathBuf {
         let image = self.dir.join(file);
         self.thaw(&["save", &self.name, image.to_str().expect("utf-8")]);
-        assert!(image.join("meta.json").is_file(), "image {} incomplete", image.display());
-        let list: Value = serde_json::from_slice(&self.thaw(&["list", "--json"]).stdout).expect("list JSON");
         assert!(
-            !list.as_array().expect("list is an array").iter().any(|v| v["name"] == self.name.as_str()),
+            image.join("meta.json").is_file(),
+            "image {} incomplete",
+            image.display()
+        );
+        let list: Value =
+            serde_json::from_slice(&self.thaw(&["list", "--json"]).stdout).expect("list JSON");
+        assert!(
+            !list
+                .as_array()
+                .expect("list is an array")
+                .iter()
+                .any(|v| v["name"] == self.name.as_str()),
             "VM still listed after save: {list}"
         );
         image
     }
 
     pub fn inspect(&self, image: &Path) -> Value {
-        serde_json::from_slice(&self.thaw(&["inspect", "--json", image.to_str().expect("utf-8")]).stdout)
-            .expect("inspect JSON")
+        serde_json::from_slice(
+            &self
+                .thaw(&["inspect", "--json", image.to_str().expect("utf-8")])
+                .stdout,
+        )
+        .expect("inspect JSON")
     }
 
     pub fn restore(&self, image: &Path, mode: Restore) -> RestoreJson {
@@ -205,9 +264,19 @@ impl Vm {
             Restore::Eager => "eager",
             Restore::Lazy => "lazy",
         };
-        let out = self.thaw(&["restore", image.to_str().expect("utf-8"), "--mode", mode, "--json"]);
-        let json = serde_json::from_slice(&out.stdout)
-            .unwrap_or_else(|e| panic!("restore printed no JSON ({e}): {}", String::from_utf8_lossy(&out.stdout)));
+        let out = self.thaw(&[
+            "restore",
+            image.to_str().expect("utf-8"),
+            "--mode",
+            mode,
+            "--json",
+        ]);
+        let json = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+            panic!(
+                "restore printed no JSON ({e}): {}",
+                String::from_utf8_lossy(&out.stdout)
+            )
+        });
         RestoreJson { json }
     }
 
@@ -217,16 +286,38 @@ impl Vm {
     pub fn assert_continues_after(&self, before: &Tick) {
         let target = before.n + 10;
         self.wait_for(TICK_TIMEOUT, &format!("tick {target} after restore"), |t| {
-            parse_ticks(t).iter().any(|k| k.n >= target && k.full && k.n > before.n + 1)
+            parse_ticks(t)
+                .iter()
+                .any(|k| k.n >= target && k.full && k.n > before.n + 1)
         });
         let text = self.console();
         let ticks = parse_ticks(&text);
-        assert!(!text.contains("THAW-CORRUPT"), "guest reported corruption:\n{}", self.console_tail(20));
-        assert!(ticks.iter().all(|k| k.ok), "a tick reported ok=0:\n{}", self.console_tail(20));
-        assert!(ticks.iter().all(|k| k.nonce == before.nonce), "nonce changed: the guest rebooted or lost RAM");
-        assert_eq!(text.matches("THAW-READY").count(), 1, "the workload started twice");
+        assert!(
+            !text.contains("THAW-CORRUPT"),
+            "guest reported corruption:\n{}",
+            self.console_tail(20)
+        );
+        assert!(
+            ticks.iter().all(|k| k.ok),
+            "a tick reported ok=0:\n{}",
+            self.console_tail(20)
+        );
+        assert!(
+            ticks.iter().all(|k| k.nonce == before.nonce),
+            "nonce changed: the guest rebooted or lost RAM"
+        );
+        assert_eq!(
+            text.matches("THAW-READY").count(),
+            1,
+            "the workload started twice"
+        );
         // The counter moves on from where it was, without restarting.
-        assert!(ticks.windows(2).all(|w| w[1].n == w[0].n + 1 || w[1].n == w[0].n), "tick sequence broken");
+        assert!(
+            ticks
+                .windows(2)
+                .all(|w| w[1].n == w[0].n + 1 || w[1].n == w[0].n),
+            "tick sequence broken"
+        );
         assert!(ticks.iter().filter(|k| k.n > before.n && k.full).count() >= 1);
     }
 
@@ -251,7 +342,12 @@ pub fn parse_ticks(text: &str) -> Vec<Tick> {
             let rest = line.trim().strip_prefix("THAW-TICK ")?;
             let mut parts = rest.split_whitespace();
             let n = parts.next()?.parse().ok()?;
-            let mut tick = Tick { n, nonce: String::new(), ok: false, full: false };
+            let mut tick = Tick {
+                n,
+                nonce: String::new(),
+                ok: false,
+                full: false,
+            };
             for kv in parts {
                 match kv.split_once('=') {
                     Some(("nonce", v)) => tick.nonce = v.to_string(),

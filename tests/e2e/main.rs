@@ -40,12 +40,19 @@ fn eager_restore_keeps_the_guest_running() {
 
 #[test]
 fn two_numa_nodes_restore() {
-    let spec = harness::GuestSpec { numa_nodes: 2, ..Default::default() };
+    let spec = harness::GuestSpec {
+        numa_nodes: 2,
+        ..Default::default()
+    };
     let vm = Vm::boot("numa", &spec);
     let before = vm.wait_ticks(3);
     let image = vm.save();
     let info = vm.inspect(&image);
-    assert_eq!(info["layout"]["blocks"].as_array().map(|b| b.len()), Some(2), "{info}");
+    assert_eq!(
+        info["layout"]["blocks"].as_array().map(|b| b.len()),
+        Some(2),
+        "{info}"
+    );
     vm.restore(&image, Restore::Lazy).assert_fields();
     vm.assert_continues_after(&before);
     vm.stop();
@@ -54,9 +61,16 @@ fn two_numa_nodes_restore() {
 #[test]
 fn virtio_devices_restore() {
     let spec = harness::GuestSpec {
-        extra_args: ["-device", "virtio-rng-pci", "-netdev", "user,id=n0", "-device", "virtio-net-pci,netdev=n0"]
-            .map(String::from)
-            .to_vec(),
+        extra_args: [
+            "-device",
+            "virtio-rng-pci",
+            "-netdev",
+            "user,id=n0",
+            "-device",
+            "virtio-net-pci,netdev=n0",
+        ]
+        .map(String::from)
+        .to_vec(),
         ..Default::default()
     };
     let vm = Vm::boot("virtio", &spec);

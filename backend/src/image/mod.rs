@@ -49,7 +49,11 @@ const HEADER_LEN: usize = 64;
 #[derive(Debug, thiserror::Error)]
 pub enum ImageError {
     #[error("{path}: {context}: {source}")]
-    Io { path: PathBuf, context: &'static str, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        context: &'static str,
+        source: std::io::Error,
+    },
     #[error("image {0} already exists (use --force to replace it)")]
     Exists(PathBuf),
     #[error("{path}: invalid metadata: {message}")]
@@ -59,15 +63,29 @@ pub enum ImageError {
     #[error("{path}: damaged: {message}")]
     Damaged { path: PathBuf, message: String },
     #[error("{path}: chunk {chunk} (pages.bin bytes {offset}..{end}) fails its checksum: expected {expected:016x}, got {got:016x}")]
-    ChunkChecksum { path: PathBuf, chunk: u32, offset: u64, end: u64, expected: u64, got: u64 },
+    ChunkChecksum {
+        path: PathBuf,
+        chunk: u32,
+        offset: u64,
+        end: u64,
+        expected: u64,
+        got: u64,
+    },
     #[error("pages must be written in increasing order: page {got} after {last}")]
     OutOfOrder { last: u64, got: u64 },
     #[error("page {0} is outside the RAM layout")]
     OutOfRange(u64),
 }
 
-fn io_err<'a>(path: &'a Path, context: &'static str) -> impl FnOnce(std::io::Error) -> ImageError + 'a {
-    move |source| ImageError::Io { path: path.to_owned(), context, source }
+fn io_err<'a>(
+    path: &'a Path,
+    context: &'static str,
+) -> impl FnOnce(std::io::Error) -> ImageError + 'a {
+    move |source| ImageError::Io {
+        path: path.to_owned(),
+        context,
+        source,
+    }
 }
 
 /// Length and xxh3-64 of a file.
@@ -138,11 +156,17 @@ fn digest_file(path: &Path) -> Result<Digest, ImageError> {
         h.update(&buf[..n]);
         len += n as u64;
     }
-    Ok(Digest { len, xxh3: format!("{:016x}", h.digest()) })
+    Ok(Digest {
+        len,
+        xxh3: format!("{:016x}", h.digest()),
+    })
 }
 
 fn unix_now() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 /// Builds an image; dropped unfinished, it removes what it wrote.
@@ -171,7 +195,11 @@ pub struct ImageSummary {
 
 impl ImageWriter {
     /// Starts an image that will appear at `target` when finished.
-    pub fn create(target: &Path, layout: RamLayout, force: bool) -> Result<ImageWriter, ImageError> {
+    pub fn create(
+        target: &Path,
+        layout: RamLayout,
+        force: bool,
+    ) -> Result<ImageWriter, ImageError> {
         if fs::symlink_metadata(target).is_ok() && !force {
             return Err(ImageError::Exists(target.to_owned()));
         }
@@ -183,7 +211,10 @@ impl ImageWriter {
         partial.push(format!(".partial-{}", std::process::id()));
         let dir = target.with_file_name(partial);
         let _ = fs::remove_dir_all(&dir);
-        DirBuilder::new().mode(0o700).create(&dir).map_err(io_err(&dir, "cannot create image directory"))?;
+        DirBuilder::new()
+            .mode(0o700)
+            .create(&dir)
+            .map_err(io_err(&dir, "cannot create image directory"))?;
         let pages = match create_file(&dir.join("pages.bin")) {
             Ok(f) => f,
             Err(e) => {
@@ -217,7 +248,10 @@ impl ImageWriter {
     /// Adds a run of whole pages starting at `first`; all-zero pages are dropped.
     pub fn write_run(&mut self, first: PageIndex, data: &[u8]) -> Result<(), ImageError> {
         if first.0 < self.next_page {
-            return Err(ImageError::OutOfOrder { last: self.next_page, got: first.0 });
+            return Err(ImageError::OutOfOrder {
+                last: self.next_page,
+                got: first.0,
+            });
         }
         let pages = data.len() as u64 / PAGE_SIZE;
         if first.0 + pages > self.table.len() as u64 {
@@ -228,7 +262,9 @@ impl ImageWriter {
             if is_zero(page) {
                 continue;
             }
-            self.pages.write_all(page).map_err(io_err(&path, "cannot write"))?;
+            self.pages
+                .write_all(page)
+                .map_err(io_err(&path, "cannot write"))?;
             self.chunk_hasher.update(page);
             self.table[first.0 as usize + i] = self.slots + 1;
             self.slots += 1;
@@ -253,11 +289,17 @@ impl ImageWriter {
             self.close_chunk();
         }
         let pages_path = self.dir.join("pages.bin");
-        self.pages.flush().map_err(io_err(&pages_path, "cannot write"))?;
-        self.pages.get_ref().sync_all().map_err(io_err(&pages_path, "cannot sync"))?;
+        self.pages
+            .flush()
+            .map_err(io_err(&pages_path, "cannot write"))?;
+        self.pages
+            .get_ref()
+            .sync_all()
+            .map_err(io_err(&pages_path, "cannot sync"))?;
 
         let index_path = self.dir.join("index.bin");
-        let mut index = Vec::with_capacity(HEADER_LEN + self.table.len() * 4 + self.chunk_sums.len() * 8 + 8);
+        let mut index =
+            Vec::with_capacity(HEADER_LEN + self.table.len() * 4 + self.chunk_sums.len() * 8 + 8);
         index.extend_from_slice(INDEX_MAGIC);
         index.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
         index.extend_from_slice(&(PAGE_SIZE as u32).to_le_bytes());
@@ -275,7 +317,8 @@ impl ImageWriter {
         let trailer = xxh3_64(&index);
         index.extend_from_slice(&trailer.to_le_bytes());
         let mut f = create_file(&index_path)?;
-        f.write_all(&index).map_err(io_err(&index_path, "cannot write"))?;
+        f.write_all(&index)
+            .map_err(io_err(&index_path, "cannot write"))?;
         f.sync_all().map_err(io_err(&index_path, "cannot sync"))?;
 
         let dev_path = self.dir.join("device.state");
@@ -296,29 +339,44 @@ impl ImageWriter {
             nonzero_pages: u64::from(self.slots),
             device_state: digest_file(&dev_path)?,
             pages: digest_file(&pages_path)?,
-            index: Digest { len: index.len() as u64, xxh3: format!("{:016x}", xxh3_64(&index)) },
+            index: Digest {
+                len: index.len() as u64,
+                xxh3: format!("{:016x}", xxh3_64(&index)),
+            },
         };
         let meta_path = self.dir.join("meta.json");
-        let text = serde_json::to_vec_pretty(&meta)
-            .map_err(|e| ImageError::Meta { path: meta_path.clone(), message: e.to_string() })?;
+        let text = serde_json::to_vec_pretty(&meta).map_err(|e| ImageError::Meta {
+            path: meta_path.clone(),
+            message: e.to_string(),
+        })?;
         let mut f = create_file(&meta_path)?;
-        f.write_all(&text).map_err(io_err(&meta_path, "cannot write"))?;
+        f.write_all(&text)
+            .map_err(io_err(&meta_path, "cannot write"))?;
         f.sync_all().map_err(io_err(&meta_path, "cannot sync"))?;
-        File::open(&self.dir).and_then(|d| d.sync_all()).map_err(io_err(&self.dir, "cannot sync"))?;
+        File::open(&self.dir)
+            .and_then(|d| d.sync_all())
+            .map_err(io_err(&self.dir, "cannot sync"))?;
 
         if self.force && fs::symlink_metadata(&self.target).is_ok() {
-            let old = self.target.with_extension(format!("old-{}", std::process::id()));
+            let old = self
+                .target
+                .with_extension(format!("old-{}", std::process::id()));
             fs::rename(&self.target, &old).map_err(io_err(&self.target, "cannot replace"))?;
-            fs::rename(&self.dir, &self.target).map_err(io_err(&self.target, "cannot move into place"))?;
+            fs::rename(&self.dir, &self.target)
+                .map_err(io_err(&self.target, "cannot move into place"))?;
             let _ = fs::remove_dir_all(&old).or_else(|_| fs::remove_file(&old));
         } else {
-            fs::rename(&self.dir, &self.target).map_err(io_err(&self.target, "cannot move into place"))?;
+            fs::rename(&self.dir, &self.target)
+                .map_err(io_err(&self.target, "cannot move into place"))?;
         }
         if let Some(parent) = self.target.parent().filter(|p| !p.as_os_str().is_empty()) {
             let _ = File::open(parent).and_then(|d| d.sync_all());
         }
         self.finished = true;
-        Ok(ImageSummary { nonzero_pages: meta.nonzero_pages, total_pages: meta.total_pages })
+        Ok(ImageSummary {
+            nonzero_pages: meta.nonzero_pages,
+            total_pages: meta.total_pages,
+        })
     }
 }
 
@@ -358,42 +416,74 @@ impl Image {
     pub fn open(dir: &Path) -> Result<Image, ImageError> {
         let meta_path = dir.join("meta.json");
         let text = fs::read(&meta_path).map_err(io_err(&meta_path, "cannot read"))?;
-        let version: serde_json::Value = serde_json::from_slice(&text)
-            .map_err(|e| ImageError::Meta { path: meta_path.clone(), message: e.to_string() })?;
+        let version: serde_json::Value =
+            serde_json::from_slice(&text).map_err(|e| ImageError::Meta {
+                path: meta_path.clone(),
+                message: e.to_string(),
+            })?;
         let found = version["format_version"].as_u64().unwrap_or(0) as u32;
         if found > FORMAT_VERSION {
-            return Err(ImageError::NewerFormat { path: meta_path, found });
+            return Err(ImageError::NewerFormat {
+                path: meta_path,
+                found,
+            });
         }
-        let meta: ImageMeta = serde_json::from_slice(&text)
-            .map_err(|e| ImageError::Meta { path: meta_path.clone(), message: e.to_string() })?;
-        let damaged = |path: &Path, message: String| ImageError::Damaged { path: path.to_owned(), message };
-        if meta.page_size != PAGE_SIZE || meta.chunk_pages == 0 || meta.total_pages != meta.layout.total_pages() {
-            return Err(damaged(&meta_path, "inconsistent page size, chunk size or layout".into()));
+        let meta: ImageMeta = serde_json::from_slice(&text).map_err(|e| ImageError::Meta {
+            path: meta_path.clone(),
+            message: e.to_string(),
+        })?;
+        let damaged = |path: &Path, message: String| ImageError::Damaged {
+            path: path.to_owned(),
+            message,
+        };
+        if meta.page_size != PAGE_SIZE
+            || meta.chunk_pages == 0
+            || meta.total_pages != meta.layout.total_pages()
+        {
+            return Err(damaged(
+                &meta_path,
+                "inconsistent page size, chunk size or layout".into(),
+            ));
         }
         let pages_path = dir.join("pages.bin");
         let pages = File::open(&pages_path).map_err(io_err(&pages_path, "cannot open"))?;
-        let plen = pages.metadata().map_err(io_err(&pages_path, "cannot stat"))?.len();
+        let plen = pages
+            .metadata()
+            .map_err(io_err(&pages_path, "cannot stat"))?
+            .len();
         if plen != meta.nonzero_pages * PAGE_SIZE || plen != meta.pages.len {
-            return Err(damaged(&pages_path, format!("{plen} bytes, expected {}", meta.nonzero_pages * PAGE_SIZE)));
+            return Err(damaged(
+                &pages_path,
+                format!("{plen} bytes, expected {}", meta.nonzero_pages * PAGE_SIZE),
+            ));
         }
         let dev_path = dir.join("device.state");
-        let dlen = fs::metadata(&dev_path).map_err(io_err(&dev_path, "cannot stat"))?.len();
+        let dlen = fs::metadata(&dev_path)
+            .map_err(io_err(&dev_path, "cannot stat"))?
+            .len();
         if dlen != meta.device_state.len {
-            return Err(damaged(&dev_path, format!("{dlen} bytes, expected {}", meta.device_state.len)));
+            return Err(damaged(
+                &dev_path,
+                format!("{dlen} bytes, expected {}", meta.device_state.len),
+            ));
         }
         let index_path = dir.join("index.bin");
         let index = fs::read(&index_path).map_err(io_err(&index_path, "cannot read"))?;
         let chunks = meta.nonzero_pages.div_ceil(u64::from(meta.chunk_pages));
         let expected_len = HEADER_LEN as u64 + meta.total_pages * 4 + chunks * 8 + 8;
         if index.len() as u64 != expected_len || index.len() as u64 != meta.index.len {
-            return Err(damaged(&index_path, format!("{} bytes, expected {expected_len}", index.len())));
+            return Err(damaged(
+                &index_path,
+                format!("{} bytes, expected {expected_len}", index.len()),
+            ));
         }
         let body = &index[..index.len() - 8];
         let trailer = u64::from_le_bytes(index[index.len() - 8..].try_into().unwrap_or_default());
         if xxh3_64(body) != trailer || format!("{:016x}", xxh3_64(&index)) != meta.index.xxh3 {
             return Err(damaged(&index_path, "checksum mismatch".into()));
         }
-        let u32_at = |o: usize| u32::from_le_bytes([index[o], index[o + 1], index[o + 2], index[o + 3]]);
+        let u32_at =
+            |o: usize| u32::from_le_bytes([index[o], index[o + 1], index[o + 2], index[o + 3]]);
         let u64_at = |o: usize| u64::from_le_bytes(index[o..o + 8].try_into().unwrap_or_default());
         if &index[..8] != INDEX_MAGIC
             || u32_at(8) != FORMAT_VERSION
@@ -403,24 +493,45 @@ impl Image {
             || u32_at(32) != meta.chunk_pages
             || u64_at(36) != chunks
         {
-            return Err(damaged(&index_path, "header does not match meta.json".into()));
+            return Err(damaged(
+                &index_path,
+                "header does not match meta.json".into(),
+            ));
         }
-        let table: Vec<u32> = (0..meta.total_pages as usize).map(|i| u32_at(HEADER_LEN + i * 4)).collect();
+        let table: Vec<u32> = (0..meta.total_pages as usize)
+            .map(|i| u32_at(HEADER_LEN + i * 4))
+            .collect();
         let sums_at = HEADER_LEN + meta.total_pages as usize * 4;
-        let chunk_sums: Vec<u64> = (0..chunks as usize).map(|i| u64_at(sums_at + i * 8)).collect();
+        let chunk_sums: Vec<u64> = (0..chunks as usize)
+            .map(|i| u64_at(sums_at + i * 8))
+            .collect();
         let mut reverse = Vec::with_capacity(meta.nonzero_pages as usize);
         for (page, &e) in table.iter().enumerate() {
             if e != 0 {
                 if u64::from(e) != reverse.len() as u64 + 1 {
-                    return Err(damaged(&index_path, format!("page table entry of page {page} out of order")));
+                    return Err(damaged(
+                        &index_path,
+                        format!("page table entry of page {page} out of order"),
+                    ));
                 }
                 reverse.push(page as u64);
             }
         }
         if reverse.len() as u64 != meta.nonzero_pages {
-            return Err(damaged(&index_path, "page table and non-zero page count disagree".into()));
+            return Err(damaged(
+                &index_path,
+                "page table and non-zero page count disagree".into(),
+            ));
         }
-        Ok(Image { dir: dir.to_owned(), meta, table, chunk_sums, reverse, pages, pages_path })
+        Ok(Image {
+            dir: dir.to_owned(),
+            meta,
+            table,
+            chunk_sums,
+            reverse,
+            pages,
+            pages_path,
+        })
     }
 
     pub fn dir(&self) -> &Path {
@@ -460,7 +571,9 @@ impl Image {
         let start = u64::from(self.chunk_slots(first).start) * PAGE_SIZE;
         let end = u64::from(self.chunk_slots(first + count - 1).end) * PAGE_SIZE;
         let len = (end - start) as usize;
-        self.pages.read_exact_at(&mut buf[..len], start).map_err(io_err(&self.pages_path, "cannot read"))?;
+        self.pages
+            .read_exact_at(&mut buf[..len], start)
+            .map_err(io_err(&self.pages_path, "cannot read"))?;
         for c in first..first + count {
             let r = self.chunk_slots(c);
             let (a, b) = (u64::from(r.start) * PAGE_SIZE, u64::from(r.end) * PAGE_SIZE);
@@ -487,7 +600,10 @@ impl Image {
         if data.len() as u64 != self.meta.device_state.len
             || format!("{:016x}", xxh3_64(&data)) != self.meta.device_state.xxh3
         {
-            return Err(ImageError::Damaged { path, message: "checksum mismatch".into() });
+            return Err(ImageError::Damaged {
+                path,
+                message: "checksum mismatch".into(),
+            });
         }
         Ok(data)
     }
@@ -541,13 +657,42 @@ pub fn inspect(image: &Image) -> InspectReport {
 
 impl std::fmt::Display for InspectReport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        writeln!(f, "image {} (format {}, thaw {})", self.path.display(), self.format_version, self.thaw_version)?;
-        writeln!(f, "  VM {}: {} MiB RAM, {}, QEMU {}", self.vm, self.memory_bytes >> 20, self.accel, self.qemu_version)?;
+        writeln!(
+            f,
+            "image {} (format {}, thaw {})",
+            self.path.display(),
+            self.format_version,
+            self.thaw_version
+        )?;
+        writeln!(
+            f,
+            "  VM {}: {} MiB RAM, {}, QEMU {}",
+            self.vm,
+            self.memory_bytes >> 20,
+            self.accel,
+            self.qemu_version
+        )?;
         for b in &self.layout.blocks {
-            writeln!(f, "  block {}: {} MiB from page {}", b.id, b.size >> 20, b.first_page)?;
+            writeln!(
+                f,
+                "  block {}: {} MiB from page {}",
+                b.id,
+                b.size >> 20,
+                b.first_page
+            )?;
         }
-        writeln!(f, "  pages: {} total, {} non-zero, {} zero; {} chunks of {} pages", self.total_pages, self.nonzero_pages, self.zero_pages, self.chunks, self.chunk_pages)?;
-        write!(f, "  files: device.state {} KiB, pages.bin {} MiB, index.bin {} KiB", self.device_state_bytes >> 10, self.pages_bytes >> 20, self.index_bytes >> 10)
+        writeln!(
+            f,
+            "  pages: {} total, {} non-zero, {} zero; {} chunks of {} pages",
+            self.total_pages, self.nonzero_pages, self.zero_pages, self.chunks, self.chunk_pages
+        )?;
+        write!(
+            f,
+            "  files: device.state {} KiB, pages.bin {} MiB, index.bin {} KiB",
+            self.device_state_bytes >> 10,
+            self.pages_bytes >> 20,
+            self.index_bytes >> 10
+        )
     }
 }
 

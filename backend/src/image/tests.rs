@@ -1,0 +1,194 @@
+//! Image round trip and damage detection.
+
+use super::*;
+use crate::config::{ByteSize, VmConfig};
+use std::os::unix::fs::PermissionsExt;
+
+fn vm() -> VmConfig {
+    VmConfig::parse("name: t\nmemory: 1M\n", Path::new("t.yaml"), Path::new("/")).expect("config")
+}
+
+fn info() -> ImageInfo {
+    ImageInfo {
+        qemu_version: "10.0.2".into(),
+        accel: "tcg".into(),
+        vm: vm(),
+    }
+}
+
+fn page(fill: u8) -> Vec<u8> {
+    (0..PAGE_SIZE as usize).map(|i| fill ^ (i as u8)).collect()
+}
+
+/// Two blocks (40 + 24 pages); pages 1, 3..=20 (except 7) and 50 non-zero.
+fn write_image(dir: &Path) -> Vec<(u64, Vec<u8>)> {
+    let layout = RamLayout::from_sizes([("ram0", 40 * PAGE_SIZE), ("ram1", 24 * PAGE_SIZE)]);
+    let mut w = ImageWriter::create(dir, layout, false).expect("create");
+    w.device_state_file()
+        .expect("dev")
+        .write_all(b"device state")
+        .expect("write");
+    let mut expect = Vec::new();
+    w.write_run(PageIndex(1), &page(1)).expect("run");
+    let mut run = Vec::new();
+    for p in 3..=20u64 {
+        let data = if p == 7 {
+            vec![0; PAGE_SIZE as usize]
+        } else {
+            page(p as u8)
+        };
+        if p != 7 {
+            expect.push((p, data.clone()));
+        }
+        run.extend_from_slice(&data);
+    }
+    w.write_run(PageIndex(3), &run).expect("run");
+    w.write_run(PageIndex(50), &page(50)).expect("run");
+    w.finish(info()).expect("finish");
+    expect.insert(0, (1, page(1)));
+    expect.push((50, page(50)));
+    expect
+}
+
+fn read_page(img: &Image, p: u64) -> Vec<u8> {
+    match img.locate(PageIndex(p)) {
+        PageLocation::Zero => vec![0; PAGE_SIZE as usize],
+        PageLocation::Slot(s) => {
+            let c = img.chunk_of(s);
+            let mut buf = vec![0; (img.meta().chunk_pages as u64 * PAGE_SIZE) as usize];
+            img.read_chunks(c, 1, &mut buf).expect("chunk");
+            let off = ((s - img.chunk_slots(c).start) as u64 * PAGE_SIZE) as usize;
+            buf[off..off + PAGE_SIZE as usize].to_vec()
+        }
+    }
+}
+
+#[test]
+fn round_trip_reads_every_page_back() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let dir = tmp.path().join("img");
+    let expect = write_image(&dir);
+    let img = Image::open(&dir).expect("open");
+    assert_eq!(img.meta().nonzero_pages, expect.len() as u64);
+    assert_eq!(img.meta().vm.memory, ByteSize(1 << 20));
+    for p in 0..64u64 {
+        let want = expect
+            .iter()
+            .find(|(q, _)| *q == p)
+            .map(|(_, d)| d.clone())
+            .unwrap_or(vec![0; 4096]);
+        assert_eq!(read_page(&img, p), want, "page {p}");
+    }
+    assert_eq!(img.locate(PageIndex(0)), PageLocation::Zero);
+    assert_eq!(img.locate(PageIndex(7)), PageLocation::Zero);
+    assert_eq!(img.locate(PageIndex(1)), PageLocation::Slot(0));
+    assert_eq!(
+        img.slot_page(img.meta().nonzero_pages as u32 - 1),
+        PageIndex(50)
+    );
+    assert_eq!(img.read_device_state().expect("dev"), b"device state");
+    let mode = |p: &Path| fs::metadata(p).expect("stat").permissions().mode() & 0o777;
+    assert_eq!(mode(&dir), 0o700);
+    for f in ["meta.json", "pages.bin", "index.bin", "device.state"] {
+        assert_eq!(mode(&dir.join(f)), 0o600, "{f}");
+    }
+}
+
+fn flip(path: &Path, at: u64) {
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .expect("open");
+    let mut b = [0u8];
+    f.read_exact_at(&mut b, at).expect("read");
+    f.write_all_at(&[b[0] ^ 0x40], at).expect("write");
+}
+
+#[test]
+fn flipped_page_byte_is_a_chunk_checksum_error() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let dir = tmp.path().join("img");
+    write_image(&dir);
+    flip(&dir.join("pages.bin"), 17 * PAGE_SIZE + 5);
+    let img = Image::open(&dir).expect("structure is intact");
+    let mut buf = vec![0; 16 * PAGE_SIZE as usize];
+    match img.read_chunks(1, 1, &mut buf) {
+        Err(ImageError::ChunkChecksum { chunk: 1, .. }) => {}
+        other => panic!("expected a checksum error on chunk 1, got {other:?}"),
+    }
+    assert!(img.read_chunks(0, 1, &mut buf).is_ok());
+}
+
+#[test]
+fn structural_damage_is_refused_at_open() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let dir = tmp.path().join("img");
+    write_image(&dir);
+    flip(&dir.join("index.bin"), 70);
+    assert!(matches!(Image::open(&dir), Err(ImageError::Damaged { .. })));
+
+    let dir2 = tmp.path().join("img2");
+    write_image(&dir2);
+    let f = OpenOptions::new()
+        .write(true)
+        .open(dir2.join("pages.bin"))
+        .expect("open");
+    f.set_len(PAGE_SIZE).expect("truncate");
+    assert!(matches!(
+        Image::open(&dir2),
+        Err(ImageError::Damaged { .. })
+    ));
+
+    let dir3 = tmp.path().join("img3");
+    write_image(&dir3);
+    let meta = fs::read_to_string(dir3.join("meta.json")).expect("meta");
+    fs::write(
+        dir3.join("meta.json"),
+        meta.replace("\"format_version\": 1", "\"format_version\": 9"),
+    )
+    .expect("w");
+    let err = Image::open(&dir3).err().expect("refused");
+    assert!(err.to_string().contains("newer thaw"), "{err}");
+}
+
+#[test]
+fn existing_target_needs_force_and_partial_is_removed() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let dir = tmp.path().join("img");
+    write_image(&dir);
+    let layout = RamLayout::from_sizes([("ram0", 4 * PAGE_SIZE)]);
+    assert!(matches!(
+        ImageWriter::create(&dir, layout.clone(), false),
+        Err(ImageError::Exists(_))
+    ));
+    let w = ImageWriter::create(&dir, layout, true).expect("force");
+    drop(w);
+    let left: Vec<_> = fs::read_dir(tmp.path())
+        .expect("ls")
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    assert_eq!(
+        left,
+        vec![std::ffi::OsString::from("img")],
+        "partial image left behind"
+    );
+    Image::open(&dir).expect("the old image is untouched");
+}
+
+#[test]
+fn pages_out_of_order_are_refused() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let layout = RamLayout::from_sizes([("ram0", 8 * PAGE_SIZE)]);
+    let mut w = ImageWriter::create(&tmp.path().join("i"), layout, false).expect("create");
+    w.write_run(PageIndex(4), &page(4)).expect("run");
+    assert!(matches!(
+        w.write_run(PageIndex(2), &page(2)),
+        Err(ImageError::OutOfOrder { .. })
+    ));
+    assert!(matches!(
+        w.write_run(PageIndex(8), &page(8)),
+        Err(ImageError::OutOfRange(_))
+    ));
+}

@@ -24,7 +24,11 @@ pub use qmp::{Qmp, QmpError};
 #[derive(Debug, thiserror::Error)]
 pub enum QemuError {
     #[error("{what} {path}: {source}")]
-    Fs { what: &'static str, path: PathBuf, source: std::io::Error },
+    Fs {
+        what: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("VM {0:?} is already running (see `thaw status {0}`)")]
     AlreadyRunning(String),
     #[error("no running VM named {0:?} (see `thaw list`)")]
@@ -33,7 +37,9 @@ pub enum QemuError {
     MissingBinary(String),
     #[error("QEMU failed to start: {0}")]
     Launch(String),
-    #[error("QEMU {found} is too old: thaw needs >= 8.2 (x-ignore-shared with file-backed shared RAM)")]
+    #[error(
+        "QEMU {found} is too old: thaw needs >= 8.2 (x-ignore-shared with file-backed shared RAM)"
+    )]
     TooOld { found: String },
     #[error(transparent)]
     Qmp(#[from] QmpError),
@@ -44,17 +50,25 @@ pub enum QemuError {
 }
 
 fn fs_err<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> QemuError + 'a {
-    move |source| QemuError::Fs { what, path: path.to_owned(), source }
+    move |source| QemuError::Fs {
+        what,
+        path: path.to_owned(),
+        source,
+    }
 }
 
 /// Root of the runtime directories: `$THAW_RUNTIME_DIR` or `/run/thaw`.
 pub fn runtime_root() -> PathBuf {
-    std::env::var_os("THAW_RUNTIME_DIR").map(PathBuf::from).unwrap_or_else(|| "/run/thaw".into())
+    std::env::var_os("THAW_RUNTIME_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| "/run/thaw".into())
 }
 
 /// Root of the guest RAM files: `$THAW_SHM_DIR` or `/dev/shm/thaw`.
 pub fn shm_root() -> PathBuf {
-    std::env::var_os("THAW_SHM_DIR").map(PathBuf::from).unwrap_or_else(|| "/dev/shm/thaw".into())
+    std::env::var_os("THAW_SHM_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| "/dev/shm/thaw".into())
 }
 
 /// Where one VM's runtime files are.
@@ -130,7 +144,10 @@ impl VmState {
             source: std::io::Error::other(e),
         })?;
         if !process_alive(state.qemu_pid) {
-            log::warn!("QEMU of VM {name} (pid {}) has exited; removing its runtime files", state.qemu_pid);
+            log::warn!(
+                "QEMU of VM {name} (pid {}) has exited; removing its runtime files",
+                state.qemu_pid
+            );
             remove_runtime(&paths);
             return Err(QemuError::NotRunning(name.to_string()));
         }
@@ -139,7 +156,9 @@ impl VmState {
 
     fn store(&self, paths: &VmPaths) -> Result<(), QemuError> {
         let tmp = paths.dir.join("vm.json.tmp");
-        let text = serde_json::to_vec_pretty(self).map_err(std::io::Error::other).map_err(fs_err("cannot encode", &tmp))?;
+        let text = serde_json::to_vec_pretty(self)
+            .map_err(std::io::Error::other)
+            .map_err(fs_err("cannot encode", &tmp))?;
         write_private(&tmp, &text)?;
         fs::rename(&tmp, &paths.state).map_err(fs_err("cannot write", &paths.state))
     }
@@ -177,12 +196,20 @@ fn write_private(path: &Path, data: &[u8]) -> Result<(), QemuError> {
 }
 
 fn create_private_dir(path: &Path) -> Result<(), QemuError> {
-    DirBuilder::new().recursive(false).mode(0o700).create(path).map_err(fs_err("cannot create directory", path))
+    DirBuilder::new()
+        .recursive(false)
+        .mode(0o700)
+        .create(path)
+        .map_err(fs_err("cannot create directory", path))
 }
 
 fn ensure_root_dir(path: &Path) -> Result<(), QemuError> {
     if !path.is_dir() {
-        DirBuilder::new().recursive(true).mode(0o700).create(path).map_err(fs_err("cannot create directory", path))?;
+        DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(path)
+            .map_err(fs_err("cannot create directory", path))?;
     }
     Ok(())
 }
@@ -194,7 +221,10 @@ pub fn process_alive(pid: i32) -> bool {
     }
     // A zombie still answers kill(0); its state letter says it is gone.
     match fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(stat) => !stat.rsplit(')').next().is_some_and(|rest| rest.trim_start().starts_with('Z')),
+        Ok(stat) => !stat
+            .rsplit(')')
+            .next()
+            .is_some_and(|rest| rest.trim_start().starts_with('Z')),
         Err(_) => false,
     }
 }
@@ -242,7 +272,17 @@ pub fn kvm_boots_guest(qemu: &str) -> Result<bool, QemuError> {
     image[at..at + code.len()].copy_from_slice(&code);
     fs::write(&bios, &image).map_err(fs_err("cannot write", &bios))?;
     let mut child = std::process::Command::new(qemu)
-        .args(["-accel", "kvm", "-machine", "q35", "-nodefaults", "-display", "none", "-no-reboot", "-bios"])
+        .args([
+            "-accel",
+            "kvm",
+            "-machine",
+            "q35",
+            "-nodefaults",
+            "-display",
+            "none",
+            "-no-reboot",
+            "-bios",
+        ])
         .arg(&bios)
         .arg("-chardev")
         .arg(format!("file,id=probe,path={}", out.display()))
@@ -269,7 +309,14 @@ pub fn kvm_boots_guest(qemu: &str) -> Result<bool, QemuError> {
     let _ = child.kill();
     let _ = child.wait();
     let _ = fs::remove_dir_all(&dir);
-    log::info!("KVM probe: {}", if ok { "guest ran, using kvm" } else { "no guest output, using tcg" });
+    log::info!(
+        "KVM probe: {}",
+        if ok {
+            "guest ran, using kvm"
+        } else {
+            "no guest output, using tcg"
+        }
+    );
     Ok(ok)
 }
 
@@ -285,7 +332,13 @@ fn tempdir_in_runtime() -> Result<PathBuf, QemuError> {
 /// Builds QEMU's argument list for `cfg`: thaw's RAM backends, QMP socket,
 /// pid file and serial chardev, then the user's settings. `incoming` adds
 /// `-incoming defer -S` for a restore.
-pub fn command_line(cfg: &VmConfig, accel: &str, paths: &VmPaths, serial: &Path, incoming: bool) -> Vec<String> {
+pub fn command_line(
+    cfg: &VmConfig,
+    accel: &str,
+    paths: &VmPaths,
+    serial: &Path,
+    incoming: bool,
+) -> Vec<String> {
     let mut a: Vec<String> = Vec::new();
     let mut push = |items: &[&str]| a.extend(items.iter().map(|s| s.to_string()));
     push(&["-name", &format!("{},process=thaw-{}", cfg.name, cfg.name)]);
@@ -304,7 +357,10 @@ pub fn command_line(cfg: &VmConfig, accel: &str, paths: &VmPaths, serial: &Path,
         let file = paths.ram_file(&id);
         push(&[
             "-object",
-            &format!("memory-backend-file,id={id},size={size},share=on,mem-path={}", file.display()),
+            &format!(
+                "memory-backend-file,id={id},size={size},share=on,mem-path={}",
+                file.display()
+            ),
         ]);
         if nodes > 1 {
             push(&["-numa", &format!("node,nodeid={i},memdev={id}")]);
@@ -320,9 +376,15 @@ pub fn command_line(cfg: &VmConfig, accel: &str, paths: &VmPaths, serial: &Path,
         push(&["-append", ap]);
     }
     push(&["-nodefaults", "-display", "none"]);
-    push(&["-chardev", &format!("file,id=thaw-serial,path={},append=on", serial.display())]);
+    push(&[
+        "-chardev",
+        &format!("file,id=thaw-serial,path={},append=on", serial.display()),
+    ]);
     push(&["-serial", "chardev:thaw-serial"]);
-    push(&["-qmp", &format!("unix:{},server=on,wait=off", paths.qmp.display())]);
+    push(&[
+        "-qmp",
+        &format!("unix:{},server=on,wait=off", paths.qmp.display()),
+    ]);
     push(&["-pidfile", &paths.pidfile.display().to_string()]);
     push(&["-daemonize"]);
     if incoming {
@@ -354,7 +416,9 @@ pub async fn launch(cfg: &VmConfig, accel: &str, incoming: bool) -> Result<Launc
     }
     // Leftovers of a VM that died before writing its record.
     if paths.dir.exists() {
-        let pid = fs::read_to_string(&paths.pidfile).ok().and_then(|p| p.trim().parse().ok());
+        let pid = fs::read_to_string(&paths.pidfile)
+            .ok()
+            .and_then(|p| p.trim().parse().ok());
         if pid.is_some_and(process_alive) {
             return Err(QemuError::AlreadyRunning(cfg.name.clone()));
         }
@@ -363,7 +427,9 @@ pub async fn launch(cfg: &VmConfig, accel: &str, incoming: bool) -> Result<Launc
     create_private_dir(&paths.dir)?;
     let result = launch_in(cfg, accel, incoming, paths.clone()).await;
     if result.is_err() {
-        if let Ok(pid) = fs::read_to_string(&paths.pidfile).map(|p| p.trim().parse::<i32>().unwrap_or(0)) {
+        if let Ok(pid) =
+            fs::read_to_string(&paths.pidfile).map(|p| p.trim().parse::<i32>().unwrap_or(0))
+        {
             if process_alive(pid) {
                 let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
             }
@@ -373,14 +439,23 @@ pub async fn launch(cfg: &VmConfig, accel: &str, incoming: bool) -> Result<Launc
     result
 }
 
-async fn launch_in(cfg: &VmConfig, accel: &str, incoming: bool, paths: VmPaths) -> Result<Launched, QemuError> {
+async fn launch_in(
+    cfg: &VmConfig,
+    accel: &str,
+    incoming: bool,
+    paths: VmPaths,
+) -> Result<Launched, QemuError> {
     let _ = fs::remove_dir_all(&paths.shm_dir);
     create_private_dir(&paths.shm_dir)?;
-    let layout = RamLayout::from_sizes((0..cfg.numa_nodes).map(|i| (format!("ram{i}"), cfg.backend_size())));
+    let layout =
+        RamLayout::from_sizes((0..cfg.numa_nodes).map(|i| (format!("ram{i}"), cfg.backend_size())));
     for block in &layout.blocks {
         create_private(&paths.ram_file(&block.id))?;
     }
-    let serial = cfg.serial.clone().unwrap_or_else(|| paths.default_serial.clone());
+    let serial = cfg
+        .serial
+        .clone()
+        .unwrap_or_else(|| paths.default_serial.clone());
     if let Some(parent) = serial.parent() {
         ensure_root_dir(parent)?;
     }
@@ -397,7 +472,11 @@ async fn launch_in(cfg: &VmConfig, accel: &str, incoming: bool, paths: VmPaths) 
         })?;
     if !out.status.success() {
         let msg = String::from_utf8_lossy(&out.stderr).trim().to_string();
-        return Err(QemuError::Launch(if msg.is_empty() { format!("exit status {}", out.status) } else { msg }));
+        return Err(QemuError::Launch(if msg.is_empty() {
+            format!("exit status {}", out.status)
+        } else {
+            msg
+        }));
     }
     let pid: i32 = fs::read_to_string(&paths.pidfile)
         .map_err(fs_err("cannot read", &paths.pidfile))?
@@ -437,7 +516,9 @@ pub fn check_version(version: &str) -> Result<(), QemuError> {
     let mut it = version.split('.').map(|p| p.parse::<u32>().unwrap_or(0));
     let (major, minor) = (it.next().unwrap_or(0), it.next().unwrap_or(0));
     if (major, minor) < (8, 2) {
-        return Err(QemuError::TooOld { found: version.to_string() });
+        return Err(QemuError::TooOld {
+            found: version.to_string(),
+        });
     }
     Ok(())
 }
@@ -452,14 +533,21 @@ async fn check_memdevs(qmp: &mut Qmp, layout: &RamLayout) -> Result<(), QemuErro
             .flatten()
             .find(|d| d["id"].as_str() == Some(block.id.as_str()));
         match found {
-            Some(d) if d["size"].as_u64() == Some(block.size) && d["share"].as_bool() == Some(true) => {}
+            Some(d)
+                if d["size"].as_u64() == Some(block.size) && d["share"].as_bool() == Some(true) => {
+            }
             Some(d) => {
                 return Err(QemuError::Launch(format!(
                     "memory backend {} is {d}, expected a shared backend of {} bytes",
                     block.id, block.size
                 )))
             }
-            None => return Err(QemuError::Launch(format!("QEMU has no memory backend {}", block.id))),
+            None => {
+                return Err(QemuError::Launch(format!(
+                    "QEMU has no memory backend {}",
+                    block.id
+                )))
+            }
         }
     }
     Ok(())
@@ -477,21 +565,33 @@ pub struct RamMapping {
 
 /// Finds every block of `layout` in QEMU's address space (`/proc/<pid>/maps`)
 /// and file table (`/proc/<pid>/fd`), by RAM file path.
-pub fn find_ram(pid: i32, paths: &VmPaths, layout: &RamLayout) -> Result<Vec<RamMapping>, QemuError> {
+pub fn find_ram(
+    pid: i32,
+    paths: &VmPaths,
+    layout: &RamLayout,
+) -> Result<Vec<RamMapping>, QemuError> {
     let maps_path = PathBuf::from(format!("/proc/{pid}/maps"));
     let maps = fs::read_to_string(&maps_path).map_err(fs_err("cannot read", &maps_path))?;
     let fd_dir = PathBuf::from(format!("/proc/{pid}/fd"));
     let fds: Vec<(PathBuf, String)> = fs::read_dir(&fd_dir)
         .map_err(fs_err("cannot read", &fd_dir))?
         .flatten()
-        .filter_map(|e| fs::read_link(e.path()).ok().map(|t| (e.path(), t.to_string_lossy().into_owned())))
+        .filter_map(|e| {
+            fs::read_link(e.path())
+                .ok()
+                .map(|t| (e.path(), t.to_string_lossy().into_owned()))
+        })
         .collect();
     let mut out = Vec::new();
     for block in &layout.blocks {
         let file = paths.ram_file(&block.id).to_string_lossy().into_owned();
         let deleted = format!("{file} (deleted)");
         let same = |t: &str| t == file || t == deleted;
-        let not_found = || QemuError::RamNotFound { id: block.id.clone(), path: file.clone().into(), pid };
+        let not_found = || QemuError::RamNotFound {
+            id: block.id.clone(),
+            path: file.clone().into(),
+            pid,
+        };
         let mapping = maps
             .lines()
             .filter_map(|line| {
@@ -502,13 +602,25 @@ pub fn find_ram(pid: i32, paths: &VmPaths, layout: &RamLayout) -> Result<Vec<Ram
             })
             .filter_map(|range| {
                 let (s, e) = range.split_once('-')?;
-                let (s, e) = (u64::from_str_radix(s, 16).ok()?, u64::from_str_radix(e, 16).ok()?);
+                let (s, e) = (
+                    u64::from_str_radix(s, 16).ok()?,
+                    u64::from_str_radix(e, 16).ok()?,
+                );
                 Some((s, e - s))
             })
             .find(|&(_, len)| len == block.size)
             .ok_or_else(not_found)?;
-        let fd_path = fds.iter().find(|(_, t)| same(t)).map(|(p, _)| p.clone()).ok_or_else(not_found)?;
-        out.push(RamMapping { id: block.id.clone(), start: HostAddr(mapping.0), len: mapping.1, fd_path });
+        let fd_path = fds
+            .iter()
+            .find(|(_, t)| same(t))
+            .map(|(p, _)| p.clone())
+            .ok_or_else(not_found)?;
+        out.push(RamMapping {
+            id: block.id.clone(),
+            start: HostAddr(mapping.0),
+            len: mapping.1,
+            fd_path,
+        });
     }
     Ok(out)
 }

@@ -19,7 +19,10 @@ use tokio::time::{timeout, Instant};
 #[derive(Debug, thiserror::Error)]
 pub enum QmpError {
     #[error("cannot connect to QMP socket {path}: {source}")]
-    Connect { path: PathBuf, source: std::io::Error },
+    Connect {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("QMP I/O failed: {0}")]
     Io(#[from] std::io::Error),
     #[error("QEMU closed the QMP connection (has it exited?)")]
@@ -27,7 +30,11 @@ pub enum QmpError {
     #[error("QMP sent invalid JSON: {0}")]
     Json(#[from] serde_json::Error),
     #[error("QMP command {command} failed: {class}: {desc}")]
-    Command { command: String, class: String, desc: String },
+    Command {
+        command: String,
+        class: String,
+        desc: String,
+    },
     #[error("timed out after {0:?} waiting for {1}")]
     Timeout(Duration, String),
     #[error("passing a file descriptor to QEMU failed: {0}")]
@@ -50,10 +57,17 @@ impl Qmp {
     pub async fn connect(path: &Path) -> Result<Qmp, QmpError> {
         let stream = UnixStream::connect(path)
             .await
-            .map_err(|source| QmpError::Connect { path: path.to_owned(), source })?;
+            .map_err(|source| QmpError::Connect {
+                path: path.to_owned(),
+                source,
+            })?;
         let (r, w) = stream.into_split();
-        let mut qmp =
-            Qmp { reader: BufReader::new(r), writer: w, events: VecDeque::new(), line: String::new() };
+        let mut qmp = Qmp {
+            reader: BufReader::new(r),
+            writer: w,
+            events: VecDeque::new(),
+            line: String::new(),
+        };
         let greeting = timeout(COMMAND_TIMEOUT, qmp.read_message())
             .await
             .map_err(|_| QmpError::Timeout(COMMAND_TIMEOUT, "the QMP greeting".into()))??;
@@ -118,7 +132,11 @@ impl Qmp {
                     break;
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
-                Err(e) => return Err(QmpError::SendFd(nix::Error::from_raw(e.raw_os_error().unwrap_or(0)))),
+                Err(e) => {
+                    return Err(QmpError::SendFd(nix::Error::from_raw(
+                        e.raw_os_error().unwrap_or(0),
+                    )))
+                }
             }
         }
         self.await_return(command).await
@@ -129,7 +147,9 @@ impl Qmp {
         loop {
             let msg = tokio::time::timeout_at(deadline, self.read_message())
                 .await
-                .map_err(|_| QmpError::Timeout(COMMAND_TIMEOUT, format!("QMP command {command}")))??;
+                .map_err(|_| {
+                    QmpError::Timeout(COMMAND_TIMEOUT, format!("QMP command {command}"))
+                })??;
             if let Some(ret) = msg.get("return") {
                 return Ok(ret.clone());
             }
@@ -172,9 +192,12 @@ impl Qmp {
 
     /// Enables migration capabilities (`x-ignore-shared`, `events`, ...).
     pub async fn set_migration_capabilities(&mut self, caps: &[&str]) -> Result<(), QmpError> {
-        let caps: Vec<Value> =
-            caps.iter().map(|c| json!({ "capability": c, "state": true })).collect();
-        self.execute("migrate-set-capabilities", json!({ "capabilities": caps })).await?;
+        let caps: Vec<Value> = caps
+            .iter()
+            .map(|c| json!({ "capability": c, "state": true }))
+            .collect();
+        self.execute("migrate-set-capabilities", json!({ "capabilities": caps }))
+            .await?;
         Ok(())
     }
 
@@ -183,17 +206,29 @@ impl Qmp {
     pub async fn wait_migration(&mut self, within: Duration) -> Result<(), QmpError> {
         let ev = self
             .wait_event("MIGRATION", within, |d| {
-                matches!(d["status"].as_str(), Some("completed" | "failed" | "cancelled"))
+                matches!(
+                    d["status"].as_str(),
+                    Some("completed" | "failed" | "cancelled")
+                )
             })
             .await?;
         if ev["data"]["status"] == "completed" {
             return Ok(());
         }
-        let info = self.execute("query-migrate", json!({})).await.unwrap_or(Value::Null);
+        let info = self
+            .execute("query-migrate", json!({}))
+            .await
+            .unwrap_or(Value::Null);
         Err(QmpError::Command {
             command: "migrate".into(),
-            class: ev["data"]["status"].as_str().unwrap_or("failed").to_string(),
-            desc: info["error-desc"].as_str().unwrap_or("migration failed").to_string(),
+            class: ev["data"]["status"]
+                .as_str()
+                .unwrap_or("failed")
+                .to_string(),
+            desc: info["error-desc"]
+                .as_str()
+                .unwrap_or("migration failed")
+                .to_string(),
         })
     }
 

@@ -26,7 +26,11 @@ pub enum EngineError {
     #[error(transparent)]
     Uffd(#[from] crate::uffd::UffdError),
     #[error("installing {what} at {addr:#x}: {errno}")]
-    Install { what: &'static str, addr: u64, errno: nix::errno::Errno },
+    Install {
+        what: &'static str,
+        addr: u64,
+        errno: nix::errno::Errno,
+    },
     #[error("QEMU faulted on {0:#x}, outside guest RAM")]
     StrayFault(u64),
 }
@@ -131,7 +135,7 @@ impl Engine {
             .iter()
             .find(|b| page.0 >= b.first_page && page.0 < b.first_page + b.pages)
             .unwrap_or(&self.blocks[0]);
-        b.start.add((page.0 - b.first_page) * PAGE_SIZE)
+        b.start.offset((page.0 - b.first_page) * PAGE_SIZE)
     }
 
     fn page_of(&self, addr: u64) -> Option<PageIndex> {
@@ -179,9 +183,13 @@ impl Engine {
         let page = self.page_of(addr).ok_or(EngineError::StrayFault(addr))?;
         let dst = self.host_addr(page);
         if self.resumed.load(Ordering::Acquire) {
-            self.counters.faults_after_resume.fetch_add(1, Ordering::Relaxed);
+            self.counters
+                .faults_after_resume
+                .fetch_add(1, Ordering::Relaxed);
         } else {
-            self.counters.faults_before_resume.fetch_add(1, Ordering::Relaxed);
+            self.counters
+                .faults_before_resume
+                .fetch_add(1, Ordering::Relaxed);
         }
         if self.is_resident(page) {
             // Installed by the filler after this fault was queued.
@@ -199,9 +207,13 @@ impl Engine {
                 let c = self.image.chunk_of(slot);
                 let first = self.image.chunk_slots(c).start;
                 let n = self.image.read_chunks(c, 1, chunk)?;
-                self.counters.bytes_read.fetch_add(n as u64, Ordering::Relaxed);
+                self.counters
+                    .bytes_read
+                    .fetch_add(n as u64, Ordering::Relaxed);
                 let off = (slot - first) as usize * PAGE_SIZE as usize;
-                let r = self.uffd.copy(dst, &chunk[off..off + PAGE_SIZE as usize], true);
+                let r = self
+                    .uffd
+                    .copy(dst, &chunk[off..off + PAGE_SIZE as usize], true);
                 self.settle(r, dst, "a page")?;
                 self.mark_resident(page, true);
                 self.counters.fault_pages.fetch_add(1, Ordering::Relaxed);
@@ -216,7 +228,11 @@ impl Engine {
         match r {
             CopyResult::Done(_) => Ok(()),
             CopyResult::Exists { .. } => Ok(self.uffd.wake(dst, PAGE_SIZE)?),
-            CopyResult::Failed { errno, .. } => Err(EngineError::Install { what, addr: dst.0, errno }),
+            CopyResult::Failed { errno, .. } => Err(EngineError::Install {
+                what,
+                addr: dst.0,
+                errno,
+            }),
         }
     }
 
@@ -249,7 +265,9 @@ impl Engine {
                 continue;
             }
             let n = self.image.read_chunks(first - count, count, &mut buf)?;
-            self.counters.bytes_read.fetch_add(n as u64, Ordering::Relaxed);
+            self.counters
+                .bytes_read
+                .fetch_add(n as u64, Ordering::Relaxed);
             let mut s = start;
             while s < end {
                 let page = self.image.slot_page(s);
@@ -262,7 +280,9 @@ impl Engine {
                 let mut e = s + 1;
                 while e < end {
                     let p = self.image.slot_page(e);
-                    if self.is_resident(p) || self.host_addr(p) != dst.add((e - s) as u64 * PAGE_SIZE) {
+                    if self.is_resident(p)
+                        || self.host_addr(p) != dst.offset((e - s) as u64 * PAGE_SIZE)
+                    {
                         break;
                     }
                     e += 1;
@@ -284,13 +304,20 @@ impl Engine {
         let mut done = 0u32;
         while done < pages {
             let off = done as usize * PAGE_SIZE as usize;
-            let at = dst.add(done as u64 * PAGE_SIZE);
+            let at = dst.offset(done as u64 * PAGE_SIZE);
             let (copied, skip) = match self.uffd.copy(at, &data[off..], true) {
                 CopyResult::Done(n) => (n, 0),
                 CopyResult::Exists { copied } => (copied, 1),
-                CopyResult::Failed { copied, errno } if errno == nix::errno::Errno::EAGAIN => (copied, 0),
+                CopyResult::Failed {
+                    copied,
+                    errno: nix::errno::Errno::EAGAIN,
+                } => (copied, 0),
                 CopyResult::Failed { errno, .. } => {
-                    return Err(EngineError::Install { what: "a run of pages", addr: at.0, errno })
+                    return Err(EngineError::Install {
+                        what: "a run of pages",
+                        addr: at.0,
+                        errno,
+                    })
                 }
             };
             let n = (copied as u64 / PAGE_SIZE) as u32 + skip;
@@ -298,9 +325,13 @@ impl Engine {
                 self.mark_resident(self.image.slot_page(slot + i), true);
             }
             let fresh = (copied as u64 / PAGE_SIZE) as u32;
-            self.counters.fill_pages.fetch_add(fresh as u64, Ordering::Relaxed);
+            self.counters
+                .fill_pages
+                .fetch_add(fresh as u64, Ordering::Relaxed);
             if self.resumed.load(Ordering::Acquire) {
-                self.counters.fill_pages_after_resume.fetch_add(fresh as u64, Ordering::Relaxed);
+                self.counters
+                    .fill_pages_after_resume
+                    .fetch_add(fresh as u64, Ordering::Relaxed);
             }
             done += n;
         }

@@ -61,7 +61,10 @@ pub enum RestoreError {
     #[error("restore failed, the VM was stopped: {0}")]
     Engine(String),
     #[error("{context}: {source}")]
-    Io { context: String, source: std::io::Error },
+    Io {
+        context: String,
+        source: std::io::Error,
+    },
 }
 
 /// What a restore did; the `--json` output.
@@ -98,11 +101,34 @@ pub struct RestoreStats {
 
 impl std::fmt::Display for RestoreStats {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        writeln!(f, "restored {} ({:?}): {} MiB RAM, {} non-zero pages", self.name, self.mode, self.ram_bytes >> 20, self.nonzero_pages)?;
-        writeln!(f, "  guest running after   {:>9.1} ms (QEMU up {:.1} ms, device state {:.1} ms)", self.resume_ms, self.launch_ms, self.device_state_ms)?;
-        writeln!(f, "  all RAM resident after{:>9.1} ms (fill {:.0} MiB/s)", self.complete_ms, self.fill_mib_per_s)?;
-        writeln!(f, "  pages: {} prefetched, {} on-demand faults ({} zero), {} background", self.prefetched_pages, self.faults, self.zero_page_faults, self.background_pages)?;
-        write!(f, "  fault service: p50 {:.1} us, p99 {:.1} us", self.fault_p50_us, self.fault_p99_us)
+        writeln!(
+            f,
+            "restored {} ({:?}): {} MiB RAM, {} non-zero pages",
+            self.name,
+            self.mode,
+            self.ram_bytes >> 20,
+            self.nonzero_pages
+        )?;
+        writeln!(
+            f,
+            "  guest running after   {:>9.1} ms (QEMU up {:.1} ms, device state {:.1} ms)",
+            self.resume_ms, self.launch_ms, self.device_state_ms
+        )?;
+        writeln!(
+            f,
+            "  all RAM resident after{:>9.1} ms (fill {:.0} MiB/s)",
+            self.complete_ms, self.fill_mib_per_s
+        )?;
+        writeln!(
+            f,
+            "  pages: {} prefetched, {} on-demand faults ({} zero), {} background",
+            self.prefetched_pages, self.faults, self.zero_page_faults, self.background_pages
+        )?;
+        write!(
+            f,
+            "  fault service: p50 {:.1} us, p99 {:.1} us",
+            self.fault_p50_us, self.fault_p99_us
+        )
     }
 }
 
@@ -157,7 +183,11 @@ async fn run(
     started: Instant,
     launch_ms: f64,
 ) -> Result<RestoreStats, RestoreError> {
-    let Launched { paths, state, mut qmp } = launched;
+    let Launched {
+        paths,
+        state,
+        mut qmp,
+    } = launched;
     let meta = image.meta().clone();
     check_layout(&meta.layout, &state.layout)?;
     let ram = qemu::find_ram(state.qemu_pid, &paths, &state.layout)?;
@@ -166,14 +196,14 @@ async fn run(
     // anything can touch it.
     let uffd = Arc::new(uffd::take_over(
         nix::unistd::Pid::from_raw(state.qemu_pid),
-        userfaultfd_sys::UFFD_FEATURE_MISSING_SHMEM as u64,
+        userfaultfd_sys::UFFD_FEATURE_MISSING_SHMEM,
     )?);
     for m in &ram {
         uffd.register_missing(m.start, m.len)?;
     }
     drop_early_pages(&ram)?;
     let record = RecoveryRecord {
-        image: std::fs::canonicalize(&image.dir()).unwrap_or_else(|_| image.dir().to_path_buf()),
+        image: std::fs::canonicalize(image.dir()).unwrap_or_else(|_| image.dir().to_path_buf()),
         qemu_pid: state.qemu_pid,
         uffd_fd_in_qemu: uffd.remote_fd(),
         mode: opts.mode,
@@ -184,7 +214,11 @@ async fn run(
     let blocks: Vec<BlockMap> = ram
         .iter()
         .zip(&state.layout.blocks)
-        .map(|(m, b)| BlockMap { start: m.start, first_page: b.first_page, pages: b.pages() })
+        .map(|(m, b)| BlockMap {
+            start: m.start,
+            first_page: b.first_page,
+            pages: b.pages(),
+        })
         .collect();
     let engine = Arc::new(Engine::new(image.clone(), uffd.clone(), blocks));
     let latency_capacity = (meta.total_pages as usize).min(1 << 22);
@@ -193,7 +227,10 @@ async fn run(
         std::thread::Builder::new()
             .name("thaw-faults".into())
             .spawn(move || engine.serve_faults(latency_capacity))
-            .map_err(|source| RestoreError::Io { context: "spawning the fault thread".into(), source })?
+            .map_err(|source| RestoreError::Io {
+                context: "spawning the fault thread".into(),
+                source,
+            })?
     };
     let bar = crate::progress::bytes_bar(meta.nonzero_pages * PAGE_SIZE, "restore");
     let spawn_filler = |engine: Arc<Engine>, bar: indicatif::ProgressBar| {
@@ -204,7 +241,10 @@ async fn run(
                 let r = engine.fill(&bar);
                 (r, t.elapsed())
             })
-            .map_err(|source| RestoreError::Io { context: "spawning the filler".into(), source })
+            .map_err(|source| RestoreError::Io {
+                context: "spawning the filler".into(),
+                source,
+            })
     };
 
     let outcome = async {
@@ -224,13 +264,19 @@ async fn run(
         if filler.is_none() {
             filler = Some(spawn_filler(engine.clone(), bar.clone())?);
         }
-        let f = filler.take().ok_or_else(|| RestoreError::Engine("filler missing".into()))?;
+        let f = filler
+            .take()
+            .ok_or_else(|| RestoreError::Engine("filler missing".into()))?;
         wait_thread(&f, &engine).await?;
-        let (fill_result, fill_time) =
-            f.join().map_err(|_| RestoreError::Engine("the filler thread panicked".into()))?;
+        let (fill_result, fill_time) = f
+            .join()
+            .map_err(|_| RestoreError::Engine("the filler thread panicked".into()))?;
         fill_result.map_err(|e| RestoreError::Engine(e.to_string()))?;
         if engine.remaining() != 0 {
-            return Err(RestoreError::Engine(format!("{} pages still missing after the fill", engine.remaining())));
+            return Err(RestoreError::Engine(format!(
+                "{} pages still missing after the fill",
+                engine.remaining()
+            )));
         }
         Ok::<_, RestoreError>((device_state_ms, prefetched, resume_ms, fill_time))
     }
@@ -274,7 +320,9 @@ async fn run(
         fault_p50_us: p50,
         fault_p99_us: p99,
         bytes_read: c.bytes_read.load(Ordering::Relaxed),
-        fill_mib_per_s: (fill_pages * PAGE_SIZE) as f64 / (1 << 20) as f64 / fill_time.as_secs_f64().max(1e-9),
+        fill_mib_per_s: (fill_pages * PAGE_SIZE) as f64
+            / (1 << 20) as f64
+            / fill_time.as_secs_f64().max(1e-9),
     })
 }
 
@@ -282,9 +330,16 @@ async fn run(
 fn check_layout(saved: &RamLayout, actual: &RamLayout) -> Result<(), RestoreError> {
     if saved != actual {
         let show = |l: &RamLayout| {
-            l.blocks.iter().map(|b| format!("{}={}M", b.id, b.size >> 20)).collect::<Vec<_>>().join(",")
+            l.blocks
+                .iter()
+                .map(|b| format!("{}={}M", b.id, b.size >> 20))
+                .collect::<Vec<_>>()
+                .join(",")
         };
-        return Err(RestoreError::LayoutMismatch { saved: show(saved), actual: show(actual) });
+        return Err(RestoreError::LayoutMismatch {
+            saved: show(saved),
+            actual: show(actual),
+        });
     }
     Ok(())
 }
@@ -298,25 +353,41 @@ fn drop_early_pages(ram: &[RamMapping]) -> Result<(), RestoreError> {
         let file = File::options()
             .write(true)
             .open(&m.fd_path)
-            .map_err(|source| RestoreError::Io { context: format!("opening {}", m.fd_path.display()), source })?;
-        let extents = crate::save::data_extents(&file, m.len)
-            .map_err(|source| RestoreError::Io { context: format!("scanning {}", m.fd_path.display()), source })?;
+            .map_err(|source| RestoreError::Io {
+                context: format!("opening {}", m.fd_path.display()),
+                source,
+            })?;
+        let extents =
+            crate::save::data_extents(&file, m.len).map_err(|source| RestoreError::Io {
+                context: format!("scanning {}", m.fd_path.display()),
+                source,
+            })?;
         for (start, end) in extents {
-            log::warn!("RAM block {} had data at {start:#x}..{end:#x} before the restore; dropping it", m.id);
+            log::warn!(
+                "RAM block {} had data at {start:#x}..{end:#x} before the restore; dropping it",
+                m.id
+            );
             nix::fcntl::fallocate(
                 &file,
-                nix::fcntl::FallocateFlags::FALLOC_FL_PUNCH_HOLE | nix::fcntl::FallocateFlags::FALLOC_FL_KEEP_SIZE,
+                nix::fcntl::FallocateFlags::FALLOC_FL_PUNCH_HOLE
+                    | nix::fcntl::FallocateFlags::FALLOC_FL_KEEP_SIZE,
                 start as i64,
                 (end - start) as i64,
             )
-            .map_err(|e| RestoreError::Io { context: format!("punching {}", m.id), source: e.into() })?;
+            .map_err(|e| RestoreError::Io {
+                context: format!("punching {}", m.id),
+                source: e.into(),
+            })?;
         }
     }
     Ok(())
 }
 
 fn write_record(path: &Path, record: &RecoveryRecord) -> Result<(), RestoreError> {
-    let io = |source| RestoreError::Io { context: format!("writing {}", path.display()), source };
+    let io = |source| RestoreError::Io {
+        context: format!("writing {}", path.display()),
+        source,
+    };
     let _ = std::fs::remove_file(path);
     let mut f = qemu::create_private(path)?;
     let text = serde_json::to_vec_pretty(record).map_err(|e| io(std::io::Error::other(e)))?;
@@ -332,25 +403,33 @@ async fn load_device_state(qmp: &mut qemu::Qmp, data: Vec<u8>) -> Result<f64, Re
     };
     let (rd, wr) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)
         .map_err(|e| io("creating a pipe")(e.into()))?;
-    qmp.set_migration_capabilities(&["x-ignore-shared", "events"]).await?;
-    qmp.execute_with_fd("getfd", json!({ "fdname": "thaw-restore" }), rd.as_fd()).await?;
+    qmp.set_migration_capabilities(&["x-ignore-shared", "events"])
+        .await?;
+    qmp.execute_with_fd("getfd", json!({ "fdname": "thaw-restore" }), rd.as_fd())
+        .await?;
     drop(rd);
     let t = Instant::now();
     let writer = std::thread::Builder::new()
         .name("thaw-devstate".into())
         .spawn(move || File::from(wr).write_all(&data))
         .map_err(io("spawning the device-state writer"))?;
-    qmp.execute("migrate-incoming", json!({ "uri": "fd:thaw-restore" })).await?;
+    qmp.execute("migrate-incoming", json!({ "uri": "fd:thaw-restore" }))
+        .await?;
     let loaded = qmp.wait_migration(DEVICE_LOAD_TIMEOUT).await;
     let elapsed = ms(t.elapsed());
-    let written = writer.join().map_err(|_| RestoreError::Engine("device-state writer panicked".into()))?;
+    let written = writer
+        .join()
+        .map_err(|_| RestoreError::Engine("device-state writer panicked".into()))?;
     loaded?;
     written.map_err(io("writing the device state to QEMU"))?;
     Ok(elapsed)
 }
 
 /// Waits for a thread to finish while watching the engine for failures.
-async fn wait_thread<T>(t: &std::thread::JoinHandle<T>, engine: &Engine) -> Result<(), RestoreError> {
+async fn wait_thread<T>(
+    t: &std::thread::JoinHandle<T>,
+    engine: &Engine,
+) -> Result<(), RestoreError> {
     while !t.is_finished() {
         if let Some(msg) = engine.failure() {
             return Err(RestoreError::Engine(msg));
