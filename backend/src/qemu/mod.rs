@@ -255,26 +255,76 @@ pub fn resolve_accel(cfg: &VmConfig) -> Result<&'static str, QemuError> {
     })
 }
 
+/// Firmware for the KVM probe, loaded as a 64 KiB BIOS at 0xF0000. Source
+/// (GNU as, linked at 0 as a flat binary; reset vector `ljmp $0xF000,$0`):
+///
+/// ```text
+/// .code16: cli; lgdtl %cs:gdtr; cr0 |= PE; ljmpl $0x08, pm32
+/// .code32: ds = es = ss = 0x10; out 'P' to 0x3f8
+///          PML4@0x1000 -> PDPT@0x2000 -> PD@0x3000, PD[0] = 2 MiB identity page
+///          cr3 = 0x1000; cr4 |= PAE; EFER |= LME; cr0 |= PG; ljmp $0x18, lm64
+/// .code64: out 'L' to 0x3f8; 1: hlt; jmp 1b
+/// gdt: null, code32 0x00CF9A000000FFFF, data 0x00CF92000000FFFF,
+///      code64 0x00AF9A000000FFFF; gdtr at offset 0xA8
+/// ```
+///
+/// Real mode alone is not a test: paravirtualized KVM (PVM) runs real-mode
+/// code and then fails as soon as a guest enters protected mode.
+const KVM_PROBE_CODE: [u8; 0xAE] = [
+    0xFA, 0x2E, 0x66, 0x0F, 0x01, 0x16, 0xA8, 0x00, 0x0F, 0x20, 0xC0, 0x66,
+    0x83, 0xC8, 0x01, 0x0F, 0x22, 0xC0, 0x66, 0xEA, 0x1A, 0x00, 0x0F, 0x00,
+    0x08, 0x00, 0x66, 0xB8, 0x10, 0x00, 0x8E, 0xD8, 0x8E, 0xC0, 0x8E, 0xD0,
+    0x66, 0xBA, 0xF8, 0x03, 0xB0, 0x50, 0xEE, 0xC7, 0x05, 0x00, 0x10, 0x00,
+    0x00, 0x03, 0x20, 0x00, 0x00, 0xC7, 0x05, 0x00, 0x20, 0x00, 0x00, 0x03,
+    0x30, 0x00, 0x00, 0xC7, 0x05, 0x00, 0x30, 0x00, 0x00, 0x83, 0x00, 0x00,
+    0x00, 0xB8, 0x00, 0x10, 0x00, 0x00, 0x0F, 0x22, 0xD8, 0x0F, 0x20, 0xE0,
+    0x83, 0xC8, 0x20, 0x0F, 0x22, 0xE0, 0xB9, 0x80, 0x00, 0x00, 0xC0, 0x0F,
+    0x32, 0x0D, 0x00, 0x01, 0x00, 0x00, 0x0F, 0x30, 0x0F, 0x20, 0xC0, 0x0D,
+    0x00, 0x00, 0x00, 0x80, 0x0F, 0x22, 0xC0, 0xEA, 0x7A, 0x00, 0x0F, 0x00,
+    0x18, 0x00, 0x66, 0xBA, 0xF8, 0x03, 0xB0, 0x4C, 0xEE, 0xF4, 0xEB, 0xFD,
+    0x8D, 0xB4, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00,
+    0xFF, 0xFF, 0x00, 0x00, 0x00, 0x9A, 0xCF, 0x00, 0xFF, 0xFF, 0x00, 0x00,
+    0x00, 0x92, 0xCF, 0x00, 0xFF, 0xFF, 0x00, 0x00, 0x00, 0x9A, 0xAF, 0x00,
+    0x1F, 0x00, 0x88, 0x00, 0x0F, 0x00,
+];
+/// `ljmp $0xF000, $0` at the reset vector (0xFFFF0).
+const KVM_PROBE_RESET: [u8; 5] = [0xEA, 0x00, 0x00, 0x00, 0xF0];
+
 /// Whether KVM can really run a guest here: boots a 64 KiB firmware that
-/// writes one byte to the serial port from real mode. `/dev/kvm` existing is
-/// not enough (some hosts only run paravirtualized guests).
+/// enters long mode and writes `L` to the serial port ([`KVM_PROBE_CODE`]).
+/// `/dev/kvm` existing is not enough (some hosts only run paravirtualized
+/// guests).
 pub fn kvm_boots_guest(qemu: &str) -> Result<bool, QemuError> {
     if !Path::new("/dev/kvm").exists() {
         return Ok(false);
     }
+    let ok = probe_firmware_runs(qemu, "kvm", Duration::from_secs(5))?;
+    log::info!(
+        "KVM probe: {}",
+        if ok {
+            "guest reached long mode, using kvm"
+        } else {
+            "guest did not reach long mode, using tcg"
+        }
+    );
+    Ok(ok)
+}
+
+/// Boots the probe firmware under `accel`; true once it printed `L` within
+/// `within`.
+fn probe_firmware_runs(qemu: &str, accel: &str, within: Duration) -> Result<bool, QemuError> {
     let dir = tempdir_in_runtime()?;
     let bios = dir.join("probe.bin");
     let out = dir.join("probe.out");
     let mut image = vec![0u8; 64 << 10];
-    // Reset vector (0xFFFF0): mov dx,0x3f8; mov al,'K'; out dx,al; hlt; jmp $-3
-    let code = [0xBA, 0xF8, 0x03, 0xB0, b'K', 0xEE, 0xF4, 0xEB, 0xFD];
+    image[..KVM_PROBE_CODE.len()].copy_from_slice(&KVM_PROBE_CODE);
     let at = image.len() - 16;
-    image[at..at + code.len()].copy_from_slice(&code);
+    image[at..at + KVM_PROBE_RESET.len()].copy_from_slice(&KVM_PROBE_RESET);
     fs::write(&bios, &image).map_err(fs_err("cannot write", &bios))?;
     let mut child = std::process::Command::new(qemu)
         .args([
             "-accel",
-            "kvm",
+            accel,
             "-machine",
             "q35",
             "-nodefaults",
@@ -296,8 +346,9 @@ pub fn kvm_boots_guest(qemu: &str) -> Result<bool, QemuError> {
             _ => QemuError::Launch(e.to_string()),
         })?;
     let mut ok = false;
-    for _ in 0..50 {
-        if fs::read(&out).is_ok_and(|b| b.contains(&b'K')) {
+    let deadline = std::time::Instant::now() + within;
+    while std::time::Instant::now() < deadline {
+        if fs::read(&out).is_ok_and(|b| b.contains(&b'L')) {
             ok = true;
             break;
         }
@@ -309,21 +360,15 @@ pub fn kvm_boots_guest(qemu: &str) -> Result<bool, QemuError> {
     let _ = child.kill();
     let _ = child.wait();
     let _ = fs::remove_dir_all(&dir);
-    log::info!(
-        "KVM probe: {}",
-        if ok {
-            "guest ran, using kvm"
-        } else {
-            "no guest output, using tcg"
-        }
-    );
     Ok(ok)
 }
 
 fn tempdir_in_runtime() -> Result<PathBuf, QemuError> {
     let root = runtime_root();
     ensure_root_dir(&root)?;
-    let dir = root.join(format!(".probe-{}", std::process::id()));
+    static PROBES: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = PROBES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let dir = root.join(format!(".probe-{}-{n}", std::process::id()));
     let _ = fs::remove_dir_all(&dir);
     create_private_dir(&dir)?;
     Ok(dir)
@@ -655,4 +700,26 @@ pub async fn stop(paths: &VmPaths, state: &VmState, force: bool) -> Result<(), Q
     }
     remove_runtime(paths);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn probe_firmware_reaches_long_mode_under_tcg() {
+        // The same firmware decides `accel: auto`; under TCG it must print
+        // `L`, or a host with working KVM would be misjudged.
+        let ran = probe_firmware_runs("qemu-system-x86_64", "tcg", Duration::from_secs(120))
+            .expect("qemu-system-x86_64 runs");
+        assert!(ran, "the probe firmware did not reach long mode under TCG");
+    }
+
+    #[test]
+    fn old_qemu_is_refused() {
+        assert!(check_version("7.2.11").is_err());
+        assert!(check_version("8.1.0").is_err());
+        assert!(check_version("8.2.0").is_ok());
+        assert!(check_version("10.0.2").is_ok());
+    }
 }
