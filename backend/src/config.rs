@@ -213,55 +213,80 @@ impl VmConfig {
                 *p = base.join(&*p);
             }
         }
-        cfg.validate().map_err(|message| ConfigError::Invalid {
-            path: origin.to_owned(),
-            message,
+        cfg.check().map_err(|bad| match key_position(text, bad.key) {
+            Some((line, column)) => ConfigError::Syntax {
+                path: origin.to_owned(),
+                line,
+                column,
+                message: format!("{}: {}", bad.key, bad.message),
+            },
+            None => ConfigError::Invalid {
+                path: origin.to_owned(),
+                message: format!("{}: {}", bad.key, bad.message),
+            },
         })?;
         Ok(cfg)
     }
 
     /// Checks values that the types alone do not constrain.
     pub fn validate(&self) -> Result<(), String> {
-        validate_name(&self.name)?;
+        self.check().map_err(|bad| format!("{}: {}", bad.key, bad.message))
+    }
+
+    /// Like [`VmConfig::validate`], naming the offending key.
+    fn check(&self) -> Result<(), BadValue> {
+        let bad = |key: &'static str, message: String| Err(BadValue { key, message });
+        if let Err(m) = validate_name(&self.name) {
+            return bad("name", m);
+        }
         if self.memory.0 == 0 || self.memory.0 % (1 << 20) != 0 {
-            return Err(format!(
-                "memory: {} must be a positive whole number of MiB",
-                self.memory
-            ));
+            return bad(
+                "memory",
+                format!(
+                    "{} must be a positive whole number of MiB (a bare number is bytes: write e.g. 2048M)",
+                    self.memory
+                ),
+            );
         }
         if self.cpus == 0 || self.cpus > 1024 {
-            return Err(format!("cpus: {} is out of range (1..=1024)", self.cpus));
+            return bad("cpus", format!("{} is out of range (1..=1024)", self.cpus));
         }
         if self.numa_nodes == 0 || self.numa_nodes > 64 {
-            return Err(format!(
-                "numa_nodes: {} is out of range (1..=64)",
-                self.numa_nodes
-            ));
+            return bad(
+                "numa_nodes",
+                format!("{} is out of range (1..=64)", self.numa_nodes),
+            );
         }
         if self.memory.0 % (u64::from(self.numa_nodes) << 20) != 0 {
-            return Err(format!(
-                "memory: {} does not split evenly into {} NUMA nodes of whole MiB",
-                self.memory, self.numa_nodes
-            ));
+            return bad(
+                "memory",
+                format!(
+                    "{} does not split evenly into {} NUMA nodes of whole MiB",
+                    self.memory, self.numa_nodes
+                ),
+            );
         }
         if self.machine.is_empty() || self.machine.contains(',') {
-            return Err(format!(
-                "machine: {:?} must be a machine type name; put machine options in extra_args",
-                self.machine
-            ));
+            return bad(
+                "machine",
+                format!(
+                    "{:?} must be a machine type name; put machine options in extra_args",
+                    self.machine
+                ),
+            );
         }
         for (key, p) in [("kernel", &self.kernel), ("initrd", &self.initrd)] {
             if let Some(p) = p {
                 if !p.is_file() {
-                    return Err(format!(
-                        "{key}: {} does not exist or is not a file",
-                        p.display()
-                    ));
+                    return bad(key, format!("{} does not exist or is not a file", p.display()));
                 }
             }
         }
         if self.initrd.is_some() && self.kernel.is_none() {
-            return Err("initrd is set but kernel is not".into());
+            return bad("initrd", "initrd is set but kernel is not".into());
+        }
+        if let Some(m) = owned_option(&self.extra_args) {
+            return bad("extra_args", m);
         }
         Ok(())
     }
@@ -272,6 +297,64 @@ impl VmConfig {
         debug_assert_eq!(size % PAGE_SIZE, 0);
         size
     }
+}
+
+/// A value the types accept but thaw does not, and the key it sits under.
+struct BadValue {
+    key: &'static str,
+    message: String,
+}
+
+/// QEMU options thaw sets itself, and the config key that controls each.
+const OWNED_OPTIONS: &[(&str, &str)] = &[
+    ("-m", "memory"),
+    ("-smp", "cpus"),
+    ("-machine", "machine"),
+    ("-M", "machine"),
+    ("-accel", "accel"),
+    ("-enable-kvm", "accel"),
+    ("-numa", "numa_nodes"),
+    ("-mem-path", "memory"),
+    ("-mem-prealloc", "memory"),
+    ("-kernel", "kernel"),
+    ("-initrd", "initrd"),
+    ("-append", "append"),
+    ("-serial", "serial"),
+    ("-name", "name"),
+    ("-qmp", "(thaw's own QMP socket)"),
+    ("-pidfile", "(thaw's own pid file)"),
+    ("-daemonize", "(thaw daemonizes QEMU)"),
+    ("-incoming", "(thaw restore)"),
+    ("-S", "(thaw restore)"),
+];
+
+/// The first argument in `args` that would fight thaw's own QEMU options
+/// (RAM backends, QMP, daemonizing, incoming migration), as a message.
+fn owned_option(args: &[String]) -> Option<String> {
+    for (i, arg) in args.iter().enumerate() {
+        let opt = arg.strip_prefix('-').filter(|o| o.starts_with('-')).unwrap_or(arg);
+        if let Some((_, key)) = OWNED_OPTIONS.iter().find(|(o, _)| *o == opt) {
+            return Some(format!(
+                "{arg:?} is set by thaw itself (config key: {key}); remove it from extra_args"
+            ));
+        }
+        let value = args.get(i + 1).map(String::as_str).unwrap_or("");
+        if opt == "-object" && value.starts_with("memory-backend-") {
+            return Some(format!(
+                "\"-object {value}\": thaw creates guest RAM itself as shared file backends \
+                 (set memory and numa_nodes); remove it from extra_args"
+            ));
+        }
+    }
+    None
+}
+
+/// Line and column (1-based) of a top-level `key:` in YAML `text`.
+fn key_position(text: &str, key: &str) -> Option<(usize, usize)> {
+    text.lines().enumerate().find_map(|(i, line)| {
+        let rest = line.strip_prefix(key)?;
+        rest.trim_start().starts_with(':').then_some((i + 1, 1))
+    })
 }
 
 /// A VM name must be safe as a single path component and a QEMU `-name`.
@@ -328,8 +411,30 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("name"));
-        assert!(parse("name: a\nmemory: 1G\ncpus: 0\n").is_err());
-        assert!(parse("name: a\nmemory: 100M\nnuma_nodes: 3\n").is_err());
+        assert!(parse("name: a\nmemory: 1G\ncpus: 0\n")
+            .unwrap_err()
+            .to_string()
+            .starts_with("vm.yaml:3:1: cpus:"));
+        assert!(parse("name: a\nmemory: 100M\nnuma_nodes: 3\n")
+            .unwrap_err()
+            .to_string()
+            .starts_with("vm.yaml:2:1: memory:"));
+    }
+
+    #[test]
+    fn options_thaw_sets_itself_are_refused_in_extra_args() {
+        for args in [
+            r#"["-m", "2G"]"#,
+            r#"["--smp", "4"]"#,
+            r#"["-object", "memory-backend-ram,id=m,size=1G"]"#,
+            r#"["-daemonize"]"#,
+        ] {
+            let text = format!("name: a\nmemory: 1G\nextra_args: {args}\n");
+            let err = parse(&text).unwrap_err().to_string();
+            assert!(err.starts_with("vm.yaml:3:1: extra_args:"), "{err}");
+        }
+        let ok = r#"["-object", "rng-random,id=r,filename=/dev/urandom", "-device", "virtio-rng-pci,rng=r"]"#;
+        parse(&format!("name: a\nmemory: 1G\nextra_args: {ok}\n")).expect("devices are fine");
     }
 
     #[test]

@@ -102,7 +102,7 @@ fn repo_root() -> PathBuf {
         .to_path_buf()
 }
 
-fn guest_dir() -> PathBuf {
+pub fn guest_dir() -> PathBuf {
     std::env::var_os("THAW_GUEST_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| repo_root().join("target/guest"))
@@ -118,11 +118,7 @@ impl Vm {
             "guest kit missing in {}: run tests/guest/build.sh first",
             kit.display()
         );
-        let name = format!("e2e-{test}-{}", std::process::id());
-        let dir = std::env::temp_dir().join(&name);
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).expect("create test dir");
-        let runtime = dir.join("run");
+        let (name, dir) = Vm::workspace(test);
         let serial = dir.join("console.log");
         let extra: Vec<String> = std::iter::once("-no-reboot".to_string())
             .chain(spec.extra_args.iter().cloned())
@@ -140,17 +136,32 @@ impl Vm {
             spec.numa_nodes,
             serde_json::to_string(&extra).expect("json"),
         );
+        Vm::start(name, dir, &config, "THAW-READY")
+    }
+
+    /// A fresh name and empty directory for test `test`'s VM.
+    pub fn workspace(test: &str) -> (String, PathBuf) {
+        let name = format!("e2e-{test}-{}", std::process::id());
+        let dir = std::env::temp_dir().join(&name);
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("create test dir");
+        (name, dir)
+    }
+
+    /// Starts a VM from config text (its serial console must be
+    /// `<dir>/console.log`) and waits for `ready` on the console.
+    pub fn start(name: String, dir: PathBuf, config: &str, ready: &str) -> Vm {
         let cfg_path = dir.join("vm.yaml");
         std::fs::write(&cfg_path, config).expect("write config");
         let vm = Vm {
             name,
+            runtime: dir.join("run"),
+            serial: dir.join("console.log"),
             dir,
-            runtime,
-            serial,
         };
         vm.thaw(&["start", "--config", cfg_path.to_str().expect("utf-8 path")]);
-        vm.wait_for(BOOT_TIMEOUT, "the workload to be ready", |text| {
-            text.contains("THAW-READY")
+        vm.wait_for(BOOT_TIMEOUT, "the guest to be ready", |text| {
+            text.contains(ready)
         });
         vm
     }
@@ -257,6 +268,13 @@ impl Vm {
                 .stdout,
         )
         .expect("inspect JSON")
+    }
+
+    /// Waits until the console holds `n` or more occurrences of `needle`.
+    pub fn wait_count(&self, needle: &str, n: usize) -> String {
+        self.wait_for(TICK_TIMEOUT, &format!("{n} x {needle:?}"), |t| {
+            t.matches(needle).count() >= n
+        })
     }
 
     pub fn restore(&self, image: &Path, mode: Restore) -> RestoreJson {

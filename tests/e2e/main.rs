@@ -6,6 +6,7 @@
 //!
 //! Needs root and the guest kit (`tests/guest/build.sh`); `ci/test.sh` runs them.
 
+mod foreign;
 mod harness;
 
 use harness::{Restore, Vm};
@@ -68,6 +69,10 @@ fn virtio_devices_restore() {
             "user,id=n0",
             "-device",
             "virtio-net-pci,netdev=n0",
+            "-drive",
+            "if=none,id=d0,driver=null-co,size=16M,read-zeroes=on",
+            "-device",
+            "virtio-blk-pci,drive=d0",
         ]
         .map(String::from)
         .to_vec(),

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Builds thaw's test guest kit: a Debian cloud kernel (vmlinuz) and an
-# initramfs (initrd.img) holding busybox, tests/guest/init and a static
-# thaw-workload. See tests/guest/README.md.
+# initramfs (initrd.img) holding busybox, tests/guest/init, the kernel's
+# virtio modules and a static thaw-workload. The modules are also left in
+# <dir>/modules/ for tests that pack initramfses of their own. See
+# tests/guest/README.md.
 #
 # Usage: tests/guest/build.sh
 #   Output dir: $THAW_GUEST_DIR, default <repo>/target/guest.
@@ -19,6 +21,8 @@ here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 repo=$(cd "$here/../.." && pwd)
 out=${THAW_GUEST_DIR:-$repo/target/guest}
 kernel_meta=linux-image-cloud-amd64
+# Kernel modules put into the initramfs, in load order (dependencies first).
+guest_modules="virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci failover net_failover virtio_net virtio_blk virtio-rng"
 busybox_bin=/bin/busybox
 
 log() { echo "build.sh: $*" >&2; }
@@ -99,7 +103,7 @@ build.sh=$(sha "$here/build.sh")"
 inputs_hash=$(printf '%s\n' "$inputs" | sha256sum | cut -d' ' -f1)
 stamp=$out/stamp
 
-if [ -f "$stamp" ] && [ -f "$out/vmlinuz" ] && [ -f "$out/initrd.img" ] &&
+if [ -f "$stamp" ] && [ -f "$out/vmlinuz" ] && [ -f "$out/initrd.img" ] && [ -d "$out/modules" ] &&
   [ "$(head -n1 "$stamp")" = "$inputs_hash" ]; then
   log "up to date ($kernel_pkg $kernel_version)"
   echo "$out/vmlinuz"
@@ -134,13 +138,27 @@ vmlinuz=$(find "$tmp/kpkg/boot" -maxdepth 1 -name 'vmlinuz-*' -print -quit 2>/de
 [ -n "$vmlinuz" ] || die "no boot/vmlinuz-* in $deb"
 cp "$vmlinuz" "$tmp/vmlinuz"
 chmod 644 "$tmp/vmlinuz"
+# The cloud kernel builds virtio as modules: ship the ones the tests' devices
+# need (virtio-pci, -blk, -net, -rng), flat, in load order (modules.order).
+mkdir -p "$tmp/modules"
+moddir=$(find "$tmp/kpkg/lib/modules" -mindepth 1 -maxdepth 1 -type d -print -quit)
+[ -n "$moddir" ] || die "no lib/modules/<version> in $deb"
+for m in $guest_modules; do
+  ko=$(find "$moddir/kernel" -name "$m.ko" -print -quit)
+  [ -n "$ko" ] || die "module $m.ko not found in $deb"
+  cp "$ko" "$tmp/modules/$m.ko"
+done
+chmod 644 "$tmp/modules"/*.ko
+echo "$guest_modules" | tr ' ' '\n' >"$tmp/modules/load-order"
 rm -rf "$tmp/kpkg"
 
 # --- initramfs ------------------------------------------------------------------
 log "building the initramfs"
 root=$tmp/root
-mkdir -p "$root/bin" "$root/proc" "$root/sys" "$root/dev" "$root/tmp"
+mkdir -p "$root/bin" "$root/proc" "$root/sys" "$root/dev" "$root/tmp" "$root/lib"
 cp "$here/init" "$root/init"
+cp -r "$tmp/modules" "$root/lib/modules"
+chmod 755 "$root/lib" "$root/lib/modules"
 cp "$busybox_bin" "$root/bin/busybox"
 cp "$workload_bin" "$root/bin/thaw-workload"
 chmod 755 "$root/bin" "$root/proc" "$root/sys" "$root/dev" "$root/init" \
@@ -151,6 +169,8 @@ find "$root" -exec touch -h -d @0 {} +
   cpio --reproducible --quiet -o -H newc --owner=0:0) | gzip -n -9 >"$tmp/initrd.img" ||
   die "creating the initramfs failed"
 
+rm -rf "$out/modules"
+mv -f "$tmp/modules" "$out/modules"
 mv -f "$tmp/vmlinuz" "$out/vmlinuz"
 mv -f "$tmp/initrd.img" "$out/initrd.img"
 printf '%s\n%s\n' "$inputs_hash" "$inputs" >"$stamp"

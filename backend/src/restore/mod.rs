@@ -253,30 +253,23 @@ async fn run(
             filler = Some(spawn_filler(engine.clone(), bar.clone())?);
         }
         let device_state_ms = load_device_state(&mut qmp, device_state).await?;
-        if let Some(f) = &filler {
-            wait_thread(f, &engine).await?;
+        let mut fill_time = Duration::ZERO;
+        if let Some(f) = filler.take() {
+            fill_time = finish_fill(f, &engine).await?;
+            // Every non-zero page is in; the holes left are the zero pages,
+            // which read as zeros once unregistered: the guest runs without
+            // thaw in its way.
+            unregister(&uffd, &ram)?;
         }
         let prefetched = meta.nonzero_pages - engine.remaining();
         engine.set_resumed();
         qmp.execute("cont", json!({})).await?;
         let resume_ms = ms(started.elapsed());
         log::info!("guest resumed after {resume_ms:.1} ms with {prefetched} pages resident");
-        if filler.is_none() {
-            filler = Some(spawn_filler(engine.clone(), bar.clone())?);
-        }
-        let f = filler
-            .take()
-            .ok_or_else(|| RestoreError::Engine("filler missing".into()))?;
-        wait_thread(&f, &engine).await?;
-        let (fill_result, fill_time) = f
-            .join()
-            .map_err(|_| RestoreError::Engine("the filler thread panicked".into()))?;
-        fill_result.map_err(|e| RestoreError::Engine(e.to_string()))?;
-        if engine.remaining() != 0 {
-            return Err(RestoreError::Engine(format!(
-                "{} pages still missing after the fill",
-                engine.remaining()
-            )));
+        if opts.mode == Mode::Lazy {
+            let f = spawn_filler(engine.clone(), bar.clone())?;
+            fill_time = finish_fill(f, &engine).await?;
+            unregister(&uffd, &ram)?;
         }
         Ok::<_, RestoreError>((device_state_ms, prefetched, resume_ms, fill_time))
     }
@@ -288,12 +281,6 @@ async fn run(
         return Err(RestoreError::Engine(msg));
     }
     let (device_state_ms, prefetched, resume_ms, fill_time) = outcome?;
-
-    // Everything non-zero is resident; holes left are zero pages, which
-    // read as zeros once unregistered.
-    for m in &ram {
-        uffd.unregister(m.start, m.len)?;
-    }
     let complete_ms = ms(started.elapsed());
     if let Err(e) = uffd.close_remote() {
         log::warn!("could not close the userfaultfd inside QEMU: {e}");
@@ -423,6 +410,35 @@ async fn load_device_state(qmp: &mut qemu::Qmp, data: Vec<u8>) -> Result<f64, Re
     loaded?;
     written.map_err(io("writing the device state to QEMU"))?;
     Ok(elapsed)
+}
+
+/// Waits for the filler, checks it installed every non-zero page; returns
+/// how long it ran.
+async fn finish_fill(
+    filler: std::thread::JoinHandle<(Result<(), engine::EngineError>, Duration)>,
+    engine: &Engine,
+) -> Result<Duration, RestoreError> {
+    wait_thread(&filler, engine).await?;
+    let (result, took) = filler
+        .join()
+        .map_err(|_| RestoreError::Engine("the filler thread panicked".into()))?;
+    result.map_err(|e| RestoreError::Engine(e.to_string()))?;
+    if engine.remaining() != 0 {
+        return Err(RestoreError::Engine(format!(
+            "{} pages still missing after the fill",
+            engine.remaining()
+        )));
+    }
+    Ok(took)
+}
+
+/// Ends userfaultfd handling of guest RAM. Only once every non-zero page is
+/// resident: the holes left then read as the zero pages they are.
+fn unregister(uffd: &uffd::RemoteUffd, ram: &[RamMapping]) -> Result<(), RestoreError> {
+    for m in ram {
+        uffd.unregister(m.start, m.len)?;
+    }
+    Ok(())
 }
 
 /// Waits for a thread to finish while watching the engine for failures.
