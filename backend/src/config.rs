@@ -213,24 +213,26 @@ impl VmConfig {
                 *p = base.join(&*p);
             }
         }
-        cfg.check().map_err(|bad| match key_position(text, bad.key) {
-            Some((line, column)) => ConfigError::Syntax {
-                path: origin.to_owned(),
-                line,
-                column,
-                message: format!("{}: {}", bad.key, bad.message),
-            },
-            None => ConfigError::Invalid {
-                path: origin.to_owned(),
-                message: format!("{}: {}", bad.key, bad.message),
-            },
-        })?;
+        cfg.check()
+            .map_err(|bad| match key_position(text, bad.key) {
+                Some((line, column)) => ConfigError::Syntax {
+                    path: origin.to_owned(),
+                    line,
+                    column,
+                    message: format!("{}: {}", bad.key, bad.message),
+                },
+                None => ConfigError::Invalid {
+                    path: origin.to_owned(),
+                    message: format!("{}: {}", bad.key, bad.message),
+                },
+            })?;
         Ok(cfg)
     }
 
     /// Checks values that the types alone do not constrain.
     pub fn validate(&self) -> Result<(), String> {
-        self.check().map_err(|bad| format!("{}: {}", bad.key, bad.message))
+        self.check()
+            .map_err(|bad| format!("{}: {}", bad.key, bad.message))
     }
 
     /// Like [`VmConfig::validate`], naming the offending key.
@@ -278,7 +280,10 @@ impl VmConfig {
         for (key, p) in [("kernel", &self.kernel), ("initrd", &self.initrd)] {
             if let Some(p) = p {
                 if !p.is_file() {
-                    return bad(key, format!("{} does not exist or is not a file", p.display()));
+                    return bad(
+                        key,
+                        format!("{} does not exist or is not a file", p.display()),
+                    );
                 }
             }
         }
@@ -332,7 +337,10 @@ const OWNED_OPTIONS: &[(&str, &str)] = &[
 /// (RAM backends, QMP, daemonizing, incoming migration), as a message.
 fn owned_option(args: &[String]) -> Option<String> {
     for (i, arg) in args.iter().enumerate() {
-        let opt = arg.strip_prefix('-').filter(|o| o.starts_with('-')).unwrap_or(arg);
+        let opt = arg
+            .strip_prefix('-')
+            .filter(|o| o.starts_with('-'))
+            .unwrap_or(arg);
         if let Some((_, key)) = OWNED_OPTIONS.iter().find(|(o, _)| *o == opt) {
             return Some(format!(
                 "{arg:?} is set by thaw itself (config key: {key}); remove it from extra_args"

@@ -5,11 +5,13 @@
 //! [`qemu`] (command line, launch, QMP, RAM discovery) → [`inject`] (ptrace
 //! syscall injection) → [`uffd`] (userfaultfd takeover and typed ioctls) →
 //! [`image`] (on-disk format, writer, verifying reader) → [`save`] /
-//! [`restore`] (orchestration and the restore engine).
+//! [`restore`] (orchestration and the restore engine). [`limits`] measures
+//! the machine's physical limits the restore path runs into.
 
 pub mod config;
 pub mod image;
 pub mod inject;
+pub mod limits;
 pub mod mem;
 pub mod progress;
 pub mod qemu;

@@ -65,6 +65,39 @@ enum Command {
         #[arg(long)]
         force: bool,
     },
+    /// Measure this machine's physical limits for lazy restore: the
+    /// cross-process userfaultfd fault round trip, UFFDIO_COPY throughput by
+    /// batch size, and cold sequential read bandwidth. Needs root (ptrace
+    /// and userfaultfd over a child process).
+    Limits {
+        /// Pages a child process touches in the fault test (one fault each).
+        #[arg(long, default_value_t = 20_000)]
+        faults: u64,
+        /// Bytes copied per batch size in the UFFDIO_COPY test (e.g. 256M).
+        #[arg(long, default_value = "256M", value_parser = parse_size)]
+        copy_bytes: u64,
+        /// Size of the scratch file of the read test (e.g. 1G).
+        #[arg(long, default_value = "1G", value_parser = parse_size)]
+        read_bytes: u64,
+        /// Directory for the read test's scratch file (created 0700 if
+        /// missing); put it on the disk that holds your images.
+        #[arg(long, default_value = thaw::limits::DEFAULT_DIR)]
+        dir: PathBuf,
+        /// Skip the warm re-read from the page cache.
+        #[arg(long)]
+        no_warm: bool,
+        /// Skip the fault tests pinned to one CPU and across two CPUs
+        /// (they show what the scheduler's placement costs).
+        #[arg(long)]
+        no_pinned: bool,
+    },
+    /// Internal: the process `thaw limits` measures faults in.
+    #[command(name = thaw::limits::CHILD_SUBCOMMAND, hide = true)]
+    LimitsChild,
+}
+
+fn parse_size(text: &str) -> Result<u64, String> {
+    thaw::config::ByteSize::parse(text).map(|b| b.0)
 }
 
 fn main() {
@@ -77,6 +110,10 @@ fn main() {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(level))
         .format_timestamp_millis()
         .init();
+    if let Command::LimitsChild = cli.command {
+        // Single-threaded on purpose: no async runtime in the measured child.
+        std::process::exit(thaw::limits::child_main());
+    }
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -88,9 +125,26 @@ fn main() {
         }
     };
     if let Err(e) = rt.block_on(run(cli)) {
-        eprintln!("thaw: {e:#}");
+        eprintln!("thaw: {}", error_chain(&e));
         std::process::exit(1);
     }
+}
+
+/// The error and its causes on one line, skipping a cause whose text the
+/// message before it already carries (library errors name their source).
+fn error_chain(e: &anyhow::Error) -> String {
+    let mut text = String::new();
+    for cause in e.chain() {
+        let part = cause.to_string();
+        if text.contains(&part) {
+            continue;
+        }
+        if !text.is_empty() {
+            text.push_str(": ");
+        }
+        text.push_str(&part);
+    }
+    text
 }
 
 fn print(
@@ -232,6 +286,35 @@ async fn run(cli: Cli) -> Result<()> {
                 j,
                 &json!({ "name": name, "stopped": true }),
                 format_args!("stopped {name}"),
+            )
+        }
+        Command::Limits {
+            faults,
+            copy_bytes,
+            read_bytes,
+            dir,
+            no_warm,
+            no_pinned,
+        } => {
+            let opts = thaw::limits::LimitsOptions {
+                fault_pages: faults,
+                copy_region_bytes: copy_bytes,
+                read_bytes,
+                dir,
+                warm_read: !no_warm,
+                pinned_faults: !no_pinned,
+                ..Default::default()
+            };
+            let report = tokio::task::spawn_blocking(move || thaw::limits::measure(&opts))
+                .await
+                .context("the measurement thread failed")?
+                .context("measuring this machine's limits")?;
+            print(j, &report, &report)
+        }
+        Command::LimitsChild => {
+            anyhow::bail!(
+                "{} runs before the async runtime starts",
+                thaw::limits::CHILD_SUBCOMMAND
             )
         }
     }

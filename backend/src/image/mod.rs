@@ -54,6 +54,8 @@ pub enum ImageError {
         context: &'static str,
         source: std::io::Error,
     },
+    #[error("{path} is not a thaw image: {why}")]
+    NotAnImage { path: PathBuf, why: &'static str },
     #[error("image {0} already exists (use --force to replace it)")]
     Exists(PathBuf),
     #[error("{path}: invalid metadata: {message}")]
@@ -415,6 +417,18 @@ impl Image {
     /// of the index, page-table consistency.
     pub fn open(dir: &Path) -> Result<Image, ImageError> {
         let meta_path = dir.join("meta.json");
+        if !dir.is_dir() {
+            return Err(ImageError::NotAnImage {
+                path: dir.to_owned(),
+                why: "no such directory",
+            });
+        }
+        if !meta_path.exists() {
+            return Err(ImageError::NotAnImage {
+                path: dir.to_owned(),
+                why: "it has no meta.json",
+            });
+        }
         let text = fs::read(&meta_path).map_err(io_err(&meta_path, "cannot read"))?;
         let version: serde_json::Value =
             serde_json::from_slice(&text).map_err(|e| ImageError::Meta {
