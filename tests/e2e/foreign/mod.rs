@@ -63,9 +63,15 @@ fn assert_carries_on(vm: &Vm) -> u64 {
     let t = ticks(vm);
     let nonce = &t[0].1;
     for (n, k_nonce, mem, disk) in &t {
-        assert_eq!(k_nonce, nonce, "tick {n}: the nonce changed (guest rebooted?)");
+        assert_eq!(
+            k_nonce, nonce,
+            "tick {n}: the nonce changed (guest rebooted?)"
+        );
         assert!(*mem, "tick {n}: the guest's md5 of its RAM file failed");
-        assert!(*disk, "tick {n}: the guest read its nonce back wrong from disk");
+        assert!(
+            *disk,
+            "tick {n}: the guest read its nonce back wrong from disk"
+        );
     }
     assert!(
         t.windows(2).all(|w| w[1].0 == w[0].0 + 1),
