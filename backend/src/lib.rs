@@ -18,3 +18,4 @@ pub mod qemu;
 pub mod restore;
 pub mod save;
 pub mod uffd;
+pub mod wss;

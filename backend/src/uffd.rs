@@ -525,6 +525,46 @@ impl RemoteUffd {
         Ok(())
     }
 
+    /// Registers `start..start+len` for missing *and* minor faults (shared
+    /// memory with `UFFD_FEATURE_MINOR_SHMEM`): holes fault as missing, pages
+    /// in the page cache but not mapped fault as minor, so a first touch of
+    /// a page put into the file behind QEMU's back is still seen.
+    pub fn register_missing_minor(&self, start: HostAddr, len: u64) -> Result<(), UffdError> {
+        let need = MISSING_IOCTLS.union(IoctlFlags::from_bits_retain(
+            1 << userfaultfd_sys::_UFFDIO_CONTINUE,
+        ));
+        let have = self.register(start, len, RegisterMode::MISSING | RegisterMode::MINOR)?;
+        if !have.contains(need) {
+            if let Err(e) = self.unregister(start, len) {
+                log::warn!("{e}");
+            }
+            return Err(UffdError::MissingIoctls {
+                start: start.0,
+                len,
+                missing: need.difference(have),
+                have,
+            });
+        }
+        Ok(())
+    }
+
+    /// Maps pages already in the page cache at `dst..dst+len` into the owner
+    /// (`UFFDIO_CONTINUE`, answering minor faults); results as for
+    /// [`RemoteUffd::copy`] (`EEXIST`: already mapped).
+    pub fn continue_range(&self, dst: HostAddr, len: u64, wake: bool) -> CopyResult {
+        match self.uffd.r#continue(dst.as_ptr(), len as usize, wake) {
+            Ok(n) if n >= len => CopyResult::Done(len as usize),
+            Ok(n) => CopyResult::Failed {
+                copied: n as usize,
+                errno: Errno::EAGAIN,
+            },
+            Err(e) => match crate_errno(e) {
+                Errno::EEXIST => CopyResult::Exists { copied: 0 },
+                errno => CopyResult::Failed { copied: 0, errno },
+            },
+        }
+    }
+
     /// Registers a range in any mode; returns the ioctls it offers.
     pub fn register(
         &self,

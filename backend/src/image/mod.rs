@@ -711,4 +711,4 @@ impl std::fmt::Display for InspectReport {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

@@ -16,12 +16,12 @@ fn info() -> ImageInfo {
     }
 }
 
-fn page(fill: u8) -> Vec<u8> {
+pub(crate) fn page(fill: u8) -> Vec<u8> {
     (0..PAGE_SIZE as usize).map(|i| fill ^ (i as u8)).collect()
 }
 
 /// Two blocks (40 + 24 pages); pages 1, 3..=20 (except 7) and 50 non-zero.
-fn write_image(dir: &Path) -> Vec<(u64, Vec<u8>)> {
+pub(crate) fn write_image(dir: &Path) -> Vec<(u64, Vec<u8>)> {
     let layout = RamLayout::from_sizes([("ram0", 40 * PAGE_SIZE), ("ram1", 24 * PAGE_SIZE)]);
     let mut w = ImageWriter::create(dir, layout, false).expect("create");
     w.device_state_file()

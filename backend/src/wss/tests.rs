@@ -1,0 +1,128 @@
+//! Working-set files: round trip, learned refinement, damage detection.
+
+use super::*;
+use crate::image::tests::write_image;
+
+fn pages(list: &[u64]) -> Vec<PageIndex> {
+    list.iter().map(|&p| PageIndex(p)).collect()
+}
+
+#[test]
+fn round_trip_streams_pages_in_prefetch_order_with_their_saved_data() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let img_dir = dir.path().join("img");
+    let saved = write_image(&img_dir);
+    let image = Image::open(&img_dir).expect("open");
+    // 7 is an all-zero page: listed, but without data.
+    let order = pages(&[50, 3, 7, 1, 20, 3]);
+    let ws = WorkingSet::from_touches(Estimator::Trace, &order);
+    assert_eq!(ws.pages.len(), 5, "duplicates dropped");
+    let path = write(&image, &ws).expect("write");
+    let mode = std::fs::metadata(&path).expect("stat").permissions();
+    assert_eq!(
+        std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777,
+        0o600
+    );
+
+    let f = WsFile::open(&image, Estimator::Trace)
+        .expect("open")
+        .expect("present");
+    assert_eq!(f.set, ws);
+    assert_eq!(f.data_pages(), 4);
+    let mut got = Vec::new();
+    f.stream(|ps, data| {
+        for (p, d) in ps.iter().zip(data.chunks(PAGE_SIZE as usize)) {
+            got.push((p.0, d.to_vec()));
+        }
+        Ok(())
+    })
+    .expect("stream");
+    let want: Vec<(u64, Vec<u8>)> = [50u64, 3, 1, 20]
+        .iter()
+        .map(|p| {
+            saved
+                .iter()
+                .find(|(q, _)| q == p)
+                .cloned()
+                .expect("saved page")
+        })
+        .collect();
+    assert_eq!(got, want);
+    assert!(WsFile::open(&image, Estimator::Abit)
+        .expect("open")
+        .is_none());
+}
+
+#[test]
+fn learned_refinement_adds_misses_and_drops_idle_pages() {
+    let first = WorkingSet::from_touches(Estimator::Learned, &pages(&[1, 2, 3]));
+    let second = first.refine(&pages(&[3, 9]));
+    let view = |ws: &WorkingSet| {
+        ws.pages
+            .iter()
+            .map(|p| (p.page.0, p.idle))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(view(&second), [(3, 0), (9, 0), (1, 1), (2, 1)]);
+    assert_eq!(second.updates, 1);
+    let mut ws = second;
+    for _ in 1..LEARNED_DROP_AFTER {
+        ws = ws.refine(&pages(&[3, 9]));
+    }
+    assert_eq!(
+        view(&ws),
+        [(3, 0), (9, 0)],
+        "pages idle {LEARNED_DROP_AFTER} times are gone"
+    );
+}
+
+#[test]
+fn damage_is_detected() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let img_dir = dir.path().join("img");
+    write_image(&img_dir);
+    let image = Image::open(&img_dir).expect("open");
+    let ws = WorkingSet::from_touches(Estimator::Learned, &pages(&[1, 3, 4, 5]));
+    let path = write(&image, &ws).expect("write");
+    let good = std::fs::read(&path).expect("read");
+
+    // A flipped byte in the entry table: refused at open.
+    let mut bad = good.clone();
+    bad[HEADER_LEN as usize + 1] ^= 1;
+    std::fs::write(&path, &bad).expect("write");
+    assert!(matches!(
+        WsFile::open(&image, Estimator::Learned),
+        Err(WsError::Damaged { .. })
+    ));
+
+    // A flipped byte in the page data: found while streaming, before install.
+    let mut bad = good.clone();
+    let last = bad.len() - 1;
+    bad[last] ^= 1;
+    std::fs::write(&path, &bad).expect("write");
+    let f = WsFile::open(&image, Estimator::Learned)
+        .expect("structure is intact")
+        .expect("present");
+    let mut installed = 0;
+    let r = f.stream(|ps, _| {
+        installed += ps.len();
+        Ok(())
+    });
+    assert!(matches!(r, Err(WsError::Damaged { .. })), "{r:?}");
+    assert_eq!(installed, 0, "nothing from a bad chunk was handed on");
+
+    // Truncated: refused at open.
+    std::fs::write(&path, &good[..good.len() - 10]).expect("write");
+    assert!(WsFile::open(&image, Estimator::Learned).is_err());
+}
+
+#[test]
+fn pages_outside_the_image_are_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let img_dir = dir.path().join("img");
+    write_image(&img_dir);
+    let image = Image::open(&img_dir).expect("open");
+    let ws = WorkingSet::from_touches(Estimator::Learned, &pages(&[1, 64]));
+    assert!(write(&image, &ws).is_err());
+    assert!(!Estimator::Learned.path_in(&img_dir).exists());
+}
