@@ -36,6 +36,8 @@ use nix::sys::signal::Signal;
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
 
+use crate::mem::HostAddr;
+
 /// The `syscall` instruction (`0f 05`) as a little-endian 16-bit word.
 const SYSCALL_INSN: u64 = 0x050f;
 /// Length of the `syscall` instruction.
@@ -86,6 +88,12 @@ pub enum InjectError {
     },
     #[error("the injected system call {nr} did not return within {waited:?} in {pid}; it was interrupted")]
     CallTimeout { pid: Pid, nr: i64, waited: Duration },
+    #[error("{call} failed inside process {pid}: {errno}")]
+    CallFailed {
+        pid: Pid,
+        call: &'static str,
+        errno: Errno,
+    },
     #[error("a system call takes at most {MAX_ARGS} arguments, got {0}")]
     TooManyArgs(usize),
 }
@@ -645,6 +653,26 @@ pub fn inject_syscall(pid: Pid, nr: i64, args: &[u64]) -> Result<i64, InjectErro
     let ret = ret?;
     detached?;
     Ok(ret)
+}
+
+/// Drops process `pid`'s page-table entries for `start..start+len` with an
+/// injected `madvise(MADV_DONTNEED)`. For a shared file mapping the data
+/// stays in the page cache: the next access maps it again (a minor fault,
+/// reported when the range is registered for minor faults).
+pub fn madvise_dontneed(pid: Pid, start: HostAddr, len: u64) -> Result<(), InjectError> {
+    let ret = inject_syscall(
+        pid,
+        libc::SYS_madvise,
+        &[start.0, len, libc::MADV_DONTNEED as u64],
+    )?;
+    if ret < 0 {
+        return Err(InjectError::CallFailed {
+            pid,
+            call: "madvise(MADV_DONTNEED)",
+            errno: Errno::from_raw(-ret as i32),
+        });
+    }
+    Ok(())
 }
 
 fn sig_bit(sig: Signal) -> u64 {

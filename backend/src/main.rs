@@ -1,6 +1,7 @@
 //! The `thaw` command line: a thin layer mapping subcommands onto the library.
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
@@ -8,7 +9,7 @@ use serde_json::json;
 
 use thaw::config::VmConfig;
 use thaw::qemu::{self, Qmp, VmState};
-use thaw::restore::{Mode, RestoreOptions};
+use thaw::restore::{EstimatorChoice, LearnWindow, Mode, RestoreOptions};
 use thaw::save::SaveOptions;
 
 /// Save QEMU VMs and restore them lazily: the guest runs again at once while
@@ -43,17 +44,50 @@ enum Command {
         #[arg(long)]
         force: bool,
     },
-    /// Restore a VM from an image; returns once all its RAM is resident.
+    /// Restore a VM from an image; returns once all its RAM is resident
+    /// (and, after ws and lazy restores, the learning window has closed).
     Restore {
         image: PathBuf,
-        /// eager: load all RAM, then run; lazy: run at once, load RAM behind.
-        #[arg(long, value_enum, default_value_t = Mode::Lazy)]
+        /// ws: prefetch the working set, run, load the rest behind; lazy:
+        /// run at once, load RAM behind; eager: load all RAM, then run.
+        #[arg(long, value_enum, default_value_t = Mode::Ws)]
         mode: Mode,
+        /// Which working set ws mode prefetches (auto: the best the image
+        /// has: learned, trace, abit, dirty).
+        #[arg(long, value_enum, default_value_t = EstimatorChoice::Auto)]
+        estimator: EstimatorChoice,
         /// Run the restored VM under another name.
         #[arg(long)]
         name: Option<String>,
+        /// Do not record this restore's touches nor update the image's
+        /// learned working set (no tracking window).
+        #[arg(long)]
+        no_learn: bool,
+        /// The tracking window after all RAM is resident ends once no new
+        /// page was touched for this long (ms)...
+        #[arg(long, default_value_t = 1000)]
+        learn_quiet_ms: u64,
+        /// ...or after this long (ms) at most.
+        #[arg(long, default_value_t = 10_000)]
+        learn_max_ms: u64,
     },
-    /// Describe an image: VM, QEMU, RAM layout, sizes.
+    /// Save a running VM into an image and keep it running; then trace the
+    /// order in which the guest touches its pages (the `trace` working set).
+    Checkpoint {
+        name: String,
+        image: PathBuf,
+        /// Replace an existing image.
+        #[arg(long)]
+        force: bool,
+        /// The tracking window ends once no new page was touched for this
+        /// long (ms)...
+        #[arg(long, default_value_t = 1000)]
+        window_quiet_ms: u64,
+        /// ...or after this long (ms) at most.
+        #[arg(long, default_value_t = 10_000)]
+        window_max_ms: u64,
+    },
+    /// Describe an image: VM, QEMU, RAM layout, sizes, working sets.
     Inspect { image: PathBuf },
     /// List running VMs.
     List,
@@ -192,6 +226,7 @@ async fn run(cli: Cli) -> Result<()> {
                 &SaveOptions {
                     force,
                     keep_running: false,
+                    leave_paused: false,
                 },
             )
             .await
@@ -202,17 +237,67 @@ async fn run(cli: Cli) -> Result<()> {
                 report.device_state_bytes >> 10, report.paused_ms
             ))
         }
-        Command::Restore { image, mode, name } => {
-            let stats = thaw::restore::restore(&image, &RestoreOptions { mode, name })
+        Command::Restore {
+            image,
+            mode,
+            estimator,
+            name,
+            no_learn,
+            learn_quiet_ms,
+            learn_max_ms,
+        } => {
+            let learn = (!no_learn).then_some(LearnWindow {
+                quiet: Duration::from_millis(learn_quiet_ms),
+                max: Duration::from_millis(learn_max_ms),
+            });
+            let opts = RestoreOptions {
+                mode,
+                name,
+                estimator,
+                learn,
+            };
+            let stats = thaw::restore::restore(&image, &opts)
                 .await
                 .with_context(|| format!("restoring {}", image.display()))?;
             print(j, &stats, &stats)
+        }
+        Command::Checkpoint {
+            name,
+            image,
+            force,
+            window_quiet_ms,
+            window_max_ms,
+        } => {
+            let window = LearnWindow {
+                quiet: Duration::from_millis(window_quiet_ms),
+                max: Duration::from_millis(window_max_ms),
+            };
+            let report = thaw::checkpoint::checkpoint(&name, &image, force, window)
+                .await
+                .with_context(|| format!("checkpointing VM {name} to {}", image.display()))?;
+            print(j, &report, &report)
         }
         Command::Inspect { image } => {
             let img = thaw::image::Image::open(&image)
                 .with_context(|| format!("opening {}", image.display()))?;
             let report = thaw::image::inspect(&img);
-            print(j, &report, &report)
+            let mut sets = Vec::new();
+            let mut text = report.to_string();
+            for s in thaw::wss::summarize(&img) {
+                match s {
+                    Ok(s) => {
+                        text.push_str(&format!("\n{s}"));
+                        sets.push(serde_json::to_value(&s)?);
+                    }
+                    Err(e) => {
+                        text.push_str(&format!("\n  {e}"));
+                        sets.push(json!({ "error": e.to_string() }));
+                    }
+                }
+            }
+            let mut out = serde_json::to_value(&report)?;
+            out["working_sets"] = serde_json::Value::Array(sets);
+            print(j, &out, text)
         }
         Command::List => {
             let mut rows = Vec::new();

@@ -57,6 +57,9 @@ pub struct SaveOptions {
     pub force: bool,
     /// Leave the VM running after the save (a checkpoint) instead of stopping it.
     pub keep_running: bool,
+    /// With `keep_running`: leave the VM paused; the caller resumes it
+    /// (when [`SaveReport::was_running`]) after preparing its own work.
+    pub leave_paused: bool,
 }
 
 /// What a save did, for humans and `--json`.
@@ -73,6 +76,8 @@ pub struct SaveReport {
     /// Pause → image complete and synced.
     pub paused_ms: f64,
     pub total_ms: f64,
+    /// Whether the VM was running when the save began.
+    pub was_running: bool,
 }
 
 /// An exclusive, non-blocking lock on a VM's save/restore operations.
@@ -126,7 +131,7 @@ pub async fn save(name: &str, image: &Path, opts: &SaveOptions) -> Result<SaveRe
     };
     let paused_ms = ms(paused.elapsed());
     if opts.keep_running {
-        if was_running {
+        if was_running && !opts.leave_paused {
             qmp.execute("cont", json!({})).await?;
         }
     } else {
@@ -143,6 +148,7 @@ pub async fn save(name: &str, image: &Path, opts: &SaveOptions) -> Result<SaveRe
         device_state_ms,
         paused_ms,
         total_ms: ms(started.elapsed()),
+        was_running,
     })
 }
 

@@ -18,6 +18,10 @@ pub struct GuestSpec {
     pub hot: &'static str,
     pub numa_nodes: u32,
     pub extra_args: Vec<String>,
+    /// Verify all memory every this many ticks (0: only the hot set).
+    pub full_every: u32,
+    /// The guest prints its hot set's page frames (`THAW-HOT`).
+    pub report_hot: bool,
 }
 
 impl Default for GuestSpec {
@@ -28,6 +32,8 @@ impl Default for GuestSpec {
             hot: "8M",
             numa_nodes: 1,
             extra_args: Vec::new(),
+            full_every: 5,
+            report_hot: false,
         }
     }
 }
@@ -125,13 +131,15 @@ impl Vm {
             .collect();
         let config = format!(
             "name: {name}\nmemory: {}\ncpus: 1\nmachine: q35\naccel: tcg\nkernel: {}\ninitrd: {}\n\
-             append: \"console=ttyS0 quiet panic=-1 thaw.mem={} thaw.hot={} thaw.tick_ms=100 thaw.full_every=5\"\n\
+             append: \"console=ttyS0 quiet panic=-1 thaw.mem={} thaw.hot={} thaw.tick_ms=100 thaw.full_every={} thaw.report_hot={}\"\n\
              serial: {}\nnuma_nodes: {}\nextra_args: {}\n",
             spec.memory,
             kernel.display(),
             initrd.display(),
             spec.fill,
             spec.hot,
+            spec.full_every,
+            u8::from(spec.report_hot),
             serial.display(),
             spec.numa_nodes,
             serde_json::to_string(&extra).expect("json"),
@@ -282,13 +290,14 @@ impl Vm {
             Restore::Eager => "eager",
             Restore::Lazy => "lazy",
         };
-        let out = self.thaw(&[
-            "restore",
-            image.to_str().expect("utf-8"),
-            "--mode",
-            mode,
-            "--json",
-        ]);
+        self.restore_with(image, &["--mode", mode])
+    }
+
+    /// `thaw restore IMAGE --json ARGS...`.
+    pub fn restore_with(&self, image: &Path, args: &[&str]) -> RestoreJson {
+        let mut all = vec!["restore", image.to_str().expect("utf-8"), "--json"];
+        all.extend_from_slice(args);
+        let out = self.thaw(&all);
         let json = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
             panic!(
                 "restore printed no JSON ({e}): {}",
@@ -342,6 +351,45 @@ impl Vm {
     pub fn stop(&self) {
         self.thaw(&["stop", &self.name]);
     }
+
+    /// `thaw checkpoint`; returns its JSON report.
+    pub fn checkpoint(&self, file: &str) -> (PathBuf, Value) {
+        let image = self.dir.join(file);
+        let out = self.thaw(&[
+            "checkpoint",
+            &self.name,
+            image.to_str().expect("utf-8"),
+            "--json",
+        ]);
+        let json = serde_json::from_slice(&out.stdout).expect("checkpoint JSON");
+        (image, json)
+    }
+
+    /// Waits for `n` more tick lines than the console holds now; asserts the
+    /// guest stayed intact (same nonce, every tick ok, no corruption, no
+    /// second start). Tick numbers may repeat after a restore of an older
+    /// checkpoint, so only their count is used.
+    pub fn assert_keeps_ticking(&self, nonce: &str, n: usize) {
+        let seen = self.console().matches("THAW-TICK ").count();
+        self.wait_count("THAW-TICK ", seen + n);
+        let text = self.console();
+        assert!(
+            !text.contains("THAW-CORRUPT"),
+            "corruption:\n{}",
+            self.console_tail(20)
+        );
+        let ticks = parse_ticks(&text);
+        assert!(
+            ticks.iter().all(|k| k.ok && k.nonce == nonce),
+            "{}",
+            self.console_tail(20)
+        );
+        assert_eq!(
+            text.matches("THAW-READY").count(),
+            1,
+            "the workload started twice"
+        );
+    }
 }
 
 impl Drop for Vm {
@@ -352,6 +400,34 @@ impl Drop for Vm {
             let _ = std::fs::remove_dir_all(&self.dir);
         }
     }
+}
+
+/// The guest-physical pages of the hot set, from the `THAW-HOT` lines.
+pub fn hot_pages(console: &str) -> Vec<u64> {
+    console
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("THAW-HOT "))
+        .flat_map(|runs| runs.split_whitespace())
+        .filter_map(|run| {
+            let (first, n) = run.split_once('+')?;
+            Some((first.parse::<u64>().ok()?, n.parse::<u64>().ok()?))
+        })
+        .flat_map(|(first, n)| first..first + n)
+        .collect()
+}
+
+/// The pages of an image's working set, read from `ws-<estimator>.bin`
+/// (format: backend/src/wss/mod.rs; 64-byte header with the entry count at
+/// byte 24, then 16-byte entries starting with the page number).
+pub fn ws_pages(image: &Path, estimator: &str) -> Vec<u64> {
+    let path = image.join(format!("ws-{estimator}.bin"));
+    let data = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    assert_eq!(&data[..8], b"THAWWS01");
+    let le = |b: &[u8]| u64::from_le_bytes(b.try_into().expect("8 bytes"));
+    let entries = le(&data[24..32]) as usize;
+    (0..entries)
+        .map(|i| le(&data[64 + i * 16..64 + i * 16 + 8]))
+        .collect()
 }
 
 pub fn parse_ticks(text: &str) -> Vec<Tick> {

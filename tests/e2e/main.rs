@@ -8,6 +8,7 @@
 
 mod foreign;
 mod harness;
+mod working_set;
 
 use harness::{Restore, Vm};
 

@@ -1,10 +1,15 @@
 //! The restore engine: installs saved pages into QEMU's registered RAM
-//! through the stolen userfaultfd. One fault thread serves first touches
-//! (minimal work, no allocation: one verified chunk read, one copy); one
-//! filler streams the remaining non-zero pages in address order with large
-//! reads and one `UFFDIO_COPY` per contiguous run. A page is installed at
-//! most once: the resident bitmap is the only shared state and is lock-free.
+//! through the stolen userfaultfd. A prefetcher puts a working set into the
+//! RAM files' page cache before the guest runs (so each first touch of it
+//! is still seen, as a minor fault); one fault thread serves first touches
+//! (minimal work, no allocation: one verified chunk read and one copy, or
+//! one `UFFDIO_CONTINUE`) and records them in order; one filler streams the
+//! remaining non-zero pages in address order with large reads and one
+//! `UFFDIO_COPY` per contiguous run. A page is installed at most once: the
+//! resident bitmap is the only shared state and is lock-free.
 
+use std::fs::File;
+use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -12,6 +17,7 @@ use std::time::{Duration, Instant};
 use crate::image::{Image, PageLocation};
 use crate::mem::{HostAddr, PageIndex, PAGE_SIZE};
 use crate::uffd::{CopyResult, EventBuffer, FaultEvent, RemoteUffd};
+use crate::wss::{WsError, WsFile};
 
 /// Bytes the filler reads per request.
 const FILL_READ_BYTES: u64 = 4 << 20;
@@ -33,14 +39,27 @@ pub enum EngineError {
     },
     #[error("QEMU faulted on {0:#x}, outside guest RAM")]
     StrayFault(u64),
+    #[error(transparent)]
+    Ws(#[from] WsError),
 }
 
 /// Where one RAM block lives in QEMU.
-#[derive(Clone, Copy, Debug)]
+#[derive(Debug)]
 pub struct BlockMap {
     pub start: HostAddr,
     pub first_page: u64,
     pub pages: u64,
+    /// QEMU's RAM file, opened read-write through `/proc/<pid>/fd`: the
+    /// prefetcher writes into its page cache.
+    pub file: File,
+}
+
+/// What the fault thread saw: service time of each fault (µs) and every
+/// page's first touch, in order.
+#[derive(Debug, Default)]
+pub struct FaultLog {
+    pub latencies: Vec<u32>,
+    pub touches: Vec<PageIndex>,
 }
 
 /// Counters the engine keeps while it runs.
@@ -53,6 +72,14 @@ pub struct Counters {
     pub fill_pages: AtomicU64,
     pub fill_pages_after_resume: AtomicU64,
     pub bytes_read: AtomicU64,
+    /// Minor faults served (pages already in the page cache).
+    pub minor_faults: AtomicU64,
+    /// First touches after resume that found their page prefetched.
+    pub skipped_faults: AtomicU64,
+    /// Pages the prefetcher installed.
+    pub prefetched_pages: AtomicU64,
+    /// Distinct pages touched (first touches recorded).
+    pub touched_pages: AtomicU64,
 }
 
 /// Shared state of one restore.
@@ -61,8 +88,14 @@ pub struct Engine {
     uffd: Arc<RemoteUffd>,
     blocks: Vec<BlockMap>,
     resident: Box<[AtomicU64]>,
+    prefetched: Box<[AtomicU64]>,
+    touched: Box<[AtomicU64]>,
     remaining: AtomicU64,
     resumed: AtomicBool,
+    in_window: AtomicBool,
+    /// Tracing a running VM whose RAM is all there: a missing page is a
+    /// page the guest never wrote (or discarded), served as zeros.
+    live: bool,
     stop: AtomicBool,
     failure: Mutex<Option<String>>,
     pub counters: Counters,
@@ -73,17 +106,33 @@ impl Engine {
         let total: u64 = blocks.iter().map(|b| b.pages).sum();
         let words = total.div_ceil(64) as usize;
         let remaining = image.meta().nonzero_pages;
+        let bitmap = || (0..words).map(|_| AtomicU64::new(0)).collect();
         Engine {
             image,
             uffd,
             blocks,
-            resident: (0..words).map(|_| AtomicU64::new(0)).collect(),
+            resident: bitmap(),
+            prefetched: bitmap(),
+            touched: bitmap(),
             remaining: AtomicU64::new(remaining),
             resumed: AtomicBool::new(false),
+            in_window: AtomicBool::new(false),
+            live: false,
             stop: AtomicBool::new(false),
             failure: Mutex::new(None),
             counters: Counters::default(),
         }
+    }
+
+    /// An engine that only observes a running VM whose RAM is complete
+    /// (a checkpoint's tracking window): minor faults are mapped and
+    /// recorded, missing pages get zero pages, nothing is filled.
+    pub fn observer(image: Arc<Image>, uffd: Arc<RemoteUffd>, blocks: Vec<BlockMap>) -> Engine {
+        let mut e = Engine::new(image, uffd, blocks);
+        e.live = true;
+        e.remaining = AtomicU64::new(0);
+        e.resumed = AtomicBool::new(true);
+        e
     }
 
     /// Non-zero pages not installed yet.
@@ -94,6 +143,12 @@ impl Engine {
     /// Marks the moment the guest is resumed (faults after it count as on-demand).
     pub fn set_resumed(&self) {
         self.resumed.store(true, Ordering::Release);
+    }
+
+    /// Marks the start of the tracking window: touches are still recorded,
+    /// but no longer count as skipped faults of this restore.
+    pub fn begin_window(&self) {
+        self.in_window.store(true, Ordering::Release);
     }
 
     /// Asks the threads to stop at their next check.
@@ -115,26 +170,42 @@ impl Engine {
     }
 
     fn is_resident(&self, page: PageIndex) -> bool {
-        let (w, b) = ((page.0 / 64) as usize, page.0 % 64);
-        self.resident[w].load(Ordering::Acquire) & (1 << b) != 0
+        test_bit(&self.resident, page)
+    }
+
+    /// Prefetched pages the guest has not touched (so far).
+    pub fn unused_prefetched(&self) -> u64 {
+        self.prefetched
+            .iter()
+            .zip(self.touched.iter())
+            .map(|(p, t)| {
+                (p.load(Ordering::Acquire) & !t.load(Ordering::Acquire)).count_ones() as u64
+            })
+            .sum()
+    }
+
+    /// Records the first touch of `page`; true if it is the first.
+    fn record_touch(&self, page: PageIndex, log: &mut FaultLog) -> bool {
+        if !set_bit(&self.touched, page) {
+            return false;
+        }
+        if log.touches.len() < log.touches.capacity() {
+            log.touches.push(page);
+        }
+        self.counters.touched_pages.fetch_add(1, Ordering::Release);
+        true
     }
 
     /// Records `page` as installed; counts it once if it holds saved data.
     fn mark_resident(&self, page: PageIndex, nonzero: bool) {
-        let (w, b) = ((page.0 / 64) as usize, page.0 % 64);
-        let before = self.resident[w].fetch_or(1 << b, Ordering::AcqRel);
-        if before & (1 << b) == 0 && nonzero {
+        if set_bit(&self.resident, page) && nonzero {
             self.remaining.fetch_sub(1, Ordering::AcqRel);
         }
     }
 
     fn host_addr(&self, page: PageIndex) -> HostAddr {
         // Pages come from the image's own layout, which matches `blocks`.
-        let b = self
-            .blocks
-            .iter()
-            .find(|b| page.0 >= b.first_page && page.0 < b.first_page + b.pages)
-            .unwrap_or(&self.blocks[0]);
+        let b = self.block_of(page);
         b.start.offset((page.0 - b.first_page) * PAGE_SIZE)
     }
 
@@ -146,9 +217,12 @@ impl Engine {
     }
 
     /// The fault thread: serves page faults until asked to stop; returns the
-    /// service time of each fault in microseconds.
-    pub fn serve_faults(&self, latency_capacity: usize) -> Vec<u32> {
-        let mut latencies = Vec::with_capacity(latency_capacity);
+    /// service time of each fault and the order of first touches.
+    pub fn serve_faults(&self, capacity: usize) -> FaultLog {
+        let mut log = FaultLog {
+            latencies: Vec::with_capacity(capacity),
+            touches: Vec::with_capacity(capacity),
+        };
         let mut chunk = vec![0u8; self.image.meta().chunk_pages as usize * PAGE_SIZE as usize];
         let mut events = EventBuffer::new(64);
         while !self.stop.load(Ordering::Acquire) {
@@ -161,27 +235,127 @@ impl Engine {
             };
             let read_at = Instant::now();
             for ev in batch {
-                match *ev {
-                    FaultEvent::PageFault { addr } => {
-                        if let Err(e) = self.serve_fault(addr, &mut chunk) {
-                            self.fail(&e);
-                            return latencies;
-                        }
-                        if latencies.len() < latencies.capacity() {
-                            let us = read_at.elapsed().as_micros().min(u32::MAX as u128) as u32;
-                            latencies.push(us);
-                        }
+                let served = match *ev {
+                    FaultEvent::PageFault { addr } => self.serve_fault(addr, &mut chunk, &mut log),
+                    FaultEvent::MinorFault { addr } => self.serve_minor(addr, &mut log),
+                    ref other => {
+                        log::debug!("userfaultfd event ignored: {other:?}");
+                        continue;
                     }
-                    ref other => log::debug!("userfaultfd event ignored: {other:?}"),
+                };
+                if let Err(e) = served {
+                    self.fail(&e);
+                    return log;
+                }
+                if log.latencies.len() < log.latencies.capacity() {
+                    let us = read_at.elapsed().as_micros().min(u32::MAX as u128) as u32;
+                    log.latencies.push(us);
                 }
             }
         }
-        latencies
+        log
     }
 
-    fn serve_fault(&self, addr: u64, chunk: &mut [u8]) -> Result<(), EngineError> {
+    /// A page in the page cache (prefetched, or installed and then zapped
+    /// out of QEMU's page tables) was touched: map it.
+    fn serve_minor(&self, addr: u64, log: &mut FaultLog) -> Result<(), EngineError> {
         let page = self.page_of(addr).ok_or(EngineError::StrayFault(addr))?;
         let dst = self.host_addr(page);
+        self.counters.minor_faults.fetch_add(1, Ordering::Relaxed);
+        if self.record_touch(page, log)
+            && self.resumed.load(Ordering::Acquire)
+            && !self.in_window.load(Ordering::Acquire)
+            && test_bit(&self.prefetched, page)
+        {
+            self.counters.skipped_faults.fetch_add(1, Ordering::Relaxed);
+        }
+        match self.uffd.continue_range(dst, PAGE_SIZE, true) {
+            CopyResult::Done(_) | CopyResult::Exists { .. } => {
+                Ok(self.uffd.wake(dst, PAGE_SIZE)?)
+            }
+            // Retried by the kernel's own re-fault once woken.
+            CopyResult::Failed {
+                errno: nix::errno::Errno::EAGAIN,
+                ..
+            } => Ok(self.uffd.wake(dst, PAGE_SIZE)?),
+            CopyResult::Failed { errno, .. } => Err(EngineError::Install {
+                what: "a page-cache page (UFFDIO_CONTINUE)",
+                addr: dst.0,
+                errno,
+            }),
+        }
+    }
+
+    /// Puts the working set in `ws` into the RAM files' page cache, in its
+    /// order, before the guest runs: nothing is mapped into QEMU, so the
+    /// guest's first touch of each page is still reported (a minor fault).
+    /// Only for use while the guest is paused: a write into the page cache
+    /// is not atomic against a guest write the way `UFFDIO_COPY` is.
+    pub fn prefetch(&self, ws: &WsFile) -> Result<u64, EngineError> {
+        let mut installed = 0u64;
+        ws.stream(|pages, data| {
+            let mut i = 0;
+            while i < pages.len() {
+                // A run of adjacent pages in one block, none resident yet.
+                let first = pages[i];
+                let mut j = i + 1;
+                while j < pages.len()
+                    && pages[j].0 == first.0 + (j - i) as u64
+                    && self.same_block(first, pages[j])
+                    && !self.is_resident(pages[j])
+                {
+                    j += 1;
+                }
+                if !self.is_resident(first) {
+                    let block = self.block_of(first);
+                    let off = (first.0 - block.first_page) * PAGE_SIZE;
+                    let bytes = &data[i * PAGE_SIZE as usize..j * PAGE_SIZE as usize];
+                    block
+                        .file
+                        .write_all_at(bytes, off)
+                        .map_err(|source| WsError::Io {
+                            path: format!("guest RAM page {}", first.0).into(),
+                            context: "cannot write into the RAM file",
+                            source,
+                        })?;
+                    for &p in &pages[i..j] {
+                        self.mark_resident(p, true);
+                        set_bit(&self.prefetched, p);
+                    }
+                    installed += (j - i) as u64;
+                } else {
+                    j = i + 1;
+                }
+                i = j;
+            }
+            Ok(())
+        })?;
+        self.counters
+            .prefetched_pages
+            .fetch_add(installed, Ordering::Relaxed);
+        Ok(installed)
+    }
+
+    fn block_of(&self, page: PageIndex) -> &BlockMap {
+        self.blocks
+            .iter()
+            .find(|b| page.0 >= b.first_page && page.0 < b.first_page + b.pages)
+            .unwrap_or(&self.blocks[0])
+    }
+
+    fn same_block(&self, a: PageIndex, b: PageIndex) -> bool {
+        std::ptr::eq(self.block_of(a), self.block_of(b))
+    }
+
+    fn serve_fault(
+        &self,
+        addr: u64,
+        chunk: &mut [u8],
+        log: &mut FaultLog,
+    ) -> Result<(), EngineError> {
+        let page = self.page_of(addr).ok_or(EngineError::StrayFault(addr))?;
+        let dst = self.host_addr(page);
+        self.record_touch(page, log);
         if self.resumed.load(Ordering::Acquire) {
             self.counters
                 .faults_after_resume
@@ -196,7 +370,12 @@ impl Engine {
             self.uffd.wake(dst, PAGE_SIZE)?;
             return Ok(());
         }
-        match self.image.locate(page) {
+        let location = if self.live {
+            PageLocation::Zero
+        } else {
+            self.image.locate(page)
+        };
+        match location {
             PageLocation::Zero => {
                 let r = self.uffd.zeropage(dst, PAGE_SIZE, true);
                 self.settle(r, dst, "a zero page")?;
@@ -337,4 +516,16 @@ impl Engine {
         }
         Ok(())
     }
+}
+
+/// Whether `page`'s bit is set in `bits`.
+fn test_bit(bits: &[AtomicU64], page: PageIndex) -> bool {
+    let (w, b) = ((page.0 / 64) as usize, page.0 % 64);
+    bits[w].load(Ordering::Acquire) & (1 << b) != 0
+}
+
+/// Sets `page`'s bit; true if it was clear.
+fn set_bit(bits: &[AtomicU64], page: PageIndex) -> bool {
+    let (w, b) = ((page.0 / 64) as usize, page.0 % 64);
+    bits[w].fetch_or(1 << b, Ordering::AcqRel) & (1 << b) == 0
 }

@@ -1,9 +1,19 @@
 //! `thaw restore`: start QEMU from an image's config with empty RAM and
 //! `-incoming defer -S`, take over its userfaultfd, register guest RAM, load
-//! the verified device state, then either install every page before `cont`
-//! (eager) or `cont` at once and let the [`engine`] serve faults while it
-//! fills the rest in the background (lazy). Returns when all RAM is resident,
-//! leaving a normal thaw VM running.
+//! the verified device state, then bring RAM back in one of three ways:
+//!
+//! - `ws` (default): put the image's best working set ([`crate::wss`]) into
+//!   the RAM files' page cache in one sequential read, `cont`, and let the
+//!   [`engine`] serve the other first touches while it fills the rest;
+//! - `lazy`: the same without a working set;
+//! - `eager`: install every page, then `cont`.
+//!
+//! After `ws` and `lazy` restores thaw learns: it records the guest's first
+//! touches in order (faults during the restore, minor faults on prefetched
+//! pages and, once all RAM is resident, during a short tracking window in
+//! which QEMU's page-table entries for guest RAM are zapped), and refines
+//! the image's `learned` working set with them. Returns when RAM is resident
+//! and the window closed, leaving a normal thaw VM running.
 
 pub mod engine;
 
@@ -19,13 +29,16 @@ use serde::Serialize;
 use serde_json::json;
 
 use crate::image::Image;
-use crate::mem::{RamLayout, PAGE_SIZE};
+use crate::mem::{PageIndex, RamLayout, PAGE_SIZE};
 use crate::qemu::{self, Launched, RamMapping};
 use crate::uffd;
-use engine::{BlockMap, Engine};
+use crate::wss::{self, Estimator, WorkingSet, WsFile};
+use engine::{BlockMap, Engine, FaultLog};
 
 /// How long QEMU may take to load the device state.
 const DEVICE_LOAD_TIMEOUT: Duration = Duration::from_secs(300);
+/// How often the tracking window checks whether new pages still arrive.
+const WINDOW_TICK: Duration = Duration::from_millis(50);
 
 /// How RAM is brought back.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, clap::ValueEnum)]
@@ -35,6 +48,52 @@ pub enum Mode {
     Eager,
     /// Resume at once; serve first touches on demand, fill the rest behind.
     Lazy,
+    /// Prefetch the working set, resume, then as lazy.
+    Ws,
+}
+
+/// Which working set a `ws` restore prefetches.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum EstimatorChoice {
+    /// The best the image has: learned, trace, abit, dirty.
+    Auto,
+    Learned,
+    Trace,
+    Abit,
+    Dirty,
+    /// No working set (a lazy restore that still learns).
+    None,
+}
+
+impl EstimatorChoice {
+    fn candidates(self) -> Vec<Estimator> {
+        match self {
+            EstimatorChoice::Auto => Estimator::PREFERENCE.to_vec(),
+            EstimatorChoice::Learned => vec![Estimator::Learned],
+            EstimatorChoice::Trace => vec![Estimator::Trace],
+            EstimatorChoice::Abit => vec![Estimator::Abit],
+            EstimatorChoice::Dirty => vec![Estimator::Dirty],
+            EstimatorChoice::None => vec![],
+        }
+    }
+}
+
+/// The tracking window after a lazy or ws restore: it ends once no new
+/// page was touched for `quiet`, or after `max`.
+#[derive(Clone, Copy, Debug)]
+pub struct LearnWindow {
+    pub quiet: Duration,
+    pub max: Duration,
+}
+
+impl Default for LearnWindow {
+    fn default() -> Self {
+        LearnWindow {
+            quiet: Duration::from_millis(1000),
+            max: Duration::from_secs(10),
+        }
+    }
 }
 
 /// Options of `thaw restore`.
@@ -43,6 +102,10 @@ pub struct RestoreOptions {
     pub mode: Mode,
     /// Run the VM under this name instead of the saved one.
     pub name: Option<String>,
+    /// Which working set `ws` prefetches.
+    pub estimator: EstimatorChoice,
+    /// Learn from this restore (`None`: do not record or update).
+    pub learn: Option<LearnWindow>,
 }
 
 /// Errors restoring a VM.
@@ -51,13 +114,19 @@ pub enum RestoreError {
     #[error(transparent)]
     Image(#[from] crate::image::ImageError),
     #[error(transparent)]
+    Ws(#[from] wss::WsError),
+    #[error(transparent)]
     Qemu(#[from] qemu::QemuError),
     #[error(transparent)]
     Qmp(#[from] qemu::QmpError),
     #[error(transparent)]
     Uffd(#[from] uffd::UffdError),
+    #[error(transparent)]
+    Inject(#[from] crate::inject::InjectError),
     #[error("the image's RAM layout {saved} does not match what QEMU created: {actual}")]
     LayoutMismatch { saved: String, actual: String },
+    #[error("the image has no {0} working set (see `thaw inspect`); use --estimator auto or another one")]
+    NoWorkingSet(String),
     #[error("restore failed, the VM was stopped: {0}")]
     Engine(String),
     #[error("{context}: {source}")]
@@ -74,16 +143,29 @@ pub struct RestoreStats {
     pub mode: Mode,
     pub ram_bytes: u64,
     pub nonzero_pages: u64,
+    /// The working set prefetched (`ws` mode), if any.
+    pub estimator: Option<Estimator>,
+    /// Pages in that working set (zero pages included).
+    pub ws_pages: u64,
     /// Command start → QEMU up with empty RAM.
     pub launch_ms: f64,
-    /// Command start → guest running.
-    pub resume_ms: f64,
     /// Loading the device state (migrate-incoming → completed).
     pub device_state_ms: f64,
+    /// Reading and installing the working set.
+    pub prefetch_ms: f64,
+    /// Command start → guest running.
+    pub resume_ms: f64,
     /// Non-zero pages resident when the guest resumed.
     pub prefetched_pages: u64,
-    /// Pages served on demand after the guest resumed.
+    /// First touches after resume (until all RAM was resident) that found
+    /// their page prefetched.
+    pub skipped_faults: u64,
+    /// Pages served on demand after the guest resumed (missing faults).
     pub faults: u64,
+    /// The same, under the name of the VEE table.
+    pub lazy_faults: u64,
+    /// Prefetched pages the guest had not touched when all RAM was resident.
+    pub unused_prefetched_pages: u64,
     /// Pages QEMU faulted on while loading the device state.
     pub faults_before_resume: u64,
     /// Faults on all-zero pages (answered with a zero page, never read).
@@ -97,18 +179,40 @@ pub struct RestoreStats {
     pub bytes_read: u64,
     /// Background fill rate over the fill phase, MiB/s.
     pub fill_mib_per_s: f64,
+    /// Tracking window after completion (0 when not learning).
+    pub learn_window_ms: f64,
+    /// Distinct pages the guest touched while thaw recorded.
+    pub touched_pages: u64,
+    /// Size of the image's learned working set after this restore (0: not updated).
+    pub learned_pages: u64,
 }
 
 impl std::fmt::Display for RestoreStats {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mode = match self.mode {
+            Mode::Eager => "eager",
+            Mode::Lazy => "lazy",
+            Mode::Ws => "ws",
+        };
         writeln!(
             f,
-            "restored {} ({:?}): {} MiB RAM, {} non-zero pages",
+            "restored {} ({mode}): {} MiB RAM, {} non-zero pages",
             self.name,
-            self.mode,
             self.ram_bytes >> 20,
             self.nonzero_pages
         )?;
+        if self.mode == Mode::Ws {
+            match self.estimator {
+                Some(e) => writeln!(
+                    f,
+                    "  working set: {} ({} pages), prefetched in {:.1} ms",
+                    e.name(),
+                    self.ws_pages,
+                    self.prefetch_ms
+                )?,
+                None => writeln!(f, "  working set: none in the image (restored lazily)")?,
+            }
+        }
         writeln!(
             f,
             "  guest running after   {:>9.1} ms (QEMU up {:.1} ms, device state {:.1} ms)",
@@ -121,9 +225,29 @@ impl std::fmt::Display for RestoreStats {
         )?;
         writeln!(
             f,
-            "  pages: {} prefetched, {} on-demand faults ({} zero), {} background",
-            self.prefetched_pages, self.faults, self.zero_page_faults, self.background_pages
+            "  {:>12} {:>12} {:>12} {:>12}",
+            "prefetched", "skipped", "lazy", "unused"
         )?;
+        writeln!(
+            f,
+            "  {:>12} {:>12} {:>12} {:>12}",
+            self.prefetched_pages,
+            self.skipped_faults,
+            self.lazy_faults,
+            self.unused_prefetched_pages
+        )?;
+        writeln!(
+            f,
+            "  pages: {} zero-page faults, {} background, {} touched",
+            self.zero_page_faults, self.background_pages, self.touched_pages
+        )?;
+        if self.learned_pages > 0 {
+            writeln!(
+                f,
+                "  learned working set: {} pages (window {:.0} ms)",
+                self.learned_pages, self.learn_window_ms
+            )?;
+        }
         write!(
             f,
             "  fault service: p50 {:.1} us, p99 {:.1} us",
@@ -150,8 +274,23 @@ fn ms(d: Duration) -> f64 {
 pub async fn restore(path: &Path, opts: &RestoreOptions) -> Result<RestoreStats, RestoreError> {
     let started = Instant::now();
     let image = Arc::new(Image::open(path)?);
-    // Structure and device state are verified before anything starts.
+    // Structure, device state and the working set's tables are verified
+    // before anything starts.
     let device_state = image.read_device_state()?;
+    let ws = match opts.mode {
+        Mode::Ws => {
+            let ws = wss::open_best(&image, &opts.estimator.candidates())?;
+            match (&ws, opts.estimator) {
+                (None, EstimatorChoice::Auto | EstimatorChoice::None) => {}
+                (None, e) => {
+                    return Err(RestoreError::NoWorkingSet(format!("{e:?}").to_lowercase()));
+                }
+                _ => {}
+            }
+            ws
+        }
+        _ => None,
+    };
     let meta = image.meta().clone();
     let mut cfg = meta.vm.clone();
     if let Some(name) = &opts.name {
@@ -165,7 +304,7 @@ pub async fn restore(path: &Path, opts: &RestoreOptions) -> Result<RestoreStats,
     let launch_ms = ms(started.elapsed());
     let pid = launched.state.qemu_pid;
     let (paths, state) = (launched.paths.clone(), launched.state.clone());
-    match run(launched, image, device_state, opts, started, launch_ms).await {
+    match run(launched, image, device_state, ws, opts, started, launch_ms).await {
         Ok(stats) => Ok(stats),
         Err(e) => {
             log::error!("restore failed; stopping QEMU (pid {pid})");
@@ -175,10 +314,12 @@ pub async fn restore(path: &Path, opts: &RestoreOptions) -> Result<RestoreStats,
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn run(
     launched: Launched,
     image: Arc<Image>,
     device_state: Vec<u8>,
+    ws: Option<WsFile>,
     opts: &RestoreOptions,
     started: Instant,
     launch_ms: f64,
@@ -191,15 +332,26 @@ async fn run(
     let meta = image.meta().clone();
     check_layout(&meta.layout, &state.layout)?;
     let ram = qemu::find_ram(state.qemu_pid, &paths, &state.layout)?;
+    let qemu_pid = nix::unistd::Pid::from_raw(state.qemu_pid);
 
     // Take over QEMU's userfaultfd and register all guest RAM before
-    // anything can touch it.
-    let uffd = Arc::new(uffd::take_over(
-        nix::unistd::Pid::from_raw(state.qemu_pid),
-        userfaultfd_sys::UFFD_FEATURE_MISSING_SHMEM,
-    )?);
+    // anything can touch it. Minor faults (first touches of pages already
+    // in the page cache) are what lets thaw see touches of prefetched pages
+    // and learn; without kernel support a restore still works, unobserved.
+    let minor = userfaultfd_sys::UFFD_FEATURE_MINOR_SHMEM;
+    let with_minor =
+        opts.mode != Mode::Eager && uffd::kernel_features().is_ok_and(|f| f & minor != 0);
+    if opts.mode != Mode::Eager && !with_minor {
+        log::warn!("the kernel lacks UFFD_FEATURE_MINOR_SHMEM: this restore cannot learn");
+    }
+    let features = userfaultfd_sys::UFFD_FEATURE_MISSING_SHMEM | if with_minor { minor } else { 0 };
+    let uffd = Arc::new(uffd::take_over(qemu_pid, features)?);
     for m in &ram {
-        uffd.register_missing(m.start, m.len)?;
+        if with_minor {
+            uffd.register_missing_minor(m.start, m.len)?;
+        } else {
+            uffd.register_missing(m.start, m.len)?;
+        }
     }
     drop_early_pages(&ram)?;
     let record = RecoveryRecord {
@@ -211,22 +363,14 @@ async fn run(
     let record_path = paths.dir.join("restore.json");
     write_record(&record_path, &record)?;
 
-    let blocks: Vec<BlockMap> = ram
-        .iter()
-        .zip(&state.layout.blocks)
-        .map(|(m, b)| BlockMap {
-            start: m.start,
-            first_page: b.first_page,
-            pages: b.pages(),
-        })
-        .collect();
+    let blocks = block_maps(&ram, &state.layout)?;
     let engine = Arc::new(Engine::new(image.clone(), uffd.clone(), blocks));
-    let latency_capacity = (meta.total_pages as usize).min(1 << 22);
+    let log_capacity = (meta.total_pages as usize).min(1 << 22);
     let faults = {
         let engine = engine.clone();
         std::thread::Builder::new()
             .name("thaw-faults".into())
-            .spawn(move || engine.serve_faults(latency_capacity))
+            .spawn(move || engine.serve_faults(log_capacity))
             .map_err(|source| RestoreError::Io {
                 context: "spawning the fault thread".into(),
                 source,
@@ -246,6 +390,7 @@ async fn run(
                 source,
             })
     };
+    let learn = opts.learn.filter(|_| with_minor);
 
     let outcome = async {
         let mut filler = None;
@@ -261,45 +406,98 @@ async fn run(
             // thaw in its way.
             unregister(&uffd, &ram)?;
         }
+        let mut prefetch_ms = 0.0;
+        if let Some(ws) = &ws {
+            let t = Instant::now();
+            let engine = engine.clone();
+            let ws_ref: &WsFile = ws;
+            // The guest is paused: writing into the page cache is safe.
+            std::thread::scope(|s| s.spawn(|| engine.prefetch(ws_ref)).join())
+                .map_err(|_| RestoreError::Engine("the prefetcher panicked".into()))?
+                .map_err(|e| RestoreError::Engine(e.to_string()))?;
+            prefetch_ms = ms(t.elapsed());
+        }
         let prefetched = meta.nonzero_pages - engine.remaining();
         engine.set_resumed();
         qmp.execute("cont", json!({})).await?;
         let resume_ms = ms(started.elapsed());
         log::info!("guest resumed after {resume_ms:.1} ms with {prefetched} pages resident");
-        if opts.mode == Mode::Lazy {
+        let mut window_ms = 0.0;
+        let complete_ms;
+        let unused;
+        if opts.mode == Mode::Eager {
+            complete_ms = ms(started.elapsed());
+            unused = 0;
+        } else {
             let f = spawn_filler(engine.clone(), bar.clone())?;
             fill_time = finish_fill(f, &engine).await?;
+            complete_ms = ms(started.elapsed());
+            unused = engine.unused_prefetched();
+            bar.finish_and_clear();
+            if let Some(w) = learn {
+                engine.begin_window();
+                window_ms = tracking_window(qemu_pid, &ram, &engine, w).await?;
+            }
             unregister(&uffd, &ram)?;
         }
-        Ok::<_, RestoreError>((device_state_ms, prefetched, resume_ms, fill_time))
+        Ok::<_, RestoreError>((
+            device_state_ms,
+            prefetch_ms,
+            prefetched,
+            resume_ms,
+            complete_ms,
+            fill_time,
+            window_ms,
+            unused,
+        ))
     }
     .await;
     engine.request_stop();
-    let latencies = faults.join().unwrap_or_default();
+    let log = faults.join().unwrap_or_default();
     bar.finish_and_clear();
     if let Some(msg) = engine.failure() {
         return Err(RestoreError::Engine(msg));
     }
-    let (device_state_ms, prefetched, resume_ms, fill_time) = outcome?;
-    let complete_ms = ms(started.elapsed());
+    let (
+        device_state_ms,
+        prefetch_ms,
+        prefetched,
+        resume_ms,
+        complete_ms,
+        fill_time,
+        window_ms,
+        unused,
+    ) = outcome?;
     if let Err(e) = uffd.close_remote() {
         log::warn!("could not close the userfaultfd inside QEMU: {e}");
     }
     let _ = std::fs::remove_file(&record_path);
 
     let c = &engine.counters;
+    let FaultLog { latencies, touches } = log;
+    let learned_pages = match learn {
+        Some(_) => update_learned(&image, &touches),
+        None => 0,
+    };
     let fill_pages = c.fill_pages.load(Ordering::Relaxed);
+    let faults_after = c.faults_after_resume.load(Ordering::Relaxed);
     let (p50, p99) = percentiles(latencies);
     Ok(RestoreStats {
         name: state.config.name.clone(),
         mode: opts.mode,
         ram_bytes: meta.layout.total_bytes(),
         nonzero_pages: meta.nonzero_pages,
+        estimator: ws.as_ref().map(|w| w.set.estimator),
+        ws_pages: ws.as_ref().map_or(0, |w| w.set.pages.len() as u64),
         launch_ms,
-        resume_ms,
         device_state_ms,
+        prefetch_ms,
+        resume_ms,
         prefetched_pages: prefetched,
-        faults: c.faults_after_resume.load(Ordering::Relaxed),
+        skipped_faults: c.skipped_faults.load(Ordering::Relaxed),
+        faults: faults_after,
+        lazy_faults: faults_after,
+        unused_prefetched_pages: unused,
         faults_before_resume: c.faults_before_resume.load(Ordering::Relaxed),
         zero_page_faults: c.zero_faults.load(Ordering::Relaxed),
         background_pages: c.fill_pages_after_resume.load(Ordering::Relaxed),
@@ -310,7 +508,105 @@ async fn run(
         fill_mib_per_s: (fill_pages * PAGE_SIZE) as f64
             / (1 << 20) as f64
             / fill_time.as_secs_f64().max(1e-9),
+        learn_window_ms: window_ms,
+        touched_pages: c.touched_pages.load(Ordering::Relaxed),
+        learned_pages,
     })
+}
+
+/// Once all RAM is resident: zaps QEMU's page-table entries for guest RAM
+/// (an injected `madvise(MADV_DONTNEED)`; for a shared file mapping the
+/// data stays in the page cache) so that every page the guest uses next
+/// faults once more as a minor fault, and records those first touches until
+/// none arrive for `w.quiet` (at most `w.max`). Returns the window's length.
+pub async fn tracking_window(
+    qemu: nix::unistd::Pid,
+    ram: &[RamMapping],
+    engine: &Engine,
+    w: LearnWindow,
+) -> Result<f64, RestoreError> {
+    let t = Instant::now();
+    zap(qemu, ram)?;
+    watch(engine, w, t).await
+}
+
+/// Drops QEMU's page-table entries for guest RAM (an injected
+/// `madvise(MADV_DONTNEED)`; a shared file mapping keeps its data in the
+/// page cache), so the next touch of every page faults once more.
+pub fn zap(qemu: nix::unistd::Pid, ram: &[RamMapping]) -> Result<(), RestoreError> {
+    for m in ram {
+        crate::inject::madvise_dontneed(qemu, m.start, m.len)?;
+    }
+    Ok(())
+}
+
+/// Waits while new first touches arrive: returns (ms since `t`) once none
+/// came for `w.quiet`, or `w.max` after `t`.
+pub async fn watch(engine: &Engine, w: LearnWindow, t: Instant) -> Result<f64, RestoreError> {
+    let mut seen = engine.counters.touched_pages.load(Ordering::Acquire);
+    let mut last_new = Instant::now();
+    while t.elapsed() < w.max && last_new.elapsed() < w.quiet {
+        if let Some(msg) = engine.failure() {
+            return Err(RestoreError::Engine(msg));
+        }
+        tokio::time::sleep(WINDOW_TICK).await;
+        let now = engine.counters.touched_pages.load(Ordering::Acquire);
+        if now != seen {
+            seen = now;
+            last_new = Instant::now();
+        }
+    }
+    Ok(ms(t.elapsed()))
+}
+
+/// Refines the image's learned working set with this restore's first
+/// touches; returns its new size (0 if it could not be written: a restore
+/// from a read-only image still succeeds).
+fn update_learned(image: &Image, touches: &[PageIndex]) -> u64 {
+    let next = match WsFile::open(image, Estimator::Learned) {
+        Ok(Some(old)) => old.set.refine(touches),
+        Ok(None) => WorkingSet::from_touches(Estimator::Learned, touches),
+        Err(e) => {
+            log::warn!("replacing a damaged learned working set: {e}");
+            WorkingSet::from_touches(Estimator::Learned, touches)
+        }
+    };
+    match wss::write(image, &next) {
+        Ok(path) => {
+            log::info!(
+                "learned working set: {} pages in {}",
+                next.pages.len(),
+                path.display()
+            );
+            next.pages.len() as u64
+        }
+        Err(e) => {
+            log::warn!("could not update the learned working set: {e}");
+            0
+        }
+    }
+}
+
+/// Each RAM block's place in QEMU and its file, opened read-write.
+pub fn block_maps(ram: &[RamMapping], layout: &RamLayout) -> Result<Vec<BlockMap>, RestoreError> {
+    let mut blocks = Vec::new();
+    for (m, b) in ram.iter().zip(&layout.blocks) {
+        let file = File::options()
+            .read(true)
+            .write(true)
+            .open(&m.fd_path)
+            .map_err(|source| RestoreError::Io {
+                context: format!("opening {}", m.fd_path.display()),
+                source,
+            })?;
+        blocks.push(BlockMap {
+            start: m.start,
+            first_page: b.first_page,
+            pages: b.pages(),
+            file,
+        });
+    }
+    Ok(blocks)
 }
 
 /// Compares saved and launched layouts block by block.

@@ -441,3 +441,77 @@ pub fn open_best(image: &Image, candidates: &[Estimator]) -> Result<Option<WsFil
 
 #[cfg(test)]
 mod tests;
+
+/// One working set as `thaw inspect` shows it.
+#[derive(Clone, Debug, Serialize)]
+pub struct WsSummary {
+    pub estimator: Estimator,
+    pub pages: u64,
+    pub data_pages: u64,
+    pub bytes: u64,
+    pub updates: u64,
+    /// Pages shared with each other working set of the image.
+    pub overlap: Vec<(Estimator, u64)>,
+}
+
+/// The working sets of an image, best first; damaged ones are reported as
+/// errors in the list's place.
+pub fn summarize(image: &Image) -> Vec<Result<WsSummary, WsError>> {
+    let mut sets = Vec::new();
+    for e in Estimator::PREFERENCE {
+        match WsFile::open(image, e) {
+            Ok(Some(f)) => sets.push(Ok(f)),
+            Ok(None) => {}
+            Err(err) => sets.push(Err(err)),
+        }
+    }
+    let pages: Vec<(Estimator, std::collections::HashSet<u64>)> = sets
+        .iter()
+        .flatten()
+        .map(|f| {
+            (
+                f.set.estimator,
+                f.set.pages.iter().map(|p| p.page.0).collect(),
+            )
+        })
+        .collect();
+    sets.into_iter()
+        .map(|f| {
+            let f = f?;
+            let mine = &pages
+                .iter()
+                .find(|(e, _)| *e == f.set.estimator)
+                .map(|(_, p)| p.clone())
+                .unwrap_or_default();
+            Ok(WsSummary {
+                estimator: f.set.estimator,
+                pages: f.set.pages.len() as u64,
+                data_pages: f.data_pages,
+                bytes: f.data_pages * PAGE_SIZE,
+                updates: f.set.updates,
+                overlap: pages
+                    .iter()
+                    .filter(|(e, _)| *e != f.set.estimator)
+                    .map(|(e, p)| (*e, mine.intersection(p).count() as u64))
+                    .collect(),
+            })
+        })
+        .collect()
+}
+
+impl std::fmt::Display for WsSummary {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "  working set {:<8} {:>8} pages ({} MiB of data), {} updates",
+            self.estimator.name(),
+            self.pages,
+            self.bytes >> 20,
+            self.updates
+        )?;
+        for (e, n) in &self.overlap {
+            write!(f, "; {n} shared with {}", e.name())?;
+        }
+        Ok(())
+    }
+}

@@ -56,6 +56,8 @@ pub struct Config {
     pub tick_ms: u64,
     pub full_every: u64,
     pub once: bool,
+    /// Print the guest-physical pages of the hot set after the fill.
+    pub report_hot: bool,
 }
 
 impl Default for Config {
@@ -67,6 +69,7 @@ impl Default for Config {
             tick_ms: 200,
             full_every: 10,
             once: false,
+            report_hot: false,
         }
     }
 }
@@ -126,6 +129,7 @@ impl Config {
             "seed" => self.seed = parse_u64(value).map_err(what)?,
             "tick_ms" => self.tick_ms = parse_u64(value).map_err(what)?,
             "full_every" => self.full_every = parse_u64(value).map_err(what)?,
+            "report_hot" => self.report_hot = parse_u64(value).map_err(what)? != 0,
             _ => return Ok(false),
         }
         Ok(true)
@@ -437,6 +441,44 @@ fn random_nonce() -> Result<[u8; 8], String> {
     Ok(b)
 }
 
+/// Prints the guest-physical page frames behind the hot set, read from
+/// `/proc/self/pagemap` (needs root), as runs `<first pfn>+<count>`, 64 per
+/// `THAW-HOT` line, then `THAW-HOT-END pages=<n>`. Lets a host test check a
+/// working set against the pages the guest really keeps hot.
+fn report_hot_pages(w: &mut Workload) -> Result<(), String> {
+    use std::os::unix::fs::FileExt;
+    const PAGE: usize = 4096;
+    let hot = w.hot_bytes() as usize;
+    let start = w.words_mut().as_ptr() as usize;
+    let pagemap = std::fs::File::open("/proc/self/pagemap")
+        .map_err(|e| format!("report_hot: /proc/self/pagemap: {e}"))?;
+    let mut entries = vec![0u8; hot / PAGE * 8];
+    pagemap
+        .read_exact_at(&mut entries, (start / PAGE * 8) as u64)
+        .map_err(|e| format!("report_hot: reading pagemap: {e}"))?;
+    let mut runs: Vec<(u64, u64)> = Vec::new();
+    for e in entries.chunks_exact(8) {
+        let v = u64::from_le_bytes([e[0], e[1], e[2], e[3], e[4], e[5], e[6], e[7]]);
+        if v >> 63 == 0 {
+            return Err("report_hot: a hot page is not present".into());
+        }
+        let pfn = v & ((1 << 55) - 1);
+        if pfn == 0 {
+            return Err("report_hot: pagemap hides page frames (not root?)".into());
+        }
+        match runs.last_mut() {
+            Some((first, n)) if *first + *n == pfn => *n += 1,
+            _ => runs.push((pfn, 1)),
+        }
+    }
+    for line in runs.chunks(64) {
+        let text: Vec<String> = line.iter().map(|(f, n)| format!("{f}+{n}")).collect();
+        emit(&format!("THAW-HOT {}", text.join(" ")));
+    }
+    emit(&format!("THAW-HOT-END pages={}", hot / PAGE));
+    Ok(())
+}
+
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
@@ -455,6 +497,10 @@ fn run(start: Instant, cfg: &Config) -> Result<i32, String> {
         w.blocks(),
         cfg.seed
     ));
+
+    if cfg.report_hot {
+        report_hot_pages(&mut w)?;
+    }
 
     const ONCE_TICKS: u64 = 3;
     let mut t: u64 = 0;
@@ -551,7 +597,7 @@ mod tests {
         let mut c = Config::default();
         c.apply_kernel_cmdline(
             "console=ttyS0 quiet thaw.mem=64M thaw.hot=8M thaw.seed=7 thaw.tick_ms=0 \
-             thaw.full_every=3 thaw.other=x -- thaw.mem=1G",
+             thaw.full_every=3 thaw.report_hot=1 thaw.other=x -- thaw.mem=1G",
         )
         .unwrap();
         assert_eq!(
@@ -562,7 +608,8 @@ mod tests {
                 seed: 7,
                 tick_ms: 0,
                 full_every: 3,
-                once: false
+                once: false,
+                report_hot: true,
             }
         );
         assert!(Config::default()

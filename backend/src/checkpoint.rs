@@ -1,0 +1,179 @@
+//! `thaw checkpoint`: save a running VM without stopping it, then trace the
+//! order in which the guest touches its pages right after the checkpoint
+//! (VEE's memory tracing, FREM's touch set) and store it in the image as
+//! the `trace` working set.
+//!
+//! The image holds the RAM of the checkpoint instant. While the VM is still
+//! paused thaw takes over a userfaultfd in QEMU, registers guest RAM for
+//! missing and minor faults and zaps QEMU's page-table entries; then it
+//! resumes the guest and records first touches until none arrive for a
+//! while (at most a maximum), mapping each page back with
+//! `UFFDIO_CONTINUE`. QEMU's own copy of the userfaultfd is closed at once:
+//! guest RAM is complete, so if thaw dies the registration simply goes away
+//! and the guest runs on.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Instant;
+
+use serde::Serialize;
+use serde_json::json;
+
+use crate::image::Image;
+use crate::qemu::{self, Qmp, VmState};
+use crate::restore::engine::{Engine, FaultLog};
+use crate::restore::{self, LearnWindow, RestoreError};
+use crate::save::{self, SaveError, SaveOptions, SaveReport};
+use crate::uffd;
+use crate::wss::{self, Estimator, WorkingSet};
+
+/// Errors of a checkpoint. A failed save leaves the VM running and no
+/// image; a failed trace leaves the VM running and the image without a
+/// trace working set.
+#[derive(Debug, thiserror::Error)]
+pub enum CheckpointError {
+    #[error(transparent)]
+    Save(#[from] SaveError),
+    #[error("the checkpoint is saved, but tracing the guest afterwards failed: {0}")]
+    Trace(#[from] RestoreError),
+}
+
+/// What a checkpoint did, for humans and `--json`.
+#[derive(Clone, Debug, Serialize)]
+pub struct CheckpointReport {
+    pub save: SaveReport,
+    /// Pages in the traced working set, in first-touch order.
+    pub trace_pages: u64,
+    /// Length of the tracking window (resume → last page recorded + quiet).
+    pub window_ms: f64,
+    /// Minor faults served during the window.
+    pub minor_faults: u64,
+}
+
+impl std::fmt::Display for CheckpointReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "checkpointed {} to {}: {} MiB RAM, {} non-zero pages, paused {:.0} ms; \
+             the VM keeps running\n  traced working set: {} pages in a {:.0} ms window",
+            self.save.name,
+            self.save.image.display(),
+            self.save.ram_bytes >> 20,
+            self.save.nonzero_pages,
+            self.save.paused_ms,
+            self.trace_pages,
+            self.window_ms
+        )
+    }
+}
+
+/// Saves VM `name` into `image`, leaves it running and traces its first
+/// touches during `window`.
+pub async fn checkpoint(
+    name: &str,
+    image: &Path,
+    force: bool,
+    window: LearnWindow,
+) -> Result<CheckpointReport, CheckpointError> {
+    let report = save::save(
+        name,
+        image,
+        &SaveOptions {
+            force,
+            keep_running: true,
+            leave_paused: true,
+        },
+    )
+    .await?;
+    let (paths, state) = VmState::load(name).map_err(RestoreError::from)?;
+    let mut qmp = Qmp::connect(&paths.qmp).await.map_err(RestoreError::from)?;
+    let traced = trace(&paths, &state, &mut qmp, image, report.was_running, window).await;
+    if report.was_running {
+        // Whatever happened to the trace, the VM runs on.
+        if let Err(e) = qmp.execute("cont", json!({})).await {
+            log::error!("resuming {name} after the checkpoint failed: {e}");
+        }
+    }
+    let (trace_pages, window_ms, minor_faults) = traced?;
+    Ok(CheckpointReport {
+        save: report,
+        trace_pages,
+        window_ms,
+        minor_faults,
+    })
+}
+
+/// Sets up tracing while the VM is paused, resumes it (if it was running),
+/// records first touches, tears tracing down and writes `ws-trace.bin`.
+async fn trace(
+    paths: &qemu::VmPaths,
+    state: &VmState,
+    qmp: &mut Qmp,
+    image_dir: &Path,
+    resume: bool,
+    window: LearnWindow,
+) -> Result<(u64, f64, u64), RestoreError> {
+    let image = Arc::new(Image::open(image_dir)?);
+    let ram = qemu::find_ram(state.qemu_pid, paths, &state.layout)?;
+    let pid = nix::unistd::Pid::from_raw(state.qemu_pid);
+    let uffd = Arc::new(uffd::take_over(
+        pid,
+        userfaultfd_sys::UFFD_FEATURE_MISSING_SHMEM | userfaultfd_sys::UFFD_FEATURE_MINOR_SHMEM,
+    )?);
+    // RAM is complete: a dying thaw must release the guest, not hang it.
+    uffd.close_remote()?;
+    let mut registered = Vec::new();
+    let result = async {
+        for m in &ram {
+            uffd.register_missing_minor(m.start, m.len)?;
+            registered.push(m);
+        }
+        restore::zap(pid, &ram)?;
+        let blocks = restore::block_maps(&ram, &state.layout)?;
+        let engine = Arc::new(Engine::observer(image.clone(), uffd.clone(), blocks));
+        let capacity = (image.meta().total_pages as usize).min(1 << 22);
+        let faults = {
+            let engine = engine.clone();
+            std::thread::Builder::new()
+                .name("thaw-trace".into())
+                .spawn(move || engine.serve_faults(capacity))
+                .map_err(|source| RestoreError::Io {
+                    context: "spawning the trace thread".into(),
+                    source,
+                })?
+        };
+        let t = Instant::now();
+        let watched = async {
+            if resume {
+                qmp.execute("cont", json!({})).await?;
+            }
+            restore::watch(&engine, window, t).await
+        }
+        .await;
+        // Unregister before the fault thread stops: nothing may wait on a
+        // fault nobody reads.
+        for m in registered.drain(..) {
+            uffd.unregister(m.start, m.len)?;
+        }
+        engine.request_stop();
+        let FaultLog { touches, .. } = faults.join().unwrap_or_default();
+        if let Some(msg) = engine.failure() {
+            return Err(RestoreError::Engine(msg));
+        }
+        let window_ms = watched?;
+        let set = WorkingSet::from_touches(Estimator::Trace, &touches);
+        wss::write(&image, &set)?;
+        let minor = engine
+            .counters
+            .minor_faults
+            .load(std::sync::atomic::Ordering::Relaxed);
+        Ok((set.pages.len() as u64, window_ms, minor))
+    }
+    .await;
+    for m in registered {
+        if let Err(e) = uffd.unregister(m.start, m.len) {
+            log::error!("unregistering guest RAM after a failed trace: {e}");
+        }
+    }
+    result
+}
