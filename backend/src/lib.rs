@@ -10,6 +10,7 @@
 
 pub mod checkpoint;
 pub mod config;
+pub mod dirty;
 pub mod image;
 pub mod inject;
 pub mod limits;
@@ -18,5 +19,6 @@ pub mod progress;
 pub mod qemu;
 pub mod restore;
 pub mod save;
+pub mod track;
 pub mod uffd;
 pub mod wss;

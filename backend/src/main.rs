@@ -11,6 +11,7 @@ use thaw::config::VmConfig;
 use thaw::qemu::{self, Qmp, VmState};
 use thaw::restore::{EstimatorChoice, LearnWindow, Mode, RestoreOptions};
 use thaw::save::SaveOptions;
+use thaw::wss::Estimator;
 
 /// Save QEMU VMs and restore them lazily: the guest runs again at once while
 /// its RAM streams in behind it through userfaultfd.
@@ -87,6 +88,25 @@ enum Command {
         #[arg(long, default_value_t = 10_000)]
         window_max_ms: u64,
     },
+    /// Keep a working-set estimate of a running VM (the abit or dirty
+    /// working set that `thaw save`/`checkpoint` store); runs until the VM
+    /// goes away, --duration-ms passes, or SIGINT/SIGTERM.
+    Track {
+        name: String,
+        /// abit: access scanning (zap page tables, read back what was
+        /// mapped again); dirty: write tracking (uffd-wp + PAGEMAP_SCAN).
+        #[arg(long, value_enum, default_value_t = Estimator::Abit)]
+        estimator: Estimator,
+        /// Time between scans (ms).
+        #[arg(long, default_value_t = 1000)]
+        interval_ms: u64,
+        /// K: the estimate holds the pages seen in the last K intervals.
+        #[arg(long, default_value_t = 5)]
+        keep: u32,
+        /// Stop after this long (ms).
+        #[arg(long)]
+        duration_ms: Option<u64>,
+    },
     /// Describe an image: VM, QEMU, RAM layout, sizes, working sets.
     Inspect { image: PathBuf },
     /// List running VMs.
@@ -161,6 +181,23 @@ fn main() {
     if let Err(e) = rt.block_on(run(cli)) {
         eprintln!("thaw: {}", error_chain(&e));
         std::process::exit(1);
+    }
+}
+
+/// Resolves on SIGINT or SIGTERM (never, if the handlers cannot be set).
+async fn termination() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match (
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::terminate()),
+    ) {
+        (Ok(mut int), Ok(mut term)) => {
+            tokio::select! {
+                _ = int.recv() => {}
+                _ = term.recv() => {}
+            }
+        }
+        _ => std::future::pending().await,
     }
 }
 
@@ -275,6 +312,24 @@ async fn run(cli: Cli) -> Result<()> {
             let report = thaw::checkpoint::checkpoint(&name, &image, force, window)
                 .await
                 .with_context(|| format!("checkpointing VM {name} to {}", image.display()))?;
+            print(j, &report, &report)
+        }
+        Command::Track {
+            name,
+            estimator,
+            interval_ms,
+            keep,
+            duration_ms,
+        } => {
+            let opts = thaw::track::TrackOptions {
+                interval: Duration::from_millis(interval_ms),
+                keep,
+                duration: duration_ms.map(Duration::from_millis),
+                estimator,
+            };
+            let report = thaw::track::track(&name, opts, termination())
+                .await
+                .with_context(|| format!("tracking VM {name}"))?;
             print(j, &report, &report)
         }
         Command::Inspect { image } => {

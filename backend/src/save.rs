@@ -18,6 +18,7 @@ use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryMmap, GuestRegionMma
 use crate::image::{ImageInfo, ImageWriter};
 use crate::mem::{PageIndex, RamLayout, PAGE_SIZE};
 use crate::qemu::{self, Qmp, RamMapping, VmPaths, VmState};
+use crate::wss::{self, Estimator};
 
 /// How long QEMU may take to write the device state.
 const DEVICE_STATE_TIMEOUT: Duration = Duration::from_secs(300);
@@ -78,6 +79,8 @@ pub struct SaveReport {
     pub total_ms: f64,
     /// Whether the VM was running when the save began.
     pub was_running: bool,
+    /// Working sets stored from running trackers' estimates.
+    pub working_sets: Vec<Estimator>,
 }
 
 /// An exclusive, non-blocking lock on a VM's save/restore operations.
@@ -129,6 +132,7 @@ pub async fn save(name: &str, image: &Path, opts: &SaveOptions) -> Result<SaveRe
             return Err(e.into());
         }
     };
+    let working_sets = attach_estimates(&paths, image);
     let paused_ms = ms(paused.elapsed());
     if opts.keep_running {
         if was_running && !opts.leave_paused {
@@ -149,7 +153,34 @@ pub async fn save(name: &str, image: &Path, opts: &SaveOptions) -> Result<SaveRe
         paused_ms,
         total_ms: ms(started.elapsed()),
         was_running,
+        working_sets,
     })
+}
+
+/// Stores the estimates running trackers keep for this VM (`thaw track`)
+/// as working sets of the new image. A missing or bad estimate only costs
+/// its working set, never the save.
+fn attach_estimates(paths: &VmPaths, image: &Path) -> Vec<Estimator> {
+    let mut attached = Vec::new();
+    for estimator in [Estimator::Abit, Estimator::Dirty] {
+        let path = wss::estimate_path(&paths.dir, estimator);
+        let pages = match wss::read_estimate(&path) {
+            Ok(Some(p)) => p,
+            Ok(None) => continue,
+            Err(e) => {
+                log::warn!("ignoring the {} estimate: {e}", estimator.name());
+                continue;
+            }
+        };
+        let stored = crate::image::Image::open(image)
+            .map_err(wss::WsError::from)
+            .and_then(|img| wss::write(&img, &wss::WorkingSet::from_touches(estimator, &pages)));
+        match stored {
+            Ok(_) => attached.push(estimator),
+            Err(e) => log::warn!("could not store the {} working set: {e}", estimator.name()),
+        }
+    }
+    attached
 }
 
 async fn resume_after_failure(qmp: &mut Qmp, was_running: bool) {

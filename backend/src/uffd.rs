@@ -84,6 +84,8 @@ pub enum UffdError {
         missing: IoctlFlags,
         have: IoctlFlags,
     },
+    #[error("write-protecting {start:#x}+{len:#x} failed: {errno}")]
+    WriteProtect { start: u64, len: u64, errno: Errno },
     #[error("unregistering {start:#x}+{len:#x} failed: {errno}")]
     Unregister { start: u64, len: u64, errno: Errno },
     #[error("waking {start:#x}+{len:#x} failed: {errno}")]
@@ -563,6 +565,18 @@ impl RemoteUffd {
                 errno => CopyResult::Failed { copied: 0, errno },
             },
         }
+    }
+
+    /// Write-protects `start..start+len` (registered in WP mode) with
+    /// `UFFDIO_WRITEPROTECT`.
+    pub fn write_protect(&self, start: HostAddr, len: u64) -> Result<(), UffdError> {
+        self.uffd
+            .write_protect(start.as_ptr(), len as usize)
+            .map_err(|e| UffdError::WriteProtect {
+                start: start.0,
+                len,
+                errno: crate_errno(e),
+            })
     }
 
     /// Registers a range in any mode; returns the ioctls it offers.

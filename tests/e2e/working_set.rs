@@ -118,3 +118,49 @@ fn learned_working_set_is_recorded_and_refined() {
     );
     vm.stop();
 }
+
+#[test]
+fn trackers_estimate_the_hot_set_for_save() {
+    let (vm, hot) = hot_guest("track");
+    let nonce = vm.wait_ticks(3).nonce;
+    // Access scanning, then write tracking, each for a few intervals; the
+    // estimates stay in the runtime dir for `thaw save` to store.
+    for estimator in ["abit", "dirty"] {
+        let out = vm.thaw(&[
+            "track",
+            &vm.name,
+            "--estimator",
+            estimator,
+            "--interval-ms",
+            "300",
+            "--keep",
+            "8",
+            "--duration-ms",
+            "3000",
+            "--json",
+        ]);
+        let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("track JSON");
+        assert_eq!(report["ended"], "duration", "{report}");
+        assert!(report["scans"].as_u64() >= Some(5), "{report}");
+    }
+    vm.assert_keeps_ticking(&nonce, 3);
+    let image = vm.save();
+    for estimator in ["abit", "dirty"] {
+        let cov = coverage(&image, estimator, &hot);
+        assert!(
+            cov >= 0.9,
+            "{estimator} working set holds {:.0}% of the hot set",
+            cov * 100.0
+        );
+    }
+    let stats = vm.restore_with(&image, &["--mode", "ws", "--estimator", "abit"]);
+    stats.assert_fields();
+    assert_eq!(stats.json["estimator"], "abit");
+    assert!(
+        stats.u64("lazy_faults") <= hot.len() as u64 / 20,
+        "{}",
+        stats.json
+    );
+    vm.assert_keeps_ticking(&nonce, 5);
+    vm.stop();
+}

@@ -429,6 +429,67 @@ impl WsFile {
     }
 }
 
+const ESTIMATE_MAGIC: &[u8; 8] = b"THAWEST1";
+
+/// Where a running VM's tracker keeps its current estimate for `estimator`
+/// (in the VM's runtime directory), for `thaw save` to pick up.
+pub fn estimate_path(runtime_dir: &Path, estimator: Estimator) -> PathBuf {
+    runtime_dir.join(format!("estimate-{}.bin", estimator.name()))
+}
+
+/// Replaces a tracker's estimate atomically: magic `THAWEST1`, page count
+/// u64, the pages (u64 each, prefetch order), xxh3-64 of all before it.
+pub fn write_estimate(path: &Path, pages: &[PageIndex]) -> Result<(), WsError> {
+    let mut buf = Vec::with_capacity(24 + pages.len() * 8);
+    buf.extend_from_slice(ESTIMATE_MAGIC);
+    buf.extend_from_slice(&(pages.len() as u64).to_le_bytes());
+    for p in pages {
+        buf.extend_from_slice(&p.0.to_le_bytes());
+    }
+    let sum = xxh3_64(&buf);
+    buf.extend_from_slice(&sum.to_le_bytes());
+    let tmp = path.with_extension("bin.tmp");
+    let _ = std::fs::remove_file(&tmp);
+    let written = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(&tmp)
+        .and_then(|mut f| f.write_all(&buf))
+        .and_then(|()| std::fs::rename(&tmp, path));
+    if written.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    written.map_err(io_err(path, "cannot write the estimate"))
+}
+
+/// Reads a tracker's estimate; `Ok(None)` when there is none.
+pub fn read_estimate(path: &Path) -> Result<Option<Vec<PageIndex>>, WsError> {
+    let data = match std::fs::read(path) {
+        Ok(d) => d,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(io_err(path, "cannot read")(e)),
+    };
+    if data.len() < 24 || &data[..8] != ESTIMATE_MAGIC {
+        return Err(damaged(path, "not a thaw estimate"));
+    }
+    let n = u64::from_le_bytes(data[8..16].try_into().unwrap_or_default());
+    if data.len() as u64 != 24 + n.saturating_mul(8) {
+        return Err(damaged(path, "length does not match its count"));
+    }
+    let (body, sum) = data.split_at(data.len() - 8);
+    if xxh3_64(body).to_le_bytes() != sum {
+        return Err(damaged(path, "checksum mismatch"));
+    }
+    Ok(Some(
+        body[16..]
+            .chunks_exact(8)
+            .map(|c| PageIndex(u64::from_le_bytes(c.try_into().unwrap_or_default())))
+            .collect(),
+    ))
+}
+
 /// The best working set `image` has among `candidates` (in order).
 pub fn open_best(image: &Image, candidates: &[Estimator]) -> Result<Option<WsFile>, WsError> {
     for &e in candidates {

@@ -126,3 +126,16 @@ fn pages_outside_the_image_are_refused() {
     assert!(write(&image, &ws).is_err());
     assert!(!Estimator::Learned.path_in(&img_dir).exists());
 }
+
+#[test]
+fn estimates_round_trip_and_damage_is_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = estimate_path(dir.path(), Estimator::Abit);
+    assert_eq!(read_estimate(&path).expect("read"), None);
+    write_estimate(&path, &pages(&[9, 2, 7])).expect("write");
+    assert_eq!(read_estimate(&path).expect("read"), Some(pages(&[9, 2, 7])));
+    let mut data = std::fs::read(&path).expect("read");
+    data[17] ^= 1;
+    std::fs::write(&path, &data).expect("write");
+    assert!(read_estimate(&path).is_err());
+}
