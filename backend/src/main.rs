@@ -106,6 +106,11 @@ enum Command {
         /// Stop after this long (ms).
         #[arg(long)]
         duration_ms: Option<u64>,
+        /// dirty: track writes with synchronous write-protect faults even
+        /// where the kernel has UFFD_FEATURE_WP_ASYNC (the automatic
+        /// fallback on older kernels).
+        #[arg(long)]
+        sync_wp: bool,
     },
     /// Describe an image: VM, QEMU, RAM layout, sizes, working sets.
     Inspect { image: PathBuf },
@@ -320,12 +325,14 @@ async fn run(cli: Cli) -> Result<()> {
             interval_ms,
             keep,
             duration_ms,
+            sync_wp,
         } => {
             let opts = thaw::track::TrackOptions {
                 interval: Duration::from_millis(interval_ms),
                 keep,
                 duration: duration_ms.map(Duration::from_millis),
                 estimator,
+                sync_wp,
             };
             let report = thaw::track::track(&name, opts, termination())
                 .await

@@ -57,6 +57,8 @@ pub struct TrackOptions {
     pub duration: Option<Duration>,
     /// `Abit` or `Dirty`.
     pub estimator: Estimator,
+    /// Dirty: synchronous write-protect faults even where `WP_ASYNC` exists.
+    pub sync_wp: bool,
 }
 
 /// What tracking did, for humans and `--json`.
@@ -72,6 +74,8 @@ pub struct TrackReport {
     pub mean_scan_ms: f64,
     /// Why tracking ended: `vm-gone`, `duration` or `signal`.
     pub ended: String,
+    /// Dirty: write faults were synchronous (no `WP_ASYNC`).
+    pub sync_wp: bool,
 }
 
 impl std::fmt::Display for TrackReport {
@@ -206,7 +210,9 @@ pub async fn track(
     let mut writes = None;
     let t = Instant::now();
     if opts.estimator == Estimator::Dirty {
-        writes = Some(crate::dirty::WriteTracker::start(pid, ram.clone())?);
+        let w = crate::dirty::WriteTracker::start(pid, ram.clone(), opts.sync_wp)?;
+        report.sync_wp = w.synchronous();
+        writes = Some(w);
     } else {
         zap(&ram)?;
     }

@@ -579,6 +579,18 @@ impl RemoteUffd {
             })
     }
 
+    /// Lifts write protection from `start..start+len`, waking a thread
+    /// blocked on a (synchronous) write-protect fault there if `wake`.
+    pub fn unprotect(&self, start: HostAddr, len: u64, wake: bool) -> Result<(), UffdError> {
+        self.uffd
+            .remove_write_protection(start.as_ptr(), len as usize, wake)
+            .map_err(|e| UffdError::WriteProtect {
+                start: start.0,
+                len,
+                errno: crate_errno(e),
+            })
+    }
+
     /// Registers a range in any mode; returns the ioctls it offers.
     pub fn register(
         &self,

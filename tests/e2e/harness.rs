@@ -352,6 +352,11 @@ impl Vm {
         self.thaw(&["stop", &self.name]);
     }
 
+    /// A file in this VM's runtime directory.
+    pub fn runtime_file(&self, file: &str) -> PathBuf {
+        self.runtime.join(&self.name).join(file)
+    }
+
     /// `thaw checkpoint`; returns its JSON report.
     pub fn checkpoint(&self, file: &str) -> (PathBuf, Value) {
         let image = self.dir.join(file);
@@ -428,6 +433,15 @@ pub fn ws_pages(image: &Path, estimator: &str) -> Vec<u64> {
     (0..entries)
         .map(|i| le(&data[64 + i * 16..64 + i * 16 + 8]))
         .collect()
+}
+
+/// The pages of a tracker's estimate file (`THAWEST1`, count u64, pages).
+pub fn estimate_pages(path: &Path) -> Vec<u64> {
+    let data = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    assert_eq!(&data[..8], b"THAWEST1");
+    let le = |b: &[u8]| u64::from_le_bytes(b.try_into().expect("8 bytes"));
+    let n = le(&data[8..16]) as usize;
+    (0..n).map(|i| le(&data[16 + i * 8..24 + i * 8])).collect()
 }
 
 pub fn parse_ticks(text: &str) -> Vec<Tick> {

@@ -123,10 +123,15 @@ fn learned_working_set_is_recorded_and_refined() {
 fn trackers_estimate_the_hot_set_for_save() {
     let (vm, hot) = hot_guest("track");
     let nonce = vm.wait_ticks(3).nonce;
-    // Access scanning, then write tracking, each for a few intervals; the
+    // Access scanning, then write tracking with synchronous and with
+    // asynchronous write-protect faults, each for a few intervals; the
     // estimates stay in the runtime dir for `thaw save` to store.
-    for estimator in ["abit", "dirty"] {
-        let out = vm.thaw(&[
+    for (estimator, extra) in [
+        ("abit", None),
+        ("dirty", Some("--sync-wp")),
+        ("dirty", None),
+    ] {
+        let mut args = vec![
             "track",
             &vm.name,
             "--estimator",
@@ -138,10 +143,23 @@ fn trackers_estimate_the_hot_set_for_save() {
             "--duration-ms",
             "3000",
             "--json",
-        ]);
+        ];
+        args.extend(extra);
+        let out = vm.thaw(&args);
         let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("track JSON");
         assert_eq!(report["ended"], "duration", "{report}");
         assert!(report["scans"].as_u64() >= Some(5), "{report}");
+        assert_eq!(report["sync_wp"], extra.is_some(), "{report}");
+        if extra.is_some() {
+            let estimate = vm.runtime_file(&format!("estimate-{estimator}.bin"));
+            let pages: HashSet<u64> = harness::estimate_pages(&estimate).into_iter().collect();
+            let cov = hot.intersection(&pages).count() as f64 / hot.len() as f64;
+            assert!(
+                cov >= 0.9,
+                "synchronous dirty tracking saw {:.0}% of the hot set",
+                cov * 100.0
+            );
+        }
     }
     vm.assert_keeps_ticking(&nonce, 3);
     let image = vm.save();

@@ -507,14 +507,17 @@ fn run(start: Instant, cfg: &Config) -> Result<i32, String> {
     loop {
         t += 1;
         let full = t.checked_rem(cfg.full_every) == Some(0) || (cfg.once && t == ONCE_TICKS);
-        for c in w.tick(t, full) {
+        let work = Instant::now();
+        let corrupt = w.tick(t, full);
+        let work_us = work.elapsed().as_micros();
+        for c in corrupt {
             emit(&format!(
                 "THAW-CORRUPT block={} expected={:016x} got={:016x}",
                 c.block, c.expected, c.got
             ));
         }
         emit(&format!(
-            "THAW-TICK {t} nonce={nonce} ok={} full={} bad={} uptime_ms={}",
+            "THAW-TICK {t} nonce={nonce} ok={} full={} bad={} uptime_ms={} work_us={work_us}",
             u8::from(w.bad == 0),
             u8::from(full),
             w.bad,
