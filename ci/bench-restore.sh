@@ -10,19 +10,11 @@
 # Output: target/bench/restore-<mode>.jsonl, target/bench/limits.json, table on stdout.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-# shellcheck source=/dev/null
-command -v cargo >/dev/null 2>&1 || . "$HOME/.cargo/env"
 runs=${1:-3}
-[ "$(id -u)" = 0 ] || { echo "ci/bench-restore.sh: run as root (drop_caches, ptrace)" >&2; exit 1; }
-
-bash ci/setup-host.sh >/dev/null
-bash tests/guest/build.sh >/dev/null
-cargo build --release -p thaw -q
-thaw=$PWD/target/release/thaw
-out=$PWD/target/bench
+# shellcheck source=ci/bench-common.sh
+. ci/bench-common.sh
 image=/var/lib/thaw/bench-2g.img
 console=/var/lib/thaw/bench-2g/console.log
-mkdir -p "$out" /var/lib/thaw/bench-2g
 
 "$thaw" stop bench-2g --force >/dev/null 2>&1 || true
 : >"$console"
@@ -34,7 +26,6 @@ done
 grep -q 'THAW-TICK 3 ' "$console" || { echo "guest never ticked; console:" >&2; tail -5 "$console" >&2; exit 1; }
 "$thaw" --json save bench-2g "$image" --force >"$out/save.json"
 
-cold() { sync; echo 3 >/proc/sys/vm/drop_caches; }
 for mode in eager lazy; do
   : >"$out/restore-$mode.jsonl"
   for _ in $(seq "$runs"); do

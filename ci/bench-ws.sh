@@ -11,19 +11,11 @@
 # Output: target/bench/ws-*.json*, table on stdout.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-# shellcheck source=/dev/null
-command -v cargo >/dev/null 2>&1 || . "$HOME/.cargo/env"
 runs=${1:-3}
-[ "$(id -u)" = 0 ] || { echo "ci/bench-ws.sh: run as root (drop_caches, ptrace)" >&2; exit 1; }
-
-bash ci/setup-host.sh >/dev/null
-bash tests/guest/build.sh >/dev/null
-cargo build --release -p thaw -q
-thaw=$PWD/target/release/thaw
-out=$PWD/target/bench
+# shellcheck source=ci/bench-common.sh
+. ci/bench-common.sh
 image=/var/lib/thaw/bench-2g-ws.img
 console=/var/lib/thaw/bench-2g/console.log
-mkdir -p "$out" /var/lib/thaw/bench-2g
 
 ticks() { grep -c 'THAW-TICK ' "$console" 2>/dev/null || true; }
 wait_ticks() { # wait until the console holds N tick lines
@@ -49,7 +41,6 @@ mark trace-end
 wait_ticks $(( $(ticks) + 20 ))
 "$thaw" stop bench-2g
 
-cold() { sync; echo 3 >/proc/sys/vm/drop_caches; }
 cold
 "$thaw" --json restore "$image" --mode lazy >"$out/ws-learn.json"
 "$thaw" stop bench-2g

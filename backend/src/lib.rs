@@ -19,6 +19,7 @@ pub mod progress;
 pub mod qemu;
 pub mod restore;
 pub mod save;
+pub mod throttle;
 pub mod track;
 pub mod uffd;
 pub mod wss;

@@ -71,6 +71,10 @@ enum Command {
         /// ...or after this long (ms) at most.
         #[arg(long, default_value_t = 10_000)]
         learn_max_ms: u64,
+        /// Limit image reads to this rate per second (e.g. 32M, 7M), to
+        /// emulate networked storage; applies to faults, prefetch and fill.
+        #[arg(long, value_parser = parse_size)]
+        read_limit: Option<u64>,
     },
     /// Save a running VM into an image and keep it running; then trace the
     /// order in which the guest touches its pages (the `trace` working set).
@@ -287,6 +291,7 @@ async fn run(cli: Cli) -> Result<()> {
             no_learn,
             learn_quiet_ms,
             learn_max_ms,
+            read_limit,
         } => {
             let learn = (!no_learn).then_some(LearnWindow {
                 quiet: Duration::from_millis(learn_quiet_ms),
@@ -297,6 +302,7 @@ async fn run(cli: Cli) -> Result<()> {
                 name,
                 estimator,
                 learn,
+                read_limit,
             };
             let stats = thaw::restore::restore(&image, &opts)
                 .await

@@ -188,6 +188,32 @@ impl Vm {
         out
     }
 
+    /// Starts `thaw ARGS` in the background (output captured).
+    pub fn thaw_spawn(&self, args: &[&str]) -> std::process::Child {
+        Command::new(env!("CARGO_BIN_EXE_thaw"))
+            .args(args)
+            .env("THAW_RUNTIME_DIR", &self.runtime)
+            .env("RUST_LOG", "info")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("spawn thaw")
+    }
+
+    /// Sends SIGINT to a background `thaw` and waits for it; it must exit 0.
+    pub fn interrupt(&self, child: std::process::Child) -> Output {
+        let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT).expect("SIGINT");
+        let out = child.wait_with_output().expect("wait for thaw");
+        assert!(
+            out.status.success(),
+            "thaw failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out
+    }
+
     pub fn thaw_raw(&self, args: &[&str]) -> Output {
         Command::new(env!("CARGO_BIN_EXE_thaw"))
             .args(args)

@@ -410,6 +410,7 @@ pub struct Image {
     reverse: Vec<u64>,
     pages: File,
     pages_path: PathBuf,
+    throttle: Option<std::sync::Arc<crate::throttle::Throttle>>,
 }
 
 impl Image {
@@ -545,7 +546,21 @@ impl Image {
             reverse,
             pages,
             pages_path,
+            throttle: None,
         })
+    }
+
+    /// Limits all reads of this image's pages (and of working sets streamed
+    /// with [`Image::throttle`]) to `bytes_per_sec`.
+    pub fn set_read_limit(&mut self, bytes_per_sec: u64) {
+        self.throttle = Some(std::sync::Arc::new(crate::throttle::Throttle::new(
+            bytes_per_sec,
+        )));
+    }
+
+    /// The read limit, if one is set.
+    pub fn throttle(&self) -> Option<&crate::throttle::Throttle> {
+        self.throttle.as_deref()
     }
 
     pub fn dir(&self) -> &Path {
@@ -585,6 +600,9 @@ impl Image {
         let start = u64::from(self.chunk_slots(first).start) * PAGE_SIZE;
         let end = u64::from(self.chunk_slots(first + count - 1).end) * PAGE_SIZE;
         let len = (end - start) as usize;
+        if let Some(t) = &self.throttle {
+            t.take(len as u64);
+        }
         self.pages
             .read_exact_at(&mut buf[..len], start)
             .map_err(io_err(&self.pages_path, "cannot read"))?;

@@ -293,7 +293,7 @@ impl Engine {
     /// is not atomic against a guest write the way `UFFDIO_COPY` is.
     pub fn prefetch(&self, ws: &WsFile) -> Result<u64, EngineError> {
         let mut installed = 0u64;
-        ws.stream(|pages, data| {
+        ws.stream(self.image.throttle(), |pages, data| {
             let mut i = 0;
             while i < pages.len() {
                 // A run of adjacent pages in one block, none resident yet.

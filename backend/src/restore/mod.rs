@@ -106,6 +106,9 @@ pub struct RestoreOptions {
     pub estimator: EstimatorChoice,
     /// Learn from this restore (`None`: do not record or update).
     pub learn: Option<LearnWindow>,
+    /// Limit image reads to this many bytes per second (emulated network
+    /// storage; the same for every method).
+    pub read_limit: Option<u64>,
 }
 
 /// Errors restoring a VM.
@@ -273,7 +276,11 @@ fn ms(d: Duration) -> f64 {
 /// Restores the image at `path`; see the module documentation.
 pub async fn restore(path: &Path, opts: &RestoreOptions) -> Result<RestoreStats, RestoreError> {
     let started = Instant::now();
-    let image = Arc::new(Image::open(path)?);
+    let mut image = Image::open(path)?;
+    if let Some(rate) = opts.read_limit {
+        image.set_read_limit(rate);
+    }
+    let image = Arc::new(image);
     // Structure, device state and the working set's tables are verified
     // before anything starts.
     let device_state = image.read_device_state()?;
@@ -312,6 +319,20 @@ pub async fn restore(path: &Path, opts: &RestoreOptions) -> Result<RestoreStats,
             Err(e)
         }
     }
+}
+
+/// What the phases of one restore measured.
+struct Phases {
+    device_state_ms: f64,
+    prefetch_ms: f64,
+    /// Non-zero pages resident at resume.
+    prefetched: u64,
+    resume_ms: f64,
+    complete_ms: f64,
+    fill_time: Duration,
+    window_ms: f64,
+    /// Prefetched pages untouched when all RAM was resident.
+    unused: u64,
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -440,7 +461,7 @@ async fn run(
             }
             unregister(&uffd, &ram)?;
         }
-        Ok::<_, RestoreError>((
+        Ok::<_, RestoreError>(Phases {
             device_state_ms,
             prefetch_ms,
             prefetched,
@@ -449,7 +470,7 @@ async fn run(
             fill_time,
             window_ms,
             unused,
-        ))
+        })
     }
     .await;
     engine.request_stop();
@@ -458,7 +479,7 @@ async fn run(
     if let Some(msg) = engine.failure() {
         return Err(RestoreError::Engine(msg));
     }
-    let (
+    let Phases {
         device_state_ms,
         prefetch_ms,
         prefetched,
@@ -467,7 +488,7 @@ async fn run(
         fill_time,
         window_ms,
         unused,
-    ) = outcome?;
+    } = outcome?;
     if let Err(e) = uffd.close_remote() {
         log::warn!("could not close the userfaultfd inside QEMU: {e}");
     }

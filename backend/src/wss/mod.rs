@@ -389,6 +389,7 @@ impl WsFile {
     /// non-zero entries and their contents. Zero entries are skipped.
     pub fn stream(
         &self,
+        limit: Option<&crate::throttle::Throttle>,
         mut install: impl FnMut(&[PageIndex], &[u8]) -> Result<(), WsError>,
     ) -> Result<u64, WsError> {
         let chunk_bytes = WS_CHUNK_PAGES * PAGE_SIZE;
@@ -406,6 +407,9 @@ impl WsFile {
         let mut off = 0u64;
         while off < total {
             let len = per_read.min(total - off) as usize;
+            if let Some(t) = limit {
+                t.take(len as u64);
+            }
             self.file
                 .read_exact_at(&mut buf[..len], self.data_at + off)
                 .map_err(io_err(&self.path, "cannot read page data"))?;

@@ -30,7 +30,7 @@ fn round_trip_streams_pages_in_prefetch_order_with_their_saved_data() {
     assert_eq!(f.set, ws);
     assert_eq!(f.data_pages(), 4);
     let mut got = Vec::new();
-    f.stream(|ps, data| {
+    f.stream(None, |ps, data| {
         for (p, d) in ps.iter().zip(data.chunks(PAGE_SIZE as usize)) {
             got.push((p.0, d.to_vec()));
         }
@@ -104,7 +104,7 @@ fn damage_is_detected() {
         .expect("structure is intact")
         .expect("present");
     let mut installed = 0;
-    let r = f.stream(|ps, _| {
+    let r = f.stream(None, |ps, _| {
         installed += ps.len();
         Ok(())
     });

@@ -44,7 +44,7 @@ fn once_mode_output() {
     for (i, line) in lines[1..].iter().enumerate() {
         let t = i + 1;
         let words: Vec<&str> = line.split_whitespace().collect();
-        assert_eq!(words.len(), 7, "{line}");
+        assert_eq!(words.len(), 8, "{line}");
         assert_eq!(words[0], "THAW-TICK");
         assert_eq!(words[1], t.to_string());
         assert_eq!(field(line, "nonce"), nonce);
@@ -54,6 +54,8 @@ fn once_mode_output() {
         let up: u64 = field(line, "uptime_ms").parse().unwrap();
         assert!(up >= last_uptime);
         last_uptime = up;
+        let work: u64 = field(line, "work_us").parse().unwrap();
+        assert!(work <= up * 1000 + 1000, "a tick's work cannot outlast the run: {line}");
     }
 }
 
