@@ -55,7 +55,10 @@ fn once_mode_output() {
         assert!(up >= last_uptime);
         last_uptime = up;
         let work: u64 = field(line, "work_us").parse().unwrap();
-        assert!(work <= up * 1000 + 1000, "a tick's work cannot outlast the run: {line}");
+        assert!(
+            work <= up * 1000 + 1000,
+            "a tick's work cannot outlast the run: {line}"
+        );
     }
 }
 
