@@ -7,7 +7,8 @@
 # Each method is then restored RUNS times from a cold page cache without
 # learning, and a VEE-style table of medians is printed.
 #
-# Usage (root): ci/bench-ws.sh [RUNS]    (default 3)
+# Usage (root): [READ_LIMIT=32M] ci/bench-ws.sh [RUNS]    (default 3)
+#   READ_LIMIT: restore with --read-limit (emulated networked storage).
 # Output: target/bench/ws-*.json*, table on stdout.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -53,6 +54,7 @@ for method in lazy none trace abit dirty learned; do
     else
       args=(--mode ws --estimator "$method")
     fi
+    [ -n "${READ_LIMIT:-}" ] && args+=(--read-limit "$READ_LIMIT")
     "$thaw" --json restore "$image" "${args[@]}" --no-learn | tr -d '\n' >>"$out/ws-restore-$method.jsonl"
     echo >>"$out/ws-restore-$method.jsonl"
     "$thaw" stop bench-2g

@@ -247,7 +247,11 @@ impl Engine {
                     self.fail(&e);
                     return log;
                 }
-                if log.latencies.len() < log.latencies.capacity() {
+                // Service times describe the restore, not the tracking
+                // window's minor faults after it.
+                if log.latencies.len() < log.latencies.capacity()
+                    && !self.in_window.load(Ordering::Acquire)
+                {
                     let us = read_at.elapsed().as_micros().min(u32::MAX as u128) as u32;
                     log.latencies.push(us);
                 }
