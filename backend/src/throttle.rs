@@ -23,23 +23,37 @@ impl Throttle {
     }
 
     /// Blocks until a read of `bytes` would have completed at this rate,
-    /// after every read granted before it.
+    /// after every read granted before it (background reads).
     pub fn take(&self, bytes: u64) {
-        let cost = Duration::from_secs_f64(bytes as f64 / self.bytes_per_sec);
-        let done = match self.busy_until.lock() {
-            Ok(mut until) => {
-                let start = (*until).max(Instant::now());
-                *until = start + cost;
-                *until
-            }
-            // A reader panicked holding the lock: stop limiting rather
-            // than stall the restore.
-            Err(_) => return,
+        self.wait(bytes, false)
+    }
+
+    /// Like [`Throttle::take`] for a read a guest is waiting on: it is served
+    /// before the background reads already queued, which move back by its
+    /// transfer time (the emulated link serves faults first).
+    pub fn take_urgent(&self, bytes: u64) {
+        self.wait(bytes, true)
+    }
+
+    fn wait(&self, bytes: u64, urgent: bool) {
+        let Some(done) = self.grant(bytes, urgent, Instant::now()) else {
+            return;
         };
         let now = Instant::now();
         if done > now {
             std::thread::sleep(done - now);
         }
+    }
+
+    /// Books a read of `bytes` asked for at `now`; returns when it is done
+    /// (`None` if a reader panicked holding the lock: then nothing is
+    /// limited rather than the restore stalled).
+    fn grant(&self, bytes: u64, urgent: bool, now: Instant) -> Option<Instant> {
+        let cost = Duration::from_secs_f64(bytes as f64 / self.bytes_per_sec);
+        let mut until = self.busy_until.lock().ok()?;
+        let queued = (*until).max(now);
+        *until = queued + cost;
+        Some(if urgent { now + cost } else { *until })
     }
 }
 
@@ -47,21 +61,27 @@ impl Throttle {
 mod tests {
     use super::*;
 
+    const MIB: u64 = 1 << 20;
+
     #[test]
-    fn readers_share_the_rate() {
-        let t = std::sync::Arc::new(Throttle::new(1 << 20));
-        let start = Instant::now();
-        let readers: Vec<_> = (0..4)
-            .map(|_| {
-                let t = t.clone();
-                std::thread::spawn(move || t.take(64 << 10))
-            })
-            .collect();
-        for r in readers {
-            r.join().expect("reader");
-        }
-        // 256 KiB at 1 MiB/s cannot be done in less than 250 ms, however
-        // the readers interleave (a lower bound only: the machine may be slow).
-        assert!(start.elapsed() >= Duration::from_millis(250));
+    fn background_reads_queue_behind_each_other() {
+        let t = Throttle::new(MIB);
+        let now = Instant::now();
+        let first = t.grant(MIB, false, now).expect("grant");
+        let second = t.grant(MIB / 2, false, now).expect("grant");
+        assert_eq!(first - now, Duration::from_secs(1));
+        assert_eq!(second - now, Duration::from_millis(1500));
+    }
+
+    #[test]
+    fn an_urgent_read_goes_ahead_and_pushes_background_reads_back() {
+        let t = Throttle::new(MIB);
+        let now = Instant::now();
+        let background = t.grant(2 * MIB, false, now).expect("grant");
+        let urgent = t.grant(MIB / 4, true, now).expect("grant");
+        let after = t.grant(MIB / 4, false, now).expect("grant");
+        assert_eq!(background - now, Duration::from_secs(2));
+        assert_eq!(urgent - now, Duration::from_millis(250), "not behind the queue");
+        assert_eq!(after - now, Duration::from_millis(2500), "the queue moved back");
     }
 }

@@ -597,11 +597,36 @@ impl Image {
     /// Reads `count` consecutive chunks from `first` into `buf` with one
     /// pread and verifies each; returns the bytes read.
     pub fn read_chunks(&self, first: u32, count: u32, buf: &mut [u8]) -> Result<usize, ImageError> {
+        self.read_chunks_as(first, count, buf, false)
+    }
+
+    /// [`Image::read_chunks`] for a page fault: under a read limit it goes
+    /// ahead of background reads.
+    pub fn read_chunks_urgent(
+        &self,
+        first: u32,
+        count: u32,
+        buf: &mut [u8],
+    ) -> Result<usize, ImageError> {
+        self.read_chunks_as(first, count, buf, true)
+    }
+
+    fn read_chunks_as(
+        &self,
+        first: u32,
+        count: u32,
+        buf: &mut [u8],
+        urgent: bool,
+    ) -> Result<usize, ImageError> {
         let start = u64::from(self.chunk_slots(first).start) * PAGE_SIZE;
         let end = u64::from(self.chunk_slots(first + count - 1).end) * PAGE_SIZE;
         let len = (end - start) as usize;
         if let Some(t) = &self.throttle {
-            t.take(len as u64);
+            if urgent {
+                t.take_urgent(len as u64);
+            } else {
+                t.take(len as u64);
+            }
         }
         self.pages
             .read_exact_at(&mut buf[..len], start)

@@ -389,7 +389,7 @@ impl Engine {
             PageLocation::Slot(slot) => {
                 let c = self.image.chunk_of(slot);
                 let first = self.image.chunk_slots(c).start;
-                let n = self.image.read_chunks(c, 1, chunk)?;
+                let n = self.image.read_chunks_urgent(c, 1, chunk)?;
                 self.counters
                     .bytes_read
                     .fetch_add(n as u64, Ordering::Relaxed);
