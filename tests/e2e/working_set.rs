@@ -120,6 +120,7 @@ fn learned_working_set_is_recorded_and_refined() {
             cov * 100.0
         );
     }
+    eprintln!("lazy faults of the two learned restores: {lazy_faults:?}");
     assert!(
         lazy_faults[1] <= lazy_faults[0],
         "the second learned restore needed more lazy faults: {lazy_faults:?}"
