@@ -81,7 +81,15 @@ mod tests {
         let urgent = t.grant(MIB / 4, true, now).expect("grant");
         let after = t.grant(MIB / 4, false, now).expect("grant");
         assert_eq!(background - now, Duration::from_secs(2));
-        assert_eq!(urgent - now, Duration::from_millis(250), "not behind the queue");
-        assert_eq!(after - now, Duration::from_millis(2500), "the queue moved back");
+        assert_eq!(
+            urgent - now,
+            Duration::from_millis(250),
+            "not behind the queue"
+        );
+        assert_eq!(
+            after - now,
+            Duration::from_millis(2500),
+            "the queue moved back"
+        );
     }
 }
