@@ -55,7 +55,7 @@ for method in lazy none trace abit dirty learned; do
       args=(--mode ws --estimator "$method")
     fi
     [ -n "${READ_LIMIT:-}" ] && args+=(--read-limit "$READ_LIMIT")
-    "$thaw" --json restore "$image" "${args[@]}" --no-learn | tr -d '\n' >>"$out/ws-restore-$method.jsonl"
+    "$thaw" --json restore "$image" "${args[@]}" --no-learn --observe | tr -d '\n' >>"$out/ws-restore-$method.jsonl"
     echo >>"$out/ws-restore-$method.jsonl"
     "$thaw" stop bench-2g
   done

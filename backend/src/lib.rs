@@ -8,6 +8,7 @@
 //! [`restore`] (orchestration and the restore engine). [`limits`] measures
 //! the machine's physical limits the restore path runs into.
 
+pub mod bench;
 pub mod checkpoint;
 pub mod config;
 pub mod dirty;

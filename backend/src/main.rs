@@ -61,9 +61,14 @@ enum Command {
         #[arg(long)]
         name: Option<String>,
         /// Do not record this restore's touches nor update the image's
-        /// learned working set (no tracking window).
+        /// learned working set (no tracking window); the working set is
+        /// then mapped directly, which costs the guest no faults.
         #[arg(long)]
         no_learn: bool,
+        /// With --no-learn: still install the working set so that the
+        /// guest's first touches are seen (skipped and unused pages).
+        #[arg(long)]
+        observe: bool,
         /// The tracking window after all RAM is resident ends once no new
         /// page was touched for this long (ms)...
         #[arg(long, default_value_t = 1000)]
@@ -115,6 +120,41 @@ enum Command {
         /// fallback on older kernels).
         #[arg(long)]
         sync_wp: bool,
+    },
+    /// Restore one saved VM by every method side by side (stock QEMU, thaw
+    /// eager, lazy, ws per estimator) from a cold cache and report time to
+    /// running, time to responsiveness, time to full residency, faults and
+    /// bytes read (Markdown; --json for everything, samples included).
+    Bench {
+        /// VM config; its guest must run the workload in throughput mode
+        /// (thaw.tput_ms=50), e.g. configs/bench-tput-2g.yaml.
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Comma-separated: stock, mapped-ram, eager, lazy, ws:learned,
+        /// ws:trace, ws:abit, ws:dirty (default: all).
+        #[arg(long, value_delimiter = ',')]
+        methods: Vec<String>,
+        /// Restores per method; medians are reported.
+        #[arg(long, default_value_t = 3)]
+        runs: u32,
+        /// Limit thaw's image reads to this rate per second (e.g. 32M).
+        #[arg(long, value_parser = parse_size)]
+        read_limit: Option<u64>,
+        /// Warm-up before the warm rate is measured (ms)...
+        #[arg(long, default_value_t = 5000)]
+        warmup_ms: u64,
+        /// ...and the window it is measured over (ms).
+        #[arg(long, default_value_t = 3000)]
+        measure_ms: u64,
+        /// How long each restored guest is watched after its RAM is resident (ms).
+        #[arg(long, default_value_t = 3000)]
+        settle_ms: u64,
+        /// Where the image and the stock migration files go.
+        #[arg(long, default_value = "/var/lib/thaw/bench")]
+        dir: PathBuf,
+        /// Also write bench.json and bench.md into this directory.
+        #[arg(long)]
+        out: Option<PathBuf>,
     },
     /// Describe an image: VM, QEMU, RAM layout, sizes, working sets.
     Inspect { image: PathBuf },
@@ -289,6 +329,7 @@ async fn run(cli: Cli) -> Result<()> {
             estimator,
             name,
             no_learn,
+            observe,
             learn_quiet_ms,
             learn_max_ms,
             read_limit,
@@ -302,6 +343,7 @@ async fn run(cli: Cli) -> Result<()> {
                 name,
                 estimator,
                 learn,
+                observe,
                 read_limit,
             };
             let stats = thaw::restore::restore(&image, &opts)
@@ -343,6 +385,46 @@ async fn run(cli: Cli) -> Result<()> {
             let report = thaw::track::track(&name, opts, termination())
                 .await
                 .with_context(|| format!("tracking VM {name}"))?;
+            print(j, &report, &report)
+        }
+        Command::Bench {
+            config,
+            methods,
+            runs,
+            read_limit,
+            warmup_ms,
+            measure_ms,
+            settle_ms,
+            dir,
+            out,
+        } => {
+            let methods = if methods.is_empty() {
+                thaw::bench::Method::all()
+            } else {
+                methods
+                    .iter()
+                    .map(|m| thaw::bench::Method::parse(m))
+                    .collect::<Result<Vec<_>, _>>()?
+            };
+            let opts = thaw::bench::BenchOptions {
+                config,
+                methods,
+                runs: runs.max(1),
+                read_limit,
+                warmup: Duration::from_millis(warmup_ms),
+                measure: Duration::from_millis(measure_ms),
+                settle: Duration::from_millis(settle_ms),
+                dir,
+            };
+            let report = thaw::bench::run(&opts).await.context("benchmark")?;
+            if let Some(out) = out {
+                std::fs::create_dir_all(&out)
+                    .with_context(|| format!("creating {}", out.display()))?;
+                std::fs::write(out.join("bench.json"), serde_json::to_vec_pretty(&report)?)
+                    .context("writing bench.json")?;
+                std::fs::write(out.join("bench.md"), report.markdown())
+                    .context("writing bench.md")?;
+            }
             print(j, &report, &report)
         }
         Command::Inspect { image } => {

@@ -156,6 +156,17 @@ impl Vm {
         (name, dir)
     }
 
+    /// A handle for VM `name` whose files live in `dir`, started by someone
+    /// else (e.g. `thaw bench`): it is stopped on drop like any other.
+    pub fn attach(name: String, dir: PathBuf) -> Vm {
+        Vm {
+            name,
+            runtime: dir.join("run"),
+            serial: dir.join("console.log"),
+            dir,
+        }
+    }
+
     /// Starts a VM from config text (its serial console must be
     /// `<dir>/console.log`) and waits for `ready` on the console.
     pub fn start(name: String, dir: PathBuf, config: &str, ready: &str) -> Vm {

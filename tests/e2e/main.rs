@@ -6,6 +6,7 @@
 //!
 //! Needs root and the guest kit (`tests/guest/build.sh`); `ci/test.sh` runs them.
 
+mod bench;
 mod foreign;
 mod harness;
 mod working_set;

@@ -290,12 +290,14 @@ impl Engine {
         }
     }
 
-    /// Puts the working set in `ws` into the RAM files' page cache, in its
-    /// order, before the guest runs: nothing is mapped into QEMU, so the
-    /// guest's first touch of each page is still reported (a minor fault).
+    /// Installs the working set in `ws`, in its order, before the guest
+    /// runs. With `observe`, the pages go into the RAM files' page cache and
+    /// nothing is mapped into QEMU, so the guest's first touch of each is
+    /// still reported (a minor fault: skipped faults, learning); without,
+    /// they are mapped with `UFFDIO_COPY` and cost the guest nothing more.
     /// Only for use while the guest is paused: a write into the page cache
     /// is not atomic against a guest write the way `UFFDIO_COPY` is.
-    pub fn prefetch(&self, ws: &WsFile) -> Result<u64, EngineError> {
+    pub fn prefetch(&self, ws: &WsFile, observe: bool) -> Result<u64, EngineError> {
         let mut installed = 0u64;
         ws.stream(self.image.throttle(), |pages, data| {
             let mut i = 0;
@@ -314,14 +316,24 @@ impl Engine {
                     let block = self.block_of(first);
                     let off = (first.0 - block.first_page) * PAGE_SIZE;
                     let bytes = &data[i * PAGE_SIZE as usize..j * PAGE_SIZE as usize];
-                    block
-                        .file
-                        .write_all_at(bytes, off)
-                        .map_err(|source| WsError::Io {
-                            path: format!("guest RAM page {}", first.0).into(),
-                            context: "cannot write into the RAM file",
-                            source,
-                        })?;
+                    let written = if observe {
+                        block.file.write_all_at(bytes, off)
+                    } else {
+                        match self.uffd.copy(block.start.offset(off), bytes, false) {
+                            CopyResult::Done(_) => Ok(()),
+                            CopyResult::Exists { .. } => {
+                                Err(std::io::Error::from_raw_os_error(libc::EEXIST))
+                            }
+                            CopyResult::Failed { errno, .. } => {
+                                Err(std::io::Error::from_raw_os_error(errno as i32))
+                            }
+                        }
+                    };
+                    written.map_err(|source| WsError::Io {
+                        path: format!("guest RAM page {}", first.0).into(),
+                        context: "cannot install the working set",
+                        source,
+                    })?;
                     for &p in &pages[i..j] {
                         self.mark_resident(p, true);
                         set_bit(&self.prefetched, p);

@@ -106,6 +106,9 @@ pub struct RestoreOptions {
     pub estimator: EstimatorChoice,
     /// Learn from this restore (`None`: do not record or update).
     pub learn: Option<LearnWindow>,
+    /// Without `learn`: still install the working set so that first
+    /// touches are seen, to report skipped and unused prefetched pages.
+    pub observe: bool,
     /// Limit image reads to this many bytes per second (emulated network
     /// storage; the same for every method).
     pub read_limit: Option<u64>,
@@ -161,14 +164,16 @@ pub struct RestoreStats {
     /// Non-zero pages resident when the guest resumed.
     pub prefetched_pages: u64,
     /// First touches after resume (until all RAM was resident) that found
-    /// their page prefetched.
-    pub skipped_faults: u64,
+    /// their page prefetched; null when the prefetch was not observed
+    /// (`--no-learn` without `--observe` maps prefetched pages directly).
+    pub skipped_faults: Option<u64>,
     /// Pages served on demand after the guest resumed (missing faults).
     pub faults: u64,
     /// The same, under the name of the VEE table.
     pub lazy_faults: u64,
-    /// Prefetched pages the guest had not touched when all RAM was resident.
-    pub unused_prefetched_pages: u64,
+    /// Prefetched pages the guest had not touched when all RAM was
+    /// resident; null when the prefetch was not observed.
+    pub unused_prefetched_pages: Option<u64>,
     /// Pages QEMU faulted on while loading the device state.
     pub faults_before_resume: u64,
     /// Faults on all-zero pages (answered with a zero page, never read).
@@ -231,13 +236,14 @@ impl std::fmt::Display for RestoreStats {
             "  {:>12} {:>12} {:>12} {:>12}",
             "prefetched", "skipped", "lazy", "unused"
         )?;
+        let seen = |v: Option<u64>| v.map_or("-".to_string(), |v| v.to_string());
         writeln!(
             f,
             "  {:>12} {:>12} {:>12} {:>12}",
             self.prefetched_pages,
-            self.skipped_faults,
+            seen(self.skipped_faults),
             self.lazy_faults,
-            self.unused_prefetched_pages
+            seen(self.unused_prefetched_pages)
         )?;
         writeln!(
             f,
@@ -412,6 +418,7 @@ async fn run(
             })
     };
     let learn = opts.learn.filter(|_| with_minor);
+    let observed = with_minor && (learn.is_some() || opts.observe);
 
     let outcome = async {
         let mut filler = None;
@@ -433,7 +440,8 @@ async fn run(
             let engine = engine.clone();
             let ws_ref: &WsFile = ws;
             // The guest is paused: writing into the page cache is safe.
-            std::thread::scope(|s| s.spawn(|| engine.prefetch(ws_ref)).join())
+            let observe = observed;
+            std::thread::scope(|s| s.spawn(|| engine.prefetch(ws_ref, observe)).join())
                 .map_err(|_| RestoreError::Engine("the prefetcher panicked".into()))?
                 .map_err(|e| RestoreError::Engine(e.to_string()))?;
             prefetch_ms = ms(t.elapsed());
@@ -515,10 +523,10 @@ async fn run(
         prefetch_ms,
         resume_ms,
         prefetched_pages: prefetched,
-        skipped_faults: c.skipped_faults.load(Ordering::Relaxed),
+        skipped_faults: observed.then(|| c.skipped_faults.load(Ordering::Relaxed)),
         faults: faults_after,
         lazy_faults: faults_after,
-        unused_prefetched_pages: unused,
+        unused_prefetched_pages: observed.then_some(unused),
         faults_before_resume: c.faults_before_resume.load(Ordering::Relaxed),
         zero_page_faults: c.zero_faults.load(Ordering::Relaxed),
         background_pages: c.fill_pages_after_resume.load(Ordering::Relaxed),

@@ -58,6 +58,25 @@ pub struct Config {
     pub once: bool,
     /// Print the guest-physical pages of the hot set after the fill.
     pub report_hot: bool,
+    /// Throughput mode: work without pause and report the rate every this
+    /// many ms of guest time (`THAW-TPUT` lines); 0 = tick mode.
+    pub tput_ms: u64,
+    /// Which hot blocks throughput mode reads.
+    pub pattern: Pattern,
+    /// `phase`: the hot set moves to the next region after this many ms.
+    pub phase_ms: u64,
+}
+
+/// How throughput mode picks the block it verifies next.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Pattern {
+    /// Every hot block equally often.
+    Uniform,
+    /// Low-numbered hot blocks far more often (u^3 of a uniform u).
+    Skewed,
+    /// Uniform over the hot set, which moves to the next `hot`-sized region
+    /// of memory after `phase_ms` (once).
+    Phase,
 }
 
 impl Default for Config {
@@ -70,6 +89,9 @@ impl Default for Config {
             full_every: 10,
             once: false,
             report_hot: false,
+            tput_ms: 0,
+            pattern: Pattern::Uniform,
+            phase_ms: 5000,
         }
     }
 }
@@ -130,6 +152,20 @@ impl Config {
             "tick_ms" => self.tick_ms = parse_u64(value).map_err(what)?,
             "full_every" => self.full_every = parse_u64(value).map_err(what)?,
             "report_hot" => self.report_hot = parse_u64(value).map_err(what)? != 0,
+            "tput_ms" => self.tput_ms = parse_u64(value).map_err(what)?,
+            "phase_ms" => self.phase_ms = parse_u64(value).map_err(what)?,
+            "pattern" => {
+                self.pattern = match value {
+                    "uniform" => Pattern::Uniform,
+                    "skewed" => Pattern::Skewed,
+                    "phase" => Pattern::Phase,
+                    _ => {
+                        return Err(format!(
+                            "pattern: {value:?} is not uniform, skewed or phase"
+                        ))
+                    }
+                }
+            }
             _ => return Ok(false),
         }
         Ok(true)
@@ -441,6 +477,58 @@ fn random_nonce() -> Result<[u8; 8], String> {
     Ok(b)
 }
 
+/// Throughput mode: verifies hot blocks picked by `cfg.pattern` without
+/// pause (rewriting one in 64 with a new generation) and every `tput_ms` of
+/// guest time prints
+/// `THAW-TPUT <n> nonce=<nonce> ok=<1|0> uptime_ms=<ms> interval_ms=<ms> blocks=<k> mib_per_s=<rate>`.
+fn throughput(start: Instant, cfg: &Config, nonce: &str, w: &mut Workload) -> Result<i32, String> {
+    let mut rng = splitmix64(cfg.seed ^ 0x7470_7574);
+    let hot = w.hot_blocks();
+    let regions = (w.blocks() / hot).max(1);
+    let (mut n, mut ops, mut gen) = (0u64, 0u64, 1u64 << 32);
+    let mut since = Instant::now();
+    loop {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        let u = (rng >> 11) as f64 / (1u64 << 53) as f64;
+        let block = match cfg.pattern {
+            Pattern::Uniform => (u * hot as f64) as usize,
+            Pattern::Skewed => (u * u * u * hot as f64) as usize,
+            Pattern::Phase => {
+                let phase = (start.elapsed().as_millis() as u64 >= cfg.phase_ms) as usize;
+                (phase % regions) * hot + (u * hot as f64) as usize
+            }
+        }
+        .min(w.blocks() - 1);
+        if let Some(c) = w.verify(block) {
+            emit(&format!(
+                "THAW-CORRUPT block={} expected={:016x} got={:016x}",
+                c.block, c.expected, c.got
+            ));
+        }
+        ops += 1;
+        if ops % 64 == 0 {
+            gen += 1;
+            w.rewrite(block, gen);
+        }
+        let elapsed = since.elapsed();
+        if elapsed.as_millis() as u64 >= cfg.tput_ms {
+            n += 1;
+            let secs = elapsed.as_secs_f64();
+            emit(&format!(
+                "THAW-TPUT {n} nonce={nonce} ok={} uptime_ms={} interval_ms={:.1} blocks={ops} mib_per_s={:.1}",
+                u8::from(w.bad == 0),
+                start.elapsed().as_millis(),
+                secs * 1000.0,
+                ops as f64 * (BLOCK_BYTES as f64 / (1 << 20) as f64) / secs
+            ));
+            ops = 0;
+            since = Instant::now();
+        }
+    }
+}
+
 /// Prints the guest-physical page frames behind the hot set, read from
 /// `/proc/self/pagemap` (needs root), as runs `<first pfn>+<count>`, 64 per
 /// `THAW-HOT` line, then `THAW-HOT-END pages=<n>`. Lets a host test check a
@@ -500,6 +588,9 @@ fn run(start: Instant, cfg: &Config) -> Result<i32, String> {
 
     if cfg.report_hot {
         report_hot_pages(&mut w)?;
+    }
+    if cfg.tput_ms > 0 && !cfg.once {
+        return throughput(start, cfg, &nonce, &mut w);
     }
 
     const ONCE_TICKS: u64 = 3;
@@ -613,6 +704,9 @@ mod tests {
                 full_every: 3,
                 once: false,
                 report_hot: true,
+                tput_ms: 0,
+                pattern: Pattern::Uniform,
+                phase_ms: 5000,
             }
         );
         assert!(Config::default()

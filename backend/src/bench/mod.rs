@@ -1,0 +1,510 @@
+//! `thaw bench`: restores one saved VM by every method side by side and
+//! measures what users feel: time until the guest runs, time to
+//! responsiveness ([`ttr`]), time until all RAM is resident, faults and
+//! bytes read; next to this machine's limits ([`crate::limits`]).
+//!
+//! The guest must run the guest kit's workload in throughput mode
+//! (`thaw.tput_ms=50`), which reports its own rate on the console. One run:
+//! boot, warm up, measure the warm rate; `thaw track` abit and dirty
+//! estimates when asked for; `thaw checkpoint` (the image, with the trace
+//! working set); then with the VM paused, the stock artifacts: a full
+//! migration stream (what `virsh save` writes) and a `mapped-ram` file;
+//! one learning restore when `ws:learned` is asked for. Then each method is
+//! restored `runs` times from a cold page cache (`drop_caches`) and watched
+//! for `settle` after its RAM is resident.
+
+pub mod console;
+pub mod ttr;
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use serde_json::json;
+
+use crate::config::VmConfig;
+use crate::qemu::{self, Qmp, VmState};
+use crate::restore::{self, EstimatorChoice, LearnWindow, Mode, RestoreOptions};
+use crate::track::{self, TrackOptions};
+use crate::wss::Estimator;
+use console::ConsoleTail;
+use ttr::{median, Sample};
+
+/// How long a stock migration may take.
+const MIGRATION_TIMEOUT: Duration = Duration::from_secs(600);
+/// Share of the warm rate that counts as responsive, and for how long.
+pub const TTR_FRACTION: f64 = 0.9;
+pub const TTR_HOLD_MS: f64 = 1000.0;
+
+/// Errors of a benchmark run.
+#[derive(Debug, thiserror::Error)]
+pub enum BenchError {
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    #[error(transparent)]
+    Qemu(#[from] qemu::QemuError),
+    #[error(transparent)]
+    Qmp(#[from] qemu::QmpError),
+    #[error(transparent)]
+    Restore(#[from] restore::RestoreError),
+    #[error(transparent)]
+    Checkpoint(#[from] crate::checkpoint::CheckpointError),
+    #[error(transparent)]
+    Track(#[from] track::TrackError),
+    #[error(
+        "unknown method {0:?}: use stock, mapped-ram, eager, lazy or ws:<learned|trace|abit|dirty>"
+    )]
+    Method(String),
+    #[error(
+        "the guest printed no THAW-TPUT reports within {0:?}: does its config set thaw.tput_ms?"
+    )]
+    NoThroughput(Duration),
+    #[error("the guest's integrity check failed after a {0} restore (nonce changed or ok=0)")]
+    Integrity(String),
+    #[error("{context}: {source}")]
+    Io {
+        context: String,
+        source: std::io::Error,
+    },
+}
+
+fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> BenchError {
+    let context = context.into();
+    move |source| BenchError::Io { context, source }
+}
+
+/// A way to restore the VM.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Method {
+    /// Stock QEMU: `migrate-incoming` of a full migration stream (RAM
+    /// included), what `virsh restore` does.
+    Stock,
+    /// Stock QEMU: a `mapped-ram` file loaded by multifd threads.
+    MappedRam,
+    Eager,
+    Lazy,
+    Ws(Estimator),
+}
+
+impl Method {
+    pub fn parse(text: &str) -> Result<Method, BenchError> {
+        Ok(match text {
+            "stock" => Method::Stock,
+            "mapped-ram" => Method::MappedRam,
+            "eager" => Method::Eager,
+            "lazy" => Method::Lazy,
+            "ws:learned" => Method::Ws(Estimator::Learned),
+            "ws:trace" => Method::Ws(Estimator::Trace),
+            "ws:abit" => Method::Ws(Estimator::Abit),
+            "ws:dirty" => Method::Ws(Estimator::Dirty),
+            _ => return Err(BenchError::Method(text.to_string())),
+        })
+    }
+
+    pub fn name(self) -> String {
+        match self {
+            Method::Stock => "stock".into(),
+            Method::MappedRam => "mapped-ram".into(),
+            Method::Eager => "eager".into(),
+            Method::Lazy => "lazy".into(),
+            Method::Ws(e) => format!("ws:{}", e.name()),
+        }
+    }
+
+    /// Every method, in the order they are reported.
+    pub fn all() -> Vec<Method> {
+        let mut all = vec![
+            Method::Stock,
+            Method::MappedRam,
+            Method::Eager,
+            Method::Lazy,
+        ];
+        all.extend(Estimator::PREFERENCE.iter().map(|&e| Method::Ws(e)));
+        all
+    }
+}
+
+/// What `thaw bench` runs.
+#[derive(Clone, Debug)]
+pub struct BenchOptions {
+    /// The VM (guest kit workload in throughput mode).
+    pub config: PathBuf,
+    pub methods: Vec<Method>,
+    /// Restores per method (medians are reported).
+    pub runs: u32,
+    /// Read limit for thaw's methods (emulated network storage).
+    pub read_limit: Option<u64>,
+    /// Warm-up before the warm rate is measured, and its measuring window.
+    pub warmup: Duration,
+    pub measure: Duration,
+    /// How long each restored guest is watched after its RAM is resident.
+    pub settle: Duration,
+    /// Where the image and stock files go.
+    pub dir: PathBuf,
+}
+
+/// One restore.
+#[derive(Clone, Debug, Serialize)]
+pub struct MethodRun {
+    pub method: String,
+    pub run: u32,
+    /// Restore start → guest running.
+    pub running_ms: f64,
+    /// Restore start → throughput back to 90 % of warm for 1 s.
+    pub ttr_ms: Option<f64>,
+    /// Restore start → all RAM resident.
+    pub complete_ms: f64,
+    pub faults: u64,
+    pub bytes_read: u64,
+    /// thaw methods: background fill rate and fault service p50 (µs).
+    pub fill_mib_per_s: Option<f64>,
+    pub fault_p50_us: Option<f64>,
+    /// The guest's throughput reports after the restore.
+    pub samples: Vec<Sample>,
+}
+
+/// Medians per method.
+#[derive(Clone, Debug, Serialize)]
+pub struct MethodSummary {
+    pub method: String,
+    pub runs: usize,
+    pub running_ms: Option<f64>,
+    pub ttr_ms: Option<f64>,
+    pub complete_ms: Option<f64>,
+    pub faults: Option<f64>,
+    pub bytes_read_mib: Option<f64>,
+    /// Runs that never reached the TTR threshold while watched.
+    pub without_ttr: usize,
+}
+
+/// The whole result.
+#[derive(Clone, Debug, Serialize)]
+pub struct BenchReport {
+    pub vm: String,
+    pub memory: String,
+    pub nonzero_pages: u64,
+    pub accel: String,
+    pub read_limit: Option<u64>,
+    pub warm_mib_per_s: f64,
+    pub ttr_definition: String,
+    pub summary: Vec<MethodSummary>,
+    pub runs: Vec<MethodRun>,
+}
+
+/// Runs the benchmark described by `opts`.
+pub async fn run(opts: &BenchOptions) -> Result<BenchReport, BenchError> {
+    let cfg = VmConfig::load(&opts.config)?;
+    let name = cfg.name.clone();
+    if let Ok((paths, state)) = VmState::load(&name) {
+        qemu::stop(&paths, &state, true).await?;
+    }
+    std::fs::create_dir_all(&opts.dir).map_err(io(format!("creating {}", opts.dir.display())))?;
+    let image = opts.dir.join("thaw.img");
+    let stock_file = opts.dir.join("stock.mig");
+    let mapped_file = opts.dir.join("mapped-ram.mig");
+
+    // Boot and warm up.
+    let accel = qemu::resolve_accel(&cfg)?;
+    let launched = qemu::launch(&cfg, accel, false).await?;
+    let serial = launched.state.serial.clone();
+    drop(launched);
+    let tail = ConsoleTail::start(&serial, Instant::now()).map_err(io("reading the console"))?;
+    let deadline = Instant::now() + opts.warmup + Duration::from_secs(300);
+    while tail.reports().len() < 2 {
+        if Instant::now() > deadline {
+            return Err(BenchError::NoThroughput(
+                opts.warmup + Duration::from_secs(300),
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(opts.warmup).await;
+    let warm_from = tail.reports().len();
+    tokio::time::sleep(opts.measure).await;
+    let warm_reports = tail.finish();
+    let warm = median(warm_reports[warm_from..].iter().map(|r| r.sample.mib_per_s))
+        .ok_or(BenchError::NoThroughput(opts.measure))?;
+    let nonce = warm_reports
+        .last()
+        .map(|r| r.nonce.clone())
+        .unwrap_or_default();
+    log::info!("warm throughput {warm:.1} MiB/s");
+
+    // Working sets of the running VM, then the image.
+    for (e, wanted) in [
+        (
+            Estimator::Abit,
+            opts.methods.contains(&Method::Ws(Estimator::Abit)),
+        ),
+        (
+            Estimator::Dirty,
+            opts.methods.contains(&Method::Ws(Estimator::Dirty)),
+        ),
+    ] {
+        if wanted {
+            let t = TrackOptions {
+                interval: Duration::from_millis(1000),
+                keep: 3,
+                duration: Some(Duration::from_secs(4)),
+                estimator: e,
+                sync_wp: false,
+            };
+            track::track(&name, t, std::future::pending()).await?;
+        }
+    }
+    crate::checkpoint::checkpoint(&name, &image, true, LearnWindow::default()).await?;
+
+    // Stock artifacts from the paused VM, then it goes.
+    let (paths, state) = VmState::load(&name)?;
+    let mut qmp = Qmp::connect(&paths.qmp).await?;
+    qmp.execute("stop", json!({})).await?;
+    if opts.methods.contains(&Method::Stock) {
+        stock_save(&mut qmp, &stock_file, false).await?;
+    }
+    if opts.methods.contains(&Method::MappedRam) {
+        if opts.methods.contains(&Method::Stock) {
+            // QEMU refuses a second migration from the post-migration
+            // state: run the guest for a moment in between.
+            qmp.execute("cont", json!({})).await?;
+            qmp.execute("stop", json!({})).await?;
+        }
+        stock_save(&mut qmp, &mapped_file, true).await?;
+    }
+    drop(qmp);
+    qemu::stop(&paths, &state, false).await?;
+
+    let restore_opts = |mode, estimator, learn| RestoreOptions {
+        mode,
+        name: None,
+        estimator,
+        learn,
+        observe: false,
+        read_limit: opts.read_limit,
+    };
+    if opts.methods.contains(&Method::Ws(Estimator::Learned)) {
+        restore::restore(
+            &image,
+            &restore_opts(
+                Mode::Lazy,
+                EstimatorChoice::None,
+                Some(LearnWindow::default()),
+            ),
+        )
+        .await?;
+        stop_vm(&name).await?;
+    }
+
+    let mut runs = Vec::new();
+    for &method in &opts.methods {
+        for run in 1..=opts.runs {
+            drop_caches();
+            let t0 = Instant::now();
+            let tail = ConsoleTail::start(&serial, t0).map_err(io("reading the console"))?;
+            let mut r = match method {
+                Method::Stock => stock_restore(&cfg, accel, &stock_file, false, t0).await?,
+                Method::MappedRam => stock_restore(&cfg, accel, &mapped_file, true, t0).await?,
+                _ => {
+                    let (mode, estimator) = match method {
+                        Method::Eager => (Mode::Eager, EstimatorChoice::None),
+                        Method::Lazy => (Mode::Lazy, EstimatorChoice::None),
+                        Method::Ws(Estimator::Learned) => (Mode::Ws, EstimatorChoice::Learned),
+                        Method::Ws(Estimator::Trace) => (Mode::Ws, EstimatorChoice::Trace),
+                        Method::Ws(Estimator::Abit) => (Mode::Ws, EstimatorChoice::Abit),
+                        _ => (Mode::Ws, EstimatorChoice::Dirty),
+                    };
+                    let s = restore::restore(&image, &restore_opts(mode, estimator, None)).await?;
+                    MethodRun {
+                        method: String::new(),
+                        run,
+                        running_ms: s.resume_ms,
+                        ttr_ms: None,
+                        complete_ms: s.complete_ms,
+                        faults: s.lazy_faults,
+                        bytes_read: s.bytes_read,
+                        fill_mib_per_s: Some(s.fill_mib_per_s),
+                        fault_p50_us: Some(s.fault_p50_us),
+                        samples: Vec::new(),
+                    }
+                }
+            };
+            let until =
+                Duration::from_secs_f64(r.complete_ms.max(r.running_ms) / 1000.0) + opts.settle;
+            let left = until.saturating_sub(t0.elapsed());
+            tokio::time::sleep(left).await;
+            let reports = tail.finish();
+            stop_vm(&name).await?;
+            if reports.iter().any(|x| !x.ok || x.nonce != nonce) {
+                return Err(BenchError::Integrity(method.name()));
+            }
+            r.method = method.name();
+            r.run = run;
+            r.samples = reports.iter().map(|x| x.sample).collect();
+            r.ttr_ms = ttr::time_to_responsiveness(&r.samples, warm, TTR_FRACTION, TTR_HOLD_MS);
+            log::info!(
+                "{} run {run}: running {:.0} ms, TTR {:?} ms, complete {:.0} ms",
+                r.method,
+                r.running_ms,
+                r.ttr_ms,
+                r.complete_ms
+            );
+            runs.push(r);
+        }
+    }
+
+    let summary = opts
+        .methods
+        .iter()
+        .map(|m| {
+            let mine: Vec<&MethodRun> = runs.iter().filter(|r| r.method == m.name()).collect();
+            MethodSummary {
+                method: m.name(),
+                runs: mine.len(),
+                running_ms: median(mine.iter().map(|r| r.running_ms)),
+                ttr_ms: median(mine.iter().filter_map(|r| r.ttr_ms)),
+                complete_ms: median(mine.iter().map(|r| r.complete_ms)),
+                faults: median(mine.iter().map(|r| r.faults as f64)),
+                bytes_read_mib: median(mine.iter().map(|r| r.bytes_read as f64 / (1 << 20) as f64)),
+                without_ttr: mine.iter().filter(|r| r.ttr_ms.is_none()).count(),
+            }
+        })
+        .collect();
+    let meta = crate::image::Image::open(&image).map_err(restore::RestoreError::from)?;
+    Ok(BenchReport {
+        vm: name,
+        memory: cfg.memory.to_string(),
+        nonzero_pages: meta.meta().nonzero_pages,
+        accel: accel.to_string(),
+        read_limit: opts.read_limit,
+        warm_mib_per_s: warm,
+        ttr_definition: format!(
+            "start of the first throughput interval after which every report for {TTR_HOLD_MS} ms \
+             is at least {:.0}% of the warm (pre-save median) rate, from the restore command's start",
+            TTR_FRACTION * 100.0
+        ),
+        summary,
+        runs,
+    })
+}
+
+async fn stop_vm(name: &str) -> Result<(), BenchError> {
+    let (paths, state) = VmState::load(name)?;
+    qemu::stop(&paths, &state, false).await?;
+    Ok(())
+}
+
+/// Empties the page cache so every restore reads from the disk.
+fn drop_caches() {
+    nix::unistd::sync();
+    if let Err(e) = std::fs::write("/proc/sys/vm/drop_caches", "3") {
+        log::warn!("cannot drop the page cache ({e}): restores are not cold");
+    }
+}
+
+/// The migration capabilities of a stock save or restore.
+async fn stock_capabilities(qmp: &mut Qmp, mapped_ram: bool) -> Result<(), BenchError> {
+    let caps = json!([
+        { "capability": "events", "state": true },
+        { "capability": "x-ignore-shared", "state": false },
+        { "capability": "mapped-ram", "state": mapped_ram },
+        { "capability": "multifd", "state": mapped_ram },
+    ]);
+    qmp.execute("migrate-set-capabilities", json!({ "capabilities": caps }))
+        .await?;
+    if mapped_ram {
+        qmp.execute("migrate-set-parameters", json!({ "multifd-channels": 2 }))
+            .await?;
+    }
+    Ok(())
+}
+
+/// Writes the paused VM's whole state, RAM included, into `file` with
+/// QEMU's own migration (`file:` URI), as a stock save would.
+async fn stock_save(qmp: &mut Qmp, file: &Path, mapped_ram: bool) -> Result<(), BenchError> {
+    let _ = std::fs::remove_file(file);
+    stock_capabilities(qmp, mapped_ram).await?;
+    qmp.execute(
+        "migrate",
+        json!({ "uri": format!("file:{}", file.display()) }),
+    )
+    .await?;
+    qmp.wait_migration(MIGRATION_TIMEOUT).await?;
+    Ok(())
+}
+
+/// A stock restore: QEMU with `-incoming defer -S` loads `file` itself,
+/// then runs.
+async fn stock_restore(
+    cfg: &VmConfig,
+    accel: &str,
+    file: &Path,
+    mapped_ram: bool,
+    t0: Instant,
+) -> Result<MethodRun, BenchError> {
+    let launched = qemu::launch(cfg, accel, true).await?;
+    let mut qmp = launched.qmp;
+    stock_capabilities(&mut qmp, mapped_ram).await?;
+    qmp.execute(
+        "migrate-incoming",
+        json!({ "uri": format!("file:{}", file.display()) }),
+    )
+    .await?;
+    qmp.wait_migration(MIGRATION_TIMEOUT).await?;
+    qmp.execute("cont", json!({})).await?;
+    let running_ms = t0.elapsed().as_secs_f64() * 1000.0;
+    // Allocated bytes: a mapped-ram file is sparse where RAM was zero.
+    let bytes_read = std::fs::metadata(file)
+        .map(|m| std::os::unix::fs::MetadataExt::blocks(&m) * 512)
+        .unwrap_or(0);
+    Ok(MethodRun {
+        method: String::new(),
+        run: 0,
+        running_ms,
+        ttr_ms: None,
+        complete_ms: running_ms,
+        faults: 0,
+        bytes_read,
+        fill_mib_per_s: None,
+        fault_p50_us: None,
+        samples: Vec::new(),
+    })
+}
+
+impl BenchReport {
+    /// The summary as a Markdown table.
+    pub fn markdown(&self) -> String {
+        let ms = |v: Option<f64>| v.map_or("—".to_string(), |v| format!("{v:.0}"));
+        let mut out = format!(
+            "VM {} ({} RAM, {} non-zero pages, {}), warm throughput {:.1} MiB/s{}\n\n\
+             | method | running ms | TTR ms | all RAM resident ms | faults | MiB read | runs without TTR |\n\
+             |---|---:|---:|---:|---:|---:|---:|\n",
+            self.vm,
+            self.memory,
+            self.nonzero_pages,
+            self.accel,
+            self.warm_mib_per_s,
+            self.read_limit
+                .map_or(String::new(), |r| format!(", thaw reads limited to {} MiB/s", r >> 20))
+        );
+        for s in &self.summary {
+            out.push_str(&format!(
+                "| {} | {} | {} | {} | {} | {} | {}/{} |\n",
+                s.method,
+                ms(s.running_ms),
+                ms(s.ttr_ms),
+                ms(s.complete_ms),
+                ms(s.faults),
+                ms(s.bytes_read_mib),
+                s.without_ttr,
+                s.runs
+            ));
+        }
+        out.push_str(&format!("\nTTR: {}. Medians.\n", self.ttr_definition));
+        out
+    }
+}
+
+impl std::fmt::Display for BenchReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.markdown())
+    }
+}
