@@ -152,7 +152,8 @@ enum Command {
         /// Where the image and the stock migration files go.
         #[arg(long, default_value = "/var/lib/thaw/bench")]
         dir: PathBuf,
-        /// Also write bench.json and bench.md into this directory.
+        /// Also write bench.json, bench.md and throughput.svg (the guest's
+        /// throughput after each method's first restore) into this directory.
         #[arg(long)]
         out: Option<PathBuf>,
     },
@@ -424,6 +425,7 @@ async fn run(cli: Cli) -> Result<()> {
                     .context("writing bench.json")?;
                 std::fs::write(out.join("bench.md"), report.markdown())
                     .context("writing bench.md")?;
+                thaw::bench::plot::throughput_svg(&report, &out.join("throughput.svg"))?;
             }
             print(j, &report, &report)
         }

@@ -14,6 +14,7 @@
 //! for `settle` after its RAM is resident.
 
 pub mod console;
+pub mod plot;
 pub mod ttr;
 
 use std::path::{Path, PathBuf};
@@ -35,6 +36,8 @@ const MIGRATION_TIMEOUT: Duration = Duration::from_secs(600);
 /// Share of the warm rate that counts as responsive, and for how long.
 pub const TTR_FRACTION: f64 = 0.9;
 pub const TTR_HOLD_MS: f64 = 1000.0;
+/// Reports the rate is smoothed over (4 × 50 ms).
+pub const TTR_SMOOTH: usize = 4;
 
 /// Errors of a benchmark run.
 #[derive(Debug, thiserror::Error)]
@@ -301,8 +304,12 @@ pub async fn run(opts: &BenchOptions) -> Result<BenchReport, BenchError> {
             let t0 = Instant::now();
             let tail = ConsoleTail::start(&serial, t0).map_err(io("reading the console"))?;
             let mut r = match method {
-                Method::Stock => stock_restore(&cfg, accel, &stock_file, false, t0).await?,
-                Method::MappedRam => stock_restore(&cfg, accel, &mapped_file, true, t0).await?,
+                Method::Stock => {
+                    stock_restore(&cfg, accel, &stock_file, false, opts.read_limit, t0).await?
+                }
+                Method::MappedRam => {
+                    stock_restore(&cfg, accel, &mapped_file, true, opts.read_limit, t0).await?
+                }
                 _ => {
                     let (mode, estimator) = match method {
                         Method::Eager => (Mode::Eager, EstimatorChoice::None),
@@ -339,7 +346,13 @@ pub async fn run(opts: &BenchOptions) -> Result<BenchReport, BenchError> {
             r.method = method.name();
             r.run = run;
             r.samples = reports.iter().map(|x| x.sample).collect();
-            r.ttr_ms = ttr::time_to_responsiveness(&r.samples, warm, TTR_FRACTION, TTR_HOLD_MS);
+            r.ttr_ms = ttr::time_to_responsiveness(
+                &r.samples,
+                warm,
+                TTR_FRACTION,
+                TTR_HOLD_MS,
+                TTR_SMOOTH,
+            );
             log::info!(
                 "{} run {run}: running {:.0} ms, TTR {:?} ms, complete {:.0} ms",
                 r.method,
@@ -377,8 +390,9 @@ pub async fn run(opts: &BenchOptions) -> Result<BenchReport, BenchError> {
         read_limit: opts.read_limit,
         warm_mib_per_s: warm,
         ttr_definition: format!(
-            "start of the first throughput interval after which every report for {TTR_HOLD_MS} ms \
-             is at least {:.0}% of the warm (pre-save median) rate, from the restore command's start",
+            "start of the first throughput interval from which on the guest's rate, smoothed over \
+             {TTR_SMOOTH} reports, stays at least {:.0}% of the warm (pre-save median) rate for \
+             {TTR_HOLD_MS} ms; from the restore command's start",
             TTR_FRACTION * 100.0
         ),
         summary,
@@ -431,24 +445,64 @@ async fn stock_save(qmp: &mut Qmp, file: &Path, mapped_ram: bool) -> Result<(), 
     Ok(())
 }
 
-/// A stock restore: QEMU with `-incoming defer -S` loads `file` itself,
-/// then runs.
+/// A stock restore: QEMU with `-incoming defer -S` loads `file`, then runs.
+/// With a read limit (full stream only) thaw feeds the file to QEMU through
+/// a pipe at that rate, as `virsh restore` feeds its fd; otherwise QEMU
+/// reads the file itself (`file:` URI; the only way for `mapped-ram`).
 async fn stock_restore(
     cfg: &VmConfig,
     accel: &str,
     file: &Path,
     mapped_ram: bool,
+    read_limit: Option<u64>,
     t0: Instant,
 ) -> Result<MethodRun, BenchError> {
     let launched = qemu::launch(cfg, accel, true).await?;
     let mut qmp = launched.qmp;
     stock_capabilities(&mut qmp, mapped_ram).await?;
-    qmp.execute(
-        "migrate-incoming",
-        json!({ "uri": format!("file:{}", file.display()) }),
-    )
-    .await?;
+    let feeder = match read_limit.filter(|_| !mapped_ram) {
+        None => {
+            qmp.execute(
+                "migrate-incoming",
+                json!({ "uri": format!("file:{}", file.display()) }),
+            )
+            .await?;
+            None
+        }
+        Some(rate) => {
+            let (rd, wr) =
+                rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC).map_err(|e| {
+                    BenchError::Io {
+                        context: "creating a pipe".into(),
+                        source: e.into(),
+                    }
+                })?;
+            qmp.execute_with_fd(
+                "getfd",
+                json!({ "fdname": "thaw-bench" }),
+                std::os::fd::AsFd::as_fd(&rd),
+            )
+            .await?;
+            drop(rd);
+            let path = file.to_path_buf();
+            let feeder = std::thread::Builder::new()
+                .name("thaw-bench-feed".into())
+                .spawn(move || feed(&path, std::fs::File::from(wr), rate))
+                .map_err(io("spawning the stream feeder"))?;
+            qmp.execute("migrate-incoming", json!({ "uri": "fd:thaw-bench" }))
+                .await?;
+            Some(feeder)
+        }
+    };
     qmp.wait_migration(MIGRATION_TIMEOUT).await?;
+    if let Some(f) = feeder {
+        f.join()
+            .map_err(|_| BenchError::Io {
+                context: "the stream feeder panicked".into(),
+                source: std::io::Error::other("panic"),
+            })?
+            .map_err(io("feeding the migration stream"))?;
+    }
     qmp.execute("cont", json!({})).await?;
     let running_ms = t0.elapsed().as_secs_f64() * 1000.0;
     // Allocated bytes: a mapped-ram file is sparse where RAM was zero.
@@ -469,6 +523,22 @@ async fn stock_restore(
     })
 }
 
+/// Copies `path` into `out` at `rate` bytes per second.
+fn feed(path: &Path, mut out: std::fs::File, rate: u64) -> std::io::Result<()> {
+    use std::io::{Read, Write};
+    let throttle = crate::throttle::Throttle::new(rate);
+    let mut f = std::fs::File::open(path)?;
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf)?;
+        if n == 0 {
+            return Ok(());
+        }
+        throttle.take(n as u64);
+        out.write_all(&buf[..n])?;
+    }
+}
+
 impl BenchReport {
     /// The summary as a Markdown table.
     pub fn markdown(&self) -> String {
@@ -482,8 +552,10 @@ impl BenchReport {
             self.nonzero_pages,
             self.accel,
             self.warm_mib_per_s,
-            self.read_limit
-                .map_or(String::new(), |r| format!(", thaw reads limited to {} MiB/s", r >> 20))
+            self.read_limit.map_or(String::new(), |r| format!(
+                ", reads limited to {} MiB/s (thaw, and stock's stream; not mapped-ram)",
+                r >> 20
+            ))
         );
         for s in &self.summary {
             out.push_str(&format!(

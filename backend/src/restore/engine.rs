@@ -433,6 +433,9 @@ impl Engine {
 
     /// The filler: every non-zero page not yet resident, in address order.
     pub fn fill(&self, progress: &indicatif::ProgressBar) -> Result<(), EngineError> {
+        if self.resumed.load(Ordering::Acquire) {
+            yield_cpu_to_the_guest();
+        }
         let r = self.fill_inner(progress);
         if let Err(e) = &r {
             self.fail(e);
@@ -544,4 +547,20 @@ fn test_bit(bits: &[AtomicU64], page: PageIndex) -> bool {
 fn set_bit(bits: &[AtomicU64], page: PageIndex) -> bool {
     let (w, b) = ((page.0 / 64) as usize, page.0 % 64);
     bits[w].fetch_or(1 << b, Ordering::AcqRel) & (1 << b) == 0
+}
+
+/// Puts the calling thread (the background filler, once the guest runs)
+/// under `SCHED_IDLE`: it then only gets CPU time the guest's vCPUs and the
+/// fault thread leave over, so filling never slows a running guest down.
+fn yield_cpu_to_the_guest() {
+    let param = libc::sched_param { sched_priority: 0 };
+    // SAFETY: sched_setscheduler on the calling thread (pid 0) with a valid,
+    // initialised sched_param; it changes only this thread's policy.
+    let r = unsafe { libc::sched_setscheduler(0, libc::SCHED_IDLE, &param) };
+    if r != 0 {
+        log::debug!(
+            "could not make the filler SCHED_IDLE: {}",
+            std::io::Error::last_os_error()
+        );
+    }
 }
