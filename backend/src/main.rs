@@ -128,8 +128,13 @@ enum Command {
     Bench {
         /// VM config; its guest must run the workload in throughput mode
         /// (thaw.tput_ms=50), e.g. configs/bench-tput-2g.yaml.
-        #[arg(long, short)]
-        config: PathBuf,
+        #[arg(long, short, required_unless_present = "reanalyse")]
+        config: Option<PathBuf>,
+        /// Instead of running: re-derive TTRs and the summary from the
+        /// samples of an earlier run's bench.json (with --out: rewrite its
+        /// files there).
+        #[arg(long, conflicts_with = "config")]
+        reanalyse: Option<PathBuf>,
         /// Comma-separated: stock, mapped-ram, eager, lazy, ws:learned,
         /// ws:trace, ws:abit, ws:dirty (default: all).
         #[arg(long, value_delimiter = ',')]
@@ -390,6 +395,7 @@ async fn run(cli: Cli) -> Result<()> {
         }
         Command::Bench {
             config,
+            reanalyse,
             methods,
             runs,
             read_limit,
@@ -407,17 +413,30 @@ async fn run(cli: Cli) -> Result<()> {
                     .map(|m| thaw::bench::Method::parse(m))
                     .collect::<Result<Vec<_>, _>>()?
             };
-            let opts = thaw::bench::BenchOptions {
-                config,
-                methods,
-                runs: runs.max(1),
-                read_limit,
-                warmup: Duration::from_millis(warmup_ms),
-                measure: Duration::from_millis(measure_ms),
-                settle: Duration::from_millis(settle_ms),
-                dir,
+            let report = match (reanalyse, config) {
+                (Some(path), _) => {
+                    let text = std::fs::read(&path)
+                        .with_context(|| format!("reading {}", path.display()))?;
+                    let mut report: thaw::bench::BenchReport = serde_json::from_slice(&text)
+                        .with_context(|| format!("{} is not a bench.json", path.display()))?;
+                    report.reanalyse();
+                    report
+                }
+                (None, config) => {
+                    let config = config.context("--config is required")?;
+                    let opts = thaw::bench::BenchOptions {
+                        config,
+                        methods,
+                        runs: runs.max(1),
+                        read_limit,
+                        warmup: Duration::from_millis(warmup_ms),
+                        measure: Duration::from_millis(measure_ms),
+                        settle: Duration::from_millis(settle_ms),
+                        dir,
+                    };
+                    thaw::bench::run(&opts).await.context("benchmark")?
+                }
             };
-            let report = thaw::bench::run(&opts).await.context("benchmark")?;
             if let Some(out) = out {
                 std::fs::create_dir_all(&out)
                     .with_context(|| format!("creating {}", out.display()))?;

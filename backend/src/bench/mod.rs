@@ -20,7 +20,7 @@ pub mod ttr;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use crate::config::VmConfig;
@@ -147,7 +147,7 @@ pub struct BenchOptions {
 }
 
 /// One restore.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct MethodRun {
     pub method: String,
     pub run: u32,
@@ -164,10 +164,14 @@ pub struct MethodRun {
     pub fault_p50_us: Option<f64>,
     /// The guest's throughput reports after the restore.
     pub samples: Vec<Sample>,
+    /// Its steady rate once all RAM was resident (median of the reports
+    /// after that), the reference its TTR is measured against.
+    #[serde(default)]
+    pub steady_mib_per_s: Option<f64>,
 }
 
 /// Medians per method.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct MethodSummary {
     pub method: String,
     pub runs: usize,
@@ -181,7 +185,7 @@ pub struct MethodSummary {
 }
 
 /// The whole result.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct BenchReport {
     pub vm: String,
     pub memory: String,
@@ -331,6 +335,7 @@ pub async fn run(opts: &BenchOptions) -> Result<BenchReport, BenchError> {
                         fill_mib_per_s: Some(s.fill_mib_per_s),
                         fault_p50_us: Some(s.fault_p50_us),
                         samples: Vec::new(),
+                        steady_mib_per_s: None,
                     }
                 }
             };
@@ -346,13 +351,7 @@ pub async fn run(opts: &BenchOptions) -> Result<BenchReport, BenchError> {
             r.method = method.name();
             r.run = run;
             r.samples = reports.iter().map(|x| x.sample).collect();
-            r.ttr_ms = ttr::time_to_responsiveness(
-                &r.samples,
-                warm,
-                TTR_FRACTION,
-                TTR_HOLD_MS,
-                TTR_SMOOTH,
-            );
+            r.settle_ttr(warm);
             log::info!(
                 "{} run {run}: running {:.0} ms, TTR {:?} ms, complete {:.0} ms",
                 r.method,
@@ -364,13 +363,69 @@ pub async fn run(opts: &BenchOptions) -> Result<BenchReport, BenchError> {
         }
     }
 
-    let summary = opts
-        .methods
+    let methods: Vec<String> = opts.methods.iter().map(|m| m.name()).collect();
+    let summary = summarize(&methods, &runs);
+    let meta = crate::image::Image::open(&image).map_err(restore::RestoreError::from)?;
+    Ok(BenchReport {
+        vm: name,
+        memory: cfg.memory.to_string(),
+        nonzero_pages: meta.meta().nonzero_pages,
+        accel: accel.to_string(),
+        read_limit: opts.read_limit,
+        warm_mib_per_s: warm,
+        ttr_definition: ttr_definition(),
+        summary,
+        runs,
+    })
+}
+
+/// What TTR means in this report.
+fn ttr_definition() -> String {
+    format!(
+        "start of the first throughput interval from which on the guest's rate, smoothed over \
+         {TTR_SMOOTH} reports, stays at least {:.0}% of its steady rate (median once all RAM is \
+         resident; the pre-save warm rate if too few reports) for {TTR_HOLD_MS} ms; from the \
+         restore command's start",
+        TTR_FRACTION * 100.0
+    )
+}
+
+impl MethodRun {
+    /// Derives the steady rate and the TTR from the samples; `warm` (the
+    /// pre-save rate) is the reference when fewer than 5 reports came after
+    /// all RAM was resident.
+    pub fn settle_ttr(&mut self, warm: f64) {
+        let complete = self.complete_ms.max(self.running_ms);
+        let after: Vec<f64> = self
+            .samples
+            .iter()
+            .filter(|s| s.at_ms - s.interval_ms >= complete)
+            .map(|s| s.mib_per_s)
+            .collect();
+        let steady = if after.len() >= 5 {
+            median(after)
+        } else {
+            None
+        };
+        self.steady_mib_per_s = steady;
+        self.ttr_ms = ttr::time_to_responsiveness(
+            &self.samples,
+            steady.unwrap_or(warm),
+            TTR_FRACTION,
+            TTR_HOLD_MS,
+            TTR_SMOOTH,
+        );
+    }
+}
+
+/// Medians per method, in `methods` order.
+fn summarize(methods: &[String], runs: &[MethodRun]) -> Vec<MethodSummary> {
+    methods
         .iter()
         .map(|m| {
-            let mine: Vec<&MethodRun> = runs.iter().filter(|r| r.method == m.name()).collect();
+            let mine: Vec<&MethodRun> = runs.iter().filter(|r| &r.method == m).collect();
             MethodSummary {
-                method: m.name(),
+                method: m.clone(),
                 runs: mine.len(),
                 running_ms: median(mine.iter().map(|r| r.running_ms)),
                 ttr_ms: median(mine.iter().filter_map(|r| r.ttr_ms)),
@@ -380,24 +435,20 @@ pub async fn run(opts: &BenchOptions) -> Result<BenchReport, BenchError> {
                 without_ttr: mine.iter().filter(|r| r.ttr_ms.is_none()).count(),
             }
         })
-        .collect();
-    let meta = crate::image::Image::open(&image).map_err(restore::RestoreError::from)?;
-    Ok(BenchReport {
-        vm: name,
-        memory: cfg.memory.to_string(),
-        nonzero_pages: meta.meta().nonzero_pages,
-        accel: accel.to_string(),
-        read_limit: opts.read_limit,
-        warm_mib_per_s: warm,
-        ttr_definition: format!(
-            "start of the first throughput interval from which on the guest's rate, smoothed over \
-             {TTR_SMOOTH} reports, stays at least {:.0}% of the warm (pre-save median) rate for \
-             {TTR_HOLD_MS} ms; from the restore command's start",
-            TTR_FRACTION * 100.0
-        ),
-        summary,
-        runs,
-    })
+        .collect()
+}
+
+impl BenchReport {
+    /// Re-derives every run's TTR and the summary from the recorded samples
+    /// (e.g. a `bench.json` of an earlier run, after the definition changed).
+    pub fn reanalyse(&mut self) {
+        for r in &mut self.runs {
+            r.settle_ttr(self.warm_mib_per_s);
+        }
+        let methods: Vec<String> = self.summary.iter().map(|s| s.method.clone()).collect();
+        self.summary = summarize(&methods, &self.runs);
+        self.ttr_definition = ttr_definition();
+    }
 }
 
 async fn stop_vm(name: &str) -> Result<(), BenchError> {
@@ -520,6 +571,7 @@ async fn stock_restore(
         fill_mib_per_s: None,
         fault_p50_us: None,
         samples: Vec::new(),
+        steady_mib_per_s: None,
     })
 }
 
@@ -544,7 +596,7 @@ impl BenchReport {
     pub fn markdown(&self) -> String {
         let ms = |v: Option<f64>| v.map_or("—".to_string(), |v| format!("{v:.0}"));
         let mut out = format!(
-            "VM {} ({} RAM, {} non-zero pages, {}), warm throughput {:.1} MiB/s{}\n\n\
+            "VM {} ({} RAM, {} non-zero pages, {}), warm throughput before the save {:.1} MiB/s{}\n\n\
              | method | running ms | TTR ms | all RAM resident ms | faults | MiB read | runs without TTR |\n\
              |---|---:|---:|---:|---:|---:|---:|\n",
             self.vm,

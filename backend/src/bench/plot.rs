@@ -113,6 +113,7 @@ mod tests {
             bytes_read: 1 << 20,
             fill_mib_per_s: None,
             fault_p50_us: None,
+            steady_mib_per_s: None,
             samples: rates
                 .iter()
                 .enumerate()

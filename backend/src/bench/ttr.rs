@@ -5,18 +5,19 @@
 //! for consecutive intervals of its own time (`THAW-TPUT`, every 50 ms).
 //! Each report is stamped with the host time it arrived at, relative to the
 //! start of the restore command; its interval is taken to have started
-//! `interval_ms` before that. The warm steady state is the median rate
-//! before the save. The rate is judged smoothed over the last `smooth`
+//! `interval_ms` before that. The reference rate is the restored guest's
+//! steady state: the median of its reports once all RAM is resident (the
+//! pre-save warm rate when there are too few). The rate is judged smoothed over the last `smooth`
 //! reports (4 × 50 ms: one 50 ms hiccup of a shared host does not reset the
 //! clock, a stall of 100 ms or more still does). TTR is the start of the
 //! first interval from which on the smoothed rate stays at least `fraction`
 //! (90 %) of the warm rate for `hold` (1 s). A restore whose rate never
 //! holds that long while watched has no TTR.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// One throughput report as the host saw it.
-#[derive(Clone, Copy, Debug, PartialEq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Sample {
     /// Arrival, ms since the restore command started.
     pub at_ms: f64,
