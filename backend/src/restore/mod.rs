@@ -487,16 +487,7 @@ async fn run(
     if let Some(msg) = engine.failure() {
         return Err(RestoreError::Engine(msg));
     }
-    let Phases {
-        device_state_ms,
-        prefetch_ms,
-        prefetched,
-        resume_ms,
-        complete_ms,
-        fill_time,
-        window_ms,
-        unused,
-    } = outcome?;
+    let phases = outcome?;
     if let Err(e) = uffd.close_remote() {
         log::warn!("could not close the userfaultfd inside QEMU: {e}");
     }
@@ -519,25 +510,25 @@ async fn run(
         estimator: ws.as_ref().map(|w| w.set.estimator),
         ws_pages: ws.as_ref().map_or(0, |w| w.set.pages.len() as u64),
         launch_ms,
-        device_state_ms,
-        prefetch_ms,
-        resume_ms,
-        prefetched_pages: prefetched,
+        device_state_ms: phases.device_state_ms,
+        prefetch_ms: phases.prefetch_ms,
+        resume_ms: phases.resume_ms,
+        prefetched_pages: phases.prefetched,
         skipped_faults: observed.then(|| c.skipped_faults.load(Ordering::Relaxed)),
         faults: faults_after,
         lazy_faults: faults_after,
-        unused_prefetched_pages: observed.then_some(unused),
+        unused_prefetched_pages: observed.then_some(phases.unused),
         faults_before_resume: c.faults_before_resume.load(Ordering::Relaxed),
         zero_page_faults: c.zero_faults.load(Ordering::Relaxed),
         background_pages: c.fill_pages_after_resume.load(Ordering::Relaxed),
-        complete_ms,
+        complete_ms: phases.complete_ms,
         fault_p50_us: p50,
         fault_p99_us: p99,
         bytes_read: c.bytes_read.load(Ordering::Relaxed),
         fill_mib_per_s: (fill_pages * PAGE_SIZE) as f64
             / (1 << 20) as f64
-            / fill_time.as_secs_f64().max(1e-9),
-        learn_window_ms: window_ms,
+            / phases.fill_time.as_secs_f64().max(1e-9),
+        learn_window_ms: phases.window_ms,
         touched_pages: c.touched_pages.load(Ordering::Relaxed),
         learned_pages,
     })
