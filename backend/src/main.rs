@@ -157,6 +157,9 @@ enum Command {
         /// Where the image and the stock migration files go.
         #[arg(long, default_value = "/var/lib/thaw/bench")]
         dir: PathBuf,
+        /// Skip measuring this machine's limits after the restores.
+        #[arg(long)]
+        no_limits: bool,
         /// Also write bench.json, bench.md and throughput.svg (the guest's
         /// throughput after each method's first restore) into this directory.
         #[arg(long)]
@@ -404,6 +407,7 @@ async fn run(cli: Cli) -> Result<()> {
             settle_ms,
             dir,
             out,
+            no_limits,
         } => {
             let methods = if methods.is_empty() {
                 thaw::bench::Method::all()
@@ -433,6 +437,7 @@ async fn run(cli: Cli) -> Result<()> {
                         measure: Duration::from_millis(measure_ms),
                         settle: Duration::from_millis(settle_ms),
                         dir,
+                        limits: !no_limits,
                     };
                     thaw::bench::run(&opts).await.context("benchmark")?
                 }

@@ -144,6 +144,8 @@ pub struct BenchOptions {
     pub settle: Duration,
     /// Where the image and stock files go.
     pub dir: PathBuf,
+    /// Measure this machine's limits after the restores (`thaw limits`).
+    pub limits: bool,
 }
 
 /// One restore.
@@ -182,6 +184,28 @@ pub struct MethodSummary {
     pub bytes_read_mib: Option<f64>,
     /// Runs that never reached the TTR threshold while watched.
     pub without_ttr: usize,
+    /// thaw methods: background fill rate and fault service p50 (µs)...
+    #[serde(default)]
+    pub fill_mib_per_s: Option<f64>,
+    #[serde(default)]
+    pub fault_p50_us: Option<f64>,
+    /// ...as ratios to this machine's limits measured in the same run:
+    /// fill / min(cold sequential read, `UFFDIO_COPY` in 4 MiB calls), and
+    /// fault p50 / raw cross-process fault round trip p50.
+    #[serde(default)]
+    pub fill_vs_limit: Option<f64>,
+    #[serde(default)]
+    pub fault_p50_vs_round_trip: Option<f64>,
+}
+
+/// This machine's limits, measured in the same run (`thaw limits`).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct MachineLimits {
+    pub seq_read_mib_per_s: f64,
+    /// `UFFDIO_COPY` in 4 MiB calls (the filler's largest run).
+    pub copy_4m_mib_per_s: f64,
+    pub fault_round_trip_p50_us: f64,
+    pub fault_round_trip_p99_us: f64,
 }
 
 /// The whole result.
@@ -194,6 +218,9 @@ pub struct BenchReport {
     pub read_limit: Option<u64>,
     pub warm_mib_per_s: f64,
     pub ttr_definition: String,
+    /// None when `--no-limits`.
+    #[serde(default)]
+    pub limits: Option<MachineLimits>,
     pub summary: Vec<MethodSummary>,
     pub runs: Vec<MethodRun>,
 }
@@ -364,7 +391,12 @@ pub async fn run(opts: &BenchOptions) -> Result<BenchReport, BenchError> {
     }
 
     let methods: Vec<String> = opts.methods.iter().map(|m| m.name()).collect();
-    let summary = summarize(&methods, &runs);
+    let limits = if opts.limits {
+        Some(measure_limits(&opts.dir).await?)
+    } else {
+        None
+    };
+    let summary = summarize(&methods, &runs, limits.as_ref());
     let meta = crate::image::Image::open(&image).map_err(restore::RestoreError::from)?;
     Ok(BenchReport {
         vm: name,
@@ -374,6 +406,7 @@ pub async fn run(opts: &BenchOptions) -> Result<BenchReport, BenchError> {
         read_limit: opts.read_limit,
         warm_mib_per_s: warm,
         ttr_definition: ttr_definition(),
+        limits,
         summary,
         runs,
     })
@@ -418,13 +451,62 @@ impl MethodRun {
     }
 }
 
-/// Medians per method, in `methods` order.
-fn summarize(methods: &[String], runs: &[MethodRun]) -> Vec<MethodSummary> {
+/// Runs `thaw limits` (smaller fault test, no pinned runs) next to the images.
+async fn measure_limits(dir: &Path) -> Result<MachineLimits, BenchError> {
+    let opts = crate::limits::LimitsOptions {
+        dir: dir.to_path_buf(),
+        warm_read: false,
+        pinned_faults: false,
+        ..Default::default()
+    };
+    let report = tokio::task::spawn_blocking(move || crate::limits::measure(&opts))
+        .await
+        .map_err(|e| BenchError::Io {
+            context: "the limits thread".into(),
+            source: std::io::Error::other(e.to_string()),
+        })?
+        .map_err(|e| BenchError::Io {
+            context: "measuring this machine's limits".into(),
+            source: std::io::Error::other(e.to_string()),
+        })?;
+    let copy_4m = report
+        .copy_throughput
+        .iter()
+        .find(|c| c.batch_bytes == 4 << 20)
+        .or(report.copy_throughput.last())
+        .map_or(0.0, |c| c.mib_per_s);
+    Ok(MachineLimits {
+        seq_read_mib_per_s: report.seq_read.cold_mib_per_s,
+        copy_4m_mib_per_s: copy_4m,
+        fault_round_trip_p50_us: report.fault_round_trip.child_p50_us,
+        fault_round_trip_p99_us: report.fault_round_trip.child_p99_us,
+    })
+}
+
+/// Medians per method, in `methods` order, with ratios to `limits`.
+fn summarize(
+    methods: &[String],
+    runs: &[MethodRun],
+    limits: Option<&MachineLimits>,
+) -> Vec<MethodSummary> {
     methods
         .iter()
         .map(|m| {
             let mine: Vec<&MethodRun> = runs.iter().filter(|r| &r.method == m).collect();
+            let fill = median(
+                mine.iter()
+                    .filter_map(|r| r.fill_mib_per_s)
+                    .filter(|f| *f > 0.0),
+            );
+            let fault = median(mine.iter().filter_map(|r| r.fault_p50_us));
+            let floor = limits.map(|l| l.seq_read_mib_per_s.min(l.copy_4m_mib_per_s));
             MethodSummary {
+                fill_mib_per_s: fill,
+                fault_p50_us: fault,
+                fill_vs_limit: fill.zip(floor).map(|(f, l)| f / l),
+                fault_p50_vs_round_trip: fault
+                    .zip(limits)
+                    .map(|(f, l)| f / l.fault_round_trip_p50_us),
                 method: m.clone(),
                 runs: mine.len(),
                 running_ms: median(mine.iter().map(|r| r.running_ms)),
@@ -446,7 +528,7 @@ impl BenchReport {
             r.settle_ttr(self.warm_mib_per_s);
         }
         let methods: Vec<String> = self.summary.iter().map(|s| s.method.clone()).collect();
-        self.summary = summarize(&methods, &self.runs);
+        self.summary = summarize(&methods, &self.runs, self.limits.as_ref());
         self.ttr_definition = ttr_definition();
     }
 }
@@ -623,6 +705,29 @@ impl BenchReport {
             ));
         }
         out.push_str(&format!("\nTTR: {}. Medians.\n", self.ttr_definition));
+        if let Some(l) = &self.limits {
+            out.push_str(&format!(
+                "\nThis machine, same run: cold sequential read {:.0} MiB/s, UFFDIO_COPY (4 MiB calls) \
+                 {:.0} MiB/s, cross-process fault round trip p50 {:.1} us (p99 {:.1} us).\n\n\
+                 | method | fill MiB/s | fill / min(read, copy) | fault p50 us | fault p50 / round trip |\n\
+                 |---|---:|---:|---:|---:|\n",
+                l.seq_read_mib_per_s,
+                l.copy_4m_mib_per_s,
+                l.fault_round_trip_p50_us,
+                l.fault_round_trip_p99_us
+            ));
+            let f = |v: Option<f64>, d: usize| v.map_or("—".to_string(), |v| format!("{v:.d$}"));
+            for s in self.summary.iter().filter(|s| s.fault_p50_us.is_some()) {
+                out.push_str(&format!(
+                    "| {} | {} | {} | {} | {} |\n",
+                    s.method,
+                    f(s.fill_mib_per_s, 0),
+                    f(s.fill_vs_limit, 2),
+                    f(s.fault_p50_us, 1),
+                    f(s.fault_p50_vs_round_trip, 1)
+                ));
+            }
+        }
         out
     }
 }

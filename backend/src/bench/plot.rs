@@ -137,6 +137,10 @@ mod tests {
             faults: Some(0.0),
             bytes_read_mib: Some(1.0),
             without_ttr: 0,
+            fill_mib_per_s: None,
+            fault_p50_us: None,
+            fill_vs_limit: None,
+            fault_p50_vs_round_trip: None,
         };
         let report = BenchReport {
             vm: "t".into(),
@@ -146,6 +150,7 @@ mod tests {
             read_limit: None,
             warm_mib_per_s: 100.0,
             ttr_definition: String::new(),
+            limits: None,
             summary: vec![summary("stock"), summary("ws:learned")],
             runs: vec![
                 run("stock", &[0.0, 10.0, 100.0]),
