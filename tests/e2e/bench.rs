@@ -65,10 +65,23 @@ fn bench_restores_by_each_method_and_reports_ttr_fields() {
     assert!(lazy["bytes_read"].as_u64() > Some(0), "{lazy}");
     // This machine's limits, measured in the same run, and thaw's fill rate
     // and fault latency as ratios to them.
-    assert!(report["limits"]["seq_read_mib_per_s"].as_f64() > Some(0.0), "{report}");
-    assert!(report["limits"]["fault_round_trip_p50_us"].as_f64() > Some(0.0), "{report}");
-    assert!(summary[2]["fault_p50_vs_round_trip"].is_number(), "{}", summary[2]);
-    assert!(summary[0]["fault_p50_vs_round_trip"].is_null(), "stock has no faults");
+    assert!(
+        report["limits"]["seq_read_mib_per_s"].as_f64() > Some(0.0),
+        "{report}"
+    );
+    assert!(
+        report["limits"]["fault_round_trip_p50_us"].as_f64() > Some(0.0),
+        "{report}"
+    );
+    assert!(
+        summary[2]["fault_p50_vs_round_trip"].is_number(),
+        "{}",
+        summary[2]
+    );
+    assert!(
+        summary[0]["fault_p50_vs_round_trip"].is_null(),
+        "stock has no faults"
+    );
     let md = std::fs::read_to_string(dir.join("out/bench.md")).expect("bench.md");
     assert!(md.contains("| ws:trace |"), "{md}");
 }
