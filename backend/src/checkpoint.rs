@@ -17,7 +17,6 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use serde::Serialize;
-use serde_json::json;
 
 use crate::image::Image;
 use crate::qemu::{self, Qmp, VmState};
@@ -90,7 +89,7 @@ pub async fn checkpoint(
     let traced = trace(&paths, &state, &mut qmp, image, report.was_running, window).await;
     if report.was_running {
         // Whatever happened to the trace, the VM runs on.
-        if let Err(e) = qmp.execute("cont", json!({})).await {
+        if let Err(e) = qmp.cont_after_migration().await {
             log::error!("resuming {name} after the checkpoint failed: {e}");
         }
     }
@@ -145,7 +144,7 @@ async fn trace(
         let t = Instant::now();
         let watched = async {
             if resume {
-                qmp.execute("cont", json!({})).await?;
+                qmp.cont_after_migration().await?;
             }
             restore::watch(&engine, window, t).await
         }

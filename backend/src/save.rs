@@ -136,7 +136,7 @@ pub async fn save(name: &str, image: &Path, opts: &SaveOptions) -> Result<SaveRe
     let paused_ms = ms(paused.elapsed());
     if opts.keep_running {
         if was_running && !opts.leave_paused {
-            qmp.execute("cont", json!({})).await?;
+            qmp.cont_after_migration().await?;
         }
     } else {
         drop(qmp);
@@ -185,7 +185,7 @@ fn attach_estimates(paths: &VmPaths, image: &Path) -> Vec<Estimator> {
 
 async fn resume_after_failure(qmp: &mut Qmp, was_running: bool) {
     if was_running {
-        match qmp.execute("cont", json!({})).await {
+        match qmp.cont_after_migration().await {
             Ok(_) => log::warn!("save failed; the VM was resumed"),
             Err(e) => log::error!("save failed and resuming the VM failed too: {e}"),
         }

@@ -299,7 +299,7 @@ pub async fn run(opts: &BenchOptions) -> Result<BenchReport, BenchError> {
         if opts.methods.contains(&Method::Stock) {
             // QEMU refuses a second migration from the post-migration
             // state: run the guest for a moment in between.
-            qmp.execute("cont", json!({})).await?;
+            qmp.cont_after_migration().await?;
             qmp.execute("stop", json!({})).await?;
         }
         stock_save(&mut qmp, &mapped_file, true).await?;

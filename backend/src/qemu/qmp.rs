@@ -233,6 +233,25 @@ impl Qmp {
     }
 
     /// The VM's run state (`running`, `paused`, `inmigrate`, `postmigrate`, ...).
+    /// `cont`, for a VM whose outgoing migration just completed: QEMU
+    /// announces completion before it has finished cleaning up, and refuses
+    /// `cont` until then ("Migration is not finalized yet") without an
+    /// event to wait for, so this retries that one refusal for a while.
+    pub async fn cont_after_migration(&mut self) -> Result<(), QmpError> {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            match self.execute("cont", json!({})).await {
+                Ok(_) => return Ok(()),
+                Err(QmpError::Command { desc, .. })
+                    if desc.contains("not finalized") && tokio::time::Instant::now() < deadline =>
+                {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
     pub async fn run_state(&mut self) -> Result<String, QmpError> {
         let st = self.execute("query-status", json!({})).await?;
         Ok(st["status"].as_str().unwrap_or("unknown").to_string())

@@ -80,6 +80,8 @@ pub struct Counters {
     pub prefetched_pages: AtomicU64,
     /// Distinct pages touched (first touches recorded).
     pub touched_pages: AtomicU64,
+    /// Pages installed because a fault read their chunk.
+    pub neighbour_pages: AtomicU64,
 }
 
 /// Shared state of one restore.
@@ -412,6 +414,50 @@ impl Engine {
                 self.settle(r, dst, "a page")?;
                 self.mark_resident(page, true);
                 self.counters.fault_pages.fetch_add(1, Ordering::Relaxed);
+                // The faulting guest is awake again. The rest of the chunk
+                // was read and verified with its page: install it too
+                // rather than read it again later.
+                self.install_neighbours(c, slot, chunk)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Installs the pages of chunk `c` (verified, in `chunk`) other than
+    /// `slot`'s that are not resident yet. Nobody waits on them: no wake.
+    /// A page installed meanwhile by the filler is simply left as it is.
+    fn install_neighbours(&self, c: u32, slot: u32, chunk: &[u8]) -> Result<(), EngineError> {
+        let slots = self.image.chunk_slots(c);
+        for s in slots.clone() {
+            let page = self.image.slot_page(s);
+            if s == slot || self.is_resident(page) {
+                continue;
+            }
+            let off = (s - slots.start) as usize * PAGE_SIZE as usize;
+            let dst = self.host_addr(page);
+            match self
+                .uffd
+                .copy(dst, &chunk[off..off + PAGE_SIZE as usize], false)
+            {
+                CopyResult::Done(_) => {
+                    self.mark_resident(page, true);
+                    self.counters
+                        .neighbour_pages
+                        .fetch_add(1, Ordering::Relaxed);
+                }
+                CopyResult::Exists { .. } => self.mark_resident(page, true),
+                // A queued remove/unmap event: the filler will get it.
+                CopyResult::Failed {
+                    errno: nix::errno::Errno::EAGAIN,
+                    ..
+                } => {}
+                CopyResult::Failed { errno, .. } => {
+                    return Err(EngineError::Install {
+                        what: "a page of a faulted chunk",
+                        addr: dst.0,
+                        errno,
+                    })
+                }
             }
         }
         Ok(())

@@ -180,6 +180,9 @@ pub struct RestoreStats {
     pub zero_page_faults: u64,
     /// Pages the background filler installed after the guest resumed.
     pub background_pages: u64,
+    /// Pages installed alongside on-demand faults: the rest of each
+    /// faulting page's chunk, read and verified with it.
+    pub neighbour_pages: u64,
     /// Command start → all RAM resident.
     pub complete_ms: f64,
     pub fault_p50_us: f64,
@@ -247,8 +250,8 @@ impl std::fmt::Display for RestoreStats {
         )?;
         writeln!(
             f,
-            "  pages: {} zero-page faults, {} background, {} touched",
-            self.zero_page_faults, self.background_pages, self.touched_pages
+            "  pages: {} zero-page faults, {} with faulted chunks, {} background, {} touched",
+            self.zero_page_faults, self.neighbour_pages, self.background_pages, self.touched_pages
         )?;
         if self.learned_pages > 0 {
             writeln!(
@@ -521,6 +524,7 @@ async fn run(
         faults_before_resume: c.faults_before_resume.load(Ordering::Relaxed),
         zero_page_faults: c.zero_faults.load(Ordering::Relaxed),
         background_pages: c.fill_pages_after_resume.load(Ordering::Relaxed),
+        neighbour_pages: c.neighbour_pages.load(Ordering::Relaxed),
         complete_ms: phases.complete_ms,
         fault_p50_us: p50,
         fault_p99_us: p99,
