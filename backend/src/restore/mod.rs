@@ -383,7 +383,8 @@ async fn run(
             uffd.register_missing(m.start, m.len)?;
         }
     }
-    drop_early_pages(&ram)?;
+    let blocks = block_maps(&ram, &state.layout)?;
+    drop_early_pages(&ram, &blocks)?;
     let record = RecoveryRecord {
         image: std::fs::canonicalize(image.dir()).unwrap_or_else(|_| image.dir().to_path_buf()),
         qemu_pid: state.qemu_pid,
@@ -393,7 +394,6 @@ async fn run(
     let record_path = paths.dir.join("restore.json");
     write_record(&record_path, &record)?;
 
-    let blocks = block_maps(&ram, &state.layout)?;
     let engine = Arc::new(Engine::new(image.clone(), uffd.clone(), blocks));
     let log_capacity = (meta.total_pages as usize).min(1 << 22);
     let faults = {
@@ -655,17 +655,11 @@ fn check_layout(saved: &RamLayout, actual: &RamLayout) -> Result<(), RestoreErro
 /// shadow the saved ones (no fault would ever be raised for them). A normal
 /// incoming migration overwrites all RAM, so dropping them is what QEMU
 /// itself would end up with.
-fn drop_early_pages(ram: &[RamMapping]) -> Result<(), RestoreError> {
-    for m in ram {
-        let file = File::options()
-            .write(true)
-            .open(&m.fd_path)
-            .map_err(|source| RestoreError::Io {
-                context: format!("opening {}", m.fd_path.display()),
-                source,
-            })?;
+fn drop_early_pages(ram: &[RamMapping], blocks: &[BlockMap]) -> Result<(), RestoreError> {
+    for (m, b) in ram.iter().zip(blocks) {
+        let file = &b.file;
         let extents =
-            crate::save::data_extents(&file, m.len).map_err(|source| RestoreError::Io {
+            crate::save::data_extents(file, m.len).map_err(|source| RestoreError::Io {
                 context: format!("scanning {}", m.fd_path.display()),
                 source,
             })?;
@@ -675,7 +669,7 @@ fn drop_early_pages(ram: &[RamMapping]) -> Result<(), RestoreError> {
                 m.id
             );
             nix::fcntl::fallocate(
-                &file,
+                file,
                 nix::fcntl::FallocateFlags::FALLOC_FL_PUNCH_HOLE
                     | nix::fcntl::FallocateFlags::FALLOC_FL_KEEP_SIZE,
                 start as i64,
