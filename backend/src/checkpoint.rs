@@ -151,6 +151,7 @@ async fn trace(
         .await;
         // Unregister before the fault thread stops: nothing may wait on a
         // fault nobody reads.
+        engine.release();
         for m in registered.drain(..) {
             uffd.unregister(m.start, m.len)?;
         }

@@ -95,6 +95,10 @@ pub struct Engine {
     remaining: AtomicU64,
     resumed: AtomicBool,
     in_window: AtomicBool,
+    /// Guest RAM is about to be (or was) unregistered: an install that
+    /// finds its range gone (`ENOENT`) lost a harmless race, since
+    /// unregistering wakes every thread that waited on a fault there.
+    released: AtomicBool,
     /// Tracing a running VM whose RAM is all there: a missing page is a
     /// page the guest never wrote (or discarded), served as zeros.
     live: bool,
@@ -119,6 +123,7 @@ impl Engine {
             remaining: AtomicU64::new(remaining),
             resumed: AtomicBool::new(false),
             in_window: AtomicBool::new(false),
+            released: AtomicBool::new(false),
             live: false,
             stop: AtomicBool::new(false),
             failure: Mutex::new(None),
@@ -151,6 +156,16 @@ impl Engine {
     /// but no longer count as skipped faults of this restore.
     pub fn begin_window(&self) {
         self.in_window.store(true, Ordering::Release);
+    }
+
+    /// Call right before unregistering guest RAM (see `released`).
+    pub fn release(&self) {
+        self.released.store(true, Ordering::Release);
+    }
+
+    /// Whether a failed install only found its range unregistered.
+    fn unregistered(&self, errno: nix::errno::Errno) -> bool {
+        errno == nix::errno::Errno::ENOENT && self.released.load(Ordering::Acquire)
     }
 
     /// Asks the threads to stop at their next check.
@@ -284,6 +299,7 @@ impl Engine {
                 errno: nix::errno::Errno::EAGAIN,
                 ..
             } => Ok(self.uffd.wake(dst, PAGE_SIZE)?),
+            CopyResult::Failed { errno, .. } if self.unregistered(errno) => Ok(()),
             CopyResult::Failed { errno, .. } => Err(EngineError::Install {
                 what: "a page-cache page (UFFDIO_CONTINUE)",
                 addr: dst.0,
@@ -451,6 +467,7 @@ impl Engine {
                     errno: nix::errno::Errno::EAGAIN,
                     ..
                 } => {}
+                CopyResult::Failed { errno, .. } if self.unregistered(errno) => return Ok(()),
                 CopyResult::Failed { errno, .. } => {
                     return Err(EngineError::Install {
                         what: "a page of a faulted chunk",
@@ -469,6 +486,7 @@ impl Engine {
         match r {
             CopyResult::Done(_) => Ok(()),
             CopyResult::Exists { .. } => Ok(self.uffd.wake(dst, PAGE_SIZE)?),
+            CopyResult::Failed { errno, .. } if self.unregistered(errno) => Ok(()),
             CopyResult::Failed { errno, .. } => Err(EngineError::Install {
                 what,
                 addr: dst.0,

@@ -435,7 +435,7 @@ async fn run(
             // Every non-zero page is in; the holes left are the zero pages,
             // which read as zeros once unregistered: the guest runs without
             // thaw in its way.
-            unregister(&uffd, &ram)?;
+            unregister(&uffd, &ram, &engine)?;
         }
         let mut prefetch_ms = 0.0;
         if let Some(ws) = &ws {
@@ -470,7 +470,7 @@ async fn run(
                 engine.begin_window();
                 window_ms = tracking_window(qemu_pid, &ram, &engine, w).await?;
             }
-            unregister(&uffd, &ram)?;
+            unregister(&uffd, &ram, &engine)?;
         }
         Ok::<_, RestoreError>(Phases {
             device_state_ms,
@@ -748,7 +748,12 @@ async fn finish_fill(
 
 /// Ends userfaultfd handling of guest RAM. Only once every non-zero page is
 /// resident: the holes left then read as the zero pages they are.
-fn unregister(uffd: &uffd::RemoteUffd, ram: &[RamMapping]) -> Result<(), RestoreError> {
+fn unregister(
+    uffd: &uffd::RemoteUffd,
+    ram: &[RamMapping],
+    engine: &Engine,
+) -> Result<(), RestoreError> {
+    engine.release();
     for m in ram {
         uffd.unregister(m.start, m.len)?;
     }
