@@ -80,6 +80,11 @@ enum Command {
         /// emulate networked storage; applies to faults, prefetch and fill.
         #[arg(long, value_parser = parse_size)]
         read_limit: Option<u64>,
+        /// Pace the background fill to this rate per second once the guest
+        /// runs (e.g. 512M), leaving the guest more of the machine; faults
+        /// and the working-set prefetch are not limited.
+        #[arg(long, value_parser = parse_size)]
+        fill_limit: Option<u64>,
     },
     /// Save a running VM into an image and keep it running; then trace the
     /// order in which the guest touches its pages (the `trace` working set).
@@ -145,6 +150,10 @@ enum Command {
         /// Limit thaw's image reads to this rate per second (e.g. 32M).
         #[arg(long, value_parser = parse_size)]
         read_limit: Option<u64>,
+        /// Pace thaw's background fill to this rate per second once the
+        /// guest runs (restore's --fill-limit).
+        #[arg(long, value_parser = parse_size)]
+        fill_limit: Option<u64>,
         /// Warm-up before the warm rate is measured (ms)...
         #[arg(long, default_value_t = 5000)]
         warmup_ms: u64,
@@ -160,6 +169,10 @@ enum Command {
         /// Skip measuring this machine's limits after the restores.
         #[arg(long)]
         no_limits: bool,
+        /// Interactive probe period (ms): a `PROBE` request on the guest's
+        /// console, answered by the workload after one hot-block check; 0 = off.
+        #[arg(long, default_value_t = thaw::bench::PROBE_PERIOD_MS)]
+        probe_ms: u64,
         /// Also write bench.json, bench.md and throughput.svg (the guest's
         /// throughput after each method's first restore) into this directory.
         #[arg(long)]
@@ -342,6 +355,7 @@ async fn run(cli: Cli) -> Result<()> {
             learn_quiet_ms,
             learn_max_ms,
             read_limit,
+            fill_limit,
         } => {
             let learn = (!no_learn).then_some(LearnWindow {
                 quiet: Duration::from_millis(learn_quiet_ms),
@@ -354,6 +368,7 @@ async fn run(cli: Cli) -> Result<()> {
                 learn,
                 observe,
                 read_limit,
+                fill_limit,
             };
             let stats = thaw::restore::restore(&image, &opts)
                 .await
@@ -402,12 +417,14 @@ async fn run(cli: Cli) -> Result<()> {
             methods,
             runs,
             read_limit,
+            fill_limit,
             warmup_ms,
             measure_ms,
             settle_ms,
             dir,
             out,
             no_limits,
+            probe_ms,
         } => {
             let methods = if methods.is_empty() {
                 thaw::bench::Method::all()
@@ -433,11 +450,13 @@ async fn run(cli: Cli) -> Result<()> {
                         methods,
                         runs: runs.max(1),
                         read_limit,
+                        fill_limit,
                         warmup: Duration::from_millis(warmup_ms),
                         measure: Duration::from_millis(measure_ms),
                         settle: Duration::from_millis(settle_ms),
                         dir,
                         limits: !no_limits,
+                        probe_period: (probe_ms > 0).then(|| Duration::from_millis(probe_ms)),
                     };
                     thaw::bench::run(&opts).await.context("benchmark")?
                 }

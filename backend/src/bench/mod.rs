@@ -15,6 +15,7 @@
 
 pub mod console;
 pub mod plot;
+pub mod probe;
 pub mod ttr;
 
 use std::path::{Path, PathBuf};
@@ -29,6 +30,7 @@ use crate::restore::{self, EstimatorChoice, LearnWindow, Mode, RestoreOptions};
 use crate::track::{self, TrackOptions};
 use crate::wss::Estimator;
 use console::ConsoleTail;
+use probe::{ProbeSample, Prober};
 use ttr::{median, Sample};
 
 /// How long a stock migration may take.
@@ -38,6 +40,8 @@ pub const TTR_FRACTION: f64 = 0.9;
 pub const TTR_HOLD_MS: f64 = 1000.0;
 /// Reports the rate is smoothed over (4 × 50 ms).
 pub const TTR_SMOOTH: usize = 4;
+/// Default period of the interactive probe.
+pub const PROBE_PERIOD_MS: u64 = 100;
 
 /// Errors of a benchmark run.
 #[derive(Debug, thiserror::Error)]
@@ -137,6 +141,8 @@ pub struct BenchOptions {
     pub runs: u32,
     /// Read limit for thaw's methods (emulated network storage).
     pub read_limit: Option<u64>,
+    /// Pace thaw's background fill once the guest runs.
+    pub fill_limit: Option<u64>,
     /// Warm-up before the warm rate is measured, and its measuring window.
     pub warmup: Duration,
     pub measure: Duration,
@@ -146,6 +152,9 @@ pub struct BenchOptions {
     pub dir: PathBuf,
     /// Measure this machine's limits after the restores (`thaw limits`).
     pub limits: bool,
+    /// Interactive probe period (a `PROBE` request on the console); None:
+    /// no probes.
+    pub probe_period: Option<Duration>,
 }
 
 /// One restore.
@@ -170,6 +179,25 @@ pub struct MethodRun {
     /// after that), the reference its TTR is measured against.
     #[serde(default)]
     pub steady_mib_per_s: Option<f64>,
+    /// Interactive probes during the run (sent time from the restore's
+    /// start, latency).
+    #[serde(default)]
+    pub probes: Vec<ProbeSample>,
+}
+
+impl MethodRun {
+    /// When the first probe was answered (ms from the restore's start).
+    pub fn first_probe_answer_ms(&self) -> Option<f64> {
+        self.probes
+            .iter()
+            .map(|p| p.sent_ms + p.latency_ms)
+            .min_by(f64::total_cmp)
+    }
+
+    /// Probe latencies of the requests sent once the guest was running.
+    pub fn probes_while_running(&self) -> probe::ProbeSummary {
+        probe::summarize(&self.probes, self.running_ms)
+    }
 }
 
 /// Medians per method.
@@ -196,6 +224,14 @@ pub struct MethodSummary {
     pub fill_vs_limit: Option<f64>,
     #[serde(default)]
     pub fault_p50_vs_round_trip: Option<f64>,
+    /// Interactive probe: first answer (ms from the restore's start), and
+    /// p50 / max latency of the requests sent once the guest ran.
+    #[serde(default)]
+    pub probe_first_answer_ms: Option<f64>,
+    #[serde(default)]
+    pub probe_p50_ms: Option<f64>,
+    #[serde(default)]
+    pub probe_max_ms: Option<f64>,
 }
 
 /// This machine's limits, measured in the same run (`thaw limits`).
@@ -216,7 +252,15 @@ pub struct BenchReport {
     pub nonzero_pages: u64,
     pub accel: String,
     pub read_limit: Option<u64>,
+    /// thaw's background fill pace once the guest runs (`--fill-limit`).
+    #[serde(default)]
+    pub fill_limit: Option<u64>,
     pub warm_mib_per_s: f64,
+    /// Probe latency p50 of the warm VM before the save (ms).
+    #[serde(default)]
+    pub warm_probe_p50_ms: Option<f64>,
+    #[serde(default)]
+    pub probe_period_ms: Option<u64>,
     pub ttr_definition: String,
     /// None when `--no-limits`.
     #[serde(default)]
@@ -254,8 +298,11 @@ pub async fn run(opts: &BenchOptions) -> Result<BenchReport, BenchError> {
     }
     tokio::time::sleep(opts.warmup).await;
     let warm_from = tail.reports().len();
+    let console = qemu::VmPaths::new(&name).console;
+    let prober = start_prober(opts, &console, Instant::now())?;
     tokio::time::sleep(opts.measure).await;
     let warm_reports = tail.finish();
+    let warm_probe_p50_ms = prober.and_then(|p| probe::summarize(&p.finish().0, 0.0).p50_ms);
     let warm = median(warm_reports[warm_from..].iter().map(|r| r.sample.mib_per_s))
         .ok_or(BenchError::NoThroughput(opts.measure))?;
     let nonce = warm_reports
@@ -314,6 +361,7 @@ pub async fn run(opts: &BenchOptions) -> Result<BenchReport, BenchError> {
         learn,
         observe: false,
         read_limit: opts.read_limit,
+        fill_limit: opts.fill_limit,
     };
     if opts.methods.contains(&Method::Ws(Estimator::Learned)) {
         restore::restore(
@@ -334,6 +382,7 @@ pub async fn run(opts: &BenchOptions) -> Result<BenchReport, BenchError> {
             drop_caches();
             let t0 = Instant::now();
             let tail = ConsoleTail::start(&serial, t0).map_err(io("reading the console"))?;
+            let prober = start_prober(opts, &console, t0)?;
             let mut r = match method {
                 Method::Stock => {
                     stock_restore(&cfg, accel, &stock_file, false, opts.read_limit, t0).await?
@@ -363,6 +412,7 @@ pub async fn run(opts: &BenchOptions) -> Result<BenchReport, BenchError> {
                         fault_p50_us: Some(s.fault_p50_us),
                         samples: Vec::new(),
                         steady_mib_per_s: None,
+                        probes: Vec::new(),
                     }
                 }
             };
@@ -371,10 +421,12 @@ pub async fn run(opts: &BenchOptions) -> Result<BenchReport, BenchError> {
             let left = until.saturating_sub(t0.elapsed());
             tokio::time::sleep(left).await;
             let reports = tail.finish();
+            let (probes, probe_failed) = prober.map(Prober::finish).unwrap_or_default();
             stop_vm(&name).await?;
-            if reports.iter().any(|x| !x.ok || x.nonce != nonce) {
+            if probe_failed || reports.iter().any(|x| !x.ok || x.nonce != nonce) {
                 return Err(BenchError::Integrity(method.name()));
             }
+            r.probes = probes;
             r.method = method.name();
             r.run = run;
             r.samples = reports.iter().map(|x| x.sample).collect();
@@ -404,7 +456,10 @@ pub async fn run(opts: &BenchOptions) -> Result<BenchReport, BenchError> {
         nonzero_pages: meta.meta().nonzero_pages,
         accel: accel.to_string(),
         read_limit: opts.read_limit,
+        fill_limit: opts.fill_limit,
         warm_mib_per_s: warm,
+        warm_probe_p50_ms,
+        probe_period_ms: opts.probe_period.map(|p| p.as_millis() as u64),
         ttr_definition: ttr_definition(),
         limits,
         summary,
@@ -515,6 +570,11 @@ fn summarize(
                 faults: median(mine.iter().map(|r| r.faults as f64)),
                 bytes_read_mib: median(mine.iter().map(|r| r.bytes_read as f64 / (1 << 20) as f64)),
                 without_ttr: mine.iter().filter(|r| r.ttr_ms.is_none()).count(),
+                probe_first_answer_ms: median(
+                    mine.iter().filter_map(|r| r.first_probe_answer_ms()),
+                ),
+                probe_p50_ms: median(mine.iter().filter_map(|r| r.probes_while_running().p50_ms)),
+                probe_max_ms: median(mine.iter().filter_map(|r| r.probes_while_running().max_ms)),
             }
         })
         .collect()
@@ -654,7 +714,20 @@ async fn stock_restore(
         fault_p50_us: None,
         samples: Vec::new(),
         steady_mib_per_s: None,
+        probes: Vec::new(),
     })
+}
+
+/// Starts the interactive probe on the console socket when asked for.
+fn start_prober(
+    opts: &BenchOptions,
+    console: &Path,
+    t0: Instant,
+) -> Result<Option<Prober>, BenchError> {
+    opts.probe_period
+        .map(|p| Prober::start(console.to_path_buf(), t0, p))
+        .transpose()
+        .map_err(io("starting the console probe"))
 }
 
 /// Copies `path` into `out` at `rate` bytes per second.
@@ -677,10 +750,11 @@ impl BenchReport {
     /// The summary as a Markdown table.
     pub fn markdown(&self) -> String {
         let ms = |v: Option<f64>| v.map_or("—".to_string(), |v| format!("{v:.0}"));
+        let probe_ms = |v: Option<f64>| v.map_or("—".to_string(), |v| format!("{v:.1}"));
         let mut out = format!(
             "VM {} ({} RAM, {} non-zero pages, {}), warm throughput before the save {:.1} MiB/s{}\n\n\
-             | method | running ms | TTR ms | all RAM resident ms | faults | MiB read | runs without TTR |\n\
-             |---|---:|---:|---:|---:|---:|---:|\n",
+             | method | running ms | TTR ms | all RAM resident ms | faults | MiB read | runs without TTR | first probe answered ms | probe p50 / max ms |\n\
+             |---|---:|---:|---:|---:|---:|---:|---:|---:|\n",
             self.vm,
             self.memory,
             self.nonzero_pages,
@@ -689,11 +763,14 @@ impl BenchReport {
             self.read_limit.map_or(String::new(), |r| format!(
                 ", reads limited to {} MiB/s (thaw, and stock's stream; not mapped-ram)",
                 r >> 20
+            )) + &self.fill_limit.map_or(String::new(), |r| format!(
+                ", thaw's background fill paced to {} MiB/s once the guest runs",
+                r >> 20
             ))
         );
         for s in &self.summary {
             out.push_str(&format!(
-                "| {} | {} | {} | {} | {} | {} | {}/{} |\n",
+                "| {} | {} | {} | {} | {} | {} | {}/{} | {} | {} / {} |\n",
                 s.method,
                 ms(s.running_ms),
                 ms(s.ttr_ms),
@@ -701,10 +778,21 @@ impl BenchReport {
                 ms(s.faults),
                 ms(s.bytes_read_mib),
                 s.without_ttr,
-                s.runs
+                s.runs,
+                ms(s.probe_first_answer_ms),
+                probe_ms(s.probe_p50_ms),
+                probe_ms(s.probe_max_ms),
             ));
         }
         out.push_str(&format!("\nTTR: {}. Medians.\n", self.ttr_definition));
+        if let (Some(p), Some(period)) = (self.warm_probe_p50_ms, self.probe_period_ms) {
+            out.push_str(&format!(
+                "\nInteractive probe: a `PROBE` request on the serial console every {period} ms \
+                 (one outstanding; the guest verifies one hot block and answers). First answer: \
+                 from the restore's start (requests wait while the guest is not running); p50 / max: \
+                 requests sent once it ran. Before the save: p50 {p:.1} ms.\n"
+            ));
+        }
         if let Some(l) = &self.limits {
             out.push_str(&format!(
                 "\nThis machine, same run: cold sequential read {:.0} MiB/s, UFFDIO_COPY (4 MiB calls) \

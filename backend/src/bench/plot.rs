@@ -114,6 +114,7 @@ mod tests {
             fill_mib_per_s: None,
             fault_p50_us: None,
             steady_mib_per_s: None,
+            probes: Vec::new(),
             samples: rates
                 .iter()
                 .enumerate()
@@ -141,6 +142,9 @@ mod tests {
             fault_p50_us: None,
             fill_vs_limit: None,
             fault_p50_vs_round_trip: None,
+            probe_first_answer_ms: None,
+            probe_p50_ms: None,
+            probe_max_ms: None,
         };
         let report = BenchReport {
             vm: "t".into(),
@@ -148,7 +152,10 @@ mod tests {
             nonzero_pages: 1,
             accel: "tcg".into(),
             read_limit: None,
+            fill_limit: None,
             warm_mib_per_s: 100.0,
+            warm_probe_p50_ms: None,
+            probe_period_ms: None,
             ttr_definition: String::new(),
             limits: None,
             summary: vec![summary("stock"), summary("ws:learned")],

@@ -85,6 +85,9 @@ pub struct VmPaths {
     pub lock: PathBuf,
     /// Default guest console log when the config sets no `serial`.
     pub default_serial: PathBuf,
+    /// The serial console's input and output (a unix socket; its output is
+    /// also logged to the `serial` file).
+    pub console: PathBuf,
     /// `<shm root>/<name>`: RAM files live here until QEMU has opened them.
     pub shm_dir: PathBuf,
 }
@@ -99,6 +102,7 @@ impl VmPaths {
             state: dir.join("vm.json"),
             lock: dir.join("lock"),
             default_serial: dir.join("serial.log"),
+            console: dir.join("console.sock"),
             shm_dir: shm_root().join(name),
             dir,
         }
@@ -417,9 +421,15 @@ pub fn command_line(
         push(&["-append", ap]);
     }
     push(&["-nodefaults", "-display", "none"]);
+    // The serial console: its output is appended to the log whether or not
+    // anyone is connected, and the socket takes input (`thaw bench`'s probes).
     push(&[
         "-chardev",
-        &format!("file,id=thaw-serial,path={},append=on", serial.display()),
+        &format!(
+            "socket,id=thaw-serial,path={},server=on,wait=off,logfile={},logappend=on",
+            paths.console.display(),
+            serial.display()
+        ),
     ]);
     push(&["-serial", "chardev:thaw-serial"]);
     push(&[

@@ -104,6 +104,8 @@ pub struct Engine {
     live: bool,
     stop: AtomicBool,
     failure: Mutex<Option<String>>,
+    /// Paces the background fill once the guest runs (`--fill-limit`).
+    fill_pace: Option<crate::throttle::Throttle>,
     pub counters: Counters,
 }
 
@@ -127,8 +129,17 @@ impl Engine {
             live: false,
             stop: AtomicBool::new(false),
             failure: Mutex::new(None),
+            fill_pace: None,
             counters: Counters::default(),
         }
+    }
+
+    /// Limits the background fill to `bytes_per_sec` while the guest runs
+    /// (faults and the working-set prefetch are not limited), so that the
+    /// fill takes less of the memory bandwidth and CPU the guest needs.
+    pub fn with_fill_limit(mut self, bytes_per_sec: Option<u64>) -> Engine {
+        self.fill_pace = bytes_per_sec.map(crate::throttle::Throttle::new);
+        self
     }
 
     /// An engine that only observes a running VM whose RAM is complete
@@ -525,6 +536,11 @@ impl Engine {
             if (start..end).all(|s| self.is_resident(self.image.slot_page(s))) {
                 progress.inc((end - start) as u64 * PAGE_SIZE);
                 continue;
+            }
+            if let Some(pace) = &self.fill_pace {
+                if self.resumed.load(Ordering::Acquire) {
+                    pace.take((end - start) as u64 * PAGE_SIZE);
+                }
             }
             let n = self.image.read_chunks(first - count, count, &mut buf)?;
             self.counters

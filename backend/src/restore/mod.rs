@@ -112,6 +112,10 @@ pub struct RestoreOptions {
     /// Limit image reads to this many bytes per second (emulated network
     /// storage; the same for every method).
     pub read_limit: Option<u64>,
+    /// Limit the background fill to this many bytes per second once the
+    /// guest runs, leaving it more of the machine (faults and prefetch are
+    /// not limited).
+    pub fill_limit: Option<u64>,
 }
 
 /// Errors restoring a VM.
@@ -394,7 +398,8 @@ async fn run(
     let record_path = paths.dir.join("restore.json");
     write_record(&record_path, &record)?;
 
-    let engine = Arc::new(Engine::new(image.clone(), uffd.clone(), blocks));
+    let engine =
+        Arc::new(Engine::new(image.clone(), uffd.clone(), blocks).with_fill_limit(opts.fill_limit));
     let log_capacity = (meta.total_pages as usize).min(1 << 22);
     let faults = {
         let engine = engine.clone();

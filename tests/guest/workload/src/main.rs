@@ -63,7 +63,7 @@ pub struct Config {
     pub tput_ms: u64,
     /// Which hot blocks throughput mode reads.
     pub pattern: Pattern,
-    /// `phase`: the hot set moves to the next region after this many ms.
+    /// `phase`: the hot set moves to the next region every this many ms.
     pub phase_ms: u64,
 }
 
@@ -75,7 +75,7 @@ pub enum Pattern {
     /// Low-numbered hot blocks far more often (u^3 of a uniform u).
     Skewed,
     /// Uniform over the hot set, which moves to the next `hot`-sized region
-    /// of memory after `phase_ms` (once).
+    /// of memory every `phase_ms` (cycling through all of memory).
     Phase,
 }
 
@@ -481,10 +481,22 @@ fn random_nonce() -> Result<[u8; 8], String> {
 /// pause (rewriting one in 64 with a new generation) and every `tput_ms` of
 /// guest time prints
 /// `THAW-TPUT <n> nonce=<nonce> ok=<1|0> uptime_ms=<ms> interval_ms=<ms> blocks=<k> mib_per_s=<rate>`.
-fn throughput(start: Instant, cfg: &Config, nonce: &str, w: &mut Workload) -> Result<i32, String> {
+fn throughput(start: Instant, cfg: &Config, nonce: &str, w: Workload) -> Result<i32, String> {
+    let shared = std::sync::Arc::new(std::sync::Mutex::new(w));
+    {
+        let (shared, nonce, seed) = (shared.clone(), nonce.to_string(), cfg.seed);
+        std::thread::Builder::new()
+            .name("probe".into())
+            .spawn(move || answer_probes(std::io::stdin().lock(), &shared, &nonce, seed))
+            .map_err(|e| format!("cannot start the probe thread: {e}"))?;
+    }
+    let lock = || shared.lock().unwrap_or_else(|e| e.into_inner());
     let mut rng = splitmix64(cfg.seed ^ 0x7470_7574);
-    let hot = w.hot_blocks();
-    let regions = (w.blocks() / hot).max(1);
+    let (hot, blocks) = {
+        let w = lock();
+        (w.hot_blocks(), w.blocks())
+    };
+    let regions = (blocks / hot).max(1);
     let (mut n, mut ops, mut gen) = (0u64, 0u64, 1u64 << 32);
     let mut since = Instant::now();
     loop {
@@ -496,29 +508,33 @@ fn throughput(start: Instant, cfg: &Config, nonce: &str, w: &mut Workload) -> Re
             Pattern::Uniform => (u * hot as f64) as usize,
             Pattern::Skewed => (u * u * u * hot as f64) as usize,
             Pattern::Phase => {
-                let phase = (start.elapsed().as_millis() as u64 >= cfg.phase_ms) as usize;
+                let phase = (start.elapsed().as_millis() as u64 / cfg.phase_ms.max(1)) as usize;
                 (phase % regions) * hot + (u * hot as f64) as usize
             }
         }
-        .min(w.blocks() - 1);
-        if let Some(c) = w.verify(block) {
-            emit(&format!(
-                "THAW-CORRUPT block={} expected={:016x} got={:016x}",
-                c.block, c.expected, c.got
-            ));
-        }
-        ops += 1;
-        if ops % 64 == 0 {
-            gen += 1;
-            w.rewrite(block, gen);
-        }
+        .min(blocks - 1);
+        let bad = {
+            let mut w = lock();
+            if let Some(c) = w.verify(block) {
+                emit(&format!(
+                    "THAW-CORRUPT block={} expected={:016x} got={:016x}",
+                    c.block, c.expected, c.got
+                ));
+            }
+            ops += 1;
+            if ops % 64 == 0 {
+                gen += 1;
+                w.rewrite(block, gen);
+            }
+            w.bad
+        };
         let elapsed = since.elapsed();
         if elapsed.as_millis() as u64 >= cfg.tput_ms {
             n += 1;
             let secs = elapsed.as_secs_f64();
             emit(&format!(
                 "THAW-TPUT {n} nonce={nonce} ok={} uptime_ms={} interval_ms={:.1} blocks={ops} mib_per_s={:.1}",
-                u8::from(w.bad == 0),
+                u8::from(bad == 0),
                 start.elapsed().as_millis(),
                 secs * 1000.0,
                 ops as f64 * (BLOCK_BYTES as f64 / (1 << 20) as f64) / secs
@@ -526,6 +542,51 @@ fn throughput(start: Instant, cfg: &Config, nonce: &str, w: &mut Workload) -> Re
             ops = 0;
             since = Instant::now();
         }
+    }
+}
+
+/// Interactive probe (throughput mode): for every `PROBE <id>` line on
+/// `input` (the console), verifies one hot block picked at random and
+/// answers `THAW-PROBE <id> nonce=<nonce> ok=<1|0> block=<i>`, so the host can
+/// time a request that needs the guest's memory, like a small service.
+/// Other lines (the terminal's echo, typing) are ignored. Returns at the end
+/// of the input.
+pub fn answer_probes(
+    input: impl std::io::BufRead,
+    shared: &std::sync::Mutex<Workload>,
+    nonce: &str,
+    seed: u64,
+) {
+    let mut rng = splitmix64(seed ^ 0x7072_6f62);
+    for line in input.lines() {
+        let Ok(line) = line else { return };
+        let Some(id) = parse_probe_request(&line) else {
+            continue;
+        };
+        rng = splitmix64(rng);
+        let mut w = shared.lock().unwrap_or_else(|e| e.into_inner());
+        let block = (rng % w.hot_blocks() as u64) as usize;
+        if let Some(c) = w.verify(block) {
+            emit(&format!(
+                "THAW-CORRUPT block={} expected={:016x} got={:016x}",
+                c.block, c.expected, c.got
+            ));
+        }
+        let ok = u8::from(w.bad == 0);
+        drop(w);
+        emit(&format!(
+            "THAW-PROBE {id} nonce={nonce} ok={ok} block={block}"
+        ));
+    }
+}
+
+/// The id of a `PROBE <id>` request line (surrounding blanks and a
+/// carriage return allowed).
+pub fn parse_probe_request(line: &str) -> Option<u64> {
+    let mut words = line.split_whitespace();
+    match (words.next(), words.next(), words.next()) {
+        (Some("PROBE"), Some(id), None) => id.parse().ok(),
+        _ => None,
     }
 }
 
@@ -590,7 +651,7 @@ fn run(start: Instant, cfg: &Config) -> Result<i32, String> {
         report_hot_pages(&mut w)?;
     }
     if cfg.tput_ms > 0 && !cfg.once {
-        return throughput(start, cfg, &nonce, &mut w);
+        return throughput(start, cfg, &nonce, w);
     }
 
     const ONCE_TICKS: u64 = 3;
@@ -782,6 +843,22 @@ mod tests {
         assert_ne!(checksum(&b), h);
         // Known value of the empty input pins the definition down.
         assert_eq!(checksum(&[]), splitmix64(FNV_OFFSET));
+    }
+
+    #[test]
+    fn probe_requests_are_answered_and_other_lines_ignored() {
+        assert_eq!(parse_probe_request("PROBE 7"), Some(7));
+        assert_eq!(parse_probe_request(" PROBE 12\r"), Some(12));
+        assert_eq!(parse_probe_request("PROBE"), None);
+        assert_eq!(parse_probe_request("PROBE x"), None);
+        assert_eq!(parse_probe_request("PROBE 1 2"), None);
+        assert_eq!(parse_probe_request("THAW-PROBE 1 nonce=00"), None);
+        let w = std::sync::Mutex::new(Workload::new(4 * BLOCK_BYTES, BLOCK_BYTES, 3).unwrap());
+        // The probe verifies a hot block: damage there is found (and only
+        // there, since the hot set is block 0).
+        w.lock().unwrap().words_mut()[5] ^= 1;
+        answer_probes("noise\nPROBE 1\nPROBE 2\n".as_bytes(), &w, "00", 1);
+        assert_eq!(w.lock().unwrap().bad, 1);
     }
 
     #[test]

@@ -1,0 +1,88 @@
+#!/usr/bin/env bash
+# Time-to-responsiveness benchmarks of BENCHMARKS.md (numbers, not a test):
+# `thaw bench` on the throughput guest (configs/bench-tput-2g.yaml and
+# variants of it generated here), RUNS restores per method, cold cache.
+#
+# Usage (root): ci/bench-ttr.sh [SCENARIO...]     (default: all of them)
+#   main      2 GiB guest, local disk, every method
+#   paced     the same, thaw's background fill paced to 512 MiB/s
+#   32m       the same guest, storage limited to 32 MB/s
+#   7m        a 1 GiB guest (768 MiB filled), storage limited to 7 MB/s
+#   ram       RAM 1, 2, 4, 8 GiB (3/4 filled), 64 MiB hot set: stock vs ws
+#   hot       2 GiB RAM, hot set 16, 64, 256, 512 MiB: stock vs ws
+#   patterns  2 GiB, skewed and phase-change access patterns
+# Environment: RUNS (default 3), FILL_LIMIT for ram/hot (default 512M).
+# Output: target/bench/ttr-<scenario>[-<variant>]/{bench.json,bench.md,throughput.svg}
+set -euo pipefail
+cd "$(dirname "$0")/.."
+runs=${RUNS:-3}
+pace=${FILL_LIMIT:-512M}
+# shellcheck source=ci/bench-common.sh
+. ci/bench-common.sh
+configs=$out/configs
+mkdir -p "$configs"
+
+# variant NAME MEMORY FILL HOT [PATTERN]: a copy of the 2 GiB config with
+# other sizes (absolute guest kit paths, its own console log).
+variant() {
+  local name=$1 memory=$2 fill=$3 hot=$4 pattern=${5:-uniform}
+  sed -e "s|^memory: .*|memory: $memory|" \
+    -e "s|thaw.mem=[^ ]*|thaw.mem=$fill|" \
+    -e "s|thaw.hot=[^ ]*|thaw.hot=$hot|" \
+    -e "s|thaw.pattern=[^ \"]*|thaw.pattern=$pattern thaw.phase_ms=2000|" \
+    -e "s|\.\./target/|$PWD/target/|g" \
+    configs/bench-tput-2g.yaml >"$configs/$name.yaml"
+  echo "$configs/$name.yaml"
+}
+
+# bench OUT CONFIG [thaw bench options...]
+bench() {
+  local dest=$out/ttr-$1 config=$2
+  shift 2
+  echo "== $dest" >&2
+  mkdir -p "$dest"
+  "$thaw" bench --config "$config" --runs "$runs" --out "$dest" "$@" 2>"$dest/stderr.log" |
+    tee "$dest/stdout.md"
+}
+
+scenarios=("$@")
+[ ${#scenarios[@]} -gt 0 ] || scenarios=(main paced 32m 7m ram hot patterns)
+for s in "${scenarios[@]}"; do
+  case $s in
+  main) bench main configs/bench-tput-2g.yaml ;;
+  paced)
+    bench paced configs/bench-tput-2g.yaml --methods stock,eager,lazy,ws:learned,ws:trace \
+      --fill-limit "$pace" --no-limits
+    ;;
+  32m)
+    bench 32m configs/bench-tput-2g.yaml --methods stock,mapped-ram,lazy,ws:learned,ws:trace \
+      --read-limit 32M --no-limits
+    ;;
+  7m)
+    bench 7m "$(variant tput-1g 1G 768M 64M)" --methods stock,lazy,ws:learned \
+      --read-limit 7M --no-limits
+    ;;
+  ram)
+    for gib in 1 2 4 8; do
+      bench "ram-${gib}g" "$(variant "ram-${gib}g" "${gib}G" "$((gib * 768))M" 64M)" \
+        --methods stock,ws:learned --fill-limit "$pace" --no-limits
+    done
+    ;;
+  hot)
+    for hot in 16 64 256 512; do
+      bench "hot-${hot}m" "$(variant "hot-${hot}m" 2G 1536M "${hot}M")" \
+        --methods stock,ws:learned --fill-limit "$pace" --no-limits
+    done
+    ;;
+  patterns)
+    for p in skewed phase; do
+      bench "pattern-$p" "$(variant "pattern-$p" 2G 1536M 64M "$p")" \
+        --methods stock,lazy,ws:learned,ws:trace --fill-limit "$pace" --no-limits
+    done
+    ;;
+  *)
+    echo "$0: unknown scenario $s (main, paced, 32m, 7m, ram, hot, patterns)" >&2
+    exit 2
+    ;;
+  esac
+done
