@@ -16,3 +16,5 @@ cargo clippy --workspace --release --all-targets -- -D warnings
 echo "== tests"
 # Two test threads: each end-to-end test runs a TCG guest on a 2-core machine.
 cargo test --workspace --release -- --test-threads=2
+echo "== fuzz the image parsers (bounded)"
+bash ci/fuzz.sh "${THAW_FUZZ_SECONDS:-60}"

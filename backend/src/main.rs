@@ -8,7 +8,8 @@ use clap::{Parser, Subcommand};
 use serde_json::json;
 
 use thaw::config::VmConfig;
-use thaw::qemu::{self, Qmp, VmState};
+use thaw::qemu::{self, VmState};
+use thaw::restore::recover::RestoreProgress;
 use thaw::restore::{EstimatorChoice, LearnWindow, Mode, RestoreOptions};
 use thaw::save::SaveOptions;
 use thaw::wss::Estimator;
@@ -44,6 +45,10 @@ enum Command {
         /// Replace an existing image.
         #[arg(long)]
         force: bool,
+        /// Resume the VM after the save instead of stopping QEMU (a plain
+        /// checkpoint; `thaw checkpoint` also traces the working set).
+        #[arg(long)]
+        keep_running: bool,
     },
     /// Restore a VM from an image; returns once all its RAM is resident
     /// (and, after ws and lazy restores, the learning window has closed).
@@ -184,6 +189,10 @@ enum Command {
     List,
     /// Show a VM's state.
     Status { name: String },
+    /// Finish a restore whose thaw process died (killed, crashed): take
+    /// QEMU's userfaultfd again from the runtime directory's record, keep the
+    /// pages already in guest RAM, serve the guest's faults and fill the rest.
+    Recover { name: String },
     /// Stop a VM (QMP quit; SIGKILL with --force or if quit fails).
     Stop {
         name: String,
@@ -327,13 +336,18 @@ async fn run(cli: Cli) -> Result<()> {
                 ),
             )
         }
-        Command::Save { name, image, force } => {
+        Command::Save {
+            name,
+            image,
+            force,
+            keep_running,
+        } => {
             let report = thaw::save::save(
                 &name,
                 &image,
                 &SaveOptions {
                     force,
-                    keep_running: false,
+                    keep_running,
                     leave_paused: false,
                 },
             )
@@ -498,10 +512,7 @@ async fn run(cli: Cli) -> Result<()> {
             let mut rows = Vec::new();
             for name in qemu::list_vms() {
                 if let Ok((paths, state)) = VmState::load(&name) {
-                    let status = match Qmp::connect(&paths.qmp).await {
-                        Ok(mut q) => q.run_state().await.unwrap_or_else(|_| "unknown".into()),
-                        Err(_) => "busy".into(),
-                    };
+                    let status = qemu::query_run_state(&paths).await;
                     rows.push(
                         json!({ "name": name, "pid": state.qemu_pid, "status": status,
                         "memory": state.config.memory, "accel": state.accel }),
@@ -534,14 +545,12 @@ async fn run(cli: Cli) -> Result<()> {
         }
         Command::Status { name } => {
             let (paths, state) = VmState::load(&name)?;
-            let mut qmp = Qmp::connect(&paths.qmp)
-                .await
-                .context("connecting to QMP")?;
-            let status = qmp.run_state().await?;
-            let restoring = paths.dir.join("restore.json").exists();
+            let status = qemu::query_run_state(&paths).await;
+            let restore = thaw::restore::recover::progress(&paths);
             let out = json!({ "name": name, "status": status, "pid": state.qemu_pid, "accel": state.accel,
                 "memory": state.config.memory, "qemu_version": state.qemu_version,
-                "serial": state.serial, "restore_in_progress": restoring });
+                "serial": state.serial, "restore": restore,
+                "restore_in_progress": restore == RestoreProgress::Running });
             print(
                 j,
                 &out,
@@ -551,13 +560,21 @@ async fn run(cli: Cli) -> Result<()> {
                     state.accel,
                     state.config.memory,
                     state.qemu_version,
-                    if restoring {
-                        ", restore in progress"
-                    } else {
-                        ""
+                    match restore {
+                        RestoreProgress::None => String::new(),
+                        RestoreProgress::Running => ", restore in progress".into(),
+                        RestoreProgress::Interrupted => format!(
+                            ", restore interrupted (its thaw died): run `thaw recover {name}`"
+                        ),
                     }
                 ),
             )
+        }
+        Command::Recover { name } => {
+            let stats = thaw::restore::recover::recover(&name)
+                .await
+                .with_context(|| format!("recovering {name}"))?;
+            print(j, &stats, &stats)
         }
         Command::Stop { name, force } => {
             let (paths, state) = VmState::load(&name)?;

@@ -80,6 +80,30 @@ impl RamLayout {
     }
 
     /// Total number of guest pages.
+    /// Checks what a layout read from a file promises: whole pages, blocks
+    /// numbered consecutively from page 0, no arithmetic overflow.
+    pub fn check(&self) -> Result<(), String> {
+        let mut next = 0u64;
+        for b in &self.blocks {
+            if b.size == 0 || b.size % PAGE_SIZE != 0 {
+                return Err(format!(
+                    "RAM block {:?} has size {}, not whole pages",
+                    b.id, b.size
+                ));
+            }
+            if b.first_page != next {
+                return Err(format!(
+                    "RAM block {:?} starts at page {}, expected {next}",
+                    b.id, b.first_page
+                ));
+            }
+            next = next
+                .checked_add(b.pages())
+                .ok_or_else(|| format!("RAM block {:?} is too large", b.id))?;
+        }
+        Ok(())
+    }
+
     pub fn total_pages(&self) -> u64 {
         self.blocks.iter().map(RamBlock::pages).sum()
     }

@@ -5,6 +5,7 @@
 
 use std::fs::File;
 use std::os::fd::AsFd;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -44,6 +45,14 @@ pub enum SaveError {
     },
     #[error("mapping guest RAM: {0}")]
     Map(String),
+    #[error(
+        "QEMU (pid {pid}) exited during the save; {outcome}; the VM's runtime and RAM files were removed ({cause})"
+    )]
+    QemuExited {
+        pid: i32,
+        outcome: String,
+        cause: String,
+    },
     #[error("{context}: {source}")]
     Io {
         context: String,
@@ -89,6 +98,8 @@ pub fn lock_vm(paths: &VmPaths) -> Result<Flock<File>, SaveError> {
         .create(true)
         .truncate(false)
         .write(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
         .open(&paths.lock)
         .map_err(|source| SaveError::Io {
             context: format!("cannot open {}", paths.lock.display()),
@@ -100,9 +111,38 @@ pub fn lock_vm(paths: &VmPaths) -> Result<Flock<File>, SaveError> {
 
 /// Saves VM `name` into a new image directory `image`.
 pub async fn save(name: &str, image: &Path, opts: &SaveOptions) -> Result<SaveReport, SaveError> {
-    let started = Instant::now();
     let (paths, state) = VmState::load(name)?;
     let _lock = lock_vm(&paths)?;
+    match save_locked(name, image, opts, &paths, &state).await {
+        Err(e) if !qemu::process_alive(state.qemu_pid) => {
+            // The partial image is gone already (the writer removes it when
+            // dropped); so must be what the dead QEMU left.
+            qemu::remove_runtime(&paths);
+            // QEMU can die after everything was captured (then only the
+            // final resume or stop failed): that image is whole, keep it.
+            let outcome = match crate::image::Image::open(image) {
+                Ok(_) => format!("the image {} is complete and restorable", image.display()),
+                Err(_) => "no image was written".to_string(),
+            };
+            Err(SaveError::QemuExited {
+                pid: state.qemu_pid,
+                outcome,
+                cause: e.to_string(),
+            })
+        }
+        r => r,
+    }
+}
+
+async fn save_locked(
+    name: &str,
+    image: &Path,
+    opts: &SaveOptions,
+    paths: &VmPaths,
+    state: &VmState,
+) -> Result<SaveReport, SaveError> {
+    let started = Instant::now();
+    let (paths, state) = (paths.clone(), state.clone());
     let mut qmp = Qmp::connect(&paths.qmp).await?;
     let run_state = qmp.run_state().await?;
     let was_running = run_state == "running";

@@ -167,6 +167,17 @@ impl Vm {
         }
     }
 
+    /// A handle for the copy of this VM that `thaw restore --name NAME`
+    /// starts: same directories, its console in `<dir>/<NAME>-console.log`.
+    pub fn renamed(&self, name: &str) -> Vm {
+        Vm {
+            name: name.to_string(),
+            runtime: self.runtime.clone(),
+            serial: self.dir.join(format!("{name}-console.log")),
+            dir: self.dir.clone(),
+        }
+    }
+
     /// Starts a VM from config text (its serial console must be
     /// `<dir>/console.log`) and waits for `ready` on the console.
     pub fn start(name: String, dir: PathBuf, config: &str, ready: &str) -> Vm {

@@ -6,9 +6,13 @@
 //!
 //! Needs root and the guest kit (`tests/guest/build.sh`); `ci/test.sh` runs them.
 
+mod bad_input;
 mod bench;
+mod concurrency;
+mod faults;
 mod foreign;
 mod harness;
+mod secrets;
 mod working_set;
 
 use harness::{Restore, Vm};

@@ -24,7 +24,7 @@ use serde::{Deserialize, Serialize};
 /// How long a read waits before the client checks whether to stop.
 const READ_TICK: Duration = Duration::from_millis(10);
 /// A request unanswered this long is sent again with a new id.
-pub const RESEND: Duration = Duration::from_millis(500);
+pub const RESEND: Duration = Duration::from_millis(100);
 /// Unanswered requests remembered for a late answer.
 const REMEMBERED: usize = 256;
 

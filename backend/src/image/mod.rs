@@ -58,6 +58,8 @@ pub enum ImageError {
     NotAnImage { path: PathBuf, why: &'static str },
     #[error("image {0} already exists (use --force to replace it)")]
     Exists(PathBuf),
+    #[error("{0} is a symbolic link; thaw writes images only to real paths: remove it or save elsewhere")]
+    Symlink(PathBuf),
     #[error("{path}: invalid metadata: {message}")]
     Meta { path: PathBuf, message: String },
     #[error("{path}: made by a newer thaw (format version {found}, this thaw reads {FORMAT_VERSION}); upgrade thaw")]
@@ -202,8 +204,12 @@ impl ImageWriter {
         layout: RamLayout,
         force: bool,
     ) -> Result<ImageWriter, ImageError> {
-        if fs::symlink_metadata(target).is_ok() && !force {
-            return Err(ImageError::Exists(target.to_owned()));
+        match fs::symlink_metadata(target) {
+            Ok(m) if m.file_type().is_symlink() => {
+                return Err(ImageError::Symlink(target.to_owned()))
+            }
+            Ok(_) if !force => return Err(ImageError::Exists(target.to_owned())),
+            _ => {}
         }
         let name = target.file_name().ok_or_else(|| ImageError::Meta {
             path: target.to_owned(),
@@ -400,6 +406,129 @@ fn is_zero(page: &[u8]) -> bool {
     head.iter().all(|&b| b == 0) && words.iter().all(|&w| w == 0) && tail.iter().all(|&b| b == 0)
 }
 
+/// What `meta.json` promises that the rest of the image relies on: page
+/// size, chunk size, a sound RAM layout that matches the page counts.
+pub fn check_meta(meta: &ImageMeta) -> Result<(), String> {
+    if meta.page_size != PAGE_SIZE {
+        return Err(format!("page size {} is not {PAGE_SIZE}", meta.page_size));
+    }
+    if meta.chunk_pages == 0 {
+        return Err("chunk_pages is 0".into());
+    }
+    meta.layout.check()?;
+    if meta.total_pages != meta.layout.total_pages() {
+        return Err(format!(
+            "total_pages {} does not match the RAM layout's {}",
+            meta.total_pages,
+            meta.layout.total_pages()
+        ));
+    }
+    if meta.nonzero_pages > meta.total_pages || meta.nonzero_pages > u64::from(u32::MAX - 1) {
+        return Err(format!(
+            "{} non-zero pages of {} is impossible",
+            meta.nonzero_pages, meta.total_pages
+        ));
+    }
+    Ok(())
+}
+
+/// The decoded `index.bin`.
+pub struct ParsedIndex {
+    /// Per guest page: 0 = zero page, else slot + 1.
+    pub table: Vec<u32>,
+    pub chunk_sums: Vec<u64>,
+    /// Per slot: its guest page.
+    pub reverse: Vec<u64>,
+}
+
+/// Decodes and checks `index.bin` against `meta` (which must have passed
+/// [`check_meta`]): length, trailing checksum (when `verify_trailer`),
+/// header fields, and a page table that numbers exactly `nonzero_pages`
+/// slots in page order. Never panics on any input (fuzzed:
+/// `fuzz/fuzz_targets/image_index.rs`).
+pub fn parse_index(
+    meta: &ImageMeta,
+    index: &[u8],
+    verify_trailer: bool,
+) -> Result<ParsedIndex, String> {
+    let chunks = meta
+        .nonzero_pages
+        .div_ceil(u64::from(meta.chunk_pages.max(1)));
+    let expected_len = meta
+        .total_pages
+        .checked_mul(4)
+        .and_then(|t| t.checked_add(chunks.checked_mul(8)?))
+        .and_then(|t| t.checked_add(HEADER_LEN as u64 + 8))
+        .ok_or("page counts overflow")?;
+    if index.len() as u64 != expected_len {
+        return Err(format!("{} bytes, expected {expected_len}", index.len()));
+    }
+    let (body, trailer) = index.split_at(index.len() - 8);
+    let trailer = u64::from_le_bytes(trailer.try_into().map_err(|_| "short trailer")?);
+    if verify_trailer && xxh3_64(body) != trailer {
+        return Err("checksum mismatch".into());
+    }
+    let u32_at = |o: usize| {
+        index
+            .get(o..o + 4)
+            .and_then(|b| b.try_into().ok())
+            .map_or(0, u32::from_le_bytes)
+    };
+    let u64_at = |o: usize| {
+        index
+            .get(o..o + 8)
+            .and_then(|b| b.try_into().ok())
+            .map_or(0, u64::from_le_bytes)
+    };
+    if &index[..8] != INDEX_MAGIC
+        || u32_at(8) != FORMAT_VERSION
+        || u64::from(u32_at(12)) != PAGE_SIZE
+        || u64_at(16) != meta.total_pages
+        || u64_at(24) != meta.nonzero_pages
+        || u32_at(32) != meta.chunk_pages
+        || u64_at(36) != chunks
+    {
+        return Err("header does not match meta.json".into());
+    }
+    // The length check above bounds every offset below by index.len().
+    let total = meta.total_pages as usize;
+    let table: Vec<u32> = (0..total).map(|i| u32_at(HEADER_LEN + i * 4)).collect();
+    let sums_at = HEADER_LEN + total * 4;
+    let chunk_sums: Vec<u64> = (0..chunks as usize)
+        .map(|i| u64_at(sums_at + i * 8))
+        .collect();
+    let mut reverse = Vec::with_capacity(meta.nonzero_pages as usize);
+    for (page, &e) in table.iter().enumerate() {
+        if e != 0 {
+            if u64::from(e) != reverse.len() as u64 + 1 {
+                return Err(format!("page table entry of page {page} out of order"));
+            }
+            reverse.push(page as u64);
+        }
+    }
+    if reverse.len() as u64 != meta.nonzero_pages {
+        return Err("page table and non-zero page count disagree".into());
+    }
+    Ok(ParsedIndex {
+        table,
+        chunk_sums,
+        reverse,
+    })
+}
+
+/// Parses `meta.json` text as [`Image::open`] does (newer format versions
+/// refused first, then the fields, then [`check_meta`]). Never panics.
+pub fn parse_meta(text: &[u8]) -> Result<ImageMeta, String> {
+    let version: serde_json::Value = serde_json::from_slice(text).map_err(|e| e.to_string())?;
+    let found = version["format_version"].as_u64().unwrap_or(0);
+    if found > u64::from(FORMAT_VERSION) {
+        return Err(format!("format version {found} is newer than this thaw's"));
+    }
+    let meta: ImageMeta = serde_json::from_slice(text).map_err(|e| e.to_string())?;
+    check_meta(&meta)?;
+    Ok(meta)
+}
+
 /// An opened, structurally verified image; `&Image` is safe to share
 /// between a fault thread and a filler (all reads are `pread`).
 pub struct Image {
@@ -436,7 +565,9 @@ impl Image {
                 path: meta_path.clone(),
                 message: e.to_string(),
             })?;
-        let found = version["format_version"].as_u64().unwrap_or(0) as u32;
+        let found = version["format_version"]
+            .as_u64()
+            .map_or(0, |v| u32::try_from(v).unwrap_or(u32::MAX));
         if found > FORMAT_VERSION {
             return Err(ImageError::NewerFormat {
                 path: meta_path,
@@ -451,15 +582,7 @@ impl Image {
             path: path.to_owned(),
             message,
         };
-        if meta.page_size != PAGE_SIZE
-            || meta.chunk_pages == 0
-            || meta.total_pages != meta.layout.total_pages()
-        {
-            return Err(damaged(
-                &meta_path,
-                "inconsistent page size, chunk size or layout".into(),
-            ));
-        }
+        check_meta(&meta).map_err(|m| damaged(&meta_path, m))?;
         let pages_path = dir.join("pages.bin");
         let pages = File::open(&pages_path).map_err(io_err(&pages_path, "cannot open"))?;
         let plen = pages
@@ -484,60 +607,20 @@ impl Image {
         }
         let index_path = dir.join("index.bin");
         let index = fs::read(&index_path).map_err(io_err(&index_path, "cannot read"))?;
-        let chunks = meta.nonzero_pages.div_ceil(u64::from(meta.chunk_pages));
-        let expected_len = HEADER_LEN as u64 + meta.total_pages * 4 + chunks * 8 + 8;
-        if index.len() as u64 != expected_len || index.len() as u64 != meta.index.len {
+        if index.len() as u64 != meta.index.len {
             return Err(damaged(
                 &index_path,
-                format!("{} bytes, expected {expected_len}", index.len()),
+                format!("{} bytes, expected {}", index.len(), meta.index.len),
             ));
         }
-        let body = &index[..index.len() - 8];
-        let trailer = u64::from_le_bytes(index[index.len() - 8..].try_into().unwrap_or_default());
-        if xxh3_64(body) != trailer || format!("{:016x}", xxh3_64(&index)) != meta.index.xxh3 {
+        if format!("{:016x}", xxh3_64(&index)) != meta.index.xxh3 {
             return Err(damaged(&index_path, "checksum mismatch".into()));
         }
-        let u32_at =
-            |o: usize| u32::from_le_bytes([index[o], index[o + 1], index[o + 2], index[o + 3]]);
-        let u64_at = |o: usize| u64::from_le_bytes(index[o..o + 8].try_into().unwrap_or_default());
-        if &index[..8] != INDEX_MAGIC
-            || u32_at(8) != FORMAT_VERSION
-            || u64::from(u32_at(12)) != PAGE_SIZE
-            || u64_at(16) != meta.total_pages
-            || u64_at(24) != meta.nonzero_pages
-            || u32_at(32) != meta.chunk_pages
-            || u64_at(36) != chunks
-        {
-            return Err(damaged(
-                &index_path,
-                "header does not match meta.json".into(),
-            ));
-        }
-        let table: Vec<u32> = (0..meta.total_pages as usize)
-            .map(|i| u32_at(HEADER_LEN + i * 4))
-            .collect();
-        let sums_at = HEADER_LEN + meta.total_pages as usize * 4;
-        let chunk_sums: Vec<u64> = (0..chunks as usize)
-            .map(|i| u64_at(sums_at + i * 8))
-            .collect();
-        let mut reverse = Vec::with_capacity(meta.nonzero_pages as usize);
-        for (page, &e) in table.iter().enumerate() {
-            if e != 0 {
-                if u64::from(e) != reverse.len() as u64 + 1 {
-                    return Err(damaged(
-                        &index_path,
-                        format!("page table entry of page {page} out of order"),
-                    ));
-                }
-                reverse.push(page as u64);
-            }
-        }
-        if reverse.len() as u64 != meta.nonzero_pages {
-            return Err(damaged(
-                &index_path,
-                "page table and non-zero page count disagree".into(),
-            ));
-        }
+        let ParsedIndex {
+            table,
+            chunk_sums,
+            reverse,
+        } = parse_index(&meta, &index, true).map_err(|m| damaged(&index_path, m))?;
         Ok(Image {
             dir: dir.to_owned(),
             meta,

@@ -192,3 +192,130 @@ fn pages_out_of_order_are_refused() {
         Err(ImageError::OutOfRange(_))
     ));
 }
+
+/// Opens the image and reads its device state, as a restore does before
+/// it starts the guest: the error text, or None if all of it is accepted.
+fn structural_check(dir: &Path) -> Option<String> {
+    match Image::open(dir).and_then(|i| i.read_device_state().map(|_| i)) {
+        Ok(_) => None,
+        Err(e) => Some(e.to_string()),
+    }
+}
+
+#[test]
+fn every_kind_of_structural_damage_is_refused_before_a_restore_starts() {
+    type Damage = (&'static str, &'static str, fn(&Path));
+    let cases: Vec<Damage> = vec![
+        ("truncated pages.bin", "pages.bin", |d| {
+            truncate_to(&d.join("pages.bin"), 3 * PAGE_SIZE)
+        }),
+        ("truncated index.bin", "index.bin", |d| {
+            truncate_to(&d.join("index.bin"), 100)
+        }),
+        ("truncated device.state", "device.state", |d| {
+            truncate_to(&d.join("device.state"), 3)
+        }),
+        ("empty meta.json", "meta.json", |d| {
+            truncate_to(&d.join("meta.json"), 0)
+        }),
+        ("index header byte", "index.bin", |d| {
+            flip(&d.join("index.bin"), 20)
+        }),
+        ("index page table byte", "index.bin", |d| {
+            flip(&d.join("index.bin"), 64 + 4 * 3)
+        }),
+        ("index chunk checksum byte", "index.bin", |d| {
+            flip(&d.join("index.bin"), 64 + 4 * 64 + 2)
+        }),
+        ("index trailer byte", "index.bin", |d| {
+            let len = fs::metadata(d.join("index.bin")).expect("stat").len();
+            flip(&d.join("index.bin"), len - 1)
+        }),
+        ("device state byte", "device.state", |d| {
+            flip(&d.join("device.state"), 4)
+        }),
+        ("meta.json syntax", "meta.json", |d| {
+            flip(&d.join("meta.json"), 0)
+        }),
+        ("meta.json page count", "meta.json", |d| {
+            edit_meta(d, "\"nonzero_pages\": 19", "\"nonzero_pages\": 20")
+        }),
+        ("meta.json layout", "meta.json", |d| {
+            edit_meta(d, "\"first_page\": 40", "\"first_page\": 41")
+        }),
+        ("newer format version", "meta.json", |d| {
+            edit_meta(d, "\"format_version\": 1", "\"format_version\": 2")
+        }),
+        ("missing pages.bin", "pages.bin", |d| {
+            fs::remove_file(d.join("pages.bin")).expect("rm")
+        }),
+        ("missing index.bin", "index.bin", |d| {
+            fs::remove_file(d.join("index.bin")).expect("rm")
+        }),
+        ("missing device.state", "device.state", |d| {
+            fs::remove_file(d.join("device.state")).expect("rm")
+        }),
+        ("missing meta.json", "meta.json", |d| {
+            fs::remove_file(d.join("meta.json")).expect("rm")
+        }),
+    ];
+    let tmp = tempfile::tempdir().expect("tmp");
+    for (i, (what, file, damage)) in cases.iter().enumerate() {
+        let dir = tmp.path().join(format!("img{i}"));
+        write_image(&dir);
+        assert_eq!(structural_check(&dir), None, "intact image refused");
+        damage(&dir);
+        let err = structural_check(&dir).unwrap_or_else(|| panic!("{what}: accepted"));
+        // One sentence that names the image (or the file) at fault.
+        assert!(
+            err.contains(file) || err.contains(dir.to_str().expect("utf-8")),
+            "{what}: {err}"
+        );
+        assert!(!err.contains('\n'), "{what}: {err}");
+    }
+}
+
+fn truncate_to(path: &Path, len: u64) {
+    OpenOptions::new()
+        .write(true)
+        .open(path)
+        .expect("open")
+        .set_len(len)
+        .expect("truncate");
+}
+
+fn edit_meta(dir: &Path, from: &str, to: &str) {
+    let path = dir.join("meta.json");
+    let text = fs::read_to_string(&path).expect("meta");
+    assert!(text.contains(from), "meta.json lacks {from:?}:\n{text}");
+    fs::write(&path, text.replace(from, to)).expect("write");
+}
+
+/// The parsers the fuzz target drives accept a real image, and reject
+/// nonsense without panicking. With `THAW_FUZZ_SEED=<file>` this also
+/// writes the real image in the fuzz target's input format (the CI seeds
+/// its corpus with it).
+#[test]
+fn meta_and_index_parsers_accept_a_real_image() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let dir = tmp.path().join("img");
+    write_image(&dir);
+    let meta_text = fs::read(dir.join("meta.json")).expect("meta");
+    let index = fs::read(dir.join("index.bin")).expect("index");
+    let meta = parse_meta(&meta_text).expect("meta parses");
+    let parsed = parse_index(&meta, &index, true).expect("index parses");
+    assert_eq!(parsed.reverse.len() as u64, meta.nonzero_pages);
+    // Overflowing counts are an error, not a panic or a huge allocation.
+    let mut huge = meta.clone();
+    huge.total_pages = u64::MAX / 2;
+    huge.nonzero_pages = u64::MAX / 3;
+    assert!(parse_index(&huge, &index, false).is_err());
+    assert!(parse_meta(b"{\"format_version\": 18446744073709551615}").is_err());
+    assert!(parse_meta(b"\xff").is_err());
+    if let Some(seed) = std::env::var_os("THAW_FUZZ_SEED") {
+        let mut input = (meta_text.len() as u32).to_le_bytes().to_vec();
+        input.extend_from_slice(&meta_text);
+        input.extend_from_slice(&index);
+        fs::write(seed, input).expect("write the fuzz seed");
+    }
+}

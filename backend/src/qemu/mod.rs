@@ -6,7 +6,7 @@ pub mod qmp;
 
 use std::fs::{self, DirBuilder, File, OpenOptions};
 use std::io::Write;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
@@ -47,6 +47,23 @@ pub enum QemuError {
     RamNotFound { id: String, path: PathBuf, pid: i32 },
     #[error("QEMU (pid {0}) did not exit within {1:?}")]
     StuckQemu(i32, Duration),
+    #[error("{0} is a symbolic link; thaw refuses to follow it for guest RAM or runtime files: remove it")]
+    Symlink(PathBuf),
+    #[error("{path} belongs to uid {owner}, not to this user; thaw keeps guest RAM only in its own directories: remove it or set {var}")]
+    ForeignDir {
+        path: PathBuf,
+        owner: u32,
+        var: &'static str,
+    },
+}
+
+/// Refuses a symbolic link at `path` (planted where thaw would create
+/// guest RAM, an image or a runtime file).
+pub fn refuse_symlink(path: &Path) -> Result<(), QemuError> {
+    match fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_symlink() => Err(QemuError::Symlink(path.to_owned())),
+        _ => Ok(()),
+    }
 }
 
 fn fs_err<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> QemuError + 'a {
@@ -88,6 +105,9 @@ pub struct VmPaths {
     /// The serial console's input and output (a unix socket; its output is
     /// also logged to the `serial` file).
     pub console: PathBuf,
+    /// A second QMP monitor for queries (`thaw status`, `thaw list`): QEMU
+    /// serves one client per monitor, and a save or restore holds `qmp`.
+    pub query: PathBuf,
     /// `<shm root>/<name>`: RAM files live here until QEMU has opened them.
     pub shm_dir: PathBuf,
 }
@@ -103,6 +123,7 @@ impl VmPaths {
             lock: dir.join("lock"),
             default_serial: dir.join("serial.log"),
             console: dir.join("console.sock"),
+            query: dir.join("query.sock"),
             shm_dir: shm_root().join(name),
             dir,
         }
@@ -208,6 +229,23 @@ fn create_private_dir(path: &Path) -> Result<(), QemuError> {
 }
 
 fn ensure_root_dir(path: &Path) -> Result<(), QemuError> {
+    refuse_symlink(path)?;
+    if let Ok(m) = fs::symlink_metadata(path) {
+        // /dev/shm is world-writable: someone else could have made the
+        // directory first.
+        let me = nix::unistd::geteuid().as_raw();
+        if std::os::unix::fs::MetadataExt::uid(&m) != me {
+            return Err(QemuError::ForeignDir {
+                path: path.to_owned(),
+                owner: std::os::unix::fs::MetadataExt::uid(&m),
+                var: if path.starts_with(shm_root()) {
+                    "THAW_SHM_DIR"
+                } else {
+                    "THAW_RUNTIME_DIR"
+                },
+            });
+        }
+    }
     if !path.is_dir() {
         DirBuilder::new()
             .recursive(true)
@@ -216,6 +254,35 @@ fn ensure_root_dir(path: &Path) -> Result<(), QemuError> {
             .map_err(fs_err("cannot create directory", path))?;
     }
     Ok(())
+}
+
+/// Creates `path` (and its parents, 0700) if it does not exist.
+fn ensure_dir(path: &Path) -> Result<(), QemuError> {
+    if !path.is_dir() {
+        DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(path)
+            .map_err(fs_err("cannot create directory", path))?;
+    }
+    Ok(())
+}
+
+/// The run state of a VM through its query monitor, or `busy` if QEMU
+/// does not answer within a few seconds (e.g. a migration holds it).
+pub async fn query_run_state(paths: &VmPaths) -> String {
+    let ask = async {
+        let mut q = Qmp::connect(&paths.query).await?;
+        q.run_state().await
+    };
+    match tokio::time::timeout(Duration::from_secs(5), ask).await {
+        Ok(Ok(state)) => state,
+        Ok(Err(e)) => {
+            log::debug!("querying {}: {e}", paths.name);
+            "unknown".into()
+        }
+        Err(_) => "busy".into(),
+    }
 }
 
 /// Whether process `pid` exists (and is not a zombie we could reap).
@@ -436,6 +503,10 @@ pub fn command_line(
         "-qmp",
         &format!("unix:{},server=on,wait=off", paths.qmp.display()),
     ]);
+    push(&[
+        "-qmp",
+        &format!("unix:{},server=on,wait=off", paths.query.display()),
+    ]);
     push(&["-pidfile", &paths.pidfile.display().to_string()]);
     push(&["-daemonize"]);
     if incoming {
@@ -458,6 +529,12 @@ pub async fn launch(cfg: &VmConfig, accel: &str, incoming: bool) -> Result<Launc
     let paths = VmPaths::new(&cfg.name);
     ensure_root_dir(&runtime_root())?;
     ensure_root_dir(&shm_root())?;
+    refuse_symlink(&paths.dir)?;
+    refuse_symlink(&paths.shm_dir)?;
+    // Before anything is created: a QEMU too old for thaw is refused here.
+    if let Some(version) = binary_version(&cfg.qemu).await? {
+        check_version(&version)?;
+    }
     if paths.state.exists() {
         match VmState::load(&cfg.name) {
             Ok(_) => return Err(QemuError::AlreadyRunning(cfg.name.clone())),
@@ -508,19 +585,25 @@ async fn launch_in(
         .clone()
         .unwrap_or_else(|| paths.default_serial.clone());
     if let Some(parent) = serial.parent() {
-        ensure_root_dir(parent)?;
+        ensure_dir(parent)?;
     }
     let args = command_line(cfg, accel, &paths, &serial, incoming);
     log::debug!("launching {} {}", cfg.qemu, args.join(" "));
-    let out = tokio::process::Command::new(&cfg.qemu)
-        .args(&args)
-        .stdin(Stdio::null())
-        .output()
-        .await
-        .map_err(|e| match e.kind() {
-            std::io::ErrorKind::NotFound => QemuError::MissingBinary(cfg.qemu.clone()),
-            _ => QemuError::Launch(format!("{}: {e}", cfg.qemu)),
-        })?;
+    let mut command = tokio::process::Command::new(&cfg.qemu);
+    command.args(&args).stdin(Stdio::null());
+    // SAFETY: umask(2) is async-signal-safe and touches no memory; it runs
+    // in the child between fork and exec. QEMU then creates its QMP and
+    // console sockets, console log and pid file for the owner only.
+    unsafe {
+        command.pre_exec(|| {
+            libc::umask(0o077);
+            Ok(())
+        });
+    }
+    let out = command.output().await.map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound => QemuError::MissingBinary(cfg.qemu.clone()),
+        _ => QemuError::Launch(format!("{}: {e}", cfg.qemu)),
+    })?;
     if !out.status.success() {
         let msg = String::from_utf8_lossy(&out.stderr).trim().to_string();
         return Err(QemuError::Launch(if msg.is_empty() {
@@ -536,6 +619,19 @@ async fn launch_in(
         .map_err(|_| QemuError::Launch("QEMU wrote an unreadable pid file".into()))?;
     // QEMU has the RAM files open and mapped: unlink them so nothing leaks.
     remove_dir_files(&paths.shm_dir);
+    // QEMU's daemonizing sets umask 027: the sockets and the console log
+    // are the owner's alone (the runtime directory is 0700 anyway).
+    for f in [
+        &paths.qmp,
+        &paths.query,
+        &paths.console,
+        &paths.pidfile,
+        &serial,
+    ] {
+        if let Err(e) = fs::set_permissions(f, fs::Permissions::from_mode(0o600)) {
+            log::warn!("cannot make {} private: {e}", f.display());
+        }
+    }
     let mut qmp = Qmp::connect(&paths.qmp).await?;
     let qemu_version = qmp.version().await?;
     check_version(&qemu_version)?;
@@ -560,6 +656,30 @@ fn remove_dir_files(dir: &Path) {
     if let Err(e) = fs::remove_dir_all(dir) {
         log::warn!("cannot remove {}: {e}", dir.display());
     }
+}
+
+/// The version `qemu -version` reports (`QEMU emulator version X.Y.Z ...`);
+/// None if its output does not say.
+pub async fn binary_version(qemu: &str) -> Result<Option<String>, QemuError> {
+    let out = tokio::process::Command::new(qemu)
+        .arg("-version")
+        .stdin(Stdio::null())
+        .output()
+        .await
+        .map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => QemuError::MissingBinary(qemu.to_string()),
+            _ => QemuError::Launch(format!("{qemu} -version: {e}")),
+        })?;
+    Ok(parse_version_banner(&String::from_utf8_lossy(&out.stdout)))
+}
+
+fn parse_version_banner(text: &str) -> Option<String> {
+    let rest = text.split("version ").nth(1)?;
+    let v: String = rest
+        .chars()
+        .take_while(|c| c.is_ascii_digit() || *c == '.')
+        .collect();
+    (!v.is_empty()).then_some(v)
 }
 
 /// Refuses QEMU older than 8.2 (x-ignore-shared skipping file-backed RAM).
@@ -727,5 +847,10 @@ mod tests {
         assert!(check_version("8.1.0").is_err());
         assert!(check_version("8.2.0").is_ok());
         assert!(check_version("10.0.2").is_ok());
+        assert_eq!(
+            parse_version_banner("QEMU emulator version 10.0.2 (Debian 1:10.0.2+ds-2)\nCopyright"),
+            Some("10.0.2".to_string())
+        );
+        assert_eq!(parse_version_banner("something else"), None);
     }
 }

@@ -153,6 +153,26 @@ impl Engine {
         e
     }
 
+    /// Marks every page the RAM files already hold as resident (recovery
+    /// after a thaw died: what it installed or prefetched is whole, see
+    /// [`crate::restore::recover`]). Returns the non-zero pages among them.
+    pub fn adopt_resident_pages(&self) -> std::io::Result<u64> {
+        let mut kept = 0;
+        for b in &self.blocks {
+            for (start, end) in crate::save::data_extents(&b.file, b.pages * PAGE_SIZE)? {
+                for p in start / PAGE_SIZE..end.div_ceil(PAGE_SIZE).min(b.pages) {
+                    let page = PageIndex(b.first_page + p);
+                    let nonzero = matches!(self.image.locate(page), PageLocation::Slot(_));
+                    if nonzero && !self.is_resident(page) {
+                        kept += 1;
+                    }
+                    self.mark_resident(page, nonzero);
+                }
+            }
+        }
+        Ok(kept)
+    }
+
     /// Non-zero pages not installed yet.
     pub fn remaining(&self) -> u64 {
         self.remaining.load(Ordering::Acquire)
@@ -263,8 +283,13 @@ impl Engine {
             };
             let read_at = Instant::now();
             for ev in batch {
+                // When the faulting thread was woken: neighbour pages
+                // installed after that are not part of its wait.
+                let mut woken = None;
                 let served = match *ev {
-                    FaultEvent::PageFault { addr } => self.serve_fault(addr, &mut chunk, &mut log),
+                    FaultEvent::PageFault { addr } => {
+                        self.serve_fault(addr, &mut chunk, &mut log, &mut woken)
+                    }
                     FaultEvent::MinorFault { addr } => self.serve_minor(addr, &mut log),
                     ref other => {
                         log::debug!("userfaultfd event ignored: {other:?}");
@@ -280,7 +305,8 @@ impl Engine {
                 if log.latencies.len() < log.latencies.capacity()
                     && !self.in_window.load(Ordering::Acquire)
                 {
-                    let us = read_at.elapsed().as_micros().min(u32::MAX as u128) as u32;
+                    let waited = woken.unwrap_or_else(Instant::now) - read_at;
+                    let us = waited.as_micros().min(u32::MAX as u128) as u32;
                     log.latencies.push(us);
                 }
             }
@@ -397,6 +423,7 @@ impl Engine {
         addr: u64,
         chunk: &mut [u8],
         log: &mut FaultLog,
+        woken: &mut Option<Instant>,
     ) -> Result<(), EngineError> {
         let page = self.page_of(addr).ok_or(EngineError::StrayFault(addr))?;
         let dst = self.host_addr(page);
@@ -439,6 +466,7 @@ impl Engine {
                     .uffd
                     .copy(dst, &chunk[off..off + PAGE_SIZE as usize], true);
                 self.settle(r, dst, "a page")?;
+                *woken = Some(Instant::now());
                 self.mark_resident(page, true);
                 self.counters.fault_pages.fetch_add(1, Ordering::Relaxed);
                 // The faulting guest is awake again. The rest of the chunk

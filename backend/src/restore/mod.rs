@@ -16,6 +16,7 @@
 //! and the window closed, leaving a normal thaw VM running.
 
 pub mod engine;
+pub mod recover;
 
 use std::fs::File;
 use std::io::Write;
@@ -25,7 +26,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use crate::image::Image;
@@ -41,7 +42,7 @@ const DEVICE_LOAD_TIMEOUT: Duration = Duration::from_secs(300);
 const WINDOW_TICK: Duration = Duration::from_millis(50);
 
 /// How RAM is brought back.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum Mode {
     /// Install every non-zero page, then resume the guest.
@@ -139,6 +140,22 @@ pub enum RestoreError {
     NoWorkingSet(String),
     #[error("restore failed, the VM was stopped: {0}")]
     Engine(String),
+    #[error(
+        "QEMU (pid {pid}) exited during the restore; its runtime and RAM files were removed, the image is unchanged ({cause})"
+    )]
+    QemuExited { pid: i32, cause: String },
+    #[error("VM {0} has no interrupted restore to recover (no restore record for its QEMU)")]
+    NothingToRecover(String),
+    #[error("a thaw process is still serving VM {0}'s restore; recover only after it died")]
+    StillServed(String),
+    #[error(
+        "thaw died while QEMU was still loading VM {0}'s device state; QEMU was stopped: restore the image again (it is unchanged)"
+    )]
+    DiedLoading(String),
+    #[error(
+        "VM {0} cannot be recovered: QEMU is in state {1:?}; stop it and restore the image again"
+    )]
+    Unrecoverable(String, String),
     #[error("{context}: {source}")]
     Io {
         context: String,
@@ -272,9 +289,13 @@ impl std::fmt::Display for RestoreStats {
     }
 }
 
+/// The runtime directory's record of a restore in progress.
+pub const RECORD_FILE: &str = "restore.json";
+
 /// What a restore leaves in the runtime directory so another thaw can take
-/// QEMU's userfaultfd again (`pidfd_getfd`) if this one dies.
-#[derive(Serialize)]
+/// QEMU's userfaultfd again (`pidfd_getfd`) if this one dies
+/// ([`recover`]).
+#[derive(Serialize, Deserialize)]
 struct RecoveryRecord {
     image: PathBuf,
     qemu_pid: i32,
@@ -319,6 +340,15 @@ pub async fn restore(path: &Path, opts: &RestoreOptions) -> Result<RestoreStats,
             source: std::io::Error::other(m),
         })?;
         cfg.name = name.clone();
+        // Its own console log next to the saved one: two restores of one
+        // image must not write into the same file.
+        if let Some(serial) = &cfg.serial {
+            let file = serial.file_name().map_or_else(
+                || "console.log".into(),
+                |f| f.to_string_lossy().into_owned(),
+            );
+            cfg.serial = Some(serial.with_file_name(format!("{name}-{file}")));
+        }
     }
     let launched = qemu::launch(&cfg, &meta.accel, true).await?;
     let launch_ms = ms(started.elapsed());
@@ -327,8 +357,17 @@ pub async fn restore(path: &Path, opts: &RestoreOptions) -> Result<RestoreStats,
     match run(launched, image, device_state, ws, opts, started, launch_ms).await {
         Ok(stats) => Ok(stats),
         Err(e) => {
-            log::error!("restore failed; stopping QEMU (pid {pid})");
+            let gone = !qemu::process_alive(pid);
+            if !gone {
+                log::error!("restore failed; stopping QEMU (pid {pid})");
+            }
             let _ = qemu::stop(&paths, &state, true).await;
+            if gone {
+                return Err(RestoreError::QemuExited {
+                    pid,
+                    cause: e.to_string(),
+                });
+            }
             Err(e)
         }
     }
@@ -365,6 +404,10 @@ async fn run(
     } = launched;
     let meta = image.meta().clone();
     check_layout(&meta.layout, &state.layout)?;
+    // Held until the restore is over: `thaw recover` takes it only from a
+    // dead restore, a concurrent `thaw save` is refused.
+    let _lock = crate::save::lock_vm(&paths)
+        .map_err(|_| RestoreError::StillServed(state.config.name.clone()))?;
     let ram = qemu::find_ram(state.qemu_pid, &paths, &state.layout)?;
     let qemu_pid = nix::unistd::Pid::from_raw(state.qemu_pid);
 
@@ -395,7 +438,7 @@ async fn run(
         uffd_fd_in_qemu: uffd.remote_fd(),
         mode: opts.mode,
     };
-    let record_path = paths.dir.join("restore.json");
+    let record_path = paths.dir.join(RECORD_FILE);
     write_record(&record_path, &record)?;
 
     let engine =
@@ -592,6 +635,11 @@ pub async fn watch(engine: &Engine, w: LearnWindow, t: Instant) -> Result<f64, R
 /// touches; returns its new size (0 if it could not be written: a restore
 /// from a read-only image still succeeds).
 fn update_learned(image: &Image, touches: &[PageIndex]) -> u64 {
+    // Restores of one image that finish together refine the set one after
+    // the other (each replaces the file atomically either way).
+    let _serialized = File::open(image.dir())
+        .ok()
+        .and_then(|d| nix::fcntl::Flock::lock(d, nix::fcntl::FlockArg::LockExclusive).ok());
     let next = match WsFile::open(image, Estimator::Learned) {
         Ok(Some(old)) => old.set.refine(touches),
         Ok(None) => WorkingSet::from_touches(Estimator::Learned, touches),

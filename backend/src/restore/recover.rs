@@ -1,0 +1,271 @@
+//! `thaw recover NAME`: finishes a restore whose thaw process died.
+//!
+//! While pages are missing, QEMU keeps its own copy of the userfaultfd open
+//! (DESIGN.md, invariant 2), so a dead thaw leaves the guest blocked on its
+//! faults, never reading a hole as zeros. The restore's record in the runtime
+//! directory (`restore.json`: image, QEMU's pid, the fd number inside QEMU)
+//! lets a new thaw take that userfaultfd again with `pidfd_getfd` and carry
+//! on from what the RAM files already hold:
+//!
+//! - guest running: every page present in a RAM file was installed (or
+//!   prefetched into the page cache) whole by the dead thaw and is kept;
+//!   every thread that waits on a fault is woken, so that faults whose
+//!   messages died with the old thaw are raised again; then faults are
+//!   served and the rest is filled, as in a lazy restore;
+//! - guest never resumed (thaw died while prefetching or in an eager fill):
+//!   the guest has not run since its device state was loaded, so the RAM
+//!   files are emptied and the restore is redone from there;
+//! - QEMU still loading the device state: that stream died with thaw, so
+//!   QEMU is stopped and the image must be restored again (nothing of the
+//!   image is lost).
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+use super::engine::Engine;
+use super::{
+    block_maps, check_layout, drop_early_pages, finish_fill, ms, unregister, Mode, RecoveryRecord,
+    RestoreError, RECORD_FILE,
+};
+use crate::image::Image;
+use crate::qemu::{self, Qmp, VmPaths, VmState};
+use crate::uffd;
+
+/// What `thaw recover` did; its `--json` output.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct RecoverStats {
+    pub name: String,
+    pub image: PathBuf,
+    pub mode: Mode,
+    /// The guest had run before thaw died (else the restore was redone
+    /// from its device state on).
+    pub guest_was_running: bool,
+    /// The dead restore had already finished (only its record was left).
+    pub already_complete: bool,
+    /// Non-zero pages the RAM files already held.
+    pub pages_kept: u64,
+    /// Pages recovery installed: on demand and in the background.
+    pub faults: u64,
+    pub background_pages: u64,
+    pub bytes_read: u64,
+    /// Command start → all RAM resident and QEMU's userfaultfd released.
+    pub complete_ms: f64,
+}
+
+impl std::fmt::Display for RecoverStats {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.already_complete {
+            return write!(
+                f,
+                "{}: the restore had already completed; removed its stale record",
+                self.name
+            );
+        }
+        write!(
+            f,
+            "recovered {} ({} restore of {}): guest {}, {} pages kept, {} faults, \
+             {} pages filled, {:.1} MiB read, all RAM resident after {:.0} ms",
+            self.name,
+            serde_json::to_value(self.mode)
+                .ok()
+                .and_then(|v| v.as_str().map(str::to_string))
+                .unwrap_or_default(),
+            self.image.display(),
+            if self.guest_was_running {
+                "was running"
+            } else {
+                "had not run yet (restore redone)"
+            },
+            self.pages_kept,
+            self.faults,
+            self.background_pages,
+            self.bytes_read as f64 / (1 << 20) as f64,
+            self.complete_ms
+        )
+    }
+}
+
+/// Finishes the interrupted restore of VM `name`.
+pub async fn recover(name: &str) -> Result<RecoverStats, RestoreError> {
+    let started = Instant::now();
+    let (paths, state) = VmState::load(name)?;
+    let record_path = paths.dir.join(RECORD_FILE);
+    let record: RecoveryRecord = match std::fs::read(&record_path) {
+        Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| RestoreError::Io {
+            context: format!("reading {}", record_path.display()),
+            source: std::io::Error::other(e),
+        })?,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(RestoreError::NothingToRecover(name.to_string()))
+        }
+        Err(source) => {
+            return Err(RestoreError::Io {
+                context: format!("reading {}", record_path.display()),
+                source,
+            })
+        }
+    };
+    // A live restore holds the VM's lock; a dead one released it.
+    let _lock = crate::save::lock_vm(&paths).map_err(|_| RestoreError::StillServed(name.into()))?;
+    if record.qemu_pid != state.qemu_pid {
+        let _ = std::fs::remove_file(&record_path);
+        return Err(RestoreError::NothingToRecover(name.to_string()));
+    }
+    let mut stats = RecoverStats {
+        name: name.to_string(),
+        image: record.image.clone(),
+        mode: record.mode,
+        guest_was_running: false,
+        already_complete: false,
+        pages_kept: 0,
+        faults: 0,
+        background_pages: 0,
+        bytes_read: 0,
+        complete_ms: 0.0,
+    };
+    let pid = nix::unistd::Pid::from_raw(state.qemu_pid);
+    let uffd = match uffd::reattach(pid, record.uffd_fd_in_qemu) {
+        Ok(u) => Arc::new(u),
+        // QEMU's copy is closed only once every page is resident: the dead
+        // thaw had finished and only its record was left.
+        Err(uffd::UffdError::NotUserfaultfd { .. })
+        | Err(uffd::UffdError::GetFd {
+            errno: nix::errno::Errno::EBADF,
+            ..
+        }) => {
+            log::info!("QEMU holds no userfaultfd at fd {}", record.uffd_fd_in_qemu);
+            let _ = std::fs::remove_file(&record_path);
+            stats.already_complete = true;
+            stats.guest_was_running = true;
+            return Ok(stats);
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let mut qmp = Qmp::connect(&paths.qmp).await?;
+    let run_state = qmp.run_state().await?;
+    log::info!("recovering {name}: QEMU {pid} is {run_state}");
+    match run_state.as_str() {
+        "running" => stats.guest_was_running = true,
+        "paused" => {}
+        "inmigrate" | "prelaunch" => {
+            drop(qmp);
+            qemu::stop(&paths, &state, true).await?;
+            let _ = std::fs::remove_file(&record_path);
+            return Err(RestoreError::DiedLoading(name.to_string()));
+        }
+        other => {
+            return Err(RestoreError::Unrecoverable(
+                name.to_string(),
+                other.to_string(),
+            ))
+        }
+    }
+
+    let image = Arc::new(Image::open(&record.image)?);
+    check_layout(&image.meta().layout, &state.layout)?;
+    let ram = qemu::find_ram(state.qemu_pid, &paths, &state.layout)?;
+    let blocks = block_maps(&ram, &state.layout)?;
+    if !stats.guest_was_running {
+        // Nothing has run since the device state was loaded: whatever the
+        // dead thaw left (perhaps a page half written into the page cache
+        // by the prefetcher) goes, and every page comes from the image again.
+        drop_early_pages(&ram, &blocks)?;
+    }
+    let engine = Arc::new(Engine::new(image.clone(), uffd.clone(), blocks));
+    stats.pages_kept = engine
+        .adopt_resident_pages()
+        .map_err(|source| RestoreError::Io {
+            context: "reading which guest pages the RAM files hold".into(),
+            source,
+        })?;
+    // Threads whose fault messages died with the old thaw wait on pages
+    // that may be resident by now: wake them all; a missing page faults
+    // again and reaches the new fault thread.
+    for m in &ram {
+        uffd.wake(m.start, m.len)?;
+    }
+    let faults = {
+        let engine = engine.clone();
+        std::thread::Builder::new()
+            .name("thaw-faults".into())
+            .spawn(move || engine.serve_faults(0))
+            .map_err(|source| RestoreError::Io {
+                context: "spawning the fault thread".into(),
+                source,
+            })?
+    };
+    let bar = crate::progress::bytes_bar(
+        image.meta().nonzero_pages * crate::mem::PAGE_SIZE,
+        "recover",
+    );
+    let outcome = async {
+        if stats.guest_was_running {
+            engine.set_resumed();
+        }
+        let filler = {
+            let (engine, bar) = (engine.clone(), bar.clone());
+            std::thread::Builder::new()
+                .name("thaw-fill".into())
+                .spawn(move || {
+                    let t = Instant::now();
+                    (engine.fill(&bar), t.elapsed())
+                })
+                .map_err(|source| RestoreError::Io {
+                    context: "spawning the filler".into(),
+                    source,
+                })?
+        };
+        finish_fill(filler, &engine).await?;
+        unregister(&uffd, &ram, &engine)?;
+        if !stats.guest_was_running {
+            qmp.execute("cont", json!({})).await?;
+        }
+        Ok::<_, RestoreError>(())
+    }
+    .await;
+    engine.request_stop();
+    let _ = faults.join();
+    bar.finish_and_clear();
+    if let Some(msg) = engine.failure() {
+        return Err(RestoreError::Engine(msg));
+    }
+    outcome?;
+    if let Err(e) = uffd.close_remote() {
+        log::warn!("could not close the userfaultfd inside QEMU: {e}");
+    }
+    let _ = std::fs::remove_file(&record_path);
+    let c = &engine.counters;
+    use std::sync::atomic::Ordering::Relaxed;
+    stats.faults = c.faults_after_resume.load(Relaxed) + c.faults_before_resume.load(Relaxed);
+    stats.background_pages = c.fill_pages.load(Relaxed);
+    stats.bytes_read = c.bytes_read.load(Relaxed);
+    stats.complete_ms = ms(started.elapsed());
+    Ok(stats)
+}
+
+/// Where a VM's restore stands, from its runtime directory.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RestoreProgress {
+    /// No restore on record.
+    None,
+    /// A thaw process is serving it.
+    Running,
+    /// Its thaw died: `thaw recover` finishes it.
+    Interrupted,
+}
+
+/// Where the restore of the VM at `paths` stands (`thaw status`).
+pub fn progress(paths: &VmPaths) -> RestoreProgress {
+    if !paths.dir.join(RECORD_FILE).exists() {
+        return RestoreProgress::None;
+    }
+    match crate::save::lock_vm(paths) {
+        Ok(_) => RestoreProgress::Interrupted,
+        Err(_) => RestoreProgress::Running,
+    }
+}
