@@ -5,18 +5,18 @@
 #
 # Usage (root): ci/bench-ttr.sh [SCENARIO...]     (default: all of them)
 #   main      2 GiB guest, local disk, every method
-#   paced     the same, thaw's background fill paced to 512 MiB/s
+#   paced     the same, thaw's background fill paced (FILL_LIMIT)
 #   32m       the same guest, storage limited to 32 MB/s
-#   7m        a 1 GiB guest (768 MiB filled), storage limited to 7 MB/s
+#   7m        a 1 GiB guest (768 MiB filled), storage limited to 7 MB/s: stock vs ws
 #   ram       RAM 1, 2, 4, 8 GiB (3/4 filled), 64 MiB hot set: stock vs ws
 #   hot       2 GiB RAM, hot set 16, 64, 256, 512 MiB: stock vs ws
 #   patterns  2 GiB, skewed and phase-change access patterns
-# Environment: RUNS (default 3), FILL_LIMIT for ram/hot (default 512M).
+# Environment: RUNS (default 3), FILL_LIMIT for paced/ram/hot/patterns (default 128M).
 # Output: target/bench/ttr-<scenario>[-<variant>]/{bench.json,bench.md,throughput.svg}
 set -euo pipefail
 cd "$(dirname "$0")/.."
 runs=${RUNS:-3}
-pace=${FILL_LIMIT:-512M}
+pace=${FILL_LIMIT:-128M}
 # shellcheck source=ci/bench-common.sh
 . ci/bench-common.sh
 configs=$out/configs
@@ -59,7 +59,7 @@ for s in "${scenarios[@]}"; do
       --read-limit 32M --no-limits
     ;;
   7m)
-    bench 7m "$(variant tput-1g 1G 768M 64M)" --methods stock,lazy,ws:learned \
+    bench 7m "$(variant tput-1g 1G 768M 64M)" --methods stock,ws:learned \
       --read-limit 7M --no-limits
     ;;
   ram)
