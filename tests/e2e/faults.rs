@@ -97,6 +97,45 @@ fn killed_restore_is_finished_by_recover() {
 }
 
 #[test]
+fn restore_killed_before_the_guest_ran_is_redone_by_recover() {
+    let vm = Vm::boot("recover-paused", &GuestSpec::default());
+    let before = vm.wait_ticks(3);
+    let image = vm.save();
+    // An eager restore keeps the guest paused while it fills RAM.
+    let mut child = vm.thaw_spawn(&[
+        "restore",
+        image.to_str().expect("utf-8"),
+        "--mode",
+        "eager",
+        "--read-limit",
+        SLOW,
+    ]);
+    let deadline = Instant::now() + TIMEOUT;
+    // Wait until QEMU has loaded the device state (paused) mid-fill.
+    while !(vm.runtime_file("restore.json").is_file()
+        && flock_held(&vm.runtime_file("lock"))
+        && status(&vm)["status"] == "paused")
+    {
+        assert!(Instant::now() < deadline, "the restore never got going");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    kill(child.id() as i32);
+    let _ = child.wait();
+    let s = status(&vm);
+    assert_eq!(
+        (s["status"].as_str(), s["restore"].as_str()),
+        (Some("paused"), Some("interrupted")),
+        "{s}"
+    );
+    let out = vm.thaw(&["recover", &vm.name, "--json"]);
+    let stats: Value = serde_json::from_slice(&out.stdout).expect("recover JSON");
+    assert_eq!(stats["guest_was_running"], false, "{stats}");
+    assert_eq!(status(&vm)["status"], "running");
+    vm.assert_continues_after(&before);
+    vm.stop();
+}
+
+#[test]
 fn qemu_killed_during_restore_fails_cleanly() {
     let vm = Vm::boot("qemu-dies", &GuestSpec::default());
     vm.wait_ticks(3);

@@ -38,8 +38,6 @@ const MIGRATION_TIMEOUT: Duration = Duration::from_secs(600);
 /// Share of the warm rate that counts as responsive, and for how long.
 pub const TTR_FRACTION: f64 = 0.9;
 pub const TTR_HOLD_MS: f64 = 1000.0;
-/// Reports the rate is smoothed over (4 × 50 ms).
-pub const TTR_SMOOTH: usize = 4;
 /// Default period of the interactive probe.
 pub const PROBE_PERIOD_MS: u64 = 100;
 
@@ -470,10 +468,10 @@ pub async fn run(opts: &BenchOptions) -> Result<BenchReport, BenchError> {
 /// What TTR means in this report.
 fn ttr_definition() -> String {
     format!(
-        "start of the first throughput interval from which on the guest's rate, smoothed over \
-         {TTR_SMOOTH} reports, stays at least {:.0}% of its steady rate (median once all RAM is \
-         resident; the pre-save warm rate if too few reports) for {TTR_HOLD_MS} ms; from the \
-         restore command's start",
+        "start of the first throughput interval (not before the guest runs) from which the \
+         guest's throughput over the next {TTR_HOLD_MS} ms is at least {:.0}% of its steady \
+         rate (median once all RAM is resident; the pre-save warm rate if too few reports); \
+         from the restore command's start",
         TTR_FRACTION * 100.0
     )
 }
@@ -501,7 +499,7 @@ impl MethodRun {
             steady.unwrap_or(warm),
             TTR_FRACTION,
             TTR_HOLD_MS,
-            TTR_SMOOTH,
+            self.running_ms,
         );
     }
 }

@@ -7,12 +7,14 @@
 //! start of the restore command; its interval is taken to have started
 //! `interval_ms` before that. The reference rate is the restored guest's
 //! steady state: the median of its reports once all RAM is resident (the
-//! pre-save warm rate when there are too few). The rate is judged smoothed over the last `smooth`
-//! reports (4 × 50 ms: one 50 ms hiccup of a shared host does not reset the
-//! clock, a stall of 100 ms or more still does). TTR is the start of the
-//! first interval from which on the smoothed rate stays at least `fraction`
-//! (90 %) of the warm rate for `hold` (1 s). A restore whose rate never
-//! holds that long while watched has no TTR.
+//! pre-save warm rate when there are too few). TTR is the start of the
+//! first interval from which the guest's throughput over the next `hold`
+//! (1 s) of reports, i.e. the work it did in that second, is at least
+//! `fraction` (90 %) of the reference: a guest that stalls for more than
+//! 100 ms of that second, or runs 10 % slow throughout, is not there yet,
+//! while the ±7 % jitter of single 50 ms reports on a shared host does not
+//! move TTR around. It is never before the guest runs. A restore that is
+//! not observed for a full second after that point has no TTR.
 
 use serde::{Deserialize, Serialize};
 
@@ -27,48 +29,33 @@ pub struct Sample {
     pub mib_per_s: f64,
 }
 
-/// The rate of each report averaged (time-weighted) with the `smooth - 1`
-/// reports before it.
-pub fn smoothed(samples: &[Sample], smooth: usize) -> Vec<f64> {
-    let smooth = smooth.max(1);
-    (0..samples.len())
-        .map(|i| {
-            let w = &samples[i.saturating_sub(smooth - 1)..=i];
-            let time: f64 = w.iter().map(|s| s.interval_ms).sum();
-            let work: f64 = w.iter().map(|s| s.mib_per_s * s.interval_ms).sum();
-            if time > 0.0 {
-                work / time
-            } else {
-                0.0
-            }
-        })
-        .collect()
-}
-
-/// The TTR in ms since the restore started, if the guest got there.
+/// The TTR in ms since the restore started, if the guest got there;
+/// `running_ms` is when the guest was resumed.
 pub fn time_to_responsiveness(
     samples: &[Sample],
-    warm: f64,
+    reference: f64,
     fraction: f64,
     hold_ms: f64,
-    smooth: usize,
+    running_ms: f64,
 ) -> Option<f64> {
-    let rates = smoothed(samples, smooth);
-    let good = |i: usize| rates[i] >= fraction * warm;
     let last = samples.last()?;
     for (i, s) in samples.iter().enumerate() {
-        if !good(i) {
-            continue;
-        }
-        let start = (s.at_ms - s.interval_ms).max(0.0);
+        let start = (s.at_ms - s.interval_ms).max(running_ms).max(0.0);
         if last.at_ms < start + hold_ms {
             // Not observed for long enough: later candidates are even later.
             return None;
         }
-        let held = (i..samples.len())
-            .take_while(|&j| samples[j].at_ms - samples[j].interval_ms < start + hold_ms)
-            .all(good);
-        if held {
+        // Work over the next `hold_ms` of reports.
+        let (mut work, mut time) = (0.0, 0.0);
+        for r in &samples[i..] {
+            if time >= hold_ms {
+                break;
+            }
+            let d = r.interval_ms.min(hold_ms - time);
+            work += r.mib_per_s * d;
+            time += d;
+        }
+        if time > 0.0 && work / time >= fraction * reference {
             return Some(start);
         }
     }
@@ -107,46 +94,56 @@ mod tests {
     }
 
     #[test]
-    fn ttr_is_the_start_of_the_first_interval_that_holds() {
+    fn ttr_is_where_the_next_second_holds_the_rate() {
         // Slow, a good blip, slow again, then good for good.
         let mut rates = vec![10.0, 10.0, 95.0, 20.0, 50.0];
         rates.extend(std::iter::repeat(92.0).take(30));
         let s = series(&rates);
-        // The sixth report (index 5) arrives at 400 ms and covers 350..400.
+        // From report 4 (300..350 ms) on, the next second averages
+        // (50 + 19 * 92) / 20 = 89.9: short. From report 5 (350..400): 92.
         assert_eq!(
-            time_to_responsiveness(&s, 100.0, 0.9, 1000.0, 1),
+            time_to_responsiveness(&s, 100.0, 0.9, 1000.0, 0.0),
             Some(350.0)
+        );
+        // Never before the guest runs.
+        assert_eq!(
+            time_to_responsiveness(&s, 100.0, 0.9, 1000.0, 500.0),
+            Some(500.0)
         );
     }
 
     #[test]
-    fn one_short_dip_does_not_reset_the_clock_when_smoothed() {
-        let mut rates = vec![10.0];
-        rates.extend(std::iter::repeat(100.0).take(10));
-        rates.push(70.0);
-        rates.extend(std::iter::repeat(100.0).take(30));
-        let s = series(&rates);
-        // Unsmoothed, the dip restarts the clock after it (report 12 covers
-        // 700..750 ms); smoothed over 4 reports it is absorbed, but the slow
-        // first report keeps the average low until it leaves the window
-        // (report 4 covers 300..350 ms).
+    fn jitter_is_absorbed_but_a_stall_is_not() {
+        // ±7 % jitter around 100: responsive from the first report.
+        let jitter: Vec<f64> = (0..40)
+            .map(|i| if i % 2 == 0 { 93.0 } else { 107.0 })
+            .collect();
         assert_eq!(
-            time_to_responsiveness(&s, 100.0, 0.9, 1000.0, 1),
-            Some(700.0)
+            time_to_responsiveness(&series(&jitter), 100.0, 0.9, 1000.0, 0.0),
+            Some(100.0)
         );
+        // A 150 ms stall (three reports at 0, covering 300..450 ms): every
+        // second that holds all of it is at 85 %; the one from 350 ms on
+        // holds 100 ms of it and makes 90 %.
+        let mut stall = vec![100.0; 4];
+        stall.extend([0.0, 0.0, 0.0]);
+        stall.extend(vec![100.0; 30]);
         assert_eq!(
-            time_to_responsiveness(&s, 100.0, 0.9, 1000.0, 4),
-            Some(300.0)
+            time_to_responsiveness(&series(&stall), 100.0, 0.9, 1000.0, 0.0),
+            Some(350.0)
         );
     }
 
     #[test]
     fn no_ttr_without_a_full_second_observed_or_ever_reaching_the_rate() {
         let short = series(&[95.0; 10]);
-        assert_eq!(time_to_responsiveness(&short, 100.0, 0.9, 1000.0, 4), None);
+        assert_eq!(
+            time_to_responsiveness(&short, 100.0, 0.9, 1000.0, 0.0),
+            None
+        );
         let slow = series(&[50.0; 100]);
-        assert_eq!(time_to_responsiveness(&slow, 100.0, 0.9, 1000.0, 4), None);
-        assert_eq!(time_to_responsiveness(&[], 100.0, 0.9, 1000.0, 4), None);
+        assert_eq!(time_to_responsiveness(&slow, 100.0, 0.9, 1000.0, 0.0), None);
+        assert_eq!(time_to_responsiveness(&[], 100.0, 0.9, 1000.0, 0.0), None);
     }
 
     #[test]

@@ -355,6 +355,9 @@ impl Engine {
     pub fn prefetch(&self, ws: &WsFile, observe: bool) -> Result<u64, EngineError> {
         let mut installed = 0u64;
         ws.stream(self.image.throttle(), |pages, data| {
+            self.counters
+                .bytes_read
+                .fetch_add(data.len() as u64, Ordering::Relaxed);
             let mut i = 0;
             while i < pages.len() {
                 // A run of adjacent pages in one block, none resident yet.

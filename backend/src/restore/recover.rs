@@ -13,8 +13,10 @@
 //!   messages died with the old thaw are raised again; then faults are
 //!   served and the rest is filled, as in a lazy restore;
 //! - guest never resumed (thaw died while prefetching or in an eager fill):
-//!   the guest has not run since its device state was loaded, so the RAM
-//!   files are emptied and the restore is redone from there;
+//!   the rest is filled and then the guest resumed; after a `ws` restore
+//!   the RAM files are emptied first (the prefetcher writes into the page
+//!   cache, a kill can leave a page half written), which is safe since the
+//!   guest has not run since its device state was loaded;
 //! - QEMU still loading the device state: that stream died with thaw, so
 //!   QEMU is stopped and the image must be restored again (nothing of the
 //!   image is lost).
@@ -169,10 +171,12 @@ pub async fn recover(name: &str) -> Result<RecoverStats, RestoreError> {
     check_layout(&image.meta().layout, &state.layout)?;
     let ram = qemu::find_ram(state.qemu_pid, &paths, &state.layout)?;
     let blocks = block_maps(&ram, &state.layout)?;
-    if !stats.guest_was_running {
-        // Nothing has run since the device state was loaded: whatever the
-        // dead thaw left (perhaps a page half written into the page cache
-        // by the prefetcher) goes, and every page comes from the image again.
+    if !stats.guest_was_running && record.mode == Mode::Ws {
+        // The working-set prefetch writes into the page cache, which a kill
+        // can interrupt mid-page. Nothing has run since the device state
+        // was loaded: what the dead thaw left goes, every page comes from
+        // the image again. (Eager and lazy restores install whole pages
+        // with UFFDIO_COPY only: those are kept.)
         drop_early_pages(&ram, &blocks)?;
     }
     let engine = Arc::new(Engine::new(image.clone(), uffd.clone(), blocks));
