@@ -155,10 +155,7 @@ fn qemu_killed_during_restore_fails_cleanly() {
     // No stray process, no runtime or RAM files left behind.
     assert!(!vm.runtime_file("vm.json").exists());
     assert!(!vm.runtime_file("restore.json").exists());
-    let shm = std::env::var_os("THAW_SHM_DIR")
-        .map(std::path::PathBuf::from)
-        .unwrap_or_else(|| "/dev/shm/thaw".into())
-        .join(&vm.name);
+    let shm = vm.shm_dir();
     assert!(!shm.exists(), "{} left behind", shm.display());
     let list: Value =
         serde_json::from_slice(&vm.thaw(&["list", "--json"]).stdout).expect("list JSON");
@@ -370,10 +367,7 @@ fn qemu_killed_during_save_fails_cleanly() {
         .collect();
     assert!(partials.is_empty(), "{partials:?}");
     assert!(!vm.runtime_file("vm.json").exists());
-    let shm = std::env::var_os("THAW_SHM_DIR")
-        .map(std::path::PathBuf::from)
-        .unwrap_or_else(|| "/dev/shm/thaw".into())
-        .join(&vm.name);
+    let shm = vm.shm_dir();
     assert!(!shm.exists(), "{} left behind", shm.display());
 }
 

@@ -400,6 +400,15 @@ impl Vm {
         self.thaw(&["stop", &self.name]);
     }
 
+    /// Where thaw creates this VM's RAM files (`$THAW_SHM_DIR` or
+    /// `/dev/shm/thaw`, then the name).
+    pub fn shm_dir(&self) -> PathBuf {
+        std::env::var_os("THAW_SHM_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| "/dev/shm/thaw".into())
+            .join(&self.name)
+    }
+
     /// A file in this VM's runtime directory.
     pub fn runtime_file(&self, file: &str) -> PathBuf {
         self.runtime.join(&self.name).join(file)

@@ -15,13 +15,6 @@ fn mode(path: &Path) -> u32 {
         & 0o777
 }
 
-fn shm_dir(name: &str) -> PathBuf {
-    std::env::var_os("THAW_SHM_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| "/dev/shm/thaw".into())
-        .join(name)
-}
-
 #[test]
 fn files_are_private_and_planted_symlinks_are_refused() {
     let vm = Vm::boot("secrets", &GuestSpec::default());
@@ -46,14 +39,14 @@ fn files_are_private_and_planted_symlinks_are_refused() {
     assert_eq!(mode(&vm.dir.join("console.log")), 0o600, "console log");
     // The RAM files (created 0600 in a 0700 directory, both removed once
     // QEMU holds the files: found through its fds).
-    assert!(!shm_dir(&vm.name).exists(), "RAM files left in the open");
+    assert!(!vm.shm_dir().exists(), "RAM files left in the open");
     let pid = std::fs::read_to_string(vm.runtime_file("qemu.pid")).expect("pid");
     let fds = PathBuf::from(format!("/proc/{}/fd", pid.trim()));
     let ram: Vec<PathBuf> = std::fs::read_dir(&fds)
         .expect("QEMU's fds")
         .flatten()
         .map(|e| e.path())
-        .filter(|p| std::fs::read_link(p).is_ok_and(|t| t.starts_with(shm_dir(&vm.name))))
+        .filter(|p| std::fs::read_link(p).is_ok_and(|t| t.starts_with(vm.shm_dir())))
         .collect();
     assert!(!ram.is_empty(), "no RAM file among QEMU's fds");
     for f in &ram {
@@ -86,7 +79,7 @@ fn files_are_private_and_planted_symlinks_are_refused() {
 
     // A symlink planted where the restore would create guest RAM (or the
     // runtime directory) is refused before QEMU starts.
-    for planted in [shm_dir(&vm.name), runtime] {
+    for planted in [vm.shm_dir(), runtime] {
         let target = vm.dir.join("planted-target");
         std::fs::create_dir_all(&target).expect("mkdir");
         let _ = std::fs::remove_dir_all(&planted);

@@ -246,14 +246,7 @@ fn ensure_root_dir(path: &Path) -> Result<(), QemuError> {
             });
         }
     }
-    if !path.is_dir() {
-        DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(path)
-            .map_err(fs_err("cannot create directory", path))?;
-    }
-    Ok(())
+    ensure_dir(path)
 }
 
 /// Creates `path` (and its parents, 0700) if it does not exist.

@@ -444,30 +444,8 @@ async fn run(
     let engine =
         Arc::new(Engine::new(image.clone(), uffd.clone(), blocks).with_fill_limit(opts.fill_limit));
     let log_capacity = (meta.total_pages as usize).min(1 << 22);
-    let faults = {
-        let engine = engine.clone();
-        std::thread::Builder::new()
-            .name("thaw-faults".into())
-            .spawn(move || engine.serve_faults(log_capacity))
-            .map_err(|source| RestoreError::Io {
-                context: "spawning the fault thread".into(),
-                source,
-            })?
-    };
+    let faults = spawn_fault_thread(engine.clone(), log_capacity)?;
     let bar = crate::progress::bytes_bar(meta.nonzero_pages * PAGE_SIZE, "restore");
-    let spawn_filler = |engine: Arc<Engine>, bar: indicatif::ProgressBar| {
-        std::thread::Builder::new()
-            .name("thaw-fill".into())
-            .spawn(move || {
-                let t = Instant::now();
-                let r = engine.fill(&bar);
-                (r, t.elapsed())
-            })
-            .map_err(|source| RestoreError::Io {
-                context: "spawning the filler".into(),
-                source,
-            })
-    };
     let learn = opts.learn.filter(|_| with_minor);
     let observed = with_minor && (learn.is_some() || opts.observe);
 
@@ -781,10 +759,40 @@ async fn load_device_state(qmp: &mut qemu::Qmp, data: Vec<u8>) -> Result<f64, Re
 
 /// Waits for the filler, checks it installed every non-zero page; returns
 /// how long it ran.
-async fn finish_fill(
-    filler: std::thread::JoinHandle<(Result<(), engine::EngineError>, Duration)>,
-    engine: &Engine,
-) -> Result<Duration, RestoreError> {
+/// Starts the thread that serves guest page faults (see
+/// [`Engine::serve_faults`]).
+fn spawn_fault_thread(
+    engine: Arc<Engine>,
+    log_capacity: usize,
+) -> Result<std::thread::JoinHandle<FaultLog>, RestoreError> {
+    std::thread::Builder::new()
+        .name("thaw-faults".into())
+        .spawn(move || engine.serve_faults(log_capacity))
+        .map_err(|source| RestoreError::Io {
+            context: "spawning the fault thread".into(),
+            source,
+        })
+}
+
+/// The background filler's thread: its result and run time.
+type Filler = std::thread::JoinHandle<(Result<(), engine::EngineError>, Duration)>;
+
+/// Starts the background filler.
+fn spawn_filler(engine: Arc<Engine>, bar: indicatif::ProgressBar) -> Result<Filler, RestoreError> {
+    std::thread::Builder::new()
+        .name("thaw-fill".into())
+        .spawn(move || {
+            let t = Instant::now();
+            let r = engine.fill(&bar);
+            (r, t.elapsed())
+        })
+        .map_err(|source| RestoreError::Io {
+            context: "spawning the filler".into(),
+            source,
+        })
+}
+
+async fn finish_fill(filler: Filler, engine: &Engine) -> Result<Duration, RestoreError> {
     wait_thread(&filler, engine).await?;
     let (result, took) = filler
         .join()

@@ -30,8 +30,8 @@ use serde_json::json;
 
 use super::engine::Engine;
 use super::{
-    block_maps, check_layout, drop_early_pages, finish_fill, ms, unregister, Mode, RecoveryRecord,
-    RestoreError, RECORD_FILE,
+    block_maps, check_layout, drop_early_pages, finish_fill, ms, spawn_fault_thread, spawn_filler,
+    unregister, Mode, RecoveryRecord, RestoreError, RECORD_FILE,
 };
 use crate::image::Image;
 use crate::qemu::{self, Qmp, VmPaths, VmState};
@@ -192,16 +192,7 @@ pub async fn recover(name: &str) -> Result<RecoverStats, RestoreError> {
     for m in &ram {
         uffd.wake(m.start, m.len)?;
     }
-    let faults = {
-        let engine = engine.clone();
-        std::thread::Builder::new()
-            .name("thaw-faults".into())
-            .spawn(move || engine.serve_faults(0))
-            .map_err(|source| RestoreError::Io {
-                context: "spawning the fault thread".into(),
-                source,
-            })?
-    };
+    let faults = spawn_fault_thread(engine.clone(), 0)?;
     let bar = crate::progress::bytes_bar(
         image.meta().nonzero_pages * crate::mem::PAGE_SIZE,
         "recover",
@@ -210,19 +201,7 @@ pub async fn recover(name: &str) -> Result<RecoverStats, RestoreError> {
         if stats.guest_was_running {
             engine.set_resumed();
         }
-        let filler = {
-            let (engine, bar) = (engine.clone(), bar.clone());
-            std::thread::Builder::new()
-                .name("thaw-fill".into())
-                .spawn(move || {
-                    let t = Instant::now();
-                    (engine.fill(&bar), t.elapsed())
-                })
-                .map_err(|source| RestoreError::Io {
-                    context: "spawning the filler".into(),
-                    source,
-                })?
-        };
+        let filler = spawn_filler(engine.clone(), bar.clone())?;
         finish_fill(filler, &engine).await?;
         unregister(&uffd, &ram, &engine)?;
         if !stats.guest_was_running {
