@@ -8,7 +8,7 @@ command -v cargo >/dev/null 2>&1 || . "$HOME/.cargo/env"
 
 bash ci/setup-host.sh
 bash tests/guest/build.sh
-cargo build --release -p thaw
+cargo build --release -p thaw-cli
 thaw=target/release/thaw
 image=/var/lib/thaw/demo.img
 console=/var/lib/thaw/demo/console.log

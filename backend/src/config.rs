@@ -124,7 +124,7 @@ fn default_numa_nodes() -> u32 {
 }
 
 /// A VM as the user describes it. thaw adds the RAM backends, QMP socket,
-/// pid file and serial chardev itself (see [`crate::qemu`]).
+/// pid file and serial chardev itself (see [`crate::vmm`]).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct VmConfig {

@@ -1,26 +1,23 @@
 //! thaw: save QEMU VMs and restore them lazily through userfaultfd, so a
 //! restored guest runs again at once while its RAM streams in behind it.
 //!
-//! The modules follow the data's path: [`config`] (YAML → typed VM config) →
-//! [`qemu`] (command line, launch, QMP, RAM discovery) → [`inject`] (ptrace
-//! syscall injection) → [`uffd`] (userfaultfd takeover and typed ioctls) →
-//! [`image`] (on-disk format, writer, verifying reader) → [`save`] /
-//! [`restore`] (orchestration and the restore engine). [`limits`] measures
-//! the machine's physical limits the restore path runs into.
+//! The modules follow the data's path: [`config`] (YAML → typed VM config)
+//! → [`vmm`] (QEMU command line, launch, QMP, RAM discovery) → [`remote`]
+//! (the QEMU process from outside: syscall injection, its userfaultfd) →
+//! [`image`] (on-disk format, writer, verifying reader) → [`engine`] (every
+//! page install: faults, fetches, prefetch, fill, discards) → [`observe`]
+//! (watching a running guest's memory) → [`wss`] (working sets) → [`ops`]
+//! (save, restore, recover, checkpoint, track: orchestration only).
+//! [`mem`] holds the vocabulary they share. The command line and the
+//! benchmark tooling live in the `thaw` binary on top of this library.
 
-pub mod bench;
-pub mod checkpoint;
 pub mod config;
-pub mod dirty;
+pub mod engine;
 pub mod image;
-pub mod inject;
-pub mod limits;
 pub mod mem;
+pub mod observe;
+pub mod ops;
 pub mod progress;
-pub mod qemu;
-pub mod restore;
-pub mod save;
-pub mod throttle;
-pub mod track;
-pub mod uffd;
+pub mod remote;
+pub mod vmm;
 pub mod wss;

@@ -1,22 +1,55 @@
-//! Progress display for long operations: a byte-count bar on a terminal,
-//! nothing at all otherwise (pipes, CI logs, `--json`).
+//! How long operations (saves, fills) report how far they got: a small
+//! trait the caller implements (the command line draws a bar); the library
+//! itself never draws anything.
 
-use std::io::IsTerminal;
+use std::sync::Arc;
 
-use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+/// Receives byte counts from a long operation.
+pub trait Progress: Send + Sync {
+    /// The operation `what` starts and will move `total` bytes.
+    fn start(&self, what: &str, total: u64);
+    /// `bytes` more were moved.
+    fn advance(&self, bytes: u64);
+    /// The operation ended (done or failed).
+    fn finish(&self);
+}
 
-/// A bar over `total` bytes labelled `what`; hidden unless stderr is a terminal.
-pub fn bytes_bar(total: u64, what: &str) -> ProgressBar {
-    let bar = ProgressBar::with_draw_target(Some(total), ProgressDrawTarget::stderr());
-    if !std::io::stderr().is_terminal() {
-        bar.set_draw_target(ProgressDrawTarget::hidden());
+/// Reports nowhere.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Silent;
+
+impl Progress for Silent {
+    fn start(&self, _what: &str, _total: u64) {}
+    fn advance(&self, _bytes: u64) {}
+    fn finish(&self) {}
+}
+
+/// A shared progress receiver; the default reports nowhere.
+#[derive(Clone)]
+pub struct SharedProgress(pub Arc<dyn Progress>);
+
+impl SharedProgress {
+    /// Shares `p`.
+    pub fn new(p: impl Progress + 'static) -> SharedProgress {
+        SharedProgress(Arc::new(p))
     }
-    let style = ProgressStyle::with_template(
-        "{msg:>10} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} {eta}",
-    )
-    .map(|s| s.progress_chars("=> "))
-    .unwrap_or_else(|_| ProgressStyle::default_bar());
-    bar.set_style(style);
-    bar.set_message(what.to_string());
-    bar
+}
+
+impl Default for SharedProgress {
+    fn default() -> Self {
+        SharedProgress(Arc::new(Silent))
+    }
+}
+
+impl std::fmt::Debug for SharedProgress {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SharedProgress")
+    }
+}
+
+impl std::ops::Deref for SharedProgress {
+    type Target = dyn Progress;
+    fn deref(&self) -> &Self::Target {
+        self.0.as_ref()
+    }
 }

@@ -539,7 +539,7 @@ pub struct Image {
     reverse: Vec<u64>,
     pages: File,
     pages_path: PathBuf,
-    throttle: Option<std::sync::Arc<crate::throttle::Throttle>>,
+    throttle: Option<std::sync::Arc<crate::image::throttle::Throttle>>,
 }
 
 impl Image {
@@ -636,13 +636,13 @@ impl Image {
     /// Limits all reads of this image's pages (and of working sets streamed
     /// with [`Image::throttle`]) to `bytes_per_sec`.
     pub fn set_read_limit(&mut self, bytes_per_sec: u64) {
-        self.throttle = Some(std::sync::Arc::new(crate::throttle::Throttle::new(
+        self.throttle = Some(std::sync::Arc::new(crate::image::throttle::Throttle::new(
             bytes_per_sec,
         )));
     }
 
     /// The read limit, if one is set.
-    pub fn throttle(&self) -> Option<&crate::throttle::Throttle> {
+    pub fn throttle(&self) -> Option<&crate::image::throttle::Throttle> {
         self.throttle.as_deref()
     }
 
@@ -838,3 +838,4 @@ impl std::fmt::Display for InspectReport {
 
 #[cfg(test)]
 pub(crate) mod tests;
+pub mod throttle;

@@ -50,7 +50,7 @@ pub const LEARNED_DROP_AFTER: u32 = 3;
 const READ_BYTES: u64 = 4 << 20;
 
 /// Where a working set came from.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Estimator {
     /// Recorded by earlier restores (first touches), refined on each.
@@ -389,7 +389,7 @@ impl WsFile {
     /// non-zero entries and their contents. Zero entries are skipped.
     pub fn stream(
         &self,
-        limit: Option<&crate::throttle::Throttle>,
+        limit: Option<&crate::image::throttle::Throttle>,
         mut install: impl FnMut(&[PageIndex], &[u8]) -> Result<(), WsError>,
     ) -> Result<u64, WsError> {
         let chunk_bytes = WS_CHUNK_PAGES * PAGE_SIZE;

@@ -15,9 +15,6 @@
 //! the image's `learned` working set with them. Returns when RAM is resident
 //! and the window closed, leaving a normal thaw VM running.
 
-pub mod engine;
-pub mod recover;
-
 use std::fs::File;
 use std::io::Write;
 use std::os::fd::AsFd;
@@ -29,12 +26,12 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
+use crate::engine::{BlockMap, Engine, FaultLog};
 use crate::image::Image;
 use crate::mem::{PageIndex, RamLayout, PAGE_SIZE};
-use crate::qemu::{self, Launched, RamMapping};
-use crate::uffd;
+use crate::remote::uffd;
+use crate::vmm::{self, Launched, RamMapping};
 use crate::wss::{self, Estimator, WorkingSet, WsFile};
-use engine::{BlockMap, Engine, FaultLog};
 
 /// How long QEMU may take to load the device state.
 const DEVICE_LOAD_TIMEOUT: Duration = Duration::from_secs(300);
@@ -42,7 +39,7 @@ const DEVICE_LOAD_TIMEOUT: Duration = Duration::from_secs(300);
 const WINDOW_TICK: Duration = Duration::from_millis(50);
 
 /// How RAM is brought back.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Mode {
     /// Install every non-zero page, then resume the guest.
@@ -54,7 +51,7 @@ pub enum Mode {
 }
 
 /// Which working set a `ws` restore prefetches.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum EstimatorChoice {
     /// The best the image has: learned, trace, abit, dirty.
@@ -117,6 +114,8 @@ pub struct RestoreOptions {
     /// guest runs, leaving it more of the machine (faults and prefetch are
     /// not limited).
     pub fill_limit: Option<u64>,
+    /// Where the fill reports its progress.
+    pub progress: crate::progress::SharedProgress,
 }
 
 /// Errors restoring a VM.
@@ -127,13 +126,13 @@ pub enum RestoreError {
     #[error(transparent)]
     Ws(#[from] wss::WsError),
     #[error(transparent)]
-    Qemu(#[from] qemu::QemuError),
+    Qemu(#[from] vmm::QemuError),
     #[error(transparent)]
-    Qmp(#[from] qemu::QmpError),
+    Qmp(#[from] vmm::QmpError),
     #[error(transparent)]
     Uffd(#[from] uffd::UffdError),
     #[error(transparent)]
-    Inject(#[from] crate::inject::InjectError),
+    Inject(#[from] crate::remote::inject::InjectError),
     #[error("the image's RAM layout {saved} does not match what QEMU created: {actual}")]
     LayoutMismatch { saved: String, actual: String },
     #[error("the image has no {0} working set (see `thaw inspect`); use --estimator auto or another one")]
@@ -296,14 +295,14 @@ pub const RECORD_FILE: &str = "restore.json";
 /// QEMU's userfaultfd again (`pidfd_getfd`) if this one dies
 /// ([`recover`]).
 #[derive(Serialize, Deserialize)]
-struct RecoveryRecord {
-    image: PathBuf,
-    qemu_pid: i32,
-    uffd_fd_in_qemu: i32,
-    mode: Mode,
+pub(crate) struct RecoveryRecord {
+    pub(crate) image: PathBuf,
+    pub(crate) qemu_pid: i32,
+    pub(crate) uffd_fd_in_qemu: i32,
+    pub(crate) mode: Mode,
 }
 
-fn ms(d: Duration) -> f64 {
+pub(crate) fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
 
@@ -350,18 +349,18 @@ pub async fn restore(path: &Path, opts: &RestoreOptions) -> Result<RestoreStats,
             cfg.serial = Some(serial.with_file_name(format!("{name}-{file}")));
         }
     }
-    let launched = qemu::launch(&cfg, &meta.accel, true).await?;
+    let launched = vmm::launch(&cfg, &meta.accel, true).await?;
     let launch_ms = ms(started.elapsed());
     let pid = launched.state.qemu_pid;
     let (paths, state) = (launched.paths.clone(), launched.state.clone());
     match run(launched, image, device_state, ws, opts, started, launch_ms).await {
         Ok(stats) => Ok(stats),
         Err(e) => {
-            let gone = !qemu::process_alive(pid);
+            let gone = !vmm::process_alive(pid);
             if !gone {
                 log::error!("restore failed; stopping QEMU (pid {pid})");
             }
-            let _ = qemu::stop(&paths, &state, true).await;
+            let _ = vmm::stop(&paths, &state, true).await;
             if gone {
                 return Err(RestoreError::QemuExited {
                     pid,
@@ -406,9 +405,9 @@ async fn run(
     check_layout(&meta.layout, &state.layout)?;
     // Held until the restore is over: `thaw recover` takes it only from a
     // dead restore, a concurrent `thaw save` is refused.
-    let _lock = crate::save::lock_vm(&paths)
+    let _lock = crate::ops::save::lock_vm(&paths)
         .map_err(|_| RestoreError::StillServed(state.config.name.clone()))?;
-    let ram = qemu::find_ram(state.qemu_pid, &paths, &state.layout)?;
+    let ram = vmm::find_ram(state.qemu_pid, &paths, &state.layout)?;
     let qemu_pid = nix::unistd::Pid::from_raw(state.qemu_pid);
 
     // Take over QEMU's userfaultfd and register all guest RAM before
@@ -445,7 +444,8 @@ async fn run(
         Arc::new(Engine::new(image.clone(), uffd.clone(), blocks).with_fill_limit(opts.fill_limit));
     let log_capacity = (meta.total_pages as usize).min(1 << 22);
     let faults = spawn_fault_thread(engine.clone(), log_capacity)?;
-    let bar = crate::progress::bytes_bar(meta.nonzero_pages * PAGE_SIZE, "restore");
+    let bar = opts.progress.clone();
+    bar.start("restore", meta.nonzero_pages * PAGE_SIZE);
     let learn = opts.learn.filter(|_| with_minor);
     let observed = with_minor && (learn.is_some() || opts.observe);
 
@@ -491,7 +491,7 @@ async fn run(
             fill_time = finish_fill(f, &engine).await?;
             complete_ms = ms(started.elapsed());
             unused = engine.unused_prefetched();
-            bar.finish_and_clear();
+            bar.finish();
             if let Some(w) = learn {
                 engine.begin_window();
                 window_ms = tracking_window(qemu_pid, &ram, &engine, w).await?;
@@ -512,7 +512,7 @@ async fn run(
     .await;
     engine.request_stop();
     let log = faults.join().unwrap_or_default();
-    bar.finish_and_clear();
+    bar.finish();
     if let Some(msg) = engine.failure() {
         return Err(RestoreError::Engine(msg));
     }
@@ -585,7 +585,7 @@ pub async fn tracking_window(
 /// page cache), so the next touch of every page faults once more.
 pub fn zap(qemu: nix::unistd::Pid, ram: &[RamMapping]) -> Result<(), RestoreError> {
     for m in ram {
-        crate::inject::madvise_dontneed(qemu, m.start, m.len)?;
+        crate::remote::inject::madvise_dontneed(qemu, m.start, m.len)?;
     }
     Ok(())
 }
@@ -665,7 +665,7 @@ pub fn block_maps(ram: &[RamMapping], layout: &RamLayout) -> Result<Vec<BlockMap
 }
 
 /// Compares saved and launched layouts block by block.
-fn check_layout(saved: &RamLayout, actual: &RamLayout) -> Result<(), RestoreError> {
+pub(crate) fn check_layout(saved: &RamLayout, actual: &RamLayout) -> Result<(), RestoreError> {
     if saved != actual {
         let show = |l: &RamLayout| {
             l.blocks
@@ -686,11 +686,14 @@ fn check_layout(saved: &RamLayout, actual: &RamLayout) -> Result<(), RestoreErro
 /// shadow the saved ones (no fault would ever be raised for them). A normal
 /// incoming migration overwrites all RAM, so dropping them is what QEMU
 /// itself would end up with.
-fn drop_early_pages(ram: &[RamMapping], blocks: &[BlockMap]) -> Result<(), RestoreError> {
+pub(crate) fn drop_early_pages(
+    ram: &[RamMapping],
+    blocks: &[BlockMap],
+) -> Result<(), RestoreError> {
     for (m, b) in ram.iter().zip(blocks) {
         let file = &b.file;
         let extents =
-            crate::save::data_extents(file, m.len).map_err(|source| RestoreError::Io {
+            crate::ops::save::data_extents(file, m.len).map_err(|source| RestoreError::Io {
                 context: format!("scanning {}", m.fd_path.display()),
                 source,
             })?;
@@ -721,14 +724,14 @@ fn write_record(path: &Path, record: &RecoveryRecord) -> Result<(), RestoreError
         source,
     };
     let _ = std::fs::remove_file(path);
-    let mut f = qemu::create_private(path)?;
+    let mut f = vmm::create_private(path)?;
     let text = serde_json::to_vec_pretty(record).map_err(|e| io(std::io::Error::other(e)))?;
     f.write_all(&text).map_err(io)
 }
 
 /// Feeds the verified device state to QEMU through a pipe and waits until
 /// QEMU has loaded it. Returns the load time in ms.
-async fn load_device_state(qmp: &mut qemu::Qmp, data: Vec<u8>) -> Result<f64, RestoreError> {
+async fn load_device_state(qmp: &mut vmm::Qmp, data: Vec<u8>) -> Result<f64, RestoreError> {
     let io = |context: &str| {
         let context = context.to_string();
         move |source| RestoreError::Io { context, source }
@@ -761,7 +764,7 @@ async fn load_device_state(qmp: &mut qemu::Qmp, data: Vec<u8>) -> Result<f64, Re
 /// how long it ran.
 /// Starts the thread that serves guest page faults (see
 /// [`Engine::serve_faults`]).
-fn spawn_fault_thread(
+pub(crate) fn spawn_fault_thread(
     engine: Arc<Engine>,
     log_capacity: usize,
 ) -> Result<std::thread::JoinHandle<FaultLog>, RestoreError> {
@@ -775,15 +778,18 @@ fn spawn_fault_thread(
 }
 
 /// The background filler's thread: its result and run time.
-type Filler = std::thread::JoinHandle<(Result<(), engine::EngineError>, Duration)>;
+type Filler = std::thread::JoinHandle<(Result<(), crate::engine::EngineError>, Duration)>;
 
 /// Starts the background filler.
-fn spawn_filler(engine: Arc<Engine>, bar: indicatif::ProgressBar) -> Result<Filler, RestoreError> {
+pub(crate) fn spawn_filler(
+    engine: Arc<Engine>,
+    bar: crate::progress::SharedProgress,
+) -> Result<Filler, RestoreError> {
     std::thread::Builder::new()
         .name("thaw-fill".into())
         .spawn(move || {
             let t = Instant::now();
-            let r = engine.fill(&bar);
+            let r = engine.fill(&*bar);
             (r, t.elapsed())
         })
         .map_err(|source| RestoreError::Io {
@@ -792,7 +798,7 @@ fn spawn_filler(engine: Arc<Engine>, bar: indicatif::ProgressBar) -> Result<Fill
         })
 }
 
-async fn finish_fill(filler: Filler, engine: &Engine) -> Result<Duration, RestoreError> {
+pub(crate) async fn finish_fill(filler: Filler, engine: &Engine) -> Result<Duration, RestoreError> {
     wait_thread(&filler, engine).await?;
     let (result, took) = filler
         .join()
@@ -809,7 +815,7 @@ async fn finish_fill(filler: Filler, engine: &Engine) -> Result<Duration, Restor
 
 /// Ends userfaultfd handling of guest RAM. Only once every non-zero page is
 /// resident: the holes left then read as the zero pages they are.
-fn unregister(
+pub(crate) fn unregister(
     uffd: &uffd::RemoteUffd,
     ram: &[RamMapping],
     engine: &Engine,

@@ -1,6 +1,6 @@
 //! `thaw track`: keeps a working-set estimate of a running VM from outside
 //! QEMU, by access-bit style scanning (`abit`, VEE 2011) or by write
-//! tracking (`dirty`, see [`crate::dirty`]).
+//! tracking (`dirty`, see [`crate::observe::dirty`]).
 //!
 //! `abit`: every interval thaw zaps QEMU's page-table entries for guest RAM (an
 //! injected `madvise(MADV_DONTNEED)`: for a shared file mapping the data
@@ -21,16 +21,16 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 
 use crate::mem::{PageIndex, PAGE_SIZE};
-use crate::qemu::{self, RamMapping, VmState};
+use crate::vmm::{self, RamMapping, VmState};
 use crate::wss::{self, Estimator};
 
 /// Errors while tracking.
 #[derive(Debug, thiserror::Error)]
 pub enum TrackError {
     #[error(transparent)]
-    Qemu(#[from] qemu::QemuError),
+    Qemu(#[from] vmm::QemuError),
     #[error(transparent)]
-    Inject(#[from] crate::inject::InjectError),
+    Inject(#[from] crate::remote::inject::InjectError),
     #[error(transparent)]
     Ws(#[from] wss::WsError),
     #[error("reading {path}: {source}")]
@@ -39,7 +39,7 @@ pub enum TrackError {
         source: std::io::Error,
     },
     #[error(transparent)]
-    Dirty(#[from] crate::dirty::DirtyError),
+    Dirty(#[from] crate::observe::dirty::DirtyError),
     #[error("--interval-ms and --keep must be at least 1")]
     BadOptions,
     #[error("thaw track keeps abit or dirty estimates, not {0}")]
@@ -175,7 +175,7 @@ pub async fn track(
         return Err(TrackError::BadOptions);
     }
     let (paths, state) = VmState::load(name)?;
-    let ram = qemu::find_ram(state.qemu_pid, &paths, &state.layout)?;
+    let ram = vmm::find_ram(state.qemu_pid, &paths, &state.layout)?;
     let ram: Vec<(RamMapping, u64)> = ram
         .into_iter()
         .zip(&state.layout.blocks)
@@ -202,15 +202,15 @@ pub async fn track(
     tokio::pin!(stop);
     let zap = |ram: &[(RamMapping, u64)]| -> Result<(), TrackError> {
         for (m, _) in ram {
-            crate::inject::madvise_dontneed(pid, m.start, m.len)?;
+            crate::remote::inject::madvise_dontneed(pid, m.start, m.len)?;
         }
         Ok(())
     };
-    let alive = || qemu::process_alive(state.qemu_pid);
+    let alive = || vmm::process_alive(state.qemu_pid);
     let mut writes = None;
     let t = Instant::now();
     if opts.estimator == Estimator::Dirty {
-        let w = crate::dirty::WriteTracker::start(pid, ram.clone(), opts.sync_wp)?;
+        let w = crate::observe::dirty::WriteTracker::start(pid, ram.clone(), opts.sync_wp)?;
         report.sync_wp = w.synchronous();
         writes = Some(w);
     } else {
@@ -257,7 +257,9 @@ pub async fn track(
             match zap(&ram) {
                 Ok(()) => zap_total += t.elapsed(),
                 // Another thaw (a save or checkpoint) may hold QEMU for a moment.
-                Err(TrackError::Inject(crate::inject::InjectError::AlreadyTraced { .. })) => {
+                Err(TrackError::Inject(crate::remote::inject::InjectError::AlreadyTraced {
+                    ..
+                })) => {
                     log::info!("QEMU is being traced by another thaw; skipping one zap");
                 }
                 Err(_) if !alive() => return Ok("vm-gone".into()),

@@ -23,8 +23,8 @@ use nix::errno::Errno;
 
 use crate::mem::HostAddr;
 use crate::mem::{PageIndex, PAGE_SIZE};
-use crate::qemu::RamMapping;
-use crate::uffd::{self, EventBuffer, FaultEvent, RegisterMode, RemoteUffd};
+use crate::remote::uffd::{self, EventBuffer, FaultEvent, RegisterMode, RemoteUffd};
+use crate::vmm::RamMapping;
 
 /// `UFFD_FEATURE_*` bits newer than the bindings.
 const FEATURE_WP_HUGETLBFS_SHMEM: u64 = 1 << 12;

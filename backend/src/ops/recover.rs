@@ -28,14 +28,14 @@ use std::time::Instant;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
-use super::engine::Engine;
-use super::{
+use crate::engine::Engine;
+use crate::image::Image;
+use crate::ops::restore::{
     block_maps, check_layout, drop_early_pages, finish_fill, ms, spawn_fault_thread, spawn_filler,
     unregister, Mode, RecoveryRecord, RestoreError, RECORD_FILE,
 };
-use crate::image::Image;
-use crate::qemu::{self, Qmp, VmPaths, VmState};
-use crate::uffd;
+use crate::remote::uffd;
+use crate::vmm::{self, Qmp, VmPaths, VmState};
 
 /// What `thaw recover` did; its `--json` output.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -92,7 +92,10 @@ impl std::fmt::Display for RecoverStats {
 }
 
 /// Finishes the interrupted restore of VM `name`.
-pub async fn recover(name: &str) -> Result<RecoverStats, RestoreError> {
+pub async fn recover(
+    name: &str,
+    progress: crate::progress::SharedProgress,
+) -> Result<RecoverStats, RestoreError> {
     let started = Instant::now();
     let (paths, state) = VmState::load(name)?;
     let record_path = paths.dir.join(RECORD_FILE);
@@ -112,7 +115,8 @@ pub async fn recover(name: &str) -> Result<RecoverStats, RestoreError> {
         }
     };
     // A live restore holds the VM's lock; a dead one released it.
-    let _lock = crate::save::lock_vm(&paths).map_err(|_| RestoreError::StillServed(name.into()))?;
+    let _lock =
+        crate::ops::save::lock_vm(&paths).map_err(|_| RestoreError::StillServed(name.into()))?;
     if record.qemu_pid != state.qemu_pid {
         let _ = std::fs::remove_file(&record_path);
         return Err(RestoreError::NothingToRecover(name.to_string()));
@@ -155,7 +159,7 @@ pub async fn recover(name: &str) -> Result<RecoverStats, RestoreError> {
         "paused" => {}
         "inmigrate" | "prelaunch" => {
             drop(qmp);
-            qemu::stop(&paths, &state, true).await?;
+            vmm::stop(&paths, &state, true).await?;
             let _ = std::fs::remove_file(&record_path);
             return Err(RestoreError::DiedLoading(name.to_string()));
         }
@@ -169,7 +173,7 @@ pub async fn recover(name: &str) -> Result<RecoverStats, RestoreError> {
 
     let image = Arc::new(Image::open(&record.image)?);
     check_layout(&image.meta().layout, &state.layout)?;
-    let ram = qemu::find_ram(state.qemu_pid, &paths, &state.layout)?;
+    let ram = vmm::find_ram(state.qemu_pid, &paths, &state.layout)?;
     let blocks = block_maps(&ram, &state.layout)?;
     if !stats.guest_was_running && record.mode == Mode::Ws {
         // The working-set prefetch writes into the page cache, which a kill
@@ -193,9 +197,10 @@ pub async fn recover(name: &str) -> Result<RecoverStats, RestoreError> {
         uffd.wake(m.start, m.len)?;
     }
     let faults = spawn_fault_thread(engine.clone(), 0)?;
-    let bar = crate::progress::bytes_bar(
-        image.meta().nonzero_pages * crate::mem::PAGE_SIZE,
+    let bar = progress;
+    bar.start(
         "recover",
+        image.meta().nonzero_pages * crate::mem::PAGE_SIZE,
     );
     let outcome = async {
         if stats.guest_was_running {
@@ -212,7 +217,7 @@ pub async fn recover(name: &str) -> Result<RecoverStats, RestoreError> {
     .await;
     engine.request_stop();
     let _ = faults.join();
-    bar.finish_and_clear();
+    bar.finish();
     if let Some(msg) = engine.failure() {
         return Err(RestoreError::Engine(msg));
     }
@@ -247,7 +252,7 @@ pub fn progress(paths: &VmPaths) -> RestoreProgress {
     if !paths.dir.join(RECORD_FILE).exists() {
         return RestoreProgress::None;
     }
-    match crate::save::lock_vm(paths) {
+    match crate::ops::save::lock_vm(paths) {
         Ok(_) => RestoreProgress::Interrupted,
         Err(_) => RestoreProgress::Running,
     }

@@ -5,7 +5,7 @@
 //! The userfaultfd tests run against a child process ([`child_main`], reached
 //! through [`ChildCommand`]) that maps a `MAP_SHARED` memfd, exactly as QEMU
 //! maps guest RAM: thaw takes over a userfaultfd inside it
-//! ([`crate::uffd::take_over`]), registers the mapping for missing faults and
+//! ([`thaw::remote::uffd::take_over`]), registers the mapping for missing faults and
 //! serves it like the restore engine does. The child speaks a line protocol:
 //! it prints `THAW-LIMITS-CHILD ready addr=.. len=.. memfd=..` on stdout, then
 //! answers `touch N` (read one byte of each of the first `N` pages in order,
@@ -42,8 +42,8 @@ use nix::unistd::Pid;
 use serde::Serialize;
 use userfaultfd_sys::UFFD_FEATURE_MISSING_SHMEM;
 
-use crate::mem::{HostAddr, PAGE_SIZE};
-use crate::uffd::{self, CopyResult, EventBuffer, FaultEvent, RemoteUffd, UffdError};
+use thaw::mem::{HostAddr, PAGE_SIZE};
+use thaw::remote::uffd::{self, CopyResult, EventBuffer, FaultEvent, RemoteUffd, UffdError};
 
 /// Marks the child's protocol lines (anything else on its stdout, such as a
 /// test harness's chatter, is skipped).

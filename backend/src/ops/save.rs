@@ -18,7 +18,7 @@ use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryMmap, GuestRegionMma
 
 use crate::image::{ImageInfo, ImageWriter};
 use crate::mem::{PageIndex, RamLayout, PAGE_SIZE};
-use crate::qemu::{self, Qmp, RamMapping, VmPaths, VmState};
+use crate::vmm::{self, Qmp, RamMapping, VmPaths, VmState};
 use crate::wss::{self, Estimator};
 
 /// How long QEMU may take to write the device state.
@@ -30,9 +30,9 @@ const READ_BLOCK: usize = 4 << 20;
 #[derive(Debug, thiserror::Error)]
 pub enum SaveError {
     #[error(transparent)]
-    Qemu(#[from] qemu::QemuError),
+    Qemu(#[from] vmm::QemuError),
     #[error(transparent)]
-    Qmp(#[from] qemu::QmpError),
+    Qmp(#[from] vmm::QmpError),
     #[error(transparent)]
     Image(#[from] crate::image::ImageError),
     #[error("another save or restore of VM {0:?} is in progress")]
@@ -70,6 +70,8 @@ pub struct SaveOptions {
     /// With `keep_running`: leave the VM paused; the caller resumes it
     /// (when [`SaveReport::was_running`]) after preparing its own work.
     pub leave_paused: bool,
+    /// Where the RAM copy reports its progress.
+    pub progress: crate::progress::SharedProgress,
 }
 
 /// What a save did, for humans and `--json`.
@@ -114,10 +116,10 @@ pub async fn save(name: &str, image: &Path, opts: &SaveOptions) -> Result<SaveRe
     let (paths, state) = VmState::load(name)?;
     let _lock = lock_vm(&paths)?;
     match save_locked(name, image, opts, &paths, &state).await {
-        Err(e) if !qemu::process_alive(state.qemu_pid) => {
+        Err(e) if !vmm::process_alive(state.qemu_pid) => {
             // The partial image is gone already (the writer removes it when
             // dropped); so must be what the dead QEMU left.
-            qemu::remove_runtime(&paths);
+            vmm::remove_runtime(&paths);
             // QEMU can die after everything was captured (then only the
             // final resume or stop failed): that image is whole, keep it.
             let outcome = match crate::image::Image::open(image) {
@@ -152,7 +154,15 @@ async fn save_locked(
     if was_running {
         qmp.execute("stop", json!({})).await?;
     }
-    let result = write_image(&mut qmp, &state, &paths, &mut writer, paused).await;
+    let result = write_image(
+        &mut qmp,
+        &state,
+        &paths,
+        &mut writer,
+        paused,
+        &*opts.progress,
+    )
+    .await;
     let (device_state_ms, device_state_bytes, scanned) = match result {
         Ok(v) => v,
         Err(e) => {
@@ -180,7 +190,7 @@ async fn save_locked(
         }
     } else {
         drop(qmp);
-        qemu::stop(&paths, &state, false).await?;
+        vmm::stop(&paths, &state, false).await?;
     }
     Ok(SaveReport {
         name: name.to_string(),
@@ -239,6 +249,7 @@ async fn write_image(
     paths: &VmPaths,
     writer: &mut ImageWriter,
     paused: Instant,
+    progress: &dyn crate::progress::Progress,
 ) -> Result<(f64, u64, u64), SaveError> {
     let device_file = writer.device_state_file()?;
     qmp.set_migration_capabilities(&["x-ignore-shared", "events"])
@@ -262,8 +273,8 @@ async fn write_image(
         .len();
     log::info!("device state: {device_state_bytes} bytes in {device_state_ms:.1} ms");
 
-    let ram = qemu::find_ram(state.qemu_pid, paths, &state.layout)?;
-    let scanned = copy_ram(&ram, &state.layout, writer)?;
+    let ram = vmm::find_ram(state.qemu_pid, paths, &state.layout)?;
+    let scanned = copy_ram(&ram, &state.layout, writer, progress)?;
     Ok((device_state_ms, device_state_bytes, scanned))
 }
 
@@ -273,6 +284,7 @@ fn copy_ram(
     ram: &[RamMapping],
     layout: &RamLayout,
     writer: &mut ImageWriter,
+    progress: &dyn crate::progress::Progress,
 ) -> Result<u64, SaveError> {
     let mut files = Vec::new();
     for (m, block) in ram.iter().zip(&layout.blocks) {
@@ -293,7 +305,7 @@ fn copy_ram(
         .iter()
         .flat_map(|(_, e)| e.iter().map(|r| r.1 - r.0))
         .sum();
-    let bar = crate::progress::bytes_bar(total, "RAM");
+    progress.start("RAM", total);
     let mut buf = vec![0u8; READ_BLOCK];
     for ((_, extents), block) in files.iter().zip(&layout.blocks) {
         let base = block.first_page * PAGE_SIZE;
@@ -306,11 +318,11 @@ fn copy_ram(
                     .map_err(|e| SaveError::Map(format!("reading {}+{off:#x}: {e}", block.id)))?;
                 writer.write_run(PageIndex((base + off) / PAGE_SIZE), &buf[..len])?;
                 off += len as u64;
-                bar.inc(len as u64);
+                progress.advance(len as u64);
             }
         }
     }
-    bar.finish_and_clear();
+    progress.finish();
     Ok(total)
 }
 

@@ -24,13 +24,13 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
-use crate::config::VmConfig;
-use crate::qemu::{self, Qmp, VmState};
-use crate::restore::{self, EstimatorChoice, LearnWindow, Mode, RestoreOptions};
-use crate::track::{self, TrackOptions};
-use crate::wss::Estimator;
 use console::ConsoleTail;
 use probe::{ProbeSample, Prober};
+use thaw::config::VmConfig;
+use thaw::ops::restore::{self, EstimatorChoice, LearnWindow, Mode, RestoreOptions};
+use thaw::ops::track::{self, TrackOptions};
+use thaw::vmm::{self, Qmp, VmState};
+use thaw::wss::Estimator;
 use ttr::{median, Sample};
 
 /// How long a stock migration may take.
@@ -45,15 +45,15 @@ pub const PROBE_PERIOD_MS: u64 = 100;
 #[derive(Debug, thiserror::Error)]
 pub enum BenchError {
     #[error(transparent)]
-    Config(#[from] crate::config::ConfigError),
+    Config(#[from] thaw::config::ConfigError),
     #[error(transparent)]
-    Qemu(#[from] qemu::QemuError),
+    Qemu(#[from] vmm::QemuError),
     #[error(transparent)]
-    Qmp(#[from] qemu::QmpError),
+    Qmp(#[from] vmm::QmpError),
     #[error(transparent)]
     Restore(#[from] restore::RestoreError),
     #[error(transparent)]
-    Checkpoint(#[from] crate::checkpoint::CheckpointError),
+    Checkpoint(#[from] thaw::ops::checkpoint::CheckpointError),
     #[error(transparent)]
     Track(#[from] track::TrackError),
     #[error(
@@ -272,7 +272,7 @@ pub async fn run(opts: &BenchOptions) -> Result<BenchReport, BenchError> {
     let cfg = VmConfig::load(&opts.config)?;
     let name = cfg.name.clone();
     if let Ok((paths, state)) = VmState::load(&name) {
-        qemu::stop(&paths, &state, true).await?;
+        vmm::stop(&paths, &state, true).await?;
     }
     std::fs::create_dir_all(&opts.dir).map_err(io(format!("creating {}", opts.dir.display())))?;
     let image = opts.dir.join("thaw.img");
@@ -280,8 +280,8 @@ pub async fn run(opts: &BenchOptions) -> Result<BenchReport, BenchError> {
     let mapped_file = opts.dir.join("mapped-ram.mig");
 
     // Boot and warm up.
-    let accel = qemu::resolve_accel(&cfg)?;
-    let launched = qemu::launch(&cfg, accel, false).await?;
+    let accel = vmm::resolve_accel(&cfg)?;
+    let launched = vmm::launch(&cfg, accel, false).await?;
     let serial = launched.state.serial.clone();
     drop(launched);
     let tail = ConsoleTail::start(&serial, Instant::now()).map_err(io("reading the console"))?;
@@ -296,7 +296,7 @@ pub async fn run(opts: &BenchOptions) -> Result<BenchReport, BenchError> {
     }
     tokio::time::sleep(opts.warmup).await;
     let warm_from = tail.reports().len();
-    let console = qemu::VmPaths::new(&name).console;
+    let console = vmm::VmPaths::new(&name).console;
     let prober = start_prober(opts, &console, Instant::now())?;
     tokio::time::sleep(opts.measure).await;
     let warm_reports = tail.finish();
@@ -331,7 +331,7 @@ pub async fn run(opts: &BenchOptions) -> Result<BenchReport, BenchError> {
             track::track(&name, t, std::future::pending()).await?;
         }
     }
-    crate::checkpoint::checkpoint(&name, &image, true, LearnWindow::default()).await?;
+    thaw::ops::checkpoint::checkpoint(&name, &image, true, LearnWindow::default()).await?;
 
     // Stock artifacts from the paused VM, then it goes.
     let (paths, state) = VmState::load(&name)?;
@@ -350,7 +350,7 @@ pub async fn run(opts: &BenchOptions) -> Result<BenchReport, BenchError> {
         stock_save(&mut qmp, &mapped_file, true).await?;
     }
     drop(qmp);
-    qemu::stop(&paths, &state, false).await?;
+    vmm::stop(&paths, &state, false).await?;
 
     let restore_opts = |mode, estimator, learn| RestoreOptions {
         mode,
@@ -360,6 +360,7 @@ pub async fn run(opts: &BenchOptions) -> Result<BenchReport, BenchError> {
         observe: false,
         read_limit: opts.read_limit,
         fill_limit: opts.fill_limit,
+        progress: Default::default(),
     };
     if opts.methods.contains(&Method::Ws(Estimator::Learned)) {
         restore::restore(
@@ -447,7 +448,7 @@ pub async fn run(opts: &BenchOptions) -> Result<BenchReport, BenchError> {
         None
     };
     let summary = summarize(&methods, &runs, limits.as_ref());
-    let meta = crate::image::Image::open(&image).map_err(restore::RestoreError::from)?;
+    let meta = thaw::image::Image::open(&image).map_err(restore::RestoreError::from)?;
     Ok(BenchReport {
         vm: name,
         memory: cfg.memory.to_string(),
@@ -593,7 +594,7 @@ impl BenchReport {
 
 async fn stop_vm(name: &str) -> Result<(), BenchError> {
     let (paths, state) = VmState::load(name)?;
-    qemu::stop(&paths, &state, false).await?;
+    vmm::stop(&paths, &state, false).await?;
     Ok(())
 }
 
@@ -648,7 +649,7 @@ async fn stock_restore(
     read_limit: Option<u64>,
     t0: Instant,
 ) -> Result<MethodRun, BenchError> {
-    let launched = qemu::launch(cfg, accel, true).await?;
+    let launched = vmm::launch(cfg, accel, true).await?;
     let mut qmp = launched.qmp;
     stock_capabilities(&mut qmp, mapped_ram).await?;
     let feeder = match read_limit.filter(|_| !mapped_ram) {
@@ -731,7 +732,7 @@ fn start_prober(
 /// Copies `path` into `out` at `rate` bytes per second.
 fn feed(path: &Path, mut out: std::fs::File, rate: u64) -> std::io::Result<()> {
     use std::io::{Read, Write};
-    let throttle = crate::throttle::Throttle::new(rate);
+    let throttle = thaw::image::throttle::Throttle::new(rate);
     let mut f = std::fs::File::open(path)?;
     let mut buf = vec![0u8; 1 << 20];
     loop {

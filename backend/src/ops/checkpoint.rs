@@ -18,12 +18,12 @@ use std::time::Instant;
 
 use serde::Serialize;
 
+use crate::engine::{Engine, FaultLog};
 use crate::image::Image;
-use crate::qemu::{self, Qmp, VmState};
-use crate::restore::engine::{Engine, FaultLog};
-use crate::restore::{self, LearnWindow, RestoreError};
-use crate::save::{self, SaveError, SaveOptions, SaveReport};
-use crate::uffd;
+use crate::ops::restore::{self, LearnWindow, RestoreError};
+use crate::ops::save::{self, SaveError, SaveOptions, SaveReport};
+use crate::remote::uffd;
+use crate::vmm::{self, Qmp, VmState};
 use crate::wss::{self, Estimator, WorkingSet};
 
 /// Errors of a checkpoint. A failed save leaves the VM running and no
@@ -81,6 +81,7 @@ pub async fn checkpoint(
             force,
             keep_running: true,
             leave_paused: true,
+            progress: Default::default(),
         },
     )
     .await?;
@@ -105,7 +106,7 @@ pub async fn checkpoint(
 /// Sets up tracing while the VM is paused, resumes it (if it was running),
 /// records first touches, tears tracing down and writes `ws-trace.bin`.
 async fn trace(
-    paths: &qemu::VmPaths,
+    paths: &vmm::VmPaths,
     state: &VmState,
     qmp: &mut Qmp,
     image_dir: &Path,
@@ -113,7 +114,7 @@ async fn trace(
     window: LearnWindow,
 ) -> Result<(u64, f64, u64), RestoreError> {
     let image = Arc::new(Image::open(image_dir)?);
-    let ram = qemu::find_ram(state.qemu_pid, paths, &state.layout)?;
+    let ram = vmm::find_ram(state.qemu_pid, paths, &state.layout)?;
     let pid = nix::unistd::Pid::from_raw(state.qemu_pid);
     let uffd = Arc::new(uffd::take_over(
         pid,

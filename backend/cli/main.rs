@@ -1,5 +1,9 @@
 //! The `thaw` command line: a thin layer mapping subcommands onto the library.
 
+mod bench;
+mod limits;
+mod progress;
+
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -8,10 +12,10 @@ use clap::{Parser, Subcommand};
 use serde_json::json;
 
 use thaw::config::VmConfig;
-use thaw::qemu::{self, VmState};
-use thaw::restore::recover::RestoreProgress;
-use thaw::restore::{EstimatorChoice, LearnWindow, Mode, RestoreOptions};
-use thaw::save::SaveOptions;
+use thaw::ops::recover::RestoreProgress;
+use thaw::ops::restore::{EstimatorChoice, LearnWindow, Mode, RestoreOptions};
+use thaw::ops::save::SaveOptions;
+use thaw::vmm::{self, VmState};
 use thaw::wss::Estimator;
 
 /// Save QEMU VMs and restore them lazily: the guest runs again at once while
@@ -27,6 +31,71 @@ struct Cli {
     verbose: u8,
     #[command(subcommand)]
     command: Command,
+}
+
+/// `--mode` of `thaw restore`.
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum ModeArg {
+    /// Install every non-zero page, then resume the guest.
+    Eager,
+    /// Resume at once; serve first touches on demand, fill the rest behind.
+    Lazy,
+    /// Prefetch the working set, resume, then as lazy.
+    Ws,
+}
+
+impl From<ModeArg> for Mode {
+    fn from(m: ModeArg) -> Mode {
+        match m {
+            ModeArg::Eager => Mode::Eager,
+            ModeArg::Lazy => Mode::Lazy,
+            ModeArg::Ws => Mode::Ws,
+        }
+    }
+}
+
+/// `--estimator` of `thaw restore`.
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum EstimatorChoiceArg {
+    /// The best the image has: learned, trace, abit, dirty.
+    Auto,
+    Learned,
+    Trace,
+    Abit,
+    Dirty,
+    /// No working set (a lazy restore that still learns).
+    None,
+}
+
+impl From<EstimatorChoiceArg> for EstimatorChoice {
+    fn from(e: EstimatorChoiceArg) -> EstimatorChoice {
+        match e {
+            EstimatorChoiceArg::Auto => EstimatorChoice::Auto,
+            EstimatorChoiceArg::Learned => EstimatorChoice::Learned,
+            EstimatorChoiceArg::Trace => EstimatorChoice::Trace,
+            EstimatorChoiceArg::Abit => EstimatorChoice::Abit,
+            EstimatorChoiceArg::Dirty => EstimatorChoice::Dirty,
+            EstimatorChoiceArg::None => EstimatorChoice::None,
+        }
+    }
+}
+
+/// `--estimator` of `thaw track`: the estimators that watch a running VM.
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum TrackerArg {
+    /// Access-bit scanning.
+    Abit,
+    /// Write tracking.
+    Dirty,
+}
+
+impl From<TrackerArg> for Estimator {
+    fn from(t: TrackerArg) -> Estimator {
+        match t {
+            TrackerArg::Abit => Estimator::Abit,
+            TrackerArg::Dirty => Estimator::Dirty,
+        }
+    }
 }
 
 #[derive(Subcommand)]
@@ -56,12 +125,12 @@ enum Command {
         image: PathBuf,
         /// ws: prefetch the working set, run, load the rest behind; lazy:
         /// run at once, load RAM behind; eager: load all RAM, then run.
-        #[arg(long, value_enum, default_value_t = Mode::Ws)]
-        mode: Mode,
+        #[arg(long, value_enum, default_value_t = ModeArg::Ws)]
+        mode: ModeArg,
         /// Which working set ws mode prefetches (auto: the best the image
         /// has: learned, trace, abit, dirty).
-        #[arg(long, value_enum, default_value_t = EstimatorChoice::Auto)]
-        estimator: EstimatorChoice,
+        #[arg(long, value_enum, default_value_t = EstimatorChoiceArg::Auto)]
+        estimator: EstimatorChoiceArg,
         /// Run the restored VM under another name.
         #[arg(long)]
         name: Option<String>,
@@ -114,8 +183,8 @@ enum Command {
         name: String,
         /// abit: access scanning (zap page tables, read back what was
         /// mapped again); dirty: write tracking (uffd-wp + PAGEMAP_SCAN).
-        #[arg(long, value_enum, default_value_t = Estimator::Abit)]
-        estimator: Estimator,
+        #[arg(long, value_enum, default_value_t = TrackerArg::Abit)]
+        estimator: TrackerArg,
         /// Time between scans (ms).
         #[arg(long, default_value_t = 1000)]
         interval_ms: u64,
@@ -176,7 +245,7 @@ enum Command {
         no_limits: bool,
         /// Interactive probe period (ms): a `PROBE` request on the guest's
         /// console, answered by the workload after one hot-block check; 0 = off.
-        #[arg(long, default_value_t = thaw::bench::PROBE_PERIOD_MS)]
+        #[arg(long, default_value_t = crate::bench::PROBE_PERIOD_MS)]
         probe_ms: u64,
         /// Also write bench.json, bench.md and throughput.svg (the guest's
         /// throughput after each method's first restore) into this directory.
@@ -215,7 +284,7 @@ enum Command {
         read_bytes: u64,
         /// Directory for the read test's scratch file (created 0700 if
         /// missing); put it on the disk that holds your images.
-        #[arg(long, default_value = thaw::limits::DEFAULT_DIR)]
+        #[arg(long, default_value = crate::limits::DEFAULT_DIR)]
         dir: PathBuf,
         /// Skip the warm re-read from the page cache.
         #[arg(long)]
@@ -226,7 +295,7 @@ enum Command {
         no_pinned: bool,
     },
     /// Internal: the process `thaw limits` measures faults in.
-    #[command(name = thaw::limits::CHILD_SUBCOMMAND, hide = true)]
+    #[command(name = crate::limits::CHILD_SUBCOMMAND, hide = true)]
     LimitsChild,
 }
 
@@ -246,7 +315,7 @@ fn main() {
         .init();
     if let Command::LimitsChild = cli.command {
         // Single-threaded on purpose: no async runtime in the measured child.
-        std::process::exit(thaw::limits::child_main());
+        std::process::exit(crate::limits::child_main());
     }
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -316,8 +385,8 @@ async fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Start { config } => {
             let cfg = VmConfig::load(&config)?;
-            let accel = qemu::resolve_accel(&cfg)?;
-            let launched = qemu::launch(&cfg, accel, false)
+            let accel = vmm::resolve_accel(&cfg)?;
+            let launched = vmm::launch(&cfg, accel, false)
                 .await
                 .with_context(|| format!("starting VM {}", cfg.name))?;
             let s = &launched.state;
@@ -342,13 +411,14 @@ async fn run(cli: Cli) -> Result<()> {
             force,
             keep_running,
         } => {
-            let report = thaw::save::save(
+            let report = thaw::ops::save::save(
                 &name,
                 &image,
                 &SaveOptions {
                     force,
                     keep_running,
                     leave_paused: false,
+                    progress: progress::terminal_bar(),
                 },
             )
             .await
@@ -376,15 +446,16 @@ async fn run(cli: Cli) -> Result<()> {
                 max: Duration::from_millis(learn_max_ms),
             });
             let opts = RestoreOptions {
-                mode,
+                mode: mode.into(),
                 name,
-                estimator,
+                estimator: estimator.into(),
                 learn,
                 observe,
                 read_limit,
                 fill_limit,
+                progress: progress::terminal_bar(),
             };
-            let stats = thaw::restore::restore(&image, &opts)
+            let stats = thaw::ops::restore::restore(&image, &opts)
                 .await
                 .with_context(|| format!("restoring {}", image.display()))?;
             print(j, &stats, &stats)
@@ -400,7 +471,7 @@ async fn run(cli: Cli) -> Result<()> {
                 quiet: Duration::from_millis(window_quiet_ms),
                 max: Duration::from_millis(window_max_ms),
             };
-            let report = thaw::checkpoint::checkpoint(&name, &image, force, window)
+            let report = thaw::ops::checkpoint::checkpoint(&name, &image, force, window)
                 .await
                 .with_context(|| format!("checkpointing VM {name} to {}", image.display()))?;
             print(j, &report, &report)
@@ -413,14 +484,14 @@ async fn run(cli: Cli) -> Result<()> {
             duration_ms,
             sync_wp,
         } => {
-            let opts = thaw::track::TrackOptions {
+            let opts = thaw::ops::track::TrackOptions {
                 interval: Duration::from_millis(interval_ms),
                 keep,
                 duration: duration_ms.map(Duration::from_millis),
-                estimator,
+                estimator: estimator.into(),
                 sync_wp,
             };
-            let report = thaw::track::track(&name, opts, termination())
+            let report = thaw::ops::track::track(&name, opts, termination())
                 .await
                 .with_context(|| format!("tracking VM {name}"))?;
             print(j, &report, &report)
@@ -441,25 +512,25 @@ async fn run(cli: Cli) -> Result<()> {
             probe_ms,
         } => {
             let methods = if methods.is_empty() {
-                thaw::bench::Method::all()
+                crate::bench::Method::all()
             } else {
                 methods
                     .iter()
-                    .map(|m| thaw::bench::Method::parse(m))
+                    .map(|m| crate::bench::Method::parse(m))
                     .collect::<Result<Vec<_>, _>>()?
             };
             let report = match (reanalyse, config) {
                 (Some(path), _) => {
                     let text = std::fs::read(&path)
                         .with_context(|| format!("reading {}", path.display()))?;
-                    let mut report: thaw::bench::BenchReport = serde_json::from_slice(&text)
+                    let mut report: crate::bench::BenchReport = serde_json::from_slice(&text)
                         .with_context(|| format!("{} is not a bench.json", path.display()))?;
                     report.reanalyse();
                     report
                 }
                 (None, config) => {
                     let config = config.context("--config is required")?;
-                    let opts = thaw::bench::BenchOptions {
+                    let opts = crate::bench::BenchOptions {
                         config,
                         methods,
                         runs: runs.max(1),
@@ -472,7 +543,7 @@ async fn run(cli: Cli) -> Result<()> {
                         limits: !no_limits,
                         probe_period: (probe_ms > 0).then(|| Duration::from_millis(probe_ms)),
                     };
-                    thaw::bench::run(&opts).await.context("benchmark")?
+                    crate::bench::run(&opts).await.context("benchmark")?
                 }
             };
             if let Some(out) = out {
@@ -482,7 +553,7 @@ async fn run(cli: Cli) -> Result<()> {
                     .context("writing bench.json")?;
                 std::fs::write(out.join("bench.md"), report.markdown())
                     .context("writing bench.md")?;
-                thaw::bench::plot::throughput_svg(&report, &out.join("throughput.svg"))?;
+                crate::bench::plot::throughput_svg(&report, &out.join("throughput.svg"))?;
             }
             print(j, &report, &report)
         }
@@ -510,9 +581,9 @@ async fn run(cli: Cli) -> Result<()> {
         }
         Command::List => {
             let mut rows = Vec::new();
-            for name in qemu::list_vms() {
+            for name in vmm::list_vms() {
                 if let Ok((paths, state)) = VmState::load(&name) {
-                    let status = qemu::query_run_state(&paths).await;
+                    let status = vmm::query_run_state(&paths).await;
                     rows.push(
                         json!({ "name": name, "pid": state.qemu_pid, "status": status,
                         "memory": state.config.memory, "accel": state.accel }),
@@ -545,8 +616,8 @@ async fn run(cli: Cli) -> Result<()> {
         }
         Command::Status { name } => {
             let (paths, state) = VmState::load(&name)?;
-            let status = qemu::query_run_state(&paths).await;
-            let restore = thaw::restore::recover::progress(&paths);
+            let status = vmm::query_run_state(&paths).await;
+            let restore = thaw::ops::recover::progress(&paths);
             let out = json!({ "name": name, "status": status, "pid": state.qemu_pid, "accel": state.accel,
                 "memory": state.config.memory, "qemu_version": state.qemu_version,
                 "serial": state.serial, "restore": restore,
@@ -571,14 +642,14 @@ async fn run(cli: Cli) -> Result<()> {
             )
         }
         Command::Recover { name } => {
-            let stats = thaw::restore::recover::recover(&name)
+            let stats = thaw::ops::recover::recover(&name, progress::terminal_bar())
                 .await
                 .with_context(|| format!("recovering {name}"))?;
             print(j, &stats, &stats)
         }
         Command::Stop { name, force } => {
             let (paths, state) = VmState::load(&name)?;
-            qemu::stop(&paths, &state, force).await?;
+            vmm::stop(&paths, &state, force).await?;
             print(
                 j,
                 &json!({ "name": name, "stopped": true }),
@@ -593,7 +664,7 @@ async fn run(cli: Cli) -> Result<()> {
             no_warm,
             no_pinned,
         } => {
-            let opts = thaw::limits::LimitsOptions {
+            let opts = crate::limits::LimitsOptions {
                 fault_pages: faults,
                 copy_region_bytes: copy_bytes,
                 read_bytes,
@@ -602,7 +673,7 @@ async fn run(cli: Cli) -> Result<()> {
                 pinned_faults: !no_pinned,
                 ..Default::default()
             };
-            let report = tokio::task::spawn_blocking(move || thaw::limits::measure(&opts))
+            let report = tokio::task::spawn_blocking(move || crate::limits::measure(&opts))
                 .await
                 .context("the measurement thread failed")?
                 .context("measuring this machine's limits")?;
@@ -611,7 +682,7 @@ async fn run(cli: Cli) -> Result<()> {
         Command::LimitsChild => {
             anyhow::bail!(
                 "{} runs before the async runtime starts",
-                thaw::limits::CHILD_SUBCOMMAND
+                crate::limits::CHILD_SUBCOMMAND
             )
         }
     }

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use crate::image::{Image, PageLocation};
 use crate::mem::{HostAddr, PageIndex, PAGE_SIZE};
-use crate::uffd::{CopyResult, EventBuffer, FaultEvent, RemoteUffd};
+use crate::remote::uffd::{CopyResult, EventBuffer, FaultEvent, RemoteUffd};
 use crate::wss::{WsError, WsFile};
 
 /// Bytes the filler reads per request.
@@ -30,7 +30,7 @@ pub enum EngineError {
     #[error(transparent)]
     Image(#[from] crate::image::ImageError),
     #[error(transparent)]
-    Uffd(#[from] crate::uffd::UffdError),
+    Uffd(#[from] crate::remote::uffd::UffdError),
     #[error("installing {what} at {addr:#x}: {errno}")]
     Install {
         what: &'static str,
@@ -105,7 +105,7 @@ pub struct Engine {
     stop: AtomicBool,
     failure: Mutex<Option<String>>,
     /// Paces the background fill once the guest runs (`--fill-limit`).
-    fill_pace: Option<crate::throttle::Throttle>,
+    fill_pace: Option<crate::image::throttle::Throttle>,
     pub counters: Counters,
 }
 
@@ -138,7 +138,7 @@ impl Engine {
     /// (faults and the working-set prefetch are not limited), so that the
     /// fill takes less of the memory bandwidth and CPU the guest needs.
     pub fn with_fill_limit(mut self, bytes_per_sec: Option<u64>) -> Engine {
-        self.fill_pace = bytes_per_sec.map(crate::throttle::Throttle::new);
+        self.fill_pace = bytes_per_sec.map(crate::image::throttle::Throttle::new);
         self
     }
 
@@ -155,11 +155,11 @@ impl Engine {
 
     /// Marks every page the RAM files already hold as resident (recovery
     /// after a thaw died: what it installed or prefetched is whole, see
-    /// [`crate::restore::recover`]). Returns the non-zero pages among them.
+    /// [`crate::ops::recover`]). Returns the non-zero pages among them.
     pub fn adopt_resident_pages(&self) -> std::io::Result<u64> {
         let mut kept = 0;
         for b in &self.blocks {
-            for (start, end) in crate::save::data_extents(&b.file, b.pages * PAGE_SIZE)? {
+            for (start, end) in crate::ops::save::data_extents(&b.file, b.pages * PAGE_SIZE)? {
                 for p in start / PAGE_SIZE..end.div_ceil(PAGE_SIZE).min(b.pages) {
                     let page = PageIndex(b.first_page + p);
                     let nonzero = matches!(self.image.locate(page), PageLocation::Slot(_));
@@ -538,7 +538,7 @@ impl Engine {
     }
 
     /// The filler: every non-zero page not yet resident, in address order.
-    pub fn fill(&self, progress: &indicatif::ProgressBar) -> Result<(), EngineError> {
+    pub fn fill(&self, progress: &dyn crate::progress::Progress) -> Result<(), EngineError> {
         if self.resumed.load(Ordering::Acquire) {
             yield_cpu_to_the_guest();
         }
@@ -549,7 +549,7 @@ impl Engine {
         r
     }
 
-    fn fill_inner(&self, progress: &indicatif::ProgressBar) -> Result<(), EngineError> {
+    fn fill_inner(&self, progress: &dyn crate::progress::Progress) -> Result<(), EngineError> {
         let meta = self.image.meta();
         let chunk_bytes = meta.chunk_pages as u64 * PAGE_SIZE;
         let chunk_count = meta.nonzero_pages.div_ceil(meta.chunk_pages as u64) as u32;
@@ -565,7 +565,7 @@ impl Engine {
             let end = self.image.chunk_slots(first + count - 1).end;
             first += count;
             if (start..end).all(|s| self.is_resident(self.image.slot_page(s))) {
-                progress.inc((end - start) as u64 * PAGE_SIZE);
+                progress.advance((end - start) as u64 * PAGE_SIZE);
                 continue;
             }
             if let Some(pace) = &self.fill_pace {
@@ -601,7 +601,7 @@ impl Engine {
                 self.install_run(s, dst, &buf[off..off + len])?;
                 s = e;
             }
-            progress.inc((end - start) as u64 * PAGE_SIZE);
+            progress.advance((end - start) as u64 * PAGE_SIZE);
         }
         Ok(())
     }

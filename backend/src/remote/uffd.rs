@@ -3,7 +3,7 @@
 //!
 //! `UFFDIO_REGISTER` only works for the mm of the process that created the
 //! userfaultfd, and guest RAM lives in QEMU's mm. So [`take_over`] makes QEMU
-//! create one (an injected `userfaultfd(2)`, see [`crate::inject`]) and copies
+//! create one (an injected `userfaultfd(2)`, see [`crate::remote::inject`]) and copies
 //! it into thaw with `pidfd_getfd(2)`; everything else then runs from thaw on
 //! its copy. QEMU's own copy stays open until [`RemoteUffd::close_remote`]:
 //! while it is open, a fault thaw does not serve blocks instead of reading a
@@ -29,8 +29,8 @@ use userfaultfd_sys::{
     UFFD_EVENT_REMOVE, UFFD_EVENT_UNMAP, UFFD_PAGEFAULT_FLAG_MINOR, UFFD_PAGEFAULT_FLAG_WP,
 };
 
-use crate::inject::{self, InjectError, Injector};
 use crate::mem::HostAddr;
+use crate::remote::inject::{self, InjectError, Injector};
 
 /// Raw ioctls whose results the `userfaultfd` crate does not decode the way
 /// thaw needs (partial progress, feature negotiation).
@@ -987,8 +987,8 @@ fn parse_maps_line(line: &str) -> Option<Mapping> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::inject::tests::{fd_target, pipe, read_with_timeout, Child};
     use crate::mem::PAGE_SIZE;
+    use crate::remote::inject::tests::{fd_target, pipe, read_with_timeout, Child};
     use nix::sys::wait::WaitStatus;
     use std::os::fd::AsRawFd;
     use userfaultfd_sys::UFFD_FEATURE_MISSING_SHMEM;

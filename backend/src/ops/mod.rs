@@ -1,0 +1,10 @@
+//! The operations a user asks for, as orchestration over the other
+//! modules: [`save`], [`restore`], [`recover`], [`checkpoint`], [`track`].
+//! Each drives QEMU ([`crate::vmm`]), attaches to it ([`crate::remote`]) and
+//! moves pages with the [`crate::engine`]; none installs a page itself.
+
+pub mod checkpoint;
+pub mod recover;
+pub mod restore;
+pub mod save;
+pub mod track;
