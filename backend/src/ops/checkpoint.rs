@@ -118,7 +118,9 @@ async fn trace(
     let pid = nix::unistd::Pid::from_raw(state.qemu_pid);
     let uffd = Arc::new(uffd::take_over(
         pid,
-        userfaultfd_sys::UFFD_FEATURE_MISSING_SHMEM | userfaultfd_sys::UFFD_FEATURE_MINOR_SHMEM,
+        userfaultfd_sys::UFFD_FEATURE_MISSING_SHMEM
+            | userfaultfd_sys::UFFD_FEATURE_MINOR_SHMEM
+            | userfaultfd_sys::UFFD_FEATURE_EVENT_REMOVE,
     )?);
     // RAM is complete: a dying thaw must release the guest, not hang it.
     uffd.close_remote()?;
@@ -128,22 +130,18 @@ async fn trace(
             uffd.register_missing_minor(m.start, m.len)?;
             registered.push(m);
         }
-        restore::zap(pid, &ram)?;
         let blocks = restore::block_maps(&ram, &state.layout)?;
         let engine = Arc::new(Engine::observer(image.clone(), uffd.clone(), blocks));
-        let capacity = (image.meta().total_pages as usize).min(1 << 22);
-        let faults = {
-            let engine = engine.clone();
-            std::thread::Builder::new()
-                .name("thaw-trace".into())
-                .spawn(move || engine.serve_faults(capacity))
-                .map_err(|source| RestoreError::Io {
-                    context: "spawning the trace thread".into(),
-                    source,
-                })?
-        };
+        let capacity = usize::try_from(image.meta().total_pages)
+            .unwrap_or(usize::MAX)
+            .min(1 << 22);
+        // The fault thread runs before the zap: QEMU's madvise waits until
+        // its remove events are read.
+        let service = engine.start(capacity)?;
+        let zapped = engine.zapping(|| restore::zap(pid, &ram));
         let t = Instant::now();
         let watched = async {
+            zapped?;
             if resume {
                 qmp.cont_after_migration().await?;
             }
@@ -156,11 +154,7 @@ async fn trace(
         for m in registered.drain(..) {
             uffd.unregister(m.start, m.len)?;
         }
-        engine.request_stop();
-        let FaultLog { touches, .. } = faults.join().unwrap_or_default();
-        if let Some(msg) = engine.failure() {
-            return Err(RestoreError::Engine(msg));
-        }
+        let FaultLog { touches, .. } = service.stop(&engine)?;
         let window_ms = watched?;
         let set = WorkingSet::from_touches(Estimator::Trace, &touches);
         wss::write(&image, &set)?;

@@ -31,8 +31,8 @@ use serde_json::json;
 use crate::engine::Engine;
 use crate::image::Image;
 use crate::ops::restore::{
-    block_maps, check_layout, drop_early_pages, finish_fill, ms, spawn_fault_thread, spawn_filler,
-    unregister, Mode, RecoveryRecord, RestoreError, RECORD_FILE,
+    block_maps, check_layout, drop_early_pages, finish_fill, ms, unregister, Mode, RecoveryRecord,
+    RestoreError, RECORD_FILE,
 };
 use crate::remote::uffd;
 use crate::vmm::{self, Qmp, VmPaths, VmState};
@@ -196,7 +196,7 @@ pub async fn recover(
     for m in &ram {
         uffd.wake(m.start, m.len)?;
     }
-    let faults = spawn_fault_thread(engine.clone(), 0)?;
+    let service = engine.start(0)?;
     let bar = progress;
     bar.start(
         "recover",
@@ -206,7 +206,7 @@ pub async fn recover(
         if stats.guest_was_running {
             engine.set_resumed();
         }
-        let filler = spawn_filler(engine.clone(), bar.clone())?;
+        let filler = engine.start_fill(bar.clone())?;
         finish_fill(filler, &engine).await?;
         unregister(&uffd, &ram, &engine)?;
         if !stats.guest_was_running {
@@ -215,12 +215,10 @@ pub async fn recover(
         Ok::<_, RestoreError>(())
     }
     .await;
-    engine.request_stop();
-    let _ = faults.join();
+    let stopped = service.stop(&engine);
     bar.finish();
-    if let Some(msg) = engine.failure() {
-        return Err(RestoreError::Engine(msg));
-    }
+    // A thread's own error explains a failed phase better than the phase.
+    stopped?;
     outcome?;
     if let Err(e) = uffd.close_remote() {
         log::warn!("could not close the userfaultfd inside QEMU: {e}");

@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
-use crate::engine::{BlockMap, Engine, FaultLog};
+use crate::engine::{BlockMap, Engine, EngineError, FaultLog, Fill};
 use crate::image::Image;
 use crate::mem::{PageIndex, RamLayout, PAGE_SIZE};
 use crate::remote::uffd;
@@ -35,6 +35,8 @@ use crate::wss::{self, Estimator, WorkingSet, WsFile};
 
 /// How long QEMU may take to load the device state.
 const DEVICE_LOAD_TIMEOUT: Duration = Duration::from_secs(300);
+/// How often a restore checks on its filler.
+const FILL_POLL: Duration = Duration::from_millis(10);
 /// How often the tracking window checks whether new pages still arrive.
 const WINDOW_TICK: Duration = Duration::from_millis(50);
 
@@ -138,7 +140,9 @@ pub enum RestoreError {
     #[error("the image has no {0} working set (see `thaw inspect`); use --estimator auto or another one")]
     NoWorkingSet(String),
     #[error("restore failed, the VM was stopped: {0}")]
-    Engine(String),
+    Engine(#[from] EngineError),
+    #[error("the {0} thread panicked")]
+    Panicked(&'static str),
     #[error(
         "QEMU (pid {pid}) exited during the restore; its runtime and RAM files were removed, the image is unchanged ({cause})"
     )]
@@ -420,7 +424,11 @@ async fn run(
     if opts.mode != Mode::Eager && !with_minor {
         log::warn!("the kernel lacks UFFD_FEATURE_MINOR_SHMEM: this restore cannot learn");
     }
-    let features = userfaultfd_sys::UFFD_FEATURE_MISSING_SHMEM | if with_minor { minor } else { 0 };
+    // Remove events tell thaw about pages the guest discards (balloon,
+    // free-page reporting), so they are never refilled from the image.
+    let features = userfaultfd_sys::UFFD_FEATURE_MISSING_SHMEM
+        | userfaultfd_sys::UFFD_FEATURE_EVENT_REMOVE
+        | if with_minor { minor } else { 0 };
     let uffd = Arc::new(uffd::take_over(qemu_pid, features)?);
     for m in &ram {
         if with_minor {
@@ -443,7 +451,7 @@ async fn run(
     let engine =
         Arc::new(Engine::new(image.clone(), uffd.clone(), blocks).with_fill_limit(opts.fill_limit));
     let log_capacity = (meta.total_pages as usize).min(1 << 22);
-    let faults = spawn_fault_thread(engine.clone(), log_capacity)?;
+    let service = engine.start(log_capacity)?;
     let bar = opts.progress.clone();
     bar.start("restore", meta.nonzero_pages * PAGE_SIZE);
     let learn = opts.learn.filter(|_| with_minor);
@@ -452,7 +460,7 @@ async fn run(
     let outcome = async {
         let mut filler = None;
         if opts.mode == Mode::Eager {
-            filler = Some(spawn_filler(engine.clone(), bar.clone())?);
+            filler = Some(engine.start_fill(bar.clone())?);
         }
         let device_state_ms = load_device_state(&mut qmp, device_state).await?;
         let mut fill_time = Duration::ZERO;
@@ -471,8 +479,7 @@ async fn run(
             // The guest is paused: writing into the page cache is safe.
             let observe = observed;
             std::thread::scope(|s| s.spawn(|| engine.prefetch(ws_ref, observe)).join())
-                .map_err(|_| RestoreError::Engine("the prefetcher panicked".into()))?
-                .map_err(|e| RestoreError::Engine(e.to_string()))?;
+                .map_err(|_| RestoreError::Panicked("prefetch"))??;
             prefetch_ms = ms(t.elapsed());
         }
         let prefetched = meta.nonzero_pages - engine.remaining();
@@ -487,7 +494,7 @@ async fn run(
             complete_ms = ms(started.elapsed());
             unused = 0;
         } else {
-            let f = spawn_filler(engine.clone(), bar.clone())?;
+            let f = engine.start_fill(bar.clone())?;
             fill_time = finish_fill(f, &engine).await?;
             complete_ms = ms(started.elapsed());
             unused = engine.unused_prefetched();
@@ -510,13 +517,15 @@ async fn run(
         })
     }
     .await;
-    engine.request_stop();
-    let log = faults.join().unwrap_or_default();
+    let stopped = service.stop(&engine);
     bar.finish();
-    if let Some(msg) = engine.failure() {
-        return Err(RestoreError::Engine(msg));
-    }
-    let phases = outcome?;
+    // A thread's own error explains a failed phase better than the phase.
+    let log = match (stopped, outcome) {
+        (Err(e), _) => return Err(e.into()),
+        (Ok(_), Err(e)) => return Err(e),
+        (Ok(log), Ok(phases)) => (log, phases),
+    };
+    let (log, phases) = log;
     if let Err(e) = uffd.close_remote() {
         log::warn!("could not close the userfaultfd inside QEMU: {e}");
     }
@@ -576,7 +585,7 @@ pub async fn tracking_window(
     w: LearnWindow,
 ) -> Result<f64, RestoreError> {
     let t = Instant::now();
-    zap(qemu, ram)?;
+    engine.zapping(|| zap(qemu, ram))?;
     watch(engine, w, t).await
 }
 
@@ -596,8 +605,8 @@ pub async fn watch(engine: &Engine, w: LearnWindow, t: Instant) -> Result<f64, R
     let mut seen = engine.counters.touched_pages.load(Ordering::Acquire);
     let mut last_new = Instant::now();
     while t.elapsed() < w.max && last_new.elapsed() < w.quiet {
-        if let Some(msg) = engine.failure() {
-            return Err(RestoreError::Engine(msg));
+        if engine.has_failed() {
+            break;
         }
         tokio::time::sleep(WINDOW_TICK).await;
         let now = engine.counters.touched_pages.load(Ordering::Acquire);
@@ -655,6 +664,7 @@ pub fn block_maps(ram: &[RamMapping], layout: &RamLayout) -> Result<Vec<BlockMap
                 source,
             })?;
         blocks.push(BlockMap {
+            id: m.id.clone(),
             start: m.start,
             first_page: b.first_page,
             pages: b.pages(),
@@ -754,63 +764,24 @@ async fn load_device_state(qmp: &mut vmm::Qmp, data: Vec<u8>) -> Result<f64, Res
     let elapsed = ms(t.elapsed());
     let written = writer
         .join()
-        .map_err(|_| RestoreError::Engine("device-state writer panicked".into()))?;
+        .map_err(|_| RestoreError::Panicked("device-state writer"))?;
     loaded?;
     written.map_err(io("writing the device state to QEMU"))?;
     Ok(elapsed)
 }
 
-/// Waits for the filler, checks it installed every non-zero page; returns
-/// how long it ran.
-/// Starts the thread that serves guest page faults (see
-/// [`Engine::serve_faults`]).
-pub(crate) fn spawn_fault_thread(
-    engine: Arc<Engine>,
-    log_capacity: usize,
-) -> Result<std::thread::JoinHandle<FaultLog>, RestoreError> {
-    std::thread::Builder::new()
-        .name("thaw-faults".into())
-        .spawn(move || engine.serve_faults(log_capacity))
-        .map_err(|source| RestoreError::Io {
-            context: "spawning the fault thread".into(),
-            source,
-        })
-}
-
-/// The background filler's thread: its result and run time.
-type Filler = std::thread::JoinHandle<(Result<(), crate::engine::EngineError>, Duration)>;
-
-/// Starts the background filler.
-pub(crate) fn spawn_filler(
-    engine: Arc<Engine>,
-    bar: crate::progress::SharedProgress,
-) -> Result<Filler, RestoreError> {
-    std::thread::Builder::new()
-        .name("thaw-fill".into())
-        .spawn(move || {
-            let t = Instant::now();
-            let r = engine.fill(&*bar);
-            (r, t.elapsed())
-        })
-        .map_err(|source| RestoreError::Io {
-            context: "spawning the filler".into(),
-            source,
-        })
-}
-
-pub(crate) async fn finish_fill(filler: Filler, engine: &Engine) -> Result<Duration, RestoreError> {
-    wait_thread(&filler, engine).await?;
-    let (result, took) = filler
-        .join()
-        .map_err(|_| RestoreError::Engine("the filler thread panicked".into()))?;
-    result.map_err(|e| RestoreError::Engine(e.to_string()))?;
-    if engine.remaining() != 0 {
-        return Err(RestoreError::Engine(format!(
-            "{} pages still missing after the fill",
-            engine.remaining()
-        )));
+/// Waits for the filler while watching the other engine threads for
+/// failures; checks it installed every saved page and returns how long it
+/// ran.
+pub(crate) async fn finish_fill(filler: Fill, engine: &Engine) -> Result<Duration, RestoreError> {
+    while !filler.is_finished() && !engine.has_failed() {
+        tokio::time::sleep(FILL_POLL).await;
     }
-    Ok(took)
+    if !filler.is_finished() {
+        engine.request_stop();
+    }
+    // Finished, or stopping at its next check: a short wait.
+    Ok(filler.join(engine)?)
 }
 
 /// Ends userfaultfd handling of guest RAM. Only once every non-zero page is
@@ -823,20 +794,6 @@ pub(crate) fn unregister(
     engine.release();
     for m in ram {
         uffd.unregister(m.start, m.len)?;
-    }
-    Ok(())
-}
-
-/// Waits for a thread to finish while watching the engine for failures.
-async fn wait_thread<T>(
-    t: &std::thread::JoinHandle<T>,
-    engine: &Engine,
-) -> Result<(), RestoreError> {
-    while !t.is_finished() {
-        if let Some(msg) = engine.failure() {
-            return Err(RestoreError::Engine(msg));
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
     }
     Ok(())
 }

@@ -1,0 +1,162 @@
+//! The fault thread: reads every userfaultfd event and answers it without
+//! ever waiting on an image read. A missing fault on a saved page becomes a
+//! fetch request ([`super::fetch`]; faults on one chunk share one read); a
+//! zero page, a discarded page or a page installed meanwhile is answered at
+//! once with a zero page (whatever is there already stays); a minor fault
+//! is mapped with `UFFDIO_CONTINUE`; a remove event is a guest discard
+//! ([`super::discard`]). First touches are recorded in order.
+
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use super::fetch::{Request, Waiter};
+use super::{Engine, EngineError, FaultLog};
+use crate::image::PageLocation;
+use crate::mem::PageIndex;
+use crate::remote::uffd::{EventBuffer, FaultEvent};
+
+/// How long the fault thread waits for an event before checking for stop.
+const FAULT_POLL: Duration = Duration::from_millis(20);
+/// Events read per `read(2)`.
+const EVENTS_PER_READ: usize = 64;
+
+impl Engine {
+    /// Serves events until asked to stop; returns the service time of the
+    /// faults it answered itself and the order of first touches.
+    pub(crate) fn serve_faults(&self, capacity: usize) -> FaultLog {
+        let mut log = FaultLog {
+            latencies: Vec::with_capacity(capacity),
+            touches: Vec::with_capacity(capacity),
+        };
+        let mut events = EventBuffer::new(EVENTS_PER_READ);
+        while !self.stop.load(Ordering::Acquire) {
+            let batch = match self.uffd.read_events(&mut events, Some(FAULT_POLL)) {
+                Ok(b) => b,
+                Err(e) => {
+                    self.fail(e.into());
+                    break;
+                }
+            };
+            if batch.is_empty() {
+                continue;
+            }
+            self.batches_read.fetch_add(1, Ordering::AcqRel);
+            let read_at = Instant::now();
+            for ev in batch {
+                let served = match *ev {
+                    FaultEvent::PageFault { addr } => self.on_missing(addr, read_at, &mut log),
+                    FaultEvent::MinorFault { addr } => self.on_minor(addr, read_at, &mut log),
+                    FaultEvent::Remove { start, end } => self.on_remove(start, end),
+                    ref other => {
+                        log::warn!("userfaultfd event not handled: {other:?}");
+                        Ok(())
+                    }
+                };
+                if let Err(e) = served {
+                    self.fail(e);
+                    break;
+                }
+            }
+            self.batches_handled.fetch_add(1, Ordering::AcqRel);
+        }
+        log
+    }
+
+    /// Records a service time that ended now (not during the tracking
+    /// window, whose minor faults are not part of the restore).
+    fn note_latency(&self, read_at: Instant, log: &mut FaultLog) {
+        if log.latencies.len() < log.latencies.capacity() && !self.in_window.load(Ordering::Acquire)
+        {
+            let us = read_at.elapsed().as_micros();
+            log.latencies.push(u32::try_from(us).unwrap_or(u32::MAX));
+        }
+    }
+
+    /// Records the first touch of `page` (not of a page the guest
+    /// discarded: its content came from no image). True if it is the first.
+    fn record_touch(&self, page: PageIndex, log: &mut FaultLog) -> bool {
+        if self.pages.discarded.test(page) || !self.pages.touched.set(page) {
+            return false;
+        }
+        if log.touches.len() < log.touches.capacity() {
+            log.touches.push(page);
+        }
+        self.counters.touched_pages.fetch_add(1, Ordering::Release);
+        true
+    }
+
+    fn on_missing(
+        &self,
+        addr: u64,
+        read_at: Instant,
+        log: &mut FaultLog,
+    ) -> Result<(), EngineError> {
+        let page = self.page_of(addr).ok_or(EngineError::StrayFault(addr))?;
+        self.record_touch(page, log);
+        let counter = if self.resumed.load(Ordering::Acquire) {
+            &self.counters.faults_after_resume
+        } else {
+            &self.counters.faults_before_resume
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        let location = if self.live {
+            // A running VM's RAM is complete: a hole was never written or
+            // was discarded.
+            PageLocation::Zero
+        } else {
+            self.image.locate(page)
+        };
+        let saved = matches!(location, PageLocation::Slot(_));
+        if self.pages.is_resident(page) {
+            // Discarded by the guest, or installed after this fault was
+            // queued: a zero page, or a wake if the page is there.
+            if self.pages.discarded.test(page) {
+                self.counters
+                    .discarded_faults
+                    .fetch_add(1, Ordering::Relaxed);
+            }
+            self.answer_with_zeros(page, saved)?;
+            self.note_latency(read_at, log);
+            return Ok(());
+        }
+        match location {
+            PageLocation::Zero => {
+                self.answer_with_zeros(page, false)?;
+                self.counters.zero_faults.fetch_add(1, Ordering::Relaxed);
+                self.note_latency(read_at, log);
+            }
+            PageLocation::Slot(slot) => {
+                let chunk = self.image.chunk_of(slot);
+                let waiter = Waiter {
+                    page,
+                    since: read_at,
+                };
+                match self.request_fetch(chunk, waiter) {
+                    Request::Queued | Request::Joined => {}
+                    Request::Settled => {
+                        self.answer_with_zeros(page, true)?;
+                        self.note_latency(read_at, log);
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// A page in the page cache (prefetched, or installed and then zapped
+    /// out of QEMU's page tables) was touched: map it.
+    fn on_minor(&self, addr: u64, read_at: Instant, log: &mut FaultLog) -> Result<(), EngineError> {
+        let page = self.page_of(addr).ok_or(EngineError::StrayFault(addr))?;
+        self.counters.minor_faults.fetch_add(1, Ordering::Relaxed);
+        if self.record_touch(page, log)
+            && self.resumed.load(Ordering::Acquire)
+            && !self.in_window.load(Ordering::Acquire)
+            && self.pages.prefetched.test(page)
+        {
+            self.counters.skipped_faults.fetch_add(1, Ordering::Relaxed);
+        }
+        self.answer_minor(page)?;
+        self.note_latency(read_at, log);
+        Ok(())
+    }
+}

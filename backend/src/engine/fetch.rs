@@ -1,0 +1,190 @@
+//! Fetching saved chunks for faults, off the fault thread. The fault thread
+//! only queues a request; a pool of fetch workers reads and verifies the
+//! chunk, installs all of it and wakes everyone who waits on it. Requests
+//! for a chunk already in flight join it (two vCPUs faulting on one chunk
+//! share one read), so no fault ever waits behind another fault's read,
+//! and with several workers several reads are in flight at once: a store
+//! with 10–100 ms per request serves as many faults in parallel as there
+//! are workers. Fault reads go ahead of the prefetch and the fill at the
+//! image's read limiter.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::Ordering;
+use std::sync::{Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use super::installer::Installed;
+use super::{Engine, EngineError};
+use crate::mem::{PageIndex, PAGE_SIZE};
+
+/// How long an idle worker waits before checking for stop.
+const IDLE_POLL: Duration = Duration::from_millis(50);
+
+/// A faulting access waiting for its chunk.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Waiter {
+    pub(crate) page: PageIndex,
+    /// When its fault was read.
+    pub(crate) since: Instant,
+}
+
+/// What became of a fetch request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Request {
+    /// A read of the chunk was queued.
+    Queued,
+    /// A read of the chunk was in flight already; the waiter joined it.
+    Joined,
+    /// The page became resident before a read was needed: answer it now.
+    Settled,
+}
+
+/// Chunks queued or being read, and who waits on each.
+#[derive(Default)]
+struct Pending {
+    queue: VecDeque<u32>,
+    waiting: HashMap<u32, Vec<Waiter>>,
+}
+
+/// The fetch queue shared by the fault thread and the workers.
+#[derive(Default)]
+pub(crate) struct FetchQueue {
+    pending: Mutex<Pending>,
+    work: Condvar,
+}
+
+impl FetchQueue {
+    fn lock(&self) -> MutexGuard<'_, Pending> {
+        // A worker that panicked aborts the process (release builds) or
+        // leaves consistent data behind: the map only holds plain values.
+        self.pending.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Wakes every idle worker (to see a stop request).
+    pub(crate) fn wake_all(&self) {
+        self.work.notify_all();
+    }
+}
+
+impl Engine {
+    /// Asks for chunk `chunk` on behalf of `waiter` (from the fault thread;
+    /// never blocks on a read).
+    pub(crate) fn request_fetch(&self, chunk: u32, waiter: Waiter) -> Request {
+        let mut p = self.fetch.lock();
+        if let Some(list) = p.waiting.get_mut(&chunk) {
+            list.push(waiter);
+            return Request::Joined;
+        }
+        // A worker marks pages resident before it retires its chunk: under
+        // the lock, a missing entry and a resident page mean it is done.
+        if self.pages.is_resident(waiter.page) {
+            return Request::Settled;
+        }
+        p.waiting.insert(chunk, vec![waiter]);
+        p.queue.push_back(chunk);
+        drop(p);
+        self.fetch.work.notify_one();
+        Request::Queued
+    }
+
+    /// Chunks queued or in flight.
+    #[cfg(test)]
+    pub(crate) fn fetches_pending(&self) -> usize {
+        self.fetch.lock().waiting.len()
+    }
+
+    /// A fetch worker: reads queued chunks until asked to stop. Returns the
+    /// service time (µs, fault read → faulting thread woken) of each fault
+    /// it completed.
+    pub(crate) fn fetch_worker(&self, capacity: usize) -> Vec<u32> {
+        let mut latencies = Vec::with_capacity(capacity);
+        let chunk_bytes = self.image.meta().chunk_pages as usize * PAGE_SIZE as usize;
+        let mut buf = vec![0u8; chunk_bytes];
+        loop {
+            let chunk = {
+                let mut p = self.fetch.lock();
+                loop {
+                    if self.stop.load(Ordering::Acquire) {
+                        return latencies;
+                    }
+                    if let Some(c) = p.queue.pop_front() {
+                        break c;
+                    }
+                    p = self
+                        .fetch
+                        .work
+                        .wait_timeout(p, IDLE_POLL)
+                        .map(|(g, _)| g)
+                        .unwrap_or_else(|e| e.into_inner().0);
+                }
+            };
+            if let Err(e) = self.complete_fetch(chunk, &mut buf, &mut latencies) {
+                self.fail(e);
+                return latencies;
+            }
+        }
+    }
+
+    /// Reads, verifies and installs chunk `chunk`, then answers everyone
+    /// waiting on it.
+    fn complete_fetch(
+        &self,
+        chunk: u32,
+        buf: &mut [u8],
+        latencies: &mut Vec<u32>,
+    ) -> Result<(), EngineError> {
+        let n = self.image.read_chunks_urgent(chunk, 1, buf)?;
+        self.counters
+            .bytes_read
+            .fetch_add(n as u64, Ordering::Relaxed);
+        let fresh = match self.install_chunk(chunk, buf)? {
+            Installed::All { fresh } => fresh,
+            Installed::Stopped => return Ok(()),
+        };
+        let waiters = self.fetch.lock().waiting.remove(&chunk).unwrap_or_default();
+        let mut faulted = 0u64;
+        for w in &waiters {
+            // Installed (and woken) above, or discarded meanwhile: a zero
+            // page, or a wake for a page that is there.
+            self.answer_with_zeros(w.page, true)?;
+            if latencies.len() < latencies.capacity() {
+                let us = w.since.elapsed().as_micros();
+                latencies.push(u32::try_from(us).unwrap_or(u32::MAX));
+            }
+            faulted += 1;
+        }
+        self.counters
+            .fault_pages
+            .fetch_add(faulted, Ordering::Relaxed);
+        self.counters
+            .neighbour_pages
+            .fetch_add(fresh.saturating_sub(faulted), Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Installs the verified pages of chunk `chunk` (in `data`), one
+    /// `UFFDIO_COPY` per run of adjacent guest pages, waking waiters.
+    pub(crate) fn install_chunk(&self, chunk: u32, data: &[u8]) -> Result<Installed, EngineError> {
+        let slots = self.image.chunk_slots(chunk);
+        let mut fresh = 0;
+        let mut s = slots.start;
+        while s < slots.end {
+            let first = self.image.slot_page(s);
+            let mut e = s + 1;
+            while e < slots.end
+                && self.image.slot_page(e).0 == first.0 + u64::from(e - s)
+                && self.same_block(first, self.image.slot_page(e))
+            {
+                e += 1;
+            }
+            let off = (s - slots.start) as usize * PAGE_SIZE as usize;
+            let len = (e - s) as usize * PAGE_SIZE as usize;
+            match self.install_saved(first, &data[off..off + len], true)? {
+                Installed::All { fresh: f } => fresh += f,
+                Installed::Stopped => return Ok(Installed::Stopped),
+            }
+            s = e;
+        }
+        Ok(Installed::All { fresh })
+    }
+}

@@ -1,0 +1,509 @@
+//! The engine's races, against a real process: the test binary re-runs
+//! itself as a multi-threaded "mapper" (a stand-in for QEMU) that maps a
+//! shared memfd the way QEMU maps guest RAM, touches pages from as many
+//! threads as asked and discards ranges the way QEMU does for a balloon
+//! (punch a hole, then `MADV_DONTNEED`). The engine takes over a
+//! userfaultfd inside it and serves it from this process.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::process::CommandExt;
+use std::path::Path;
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use nix::unistd::Pid;
+use userfaultfd_sys::{
+    UFFD_FEATURE_EVENT_REMOVE, UFFD_FEATURE_MINOR_SHMEM, UFFD_FEATURE_MISSING_SHMEM,
+};
+use xxhash_rust::xxh3::xxh3_64;
+
+use super::*;
+use crate::image::{ImageInfo, ImageWriter};
+use crate::mem::RamLayout;
+use crate::remote::uffd;
+use crate::wss::{Estimator, WorkingSet, WsFile};
+
+/// Pages of the test RAM (1 MiB): 16 chunks of 16 pages.
+const PAGES: u64 = 256;
+/// Generous: the machine is shared and slow.
+const TIMEOUT: Duration = Duration::from_secs(120);
+const MAPPER_ENV: &str = "THAW_ENGINE_TEST_MAPPER";
+/// The fd number the mapper finds the memfd at.
+const MAPPER_FD: i32 = 3;
+const TAG: &str = "THAW-MAP ";
+
+/// Saved content of page `p`: every fourth page is all zeros.
+fn content(p: u64) -> Vec<u8> {
+    if p % 4 == 3 {
+        return vec![0; PAGE_SIZE as usize];
+    }
+    (0..PAGE_SIZE / 8)
+        .flat_map(|w| ((p << 32) ^ w ^ 0x7ea5_0000_0000_7ea5).to_le_bytes())
+        .collect()
+}
+
+fn zeros_hash() -> u64 {
+    xxh3_64(&[0u8; PAGE_SIZE as usize])
+}
+
+fn saved_hash(p: u64) -> u64 {
+    xxh3_64(&content(p))
+}
+
+/// An image of one RAM block `ram0` of [`PAGES`] pages holding [`content`].
+fn write_image(dir: &Path) -> Arc<Image> {
+    let layout = RamLayout::from_sizes([("ram0", PAGES * PAGE_SIZE)]);
+    let mut w = ImageWriter::create(dir, layout, false).expect("create image");
+    w.device_state_file()
+        .expect("device state file")
+        .write_all(b"device state")
+        .expect("write device state");
+    let data: Vec<u8> = (0..PAGES).flat_map(content).collect();
+    w.write_run(PageIndex(0), &data).expect("write pages");
+    let vm = crate::config::VmConfig::parse(
+        "name: t\nmemory: 1M\n",
+        Path::new("t.yaml"),
+        Path::new("/"),
+    )
+    .expect("config");
+    w.finish(ImageInfo {
+        qemu_version: "10.0.2".into(),
+        accel: "tcg".into(),
+        vm,
+    })
+    .expect("finish image");
+    Arc::new(Image::open(dir).expect("open image"))
+}
+
+/// The mapper process's side: maps fd 3 shared and obeys commands on
+/// stdin. Only does anything when run as the mapper.
+#[test]
+fn mapper_process() {
+    if std::env::var_os(MAPPER_ENV).is_none() {
+        return;
+    }
+    mapper_main();
+}
+
+fn say(line: &str) {
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{TAG}{line}");
+    let _ = out.flush();
+}
+
+fn mapper_main() {
+    let len = (PAGES * PAGE_SIZE) as usize;
+    // SAFETY: a fresh shared read-write mapping of the inherited memfd,
+    // used only through volatile reads at page offsets inside it.
+    let base = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED,
+            MAPPER_FD,
+            0,
+        )
+    };
+    assert_ne!(base, libc::MAP_FAILED, "mapper: mmap failed");
+    let base = base as usize;
+    say(&format!("ready {base:#x}"));
+    let mut threads = Vec::new();
+    for line in std::io::stdin().lock().lines() {
+        let line = line.expect("mapper: stdin");
+        let words: Vec<&str> = line.split_whitespace().collect();
+        match words.as_slice() {
+            ["touch", id, pages] => {
+                let id = id.to_string();
+                let pages: Vec<u64> = pages.split(',').map(|p| p.parse().expect("page")).collect();
+                threads.push(std::thread::spawn(move || {
+                    let sums: Vec<String> = pages
+                        .iter()
+                        .map(|&p| format!("{p}:{}", read_page(base, p)))
+                        .collect();
+                    say(&format!("done {id} {}", sums.join(",")));
+                }));
+                say(&format!("started {}", words[1]));
+            }
+            ["discard", first, count] => {
+                let (first, count): (u64, u64) =
+                    (first.parse().expect("first"), count.parse().expect("count"));
+                let (off, n) = (first * PAGE_SIZE, count * PAGE_SIZE);
+                // What QEMU does for a balloon page: punch the file, then
+                // drop the mapping (which raises the remove event).
+                // SAFETY: fallocate on the inherited memfd and madvise over
+                // a range inside this process's own mapping of it.
+                unsafe {
+                    let r = libc::fallocate(
+                        MAPPER_FD,
+                        libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                        off as i64,
+                        n as i64,
+                    );
+                    assert_eq!(r, 0, "mapper: punch");
+                    let r = libc::madvise(
+                        (base + off as usize) as *mut _,
+                        n as usize,
+                        libc::MADV_DONTNEED,
+                    );
+                    assert_eq!(r, 0, "mapper: madvise");
+                }
+                say("discarded");
+            }
+            ["exit"] => break,
+            other => panic!("mapper: unknown command {other:?}"),
+        }
+    }
+    for t in threads {
+        let _ = t.join();
+    }
+}
+
+/// Reads page `p` of the mapping at `base` word by word; its hash.
+fn read_page(base: usize, p: u64) -> u64 {
+    let words = (PAGE_SIZE / 8) as usize;
+    let at = (base + (p * PAGE_SIZE) as usize) as *const u64;
+    let mut bytes = Vec::with_capacity(PAGE_SIZE as usize);
+    for i in 0..words {
+        // SAFETY: `at` points at page `p` of the live mapping (p < PAGES),
+        // `i` stays inside that page; volatile so every word is loaded.
+        let w = unsafe { std::ptr::read_volatile(at.add(i)) };
+        bytes.extend_from_slice(&w.to_le_bytes());
+    }
+    xxh3_64(&bytes)
+}
+
+/// The mapper seen from the engine's side.
+struct Mapper {
+    child: Child,
+    stdin: ChildStdin,
+    lines: Receiver<String>,
+    memfd: OwnedFd,
+    base: u64,
+}
+
+impl Mapper {
+    fn spawn() -> Mapper {
+        let memfd =
+            nix::sys::memfd::memfd_create(c"thaw-engine-test", nix::sys::memfd::MFdFlags::empty())
+                .expect("memfd_create");
+        nix::unistd::ftruncate(&memfd, (PAGES * PAGE_SIZE) as i64).expect("ftruncate");
+        let raw = memfd.as_raw_fd();
+        let mut cmd = Command::new(std::env::current_exe().expect("test binary"));
+        cmd.args([
+            "engine::tests::mapper_process",
+            "--exact",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(MAPPER_ENV, "1")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit());
+        // SAFETY: dup2 is async-signal-safe; it puts the memfd at the fd
+        // number the mapper expects (clearing close-on-exec there).
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::dup2(raw, MAPPER_FD) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let mut child = cmd.spawn().expect("spawn mapper");
+        let stdin = child.stdin.take().expect("stdin");
+        let stdout = child.stdout.take().expect("stdout");
+        let (tx, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                // libtest's own "test ... " may precede the tag on a line.
+                if let Some(at) = line.find(TAG) {
+                    if tx.send(line[at + TAG.len()..].to_string()).is_err() {
+                        break;
+                    }
+                }
+            }
+        });
+        let mut m = Mapper {
+            child,
+            stdin,
+            lines,
+            memfd,
+            base: 0,
+        };
+        let ready = m.expect_prefix("ready ");
+        m.base = u64::from_str_radix(ready.trim_start_matches("0x"), 16).expect("address");
+        m
+    }
+
+    fn send(&mut self, line: &str) {
+        writeln!(self.stdin, "{line}").expect("to mapper");
+        self.stdin.flush().expect("flush");
+    }
+
+    /// The next line from the mapper, which must start with `prefix`.
+    fn expect_prefix(&mut self, prefix: &str) -> String {
+        match self.lines.recv_timeout(TIMEOUT) {
+            Ok(l) => l
+                .strip_prefix(prefix)
+                .unwrap_or_else(|| panic!("mapper said {l:?}, expected {prefix:?}"))
+                .to_string(),
+            Err(RecvTimeoutError::Timeout) => panic!("mapper silent for {TIMEOUT:?}"),
+            Err(RecvTimeoutError::Disconnected) => panic!("mapper exited"),
+        }
+    }
+
+    /// Starts a thread in the mapper that reads `pages` in order.
+    fn touch(&mut self, id: &str, pages: &[u64]) {
+        let list: Vec<String> = pages.iter().map(u64::to_string).collect();
+        self.send(&format!("touch {id} {}", list.join(",")));
+        assert_eq!(self.expect_prefix("started "), id);
+    }
+
+    /// Waits for the next finished touch: its id and (page, hash) pairs.
+    fn next_done(&mut self) -> (String, Vec<(u64, u64)>) {
+        let rest = self.expect_prefix("done ");
+        let (id, sums) = rest.split_once(' ').expect("done line");
+        let sums = sums
+            .split(',')
+            .map(|s| {
+                let (p, h) = s.split_once(':').expect("page:hash");
+                (p.parse().expect("page"), h.parse().expect("hash"))
+            })
+            .collect();
+        (id.to_string(), sums)
+    }
+
+    /// Discards pages `first..first+count` as QEMU does for a balloon.
+    fn discard(&mut self, first: u64, count: u64) {
+        self.send(&format!("discard {first} {count}"));
+        self.expect_prefix("discarded");
+    }
+
+    /// The engine over this mapper's RAM, with a userfaultfd taken over in
+    /// it and the RAM registered for missing and minor faults.
+    fn engine(&self, image: Arc<Image>) -> Engine {
+        let pid = Pid::from_raw(i32::try_from(self.child.id()).expect("pid"));
+        let uffd = uffd::take_over(
+            pid,
+            UFFD_FEATURE_MISSING_SHMEM | UFFD_FEATURE_MINOR_SHMEM | UFFD_FEATURE_EVENT_REMOVE,
+        )
+        .expect("take over a userfaultfd in the mapper");
+        uffd.register_missing_minor(HostAddr(self.base), PAGES * PAGE_SIZE)
+            .expect("register");
+        let file = File::from(self.memfd.try_clone().expect("dup memfd"));
+        let block = BlockMap {
+            id: "ram0".into(),
+            start: HostAddr(self.base),
+            first_page: 0,
+            pages: PAGES,
+            file,
+        };
+        Engine::new(image, Arc::new(uffd), vec![block])
+    }
+
+    fn exit(mut self) {
+        self.send("exit");
+        let status = self.child.wait().expect("wait mapper");
+        assert!(status.success(), "mapper failed: {status}");
+    }
+}
+
+/// Checks every (page, hash) against the saved content, or zeros for the
+/// pages in `discarded`.
+fn check(sums: &[(u64, u64)], discarded: &[u64]) {
+    for &(p, h) in sums {
+        let want = if discarded.contains(&p) {
+            zeros_hash()
+        } else {
+            saved_hash(p)
+        };
+        assert_eq!(h, want, "page {p} has other content than expected");
+    }
+}
+
+fn chunk_bytes(image: &Image) -> u64 {
+    u64::from(image.meta().chunk_pages) * PAGE_SIZE
+}
+
+#[test]
+fn faulting_threads_on_one_chunk_share_one_read() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let mut image = Arc::into_inner(write_image(&tmp.path().join("img"))).expect("image");
+    // Slow reads (a quarter second per chunk): the faults pile up on one.
+    image.set_read_limit(256 << 10);
+    let image = Arc::new(image);
+    let mut m = Mapper::spawn();
+    let engine = Arc::new(m.engine(image.clone()));
+    let service = engine.start(1024).expect("start");
+    // Chunk 2 is pages 32..48 in this image (zero pages are not stored,
+    // so map slots through the image rather than guess).
+    let PageLocation::Slot(slot) = image.locate(PageIndex(33)) else {
+        panic!("page 33 is saved")
+    };
+    let chunk = image.chunk_of(slot);
+    let pages: Vec<u64> = image
+        .chunk_slots(chunk)
+        .map(|s| image.slot_page(s).0)
+        .collect();
+    for (i, p) in pages.iter().enumerate() {
+        m.touch(&format!("t{i}"), &[*p]);
+    }
+    // Two threads on the very same page, too.
+    m.touch("again", &[pages[0]]);
+    for _ in 0..=pages.len() {
+        let (_, sums) = m.next_done();
+        check(&sums, &[]);
+    }
+    assert_eq!(
+        engine.counters.bytes_read.load(Ordering::Relaxed),
+        chunk_bytes(&image),
+        "one read for the whole chunk"
+    );
+    assert_eq!(engine.fetches_pending(), 0);
+    service.stop(&engine).expect("no engine error");
+    m.exit();
+}
+
+#[test]
+fn a_slow_read_holds_up_only_its_own_fault() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let mut image = Arc::into_inner(write_image(&tmp.path().join("img"))).expect("image");
+    // Four seconds per 64 KiB chunk.
+    image.set_read_limit(16 << 10);
+    let image = Arc::new(image);
+    let mut m = Mapper::spawn();
+    let engine = Arc::new(m.engine(image.clone()));
+    let service = engine.start(1024).expect("start");
+    m.touch("slow", &[100]);
+    // Zero pages, answered by the fault thread itself while the read of
+    // page 100's chunk is still going on.
+    m.touch("zeros", &[3, 7, 11, 203]);
+    let (first, sums) = m.next_done();
+    assert_eq!(first, "zeros", "a zero-page fault waited behind a read");
+    check(&sums, &[]);
+    let (second, sums) = m.next_done();
+    assert_eq!(second, "slow");
+    check(&sums, &[]);
+    service.stop(&engine).expect("no engine error");
+    m.exit();
+}
+
+#[test]
+fn faults_race_the_prefetch_and_the_fill() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let image = write_image(&tmp.path().join("img"));
+    let every_third: Vec<PageIndex> = (0..PAGES).step_by(3).map(PageIndex).collect();
+    crate::wss::write(
+        &image,
+        &WorkingSet::from_touches(Estimator::Learned, &every_third),
+    )
+    .expect("write working set");
+    let ws = WsFile::open(&image, Estimator::Learned)
+        .expect("open working set")
+        .expect("a working set");
+    let mut m = Mapper::spawn();
+    let engine = Arc::new(m.engine(image.clone()));
+    let service = engine.start(1024).expect("start");
+    engine.set_resumed();
+    // Four threads sweep all of RAM in different orders while the prefetch
+    // and the fill install the same pages.
+    let forward: Vec<u64> = (0..PAGES).collect();
+    let backward: Vec<u64> = (0..PAGES).rev().collect();
+    let odd_first: Vec<u64> = (0..PAGES)
+        .filter(|p| p % 2 == 1)
+        .chain((0..PAGES).filter(|p| p % 2 == 0))
+        .collect();
+    let strided: Vec<u64> = (0..PAGES).map(|i| (i * 37) % PAGES).collect();
+    m.touch("forward", &forward);
+    m.touch("backward", &backward);
+    let prefetcher = {
+        let engine = engine.clone();
+        std::thread::spawn(move || engine.prefetch(&ws, false))
+    };
+    let fill = engine.start_fill(Default::default()).expect("fill");
+    m.touch("odd", &odd_first);
+    m.touch("strided", &strided);
+    for _ in 0..4 {
+        let (_, sums) = m.next_done();
+        check(&sums, &[]);
+    }
+    prefetcher
+        .join()
+        .expect("prefetch thread")
+        .expect("prefetch: already-there pages are no error");
+    fill.join(&engine).expect("fill");
+    assert_eq!(engine.remaining(), 0);
+    service.stop(&engine).expect("no engine error");
+    m.exit();
+}
+
+#[test]
+fn discards_during_a_fill_read_as_zeros_and_are_not_refilled() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let image = write_image(&tmp.path().join("img"));
+    let mut m = Mapper::spawn();
+    // The fill runs at 128 KiB/s once the guest runs: eight seconds for
+    // all of RAM, so the discards below land while most is missing.
+    let engine = Arc::new(m.engine(image.clone()).with_fill_limit(Some(128 << 10)));
+    let service = engine.start(1024).expect("start");
+    engine.set_resumed();
+    // Some pages are in before the discards: faulted, with their chunk.
+    m.touch("before", &[0, 1, 2]);
+    let (_, sums) = m.next_done();
+    check(&sums, &[]);
+    let fill = engine.start_fill(Default::default()).expect("fill");
+    // A resident range and a missing one, each as QEMU discards a page.
+    m.discard(0, 4);
+    m.discard(200, 10);
+    let discarded: Vec<u64> = (0..4).chain(200..210).collect();
+    fill.join(&engine).expect("fill");
+    assert_eq!(engine.remaining(), 0, "discarded pages count as done");
+    assert_eq!(engine.discarded_pages(), 14);
+    // The guest reads its discarded pages as zeros (no spinning on a
+    // page thaw had installed), everything else as saved.
+    let all: Vec<u64> = (0..PAGES).collect();
+    m.touch("after", &all);
+    let (_, sums) = m.next_done();
+    check(&sums, &discarded);
+    assert!(engine.counters.discarded_faults.load(Ordering::Relaxed) >= 1);
+    // No stale saved copy in the RAM file either.
+    let file = File::from(m.memfd.try_clone().expect("dup"));
+    for p in &discarded {
+        let mut page = vec![0u8; PAGE_SIZE as usize];
+        std::os::unix::fs::FileExt::read_exact_at(&file, &mut page, p * PAGE_SIZE).expect("read");
+        assert!(page.iter().all(|&b| b == 0), "page {p} was refilled");
+    }
+    service.stop(&engine).expect("no engine error");
+    m.exit();
+}
+
+#[test]
+fn a_zap_is_no_discard() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let image = write_image(&tmp.path().join("img"));
+    let mut m = Mapper::spawn();
+    let engine = Arc::new(m.engine(image.clone()));
+    let service = engine.start(1024).expect("start");
+    let fill = engine.start_fill(Default::default()).expect("fill");
+    fill.join(&engine).expect("fill");
+    let pid = Pid::from_raw(i32::try_from(m.child.id()).expect("pid"));
+    let started = Instant::now();
+    engine
+        .zapping(|| {
+            crate::remote::inject::madvise_dontneed(pid, HostAddr(m.base), PAGES * PAGE_SIZE)
+        })
+        .expect("zap");
+    assert!(started.elapsed() < TIMEOUT);
+    assert_eq!(engine.discarded_pages(), 0);
+    let all: Vec<u64> = (0..PAGES).collect();
+    m.touch("after", &all);
+    let (_, sums) = m.next_done();
+    check(&sums, &[]);
+    service.stop(&engine).expect("no engine error");
+    m.exit();
+}
