@@ -72,6 +72,8 @@ impl RestoreJson {
             "prefetched_pages",
             "faults",
             "background_pages",
+            "discarded_pages",
+            "discarded_faults",
         ] {
             self.u64(key);
         }
@@ -101,10 +103,12 @@ pub struct Vm {
     serial: PathBuf,
 }
 
-fn repo_root() -> PathBuf {
+pub fn repo_root() -> PathBuf {
+    // The tests belong to backend/cli.
     Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("backend/ has a parent")
+        .ancestors()
+        .nth(2)
+        .expect("backend/cli has a grandparent")
         .to_path_buf()
 }
 

@@ -7,6 +7,7 @@
 //! Needs root and the guest kit (`tests/guest/build.sh`); `ci/test.sh` runs them.
 
 mod bad_input;
+mod balloon;
 mod bench;
 mod concurrency;
 mod faults;

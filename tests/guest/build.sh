@@ -22,7 +22,7 @@ repo=$(cd "$here/../.." && pwd)
 out=${THAW_GUEST_DIR:-$repo/target/guest}
 kernel_meta=linux-image-cloud-amd64
 # Kernel modules put into the initramfs, in load order (dependencies first).
-guest_modules="virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci failover net_failover virtio_net virtio_blk virtio-rng"
+guest_modules="virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci failover net_failover virtio_net virtio_blk virtio-rng virtio_balloon"
 busybox_bin=/bin/busybox
 
 log() { echo "build.sh: $*" >&2; }

@@ -220,6 +220,11 @@ pub struct RestoreStats {
     pub touched_pages: u64,
     /// Size of the image's learned working set after this restore (0: not updated).
     pub learned_pages: u64,
+    /// Pages the guest discarded while thaw served its RAM (balloon,
+    /// free-page reporting): they read as zeros and were not filled.
+    pub discarded_pages: u64,
+    /// Faults on discarded pages, answered with zero pages.
+    pub discarded_faults: u64,
 }
 
 impl std::fmt::Display for RestoreStats {
@@ -277,6 +282,13 @@ impl std::fmt::Display for RestoreStats {
             "  pages: {} zero-page faults, {} with faulted chunks, {} background, {} touched",
             self.zero_page_faults, self.neighbour_pages, self.background_pages, self.touched_pages
         )?;
+        if self.discarded_pages > 0 {
+            writeln!(
+                f,
+                "  discarded by the guest: {} pages ({} faults on them, answered with zeros)",
+                self.discarded_pages, self.discarded_faults
+            )?;
+        }
         if self.learned_pages > 0 {
             writeln!(
                 f,
@@ -570,6 +582,8 @@ async fn run(
         learn_window_ms: phases.window_ms,
         touched_pages: c.touched_pages.load(Ordering::Relaxed),
         learned_pages,
+        discarded_pages: engine.discarded_pages(),
+        discarded_faults: c.discarded_faults.load(Ordering::Relaxed),
     })
 }
 

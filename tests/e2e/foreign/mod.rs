@@ -17,7 +17,7 @@ fn build_initramfs(out: &Path) {
     for d in ["bin", "proc", "sys", "dev", "lib"] {
         std::fs::create_dir_all(root.join(d)).expect("mkdir");
     }
-    let here = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/e2e/foreign");
+    let here = crate::harness::repo_root().join("tests/e2e/foreign");
     std::fs::copy(here.join("init"), root.join("init")).expect("copy init");
     std::fs::copy("/bin/busybox", root.join("bin/busybox")).expect("copy busybox");
     let modules = harness::guest_dir().join("modules");

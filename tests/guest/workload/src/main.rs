@@ -580,6 +580,18 @@ pub fn answer_probes(
     }
 }
 
+/// Tick mode: sets `flag` for every `VERIFY` line on `input` (the
+/// console), so the next tick verifies all memory; other lines are
+/// ignored. Returns at the end of the input.
+pub fn watch_verify_requests(input: impl std::io::BufRead, flag: &std::sync::atomic::AtomicBool) {
+    for line in input.lines() {
+        let Ok(line) = line else { return };
+        if line.trim() == "VERIFY" {
+            flag.store(true, std::sync::atomic::Ordering::Release);
+        }
+    }
+}
+
 /// The id of a `PROBE <id>` request line (surrounding blanks and a
 /// carriage return allowed).
 pub fn parse_probe_request(line: &str) -> Option<u64> {
@@ -655,10 +667,20 @@ fn run(start: Instant, cfg: &Config) -> Result<i32, String> {
     }
 
     const ONCE_TICKS: u64 = 3;
+    // A `VERIFY` line on the console asks for a full pass at the next tick.
+    let verify = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    if !cfg.once {
+        let verify = verify.clone();
+        let _ = std::thread::Builder::new()
+            .name("verify-requests".into())
+            .spawn(move || watch_verify_requests(std::io::stdin().lock(), &verify));
+    }
     let mut t: u64 = 0;
     loop {
         t += 1;
-        let full = t.checked_rem(cfg.full_every) == Some(0) || (cfg.once && t == ONCE_TICKS);
+        let asked = verify.swap(false, std::sync::atomic::Ordering::AcqRel);
+        let full =
+            asked || t.checked_rem(cfg.full_every) == Some(0) || (cfg.once && t == ONCE_TICKS);
         let work = Instant::now();
         let corrupt = w.tick(t, full);
         let work_us = work.elapsed().as_micros();
@@ -843,6 +865,15 @@ mod tests {
         assert_ne!(checksum(&b), h);
         // Known value of the empty input pins the definition down.
         assert_eq!(checksum(&[]), splitmix64(FNV_OFFSET));
+    }
+
+    #[test]
+    fn a_verify_line_asks_for_a_full_pass() {
+        let flag = std::sync::atomic::AtomicBool::new(false);
+        watch_verify_requests("noise\nVERIFY x\n".as_bytes(), &flag);
+        assert!(!flag.load(std::sync::atomic::Ordering::Acquire));
+        watch_verify_requests("noise\n VERIFY\r\n".as_bytes(), &flag);
+        assert!(flag.load(std::sync::atomic::Ordering::Acquire));
     }
 
     #[test]

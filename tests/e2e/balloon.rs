@@ -1,0 +1,163 @@
+//! A guest with a virtio balloon (free-page reporting on) whose balloon is
+//! inflated and deflated through QMP while a slow lazy restore is still
+//! filling its RAM. QEMU discards the pages the guest gives back (a hole in
+//! the RAM file, then `MADV_DONTNEED`); thaw must answer later touches of
+//! them with zeros at once, never refill them from the image, and finish
+//! the restore with the guest's data intact and the guest ticking
+//! throughout.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+use crate::harness::{GuestSpec, Vm};
+
+/// Slow enough that the restore is still filling RAM while the balloon
+/// inflates and deflates (about a minute for the guest's ~120 MiB).
+const SLOW: &str = "2M";
+const MIB: u64 = 1 << 20;
+/// Generous: TCG on a shared 2-core machine is slow.
+const TIMEOUT: Duration = Duration::from_secs(300);
+
+/// A QMP session on the VM's query monitor (the restore holds the main one).
+struct Monitor {
+    reader: BufReader<UnixStream>,
+    writer: UnixStream,
+}
+
+impl Monitor {
+    fn connect(vm: &Vm) -> Monitor {
+        let stream = UnixStream::connect(vm.runtime_file("query.sock")).expect("query monitor");
+        stream
+            .set_read_timeout(Some(TIMEOUT))
+            .expect("read timeout");
+        let writer = stream.try_clone().expect("clone");
+        let mut m = Monitor {
+            reader: BufReader::new(stream),
+            writer,
+        };
+        let greeting = m.next();
+        assert!(greeting.get("QMP").is_some(), "no QMP greeting: {greeting}");
+        m.execute("qmp_capabilities", json!({}));
+        m
+    }
+
+    fn next(&mut self) -> Value {
+        let mut line = String::new();
+        let n = self.reader.read_line(&mut line).expect("read from QMP");
+        assert!(n > 0, "QMP closed");
+        serde_json::from_str(&line).expect("QMP JSON")
+    }
+
+    /// Runs `cmd`; returns its `return` value (events on the way are dropped).
+    fn execute(&mut self, cmd: &str, args: Value) -> Value {
+        let msg = json!({ "execute": cmd, "arguments": args });
+        writeln!(self.writer, "{msg}").expect("write to QMP");
+        loop {
+            let reply = self.next();
+            if let Some(r) = reply.get("return") {
+                return r.clone();
+            }
+            assert!(reply.get("error").is_none(), "{cmd} failed: {reply}");
+        }
+    }
+
+    /// Sets the balloon target to `bytes` of guest RAM and waits for the
+    /// `BALLOON_CHANGE` event that reports the guest got within 4 MiB of it.
+    fn balloon_to(&mut self, bytes: u64) {
+        self.execute("balloon", json!({ "value": bytes }));
+        let deadline = Instant::now() + TIMEOUT;
+        loop {
+            assert!(
+                Instant::now() < deadline,
+                "the guest did not reach a balloon of {} MiB",
+                bytes / MIB
+            );
+            let ev = self.next();
+            if ev["event"] == "BALLOON_CHANGE" {
+                let actual = ev["data"]["actual"].as_u64().expect("actual");
+                if actual.abs_diff(bytes) <= 4 * MIB {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// Asks the workload for a full verification pass at its next tick.
+fn request_full_pass(vm: &Vm) {
+    let mut console = UnixStream::connect(vm.runtime_file("console.sock")).expect("console");
+    console.write_all(b"VERIFY\n").expect("write VERIFY");
+}
+
+#[test]
+fn balloon_inflated_and_deflated_during_a_lazy_restore() {
+    let spec = GuestSpec {
+        extra_args: [
+            "-device",
+            "virtio-balloon-pci,id=balloon0,free-page-reporting=on",
+        ]
+        .map(String::from)
+        .to_vec(),
+        // Full passes on request only: one would wait for every missing page.
+        full_every: 0,
+        ..Default::default()
+    };
+    let vm = Vm::boot("balloon", &spec);
+    let before = vm.wait_ticks(3);
+    let image = vm.save();
+
+    let ticks_before = vm.console().matches("THAW-TICK ").count();
+    let started = Instant::now();
+    let child = vm.thaw_spawn(&[
+        "restore",
+        image.to_str().expect("utf-8"),
+        "--mode",
+        "lazy",
+        "--no-learn",
+        "--read-limit",
+        SLOW,
+        "--json",
+    ]);
+    // The guest runs while its RAM streams in.
+    vm.wait_count("THAW-TICK ", ticks_before + 1);
+    let mut monitor = Monitor::connect(&vm);
+    monitor.balloon_to(384 * MIB);
+    let inflated = vm.console().matches("THAW-TICK ").count();
+    vm.wait_count("THAW-TICK ", inflated + 3);
+    monitor.balloon_to(512 * MIB);
+    let deflated = vm.console().matches("THAW-TICK ").count();
+    vm.wait_count("THAW-TICK ", deflated + 3);
+    let ticked_by = started.elapsed();
+    drop(monitor);
+
+    let out = child.wait_with_output().expect("wait for the restore");
+    assert!(
+        out.status.success(),
+        "restore failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stats: Value = serde_json::from_slice(&out.stdout).expect("restore JSON");
+    let complete =
+        Duration::from_secs_f64(stats["complete_ms"].as_f64().expect("complete_ms") / 1e3);
+    assert!(
+        complete > ticked_by,
+        "the restore ended ({complete:?}) before the guest ticked after the balloon ops ({ticked_by:?}): not a test of a restore in progress"
+    );
+    let discarded = stats["discarded_pages"].as_u64().expect("discarded_pages");
+    assert!(
+        discarded > 0,
+        "the balloon discarded nothing during the restore: {stats}"
+    );
+    eprintln!(
+        "balloon restore: {discarded} pages discarded, {} faults on them, complete after {complete:?}",
+        stats["discarded_faults"]
+    );
+
+    // Every page of the workload is intact, and the guest never rebooted.
+    request_full_pass(&vm);
+    vm.assert_continues_after(&before);
+    vm.stop();
+}
