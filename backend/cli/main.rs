@@ -159,6 +159,12 @@ enum Command {
         /// and the working-set prefetch are not limited.
         #[arg(long, value_parser = parse_size)]
         fill_limit: Option<u64>,
+        /// Image reads in flight at once for page faults: a fault never
+        /// waits behind another fault's read (raise it for slow, parallel
+        /// storage).
+        #[arg(long, default_value_t = thaw::engine::DEFAULT_FETCH_WORKERS as u64,
+              value_parser = clap::value_parser!(u64).range(1..=256))]
+        fetch_workers: u64,
     },
     /// Save a running VM into an image and keep it running; then trace the
     /// order in which the guest touches its pages (the `trace` working set).
@@ -440,6 +446,7 @@ async fn run(cli: Cli) -> Result<()> {
             learn_max_ms,
             read_limit,
             fill_limit,
+            fetch_workers,
         } => {
             let learn = (!no_learn).then_some(LearnWindow {
                 quiet: Duration::from_millis(learn_quiet_ms),
@@ -453,6 +460,8 @@ async fn run(cli: Cli) -> Result<()> {
                 observe,
                 read_limit,
                 fill_limit,
+                // At most 256 (checked by clap).
+                fetch_workers: usize::try_from(fetch_workers).unwrap_or(1),
                 progress: progress::terminal_bar(),
             };
             let stats = thaw::ops::restore::restore(&image, &opts)

@@ -18,7 +18,13 @@
 //! the next touch of every page is seen again) raise the same event but
 //! discard nothing: the page cache keeps the data. They run inside
 //! [`Engine::zapping`], and their events are ignored.
+//!
+//! A restore also appends every discard to a log in the VM's runtime
+//! directory ([`DISCARD_LOG`]: records of two little-endian u64, first page
+//! and page count), so that `thaw recover` after a dead restore knows which
+//! holes are the guest's own and does not refill them.
 
+use std::io::Write;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
@@ -27,6 +33,11 @@ use nix::fcntl::{fallocate, FallocateFlags};
 use super::{Engine, EngineError};
 use crate::image::PageLocation;
 use crate::mem::{PageIndex, PAGE_SIZE};
+
+/// The discard log's file name in a VM's runtime directory.
+pub const DISCARD_LOG: &str = "discards.bin";
+/// Bytes per discard log record.
+const RECORD: usize = 16;
 
 /// How often [`Engine::zapping`] checks that the fault thread has handled
 /// the events of a zap.
@@ -69,6 +80,7 @@ impl Engine {
             self.counters
                 .discarded_pages
                 .fetch_add(newly, Ordering::Relaxed);
+            self.log_discard(b.first_page + first, last - first)?;
             if !self.live {
                 // Undo an install that landed between QEMU's punch and its
                 // event (see the module documentation).
@@ -94,6 +106,41 @@ impl Engine {
         }
         self.counters.discards.fetch_add(1, Ordering::Relaxed);
         Ok(())
+    }
+
+    /// Appends a discard to the log, if the engine keeps one.
+    fn log_discard(&self, first: u64, count: u64) -> Result<(), EngineError> {
+        let mut log = self.discard_log.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(file) = log.as_mut() else {
+            return Ok(());
+        };
+        let mut record = [0u8; RECORD];
+        record[..8].copy_from_slice(&first.to_le_bytes());
+        record[8..].copy_from_slice(&count.to_le_bytes());
+        file.write_all(&record).map_err(EngineError::DiscardLog)
+    }
+
+    /// Marks the discards a dead restore logged (see the module
+    /// documentation) before a recovery adopts what the RAM files hold;
+    /// returns the pages marked. Records outside guest RAM and a torn last
+    /// record are ignored.
+    pub fn adopt_discards(&self, log: &[u8]) -> u64 {
+        let total: u64 = self.blocks.iter().map(|b| b.pages).sum();
+        let mut marked = 0;
+        for r in log.chunks_exact(RECORD) {
+            let word = |b: &[u8]| u64::from_le_bytes(b.try_into().unwrap_or([0; 8]));
+            let (first, count) = (word(&r[..8]), word(&r[8..]));
+            let end = first.saturating_add(count).min(total);
+            for p in first..end {
+                let page = PageIndex(p);
+                if self.pages.discarded.set(page) {
+                    marked += 1;
+                }
+                let saved = matches!(self.image.locate(page), PageLocation::Slot(_));
+                self.pages.mark_resident(page, saved);
+            }
+        }
+        marked
     }
 
     /// Runs `zap` (an injected `MADV_DONTNEED` over guest RAM) so that the

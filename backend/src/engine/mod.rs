@@ -74,6 +74,8 @@ pub enum EngineError {
         offset: u64,
         errno: nix::errno::Errno,
     },
+    #[error("logging a guest discard: {0}")]
+    DiscardLog(std::io::Error),
     #[error("QEMU faulted on {0:#x}, outside guest RAM")]
     StrayFault(u64),
     #[error("the image has more chunks than the engine can address")]
@@ -168,6 +170,8 @@ pub struct Engine {
     failed: AtomicBool,
     /// Paces the background fill once the guest runs (`--fill-limit`).
     fill_pace: Option<Throttle>,
+    /// Where guest discards are logged for a recovery ([`discard`]).
+    discard_log: Mutex<Option<File>>,
     pub counters: Counters,
 }
 
@@ -195,6 +199,7 @@ impl Engine {
             failure: Mutex::new(None),
             failed: AtomicBool::new(false),
             fill_pace: None,
+            discard_log: Mutex::new(None),
             counters: Counters::default(),
         }
     }
@@ -204,6 +209,15 @@ impl Engine {
     /// fill takes less of the memory bandwidth and CPU the guest needs.
     pub fn with_fill_limit(mut self, bytes_per_sec: Option<u64>) -> Engine {
         self.fill_pace = bytes_per_sec.map(Throttle::new);
+        self
+    }
+
+    /// Appends every guest discard to `log` (opened for appending), for
+    /// `thaw recover` ([`discard`]).
+    pub fn with_discard_log(self, log: File) -> Engine {
+        if let Ok(mut l) = self.discard_log.lock() {
+            *l = Some(log);
+        }
         self
     }
 

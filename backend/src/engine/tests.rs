@@ -449,7 +449,13 @@ fn discards_during_a_fill_read_as_zeros_and_are_not_refilled() {
     let mut m = Mapper::spawn();
     // The fill runs at 128 KiB/s once the guest runs: eight seconds for
     // all of RAM, so the discards below land while most is missing.
-    let engine = Arc::new(m.engine(image.clone()).with_fill_limit(Some(128 << 10)));
+    let log_path = tmp.path().join("discards.bin");
+    let log = File::create(&log_path).expect("discard log");
+    let engine = Arc::new(
+        m.engine(image.clone())
+            .with_fill_limit(Some(128 << 10))
+            .with_discard_log(log),
+    );
     let service = engine.start(1024).expect("start");
     engine.set_resumed();
     // Some pages are in before the discards: faulted, with their chunk.
@@ -478,6 +484,16 @@ fn discards_during_a_fill_read_as_zeros_and_are_not_refilled() {
         std::os::unix::fs::FileExt::read_exact_at(&file, &mut page, p * PAGE_SIZE).expect("read");
         assert!(page.iter().all(|&b| b == 0), "page {p} was refilled");
     }
+    // The log a recovery would read: both discards, as (first, count).
+    let logged = std::fs::read(&log_path).expect("read discard log");
+    let records: Vec<(u64, u64)> = logged
+        .chunks_exact(16)
+        .map(|r| {
+            let w = |b: &[u8]| u64::from_le_bytes(b.try_into().expect("8 bytes"));
+            (w(&r[..8]), w(&r[8..]))
+        })
+        .collect();
+    assert_eq!(records, [(0, 4), (200, 10)]);
     service.stop(&engine).expect("no engine error");
     m.exit();
 }

@@ -21,6 +21,7 @@
 //!   QEMU is stopped and the image must be restored again (nothing of the
 //!   image is lost).
 
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
@@ -28,6 +29,7 @@ use std::time::Instant;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
+use crate::engine::discard::DISCARD_LOG;
 use crate::engine::Engine;
 use crate::image::Image;
 use crate::ops::restore::{
@@ -50,6 +52,9 @@ pub struct RecoverStats {
     pub already_complete: bool,
     /// Non-zero pages the RAM files already held.
     pub pages_kept: u64,
+    /// Pages the guest had discarded during the dead restore (kept as
+    /// holes, not refilled).
+    pub discarded_pages: u64,
     /// Pages recovery installed: on demand and in the background.
     pub faults: u64,
     pub background_pages: u64,
@@ -128,6 +133,7 @@ pub async fn recover(
         guest_was_running: false,
         already_complete: false,
         pages_kept: 0,
+        discarded_pages: 0,
         faults: 0,
         background_pages: 0,
         bytes_read: 0,
@@ -183,7 +189,31 @@ pub async fn recover(
         // with UFFDIO_COPY only: those are kept.)
         drop_early_pages(&ram, &blocks)?;
     }
-    let engine = Arc::new(Engine::new(image.clone(), uffd.clone(), blocks));
+    // The guest's own discards, as the dead restore logged them: holes
+    // that must stay holes. Later ones go on in the same log.
+    let discards_path = paths.dir.join(DISCARD_LOG);
+    let logged = match std::fs::read(&discards_path) {
+        Ok(bytes) => bytes,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+        Err(source) => {
+            return Err(RestoreError::Io {
+                context: format!("reading {}", discards_path.display()),
+                source,
+            })
+        }
+    };
+    let log = std::fs::OpenOptions::new()
+        .append(true)
+        .create(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(&discards_path)
+        .map_err(|source| RestoreError::Io {
+            context: format!("opening {}", discards_path.display()),
+            source,
+        })?;
+    let engine = Arc::new(Engine::new(image.clone(), uffd.clone(), blocks).with_discard_log(log));
+    stats.discarded_pages = engine.adopt_discards(&logged);
     stats.pages_kept = engine
         .adopt_resident_pages()
         .map_err(|source| RestoreError::Io {
@@ -224,6 +254,7 @@ pub async fn recover(
         log::warn!("could not close the userfaultfd inside QEMU: {e}");
     }
     let _ = std::fs::remove_file(&record_path);
+    let _ = std::fs::remove_file(&discards_path);
     let c = &engine.counters;
     use std::sync::atomic::Ordering::Relaxed;
     stats.faults = c.faults_after_resume.load(Relaxed) + c.faults_before_resume.load(Relaxed);

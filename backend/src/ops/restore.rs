@@ -26,6 +26,7 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
+use crate::engine::discard::DISCARD_LOG;
 use crate::engine::{BlockMap, Engine, EngineError, FaultLog, Fill};
 use crate::image::Image;
 use crate::mem::{PageIndex, RamLayout, PAGE_SIZE};
@@ -116,6 +117,8 @@ pub struct RestoreOptions {
     /// guest runs, leaving it more of the machine (faults and prefetch are
     /// not limited).
     pub fill_limit: Option<u64>,
+    /// Reads in flight at once for faults (fetch workers, at least one).
+    pub fetch_workers: usize,
     /// Where the fill reports its progress.
     pub progress: crate::progress::SharedProgress,
 }
@@ -458,10 +461,17 @@ async fn run(
         mode: opts.mode,
     };
     let record_path = paths.dir.join(RECORD_FILE);
+    let discards_path = paths.dir.join(DISCARD_LOG);
+    let _ = std::fs::remove_file(&discards_path);
+    let discards = vmm::create_private(&discards_path)?;
     write_record(&record_path, &record)?;
 
-    let engine =
-        Arc::new(Engine::new(image.clone(), uffd.clone(), blocks).with_fill_limit(opts.fill_limit));
+    let engine = Arc::new(
+        Engine::new(image.clone(), uffd.clone(), blocks)
+            .with_fill_limit(opts.fill_limit)
+            .with_fetch_workers(opts.fetch_workers)
+            .with_discard_log(discards),
+    );
     let log_capacity = (meta.total_pages as usize).min(1 << 22);
     let service = engine.start(log_capacity)?;
     let bar = opts.progress.clone();
@@ -542,6 +552,7 @@ async fn run(
         log::warn!("could not close the userfaultfd inside QEMU: {e}");
     }
     let _ = std::fs::remove_file(&record_path);
+    let _ = std::fs::remove_file(&discards_path);
 
     let c = &engine.counters;
     let FaultLog { latencies, touches } = log;
