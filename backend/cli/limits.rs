@@ -608,7 +608,10 @@ fn measure_with_child(
     };
     check_mapping(pid, &map, len)?;
 
-    let uffd = uffd::take_over(pid, UFFD_FEATURE_MISSING_SHMEM)?;
+    // The child is ours and not reaped: its pid cannot have been reused.
+    let process =
+        thaw::remote::process::QemuProcess::open(pid.as_raw()).map_err(uffd::UffdError::from)?;
+    let uffd = uffd::take_over(&process, UFFD_FEATURE_MISSING_SHMEM)?;
     uffd.register_missing(map.start, map.len)?;
     let memfd_path = format!("/proc/{pid}/fd/{}", map.memfd);
     let memfd = std::fs::OpenOptions::new()

@@ -147,6 +147,8 @@ pub enum RestoreError {
     NothingToRecover(String),
     #[error("a thaw process is still serving VM {0}'s restore; recover only after it died")]
     StillServed(String),
+    #[error(transparent)]
+    Busy(crate::ops::owner::LockError),
     #[error(
         "thaw died while QEMU was still loading VM {0}'s device state; QEMU was stopped: restore the image again (it is unchanged)"
     )]
@@ -356,7 +358,7 @@ pub async fn restore(path: &Path, opts: &RestoreOptions) -> Result<RestoreStats,
     match run(launched, image, device_state, ws, opts, started, launch_ms).await {
         Ok(stats) => Ok(stats),
         Err(e) => {
-            let gone = !vmm::process_alive(pid);
+            let gone = !state.qemu_alive();
             if !gone {
                 log::error!("restore failed; stopping QEMU (pid {pid})");
             }
@@ -405,10 +407,9 @@ async fn run(
     check_layout(&meta.layout, &state.layout)?;
     // Held until the restore is over: `thaw recover` takes it only from a
     // dead restore, a concurrent `thaw save` is refused.
-    let _lock = crate::ops::save::lock_vm(&paths)
-        .map_err(|_| RestoreError::StillServed(state.config.name.clone()))?;
+    let _lock = crate::ops::owner::OwnerLock::acquire(&paths, "restore")?;
     let ram = vmm::find_ram(state.qemu_pid, &paths, &state.layout)?;
-    let qemu_pid = nix::unistd::Pid::from_raw(state.qemu_pid);
+    let qemu_pid = &state.qemu().map_err(vmm::QemuError::from)?;
 
     // Take over QEMU's userfaultfd and register all guest RAM before
     // anything can touch it. Minor faults (first touches of pages already
@@ -570,7 +571,7 @@ async fn run(
 /// faults once more as a minor fault, and records those first touches until
 /// none arrive for `w.quiet` (at most `w.max`). Returns the window's length.
 pub async fn tracking_window(
-    qemu: nix::unistd::Pid,
+    qemu: &crate::remote::process::QemuProcess,
     ram: &[RamMapping],
     engine: &Engine,
     w: LearnWindow,
@@ -583,7 +584,10 @@ pub async fn tracking_window(
 /// Drops QEMU's page-table entries for guest RAM (an injected
 /// `madvise(MADV_DONTNEED)`; a shared file mapping keeps its data in the
 /// page cache), so the next touch of every page faults once more.
-pub fn zap(qemu: nix::unistd::Pid, ram: &[RamMapping]) -> Result<(), RestoreError> {
+pub fn zap(
+    qemu: &crate::remote::process::QemuProcess,
+    ram: &[RamMapping],
+) -> Result<(), RestoreError> {
     for m in ram {
         crate::remote::inject::madvise_dontneed(qemu, m.start, m.len)?;
     }

@@ -5,11 +5,9 @@
 
 use std::fs::File;
 use std::os::fd::AsFd;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use nix::fcntl::{Flock, FlockArg};
 use nix::unistd::{lseek, Whence};
 use serde::Serialize;
 use serde_json::json;
@@ -18,6 +16,7 @@ use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryMmap, GuestRegionMma
 
 use crate::image::{ImageInfo, ImageWriter};
 use crate::mem::{PageIndex, RamLayout, PAGE_SIZE};
+use crate::ops::owner::{LockError, OwnerLock};
 use crate::vmm::{self, Qmp, RamMapping, VmPaths, VmState};
 use crate::wss::{self, Estimator};
 
@@ -35,8 +34,8 @@ pub enum SaveError {
     Qmp(#[from] vmm::QmpError),
     #[error(transparent)]
     Image(#[from] crate::image::ImageError),
-    #[error("another save or restore of VM {0:?} is in progress")]
-    Busy(String),
+    #[error(transparent)]
+    Busy(#[from] LockError),
     #[error("reading guest RAM block {id} from {path}: {source}")]
     ReadRam {
         id: String,
@@ -94,29 +93,26 @@ pub struct SaveReport {
     pub working_sets: Vec<Estimator>,
 }
 
-/// An exclusive, non-blocking lock on a VM's save/restore operations.
-pub fn lock_vm(paths: &VmPaths) -> Result<Flock<File>, SaveError> {
-    let file = File::options()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .mode(0o600)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-        .open(&paths.lock)
-        .map_err(|source| SaveError::Io {
-            context: format!("cannot open {}", paths.lock.display()),
-            source,
-        })?;
-    Flock::lock(file, FlockArg::LockExclusiveNonblock)
-        .map_err(|_| SaveError::Busy(paths.name.clone()))
+/// Saves VM `name` into a new image directory `image`, holding the VM's
+/// owner lock (a running `thaw track` or restore makes it refuse).
+pub async fn save(name: &str, image: &Path, opts: &SaveOptions) -> Result<SaveReport, SaveError> {
+    let (paths, _) = VmState::load(name)?;
+    let owner = OwnerLock::acquire(&paths, "save")?;
+    save_owned(name, image, opts, &owner).await
 }
 
-/// Saves VM `name` into a new image directory `image`.
-pub async fn save(name: &str, image: &Path, opts: &SaveOptions) -> Result<SaveReport, SaveError> {
+/// [`save`] for an operation that holds the VM's owner lock already
+/// (`thaw checkpoint`, which goes on to trace the guest).
+pub async fn save_owned(
+    name: &str,
+    image: &Path,
+    opts: &SaveOptions,
+    _owner: &OwnerLock,
+) -> Result<SaveReport, SaveError> {
     let (paths, state) = VmState::load(name)?;
-    let _lock = lock_vm(&paths)?;
+    let qemu = state.qemu().map_err(vmm::QemuError::from)?;
     match save_locked(name, image, opts, &paths, &state).await {
-        Err(e) if !vmm::process_alive(state.qemu_pid) => {
+        Err(e) if !qemu.alive() => {
             // The partial image is gone already (the writer removes it when
             // dropped); so must be what the dead QEMU left.
             vmm::remove_runtime(&paths);

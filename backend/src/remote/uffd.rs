@@ -4,7 +4,8 @@
 //! `UFFDIO_REGISTER` only works for the mm of the process that created the
 //! userfaultfd, and guest RAM lives in QEMU's mm. So [`take_over`] makes QEMU
 //! create one (an injected `userfaultfd(2)`, see [`crate::remote::inject`]) and copies
-//! it into thaw with `pidfd_getfd(2)`; everything else then runs from thaw on
+//! it into thaw with `pidfd_getfd(2)` on the pidfd of a verified
+//! [`QemuProcess`] handle; everything else then runs from thaw on
 //! its copy. QEMU's own copy stays open until [`RemoteUffd::close_remote`]:
 //! while it is open, a fault thaw does not serve blocks instead of reading a
 //! hole as zeros, and a new thaw can [`reattach`] to finish a restore.
@@ -31,6 +32,7 @@ use userfaultfd_sys::{
 
 use crate::mem::HostAddr;
 use crate::remote::inject::{self, InjectError, Injector};
+use crate::remote::process::{ProcessError, QemuProcess};
 
 /// Raw ioctls whose results the `userfaultfd` crate does not decode the way
 /// thaw needs (partial progress, feature negotiation).
@@ -60,8 +62,8 @@ pub enum UffdError {
     Inject(#[from] InjectError),
     #[error("userfaultfd() failed inside process {pid}: {errno}{}", create_hint(*errno))]
     Create { pid: Pid, errno: Errno },
-    #[error("pidfd_open({pid}) failed: {errno}")]
-    PidfdOpen { pid: Pid, errno: Errno },
+    #[error(transparent)]
+    Process(#[from] ProcessError),
     #[error("copying fd {fd} out of process {pid} with pidfd_getfd failed: {errno}{}", getfd_hint(*errno))]
     GetFd { pid: Pid, fd: i32, errno: Errno },
     #[error("fd {fd} of process {pid} is not a userfaultfd (it is {target})")]
@@ -261,7 +263,8 @@ impl EventBuffer {
 #[derive(Debug)]
 pub struct RemoteUffd {
     uffd: Uffd,
-    pidfd: OwnedFd,
+    /// The owner, held by pidfd.
+    process: QemuProcess,
     owner: Pid,
     remote_fd: i32,
     features: u64,
@@ -269,12 +272,13 @@ pub struct RemoteUffd {
     remote_closed: AtomicBool,
 }
 
-/// Makes process `pid` create a userfaultfd (`O_CLOEXEC | O_NONBLOCK`),
+/// Makes `process` create a userfaultfd (`O_CLOEXEC | O_NONBLOCK`),
 /// copies it into thaw and enables `features` (`UFFD_FEATURE_*`, e.g.
 /// `UFFD_FEATURE_MISSING_SHMEM` for QEMU's shared RAM file).
 ///
 /// On failure nothing is left behind in the owner.
-pub fn take_over(pid: Pid, features: u64) -> Result<RemoteUffd, UffdError> {
+pub fn take_over(process: &QemuProcess, features: u64) -> Result<RemoteUffd, UffdError> {
+    let pid = process.pid();
     // Check the features on a local userfaultfd first, so a kernel that
     // lacks them is reported by name before QEMU is touched.
     let available = match kernel_features() {
@@ -298,7 +302,7 @@ pub fn take_over(pid: Pid, features: u64) -> Result<RemoteUffd, UffdError> {
     };
 
     let started = std::time::Instant::now();
-    let mut inj = Injector::attach(pid)?;
+    let mut inj = Injector::attach(process)?;
     let flags = (libc::O_CLOEXEC | libc::O_NONBLOCK) as u64;
     let ret = inj.syscall(libc::SYS_userfaultfd, &[flags])?;
     if ret < 0 {
@@ -308,7 +312,7 @@ pub fn take_over(pid: Pid, features: u64) -> Result<RemoteUffd, UffdError> {
         });
     }
     let remote_fd = ret as i32;
-    match adopt(pid, remote_fd, features, available) {
+    match adopt(process, remote_fd, features, available) {
         Ok(uffd) => {
             inj.detach()?;
             log::info!(
@@ -339,11 +343,12 @@ pub fn take_over(pid: Pid, features: u64) -> Result<RemoteUffd, UffdError> {
     }
 }
 
-/// Copies userfaultfd `remote_fd` out of `pid` again (e.g. after a thaw
+/// Copies userfaultfd `remote_fd` out of `process` again (e.g. after a thaw
 /// crashed mid-restore; the fd number was recorded). `UFFDIO_API` already
 /// ran on it; its features are read back from fdinfo.
-pub fn reattach(pid: Pid, remote_fd: i32) -> Result<RemoteUffd, UffdError> {
-    let (pidfd, fd) = get_fd(pid, remote_fd)?;
+pub fn reattach(process: &QemuProcess, remote_fd: i32) -> Result<RemoteUffd, UffdError> {
+    let pid = process.pid();
+    let (process, fd) = get_fd(process, remote_fd)?;
     let link = PathBuf::from(format!("/proc/self/fd/{}", fd.as_raw_fd()));
     let target = std::fs::read_link(&link)
         .map_err(|source| UffdError::Proc { path: link, source })?
@@ -380,7 +385,7 @@ pub fn reattach(pid: Pid, remote_fd: i32) -> Result<RemoteUffd, UffdError> {
     Ok(RemoteUffd {
         // SAFETY: `fd` is an open userfaultfd we own; ownership moves into Uffd.
         uffd: unsafe { Uffd::from_raw_fd(into_raw(fd)) },
-        pidfd,
+        process,
         owner: pid,
         remote_fd,
         features,
@@ -389,14 +394,15 @@ pub fn reattach(pid: Pid, remote_fd: i32) -> Result<RemoteUffd, UffdError> {
     })
 }
 
-/// Copies `remote_fd` out of `pid` and runs `UFFDIO_API` on it.
+/// Copies `remote_fd` out of `process` and runs `UFFDIO_API` on it.
 fn adopt(
-    pid: Pid,
+    process: &QemuProcess,
     remote_fd: i32,
     features: u64,
     available: Option<u64>,
 ) -> Result<RemoteUffd, UffdError> {
-    let (pidfd, fd) = get_fd(pid, remote_fd)?;
+    let pid = process.pid();
+    let (process, fd) = get_fd(process, remote_fd)?;
     let (available, _ioctls) =
         api(fd.as_raw_fd(), features).map_err(|errno| match (errno, available) {
             (Errno::EINVAL, Some(available)) if features & !available != 0 => {
@@ -414,7 +420,7 @@ fn adopt(
     Ok(RemoteUffd {
         // SAFETY: `fd` is an open userfaultfd we own; ownership moves into Uffd.
         uffd: unsafe { Uffd::from_raw_fd(into_raw(fd)) },
-        pidfd,
+        process,
         owner: pid,
         remote_fd,
         features,
@@ -427,27 +433,21 @@ fn into_raw(fd: OwnedFd) -> RawFd {
     std::os::fd::IntoRawFd::into_raw_fd(fd)
 }
 
-/// `pidfd_open(pid)` and `pidfd_getfd(remote_fd)`.
-fn get_fd(pid: Pid, remote_fd: i32) -> Result<(OwnedFd, OwnedFd), UffdError> {
-    let rpid = rustix::process::Pid::from_raw(pid.as_raw()).ok_or(UffdError::PidfdOpen {
-        pid,
-        errno: Errno::EINVAL,
-    })?;
-    let pidfd =
-        rustix::process::pidfd_open(rpid, rustix::process::PidfdFlags::empty()).map_err(|e| {
-            UffdError::PidfdOpen {
-                pid,
-                errno: Errno::from_raw(e.raw_os_error()),
-            }
+/// `pidfd_getfd(remote_fd)` on `process`'s pidfd; returns a handle of
+/// thaw's own on the owner and the copied fd.
+fn get_fd(process: &QemuProcess, remote_fd: i32) -> Result<(QemuProcess, OwnedFd), UffdError> {
+    let pid = process.pid();
+    if !process.alive() {
+        return Err(UffdError::OwnerExited { pid });
+    }
+    let fd = process
+        .get_fd(remote_fd)
+        .map_err(|errno| UffdError::GetFd {
+            pid,
+            fd: remote_fd,
+            errno,
         })?;
-    let fd =
-        rustix::process::pidfd_getfd(&pidfd, remote_fd, rustix::process::PidfdGetfdFlags::empty())
-            .map_err(|e| UffdError::GetFd {
-                pid,
-                fd: remote_fd,
-                errno: Errno::from_raw(e.raw_os_error()),
-            })?;
-    Ok((pidfd, fd))
+    Ok((process.try_clone()?, fd))
 }
 
 /// `UFFDIO_API` requesting `features`; returns the kernel's available
@@ -763,7 +763,7 @@ impl RemoteUffd {
     fn wait_readable(&self, timeout: Option<Duration>) -> Result<bool, UffdError> {
         let mut fds = [
             PollFd::new(self.uffd.as_fd(), PollFlags::POLLIN),
-            PollFd::new(self.pidfd.as_fd(), PollFlags::POLLIN),
+            PollFd::new(self.process.pidfd(), PollFlags::POLLIN),
         ];
         let ts = timeout.map(nix::sys::time::TimeSpec::from_duration);
         match nix::poll::ppoll(&mut fds, ts, None) {
@@ -784,11 +784,12 @@ impl RemoteUffd {
 
     /// Whether the owner is still running (its pidfd is not yet readable).
     pub fn owner_alive(&self) -> bool {
-        let mut fds = [PollFd::new(self.pidfd.as_fd(), PollFlags::POLLIN)];
-        matches!(
-            nix::poll::poll(&mut fds, nix::poll::PollTimeout::ZERO),
-            Ok(0)
-        )
+        self.process.alive()
+    }
+
+    /// The owner, held by pidfd.
+    pub fn process(&self) -> &QemuProcess {
+        &self.process
     }
 
     /// Closes the owner's copy of the userfaultfd (an injected `close`).
@@ -816,7 +817,7 @@ impl RemoteUffd {
         if !self.same_file_in_owner() {
             return Err(UffdError::RemoteFdChanged { pid, fd });
         }
-        let r = inject::inject_syscall(pid, libc::SYS_close, &[fd as u64])?;
+        let r = inject::inject_syscall(&self.process, libc::SYS_close, &[fd as u64])?;
         if r < 0 {
             return Err(UffdError::CloseRemote {
                 pid,
@@ -988,7 +989,7 @@ fn parse_maps_line(line: &str) -> Option<Mapping> {
 mod tests {
     use super::*;
     use crate::mem::PAGE_SIZE;
-    use crate::remote::inject::tests::{fd_target, pipe, read_with_timeout, Child};
+    use crate::remote::inject::tests::{fd_target, pipe, process, read_with_timeout, Child};
     use nix::sys::wait::WaitStatus;
     use std::os::fd::AsRawFd;
     use userfaultfd_sys::UFFD_FEATURE_MISSING_SHMEM;
@@ -1201,7 +1202,7 @@ mod tests {
     fn serves_every_fault_of_a_child() {
         const PAGES: u64 = 64;
         let m = mapper("thaw-uffd-serve", PAGES);
-        let uffd = take_over(m.child.pid, UFFD_FEATURE_MISSING_SHMEM).expect("take over");
+        let uffd = take_over(&process(m.child.pid), UFFD_FEATURE_MISSING_SHMEM).expect("take over");
         assert_eq!(uffd.owner(), m.child.pid);
         assert_eq!(uffd.features(), UFFD_FEATURE_MISSING_SHMEM);
         assert_eq!(
@@ -1268,7 +1269,7 @@ mod tests {
     #[test]
     fn copy_and_zeropage_decode_exists_and_partial_progress() {
         let m = mapper("thaw-uffd-copy", 12);
-        let uffd = take_over(m.child.pid, UFFD_FEATURE_MISSING_SHMEM).expect("take over");
+        let uffd = take_over(&process(m.child.pid), UFFD_FEATURE_MISSING_SHMEM).expect("take over");
         let map = m.mapping("thaw-uffd-copy");
         uffd.register_missing(map.start, map.len).expect("register");
         let view = m.view();
@@ -1383,8 +1384,8 @@ mod tests {
         let m = mapper("thaw-uffd-features", 1);
         let bogus = 1u64 << 63;
         let before = uffd_fds(m.child.pid);
-        let err =
-            take_over(m.child.pid, UFFD_FEATURE_MISSING_SHMEM | bogus).expect_err("must fail");
+        let err = take_over(&process(m.child.pid), UFFD_FEATURE_MISSING_SHMEM | bogus)
+            .expect_err("must fail");
         assert!(
             matches!(err, UffdError::MissingFeatures { missing, .. } if missing == bogus),
             "{err:?}"
@@ -1406,15 +1407,15 @@ mod tests {
     fn reattach_and_owner_exit() {
         let m = mapper("thaw-uffd-reattach", 2);
         let mut before = uffd_fds(m.child.pid);
-        let uffd = take_over(m.child.pid, UFFD_FEATURE_MISSING_SHMEM).expect("take over");
-        let again = reattach(m.child.pid, uffd.remote_fd()).expect("reattach");
+        let uffd = take_over(&process(m.child.pid), UFFD_FEATURE_MISSING_SHMEM).expect("take over");
+        let again = reattach(&process(m.child.pid), uffd.remote_fd()).expect("reattach");
         assert_eq!(
             (again.remote_fd(), again.features()),
             (uffd.remote_fd(), UFFD_FEATURE_MISSING_SHMEM)
         );
         assert!(again.owner_alive());
-        let not_uffd =
-            reattach(m.child.pid, m.go.as_raw_fd()).expect_err("a pipe is no userfaultfd");
+        let not_uffd = reattach(&process(m.child.pid), m.go.as_raw_fd())
+            .expect_err("a pipe is no userfaultfd");
         assert!(
             matches!(not_uffd, UffdError::NotUserfaultfd { .. }),
             "{not_uffd:?}"
