@@ -2,7 +2,7 @@
 //! runs, in the order the guest first touched them, and their on-disk form
 //! inside an image, one file per estimator.
 //!
-//! # `ws-<estimator>.bin`, version 1
+//! # `ws-<estimator>.bin`, version 2
 //!
 //! Little endian. Written next to the image's other files, 0600, by writing
 //! `ws-<estimator>.bin.tmp-<pid>`, syncing it and renaming it into place, so
@@ -12,7 +12,9 @@
 //!   estimator code u32 (1 learned, 2 trace, 3 abit, 4 dirty), reserved u32,
 //!   entry count u64, data page count u64, update count u64 (how many
 //!   restores refined it), total guest pages u64 (must match the image),
-//!   zero padding;
+//!   image identity u64 ([`crate::image::Image::identity`]: the file
+//!   belongs to that image only; another image's working set, even one
+//!   with the same page count, is refused with [`WsError::ForeignImage`]);
 //! - entries, 16 bytes each, in prefetch order: page number u64, idle u32
 //!   (restores since the guest last touched it), flags u32 (bit 0: an
 //!   all-zero page, which has no data);
@@ -23,6 +25,9 @@
 //!
 //! The page contents are copied from the image's `pages.bin` (verified) when
 //! the file is written, so a working set always matches the image it is in.
+//!
+//! Version 1 had no image identity (bytes 56..64 were padding): such a file
+//! is treated as absent, with a warning, and replaced by the next write.
 
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
@@ -37,7 +42,9 @@ use crate::mem::{PageIndex, PAGE_SIZE};
 
 const MAGIC: &[u8; 8] = b"THAWWS01";
 /// The working-set file version this thaw writes and reads.
-pub const WS_FORMAT_VERSION: u32 = 1;
+pub const WS_FORMAT_VERSION: u32 = 2;
+/// Versions older than this are ignored (treated as absent).
+const WS_OLDEST_IGNORED: u32 = 1;
 /// Data pages per checksummed chunk.
 pub const WS_CHUNK_PAGES: u64 = 16;
 const HEADER_LEN: u64 = 64;
@@ -107,6 +114,12 @@ pub enum WsError {
     },
     #[error("{path}: damaged working set: {message}")]
     Damaged { path: PathBuf, message: String },
+    #[error("{path} belongs to another image (image identity {found:016x}, this image is {expected:016x}); remove it")]
+    ForeignImage {
+        path: PathBuf,
+        expected: u64,
+        found: u64,
+    },
     #[error(transparent)]
     Image(#[from] crate::image::ImageError),
 }
@@ -254,6 +267,7 @@ fn write_to(image: &Image, ws: &WorkingSet, tmp: &Path) -> Result<(), WsError> {
     head.extend_from_slice(&data_pages.to_le_bytes());
     head.extend_from_slice(&ws.updates.to_le_bytes());
     head.extend_from_slice(&total.to_le_bytes());
+    head.extend_from_slice(&image.identity().to_le_bytes());
     head.resize(HEADER_LEN as usize, 0);
     head.extend_from_slice(&entries);
     for c in data.chunks(WS_CHUNK_PAGES as usize * PAGE_SIZE as usize) {
@@ -307,6 +321,14 @@ impl WsFile {
         if &head[..8] != MAGIC {
             return Err(damaged(&path, "bad magic"));
         }
+        if (WS_OLDEST_IGNORED..WS_FORMAT_VERSION).contains(&u32_at(8)) {
+            log::warn!(
+                "{}: working-set format version {} (before image identities); ignoring it",
+                path.display(),
+                u32_at(8)
+            );
+            return Ok(None);
+        }
         if u32_at(8) != WS_FORMAT_VERSION {
             return Err(damaged(
                 &path,
@@ -315,6 +337,14 @@ impl WsFile {
         }
         if u64::from(u32_at(12)) != PAGE_SIZE || u32_at(16) != estimator.code() {
             return Err(damaged(&path, "page size or estimator does not match"));
+        }
+        let (expected, found) = (image.identity(), u64_at(56));
+        if found != expected {
+            return Err(WsError::ForeignImage {
+                path,
+                expected,
+                found,
+            });
         }
         let (entries, data_pages, updates, total) =
             (u64_at(24), u64_at(32), u64_at(40), u64_at(48));
