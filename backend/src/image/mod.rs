@@ -45,7 +45,7 @@ use serde::{Deserialize, Serialize};
 use xxhash_rust::xxh3::{xxh3_64, Xxh3};
 
 use crate::config::VmConfig;
-use crate::mem::{PageIndex, RamLayout, PAGE_SIZE};
+use crate::mem::{usize_from, PageIndex, RamLayout, PAGE_BYTES, PAGE_SIZE, PAGE_SIZE_U32};
 
 /// The format version this thaw writes and reads.
 pub const FORMAT_VERSION: u32 = 1;
@@ -241,7 +241,7 @@ impl ImageWriter {
                 return Err(e);
             }
         };
-        let total = layout.total_pages() as usize;
+        let total = usize_from(layout.total_pages());
         Ok(ImageWriter {
             target: target.to_owned(),
             dir,
@@ -277,7 +277,7 @@ impl ImageWriter {
             return Err(ImageError::OutOfRange(first.0 + pages));
         }
         let path = self.dir.join("pages.bin");
-        for (i, page) in data.chunks_exact(PAGE_SIZE as usize).enumerate() {
+        for (i, page) in data.chunks_exact(PAGE_BYTES).enumerate() {
             if is_zero(page) {
                 continue;
             }
@@ -285,7 +285,7 @@ impl ImageWriter {
                 .write_all(page)
                 .map_err(io_err(&path, "cannot write"))?;
             self.chunk_hasher.update(page);
-            self.table[first.0 as usize + i] = self.slots + 1;
+            self.table[usize_from(first.0) + i] = self.slots + 1;
             self.slots += 1;
             self.in_chunk += 1;
             if self.in_chunk == self.chunk_pages {
@@ -321,7 +321,7 @@ impl ImageWriter {
             Vec::with_capacity(HEADER_LEN + self.table.len() * 4 + self.chunk_sums.len() * 8 + 8);
         index.extend_from_slice(INDEX_MAGIC);
         index.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
-        index.extend_from_slice(&(PAGE_SIZE as u32).to_le_bytes());
+        index.extend_from_slice(&PAGE_SIZE_U32.to_le_bytes());
         index.extend_from_slice(&(self.table.len() as u64).to_le_bytes());
         index.extend_from_slice(&u64::from(self.slots).to_le_bytes());
         index.extend_from_slice(&self.chunk_pages.to_le_bytes());
@@ -541,13 +541,13 @@ pub fn parse_index(
         return Err("header does not match meta.json".into());
     }
     // The length check above bounds every offset below by index.len().
-    let total = meta.total_pages as usize;
+    let total = usize_from(meta.total_pages);
     let table: Vec<u32> = (0..total).map(|i| u32_at(HEADER_LEN + i * 4)).collect();
     let sums_at = HEADER_LEN + total * 4;
-    let chunk_sums: Vec<u64> = (0..chunks as usize)
+    let chunk_sums: Vec<u64> = (0..usize_from(chunks))
         .map(|i| u64_at(sums_at + i * 8))
         .collect();
-    let mut reverse = Vec::with_capacity(meta.nonzero_pages as usize);
+    let mut reverse = Vec::with_capacity(usize_from(meta.nonzero_pages));
     for (page, &e) in table.iter().enumerate() {
         if e != 0 {
             if u64::from(e) != reverse.len() as u64 + 1 {
@@ -725,7 +725,7 @@ impl Image {
 
     /// Where page `page` is: O(1).
     pub fn locate(&self, page: PageIndex) -> PageLocation {
-        match self.table.get(page.0 as usize).copied().unwrap_or(0) {
+        match self.table.get(usize_from(page.0)).copied().unwrap_or(0) {
             0 => PageLocation::Zero,
             e => PageLocation::Slot(e - 1),
         }
@@ -743,7 +743,9 @@ impl Image {
     /// The slots of chunk `chunk`.
     pub fn chunk_slots(&self, chunk: u32) -> Range<u32> {
         let start = chunk * self.meta.chunk_pages;
-        start..(start + self.meta.chunk_pages).min(self.meta.nonzero_pages as u32)
+        // check_meta keeps nonzero_pages below u32::MAX.
+        let slots = u32::try_from(self.meta.nonzero_pages).unwrap_or(u32::MAX);
+        start..(start + self.meta.chunk_pages).min(slots)
     }
 
     /// Reads `count` consecutive chunks from `first` into `buf` with one
@@ -772,7 +774,7 @@ impl Image {
     ) -> Result<usize, ImageError> {
         let start = u64::from(self.chunk_slots(first).start) * PAGE_SIZE;
         let end = u64::from(self.chunk_slots(first + count - 1).end) * PAGE_SIZE;
-        let len = (end - start) as usize;
+        let len = usize_from(end - start);
         if let Some(t) = &self.throttle {
             if urgent {
                 t.take_urgent(len as u64);
@@ -786,7 +788,7 @@ impl Image {
         for c in first..first + count {
             let r = self.chunk_slots(c);
             let (a, b) = (u64::from(r.start) * PAGE_SIZE, u64::from(r.end) * PAGE_SIZE);
-            let got = xxh3_64(&buf[(a - start) as usize..(b - start) as usize]);
+            let got = xxh3_64(&buf[usize_from(a - start)..usize_from(b - start)]);
             let expected = self.chunk_sums[c as usize];
             if got != expected {
                 return Err(ImageError::ChunkChecksum {

@@ -1,4 +1,11 @@
 //! Image round trip and damage detection.
+// Test fixtures: casts of small constants and of the tests' own values
+// (their children's pids, page numbers below 64); a wrong one fails a test.
+#![allow(
+    clippy::cast_possible_truncation,
+    clippy::cast_sign_loss,
+    clippy::cast_possible_wrap
+)]
 
 use super::*;
 use crate::config::{ByteSize, VmConfig};

@@ -229,8 +229,10 @@ impl WriteTracker {
                 // `vec_len` page_region slots of our own live buffer; the
                 // kernel writes only those and `arg`.
                 let n = unsafe { pagemap_scan(fd, &mut arg) }.map_err(DirtyError::Scan)?;
-                for r in &self.regions[..n as usize] {
-                    for addr in (r.start..r.end).step_by(PAGE_SIZE as usize) {
+                // The ioctl returns how many regions it filled, at most vec_len.
+                let n = usize::try_from(n).unwrap_or(0).min(self.regions.len());
+                for r in &self.regions[..n] {
+                    for addr in (r.start..r.end).step_by(crate::mem::PAGE_BYTES) {
                         seen(PageIndex(first_page + (addr - m.start.0) / PAGE_SIZE));
                         written += 1;
                     }

@@ -137,7 +137,7 @@ async fn trace(
         restore::zap(&qemu, &ram)?;
         let blocks = restore::block_maps(&ram, &state.layout)?;
         let engine = Arc::new(Engine::observer(image.clone(), uffd.clone(), blocks));
-        let capacity = (image.meta().total_pages as usize).min(1 << 22);
+        let capacity = crate::mem::usize_from(image.meta().total_pages).min(1 << 22);
         let faults = {
             let engine = engine.clone();
             std::thread::Builder::new()

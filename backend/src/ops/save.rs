@@ -15,7 +15,7 @@ use vm_memory::mmap::MmapRegionBuilder;
 use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryMmap, GuestRegionMmap};
 
 use crate::image::{ImageInfo, ImageWriter};
-use crate::mem::{PageIndex, RamLayout, PAGE_SIZE};
+use crate::mem::{u64_from, usize_from, PageIndex, RamLayout, PAGE_SIZE};
 use crate::ops::owner::{LockError, OwnerLock};
 use crate::vmm::{self, Qmp, RamMapping, VmPaths, VmState};
 use crate::wss::{self, Estimator};
@@ -308,7 +308,7 @@ fn copy_ram(
         for &(start, end) in extents {
             let mut off = start;
             while off < end {
-                let len = (end - off).min(READ_BLOCK as u64) as usize;
+                let len = usize_from((end - off).min(u64_from(READ_BLOCK)));
                 memory
                     .read_slice(&mut buf[..len], GuestAddress(base + off))
                     .map_err(|e| SaveError::Map(format!("reading {}+{off:#x}: {e}", block.id)))?;
@@ -334,7 +334,7 @@ fn map_guest_ram(
             context: "duplicating RAM fd".into(),
             source,
         })?;
-        let region = MmapRegionBuilder::new(block.size as usize)
+        let region = MmapRegionBuilder::new(usize_from(block.size))
             .with_file_offset(FileOffset::new(file, 0))
             .with_mmap_prot(libc::PROT_READ)
             .with_mmap_flags(libc::MAP_SHARED | libc::MAP_NORESERVE)
@@ -353,16 +353,16 @@ pub fn data_extents(file: &File, size: u64) -> std::io::Result<Vec<(u64, u64)>> 
     let mut out = Vec::new();
     let mut pos: u64 = 0;
     while pos < size {
-        let start = match lseek(file, pos as i64, Whence::SeekData) {
-            Ok(s) => s as u64,
+        let start = match lseek(file, offset(pos)?, Whence::SeekData) {
+            Ok(s) => position(s)?,
             Err(nix::errno::Errno::ENXIO) => break,
             Err(e) => return Err(e.into()),
         };
         if start >= size {
             break;
         }
-        let end = match lseek(file, start as i64, Whence::SeekHole) {
-            Ok(e) => (e as u64).min(size),
+        let end = match lseek(file, offset(start)?, Whence::SeekHole) {
+            Ok(e) => position(e)?.min(size),
             Err(e) => return Err(e.into()),
         };
         let (start, end) = (
@@ -373,6 +373,16 @@ pub fn data_extents(file: &File, size: u64) -> std::io::Result<Vec<(u64, u64)>> 
         pos = end;
     }
     Ok(out)
+}
+
+/// A file position as `lseek` takes it.
+fn offset(pos: u64) -> std::io::Result<i64> {
+    i64::try_from(pos).map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))
+}
+
+/// A position `lseek` returned (never negative on success).
+fn position(off: i64) -> std::io::Result<u64> {
+    u64::try_from(off).map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidData))
 }
 
 fn ms(d: Duration) -> f64 {

@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
-use crate::mem::{PageIndex, PAGE_SIZE};
+use crate::mem::{usize_from, PageIndex, PAGE_SIZE};
 use crate::ops::owner::{LockError, OwnerLock};
 use crate::vmm::{self, RamMapping, VmState};
 use crate::wss::{self, Estimator};
@@ -107,7 +107,7 @@ pub struct Ages {
 impl Ages {
     pub fn new(pages: u64) -> Ages {
         Ages {
-            last_seen: vec![0; pages as usize],
+            last_seen: vec![0; usize_from(pages)],
             interval: 0,
         }
     }
@@ -118,7 +118,7 @@ impl Ages {
     }
 
     pub fn seen(&mut self, page: PageIndex) {
-        if let Some(s) = self.last_seen.get_mut(page.0 as usize) {
+        if let Some(s) = self.last_seen.get_mut(usize_from(page.0)) {
             *s = self.interval;
         }
     }
@@ -147,7 +147,7 @@ fn scan(
     ages: &mut Ages,
 ) -> Result<(), TrackError> {
     const BATCH: u64 = 1 << 16;
-    let mut buf = vec![0u8; (BATCH * 8) as usize];
+    let mut buf = vec![0u8; usize_from(BATCH * 8)];
     for (m, first_page) in ram {
         let pages = m.len / PAGE_SIZE;
         let mut done = 0;
@@ -155,12 +155,12 @@ fn scan(
             let n = BATCH.min(pages - done);
             let off = (m.start.0 / PAGE_SIZE + done) * 8;
             pagemap
-                .read_exact_at(&mut buf[..(n * 8) as usize], off)
+                .read_exact_at(&mut buf[..usize_from(n * 8)], off)
                 .map_err(|source| TrackError::Pagemap {
                     path: path.to_string(),
                     source,
                 })?;
-            for (i, e) in buf[..(n * 8) as usize].chunks_exact(8).enumerate() {
+            for (i, e) in buf[..usize_from(n * 8)].chunks_exact(8).enumerate() {
                 let v = u64::from_le_bytes(e.try_into().unwrap_or_default());
                 if v >> 63 != 0 {
                     ages.seen(PageIndex(first_page + done + i as u64));

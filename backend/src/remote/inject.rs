@@ -46,7 +46,7 @@ use nix::sys::signal::Signal;
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
 
-use crate::mem::HostAddr;
+use crate::mem::{usize_from, HostAddr};
 use crate::remote::process::{ProcessError, QemuProcess};
 
 /// The `syscall` instruction (`0f 05`) as a little-endian 16-bit word.
@@ -219,7 +219,7 @@ impl Injector {
         log::debug!(
             "seized thread {pid}: rip {:#x}, orig_rax {}",
             inj.saved.rip,
-            inj.saved.orig_rax as i64
+            reg_signed(inj.saved.orig_rax)
         );
         Ok(inj)
     }
@@ -243,7 +243,7 @@ impl Injector {
         }
         let site = self.site()?;
         let mut regs = self.saved;
-        regs.rax = nr as u64;
+        regs.rax = reg_unsigned(nr);
         regs.orig_rax = u64::MAX; // -1: not in a system call, no restart logic
         regs.rip = site.addr();
         let mut a = [0u64; MAX_ARGS];
@@ -279,8 +279,8 @@ impl Injector {
         // forced blocked signal would reset its handler to the default.
         self.set_sigmask(!sig_bit(Signal::SIGTRAP))?;
         if let Site::Patch { addr, word } = site {
-            let patched = (word as u64 & !0xffff) | SYSCALL_INSN;
-            ptrace::write(self.pid, addr as AddressType, patched as i64)
+            let patched = (reg_unsigned(word) & !0xffff) | SYSCALL_INSN;
+            ptrace::write(self.pid, addr as AddressType, reg_signed(patched))
                 .map_err(|errno| self.ptrace_err("POKETEXT", errno))?;
         }
         Ok(())
@@ -416,7 +416,7 @@ impl Injector {
     /// The result of a completed call: a call cut short by a signal (which
     /// only the timeout's interrupt can cause) is not restarted.
     fn finish(&self, nr: i64, rax: u64, interrupted: bool) -> Result<i64, InjectError> {
-        let ret = rax as i64;
+        let ret = reg_signed(rax);
         if !ERESTART_RANGE.contains(&ret) {
             Ok(ret)
         } else if interrupted {
@@ -442,11 +442,11 @@ impl Injector {
             // Inside a system call the two bytes before rip are the `syscall`
             // that entered it; otherwise they are usable only if they happen to
             // be `0f 05` on the same (executable) page.
-            let in_syscall = self.saved.orig_rax as i64 >= 0;
+            let in_syscall = reg_signed(self.saved.orig_rax) >= 0;
             let same_page = (rip - SYSCALL_LEN) / 4096 == rip / 4096;
             if in_syscall || same_page {
                 if let Ok(word) = ptrace::read(self.pid, (rip - SYSCALL_LEN) as AddressType) {
-                    if word as u64 & 0xffff == SYSCALL_INSN {
+                    if reg_unsigned(word) & 0xffff == SYSCALL_INSN {
                         let site = Site::RipMinus2(rip - SYSCALL_LEN);
                         self.site = Some(site);
                         return Ok(site);
@@ -694,7 +694,7 @@ pub fn madvise_dontneed(
         return Err(InjectError::CallFailed {
             pid,
             call: "madvise(MADV_DONTNEED)",
-            errno: Errno::from_raw(-ret as i32),
+            errno: errno_of(ret),
         });
     }
     Ok(())
@@ -810,6 +810,27 @@ fn gone(pid: Pid, how: String) -> InjectError {
     InjectError::Gone { pid, how }
 }
 
+/// A register's bits read as the signed value they hold (system call
+/// results, `orig_rax`, `PEEKTEXT` words): a reinterpretation, not a
+/// conversion.
+pub(crate) fn reg_signed(v: u64) -> i64 {
+    i64::from_ne_bytes(v.to_ne_bytes())
+}
+
+/// A signed value's bits as a register holds them (the inverse of
+/// [`reg_signed`]); an `int` argument such as an fd is sign-extended, as
+/// the kernel reads it.
+pub(crate) fn reg_unsigned(v: i64) -> u64 {
+    u64::from_ne_bytes(v.to_ne_bytes())
+}
+
+/// The errno of a failed raw system call result `-errno`.
+pub(crate) fn errno_of(ret: i64) -> Errno {
+    ret.checked_neg()
+        .and_then(|e| i32::try_from(e).ok())
+        .map_or(Errno::UnknownErrno, Errno::from_raw)
+}
+
 fn sig_bit(sig: Signal) -> u64 {
     1 << (sig as i32 - 1)
 }
@@ -855,7 +876,7 @@ fn find_vdso_syscall(pid: Pid) -> std::io::Result<Option<u64>> {
         return Ok(None);
     };
     let mem = std::fs::File::open(format!("/proc/{pid}/mem"))?;
-    let mut text = vec![0u8; end.saturating_sub(start) as usize];
+    let mut text = vec![0u8; usize_from(end.saturating_sub(start))];
     mem.read_exact_at(&mut text, start)?;
     Ok(text
         .windows(2)
@@ -864,6 +885,13 @@ fn find_vdso_syscall(pid: Pid) -> std::io::Result<Option<u64>> {
 }
 
 #[cfg(test)]
+// Test fixtures: casts of small constants and of the tests' own values
+// (their children's pids and fds); a wrong one fails a test.
+#[allow(
+    clippy::cast_possible_truncation,
+    clippy::cast_sign_loss,
+    clippy::cast_possible_wrap
+)]
 pub(crate) mod tests {
     use super::*;
     use std::os::fd::{AsRawFd, OwnedFd, RawFd};

@@ -30,7 +30,7 @@ use userfaultfd_sys::{
     UFFD_EVENT_REMOVE, UFFD_EVENT_UNMAP, UFFD_PAGEFAULT_FLAG_MINOR, UFFD_PAGEFAULT_FLAG_WP,
 };
 
-use crate::mem::HostAddr;
+use crate::mem::{usize_from, HostAddr};
 use crate::remote::inject::{self, InjectError, Injector};
 use crate::remote::process::{ProcessError, QemuProcess};
 
@@ -308,10 +308,13 @@ pub fn take_over(process: &QemuProcess, features: u64) -> Result<RemoteUffd, Uff
     if ret < 0 {
         return Err(UffdError::Create {
             pid,
-            errno: Errno::from_raw(-ret as i32),
+            errno: inject::errno_of(ret),
         });
     }
-    let remote_fd = ret as i32;
+    let remote_fd = i32::try_from(ret).map_err(|_| UffdError::Create {
+        pid,
+        errno: Errno::EBADF,
+    })?;
     match adopt(process, remote_fd, features, available) {
         Ok(uffd) => {
             inj.detach()?;
@@ -325,10 +328,10 @@ pub fn take_over(process: &QemuProcess, features: u64) -> Result<RemoteUffd, Uff
         }
         Err(e) => {
             // Leave nothing behind in the owner.
-            match inj.syscall(libc::SYS_close, &[remote_fd as u64]) {
+            match inj.syscall(libc::SYS_close, &[inject::reg_unsigned(remote_fd.into())]) {
                 Ok(0) => {}
                 Ok(r) => {
-                    let errno = Errno::from_raw(-r as i32);
+                    let errno = inject::errno_of(r);
                     log::warn!("closing fd {remote_fd} in {pid} after a failed takeover: {errno}")
                 }
                 Err(ce) => {
@@ -473,7 +476,7 @@ pub fn kernel_features() -> Result<u64, Errno> {
         return Err(Errno::last());
     }
     // SAFETY: `fd` was just returned by the kernel and is owned by nobody else.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd as RawFd) };
+    let fd = unsafe { OwnedFd::from_raw_fd(RawFd::try_from(fd).map_err(|_| Errno::EBADF)?) };
     api(fd.as_raw_fd(), 0).map(|(features, _)| features)
 }
 
@@ -554,10 +557,10 @@ impl RemoteUffd {
     /// (`UFFDIO_CONTINUE`, answering minor faults); results as for
     /// [`RemoteUffd::copy`] (`EEXIST`: already mapped).
     pub fn continue_range(&self, dst: HostAddr, len: u64, wake: bool) -> CopyResult {
-        match self.uffd.r#continue(dst.as_ptr(), len as usize, wake) {
-            Ok(n) if n >= len => CopyResult::Done(len as usize),
+        match self.uffd.r#continue(dst.as_ptr(), usize_from(len), wake) {
+            Ok(n) if n >= len => CopyResult::Done(usize_from(len)),
             Ok(n) => CopyResult::Failed {
-                copied: n as usize,
+                copied: usize_from(n),
                 errno: Errno::EAGAIN,
             },
             Err(e) => match crate_errno(e) {
@@ -571,7 +574,7 @@ impl RemoteUffd {
     /// `UFFDIO_WRITEPROTECT`.
     pub fn write_protect(&self, start: HostAddr, len: u64) -> Result<(), UffdError> {
         self.uffd
-            .write_protect(start.as_ptr(), len as usize)
+            .write_protect(start.as_ptr(), usize_from(len))
             .map_err(|e| UffdError::WriteProtect {
                 start: start.0,
                 len,
@@ -583,7 +586,7 @@ impl RemoteUffd {
     /// blocked on a (synchronous) write-protect fault there if `wake`.
     pub fn unprotect(&self, start: HostAddr, len: u64, wake: bool) -> Result<(), UffdError> {
         self.uffd
-            .remove_write_protection(start.as_ptr(), len as usize, wake)
+            .remove_write_protection(start.as_ptr(), usize_from(len), wake)
             .map_err(|e| UffdError::WriteProtect {
                 start: start.0,
                 len,
@@ -599,7 +602,7 @@ impl RemoteUffd {
         mode: RegisterMode,
     ) -> Result<IoctlFlags, UffdError> {
         self.uffd
-            .register_with_mode(start.as_ptr(), len as usize, mode)
+            .register_with_mode(start.as_ptr(), usize_from(len), mode)
             .map_err(|e| UffdError::Register {
                 start: start.0,
                 len,
@@ -610,7 +613,7 @@ impl RemoteUffd {
     /// Unregisters a range; faults there are no longer reported.
     pub fn unregister(&self, start: HostAddr, len: u64) -> Result<(), UffdError> {
         self.uffd
-            .unregister(start.as_ptr(), len as usize)
+            .unregister(start.as_ptr(), usize_from(len))
             .map_err(|e| UffdError::Unregister {
                 start: start.0,
                 len,
@@ -621,7 +624,7 @@ impl RemoteUffd {
     /// Wakes threads waiting on faults in a range (after another installer won).
     pub fn wake(&self, start: HostAddr, len: u64) -> Result<(), UffdError> {
         self.uffd
-            .wake(start.as_ptr(), len as usize)
+            .wake(start.as_ptr(), usize_from(len))
             .map_err(|e| UffdError::Wake {
                 start: start.0,
                 len,
@@ -652,22 +655,22 @@ impl RemoteUffd {
             // bytes at `src + done`, inside the live slice `src`, and writes
             // only into the owner's registered (missing) pages and `arg.copy`.
             match unsafe { sys::copy(fd, &mut arg) } {
-                Ok(_) => return CopyResult::Done(len as usize),
-                Err(_) if arg.copy > 0 => done += arg.copy as u64,
+                Ok(_) => return CopyResult::Done(usize_from(len)),
+                Err(_) if arg.copy > 0 => done += arg.copy.unsigned_abs(),
                 Err(Errno::EEXIST) => {
                     return CopyResult::Exists {
-                        copied: done as usize,
+                        copied: usize_from(done),
                     }
                 }
                 Err(errno) => {
                     return CopyResult::Failed {
-                        copied: done as usize,
+                        copied: usize_from(done),
                         errno,
                     }
                 }
             }
         }
-        CopyResult::Done(len as usize)
+        CopyResult::Done(usize_from(len))
     }
 
     /// Installs zero pages over `dst..dst+len` with `UFFDIO_ZEROPAGE`;
@@ -692,22 +695,22 @@ impl RemoteUffd {
             // SAFETY: `arg` is a valid uffdio_zeropage; the kernel writes only
             // into the owner's registered (missing) pages and `arg.zeropage`.
             match unsafe { sys::zeropage(fd, &mut arg) } {
-                Ok(_) => return CopyResult::Done(len as usize),
-                Err(_) if arg.zeropage > 0 => done += arg.zeropage as u64,
+                Ok(_) => return CopyResult::Done(usize_from(len)),
+                Err(_) if arg.zeropage > 0 => done += arg.zeropage.unsigned_abs(),
                 Err(Errno::EEXIST) => {
                     return CopyResult::Exists {
-                        copied: done as usize,
+                        copied: usize_from(done),
                     }
                 }
                 Err(errno) => {
                     return CopyResult::Failed {
-                        copied: done as usize,
+                        copied: usize_from(done),
                         errno,
                     }
                 }
             }
         }
-        CopyResult::Done(len as usize)
+        CopyResult::Done(usize_from(len))
     }
 
     /// Reads the pending events into `buf`, waiting up to `timeout` (`None`:
@@ -752,7 +755,7 @@ impl RemoteUffd {
                 errno => Err(UffdError::Read(errno)),
             };
         }
-        let r = r as usize;
+        let r = r.unsigned_abs();
         if r % MSG_SIZE != 0 {
             return Err(UffdError::ShortRead(r));
         }
@@ -817,12 +820,16 @@ impl RemoteUffd {
         if !self.same_file_in_owner() {
             return Err(UffdError::RemoteFdChanged { pid, fd });
         }
-        let r = inject::inject_syscall(&self.process, libc::SYS_close, &[fd as u64])?;
+        let r = inject::inject_syscall(
+            &self.process,
+            libc::SYS_close,
+            &[inject::reg_unsigned(fd.into())],
+        )?;
         if r < 0 {
             return Err(UffdError::CloseRemote {
                 pid,
                 fd,
-                errno: Errno::from_raw(-r as i32),
+                errno: inject::errno_of(r),
             });
         }
         log::info!("closed the userfaultfd (fd {fd}) inside process {pid}");
@@ -986,6 +993,13 @@ fn parse_maps_line(line: &str) -> Option<Mapping> {
 }
 
 #[cfg(test)]
+// Test fixtures: casts of small constants and of the tests' own values
+// (their children's pids and fds); a wrong one fails a test.
+#[allow(
+    clippy::cast_possible_truncation,
+    clippy::cast_sign_loss,
+    clippy::cast_possible_wrap
+)]
 mod tests {
     use super::*;
     use crate::mem::PAGE_SIZE;

@@ -38,7 +38,7 @@ use serde::Serialize;
 use xxhash_rust::xxh3::xxh3_64;
 
 use crate::image::{Image, PageLocation};
-use crate::mem::{PageIndex, PAGE_SIZE};
+use crate::mem::{u64_from, usize_from, PageIndex, PAGE_BYTES, PAGE_SIZE, PAGE_SIZE_U32};
 
 const MAGIC: &[u8; 8] = b"THAWWS01";
 /// The working-set file version this thaw writes and reads.
@@ -226,7 +226,7 @@ pub fn write(image: &Image, ws: &WorkingSet) -> Result<PathBuf, WsError> {
 
 fn write_to(image: &Image, ws: &WorkingSet, tmp: &Path) -> Result<(), WsError> {
     let total = image.meta().total_pages;
-    let mut entries = Vec::with_capacity(ws.pages.len() * ENTRY_LEN as usize);
+    let mut entries = Vec::with_capacity(ws.pages.len() * usize_from(ENTRY_LEN));
     let mut data_pages = 0u64;
     for p in &ws.pages {
         if p.page.0 >= total {
@@ -242,8 +242,8 @@ fn write_to(image: &Image, ws: &WorkingSet, tmp: &Path) -> Result<(), WsError> {
         entries.extend_from_slice(&(if zero { FLAG_ZERO } else { 0 }).to_le_bytes());
     }
     // Page data, in entry order, read chunk by chunk from the image.
-    let mut data = Vec::with_capacity((data_pages * PAGE_SIZE) as usize);
-    let chunk_bytes = image.meta().chunk_pages as usize * PAGE_SIZE as usize;
+    let mut data = Vec::with_capacity(usize_from(data_pages * PAGE_SIZE));
+    let chunk_bytes = usize_from(u64::from(image.meta().chunk_pages) * PAGE_SIZE);
     let mut chunk = vec![0u8; chunk_bytes];
     let mut loaded: Option<u32> = None;
     for p in &ws.pages {
@@ -253,14 +253,14 @@ fn write_to(image: &Image, ws: &WorkingSet, tmp: &Path) -> Result<(), WsError> {
                 image.read_chunks(c, 1, &mut chunk)?;
                 loaded = Some(c);
             }
-            let off = (slot - image.chunk_slots(c).start) as usize * PAGE_SIZE as usize;
-            data.extend_from_slice(&chunk[off..off + PAGE_SIZE as usize]);
+            let off = usize_from(u64::from(slot - image.chunk_slots(c).start) * PAGE_SIZE);
+            data.extend_from_slice(&chunk[off..off + PAGE_BYTES]);
         }
     }
-    let mut head = Vec::with_capacity(meta_len(ws.pages.len() as u64, data_pages) as usize);
+    let mut head = Vec::with_capacity(usize_from(meta_len(u64_from(ws.pages.len()), data_pages)));
     head.extend_from_slice(MAGIC);
     head.extend_from_slice(&WS_FORMAT_VERSION.to_le_bytes());
-    head.extend_from_slice(&(PAGE_SIZE as u32).to_le_bytes());
+    head.extend_from_slice(&PAGE_SIZE_U32.to_le_bytes());
     head.extend_from_slice(&ws.estimator.code().to_le_bytes());
     head.extend_from_slice(&0u32.to_le_bytes());
     head.extend_from_slice(&(ws.pages.len() as u64).to_le_bytes());
@@ -268,14 +268,17 @@ fn write_to(image: &Image, ws: &WorkingSet, tmp: &Path) -> Result<(), WsError> {
     head.extend_from_slice(&ws.updates.to_le_bytes());
     head.extend_from_slice(&total.to_le_bytes());
     head.extend_from_slice(&image.identity().to_le_bytes());
-    head.resize(HEADER_LEN as usize, 0);
+    head.resize(usize_from(HEADER_LEN), 0);
     head.extend_from_slice(&entries);
-    for c in data.chunks(WS_CHUNK_PAGES as usize * PAGE_SIZE as usize) {
+    for c in data.chunks(usize_from(WS_CHUNK_PAGES * PAGE_SIZE)) {
         head.extend_from_slice(&xxh3_64(c).to_le_bytes());
     }
     let sum = xxh3_64(&head);
     head.extend_from_slice(&sum.to_le_bytes());
-    head.resize(data_offset(ws.pages.len() as u64, data_pages) as usize, 0);
+    head.resize(
+        usize_from(data_offset(u64_from(ws.pages.len()), data_pages)),
+        0,
+    );
 
     let _ = std::fs::remove_file(tmp);
     let mut f = OpenOptions::new()
@@ -313,7 +316,7 @@ impl WsFile {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(io_err(&path, "cannot open")(e)),
         };
-        let mut head = [0u8; HEADER_LEN as usize];
+        let mut head = [0u8; usize_from(HEADER_LEN)];
         file.read_exact(&mut head)
             .map_err(io_err(&path, "cannot read the header"))?;
         let u32_at = |o: usize| u32::from_le_bytes(head[o..o + 4].try_into().unwrap_or_default());
@@ -358,7 +361,7 @@ impl WsFile {
                 format!("{len} bytes, not what its header says"),
             ));
         }
-        let mut rest = vec![0u8; (meta_len(entries, data_pages) - HEADER_LEN) as usize];
+        let mut rest = vec![0u8; usize_from(meta_len(entries, data_pages) - HEADER_LEN)];
         file.read_exact(&mut rest)
             .map_err(io_err(&path, "cannot read the entries"))?;
         let (body, trailer) = rest.split_at(rest.len() - 8);
@@ -367,10 +370,10 @@ impl WsFile {
         if xxh3_64(&all).to_le_bytes() != trailer {
             return Err(damaged(&path, "entry table checksum mismatch"));
         }
-        let (table, sums) = body.split_at((entries * ENTRY_LEN) as usize);
-        let mut pages = Vec::with_capacity(entries as usize);
-        let mut zero = Vec::with_capacity(entries as usize);
-        for e in table.chunks_exact(ENTRY_LEN as usize) {
+        let (table, sums) = body.split_at(usize_from(entries * ENTRY_LEN));
+        let mut pages = Vec::with_capacity(usize_from(entries));
+        let mut zero = Vec::with_capacity(usize_from(entries));
+        for e in table.chunks_exact(usize_from(ENTRY_LEN)) {
             let page = u64::from_le_bytes(e[..8].try_into().unwrap_or_default());
             let idle = u32::from_le_bytes(e[8..12].try_into().unwrap_or_default());
             let flags = u32::from_le_bytes(e[12..16].try_into().unwrap_or_default());
@@ -433,18 +436,18 @@ impl WsFile {
             .map(|(p, _)| p.page)
             .collect();
         let total = self.data_pages * PAGE_SIZE;
-        let mut buf = vec![0u8; per_read.min(total) as usize];
+        let mut buf = vec![0u8; usize_from(per_read.min(total))];
         let mut off = 0u64;
         while off < total {
-            let len = per_read.min(total - off) as usize;
+            let len = usize_from(per_read.min(total - off));
             if let Some(t) = limit {
                 t.take(len as u64);
             }
             self.file
                 .read_exact_at(&mut buf[..len], self.data_at + off)
                 .map_err(io_err(&self.path, "cannot read page data"))?;
-            for (i, c) in buf[..len].chunks(chunk_bytes as usize).enumerate() {
-                let n = (off / chunk_bytes) as usize + i;
+            for (i, c) in buf[..len].chunks(usize_from(chunk_bytes)).enumerate() {
+                let n = usize_from(off / chunk_bytes) + i;
                 if self.sums.get(n) != Some(&xxh3_64(c)) {
                     return Err(damaged(
                         &self.path,
@@ -453,10 +456,7 @@ impl WsFile {
                 }
             }
             let first = (off / PAGE_SIZE) as usize;
-            install(
-                &data_pages[first..first + len / PAGE_SIZE as usize],
-                &buf[..len],
-            )?;
+            install(&data_pages[first..first + len / PAGE_BYTES], &buf[..len])?;
             off += len as u64;
         }
         Ok(total)

@@ -1,4 +1,11 @@
 //! Working-set files: round trip, learned refinement, damage detection.
+// Test fixtures: casts of small constants and of the tests' own values
+// (their children's pids, page numbers below 64); a wrong one fails a test.
+#![allow(
+    clippy::cast_possible_truncation,
+    clippy::cast_sign_loss,
+    clippy::cast_possible_wrap
+)]
 
 use super::*;
 use crate::image::tests::write_image;
