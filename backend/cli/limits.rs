@@ -42,7 +42,7 @@ use nix::unistd::Pid;
 use serde::Serialize;
 use userfaultfd_sys::UFFD_FEATURE_MISSING_SHMEM;
 
-use thaw::mem::{HostAddr, PAGE_SIZE};
+use thaw::mem::{u64_from, usize_from, HostAddr, PAGE_BYTES, PAGE_SIZE};
 use thaw::remote::uffd::{self, CopyResult, EventBuffer, FaultEvent, RemoteUffd, UffdError};
 
 /// Marks the child's protocol lines (anything else on its stdout, such as a
@@ -369,7 +369,7 @@ impl ChildGuard {
                 program: cmd.program.clone(),
                 source,
             })?;
-        let pid = Pid::from_raw(child.id() as i32);
+        let pid = Pid::from_raw(i32::try_from(child.id()).unwrap_or(i32::MAX));
         // Both pipes were asked for; a missing one reads as a child gone.
         let (stdin, stdout) = (child.stdin.take(), child.stdout.take());
         let guard = ChildGuard {
@@ -593,11 +593,12 @@ fn measure_with_child(
 ) -> Result<UffdResults, LimitsError> {
     let pid = child.pid;
     let (verb, f) = child.answer(CHILD_START_TIMEOUT, "starting")?;
-    let map = match (verb.as_str(), f.num("addr"), f.num("len"), f.num("memfd")) {
+    let memfd = f.num("memfd").and_then(|m| i32::try_from(m).ok());
+    let map = match (verb.as_str(), f.num("addr"), f.num("len"), memfd) {
         ("ready", Some(addr), Some(l), Some(memfd)) => ChildMap {
             start: HostAddr(addr),
             len: l,
-            memfd: memfd as i32,
+            memfd,
         },
         _ => {
             return Err(LimitsError::ChildProtocol {
@@ -608,7 +609,10 @@ fn measure_with_child(
     };
     check_mapping(pid, &map, len)?;
 
-    let uffd = uffd::take_over(pid, UFFD_FEATURE_MISSING_SHMEM)?;
+    // The child is ours and not reaped: its pid cannot have been reused.
+    let process =
+        thaw::remote::process::QemuProcess::open(pid.as_raw()).map_err(uffd::UffdError::from)?;
+    let uffd = uffd::take_over(&process, UFFD_FEATURE_MISSING_SHMEM)?;
     uffd.register_missing(map.start, map.len)?;
     let memfd_path = format!("/proc/{pid}/fd/{}", map.memfd);
     let memfd = std::fs::OpenOptions::new()
@@ -646,7 +650,7 @@ fn measure_with_child(
         .copied()
         .max()
         .unwrap_or(PAGE_SIZE);
-    let src = pattern(max_batch as usize);
+    let src = pattern(usize_from(max_batch));
     let mut copies = Vec::with_capacity(opts.copy_batch_bytes.len());
     for &batch in &opts.copy_batch_bytes {
         punch()?;
@@ -654,7 +658,7 @@ fn measure_with_child(
             &uffd,
             map.start,
             opts.copy_region_bytes,
-            &src[..batch as usize],
+            &src[..usize_from(batch)],
         )?;
         log::info!(
             "UFFDIO_COPY in {} KiB batches: {:.0} MiB/s",
@@ -735,14 +739,20 @@ fn punch_hole(memfd: &File, len: u64) -> Result<(), LimitsError> {
         memfd,
         F::FALLOC_FL_PUNCH_HOLE | F::FALLOC_FL_KEEP_SIZE,
         0,
-        len as libc::off_t,
+        libc::off_t::try_from(len).map_err(|_| LimitsError::Sys {
+            context: format!("punching a hole of {len} bytes"),
+            errno: Errno::EFBIG,
+        })?,
     )
     .map_err(sys_err("punching a hole over the child's memfd"))
 }
 
 /// `len` bytes of non-zero data that is not one repeated byte.
 fn pattern(len: usize) -> Vec<u8> {
-    (0..len).map(|i| (i as u8).wrapping_mul(31) | 1).collect()
+    // The low byte of the index (truncation intended), scrambled.
+    (0..len)
+        .map(|i| (i.to_le_bytes()[0]).wrapping_mul(31) | 1)
+        .collect()
 }
 
 /// What the fault thread measured.
@@ -780,7 +790,7 @@ fn fault_test(
                     Some(p) => pin_to(Pid::from_raw(0), p.handler_cpu),
                     None => Ok(()),
                 }
-                .and_then(|()| serve_faults(uffd, map, pages as usize, &stop_r));
+                .and_then(|()| serve_faults(uffd, map, usize_from(pages), &stop_r));
                 if r.is_err() {
                     // Unblocks the main thread waiting for the child's answer;
                     // the child is not reaped before this scope ends.
@@ -875,7 +885,7 @@ fn serve_faults(
     expected: usize,
     stop: &OwnedFd,
 ) -> Result<Served, LimitsError> {
-    let page = vec![FAULT_FILL; PAGE_SIZE as usize];
+    let page = vec![FAULT_FILL; PAGE_BYTES];
     let mut events = EventBuffer::new(64);
     let mut served = Served {
         faults: 0,
@@ -935,7 +945,7 @@ fn serve_faults(
             if served.service_ns.len() < served.service_ns.capacity() {
                 served
                     .service_ns
-                    .push(read_at.elapsed().as_nanos().min(u128::from(u64::MAX)) as u64);
+                    .push(read_at.elapsed().as_nanos().try_into().unwrap_or(u64::MAX));
             }
         }
     }
@@ -954,7 +964,7 @@ fn copy_pass(
     let began = Instant::now();
     let mut off = 0u64;
     while off < region {
-        let n = batch.min(region - off) as usize;
+        let n = usize_from(batch.min(region - off));
         let dst = start.offset(off);
         calls += 1;
         match uffd.copy(dst, &src[..n], true) {
@@ -1008,12 +1018,18 @@ impl Stats {
             };
         }
         ns.sort_unstable();
-        let rank = |p: f64| ns[((p * ns.len() as f64).ceil() as usize).clamp(1, ns.len()) - 1];
+        // Nearest rank: ceil(p * n) for p in (0, 1], an integer in 1..=n.
+        let rank = |p: f64| {
+            #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)] // in 1..=n
+            let r = (p * ns.len() as f64).ceil() as usize;
+            ns[r.clamp(1, ns.len()) - 1]
+        };
         let sum: u128 = ns.iter().map(|&v| u128::from(v)).sum();
         Stats {
             p50: rank(0.50),
             p99: rank(0.99),
-            mean: (sum / ns.len() as u128) as u64,
+            // The mean of u64 values fits a u64.
+            mean: u64::try_from(sum / u128::from(u64_from(ns.len()))).unwrap_or(u64::MAX),
             max: ns[ns.len() - 1],
         }
     }
@@ -1075,14 +1091,16 @@ fn child_run() -> Result<(), LimitsError> {
     }
     let memfd = nix::sys::memfd::memfd_create(MEMFD_NAME, nix::sys::memfd::MFdFlags::MFD_CLOEXEC)
         .map_err(sys_err("memfd_create"))?;
-    nix::unistd::ftruncate(&memfd, len as libc::off_t)
+    let size = libc::off_t::try_from(len)
+        .map_err(|_| LimitsError::InvalidOption(format!("{CHILD_BYTES_ENV} {len} is too large")))?;
+    nix::unistd::ftruncate(&memfd, size)
         .map_err(sys_err(format!("sizing the memfd to {len} bytes")))?;
     // SAFETY: a fresh shared read-only mapping of our own memfd; the result
     // is checked and owned by `ChildMapping`, which unmaps it.
     let ptr = unsafe {
         libc::mmap(
             std::ptr::null_mut(),
-            len as usize,
+            usize_from(len),
             libc::PROT_READ,
             libc::MAP_SHARED,
             memfd.as_raw_fd(),
@@ -1097,7 +1115,7 @@ fn child_run() -> Result<(), LimitsError> {
     }
     let mapping = ChildMapping {
         ptr,
-        len: len as usize,
+        len: usize_from(len),
     };
     let pages = len / PAGE_SIZE;
 
@@ -1141,8 +1159,8 @@ fn child_run() -> Result<(), LimitsError> {
                     )));
                 }
                 times.clear();
-                times.reserve(n as usize);
-                let sum = touch(&mapping, n as usize, &mut times);
+                times.reserve(usize_from(n));
+                let sum = touch(&mapping, usize_from(n), &mut times);
                 let s = Stats::of(std::mem::take(&mut times));
                 say(
                     &mut out,
@@ -1171,12 +1189,12 @@ fn child_run() -> Result<(), LimitsError> {
 fn touch(mapping: &ChildMapping, n: usize, times: &mut Vec<u64>) -> u64 {
     let base = mapping.ptr as *const u8;
     let mut sum = 0u64;
-    for i in 0..n.min(mapping.len / PAGE_SIZE as usize) {
+    for i in 0..n.min(mapping.len / PAGE_BYTES) {
         let began = Instant::now();
         // SAFETY: page `i` lies inside the live mapping (checked by the loop
         // bound); a volatile read so every touch really happens, in order.
-        let byte = unsafe { std::ptr::read_volatile(base.add(i * PAGE_SIZE as usize)) };
-        let ns = began.elapsed().as_nanos().min(u128::from(u64::MAX)) as u64;
+        let byte = unsafe { std::ptr::read_volatile(base.add(i * PAGE_BYTES)) };
+        let ns = began.elapsed().as_nanos().try_into().unwrap_or(u64::MAX);
         sum += u64::from(byte);
         times.push(ns);
     }
@@ -1226,12 +1244,12 @@ fn measure_seq_read(dir: &Path, bytes: u64, warm: bool) -> Result<SeqRead, Limit
     let name = scratch.path.display().to_string();
 
     // Write and fsync.
-    let request = READ_REQUEST_BYTES.min(bytes) as usize;
+    let request = usize_from(READ_REQUEST_BYTES.min(bytes));
     let data = pattern(request);
     let began = Instant::now();
     let mut off = 0u64;
     while off < bytes {
-        let n = (bytes - off).min(request as u64) as usize;
+        let n = usize_from((bytes - off).min(u64_from(request)));
         file.write_all_at(&data[..n], off)
             .map_err(io_err(format!("writing {name}")))?;
         off += n as u64;
@@ -1287,7 +1305,7 @@ fn read_all(file: &File, bytes: u64, buf: &mut [u8]) -> std::io::Result<Duration
     let began = Instant::now();
     let mut off = 0u64;
     while off < bytes {
-        let n = (bytes - off).min(buf.len() as u64) as usize;
+        let n = usize_from((bytes - off).min(u64_from(buf.len())));
         file.read_exact_at(&mut buf[..n], off)?;
         off += n as u64;
     }
@@ -1299,7 +1317,7 @@ fn read_all(file: &File, bytes: u64, buf: &mut [u8]) -> std::io::Result<Duration
 /// Share (0..=1) of the file's pages in the page cache, by `mincore` on a
 /// mapping that is never touched.
 fn cached_fraction(file: &File, bytes: u64) -> Result<f64, Errno> {
-    let len = bytes as usize;
+    let len = usize_from(bytes);
     // SAFETY: a fresh read-only shared mapping of our own file, only passed
     // to mincore (never read) and unmapped below.
     let p = unsafe {
@@ -1315,7 +1333,7 @@ fn cached_fraction(file: &File, bytes: u64) -> Result<f64, Errno> {
     if p == libc::MAP_FAILED {
         return Err(Errno::last());
     }
-    let pages = bytes.div_ceil(PAGE_SIZE) as usize;
+    let pages = usize_from(bytes.div_ceil(PAGE_SIZE));
     let mut vec = vec![0u8; pages];
     // SAFETY: `p..p+len` is the live mapping made above; `vec` has one byte
     // per page of it.

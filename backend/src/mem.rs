@@ -6,6 +6,30 @@ use serde::{Deserialize, Serialize};
 /// Size of the pages thaw saves, indexes and installs (x86-64 base page).
 pub const PAGE_SIZE: u64 = 4096;
 
+// thaw builds for x86-64 only (`remote::inject` refuses other targets), so
+// usize is as wide as u64 and every u64 fits.
+const _: () = assert!(usize::BITS == u64::BITS);
+
+/// `v` as a `usize`: lossless on the 64-bit targets thaw builds for (see
+/// the assertion above). For lengths and indices; whether a value from a
+/// file is a *sane* size is for the caller to check.
+#[allow(clippy::cast_possible_truncation)] // usize is 64 bits wide, asserted above
+pub const fn usize_from(v: u64) -> usize {
+    v as usize
+}
+
+/// `v` as a `u64`: lossless, usize is never wider than 64 bits.
+pub const fn u64_from(v: usize) -> u64 {
+    v as u64
+}
+
+/// [`PAGE_SIZE`] as a `usize`.
+pub const PAGE_BYTES: usize = usize_from(PAGE_SIZE);
+
+/// [`PAGE_SIZE`] as a `u32`.
+#[allow(clippy::cast_possible_truncation)] // 4096 fits
+pub const PAGE_SIZE_U32: u32 = PAGE_SIZE as u32;
+
 /// A guest RAM page, numbered across all RAM blocks in layout order
 /// (block 0's pages first, then block 1's, ...).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]

@@ -318,13 +318,18 @@ fn failed_saves_leave_the_vm_running_and_no_partial_image() {
     vm.inspect(&existing);
     assert_eq!(status(&vm)["status"], "running");
 
-    // Two saves at once: the second is refused while the first holds the
-    // VM's lock (frozen there), then the first completes.
+    // Two saves at once: the second is refused, naming the first, while
+    // the first holds the VM's owner lock (frozen there), then the first
+    // completes.
     let first = vm.dir.join("first");
     let second = vm.dir.join("second");
     let frozen = catch_a_save(&vm, &first);
     let err = failed(&vm.thaw_raw(&["save", &vm.name, &path(&second)]));
-    assert!(err.contains("in progress"), "{err}");
+    assert!(
+        err.contains(&format!("VM {} is busy: thaw save (pid ", vm.name))
+            && err.contains("stop it first"),
+        "{err}"
+    );
     assert!(!second.exists());
     resume(&frozen.0);
     let out = frozen.0.wait_with_output().expect("first save");

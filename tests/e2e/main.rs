@@ -6,6 +6,15 @@
 //!
 //! Needs root and the guest kit (`tests/guest/build.sh`); `ci/test.sh` runs them.
 
+// The tests' own casts: pids of their children and of QEMU as `thaw
+// status` reports them, counts from files the tests just had written; a
+// wrong one fails a test.
+#![allow(
+    clippy::cast_possible_truncation,
+    clippy::cast_sign_loss,
+    clippy::cast_possible_wrap
+)]
+
 mod bad_input;
 mod balloon;
 mod bench;

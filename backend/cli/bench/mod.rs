@@ -459,7 +459,9 @@ pub async fn run(opts: &BenchOptions) -> Result<BenchReport, BenchError> {
         fill_limit: opts.fill_limit,
         warm_mib_per_s: warm,
         warm_probe_p50_ms,
-        probe_period_ms: opts.probe_period.map(|p| p.as_millis() as u64),
+        probe_period_ms: opts
+            .probe_period
+            .map(|p| u64::try_from(p.as_millis()).unwrap_or(u64::MAX)),
         ttr_definition: ttr_definition(),
         limits,
         summary,

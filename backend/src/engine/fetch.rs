@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use super::installer::Installed;
 use super::{Engine, EngineError};
-use crate::mem::{PageIndex, PAGE_SIZE};
+use crate::mem::{usize_from, PageIndex, PAGE_BYTES};
 
 /// How long an idle worker waits before checking for stop.
 const IDLE_POLL: Duration = Duration::from_millis(50);
@@ -98,7 +98,7 @@ impl Engine {
     /// it completed.
     pub(crate) fn fetch_worker(&self, capacity: usize) -> Vec<u32> {
         let mut latencies = Vec::with_capacity(capacity);
-        let chunk_bytes = self.image.meta().chunk_pages as usize * PAGE_SIZE as usize;
+        let chunk_bytes = usize_from(u64::from(self.image.meta().chunk_pages)) * PAGE_BYTES;
         let mut buf = vec![0u8; chunk_bytes];
         loop {
             let chunk = {
@@ -177,8 +177,8 @@ impl Engine {
             {
                 e += 1;
             }
-            let off = (s - slots.start) as usize * PAGE_SIZE as usize;
-            let len = (e - s) as usize * PAGE_SIZE as usize;
+            let off = usize_from(u64::from(s - slots.start)) * PAGE_BYTES;
+            let len = usize_from(u64::from(e - s)) * PAGE_BYTES;
             match self.install_saved(first, &data[off..off + len], true)? {
                 Installed::All { fresh: f } => fresh += f,
                 Installed::Stopped => return Ok(Installed::Stopped),

@@ -7,7 +7,7 @@ use std::sync::atomic::Ordering;
 
 use super::installer::Installed;
 use super::{Engine, EngineError};
-use crate::mem::PAGE_SIZE;
+use crate::mem::{usize_from, PAGE_BYTES, PAGE_SIZE};
 use crate::progress::Progress;
 
 /// Bytes the filler reads per request.
@@ -33,7 +33,7 @@ impl Engine {
         let chunk_count = u32::try_from(meta.nonzero_pages.div_ceil(u64::from(meta.chunk_pages)))
             .map_err(|_| EngineError::TooManyChunks)?;
         let per_read = u32::try_from((FILL_READ_BYTES / chunk_bytes).max(1)).unwrap_or(1);
-        let mut buf = vec![0u8; (u64::from(per_read) * chunk_bytes) as usize];
+        let mut buf = vec![0u8; usize_from(u64::from(per_read) * chunk_bytes)];
         let mut first = 0u32;
         while first < chunk_count {
             if self.stop.load(Ordering::Acquire) {
@@ -60,8 +60,8 @@ impl Engine {
                 .fetch_add(n as u64, Ordering::Relaxed);
             for c in group..group + count {
                 let slots = self.image.chunk_slots(c);
-                let off = (slots.start - start) as usize * PAGE_SIZE as usize;
-                let len = (slots.end - slots.start) as usize * PAGE_SIZE as usize;
+                let off = usize_from(u64::from(slots.start - start)) * PAGE_BYTES;
+                let len = usize_from(u64::from(slots.end - slots.start)) * PAGE_BYTES;
                 match self.install_chunk(c, &buf[off..off + len])? {
                     Installed::All { fresh } => {
                         self.counters.fill_pages.fetch_add(fresh, Ordering::Relaxed);

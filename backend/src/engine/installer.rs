@@ -32,7 +32,7 @@ use std::time::Duration;
 use nix::errno::Errno;
 
 use super::{Engine, EngineError};
-use crate::mem::{PageIndex, PAGE_SIZE};
+use crate::mem::{usize_from, PageIndex, PAGE_SIZE};
 use crate::remote::uffd::CopyResult;
 
 /// How long an installer thread backs off when the kernel asks it to retry.
@@ -102,7 +102,7 @@ impl Engine {
                 break;
             }
             let dst = self.host_addr(PageIndex(first.0 + i));
-            let bytes = &data[(i * PAGE_SIZE) as usize..(j * PAGE_SIZE) as usize];
+            let bytes = &data[usize_from(i * PAGE_SIZE)..usize_from(j * PAGE_SIZE)];
             let result = self.uffd.copy(dst, bytes, wake);
             let copied = result.copied() as u64 / PAGE_SIZE;
             for k in i..i + copied {
@@ -171,7 +171,7 @@ impl Engine {
             block
                 .file
                 .write_all_at(
-                    &data[(i * PAGE_SIZE) as usize..(j * PAGE_SIZE) as usize],
+                    &data[usize_from(i * PAGE_SIZE)..usize_from(j * PAGE_SIZE)],
                     off,
                 )
                 .map_err(|source| EngineError::CacheWrite {

@@ -7,7 +7,7 @@ use std::sync::atomic::Ordering;
 
 use super::installer::Installed;
 use super::{Engine, EngineError};
-use crate::mem::{PageIndex, PAGE_SIZE};
+use crate::mem::{PageIndex, PAGE_BYTES};
 use crate::wss::{WsError, WsFile};
 
 impl Engine {
@@ -68,7 +68,7 @@ impl Engine {
             {
                 j += 1;
             }
-            let bytes = &data[i * PAGE_SIZE as usize..j * PAGE_SIZE as usize];
+            let bytes = &data[i * PAGE_BYTES..j * PAGE_BYTES];
             let was: Vec<bool> = pages[i..j]
                 .iter()
                 .map(|&p| self.pages.is_resident(p))

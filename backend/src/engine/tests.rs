@@ -5,6 +5,13 @@
 //! (punch a hole, then `MADV_DONTNEED`). The engine takes over a
 //! userfaultfd inside it and serves it from this process.
 
+// Sizes here are small test constants (a 1 MiB RAM file of 256 pages).
+#![allow(
+    clippy::cast_possible_truncation,
+    clippy::cast_sign_loss,
+    clippy::cast_possible_wrap
+)]
+
 use std::io::{BufRead, BufReader, Write};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::process::CommandExt;
@@ -14,7 +21,6 @@ use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use nix::unistd::Pid;
 use userfaultfd_sys::{
     UFFD_FEATURE_EVENT_REMOVE, UFFD_FEATURE_MINOR_SHMEM, UFFD_FEATURE_MISSING_SHMEM,
 };
@@ -23,6 +29,7 @@ use xxhash_rust::xxh3::xxh3_64;
 use super::*;
 use crate::image::{ImageInfo, ImageWriter};
 use crate::mem::RamLayout;
+use crate::remote::process::QemuProcess;
 use crate::remote::uffd;
 use crate::wss::{Estimator, WorkingSet, WsFile};
 
@@ -287,9 +294,8 @@ impl Mapper {
     /// The engine over this mapper's RAM, with a userfaultfd taken over in
     /// it and the RAM registered for missing and minor faults.
     fn engine(&self, image: Arc<Image>) -> Engine {
-        let pid = Pid::from_raw(i32::try_from(self.child.id()).expect("pid"));
         let uffd = uffd::take_over(
-            pid,
+            &self.process(),
             UFFD_FEATURE_MISSING_SHMEM | UFFD_FEATURE_MINOR_SHMEM | UFFD_FEATURE_EVENT_REMOVE,
         )
         .expect("take over a userfaultfd in the mapper");
@@ -304,6 +310,11 @@ impl Mapper {
             file,
         };
         Engine::new(image, Arc::new(uffd), vec![block])
+    }
+
+    /// The mapper held by pidfd.
+    fn process(&self) -> QemuProcess {
+        QemuProcess::open(i32::try_from(self.child.id()).expect("pid")).expect("pidfd_open")
     }
 
     fn exit(mut self) {
@@ -507,11 +518,11 @@ fn a_zap_is_no_discard() {
     let service = engine.start(1024).expect("start");
     let fill = engine.start_fill(Default::default()).expect("fill");
     fill.join(&engine).expect("fill");
-    let pid = Pid::from_raw(i32::try_from(m.child.id()).expect("pid"));
+    let process = m.process();
     let started = Instant::now();
     engine
         .zapping(|| {
-            crate::remote::inject::madvise_dontneed(pid, HostAddr(m.base), PAGES * PAGE_SIZE)
+            crate::remote::inject::madvise_dontneed(&process, HostAddr(m.base), PAGES * PAGE_SIZE)
         })
         .expect("zap");
     assert!(started.elapsed() < TIMEOUT);

@@ -25,6 +25,15 @@
 //! A writer builds the image in `<image>.partial-<pid>` and renames it into
 //! place once every file is synced, so an image either is complete or does
 //! not exist.
+//!
+//! A reader checks every file's size before it reads one whole: `meta.json`
+//! must be at most [`MAX_META_BYTES`], `index.bin` exactly what
+//! `total_pages` and `nonzero_pages` imply, `device.state` what its digest
+//! says.
+//!
+//! An image's identity ([`Image::identity`]) is an xxh3-64 of its digests
+//! and creation time: working-set files carry it, so one image's working
+//! set is never taken for another's.
 
 use std::fs::{self, DirBuilder, File, OpenOptions};
 use std::io::{BufWriter, Read, Write};
@@ -36,7 +45,7 @@ use serde::{Deserialize, Serialize};
 use xxhash_rust::xxh3::{xxh3_64, Xxh3};
 
 use crate::config::VmConfig;
-use crate::mem::{PageIndex, RamLayout, PAGE_SIZE};
+use crate::mem::{usize_from, PageIndex, RamLayout, PAGE_BYTES, PAGE_SIZE, PAGE_SIZE_U32};
 
 /// The format version this thaw writes and reads.
 pub const FORMAT_VERSION: u32 = 1;
@@ -44,6 +53,8 @@ pub const FORMAT_VERSION: u32 = 1;
 pub const DEFAULT_CHUNK_PAGES: u32 = 16;
 const INDEX_MAGIC: &[u8; 8] = b"THAWIDX1";
 const HEADER_LEN: usize = 64;
+/// Largest `meta.json` a reader accepts (a real one is a few KiB).
+pub const MAX_META_BYTES: u64 = 1 << 20;
 
 /// Errors reading or writing an image.
 #[derive(Debug, thiserror::Error)]
@@ -230,7 +241,7 @@ impl ImageWriter {
                 return Err(e);
             }
         };
-        let total = layout.total_pages() as usize;
+        let total = usize_from(layout.total_pages());
         Ok(ImageWriter {
             target: target.to_owned(),
             dir,
@@ -266,7 +277,7 @@ impl ImageWriter {
             return Err(ImageError::OutOfRange(first.0 + pages));
         }
         let path = self.dir.join("pages.bin");
-        for (i, page) in data.chunks_exact(PAGE_SIZE as usize).enumerate() {
+        for (i, page) in data.chunks_exact(PAGE_BYTES).enumerate() {
             if is_zero(page) {
                 continue;
             }
@@ -274,7 +285,7 @@ impl ImageWriter {
                 .write_all(page)
                 .map_err(io_err(&path, "cannot write"))?;
             self.chunk_hasher.update(page);
-            self.table[first.0 as usize + i] = self.slots + 1;
+            self.table[usize_from(first.0) + i] = self.slots + 1;
             self.slots += 1;
             self.in_chunk += 1;
             if self.in_chunk == self.chunk_pages {
@@ -310,7 +321,7 @@ impl ImageWriter {
             Vec::with_capacity(HEADER_LEN + self.table.len() * 4 + self.chunk_sums.len() * 8 + 8);
         index.extend_from_slice(INDEX_MAGIC);
         index.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
-        index.extend_from_slice(&(PAGE_SIZE as u32).to_le_bytes());
+        index.extend_from_slice(&PAGE_SIZE_U32.to_le_bytes());
         index.extend_from_slice(&(self.table.len() as u64).to_le_bytes());
         index.extend_from_slice(&u64::from(self.slots).to_le_bytes());
         index.extend_from_slice(&self.chunk_pages.to_le_bytes());
@@ -432,6 +443,52 @@ pub fn check_meta(meta: &ImageMeta) -> Result<(), String> {
     Ok(())
 }
 
+/// Checksummed chunks of `pages.bin` that `meta` implies.
+fn chunk_count(meta: &ImageMeta) -> u64 {
+    meta.nonzero_pages
+        .div_ceil(u64::from(meta.chunk_pages.max(1)))
+}
+
+/// The exact length of `index.bin` that `meta` implies (header, one u32
+/// per page, one u64 per chunk, trailer); `None` if it overflows.
+pub fn index_len(meta: &ImageMeta) -> Option<u64> {
+    meta.total_pages
+        .checked_mul(4)?
+        .checked_add(chunk_count(meta).checked_mul(8)?)?
+        .checked_add(HEADER_LEN as u64 + 8)
+}
+
+/// Reads file `path` whole after checking that it holds `expect(len)`
+/// bytes (its length from the open file, so the check and the read are
+/// about the same file).
+fn read_checked(
+    path: &Path,
+    expect: impl FnOnce(u64) -> Result<(), String>,
+) -> Result<Vec<u8>, ImageError> {
+    let file = File::open(path).map_err(io_err(path, "cannot open"))?;
+    let len = file.metadata().map_err(io_err(path, "cannot stat"))?.len();
+    expect(len).map_err(|message| ImageError::Damaged {
+        path: path.to_owned(),
+        message,
+    })?;
+    let cap = usize::try_from(len).map_err(|_| ImageError::Damaged {
+        path: path.to_owned(),
+        message: format!("{len} bytes do not fit in memory"),
+    })?;
+    let mut data = Vec::with_capacity(cap);
+    // One byte more than promised: a file that grew is caught below.
+    file.take(len.saturating_add(1))
+        .read_to_end(&mut data)
+        .map_err(io_err(path, "cannot read"))?;
+    if data.len() != cap {
+        return Err(ImageError::Damaged {
+            path: path.to_owned(),
+            message: format!("changed size while being read ({len} bytes at first)"),
+        });
+    }
+    Ok(data)
+}
+
 /// The decoded `index.bin`.
 pub struct ParsedIndex {
     /// Per guest page: 0 = zero page, else slot + 1.
@@ -451,15 +508,8 @@ pub fn parse_index(
     index: &[u8],
     verify_trailer: bool,
 ) -> Result<ParsedIndex, String> {
-    let chunks = meta
-        .nonzero_pages
-        .div_ceil(u64::from(meta.chunk_pages.max(1)));
-    let expected_len = meta
-        .total_pages
-        .checked_mul(4)
-        .and_then(|t| t.checked_add(chunks.checked_mul(8)?))
-        .and_then(|t| t.checked_add(HEADER_LEN as u64 + 8))
-        .ok_or("page counts overflow")?;
+    let chunks = chunk_count(meta);
+    let expected_len = index_len(meta).ok_or("page counts overflow")?;
     if index.len() as u64 != expected_len {
         return Err(format!("{} bytes, expected {expected_len}", index.len()));
     }
@@ -491,13 +541,13 @@ pub fn parse_index(
         return Err("header does not match meta.json".into());
     }
     // The length check above bounds every offset below by index.len().
-    let total = meta.total_pages as usize;
+    let total = usize_from(meta.total_pages);
     let table: Vec<u32> = (0..total).map(|i| u32_at(HEADER_LEN + i * 4)).collect();
     let sums_at = HEADER_LEN + total * 4;
-    let chunk_sums: Vec<u64> = (0..chunks as usize)
+    let chunk_sums: Vec<u64> = (0..usize_from(chunks))
         .map(|i| u64_at(sums_at + i * 8))
         .collect();
-    let mut reverse = Vec::with_capacity(meta.nonzero_pages as usize);
+    let mut reverse = Vec::with_capacity(usize_from(meta.nonzero_pages));
     for (page, &e) in table.iter().enumerate() {
         if e != 0 {
             if u64::from(e) != reverse.len() as u64 + 1 {
@@ -559,7 +609,15 @@ impl Image {
                 why: "it has no meta.json",
             });
         }
-        let text = fs::read(&meta_path).map_err(io_err(&meta_path, "cannot read"))?;
+        let text = read_checked(&meta_path, |len| {
+            if len > MAX_META_BYTES {
+                Err(format!(
+                    "{len} bytes, more than the {MAX_META_BYTES} a meta.json may have"
+                ))
+            } else {
+                Ok(())
+            }
+        })?;
         let version: serde_json::Value =
             serde_json::from_slice(&text).map_err(|e| ImageError::Meta {
                 path: meta_path.clone(),
@@ -606,13 +664,24 @@ impl Image {
             ));
         }
         let index_path = dir.join("index.bin");
-        let index = fs::read(&index_path).map_err(io_err(&index_path, "cannot read"))?;
-        if index.len() as u64 != meta.index.len {
-            return Err(damaged(
-                &index_path,
-                format!("{} bytes, expected {}", index.len(), meta.index.len),
-            ));
-        }
+        let expected = index_len(&meta)
+            .filter(|&n| n == meta.index.len)
+            .ok_or_else(|| {
+                damaged(
+                    &meta_path,
+                    format!(
+                        "index length {} does not match its page counts",
+                        meta.index.len
+                    ),
+                )
+            })?;
+        let index = read_checked(&index_path, |len| {
+            if len == expected {
+                Ok(())
+            } else {
+                Err(format!("{len} bytes, expected {expected}"))
+            }
+        })?;
         if format!("{:016x}", xxh3_64(&index)) != meta.index.xxh3 {
             return Err(damaged(&index_path, "checksum mismatch".into()));
         }
@@ -656,7 +725,7 @@ impl Image {
 
     /// Where page `page` is: O(1).
     pub fn locate(&self, page: PageIndex) -> PageLocation {
-        match self.table.get(page.0 as usize).copied().unwrap_or(0) {
+        match self.table.get(usize_from(page.0)).copied().unwrap_or(0) {
             0 => PageLocation::Zero,
             e => PageLocation::Slot(e - 1),
         }
@@ -674,7 +743,9 @@ impl Image {
     /// The slots of chunk `chunk`.
     pub fn chunk_slots(&self, chunk: u32) -> Range<u32> {
         let start = chunk * self.meta.chunk_pages;
-        start..(start + self.meta.chunk_pages).min(self.meta.nonzero_pages as u32)
+        // check_meta keeps nonzero_pages below u32::MAX.
+        let slots = u32::try_from(self.meta.nonzero_pages).unwrap_or(u32::MAX);
+        start..(start + self.meta.chunk_pages).min(slots)
     }
 
     /// Reads `count` consecutive chunks from `first` into `buf` with one
@@ -703,7 +774,7 @@ impl Image {
     ) -> Result<usize, ImageError> {
         let start = u64::from(self.chunk_slots(first).start) * PAGE_SIZE;
         let end = u64::from(self.chunk_slots(first + count - 1).end) * PAGE_SIZE;
-        let len = (end - start) as usize;
+        let len = usize_from(end - start);
         if let Some(t) = &self.throttle {
             if urgent {
                 t.take_urgent(len as u64);
@@ -717,7 +788,7 @@ impl Image {
         for c in first..first + count {
             let r = self.chunk_slots(c);
             let (a, b) = (u64::from(r.start) * PAGE_SIZE, u64::from(r.end) * PAGE_SIZE);
-            let got = xxh3_64(&buf[(a - start) as usize..(b - start) as usize]);
+            let got = xxh3_64(&buf[usize_from(a - start)..usize_from(b - start)]);
             let expected = self.chunk_sums[c as usize];
             if got != expected {
                 return Err(ImageError::ChunkChecksum {
@@ -733,13 +804,25 @@ impl Image {
         Ok(len)
     }
 
+    /// This image's identity: an xxh3-64 of the digests of its three data
+    /// files and its creation time. Two images share it only if they hold
+    /// the same data.
+    pub fn identity(&self) -> u64 {
+        identity(&self.meta)
+    }
+
     /// The device state, verified against its digest.
     pub fn read_device_state(&self) -> Result<Vec<u8>, ImageError> {
         let path = self.dir.join("device.state");
-        let data = fs::read(&path).map_err(io_err(&path, "cannot read"))?;
-        if data.len() as u64 != self.meta.device_state.len
-            || format!("{:016x}", xxh3_64(&data)) != self.meta.device_state.xxh3
-        {
+        let want = self.meta.device_state.len;
+        let data = read_checked(&path, |len| {
+            if len == want {
+                Ok(())
+            } else {
+                Err(format!("{len} bytes, expected {want}"))
+            }
+        })?;
+        if format!("{:016x}", xxh3_64(&data)) != self.meta.device_state.xxh3 {
             return Err(ImageError::Damaged {
                 path,
                 message: "checksum mismatch".into(),
@@ -747,6 +830,21 @@ impl Image {
         }
         Ok(data)
     }
+}
+
+/// The identity of the image `meta` describes (see [`Image::identity`]).
+pub fn identity(meta: &ImageMeta) -> u64 {
+    let d = |d: &Digest| format!("{}:{}", d.len, d.xxh3);
+    xxh3_64(
+        format!(
+            "thaw-image {} {} {} {}",
+            d(&meta.index),
+            d(&meta.device_state),
+            d(&meta.pages),
+            meta.created_unix
+        )
+        .as_bytes(),
+    )
 }
 
 /// What `thaw inspect` shows.

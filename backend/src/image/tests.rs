@@ -1,4 +1,11 @@
 //! Image round trip and damage detection.
+// Test fixtures: casts of small constants and of the tests' own values
+// (their children's pids, page numbers below 64); a wrong one fails a test.
+#![allow(
+    clippy::cast_possible_truncation,
+    clippy::cast_sign_loss,
+    clippy::cast_possible_wrap
+)]
 
 use super::*;
 use crate::config::{ByteSize, VmConfig};
@@ -318,4 +325,40 @@ fn meta_and_index_parsers_accept_a_real_image() {
         input.extend_from_slice(&index);
         fs::write(seed, input).expect("write the fuzz seed");
     }
+}
+
+#[test]
+fn an_oversized_meta_json_is_refused_before_it_is_read() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let dir = tmp.path().join("img");
+    write_image(&dir);
+    // A sparse file of zeros: were it read and parsed, JSON would fail first.
+    let meta = File::options()
+        .write(true)
+        .open(dir.join("meta.json"))
+        .expect("open");
+    meta.set_len(MAX_META_BYTES + 1).expect("grow");
+    let err = Image::open(&dir).err().expect("refused");
+    assert!(
+        matches!(&err, ImageError::Damaged { message, .. } if message.contains("more than")),
+        "{err:?}"
+    );
+}
+
+#[test]
+fn an_index_of_the_wrong_size_is_refused_before_it_is_read() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let dir = tmp.path().join("img");
+    write_image(&dir);
+    let index = File::options()
+        .write(true)
+        .open(dir.join("index.bin"))
+        .expect("open");
+    let len = index.metadata().expect("stat").len();
+    index.set_len(len + (1 << 30)).expect("grow");
+    let err = Image::open(&dir).err().expect("refused");
+    assert!(
+        matches!(&err, ImageError::Damaged { message, .. } if message.contains(&format!("expected {len}"))),
+        "{err:?}"
+    );
 }

@@ -101,10 +101,10 @@ pub struct WriteTracker {
 
 impl WriteTracker {
     /// Starts tracking writes to `ranges` (each RAM mapping with the global
-    /// number of its first page) in QEMU process `pid`; asynchronously where
+    /// number of its first page) in QEMU `process`; asynchronously where
     /// the kernel can and `force_sync` is false.
     pub fn start(
-        pid: nix::unistd::Pid,
+        process: &crate::remote::process::QemuProcess,
         ranges: Vec<(RamMapping, u64)>,
         force_sync: bool,
     ) -> Result<WriteTracker, DirtyError> {
@@ -123,9 +123,9 @@ impl WriteTracker {
         let features = FEATURE_WP_HUGETLBFS_SHMEM
             | (available & FEATURE_WP_UNPOPULATED)
             | if asynchronous { FEATURE_WP_ASYNC } else { 0 };
-        let uffd = Arc::new(uffd::take_over(pid, features)?);
+        let uffd = Arc::new(uffd::take_over(process, features)?);
         uffd.close_remote()?;
-        let path = format!("/proc/{pid}/pagemap");
+        let path = format!("/proc/{}/pagemap", process.pid());
         let pagemap = File::open(&path).map_err(|source| DirtyError::Pagemap { path, source })?;
         let mut tracker = WriteTracker {
             uffd,
@@ -229,8 +229,10 @@ impl WriteTracker {
                 // `vec_len` page_region slots of our own live buffer; the
                 // kernel writes only those and `arg`.
                 let n = unsafe { pagemap_scan(fd, &mut arg) }.map_err(DirtyError::Scan)?;
-                for r in &self.regions[..n as usize] {
-                    for addr in (r.start..r.end).step_by(PAGE_SIZE as usize) {
+                // The ioctl returns how many regions it filled, at most vec_len.
+                let n = usize::try_from(n).unwrap_or(0).min(self.regions.len());
+                for r in &self.regions[..n] {
+                    for addr in (r.start..r.end).step_by(crate::mem::PAGE_BYTES) {
                         seen(PageIndex(first_page + (addr - m.start.0) / PAGE_SIZE));
                         written += 1;
                     }

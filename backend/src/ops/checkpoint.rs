@@ -20,6 +20,7 @@ use serde::Serialize;
 
 use crate::engine::{Engine, FaultLog};
 use crate::image::Image;
+use crate::ops::owner::{LockError, OwnerLock};
 use crate::ops::restore::{self, LearnWindow, RestoreError};
 use crate::ops::save::{self, SaveError, SaveOptions, SaveReport};
 use crate::remote::uffd;
@@ -33,6 +34,8 @@ use crate::wss::{self, Estimator, WorkingSet};
 pub enum CheckpointError {
     #[error(transparent)]
     Save(#[from] SaveError),
+    #[error(transparent)]
+    Busy(#[from] LockError),
     #[error("the checkpoint is saved, but tracing the guest afterwards failed: {0}")]
     Trace(#[from] RestoreError),
 }
@@ -67,14 +70,16 @@ impl std::fmt::Display for CheckpointReport {
 }
 
 /// Saves VM `name` into `image`, leaves it running and traces its first
-/// touches during `window`.
+/// touches during `window`. The VM's owner lock is held throughout.
 pub async fn checkpoint(
     name: &str,
     image: &Path,
     force: bool,
     window: LearnWindow,
 ) -> Result<CheckpointReport, CheckpointError> {
-    let report = save::save(
+    let (paths, _) = VmState::load(name).map_err(SaveError::from)?;
+    let owner = OwnerLock::acquire(&paths, "checkpoint")?;
+    let report = save::save_owned(
         name,
         image,
         &SaveOptions {
@@ -83,6 +88,7 @@ pub async fn checkpoint(
             leave_paused: true,
             progress: Default::default(),
         },
+        &owner,
     )
     .await?;
     let (paths, state) = VmState::load(name).map_err(RestoreError::from)?;
@@ -114,10 +120,10 @@ async fn trace(
     window: LearnWindow,
 ) -> Result<(u64, f64, u64), RestoreError> {
     let image = Arc::new(Image::open(image_dir)?);
+    let qemu = state.qemu().map_err(vmm::QemuError::from)?;
     let ram = vmm::find_ram(state.qemu_pid, paths, &state.layout)?;
-    let pid = nix::unistd::Pid::from_raw(state.qemu_pid);
     let uffd = Arc::new(uffd::take_over(
-        pid,
+        &qemu,
         userfaultfd_sys::UFFD_FEATURE_MISSING_SHMEM
             | userfaultfd_sys::UFFD_FEATURE_MINOR_SHMEM
             | userfaultfd_sys::UFFD_FEATURE_EVENT_REMOVE,
@@ -132,13 +138,11 @@ async fn trace(
         }
         let blocks = restore::block_maps(&ram, &state.layout)?;
         let engine = Arc::new(Engine::observer(image.clone(), uffd.clone(), blocks));
-        let capacity = usize::try_from(image.meta().total_pages)
-            .unwrap_or(usize::MAX)
-            .min(1 << 22);
+        let capacity = crate::mem::usize_from(image.meta().total_pages).min(1 << 22);
         // The fault thread runs before the zap: QEMU's madvise waits until
         // its remove events are read.
         let service = engine.start(capacity)?;
-        let zapped = engine.zapping(|| restore::zap(pid, &ram));
+        let zapped = engine.zapping(|| restore::zap(&qemu, &ram));
         let t = Instant::now();
         let watched = async {
             zapped?;

@@ -2,8 +2,10 @@
 //! modules: [`save`], [`restore`], [`recover`], [`checkpoint`], [`track`].
 //! Each drives QEMU ([`crate::vmm`]), attaches to it ([`crate::remote`]) and
 //! moves pages with the [`crate::engine`]; none installs a page itself.
+//! Each holds the VM's [`owner`] lock while it runs.
 
 pub mod checkpoint;
+pub mod owner;
 pub mod recover;
 pub mod restore;
 pub mod save;

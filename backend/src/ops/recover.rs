@@ -120,8 +120,7 @@ pub async fn recover(
         }
     };
     // A live restore holds the VM's lock; a dead one released it.
-    let _lock =
-        crate::ops::save::lock_vm(&paths).map_err(|_| RestoreError::StillServed(name.into()))?;
+    let _lock = crate::ops::owner::OwnerLock::acquire(&paths, "recover")?;
     if record.qemu_pid != state.qemu_pid {
         let _ = std::fs::remove_file(&record_path);
         return Err(RestoreError::NothingToRecover(name.to_string()));
@@ -139,8 +138,8 @@ pub async fn recover(
         bytes_read: 0,
         complete_ms: 0.0,
     };
-    let pid = nix::unistd::Pid::from_raw(state.qemu_pid);
-    let uffd = match uffd::reattach(pid, record.uffd_fd_in_qemu) {
+    let pid = state.qemu().map_err(vmm::QemuError::from)?;
+    let uffd = match uffd::reattach(&pid, record.uffd_fd_in_qemu) {
         Ok(u) => Arc::new(u),
         // QEMU's copy is closed only once every page is resident: the dead
         // thaw had finished and only its record was left.
@@ -159,7 +158,7 @@ pub async fn recover(
     };
     let mut qmp = Qmp::connect(&paths.qmp).await?;
     let run_state = qmp.run_state().await?;
-    log::info!("recovering {name}: QEMU {pid} is {run_state}");
+    log::info!("recovering {name}: QEMU {} is {run_state}", pid.pid());
     match run_state.as_str() {
         "running" => stats.guest_was_running = true,
         "paused" => {}
@@ -281,8 +280,9 @@ pub fn progress(paths: &VmPaths) -> RestoreProgress {
     if !paths.dir.join(RECORD_FILE).exists() {
         return RestoreProgress::None;
     }
-    match crate::ops::save::lock_vm(paths) {
-        Ok(_) => RestoreProgress::Interrupted,
-        Err(_) => RestoreProgress::Running,
+    match crate::ops::owner::OwnerLock::holder(paths) {
+        Ok(Some(h)) if !h.serves_restore() && h.pid != 0 => RestoreProgress::Interrupted,
+        Ok(None) => RestoreProgress::Interrupted,
+        _ => RestoreProgress::Running,
     }
 }

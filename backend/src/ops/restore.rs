@@ -154,6 +154,8 @@ pub enum RestoreError {
     NothingToRecover(String),
     #[error("a thaw process is still serving VM {0}'s restore; recover only after it died")]
     StillServed(String),
+    #[error(transparent)]
+    Busy(crate::ops::owner::LockError),
     #[error(
         "thaw died while QEMU was still loading VM {0}'s device state; QEMU was stopped: restore the image again (it is unchanged)"
     )]
@@ -375,7 +377,7 @@ pub async fn restore(path: &Path, opts: &RestoreOptions) -> Result<RestoreStats,
     match run(launched, image, device_state, ws, opts, started, launch_ms).await {
         Ok(stats) => Ok(stats),
         Err(e) => {
-            let gone = !vmm::process_alive(pid);
+            let gone = !state.qemu_alive();
             if !gone {
                 log::error!("restore failed; stopping QEMU (pid {pid})");
             }
@@ -424,10 +426,9 @@ async fn run(
     check_layout(&meta.layout, &state.layout)?;
     // Held until the restore is over: `thaw recover` takes it only from a
     // dead restore, a concurrent `thaw save` is refused.
-    let _lock = crate::ops::save::lock_vm(&paths)
-        .map_err(|_| RestoreError::StillServed(state.config.name.clone()))?;
+    let _lock = crate::ops::owner::OwnerLock::acquire(&paths, "restore")?;
     let ram = vmm::find_ram(state.qemu_pid, &paths, &state.layout)?;
-    let qemu_pid = nix::unistd::Pid::from_raw(state.qemu_pid);
+    let qemu_pid = &state.qemu().map_err(vmm::QemuError::from)?;
 
     // Take over QEMU's userfaultfd and register all guest RAM before
     // anything can touch it. Minor faults (first touches of pages already
@@ -472,7 +473,7 @@ async fn run(
             .with_fetch_workers(opts.fetch_workers)
             .with_discard_log(discards),
     );
-    let log_capacity = (meta.total_pages as usize).min(1 << 22);
+    let log_capacity = crate::mem::usize_from(meta.total_pages).min(1 << 22);
     let service = engine.start(log_capacity)?;
     let bar = opts.progress.clone();
     bar.start("restore", meta.nonzero_pages * PAGE_SIZE);
@@ -604,7 +605,7 @@ async fn run(
 /// faults once more as a minor fault, and records those first touches until
 /// none arrive for `w.quiet` (at most `w.max`). Returns the window's length.
 pub async fn tracking_window(
-    qemu: nix::unistd::Pid,
+    qemu: &crate::remote::process::QemuProcess,
     ram: &[RamMapping],
     engine: &Engine,
     w: LearnWindow,
@@ -617,7 +618,10 @@ pub async fn tracking_window(
 /// Drops QEMU's page-table entries for guest RAM (an injected
 /// `madvise(MADV_DONTNEED)`; a shared file mapping keeps its data in the
 /// page cache), so the next touch of every page faults once more.
-pub fn zap(qemu: nix::unistd::Pid, ram: &[RamMapping]) -> Result<(), RestoreError> {
+pub fn zap(
+    qemu: &crate::remote::process::QemuProcess,
+    ram: &[RamMapping],
+) -> Result<(), RestoreError> {
     for m in ram {
         crate::remote::inject::madvise_dontneed(qemu, m.start, m.len)?;
     }
@@ -741,8 +745,8 @@ pub(crate) fn drop_early_pages(
                 file,
                 nix::fcntl::FallocateFlags::FALLOC_FL_PUNCH_HOLE
                     | nix::fcntl::FallocateFlags::FALLOC_FL_KEEP_SIZE,
-                start as i64,
-                (end - start) as i64,
+                i64::try_from(start).unwrap_or(i64::MAX),
+                i64::try_from(end - start).unwrap_or(i64::MAX),
             )
             .map_err(|e| RestoreError::Io {
                 context: format!("punching {}", m.id),
@@ -829,6 +833,8 @@ fn percentiles(mut v: Vec<u32>) -> (f64, f64) {
         return (0.0, 0.0);
     }
     v.sort_unstable();
-    let at = |q: f64| v[((v.len() - 1) as f64 * q).round() as usize] as f64;
+    // The rank is in 0..len by construction (q in 0..=1).
+    #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+    let at = |q: f64| f64::from(v[((v.len() - 1) as f64 * q).round() as usize]);
     (at(0.50), at(0.99))
 }

@@ -5,11 +5,9 @@
 
 use std::fs::File;
 use std::os::fd::AsFd;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use nix::fcntl::{Flock, FlockArg};
 use nix::unistd::{lseek, Whence};
 use serde::Serialize;
 use serde_json::json;
@@ -17,7 +15,8 @@ use vm_memory::mmap::MmapRegionBuilder;
 use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryMmap, GuestRegionMmap};
 
 use crate::image::{ImageInfo, ImageWriter};
-use crate::mem::{PageIndex, RamLayout, PAGE_SIZE};
+use crate::mem::{u64_from, usize_from, PageIndex, RamLayout, PAGE_SIZE};
+use crate::ops::owner::{LockError, OwnerLock};
 use crate::vmm::{self, Qmp, RamMapping, VmPaths, VmState};
 use crate::wss::{self, Estimator};
 
@@ -35,8 +34,8 @@ pub enum SaveError {
     Qmp(#[from] vmm::QmpError),
     #[error(transparent)]
     Image(#[from] crate::image::ImageError),
-    #[error("another save or restore of VM {0:?} is in progress")]
-    Busy(String),
+    #[error(transparent)]
+    Busy(#[from] LockError),
     #[error("reading guest RAM block {id} from {path}: {source}")]
     ReadRam {
         id: String,
@@ -94,29 +93,26 @@ pub struct SaveReport {
     pub working_sets: Vec<Estimator>,
 }
 
-/// An exclusive, non-blocking lock on a VM's save/restore operations.
-pub fn lock_vm(paths: &VmPaths) -> Result<Flock<File>, SaveError> {
-    let file = File::options()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .mode(0o600)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-        .open(&paths.lock)
-        .map_err(|source| SaveError::Io {
-            context: format!("cannot open {}", paths.lock.display()),
-            source,
-        })?;
-    Flock::lock(file, FlockArg::LockExclusiveNonblock)
-        .map_err(|_| SaveError::Busy(paths.name.clone()))
+/// Saves VM `name` into a new image directory `image`, holding the VM's
+/// owner lock (a running `thaw track` or restore makes it refuse).
+pub async fn save(name: &str, image: &Path, opts: &SaveOptions) -> Result<SaveReport, SaveError> {
+    let (paths, _) = VmState::load(name)?;
+    let owner = OwnerLock::acquire(&paths, "save")?;
+    save_owned(name, image, opts, &owner).await
 }
 
-/// Saves VM `name` into a new image directory `image`.
-pub async fn save(name: &str, image: &Path, opts: &SaveOptions) -> Result<SaveReport, SaveError> {
+/// [`save`] for an operation that holds the VM's owner lock already
+/// (`thaw checkpoint`, which goes on to trace the guest).
+pub async fn save_owned(
+    name: &str,
+    image: &Path,
+    opts: &SaveOptions,
+    _owner: &OwnerLock,
+) -> Result<SaveReport, SaveError> {
     let (paths, state) = VmState::load(name)?;
-    let _lock = lock_vm(&paths)?;
+    let qemu = state.qemu().map_err(vmm::QemuError::from)?;
     match save_locked(name, image, opts, &paths, &state).await {
-        Err(e) if !vmm::process_alive(state.qemu_pid) => {
+        Err(e) if !qemu.alive() => {
             // The partial image is gone already (the writer removes it when
             // dropped); so must be what the dead QEMU left.
             vmm::remove_runtime(&paths);
@@ -312,7 +308,7 @@ fn copy_ram(
         for &(start, end) in extents {
             let mut off = start;
             while off < end {
-                let len = (end - off).min(READ_BLOCK as u64) as usize;
+                let len = usize_from((end - off).min(u64_from(READ_BLOCK)));
                 memory
                     .read_slice(&mut buf[..len], GuestAddress(base + off))
                     .map_err(|e| SaveError::Map(format!("reading {}+{off:#x}: {e}", block.id)))?;
@@ -338,7 +334,7 @@ fn map_guest_ram(
             context: "duplicating RAM fd".into(),
             source,
         })?;
-        let region = MmapRegionBuilder::new(block.size as usize)
+        let region = MmapRegionBuilder::new(usize_from(block.size))
             .with_file_offset(FileOffset::new(file, 0))
             .with_mmap_prot(libc::PROT_READ)
             .with_mmap_flags(libc::MAP_SHARED | libc::MAP_NORESERVE)
@@ -357,16 +353,16 @@ pub fn data_extents(file: &File, size: u64) -> std::io::Result<Vec<(u64, u64)>> 
     let mut out = Vec::new();
     let mut pos: u64 = 0;
     while pos < size {
-        let start = match lseek(file, pos as i64, Whence::SeekData) {
-            Ok(s) => s as u64,
+        let start = match lseek(file, offset(pos)?, Whence::SeekData) {
+            Ok(s) => position(s)?,
             Err(nix::errno::Errno::ENXIO) => break,
             Err(e) => return Err(e.into()),
         };
         if start >= size {
             break;
         }
-        let end = match lseek(file, start as i64, Whence::SeekHole) {
-            Ok(e) => (e as u64).min(size),
+        let end = match lseek(file, offset(start)?, Whence::SeekHole) {
+            Ok(e) => position(e)?.min(size),
             Err(e) => return Err(e.into()),
         };
         let (start, end) = (
@@ -377,6 +373,16 @@ pub fn data_extents(file: &File, size: u64) -> std::io::Result<Vec<(u64, u64)>> 
         pos = end;
     }
     Ok(out)
+}
+
+/// A file position as `lseek` takes it.
+fn offset(pos: u64) -> std::io::Result<i64> {
+    i64::try_from(pos).map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))
+}
+
+/// A position `lseek` returned (never negative on success).
+fn position(off: i64) -> std::io::Result<u64> {
+    u64::try_from(off).map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidData))
 }
 
 fn ms(d: Duration) -> f64 {

@@ -13,6 +13,11 @@
 //! directory, where `thaw save` and `thaw checkpoint` pick it up as the
 //! `abit` working set. `dirty` ages the pages written in each interval the
 //! same way and leaves the `dirty` working set.
+//!
+//! A tracker holds the VM's owner lock ([`crate::ops::owner`]) until it
+//! stops: a save or checkpoint meanwhile is refused, naming the tracker.
+//! Its last estimate stays in the runtime directory, so stopping the
+//! tracker and then saving stores it.
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
@@ -20,7 +25,8 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
-use crate::mem::{PageIndex, PAGE_SIZE};
+use crate::mem::{usize_from, PageIndex, PAGE_SIZE};
+use crate::ops::owner::{LockError, OwnerLock};
 use crate::vmm::{self, RamMapping, VmState};
 use crate::wss::{self, Estimator};
 
@@ -29,6 +35,8 @@ use crate::wss::{self, Estimator};
 pub enum TrackError {
     #[error(transparent)]
     Qemu(#[from] vmm::QemuError),
+    #[error(transparent)]
+    Busy(#[from] LockError),
     #[error(transparent)]
     Inject(#[from] crate::remote::inject::InjectError),
     #[error(transparent)]
@@ -99,7 +107,7 @@ pub struct Ages {
 impl Ages {
     pub fn new(pages: u64) -> Ages {
         Ages {
-            last_seen: vec![0; pages as usize],
+            last_seen: vec![0; usize_from(pages)],
             interval: 0,
         }
     }
@@ -110,7 +118,7 @@ impl Ages {
     }
 
     pub fn seen(&mut self, page: PageIndex) {
-        if let Some(s) = self.last_seen.get_mut(page.0 as usize) {
+        if let Some(s) = self.last_seen.get_mut(usize_from(page.0)) {
             *s = self.interval;
         }
     }
@@ -139,7 +147,7 @@ fn scan(
     ages: &mut Ages,
 ) -> Result<(), TrackError> {
     const BATCH: u64 = 1 << 16;
-    let mut buf = vec![0u8; (BATCH * 8) as usize];
+    let mut buf = vec![0u8; usize_from(BATCH * 8)];
     for (m, first_page) in ram {
         let pages = m.len / PAGE_SIZE;
         let mut done = 0;
@@ -147,12 +155,12 @@ fn scan(
             let n = BATCH.min(pages - done);
             let off = (m.start.0 / PAGE_SIZE + done) * 8;
             pagemap
-                .read_exact_at(&mut buf[..(n * 8) as usize], off)
+                .read_exact_at(&mut buf[..usize_from(n * 8)], off)
                 .map_err(|source| TrackError::Pagemap {
                     path: path.to_string(),
                     source,
                 })?;
-            for (i, e) in buf[..(n * 8) as usize].chunks_exact(8).enumerate() {
+            for (i, e) in buf[..usize_from(n * 8)].chunks_exact(8).enumerate() {
                 let v = u64::from_le_bytes(e.try_into().unwrap_or_default());
                 if v >> 63 != 0 {
                     ages.seen(PageIndex(first_page + done + i as u64));
@@ -174,22 +182,23 @@ pub async fn track(
     if opts.interval.is_zero() || opts.keep == 0 {
         return Err(TrackError::BadOptions);
     }
+    if !matches!(opts.estimator, Estimator::Abit | Estimator::Dirty) {
+        return Err(TrackError::Estimator(opts.estimator.name()));
+    }
     let (paths, state) = VmState::load(name)?;
+    let _owner = OwnerLock::acquire(&paths, "track")?;
+    let qemu = state.qemu().map_err(vmm::QemuError::from)?;
     let ram = vmm::find_ram(state.qemu_pid, &paths, &state.layout)?;
     let ram: Vec<(RamMapping, u64)> = ram
         .into_iter()
         .zip(&state.layout.blocks)
         .map(|(m, b)| (m, b.first_page))
         .collect();
-    let pid = nix::unistd::Pid::from_raw(state.qemu_pid);
-    let path = format!("/proc/{}/pagemap", state.qemu_pid);
+    let path = format!("/proc/{}/pagemap", qemu.pid());
     let pagemap = File::open(&path).map_err(|source| TrackError::Pagemap {
         path: path.clone(),
         source,
     })?;
-    if !matches!(opts.estimator, Estimator::Abit | Estimator::Dirty) {
-        return Err(TrackError::Estimator(opts.estimator.name()));
-    }
     let out = wss::estimate_path(&paths.dir, opts.estimator);
     let mut ages = Ages::new(state.layout.total_pages());
     let mut report = TrackReport {
@@ -202,15 +211,15 @@ pub async fn track(
     tokio::pin!(stop);
     let zap = |ram: &[(RamMapping, u64)]| -> Result<(), TrackError> {
         for (m, _) in ram {
-            crate::remote::inject::madvise_dontneed(pid, m.start, m.len)?;
+            crate::remote::inject::madvise_dontneed(&qemu, m.start, m.len)?;
         }
         Ok(())
     };
-    let alive = || vmm::process_alive(state.qemu_pid);
+    let alive = || qemu.alive();
     let mut writes = None;
     let t = Instant::now();
     if opts.estimator == Estimator::Dirty {
-        let w = crate::observe::dirty::WriteTracker::start(pid, ram.clone(), opts.sync_wp)?;
+        let w = crate::observe::dirty::WriteTracker::start(&qemu, ram.clone(), opts.sync_wp)?;
         report.sync_wp = w.synchronous();
         writes = Some(w);
     } else {
@@ -256,11 +265,11 @@ pub async fn track(
             let t = Instant::now();
             match zap(&ram) {
                 Ok(()) => zap_total += t.elapsed(),
-                // Another thaw (a save or checkpoint) may hold QEMU for a moment.
+                // Something outside thaw (a debugger) may hold QEMU for a moment.
                 Err(TrackError::Inject(crate::remote::inject::InjectError::AlreadyTraced {
                     ..
                 })) => {
-                    log::info!("QEMU is being traced by another thaw; skipping one zap");
+                    log::info!("QEMU is being traced by another process; skipping one zap");
                 }
                 Err(_) if !alive() => return Ok("vm-gone".into()),
                 Err(e) => return Err(e),

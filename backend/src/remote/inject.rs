@@ -16,8 +16,18 @@
 //! - the `syscall` instruction executed is, in order of preference, the one
 //!   the thread is stopped behind (`rip - 2`), one inside the vDSO, or, as a
 //!   last resort, two bytes written at `rip` and restored right after the call;
-//! - only this one thread is stopped; signals that arrive meanwhile are
-//!   re-sent to it before it is released.
+//! - only this one thread is stopped, except for that last resort: code is
+//!   never patched while another thread of the process runs (it could
+//!   execute the patched bytes), so before patching every other thread (in
+//!   `/proc/<pid>/task`) is seized and interrupted too, and all of them are
+//!   detached, as they were, when the injector is released; if one of them
+//!   cannot be stopped the patch is refused ([`InjectError::PatchRefused`]);
+//! - signals that arrive meanwhile are re-sent to the thread before it is
+//!   released.
+//!
+//! The process is named by a [`QemuProcess`] handle: its identity is checked
+//! before the first ptrace request and again once its main thread is
+//! stopped, so a reused pid is never touched.
 //!
 //! Requires root or `CAP_SYS_PTRACE` over the target. An [`Injector`] must be
 //! used from the thread that created it (ptrace binds the tracee to the
@@ -36,7 +46,8 @@ use nix::sys::signal::Signal;
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
 
-use crate::mem::HostAddr;
+use crate::mem::{usize_from, HostAddr};
+use crate::remote::process::{ProcessError, QemuProcess};
 
 /// The `syscall` instruction (`0f 05`) as a little-endian 16-bit word.
 const SYSCALL_INSN: u64 = 0x050f;
@@ -52,6 +63,9 @@ const MAX_STOPS: usize = 64;
 const ERESTART_RANGE: std::ops::RangeInclusive<i64> = -516..=-512;
 /// Argument registers of the x86-64 system call ABI, in order.
 const MAX_ARGS: usize = 6;
+/// Rounds of listing and stopping threads before a process whose thread
+/// count keeps changing is given up on.
+const MAX_THREAD_ROUNDS: usize = 64;
 
 /// Errors injecting a system call.
 #[derive(Debug, thiserror::Error)]
@@ -96,6 +110,13 @@ pub enum InjectError {
     },
     #[error("a system call takes at most {MAX_ARGS} arguments, got {0}")]
     TooManyArgs(usize),
+    #[error(transparent)]
+    Process(#[from] ProcessError),
+    #[error(
+        "process {pid} offers no `syscall` instruction to reuse, and thaw patches code only \
+         while every thread is stopped, which failed: {why}"
+    )]
+    PatchRefused { pid: Pid, why: String },
 }
 
 /// Which `syscall` instructions an [`Injector`] may use (tests force the fallbacks).
@@ -151,14 +172,24 @@ pub struct Injector {
     /// Whether the thread is known to sit in a ptrace stop.
     stopped: bool,
     detached: bool,
+    /// The process's other threads, seized and stopped before a patch.
+    others: Vec<Pid>,
+    /// Whether every other thread is stopped (a patch is allowed).
+    all_stopped: bool,
     /// ptrace requests must come from the tracing thread.
     _not_send: PhantomData<*const ()>,
 }
 
 impl Injector {
-    /// Seizes thread `pid` (for QEMU its main thread, whose id is the
-    /// process id) and stops it with `PTRACE_INTERRUPT`.
-    pub fn attach(pid: Pid) -> Result<Injector, InjectError> {
+    /// Seizes the main thread of `process` (whose id is the process id)
+    /// and stops it with `PTRACE_INTERRUPT`. The process must not have
+    /// exited before or while it is seized: a pid is not reused before
+    /// then, so the stopped thread is this process's.
+    pub fn attach(process: &QemuProcess) -> Result<Injector, InjectError> {
+        let pid = process.pid();
+        if !process.alive() {
+            return Err(ProcessError::Gone { pid: pid.as_raw() }.into());
+        }
         ptrace::seize(pid, Options::empty()).map_err(|errno| seize_error(pid, errno))?;
         let mut inj = Injector {
             pid,
@@ -172,17 +203,23 @@ impl Injector {
             deferred: 0,
             stopped: false,
             detached: false,
+            others: Vec::new(),
+            all_stopped: false,
             _not_send: PhantomData,
         };
         // From here on, dropping `inj` releases the thread.
         ptrace::interrupt(pid).map_err(|errno| inj.ptrace_err("INTERRUPT", errno))?;
-        inj.wait_interrupt_stop()?;
+        wait_interrupt_stop(pid)?;
+        inj.stopped = true;
+        if !process.alive() {
+            return Err(ProcessError::Gone { pid: pid.as_raw() }.into());
+        }
         inj.saved = ptrace::getregs(pid).map_err(|errno| inj.ptrace_err("GETREGS", errno))?;
         inj.sigmask = inj.get_sigmask()?;
         log::debug!(
             "seized thread {pid}: rip {:#x}, orig_rax {}",
             inj.saved.rip,
-            inj.saved.orig_rax as i64
+            reg_signed(inj.saved.orig_rax)
         );
         Ok(inj)
     }
@@ -206,7 +243,7 @@ impl Injector {
         }
         let site = self.site()?;
         let mut regs = self.saved;
-        regs.rax = nr as u64;
+        regs.rax = reg_unsigned(nr);
         regs.orig_rax = u64::MAX; // -1: not in a system call, no restart logic
         regs.rip = site.addr();
         let mut a = [0u64; MAX_ARGS];
@@ -242,8 +279,8 @@ impl Injector {
         // forced blocked signal would reset its handler to the default.
         self.set_sigmask(!sig_bit(Signal::SIGTRAP))?;
         if let Site::Patch { addr, word } = site {
-            let patched = (word as u64 & !0xffff) | SYSCALL_INSN;
-            ptrace::write(self.pid, addr as AddressType, patched as i64)
+            let patched = (reg_unsigned(word) & !0xffff) | SYSCALL_INSN;
+            ptrace::write(self.pid, addr as AddressType, reg_signed(patched))
                 .map_err(|errno| self.ptrace_err("POKETEXT", errno))?;
         }
         Ok(())
@@ -379,7 +416,7 @@ impl Injector {
     /// The result of a completed call: a call cut short by a signal (which
     /// only the timeout's interrupt can cause) is not restarted.
     fn finish(&self, nr: i64, rax: u64, interrupted: bool) -> Result<i64, InjectError> {
-        let ret = rax as i64;
+        let ret = reg_signed(rax);
         if !ERESTART_RANGE.contains(&ret) {
             Ok(ret)
         } else if interrupted {
@@ -405,11 +442,11 @@ impl Injector {
             // Inside a system call the two bytes before rip are the `syscall`
             // that entered it; otherwise they are usable only if they happen to
             // be `0f 05` on the same (executable) page.
-            let in_syscall = self.saved.orig_rax as i64 >= 0;
+            let in_syscall = reg_signed(self.saved.orig_rax) >= 0;
             let same_page = (rip - SYSCALL_LEN) / 4096 == rip / 4096;
             if in_syscall || same_page {
                 if let Ok(word) = ptrace::read(self.pid, (rip - SYSCALL_LEN) as AddressType) {
-                    if word as u64 & 0xffff == SYSCALL_INSN {
+                    if reg_unsigned(word) & 0xffff == SYSCALL_INSN {
                         let site = Site::RipMinus2(rip - SYSCALL_LEN);
                         self.site = Some(site);
                         return Ok(site);
@@ -429,8 +466,9 @@ impl Injector {
             }
         }
         // Last resort: write `syscall` at rip for the duration of each call.
-        // Another thread running the same code meanwhile would execute it,
-        // hence the preference for the sites above.
+        // Another thread running the same code meanwhile would execute it:
+        // all of them are stopped first, or the patch is refused.
+        self.stop_other_threads()?;
         let word = ptrace::read(self.pid, rip as AddressType)
             .map_err(|errno| self.ptrace_err("PEEKTEXT", errno))?;
         let site = Site::Patch { addr: rip, word };
@@ -438,83 +476,74 @@ impl Injector {
         Ok(site)
     }
 
-    /// Waits for the stop caused by `PTRACE_INTERRUPT`; signals that stop the
-    /// thread first are delivered as they would have been without us.
-    fn wait_interrupt_stop(&mut self) -> Result<(), InjectError> {
-        let deadline = Instant::now() + STOP_TIMEOUT;
-        for _ in 0..MAX_STOPS {
-            match self.wait_status(deadline)? {
-                // PTRACE_EVENT_STOP: the interrupt stop, or a group stop
-                // (SIGSTOP & co.), which __ptrace_unlink re-establishes on detach.
-                WaitStatus::PtraceEvent(_, _, ev) if ev == Event::PTRACE_EVENT_STOP as i32 => {
-                    self.stopped = true;
-                    return Ok(());
-                }
-                WaitStatus::Stopped(_, sig) => {
+    /// Seizes and interrupts every other thread of the process, until a
+    /// listing of `/proc/<pid>/task` shows no thread that is not stopped
+    /// (stopped threads cannot start new ones). On failure the threads
+    /// stopped so far are let go and the patch is refused.
+    fn stop_other_threads(&mut self) -> Result<(), InjectError> {
+        if self.all_stopped {
+            return Ok(());
+        }
+        let result = self.stop_other_threads_inner();
+        match result {
+            Ok(()) => {
+                self.all_stopped = true;
+                if !self.others.is_empty() {
                     log::debug!(
-                        "{} stopped for {sig} before the interrupt; delivering it",
+                        "stopped the {} other threads of {} before patching its code",
+                        self.others.len(),
                         self.pid
                     );
-                    ptrace::cont(self.pid, sig).map_err(|errno| self.ptrace_err("CONT", errno))?;
                 }
-                WaitStatus::PtraceEvent(_, _, _) => {
-                    ptrace::cont(self.pid, None).map_err(|errno| self.ptrace_err("CONT", errno))?;
-                }
-                WaitStatus::Exited(_, code) => {
-                    return Err(self.gone(format!("exited with status {code}")))
-                }
-                WaitStatus::Signaled(_, s, _) => return Err(self.gone(format!("killed by {s}"))),
-                other => {
-                    return Err(InjectError::UnexpectedStop {
-                        pid: self.pid,
-                        detail: format!("{other:?}"),
-                    })
-                }
+                Ok(())
+            }
+            Err(why) => {
+                self.release_others();
+                Err(InjectError::PatchRefused { pid: self.pid, why })
             }
         }
-        Err(InjectError::UnexpectedStop {
-            pid: self.pid,
-            detail: format!("more than {MAX_STOPS} stops"),
-        })
     }
 
-    /// `waitpid` for this thread until `deadline`, polling so a thread that
-    /// never stops cannot hang thaw.
-    fn wait_status(&self, deadline: Instant) -> Result<WaitStatus, InjectError> {
-        let flags = WaitPidFlag::__WALL | WaitPidFlag::WNOHANG;
-        let mut polls = 0u32;
-        let mut pause = Duration::from_micros(20);
-        loop {
-            match waitpid(self.pid, Some(flags)) {
-                Ok(WaitStatus::StillAlive) => {}
-                Ok(status) => return Ok(status),
-                Err(Errno::EINTR) => continue,
-                Err(Errno::ECHILD) => {
-                    return Err(self.gone("it is no longer traced by thaw".into()))
-                }
-                Err(errno) => {
-                    return Err(InjectError::Wait {
-                        pid: self.pid,
-                        errno,
-                    })
-                }
+    fn stop_other_threads_inner(&mut self) -> Result<(), String> {
+        for _ in 0..MAX_THREAD_ROUNDS {
+            let tids = threads_of(self.pid)
+                .map_err(|e| format!("cannot list /proc/{}/task: {e}", self.pid))?;
+            let new: Vec<Pid> = tids
+                .into_iter()
+                .filter(|t| *t != self.pid && !self.others.contains(t))
+                .collect();
+            if new.is_empty() {
+                return Ok(());
             }
-            let now = Instant::now();
-            if now >= deadline {
-                return Err(InjectError::StopTimeout {
-                    pid: self.pid,
-                    waited: STOP_TIMEOUT,
-                });
-            }
-            // A stop usually takes a context switch or two: yield first, then back off.
-            polls += 1;
-            if polls < 16 {
-                std::thread::yield_now();
-            } else {
-                std::thread::sleep(pause.min(deadline - now));
-                pause = (pause * 2).min(Duration::from_millis(1));
+            for tid in new {
+                match seize_and_stop(tid) {
+                    Ok(()) => self.others.push(tid),
+                    // It exited meanwhile: nothing to stop.
+                    Err(InjectError::NoSuchThread { .. } | InjectError::Gone { .. }) => {}
+                    Err(e) => return Err(format!("thread {tid}: {e}")),
+                }
             }
         }
+        Err(format!(
+            "its threads kept changing over {MAX_THREAD_ROUNDS} rounds"
+        ))
+    }
+
+    /// Detaches the other threads stopped for a patch; they continue
+    /// where they were interrupted.
+    fn release_others(&mut self) {
+        for tid in self.others.drain(..) {
+            match ptrace::detach(tid, None) {
+                Ok(()) | Err(Errno::ESRCH) => {}
+                Err(errno) => log::warn!("releasing thread {tid} failed: {errno}"),
+            }
+        }
+        self.all_stopped = false;
+    }
+
+    /// `waitpid` for this thread until `deadline`.
+    fn wait_status(&self, deadline: Instant) -> Result<WaitStatus, InjectError> {
+        wait_status(self.pid, deadline)
     }
 
     fn step(&mut self) -> Result<(), InjectError> {
@@ -589,6 +618,9 @@ impl Injector {
             }
         }
         self.detached = true;
+        // The text is back (restored after every call): the other threads
+        // may run again.
+        self.release_others();
         for n in 1..=64 {
             if self.deferred & (1 << (n - 1)) != 0 {
                 // SAFETY: tkill takes plain integers; the thread is ours to
@@ -609,23 +641,11 @@ impl Injector {
     }
 
     fn ptrace_err(&self, op: &'static str, errno: Errno) -> InjectError {
-        match errno {
-            Errno::ESRCH
-                if op != "DETACH"
-                    && !std::path::Path::new(&format!("/proc/{}", self.pid)).exists() =>
-            {
-                self.gone("it exited".into())
-            }
-            _ => InjectError::Ptrace {
-                op,
-                pid: self.pid,
-                errno,
-            },
-        }
+        ptrace_err(self.pid, op, errno)
     }
 
     fn gone(&self, how: String) -> InjectError {
-        InjectError::Gone { pid: self.pid, how }
+        gone(self.pid, how)
     }
 
     /// Restricts which `syscall` instructions are used (tests of the fallbacks).
@@ -644,10 +664,10 @@ impl Drop for Injector {
     }
 }
 
-/// Attaches to thread `pid`, runs one system call in it and detaches.
-/// Returns the call's raw result (negative values are `-errno`).
-pub fn inject_syscall(pid: Pid, nr: i64, args: &[u64]) -> Result<i64, InjectError> {
-    let mut inj = Injector::attach(pid)?;
+/// Attaches to the main thread of `process`, runs one system call in it
+/// and detaches. Returns the call's raw result (negative values are `-errno`).
+pub fn inject_syscall(process: &QemuProcess, nr: i64, args: &[u64]) -> Result<i64, InjectError> {
+    let mut inj = Injector::attach(process)?;
     let ret = inj.syscall(nr, args);
     let detached = inj.detach();
     let ret = ret?;
@@ -655,13 +675,18 @@ pub fn inject_syscall(pid: Pid, nr: i64, args: &[u64]) -> Result<i64, InjectErro
     Ok(ret)
 }
 
-/// Drops process `pid`'s page-table entries for `start..start+len` with an
+/// Drops `process`'s page-table entries for `start..start+len` with an
 /// injected `madvise(MADV_DONTNEED)`. For a shared file mapping the data
 /// stays in the page cache: the next access maps it again (a minor fault,
 /// reported when the range is registered for minor faults).
-pub fn madvise_dontneed(pid: Pid, start: HostAddr, len: u64) -> Result<(), InjectError> {
+pub fn madvise_dontneed(
+    process: &QemuProcess,
+    start: HostAddr,
+    len: u64,
+) -> Result<(), InjectError> {
+    let pid = process.pid();
     let ret = inject_syscall(
-        pid,
+        process,
         libc::SYS_madvise,
         &[start.0, len, libc::MADV_DONTNEED as u64],
     )?;
@@ -669,10 +694,141 @@ pub fn madvise_dontneed(pid: Pid, start: HostAddr, len: u64) -> Result<(), Injec
         return Err(InjectError::CallFailed {
             pid,
             call: "madvise(MADV_DONTNEED)",
-            errno: Errno::from_raw(-ret as i32),
+            errno: errno_of(ret),
         });
     }
     Ok(())
+}
+
+/// Waits for the stop caused by `PTRACE_INTERRUPT` of thread `pid`; signals
+/// that stop the thread first are delivered as they would have been
+/// without us.
+fn wait_interrupt_stop(pid: Pid) -> Result<(), InjectError> {
+    let deadline = Instant::now() + STOP_TIMEOUT;
+    for _ in 0..MAX_STOPS {
+        match wait_status(pid, deadline)? {
+            // PTRACE_EVENT_STOP: the interrupt stop, or a group stop
+            // (SIGSTOP & co.), which __ptrace_unlink re-establishes on detach.
+            WaitStatus::PtraceEvent(_, _, ev) if ev == Event::PTRACE_EVENT_STOP as i32 => {
+                return Ok(());
+            }
+            WaitStatus::Stopped(_, sig) => {
+                log::debug!("{pid} stopped for {sig} before the interrupt; delivering it");
+                ptrace::cont(pid, sig).map_err(|errno| ptrace_err(pid, "CONT", errno))?;
+            }
+            WaitStatus::PtraceEvent(_, _, _) => {
+                ptrace::cont(pid, None).map_err(|errno| ptrace_err(pid, "CONT", errno))?;
+            }
+            WaitStatus::Exited(_, code) => {
+                return Err(gone(pid, format!("exited with status {code}")))
+            }
+            WaitStatus::Signaled(_, s, _) => return Err(gone(pid, format!("killed by {s}"))),
+            other => {
+                return Err(InjectError::UnexpectedStop {
+                    pid,
+                    detail: format!("{other:?}"),
+                })
+            }
+        }
+    }
+    Err(InjectError::UnexpectedStop {
+        pid,
+        detail: format!("more than {MAX_STOPS} stops"),
+    })
+}
+
+/// `waitpid` for thread `pid` until `deadline`, polling so a thread that
+/// never stops cannot hang thaw.
+fn wait_status(pid: Pid, deadline: Instant) -> Result<WaitStatus, InjectError> {
+    let flags = WaitPidFlag::__WALL | WaitPidFlag::WNOHANG;
+    let mut polls = 0u32;
+    let mut pause = Duration::from_micros(20);
+    loop {
+        match waitpid(pid, Some(flags)) {
+            Ok(WaitStatus::StillAlive) => {}
+            Ok(status) => return Ok(status),
+            Err(Errno::EINTR) => continue,
+            Err(Errno::ECHILD) => return Err(gone(pid, "it is no longer traced by thaw".into())),
+            Err(errno) => return Err(InjectError::Wait { pid, errno }),
+        }
+        let now = Instant::now();
+        if now >= deadline {
+            return Err(InjectError::StopTimeout {
+                pid,
+                waited: STOP_TIMEOUT,
+            });
+        }
+        // A stop usually takes a context switch or two: yield first, then back off.
+        polls += 1;
+        if polls < 16 {
+            std::thread::yield_now();
+        } else {
+            std::thread::sleep(pause.min(deadline - now));
+            pause = (pause * 2).min(Duration::from_millis(1));
+        }
+    }
+}
+
+/// Seizes thread `tid` and waits until it is in its interrupt stop; a
+/// thread that does not get there is let go again.
+fn seize_and_stop(tid: Pid) -> Result<(), InjectError> {
+    ptrace::seize(tid, Options::empty()).map_err(|errno| seize_error(tid, errno))?;
+    let stopped = ptrace::interrupt(tid)
+        .map_err(|errno| ptrace_err(tid, "INTERRUPT", errno))
+        .and_then(|()| wait_interrupt_stop(tid));
+    if stopped.is_err() {
+        // Detaching needs a stop; a thread that never stopped is let go
+        // when thaw exits at the latest.
+        let _ = ptrace::detach(tid, None);
+    }
+    stopped
+}
+
+/// The thread ids of process `pid`.
+fn threads_of(pid: Pid) -> std::io::Result<Vec<Pid>> {
+    let mut tids = Vec::new();
+    for entry in std::fs::read_dir(format!("/proc/{pid}/task"))? {
+        if let Some(tid) = entry?.file_name().to_str().and_then(|n| n.parse().ok()) {
+            tids.push(Pid::from_raw(tid));
+        }
+    }
+    Ok(tids)
+}
+
+fn ptrace_err(pid: Pid, op: &'static str, errno: Errno) -> InjectError {
+    match errno {
+        Errno::ESRCH
+            if op != "DETACH" && !std::path::Path::new(&format!("/proc/{pid}")).exists() =>
+        {
+            gone(pid, "it exited".into())
+        }
+        _ => InjectError::Ptrace { op, pid, errno },
+    }
+}
+
+fn gone(pid: Pid, how: String) -> InjectError {
+    InjectError::Gone { pid, how }
+}
+
+/// A register's bits read as the signed value they hold (system call
+/// results, `orig_rax`, `PEEKTEXT` words): a reinterpretation, not a
+/// conversion.
+pub(crate) fn reg_signed(v: u64) -> i64 {
+    i64::from_ne_bytes(v.to_ne_bytes())
+}
+
+/// A signed value's bits as a register holds them (the inverse of
+/// [`reg_signed`]); an `int` argument such as an fd is sign-extended, as
+/// the kernel reads it.
+pub(crate) fn reg_unsigned(v: i64) -> u64 {
+    u64::from_ne_bytes(v.to_ne_bytes())
+}
+
+/// The errno of a failed raw system call result `-errno`.
+pub(crate) fn errno_of(ret: i64) -> Errno {
+    ret.checked_neg()
+        .and_then(|e| i32::try_from(e).ok())
+        .map_or(Errno::UnknownErrno, Errno::from_raw)
 }
 
 fn sig_bit(sig: Signal) -> u64 {
@@ -720,7 +876,7 @@ fn find_vdso_syscall(pid: Pid) -> std::io::Result<Option<u64>> {
         return Ok(None);
     };
     let mem = std::fs::File::open(format!("/proc/{pid}/mem"))?;
-    let mut text = vec![0u8; end.saturating_sub(start) as usize];
+    let mut text = vec![0u8; usize_from(end.saturating_sub(start))];
     mem.read_exact_at(&mut text, start)?;
     Ok(text
         .windows(2)
@@ -729,6 +885,13 @@ fn find_vdso_syscall(pid: Pid) -> std::io::Result<Option<u64>> {
 }
 
 #[cfg(test)]
+// Test fixtures: casts of small constants and of the tests' own values
+// (their children's pids and fds); a wrong one fails a test.
+#[allow(
+    clippy::cast_possible_truncation,
+    clippy::cast_sign_loss,
+    clippy::cast_possible_wrap
+)]
 pub(crate) mod tests {
     use super::*;
     use std::os::fd::{AsRawFd, OwnedFd, RawFd};
@@ -773,6 +936,12 @@ pub(crate) mod tests {
                 let _ = waitpid(self.pid, None);
             }
         }
+    }
+
+    /// A handle on a child of the test (its pid cannot be reused before
+    /// the child is reaped).
+    pub(crate) fn process(pid: Pid) -> QemuProcess {
+        QemuProcess::open(pid.as_raw()).expect("pidfd_open")
     }
 
     pub(crate) fn pipe() -> (OwnedFd, OwnedFd) {
@@ -833,7 +1002,7 @@ pub(crate) mod tests {
         let mut child = Child::spawn(move || echo_child(in_fd, out_fd));
         wait_in_syscall(child.pid, libc::SYS_read);
 
-        let mut inj = Injector::attach(child.pid).expect("attach");
+        let mut inj = Injector::attach(&process(child.pid)).expect("attach");
         assert!(
             matches!(inj.site(), Ok(Site::RipMinus2(_))),
             "a thread in read() has its syscall at rip-2"
@@ -987,7 +1156,7 @@ pub(crate) mod tests {
         let mut child = Child::spawn(move || ppoll_child(in_fd, out_fd));
         wait_in_syscall(child.pid, libc::SYS_ppoll);
 
-        let mut inj = Injector::attach(child.pid).expect("attach");
+        let mut inj = Injector::attach(&process(child.pid)).expect("attach");
         assert_eq!(
             inj.syscall(libc::SYS_getpid, &[]).expect("getpid"),
             child.pid.as_raw() as i64
@@ -1024,7 +1193,7 @@ pub(crate) mod tests {
     #[test]
     fn injects_into_a_busy_thread_through_the_vdso() {
         let (child, shared) = spinning_child();
-        let mut inj = Injector::attach(child.pid).expect("attach");
+        let mut inj = Injector::attach(&process(child.pid)).expect("attach");
         assert!(
             matches!(inj.site(), Ok(Site::Vdso(_))),
             "expected the vDSO site, got {:?}",
@@ -1043,7 +1212,7 @@ pub(crate) mod tests {
     #[test]
     fn injects_by_patching_rip_and_restores_the_text() {
         let (child, shared) = spinning_child();
-        let mut inj = Injector::attach(child.pid).expect("attach");
+        let mut inj = Injector::attach(&process(child.pid)).expect("attach");
         inj.set_policy(SitePolicy::PatchOnly);
         let mem = std::fs::File::open(format!("/proc/{}/mem", child.pid)).expect("open mem");
         let text = |at: u64| {
@@ -1073,7 +1242,7 @@ pub(crate) mod tests {
         let (in_fd, out_fd) = (to_child_r.as_raw_fd(), from_child_w.as_raw_fd());
         let mut child = Child::spawn(move || echo_child(in_fd, out_fd));
         wait_in_syscall(child.pid, libc::SYS_read);
-        let mut inj = Injector::attach(child.pid).expect("attach");
+        let mut inj = Injector::attach(&process(child.pid)).expect("attach");
         inj.set_policy(SitePolicy::NoRipMinus2);
         assert!(matches!(inj.site(), Ok(Site::Vdso(_))));
         assert_eq!(
@@ -1097,7 +1266,7 @@ pub(crate) mod tests {
         wait_in_syscall(child.pid, libc::SYS_read);
         for _ in 0..5 {
             assert_eq!(
-                inject_syscall(child.pid, libc::SYS_getpid, &[]).expect("inject"),
+                inject_syscall(&process(child.pid), libc::SYS_getpid, &[]).expect("inject"),
                 child.pid.as_raw() as i64
             );
         }
@@ -1119,7 +1288,7 @@ pub(crate) mod tests {
         let (in_fd, out_fd) = (to_child_r.as_raw_fd(), from_child_w.as_raw_fd());
         let mut child = Child::spawn(move || echo_child(in_fd, out_fd));
         wait_in_syscall(child.pid, libc::SYS_read);
-        let mut inj = Injector::attach(child.pid).expect("attach");
+        let mut inj = Injector::attach(&process(child.pid)).expect("attach");
         inj.set_call_timeout(Duration::from_millis(200));
         // pause() with every signal blocked would never return.
         let err = inj
@@ -1162,7 +1331,7 @@ pub(crate) mod tests {
             std::thread::sleep(Duration::from_millis(1));
         }
         assert_eq!(
-            inject_syscall(child.pid, libc::SYS_getpid, &[]).expect("inject"),
+            inject_syscall(&process(child.pid), libc::SYS_getpid, &[]).expect("inject"),
             child.pid.as_raw() as i64
         );
         std::thread::sleep(Duration::from_millis(20));
@@ -1180,12 +1349,169 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn attaching_to_a_missing_thread_is_a_clear_error() {
-        // Above the kernel's PID_MAX_LIMIT (4194304): never a live thread.
-        let pid = Pid::from_raw(4_194_305);
-        let err = Injector::attach(pid).err().expect("attach must fail");
-        assert!(matches!(err, InjectError::NoSuchThread { .. }), "{err:?}");
-        assert_eq!(err.to_string(), "thread 4194305 does not exist");
+    fn attaching_to_a_process_that_exited_is_a_clear_error() {
+        let mut child = Child::spawn(|| loop {
+            // SAFETY: pause(2) only waits for a signal.
+            unsafe { libc::pause() };
+        });
+        let handle = process(child.pid);
+        nix::sys::signal::kill(child.pid, Signal::SIGKILL).expect("kill");
+        let _ = child.wait();
+        let err = Injector::attach(&handle).err().expect("attach must fail");
+        assert!(
+            matches!(err, InjectError::Process(ProcessError::Gone { .. })),
+            "{err:?}"
+        );
+        // Above the kernel's PID_MAX_LIMIT (4194304): never a live process.
+        let err = QemuProcess::open(4_194_305).expect_err("no such process");
+        assert_eq!(err.to_string(), "process 4194305 does not exist (any more)");
+    }
+
+    /// Counts in `shared[1 + n]` on thread `n` (n = 0, 1) of one child
+    /// until `shared[0]` is set, then exits 7; the second thread is a raw
+    /// `clone(CLONE_THREAD)` (no allocation after fork).
+    fn two_thread_child() -> (Child, &'static [AtomicU64; 3]) {
+        const STACK: usize = 64 << 10;
+        // SAFETY: a fresh anonymous shared mapping for the counters and a
+        // private one for the thread's stack; both are checked below.
+        let (p, stack) = unsafe {
+            (
+                libc::mmap(
+                    std::ptr::null_mut(),
+                    4096,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_SHARED | libc::MAP_ANONYMOUS,
+                    -1,
+                    0,
+                ),
+                libc::mmap(
+                    std::ptr::null_mut(),
+                    STACK,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_STACK,
+                    -1,
+                    0,
+                ),
+            )
+        };
+        assert_ne!(p, libc::MAP_FAILED);
+        assert_ne!(stack, libc::MAP_FAILED);
+        // SAFETY: the page is zeroed, aligned and never unmapped; AtomicU64
+        // is valid for all-zero bytes.
+        let shared: &'static [AtomicU64; 3] = unsafe { &*(p as *const [AtomicU64; 3]) };
+        extern "C" fn second(arg: *mut libc::c_void) -> libc::c_int {
+            // SAFETY: `arg` is the `shared` page passed below, which lives
+            // as long as the process.
+            let shared = unsafe { &*(arg as *const [AtomicU64; 3]) };
+            while shared[0].load(Ordering::Relaxed) == 0 {
+                shared[2].fetch_add(1, Ordering::Relaxed);
+            }
+            0
+        }
+        let child = Child::spawn(move || {
+            let flags = libc::CLONE_VM
+                | libc::CLONE_FS
+                | libc::CLONE_FILES
+                | libc::CLONE_SIGHAND
+                | libc::CLONE_THREAD
+                | libc::CLONE_SYSVSEM;
+            // SAFETY: the new thread runs `second` on its own stack (the top
+            // of the mapping above) and touches only the shared page.
+            let r = unsafe { libc::clone(second, stack.cast::<u8>().add(STACK).cast(), flags, p) };
+            if r < 0 {
+                // SAFETY: plain _exit.
+                unsafe { libc::_exit(30) }
+            }
+            while shared[0].load(Ordering::Relaxed) == 0 {
+                shared[1].fetch_add(1, Ordering::Relaxed);
+            }
+            // SAFETY: plain exit_group.
+            unsafe { libc::_exit(7) }
+        });
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while shared[1].load(Ordering::Relaxed) == 0 || shared[2].load(Ordering::Relaxed) == 0 {
+            assert!(Instant::now() < deadline, "child threads never ran");
+            std::thread::yield_now();
+        }
+        (child, shared)
+    }
+
+    fn thread_states(pid: Pid) -> Vec<(Pid, char, i32)> {
+        threads_of(pid)
+            .expect("tasks")
+            .into_iter()
+            .map(|t| {
+                let stat = std::fs::read_to_string(format!("/proc/{pid}/task/{t}/stat"))
+                    .unwrap_or_default();
+                let state = stat
+                    .rsplit_once(") ")
+                    .and_then(|(_, r)| r.chars().next())
+                    .unwrap_or('?');
+                let status = std::fs::read_to_string(format!("/proc/{pid}/task/{t}/status"))
+                    .unwrap_or_default();
+                let tracer = status
+                    .lines()
+                    .find_map(|l| l.strip_prefix("TracerPid:"))
+                    .and_then(|v| v.trim().parse().ok())
+                    .unwrap_or(-1);
+                (t, state, tracer)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn patching_stops_every_thread_and_releases_them_all() {
+        let (mut child, shared) = two_thread_child();
+        // The tracer is the tracing thread (this test's).
+        let me = nix::unistd::gettid().as_raw();
+        let mut inj = Injector::attach(&process(child.pid)).expect("attach");
+        inj.set_policy(SitePolicy::PatchOnly);
+        assert_eq!(
+            inj.syscall(libc::SYS_getpid, &[]).expect("getpid"),
+            child.pid.as_raw() as i64
+        );
+        // While the injector holds the process, no thread runs.
+        let states = thread_states(child.pid);
+        assert_eq!(states.len(), 2, "{states:?}");
+        assert!(
+            states
+                .iter()
+                .all(|&(_, s, tracer)| s == 't' && tracer == me),
+            "{states:?}"
+        );
+        let second = shared[2].load(Ordering::Relaxed);
+        std::thread::sleep(Duration::from_millis(50));
+        assert_eq!(shared[2].load(Ordering::Relaxed), second, "thread 2 ran");
+        inj.detach().expect("detach");
+        // Both threads run on, untraced.
+        assert!(thread_states(child.pid).iter().all(|&(_, _, t)| t == 0));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let (a, b) = (
+            shared[1].load(Ordering::Relaxed),
+            shared[2].load(Ordering::Relaxed),
+        );
+        while shared[1].load(Ordering::Relaxed) == a || shared[2].load(Ordering::Relaxed) == b {
+            assert!(Instant::now() < deadline, "a thread stayed stopped");
+            std::thread::yield_now();
+        }
+        shared[0].store(1, Ordering::Relaxed);
+        assert_eq!(child.wait(), WaitStatus::Exited(child.pid, 7));
+    }
+
+    #[test]
+    fn a_site_in_the_vdso_leaves_other_threads_running() {
+        let (mut child, shared) = two_thread_child();
+        let mut inj = Injector::attach(&process(child.pid)).expect("attach");
+        assert!(matches!(inj.site(), Ok(Site::Vdso(_))), "{:?}", inj.site());
+        let second = shared[2].load(Ordering::Relaxed);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while shared[2].load(Ordering::Relaxed) == second {
+            assert!(Instant::now() < deadline, "thread 2 was stopped");
+            std::thread::yield_now();
+        }
+        inj.detach().expect("detach");
+        shared[0].store(1, Ordering::Relaxed);
+        assert_eq!(child.wait(), WaitStatus::Exited(child.pid, 7));
     }
 
     #[test]
@@ -1195,7 +1521,7 @@ pub(crate) mod tests {
         let (in_fd, out_fd) = (to_child_r.as_raw_fd(), from_child_w.as_raw_fd());
         let child = Child::spawn(move || echo_child(in_fd, out_fd));
         wait_in_syscall(child.pid, libc::SYS_read);
-        let mut inj = Injector::attach(child.pid).expect("attach");
+        let mut inj = Injector::attach(&process(child.pid)).expect("attach");
         let err = inj
             .syscall(libc::SYS_getpid, &[0; 7])
             .expect_err("must fail");

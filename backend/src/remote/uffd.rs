@@ -4,7 +4,8 @@
 //! `UFFDIO_REGISTER` only works for the mm of the process that created the
 //! userfaultfd, and guest RAM lives in QEMU's mm. So [`take_over`] makes QEMU
 //! create one (an injected `userfaultfd(2)`, see [`crate::remote::inject`]) and copies
-//! it into thaw with `pidfd_getfd(2)`; everything else then runs from thaw on
+//! it into thaw with `pidfd_getfd(2)` on the pidfd of a verified
+//! [`QemuProcess`] handle; everything else then runs from thaw on
 //! its copy. QEMU's own copy stays open until [`RemoteUffd::close_remote`]:
 //! while it is open, a fault thaw does not serve blocks instead of reading a
 //! hole as zeros, and a new thaw can [`reattach`] to finish a restore.
@@ -29,8 +30,9 @@ use userfaultfd_sys::{
     UFFD_EVENT_REMOVE, UFFD_EVENT_UNMAP, UFFD_PAGEFAULT_FLAG_MINOR, UFFD_PAGEFAULT_FLAG_WP,
 };
 
-use crate::mem::HostAddr;
+use crate::mem::{usize_from, HostAddr};
 use crate::remote::inject::{self, InjectError, Injector};
+use crate::remote::process::{ProcessError, QemuProcess};
 
 /// Raw ioctls whose results the `userfaultfd` crate does not decode the way
 /// thaw needs (partial progress, feature negotiation).
@@ -60,8 +62,8 @@ pub enum UffdError {
     Inject(#[from] InjectError),
     #[error("userfaultfd() failed inside process {pid}: {errno}{}", create_hint(*errno))]
     Create { pid: Pid, errno: Errno },
-    #[error("pidfd_open({pid}) failed: {errno}")]
-    PidfdOpen { pid: Pid, errno: Errno },
+    #[error(transparent)]
+    Process(#[from] ProcessError),
     #[error("copying fd {fd} out of process {pid} with pidfd_getfd failed: {errno}{}", getfd_hint(*errno))]
     GetFd { pid: Pid, fd: i32, errno: Errno },
     #[error("fd {fd} of process {pid} is not a userfaultfd (it is {target})")]
@@ -261,7 +263,8 @@ impl EventBuffer {
 #[derive(Debug)]
 pub struct RemoteUffd {
     uffd: Uffd,
-    pidfd: OwnedFd,
+    /// The owner, held by pidfd.
+    process: QemuProcess,
     owner: Pid,
     remote_fd: i32,
     features: u64,
@@ -269,12 +272,13 @@ pub struct RemoteUffd {
     remote_closed: AtomicBool,
 }
 
-/// Makes process `pid` create a userfaultfd (`O_CLOEXEC | O_NONBLOCK`),
+/// Makes `process` create a userfaultfd (`O_CLOEXEC | O_NONBLOCK`),
 /// copies it into thaw and enables `features` (`UFFD_FEATURE_*`, e.g.
 /// `UFFD_FEATURE_MISSING_SHMEM` for QEMU's shared RAM file).
 ///
 /// On failure nothing is left behind in the owner.
-pub fn take_over(pid: Pid, features: u64) -> Result<RemoteUffd, UffdError> {
+pub fn take_over(process: &QemuProcess, features: u64) -> Result<RemoteUffd, UffdError> {
+    let pid = process.pid();
     // Check the features on a local userfaultfd first, so a kernel that
     // lacks them is reported by name before QEMU is touched.
     let available = match kernel_features() {
@@ -298,17 +302,20 @@ pub fn take_over(pid: Pid, features: u64) -> Result<RemoteUffd, UffdError> {
     };
 
     let started = std::time::Instant::now();
-    let mut inj = Injector::attach(pid)?;
+    let mut inj = Injector::attach(process)?;
     let flags = (libc::O_CLOEXEC | libc::O_NONBLOCK) as u64;
     let ret = inj.syscall(libc::SYS_userfaultfd, &[flags])?;
     if ret < 0 {
         return Err(UffdError::Create {
             pid,
-            errno: Errno::from_raw(-ret as i32),
+            errno: inject::errno_of(ret),
         });
     }
-    let remote_fd = ret as i32;
-    match adopt(pid, remote_fd, features, available) {
+    let remote_fd = i32::try_from(ret).map_err(|_| UffdError::Create {
+        pid,
+        errno: Errno::EBADF,
+    })?;
+    match adopt(process, remote_fd, features, available) {
         Ok(uffd) => {
             inj.detach()?;
             log::info!(
@@ -321,10 +328,10 @@ pub fn take_over(pid: Pid, features: u64) -> Result<RemoteUffd, UffdError> {
         }
         Err(e) => {
             // Leave nothing behind in the owner.
-            match inj.syscall(libc::SYS_close, &[remote_fd as u64]) {
+            match inj.syscall(libc::SYS_close, &[inject::reg_unsigned(remote_fd.into())]) {
                 Ok(0) => {}
                 Ok(r) => {
-                    let errno = Errno::from_raw(-r as i32);
+                    let errno = inject::errno_of(r);
                     log::warn!("closing fd {remote_fd} in {pid} after a failed takeover: {errno}")
                 }
                 Err(ce) => {
@@ -339,11 +346,12 @@ pub fn take_over(pid: Pid, features: u64) -> Result<RemoteUffd, UffdError> {
     }
 }
 
-/// Copies userfaultfd `remote_fd` out of `pid` again (e.g. after a thaw
+/// Copies userfaultfd `remote_fd` out of `process` again (e.g. after a thaw
 /// crashed mid-restore; the fd number was recorded). `UFFDIO_API` already
 /// ran on it; its features are read back from fdinfo.
-pub fn reattach(pid: Pid, remote_fd: i32) -> Result<RemoteUffd, UffdError> {
-    let (pidfd, fd) = get_fd(pid, remote_fd)?;
+pub fn reattach(process: &QemuProcess, remote_fd: i32) -> Result<RemoteUffd, UffdError> {
+    let pid = process.pid();
+    let (process, fd) = get_fd(process, remote_fd)?;
     let link = PathBuf::from(format!("/proc/self/fd/{}", fd.as_raw_fd()));
     let target = std::fs::read_link(&link)
         .map_err(|source| UffdError::Proc { path: link, source })?
@@ -380,7 +388,7 @@ pub fn reattach(pid: Pid, remote_fd: i32) -> Result<RemoteUffd, UffdError> {
     Ok(RemoteUffd {
         // SAFETY: `fd` is an open userfaultfd we own; ownership moves into Uffd.
         uffd: unsafe { Uffd::from_raw_fd(into_raw(fd)) },
-        pidfd,
+        process,
         owner: pid,
         remote_fd,
         features,
@@ -389,14 +397,15 @@ pub fn reattach(pid: Pid, remote_fd: i32) -> Result<RemoteUffd, UffdError> {
     })
 }
 
-/// Copies `remote_fd` out of `pid` and runs `UFFDIO_API` on it.
+/// Copies `remote_fd` out of `process` and runs `UFFDIO_API` on it.
 fn adopt(
-    pid: Pid,
+    process: &QemuProcess,
     remote_fd: i32,
     features: u64,
     available: Option<u64>,
 ) -> Result<RemoteUffd, UffdError> {
-    let (pidfd, fd) = get_fd(pid, remote_fd)?;
+    let pid = process.pid();
+    let (process, fd) = get_fd(process, remote_fd)?;
     let (available, _ioctls) =
         api(fd.as_raw_fd(), features).map_err(|errno| match (errno, available) {
             (Errno::EINVAL, Some(available)) if features & !available != 0 => {
@@ -414,7 +423,7 @@ fn adopt(
     Ok(RemoteUffd {
         // SAFETY: `fd` is an open userfaultfd we own; ownership moves into Uffd.
         uffd: unsafe { Uffd::from_raw_fd(into_raw(fd)) },
-        pidfd,
+        process,
         owner: pid,
         remote_fd,
         features,
@@ -427,27 +436,21 @@ fn into_raw(fd: OwnedFd) -> RawFd {
     std::os::fd::IntoRawFd::into_raw_fd(fd)
 }
 
-/// `pidfd_open(pid)` and `pidfd_getfd(remote_fd)`.
-fn get_fd(pid: Pid, remote_fd: i32) -> Result<(OwnedFd, OwnedFd), UffdError> {
-    let rpid = rustix::process::Pid::from_raw(pid.as_raw()).ok_or(UffdError::PidfdOpen {
-        pid,
-        errno: Errno::EINVAL,
-    })?;
-    let pidfd =
-        rustix::process::pidfd_open(rpid, rustix::process::PidfdFlags::empty()).map_err(|e| {
-            UffdError::PidfdOpen {
-                pid,
-                errno: Errno::from_raw(e.raw_os_error()),
-            }
+/// `pidfd_getfd(remote_fd)` on `process`'s pidfd; returns a handle of
+/// thaw's own on the owner and the copied fd.
+fn get_fd(process: &QemuProcess, remote_fd: i32) -> Result<(QemuProcess, OwnedFd), UffdError> {
+    let pid = process.pid();
+    if !process.alive() {
+        return Err(UffdError::OwnerExited { pid });
+    }
+    let fd = process
+        .get_fd(remote_fd)
+        .map_err(|errno| UffdError::GetFd {
+            pid,
+            fd: remote_fd,
+            errno,
         })?;
-    let fd =
-        rustix::process::pidfd_getfd(&pidfd, remote_fd, rustix::process::PidfdGetfdFlags::empty())
-            .map_err(|e| UffdError::GetFd {
-                pid,
-                fd: remote_fd,
-                errno: Errno::from_raw(e.raw_os_error()),
-            })?;
-    Ok((pidfd, fd))
+    Ok((process.try_clone()?, fd))
 }
 
 /// `UFFDIO_API` requesting `features`; returns the kernel's available
@@ -473,7 +476,7 @@ pub fn kernel_features() -> Result<u64, Errno> {
         return Err(Errno::last());
     }
     // SAFETY: `fd` was just returned by the kernel and is owned by nobody else.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd as RawFd) };
+    let fd = unsafe { OwnedFd::from_raw_fd(RawFd::try_from(fd).map_err(|_| Errno::EBADF)?) };
     api(fd.as_raw_fd(), 0).map(|(features, _)| features)
 }
 
@@ -554,10 +557,10 @@ impl RemoteUffd {
     /// (`UFFDIO_CONTINUE`, answering minor faults); results as for
     /// [`RemoteUffd::copy`] (`EEXIST`: already mapped).
     pub fn continue_range(&self, dst: HostAddr, len: u64, wake: bool) -> CopyResult {
-        match self.uffd.r#continue(dst.as_ptr(), len as usize, wake) {
-            Ok(n) if n >= len => CopyResult::Done(len as usize),
+        match self.uffd.r#continue(dst.as_ptr(), usize_from(len), wake) {
+            Ok(n) if n >= len => CopyResult::Done(usize_from(len)),
             Ok(n) => CopyResult::Failed {
-                copied: n as usize,
+                copied: usize_from(n),
                 errno: Errno::EAGAIN,
             },
             Err(e) => match crate_errno(e) {
@@ -571,7 +574,7 @@ impl RemoteUffd {
     /// `UFFDIO_WRITEPROTECT`.
     pub fn write_protect(&self, start: HostAddr, len: u64) -> Result<(), UffdError> {
         self.uffd
-            .write_protect(start.as_ptr(), len as usize)
+            .write_protect(start.as_ptr(), usize_from(len))
             .map_err(|e| UffdError::WriteProtect {
                 start: start.0,
                 len,
@@ -583,7 +586,7 @@ impl RemoteUffd {
     /// blocked on a (synchronous) write-protect fault there if `wake`.
     pub fn unprotect(&self, start: HostAddr, len: u64, wake: bool) -> Result<(), UffdError> {
         self.uffd
-            .remove_write_protection(start.as_ptr(), len as usize, wake)
+            .remove_write_protection(start.as_ptr(), usize_from(len), wake)
             .map_err(|e| UffdError::WriteProtect {
                 start: start.0,
                 len,
@@ -599,7 +602,7 @@ impl RemoteUffd {
         mode: RegisterMode,
     ) -> Result<IoctlFlags, UffdError> {
         self.uffd
-            .register_with_mode(start.as_ptr(), len as usize, mode)
+            .register_with_mode(start.as_ptr(), usize_from(len), mode)
             .map_err(|e| UffdError::Register {
                 start: start.0,
                 len,
@@ -610,7 +613,7 @@ impl RemoteUffd {
     /// Unregisters a range; faults there are no longer reported.
     pub fn unregister(&self, start: HostAddr, len: u64) -> Result<(), UffdError> {
         self.uffd
-            .unregister(start.as_ptr(), len as usize)
+            .unregister(start.as_ptr(), usize_from(len))
             .map_err(|e| UffdError::Unregister {
                 start: start.0,
                 len,
@@ -621,7 +624,7 @@ impl RemoteUffd {
     /// Wakes threads waiting on faults in a range (after another installer won).
     pub fn wake(&self, start: HostAddr, len: u64) -> Result<(), UffdError> {
         self.uffd
-            .wake(start.as_ptr(), len as usize)
+            .wake(start.as_ptr(), usize_from(len))
             .map_err(|e| UffdError::Wake {
                 start: start.0,
                 len,
@@ -652,22 +655,22 @@ impl RemoteUffd {
             // bytes at `src + done`, inside the live slice `src`, and writes
             // only into the owner's registered (missing) pages and `arg.copy`.
             match unsafe { sys::copy(fd, &mut arg) } {
-                Ok(_) => return CopyResult::Done(len as usize),
-                Err(_) if arg.copy > 0 => done += arg.copy as u64,
+                Ok(_) => return CopyResult::Done(usize_from(len)),
+                Err(_) if arg.copy > 0 => done += arg.copy.unsigned_abs(),
                 Err(Errno::EEXIST) => {
                     return CopyResult::Exists {
-                        copied: done as usize,
+                        copied: usize_from(done),
                     }
                 }
                 Err(errno) => {
                     return CopyResult::Failed {
-                        copied: done as usize,
+                        copied: usize_from(done),
                         errno,
                     }
                 }
             }
         }
-        CopyResult::Done(len as usize)
+        CopyResult::Done(usize_from(len))
     }
 
     /// Installs zero pages over `dst..dst+len` with `UFFDIO_ZEROPAGE`;
@@ -692,22 +695,22 @@ impl RemoteUffd {
             // SAFETY: `arg` is a valid uffdio_zeropage; the kernel writes only
             // into the owner's registered (missing) pages and `arg.zeropage`.
             match unsafe { sys::zeropage(fd, &mut arg) } {
-                Ok(_) => return CopyResult::Done(len as usize),
-                Err(_) if arg.zeropage > 0 => done += arg.zeropage as u64,
+                Ok(_) => return CopyResult::Done(usize_from(len)),
+                Err(_) if arg.zeropage > 0 => done += arg.zeropage.unsigned_abs(),
                 Err(Errno::EEXIST) => {
                     return CopyResult::Exists {
-                        copied: done as usize,
+                        copied: usize_from(done),
                     }
                 }
                 Err(errno) => {
                     return CopyResult::Failed {
-                        copied: done as usize,
+                        copied: usize_from(done),
                         errno,
                     }
                 }
             }
         }
-        CopyResult::Done(len as usize)
+        CopyResult::Done(usize_from(len))
     }
 
     /// Reads the pending events into `buf`, waiting up to `timeout` (`None`:
@@ -752,7 +755,7 @@ impl RemoteUffd {
                 errno => Err(UffdError::Read(errno)),
             };
         }
-        let r = r as usize;
+        let r = r.unsigned_abs();
         if r % MSG_SIZE != 0 {
             return Err(UffdError::ShortRead(r));
         }
@@ -763,7 +766,7 @@ impl RemoteUffd {
     fn wait_readable(&self, timeout: Option<Duration>) -> Result<bool, UffdError> {
         let mut fds = [
             PollFd::new(self.uffd.as_fd(), PollFlags::POLLIN),
-            PollFd::new(self.pidfd.as_fd(), PollFlags::POLLIN),
+            PollFd::new(self.process.pidfd(), PollFlags::POLLIN),
         ];
         let ts = timeout.map(nix::sys::time::TimeSpec::from_duration);
         match nix::poll::ppoll(&mut fds, ts, None) {
@@ -784,11 +787,12 @@ impl RemoteUffd {
 
     /// Whether the owner is still running (its pidfd is not yet readable).
     pub fn owner_alive(&self) -> bool {
-        let mut fds = [PollFd::new(self.pidfd.as_fd(), PollFlags::POLLIN)];
-        matches!(
-            nix::poll::poll(&mut fds, nix::poll::PollTimeout::ZERO),
-            Ok(0)
-        )
+        self.process.alive()
+    }
+
+    /// The owner, held by pidfd.
+    pub fn process(&self) -> &QemuProcess {
+        &self.process
     }
 
     /// Closes the owner's copy of the userfaultfd (an injected `close`).
@@ -816,12 +820,16 @@ impl RemoteUffd {
         if !self.same_file_in_owner() {
             return Err(UffdError::RemoteFdChanged { pid, fd });
         }
-        let r = inject::inject_syscall(pid, libc::SYS_close, &[fd as u64])?;
+        let r = inject::inject_syscall(
+            &self.process,
+            libc::SYS_close,
+            &[inject::reg_unsigned(fd.into())],
+        )?;
         if r < 0 {
             return Err(UffdError::CloseRemote {
                 pid,
                 fd,
-                errno: Errno::from_raw(-r as i32),
+                errno: inject::errno_of(r),
             });
         }
         log::info!("closed the userfaultfd (fd {fd}) inside process {pid}");
@@ -985,10 +993,17 @@ fn parse_maps_line(line: &str) -> Option<Mapping> {
 }
 
 #[cfg(test)]
+// Test fixtures: casts of small constants and of the tests' own values
+// (their children's pids and fds); a wrong one fails a test.
+#[allow(
+    clippy::cast_possible_truncation,
+    clippy::cast_sign_loss,
+    clippy::cast_possible_wrap
+)]
 mod tests {
     use super::*;
     use crate::mem::PAGE_SIZE;
-    use crate::remote::inject::tests::{fd_target, pipe, read_with_timeout, Child};
+    use crate::remote::inject::tests::{fd_target, pipe, process, read_with_timeout, Child};
     use nix::sys::wait::WaitStatus;
     use std::os::fd::AsRawFd;
     use userfaultfd_sys::UFFD_FEATURE_MISSING_SHMEM;
@@ -1201,7 +1216,7 @@ mod tests {
     fn serves_every_fault_of_a_child() {
         const PAGES: u64 = 64;
         let m = mapper("thaw-uffd-serve", PAGES);
-        let uffd = take_over(m.child.pid, UFFD_FEATURE_MISSING_SHMEM).expect("take over");
+        let uffd = take_over(&process(m.child.pid), UFFD_FEATURE_MISSING_SHMEM).expect("take over");
         assert_eq!(uffd.owner(), m.child.pid);
         assert_eq!(uffd.features(), UFFD_FEATURE_MISSING_SHMEM);
         assert_eq!(
@@ -1268,7 +1283,7 @@ mod tests {
     #[test]
     fn copy_and_zeropage_decode_exists_and_partial_progress() {
         let m = mapper("thaw-uffd-copy", 12);
-        let uffd = take_over(m.child.pid, UFFD_FEATURE_MISSING_SHMEM).expect("take over");
+        let uffd = take_over(&process(m.child.pid), UFFD_FEATURE_MISSING_SHMEM).expect("take over");
         let map = m.mapping("thaw-uffd-copy");
         uffd.register_missing(map.start, map.len).expect("register");
         let view = m.view();
@@ -1383,8 +1398,8 @@ mod tests {
         let m = mapper("thaw-uffd-features", 1);
         let bogus = 1u64 << 63;
         let before = uffd_fds(m.child.pid);
-        let err =
-            take_over(m.child.pid, UFFD_FEATURE_MISSING_SHMEM | bogus).expect_err("must fail");
+        let err = take_over(&process(m.child.pid), UFFD_FEATURE_MISSING_SHMEM | bogus)
+            .expect_err("must fail");
         assert!(
             matches!(err, UffdError::MissingFeatures { missing, .. } if missing == bogus),
             "{err:?}"
@@ -1406,15 +1421,15 @@ mod tests {
     fn reattach_and_owner_exit() {
         let m = mapper("thaw-uffd-reattach", 2);
         let mut before = uffd_fds(m.child.pid);
-        let uffd = take_over(m.child.pid, UFFD_FEATURE_MISSING_SHMEM).expect("take over");
-        let again = reattach(m.child.pid, uffd.remote_fd()).expect("reattach");
+        let uffd = take_over(&process(m.child.pid), UFFD_FEATURE_MISSING_SHMEM).expect("take over");
+        let again = reattach(&process(m.child.pid), uffd.remote_fd()).expect("reattach");
         assert_eq!(
             (again.remote_fd(), again.features()),
             (uffd.remote_fd(), UFFD_FEATURE_MISSING_SHMEM)
         );
         assert!(again.owner_alive());
-        let not_uffd =
-            reattach(m.child.pid, m.go.as_raw_fd()).expect_err("a pipe is no userfaultfd");
+        let not_uffd = reattach(&process(m.child.pid), m.go.as_raw_fd())
+            .expect_err("a pipe is no userfaultfd");
         assert!(
             matches!(not_uffd, UffdError::NotUserfaultfd { .. }),
             "{not_uffd:?}"

@@ -1,6 +1,9 @@
 //! Running QEMU for thaw: where a VM's runtime files live, the command line
 //! thaw builds from a [`VmConfig`], launching (daemonized) and stopping QEMU,
 //! the KVM probe behind `accel: auto`, and finding guest RAM inside QEMU.
+//!
+//! QEMU is reached only through a [`QemuProcess`] handle (a pidfd checked
+//! against the start time recorded in `vm.json`), never by a bare pid.
 
 pub mod qmp;
 
@@ -11,13 +14,12 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
-use nix::sys::signal::{kill, Signal};
-use nix::unistd::Pid;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use crate::config::{Accel, VmConfig};
 use crate::mem::{HostAddr, RamLayout};
+use crate::remote::process::{ProcessError, QemuProcess};
 pub use qmp::{Qmp, QmpError};
 
 /// Errors running QEMU.
@@ -43,6 +45,8 @@ pub enum QemuError {
     TooOld { found: String },
     #[error(transparent)]
     Qmp(#[from] QmpError),
+    #[error(transparent)]
+    Process(#[from] ProcessError),
     #[error("guest RAM block {id:?} ({path}) is not mapped in QEMU process {pid}")]
     RamNotFound { id: String, path: PathBuf, pid: i32 },
     #[error("QEMU (pid {0}) did not exit within {1:?}")]
@@ -98,7 +102,8 @@ pub struct VmPaths {
     pub pidfile: PathBuf,
     /// The [`VmState`] record.
     pub state: PathBuf,
-    /// Lock held by a save or restore in progress.
+    /// The owner lock: held by whatever thaw operation ptraces QEMU or
+    /// holds a userfaultfd on it (see `ops::owner`).
     pub lock: PathBuf,
     /// Default guest console log when the config sets no `serial`.
     pub default_serial: PathBuf,
@@ -143,6 +148,11 @@ pub struct VmState {
     pub accel: String,
     pub layout: RamLayout,
     pub qemu_pid: i32,
+    /// QEMU's start time in clock ticks since boot (field 22 of
+    /// `/proc/<pid>/stat`): with the pid it identifies QEMU, so a reused
+    /// pid is never taken for it. 0 in records written before it was kept.
+    #[serde(default)]
+    pub qemu_start_time: u64,
     pub qemu_version: String,
     /// Guest console log.
     pub serial: PathBuf,
@@ -168,15 +178,34 @@ impl VmState {
             path: paths.state.clone(),
             source: std::io::Error::other(e),
         })?;
-        if !process_alive(state.qemu_pid) {
-            log::warn!(
-                "QEMU of VM {name} (pid {}) has exited; removing its runtime files",
-                state.qemu_pid
-            );
-            remove_runtime(&paths);
-            return Err(QemuError::NotRunning(name.to_string()));
+        match state.qemu() {
+            Ok(_) => Ok((paths, state)),
+            Err(
+                e @ (ProcessError::Gone { .. }
+                | ProcessError::Reused { .. }
+                | ProcessError::NotQemu { .. }),
+            ) => {
+                log::warn!(
+                    "QEMU of VM {name} (pid {}) has exited ({e}); removing its runtime files",
+                    state.qemu_pid
+                );
+                remove_runtime(&paths);
+                Err(QemuError::NotRunning(name.to_string()))
+            }
+            Err(e) => Err(e.into()),
         }
-        Ok((paths, state))
+    }
+
+    /// A handle on this VM's QEMU, opened and checked against the recorded
+    /// start time before anything is sent to it.
+    pub fn qemu(&self) -> Result<QemuProcess, ProcessError> {
+        QemuProcess::open_vm(&self.config.name, self.qemu_pid, self.qemu_start_time)
+    }
+
+    /// Whether this VM's QEMU (the recorded process, not whatever has its
+    /// pid now) is still running.
+    pub fn qemu_alive(&self) -> bool {
+        self.qemu().is_ok_and(|q| q.alive())
     }
 
     fn store(&self, paths: &VmPaths) -> Result<(), QemuError> {
@@ -278,18 +307,17 @@ pub async fn query_run_state(paths: &VmPaths) -> String {
     }
 }
 
-/// Whether process `pid` exists (and is not a zombie we could reap).
-pub fn process_alive(pid: i32) -> bool {
-    if pid <= 0 || kill(Pid::from_raw(pid), None).is_err() {
-        return false;
-    }
-    // A zombie still answers kill(0); its state letter says it is gone.
-    match fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(stat) => !stat
-            .rsplit(')')
-            .next()
-            .is_some_and(|rest| rest.trim_start().starts_with('Z')),
-        Err(_) => false,
+/// The process named by a pid file of VM `vm`, if it still runs and looks
+/// like that VM's QEMU (no start time is known for it yet).
+fn pidfile_process(pidfile: &Path, vm: &str) -> Option<QemuProcess> {
+    let pid: i32 = fs::read_to_string(pidfile).ok()?.trim().parse().ok()?;
+    let process = QemuProcess::open(pid).ok()?;
+    match process.check_looks_like_qemu(vm) {
+        Ok(()) => Some(process),
+        Err(e) => {
+            log::warn!("ignoring {}: {e}", pidfile.display());
+            None
+        }
     }
 }
 
@@ -537,10 +565,7 @@ pub async fn launch(cfg: &VmConfig, accel: &str, incoming: bool) -> Result<Launc
     }
     // Leftovers of a VM that died before writing its record.
     if paths.dir.exists() {
-        let pid = fs::read_to_string(&paths.pidfile)
-            .ok()
-            .and_then(|p| p.trim().parse().ok());
-        if pid.is_some_and(process_alive) {
+        if pidfile_process(&paths.pidfile, &cfg.name).is_some_and(|p| p.alive()) {
             return Err(QemuError::AlreadyRunning(cfg.name.clone()));
         }
         remove_runtime(&paths);
@@ -548,11 +573,9 @@ pub async fn launch(cfg: &VmConfig, accel: &str, incoming: bool) -> Result<Launc
     create_private_dir(&paths.dir)?;
     let result = launch_in(cfg, accel, incoming, paths.clone()).await;
     if result.is_err() {
-        if let Ok(pid) =
-            fs::read_to_string(&paths.pidfile).map(|p| p.trim().parse::<i32>().unwrap_or(0))
-        {
-            if process_alive(pid) {
-                let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+        if let Some(qemu) = pidfile_process(&paths.pidfile, &cfg.name) {
+            if let Err(e) = qemu.kill() {
+                log::warn!("cannot stop the QEMU of a failed launch: {e}");
             }
         }
         remove_runtime(&paths);
@@ -610,6 +633,9 @@ async fn launch_in(
         .trim()
         .parse()
         .map_err(|_| QemuError::Launch("QEMU wrote an unreadable pid file".into()))?;
+    // Held by pidfd from here on; its start time goes into the record.
+    let qemu = QemuProcess::open(pid)?;
+    qemu.check_looks_like_qemu(&cfg.name)?;
     // QEMU has the RAM files open and mapped: unlink them so nothing leaks.
     remove_dir_files(&paths.shm_dir);
     // QEMU's daemonizing sets umask 027: the sockets and the console log
@@ -633,6 +659,7 @@ async fn launch_in(
         accel: accel.to_string(),
         layout,
         qemu_pid: pid,
+        qemu_start_time: qemu.start_time(),
         qemu_version,
         serial,
         started_unix: std::time::SystemTime::now()
@@ -789,31 +816,33 @@ pub fn find_ram(
     Ok(out)
 }
 
-/// Waits up to `within` for process `pid` to exit.
-pub async fn wait_exit(pid: i32, within: Duration) -> bool {
-    let deadline = tokio::time::Instant::now() + within;
-    while process_alive(pid) {
-        if tokio::time::Instant::now() >= deadline {
-            return false;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    true
-}
-
-/// Stops a VM: `quit` over QMP (or SIGKILL when `force` or QMP fails), waits
-/// for QEMU to exit, removes the runtime files.
+/// Stops a VM: `quit` over QMP (or SIGKILL through QEMU's pidfd when
+/// `force` or QMP fails), waits for QEMU to exit, removes the runtime
+/// files. A QEMU that has gone already only has its files removed; a pid
+/// now held by another process is reported and left alone.
 pub async fn stop(paths: &VmPaths, state: &VmState, force: bool) -> Result<(), QemuError> {
+    let qemu = match state.qemu() {
+        Ok(q) => q,
+        Err(ProcessError::Gone { .. }) => {
+            remove_runtime(paths);
+            return Ok(());
+        }
+        Err(e @ (ProcessError::Reused { .. } | ProcessError::NotQemu { .. })) => {
+            remove_runtime(paths);
+            return Err(e.into());
+        }
+        Err(e) => return Err(e.into()),
+    };
     let pid = state.qemu_pid;
     let mut quit_sent = false;
     if !force {
         if let Ok(mut qmp) = Qmp::connect(&paths.qmp).await {
-            quit_sent = qmp.execute("quit", json!({})).await.is_ok() || !process_alive(pid);
+            quit_sent = qmp.execute("quit", json!({})).await.is_ok() || !qemu.alive();
         }
     }
-    if !quit_sent || !wait_exit(pid, Duration::from_secs(30)).await {
-        let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
-        if !wait_exit(pid, Duration::from_secs(10)).await {
+    if !quit_sent || !qemu.wait_exit(Duration::from_secs(30)).await {
+        qemu.kill()?;
+        if !qemu.wait_exit(Duration::from_secs(10)).await {
             return Err(QemuError::StuckQemu(pid, Duration::from_secs(40)));
         }
     }

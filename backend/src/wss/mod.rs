@@ -2,7 +2,7 @@
 //! runs, in the order the guest first touched them, and their on-disk form
 //! inside an image, one file per estimator.
 //!
-//! # `ws-<estimator>.bin`, version 1
+//! # `ws-<estimator>.bin`, version 2
 //!
 //! Little endian. Written next to the image's other files, 0600, by writing
 //! `ws-<estimator>.bin.tmp-<pid>`, syncing it and renaming it into place, so
@@ -12,7 +12,9 @@
 //!   estimator code u32 (1 learned, 2 trace, 3 abit, 4 dirty), reserved u32,
 //!   entry count u64, data page count u64, update count u64 (how many
 //!   restores refined it), total guest pages u64 (must match the image),
-//!   zero padding;
+//!   image identity u64 ([`crate::image::Image::identity`]: the file
+//!   belongs to that image only; another image's working set, even one
+//!   with the same page count, is refused with [`WsError::ForeignImage`]);
 //! - entries, 16 bytes each, in prefetch order: page number u64, idle u32
 //!   (restores since the guest last touched it), flags u32 (bit 0: an
 //!   all-zero page, which has no data);
@@ -23,6 +25,9 @@
 //!
 //! The page contents are copied from the image's `pages.bin` (verified) when
 //! the file is written, so a working set always matches the image it is in.
+//!
+//! Version 1 had no image identity (bytes 56..64 were padding): such a file
+//! is treated as absent, with a warning, and replaced by the next write.
 
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
@@ -33,11 +38,13 @@ use serde::Serialize;
 use xxhash_rust::xxh3::xxh3_64;
 
 use crate::image::{Image, PageLocation};
-use crate::mem::{PageIndex, PAGE_SIZE};
+use crate::mem::{u64_from, usize_from, PageIndex, PAGE_BYTES, PAGE_SIZE, PAGE_SIZE_U32};
 
 const MAGIC: &[u8; 8] = b"THAWWS01";
 /// The working-set file version this thaw writes and reads.
-pub const WS_FORMAT_VERSION: u32 = 1;
+pub const WS_FORMAT_VERSION: u32 = 2;
+/// Versions older than this are ignored (treated as absent).
+const WS_OLDEST_IGNORED: u32 = 1;
 /// Data pages per checksummed chunk.
 pub const WS_CHUNK_PAGES: u64 = 16;
 const HEADER_LEN: u64 = 64;
@@ -107,6 +114,12 @@ pub enum WsError {
     },
     #[error("{path}: damaged working set: {message}")]
     Damaged { path: PathBuf, message: String },
+    #[error("{path} belongs to another image (image identity {found:016x}, this image is {expected:016x}); remove it")]
+    ForeignImage {
+        path: PathBuf,
+        expected: u64,
+        found: u64,
+    },
     #[error(transparent)]
     Image(#[from] crate::image::ImageError),
 }
@@ -213,7 +226,7 @@ pub fn write(image: &Image, ws: &WorkingSet) -> Result<PathBuf, WsError> {
 
 fn write_to(image: &Image, ws: &WorkingSet, tmp: &Path) -> Result<(), WsError> {
     let total = image.meta().total_pages;
-    let mut entries = Vec::with_capacity(ws.pages.len() * ENTRY_LEN as usize);
+    let mut entries = Vec::with_capacity(ws.pages.len() * usize_from(ENTRY_LEN));
     let mut data_pages = 0u64;
     for p in &ws.pages {
         if p.page.0 >= total {
@@ -229,8 +242,8 @@ fn write_to(image: &Image, ws: &WorkingSet, tmp: &Path) -> Result<(), WsError> {
         entries.extend_from_slice(&(if zero { FLAG_ZERO } else { 0 }).to_le_bytes());
     }
     // Page data, in entry order, read chunk by chunk from the image.
-    let mut data = Vec::with_capacity((data_pages * PAGE_SIZE) as usize);
-    let chunk_bytes = image.meta().chunk_pages as usize * PAGE_SIZE as usize;
+    let mut data = Vec::with_capacity(usize_from(data_pages * PAGE_SIZE));
+    let chunk_bytes = usize_from(u64::from(image.meta().chunk_pages) * PAGE_SIZE);
     let mut chunk = vec![0u8; chunk_bytes];
     let mut loaded: Option<u32> = None;
     for p in &ws.pages {
@@ -240,28 +253,32 @@ fn write_to(image: &Image, ws: &WorkingSet, tmp: &Path) -> Result<(), WsError> {
                 image.read_chunks(c, 1, &mut chunk)?;
                 loaded = Some(c);
             }
-            let off = (slot - image.chunk_slots(c).start) as usize * PAGE_SIZE as usize;
-            data.extend_from_slice(&chunk[off..off + PAGE_SIZE as usize]);
+            let off = usize_from(u64::from(slot - image.chunk_slots(c).start) * PAGE_SIZE);
+            data.extend_from_slice(&chunk[off..off + PAGE_BYTES]);
         }
     }
-    let mut head = Vec::with_capacity(meta_len(ws.pages.len() as u64, data_pages) as usize);
+    let mut head = Vec::with_capacity(usize_from(meta_len(u64_from(ws.pages.len()), data_pages)));
     head.extend_from_slice(MAGIC);
     head.extend_from_slice(&WS_FORMAT_VERSION.to_le_bytes());
-    head.extend_from_slice(&(PAGE_SIZE as u32).to_le_bytes());
+    head.extend_from_slice(&PAGE_SIZE_U32.to_le_bytes());
     head.extend_from_slice(&ws.estimator.code().to_le_bytes());
     head.extend_from_slice(&0u32.to_le_bytes());
     head.extend_from_slice(&(ws.pages.len() as u64).to_le_bytes());
     head.extend_from_slice(&data_pages.to_le_bytes());
     head.extend_from_slice(&ws.updates.to_le_bytes());
     head.extend_from_slice(&total.to_le_bytes());
-    head.resize(HEADER_LEN as usize, 0);
+    head.extend_from_slice(&image.identity().to_le_bytes());
+    head.resize(usize_from(HEADER_LEN), 0);
     head.extend_from_slice(&entries);
-    for c in data.chunks(WS_CHUNK_PAGES as usize * PAGE_SIZE as usize) {
+    for c in data.chunks(usize_from(WS_CHUNK_PAGES * PAGE_SIZE)) {
         head.extend_from_slice(&xxh3_64(c).to_le_bytes());
     }
     let sum = xxh3_64(&head);
     head.extend_from_slice(&sum.to_le_bytes());
-    head.resize(data_offset(ws.pages.len() as u64, data_pages) as usize, 0);
+    head.resize(
+        usize_from(data_offset(u64_from(ws.pages.len()), data_pages)),
+        0,
+    );
 
     let _ = std::fs::remove_file(tmp);
     let mut f = OpenOptions::new()
@@ -299,13 +316,21 @@ impl WsFile {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(io_err(&path, "cannot open")(e)),
         };
-        let mut head = [0u8; HEADER_LEN as usize];
+        let mut head = [0u8; usize_from(HEADER_LEN)];
         file.read_exact(&mut head)
             .map_err(io_err(&path, "cannot read the header"))?;
         let u32_at = |o: usize| u32::from_le_bytes(head[o..o + 4].try_into().unwrap_or_default());
         let u64_at = |o: usize| u64::from_le_bytes(head[o..o + 8].try_into().unwrap_or_default());
         if &head[..8] != MAGIC {
             return Err(damaged(&path, "bad magic"));
+        }
+        if (WS_OLDEST_IGNORED..WS_FORMAT_VERSION).contains(&u32_at(8)) {
+            log::warn!(
+                "{}: working-set format version {} (before image identities); ignoring it",
+                path.display(),
+                u32_at(8)
+            );
+            return Ok(None);
         }
         if u32_at(8) != WS_FORMAT_VERSION {
             return Err(damaged(
@@ -315,6 +340,14 @@ impl WsFile {
         }
         if u64::from(u32_at(12)) != PAGE_SIZE || u32_at(16) != estimator.code() {
             return Err(damaged(&path, "page size or estimator does not match"));
+        }
+        let (expected, found) = (image.identity(), u64_at(56));
+        if found != expected {
+            return Err(WsError::ForeignImage {
+                path,
+                expected,
+                found,
+            });
         }
         let (entries, data_pages, updates, total) =
             (u64_at(24), u64_at(32), u64_at(40), u64_at(48));
@@ -328,7 +361,7 @@ impl WsFile {
                 format!("{len} bytes, not what its header says"),
             ));
         }
-        let mut rest = vec![0u8; (meta_len(entries, data_pages) - HEADER_LEN) as usize];
+        let mut rest = vec![0u8; usize_from(meta_len(entries, data_pages) - HEADER_LEN)];
         file.read_exact(&mut rest)
             .map_err(io_err(&path, "cannot read the entries"))?;
         let (body, trailer) = rest.split_at(rest.len() - 8);
@@ -337,10 +370,10 @@ impl WsFile {
         if xxh3_64(&all).to_le_bytes() != trailer {
             return Err(damaged(&path, "entry table checksum mismatch"));
         }
-        let (table, sums) = body.split_at((entries * ENTRY_LEN) as usize);
-        let mut pages = Vec::with_capacity(entries as usize);
-        let mut zero = Vec::with_capacity(entries as usize);
-        for e in table.chunks_exact(ENTRY_LEN as usize) {
+        let (table, sums) = body.split_at(usize_from(entries * ENTRY_LEN));
+        let mut pages = Vec::with_capacity(usize_from(entries));
+        let mut zero = Vec::with_capacity(usize_from(entries));
+        for e in table.chunks_exact(usize_from(ENTRY_LEN)) {
             let page = u64::from_le_bytes(e[..8].try_into().unwrap_or_default());
             let idle = u32::from_le_bytes(e[8..12].try_into().unwrap_or_default());
             let flags = u32::from_le_bytes(e[12..16].try_into().unwrap_or_default());
@@ -403,18 +436,18 @@ impl WsFile {
             .map(|(p, _)| p.page)
             .collect();
         let total = self.data_pages * PAGE_SIZE;
-        let mut buf = vec![0u8; per_read.min(total) as usize];
+        let mut buf = vec![0u8; usize_from(per_read.min(total))];
         let mut off = 0u64;
         while off < total {
-            let len = per_read.min(total - off) as usize;
+            let len = usize_from(per_read.min(total - off));
             if let Some(t) = limit {
                 t.take(len as u64);
             }
             self.file
                 .read_exact_at(&mut buf[..len], self.data_at + off)
                 .map_err(io_err(&self.path, "cannot read page data"))?;
-            for (i, c) in buf[..len].chunks(chunk_bytes as usize).enumerate() {
-                let n = (off / chunk_bytes) as usize + i;
+            for (i, c) in buf[..len].chunks(usize_from(chunk_bytes)).enumerate() {
+                let n = usize_from(off / chunk_bytes) + i;
                 if self.sums.get(n) != Some(&xxh3_64(c)) {
                     return Err(damaged(
                         &self.path,
@@ -423,10 +456,7 @@ impl WsFile {
                 }
             }
             let first = (off / PAGE_SIZE) as usize;
-            install(
-                &data_pages[first..first + len / PAGE_SIZE as usize],
-                &buf[..len],
-            )?;
+            install(&data_pages[first..first + len / PAGE_BYTES], &buf[..len])?;
             off += len as u64;
         }
         Ok(total)

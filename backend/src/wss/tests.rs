@@ -1,4 +1,11 @@
 //! Working-set files: round trip, learned refinement, damage detection.
+// Test fixtures: casts of small constants and of the tests' own values
+// (their children's pids, page numbers below 64); a wrong one fails a test.
+#![allow(
+    clippy::cast_possible_truncation,
+    clippy::cast_sign_loss,
+    clippy::cast_possible_wrap
+)]
 
 use super::*;
 use crate::image::tests::write_image;
@@ -138,4 +145,79 @@ fn estimates_round_trip_and_damage_is_refused() {
     data[17] ^= 1;
     std::fs::write(&path, &data).expect("write");
     assert!(read_estimate(&path).is_err());
+}
+
+/// An image with the same layout as [`write_image`]'s but other data.
+fn write_other_image(dir: &Path) {
+    use crate::mem::RamLayout;
+    use std::io::Write;
+    let layout = RamLayout::from_sizes([("ram0", 40 * PAGE_SIZE), ("ram1", 24 * PAGE_SIZE)]);
+    let mut w = crate::image::ImageWriter::create(dir, layout, false).expect("create");
+    w.device_state_file()
+        .expect("dev")
+        .write_all(b"other device state")
+        .expect("write");
+    for p in [1u64, 3, 4, 5] {
+        w.write_run(PageIndex(p), &crate::image::tests::page(0x5a))
+            .expect("run");
+    }
+    w.finish(crate::image::ImageInfo {
+        qemu_version: "10.0.2".into(),
+        accel: "tcg".into(),
+        vm: crate::config::VmConfig::parse(
+            "name: t\nmemory: 1M\n",
+            Path::new("t.yaml"),
+            Path::new("/"),
+        )
+        .expect("config"),
+    })
+    .expect("finish");
+}
+
+#[test]
+fn another_images_working_set_is_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (a_dir, b_dir) = (dir.path().join("a"), dir.path().join("b"));
+    write_image(&a_dir);
+    write_other_image(&b_dir);
+    let (a, b) = (
+        Image::open(&a_dir).expect("open a"),
+        Image::open(&b_dir).expect("open b"),
+    );
+    assert_eq!(a.meta().total_pages, b.meta().total_pages);
+    assert_ne!(a.identity(), b.identity());
+    let ws = WorkingSet::from_touches(Estimator::Learned, &pages(&[1, 3, 4, 5]));
+    let path = write(&a, &ws).expect("write");
+    std::fs::copy(&path, Estimator::Learned.path_in(&b_dir)).expect("copy");
+    let err = WsFile::open(&b, Estimator::Learned)
+        .err()
+        .expect("foreign file refused");
+    assert!(
+        matches!(err, WsError::ForeignImage { expected, found, .. }
+            if expected == b.identity() && found == a.identity()),
+        "{err:?}"
+    );
+    assert!(WsFile::open(&a, Estimator::Learned)
+        .expect("own file")
+        .is_some());
+}
+
+#[test]
+fn a_version_1_file_is_treated_as_absent() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let img_dir = dir.path().join("img");
+    write_image(&img_dir);
+    let image = Image::open(&img_dir).expect("open");
+    let ws = WorkingSet::from_touches(Estimator::Abit, &pages(&[1, 3]));
+    let path = write(&image, &ws).expect("write");
+    let mut data = std::fs::read(&path).expect("read");
+    data[8..12].copy_from_slice(&1u32.to_le_bytes());
+    std::fs::write(&path, &data).expect("write");
+    assert!(WsFile::open(&image, Estimator::Abit)
+        .expect("not an error")
+        .is_none());
+    // A newer version than this thaw knows stays an error.
+    data[8..12].copy_from_slice(&(WS_FORMAT_VERSION + 1).to_le_bytes());
+    std::fs::write(&path, &data).expect("write");
+    assert!(WsFile::open(&image, Estimator::Abit).is_err());
 }

@@ -16,6 +16,15 @@
 //! The crate deliberately has no dependencies; it is linked fully static for
 //! the initramfs (`-C target-feature=+crt-static`).
 
+// A test program inside the guest: its casts are of its own sizes, indices
+// and timings (x86-64, usize is 64 bits), never of input from a file or
+// another program. The unsafe-block rule applies here as everywhere.
+#![allow(
+    clippy::cast_possible_truncation,
+    clippy::cast_sign_loss,
+    clippy::cast_possible_wrap
+)]
+
 use std::fs::File;
 use std::io::{Read, Write};
 use std::mem::ManuallyDrop;
