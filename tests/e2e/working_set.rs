@@ -149,7 +149,10 @@ fn trackers_estimate_the_hot_set_for_save() {
     let nonce = vm.wait_ticks(3).nonce;
     // Access scanning, then write tracking with synchronous and with
     // asynchronous write-protect faults, each for a few intervals; the
-    // estimates stay in the runtime dir for `thaw save` to store.
+    // estimates stay in the runtime dir for `thaw save` to store. The last
+    // tracker is still running when the save starts: the save stops it
+    // (as Ctrl-C would) and stores its last estimate.
+    let mut running = None;
     for (estimator, extra) in [
         ("abit", None),
         ("dirty", Some("--sync-wp")),
@@ -172,6 +175,10 @@ fn trackers_estimate_the_hot_set_for_save() {
         let tracker = vm.thaw_spawn(&args);
         let ticks = vm.console().matches("THAW-TICK ").count();
         vm.wait_count("THAW-TICK ", ticks + 40);
+        if extra.is_none() && estimator == "dirty" {
+            running = Some(tracker);
+            break;
+        }
         let out = vm.interrupt(tracker);
         let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("track JSON");
         assert_eq!(report["ended"], "signal", "{report}");
@@ -190,6 +197,18 @@ fn trackers_estimate_the_hot_set_for_save() {
     }
     vm.assert_keeps_ticking(&nonce, 3);
     let image = vm.save();
+    let tracker = running.expect("the last tracker runs");
+    let out = tracker.wait_with_output().expect("wait for the tracker");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("track JSON");
+    assert_eq!(
+        report["ended"], "signal",
+        "the save stopped the tracker: {report}"
+    );
     for estimator in ["abit", "dirty"] {
         let cov = coverage(&image, estimator, &hot);
         assert!(

@@ -22,7 +22,7 @@ use crate::engine::{Engine, FaultLog};
 use crate::image::Image;
 use crate::ops::owner::{LockError, OwnerLock};
 use crate::ops::restore::{self, LearnWindow, RestoreError};
-use crate::ops::save::{self, SaveError, SaveOptions, SaveReport};
+use crate::ops::save::{self, SaveError, SaveOptions, SaveReport, TRACKER_PATIENCE};
 use crate::remote::uffd;
 use crate::vmm::{self, Qmp, VmState};
 use crate::wss::{self, Estimator, WorkingSet};
@@ -78,7 +78,7 @@ pub async fn checkpoint(
     window: LearnWindow,
 ) -> Result<CheckpointReport, CheckpointError> {
     let (paths, _) = VmState::load(name).map_err(SaveError::from)?;
-    let owner = OwnerLock::acquire(&paths, "checkpoint")?;
+    let owner = OwnerLock::acquire_after_tracker(&paths, "checkpoint", TRACKER_PATIENCE).await?;
     let report = save::save_owned(
         name,
         image,

@@ -11,14 +11,15 @@
 //! `VM demo is busy: thaw track (pid 1234) holds it since 12:01:02; stop it
 //! first`.
 //!
-//! A running `thaw track` therefore holds the lock until it stops: a `thaw
-//! save` or `checkpoint` meanwhile is refused. That is what tracking needs
-//! anyway: `dirty` keeps a userfaultfd registered the whole time, and an
-//! `abit` tracker that let a save in between its scans would zap QEMU's
-//! page tables under the save and count the save's own pass as guest
-//! accesses. The tracker's estimate stays in the runtime directory after it
-//! stops (Ctrl-C), and the next save of the VM stores it as a working set:
-//! track, stop the tracker, save.
+//! A running `thaw track` holds the lock until it stops. `thaw save` and
+//! `thaw checkpoint` are what a tracker works for, so they take over from it
+//! ([`OwnerLock::acquire_after_tracker`]): they ask the tracker to stop
+//! (SIGINT, as Ctrl-C would), wait until it has written its last estimate
+//! and let the lock go, and store that estimate with the image. Any other
+//! pair is refused. Tracking and saving cannot overlap anyway: `dirty` keeps
+//! a userfaultfd registered the whole time, and an `abit` tracker that went
+//! on during a save would zap QEMU's page tables under it and count the
+//! save's own pass as guest accesses.
 //!
 //! The lock belongs to the open file, so it goes away with the process that
 //! held it, however that process ended. `thaw recover` relies on this: a
@@ -150,6 +151,48 @@ impl OwnerLock {
             .map_err(io_err("cannot write", &path))?;
         log::debug!("{} holds VM {}'s owner lock", operation, paths.name);
         Ok(OwnerLock { file, path, holder })
+    }
+
+    /// [`OwnerLock::acquire`], except that a `thaw track` holding the lock is
+    /// asked to stop (SIGINT) and waited for, at most `patience`: a save or
+    /// checkpoint takes over from the tracker whose estimate it stores.
+    pub async fn acquire_after_tracker(
+        paths: &VmPaths,
+        operation: &str,
+        patience: std::time::Duration,
+    ) -> Result<OwnerLock, LockError> {
+        let tracker = match OwnerLock::acquire(paths, operation) {
+            Err(LockError::Busy {
+                holder: Some(h), ..
+            }) if h.operation == "track" && h.pid != 0 => h,
+            other => return other,
+        };
+        log::info!(
+            "stopping thaw track (pid {}) of VM {}: {operation} stores its estimate",
+            tracker.pid,
+            paths.name
+        );
+        // The tracker holds the lock, so it is alive: its pid is its own.
+        let pid = i32::try_from(tracker.pid).map_err(|_| LockError::Busy {
+            vm: paths.name.clone(),
+            holder: Some(tracker.clone()),
+        })?;
+        if let Err(errno) = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGINT,
+        ) {
+            log::debug!("signalling thaw track (pid {pid}): {errno}");
+        }
+        let deadline = std::time::Instant::now() + patience;
+        loop {
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            match OwnerLock::acquire(paths, operation) {
+                Err(LockError::Busy { holder, .. })
+                    if std::time::Instant::now() < deadline
+                        && holder.as_ref().map_or(true, |h| *h == tracker) => {}
+                other => return other,
+            }
+        }
     }
 
     /// Who holds VM `paths`' owner lock now; `None` when nobody does.

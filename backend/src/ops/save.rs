@@ -24,6 +24,9 @@ use crate::wss::{self, Estimator};
 const DEVICE_STATE_TIMEOUT: Duration = Duration::from_secs(300);
 /// Bytes copied from guest RAM per read.
 const READ_BLOCK: usize = 4 << 20;
+/// How long a save waits for a running `thaw track` to stop and write its
+/// last estimate ([`OwnerLock::acquire_after_tracker`]).
+pub(crate) const TRACKER_PATIENCE: Duration = Duration::from_secs(60);
 
 /// Errors saving a VM.
 #[derive(Debug, thiserror::Error)]
@@ -94,10 +97,11 @@ pub struct SaveReport {
 }
 
 /// Saves VM `name` into a new image directory `image`, holding the VM's
-/// owner lock (a running `thaw track` or restore makes it refuse).
+/// owner lock: a running `thaw track` is stopped first (its last estimate
+/// is stored), any other holder (a restore, a checkpoint) makes it refuse.
 pub async fn save(name: &str, image: &Path, opts: &SaveOptions) -> Result<SaveReport, SaveError> {
     let (paths, _) = VmState::load(name)?;
-    let owner = OwnerLock::acquire(&paths, "save")?;
+    let owner = OwnerLock::acquire_after_tracker(&paths, "save", TRACKER_PATIENCE).await?;
     save_owned(name, image, opts, &owner).await
 }
 
