@@ -1,4 +1,8 @@
-//! Watching a running guest's memory from outside QEMU, for working-set
-//! estimates: write tracking ([`dirty`]).
+//! Watching a running guest's memory from outside QEMU, for working sets:
+//! observation windows after a zap ([`window`], shared by a restore's
+//! learning window and a checkpoint's trace), access-bit style scanning
+//! ([`abit`]) and write tracking ([`dirty`]).
 
+pub mod abit;
 pub mod dirty;
+pub mod window;

@@ -20,8 +20,9 @@ use serde::Serialize;
 
 use crate::engine::{Engine, FaultLog};
 use crate::image::Image;
+use crate::observe::window::{self, LearnWindow};
 use crate::ops::owner::{LockError, OwnerLock};
-use crate::ops::restore::{self, LearnWindow, RestoreError};
+use crate::ops::restore::{self, RestoreError};
 use crate::ops::save::{self, SaveError, SaveOptions, SaveReport, TRACKER_PATIENCE};
 use crate::remote::uffd;
 use crate::vmm::{self, Qmp, VmState};
@@ -117,7 +118,7 @@ async fn trace(
     qmp: &mut Qmp,
     image_dir: &Path,
     resume: bool,
-    window: LearnWindow,
+    learn: LearnWindow,
 ) -> Result<(u64, f64, u64), RestoreError> {
     let image = Arc::new(Image::open(image_dir)?);
     let qemu = state.qemu().map_err(vmm::QemuError::from)?;
@@ -142,14 +143,14 @@ async fn trace(
         // The fault thread runs before the zap: QEMU's madvise waits until
         // its remove events are read.
         let service = engine.start(capacity)?;
-        let zapped = engine.zapping(|| restore::zap(&qemu, &ram));
+        let zapped = engine.zapping(|| window::zap(&qemu, &ram));
         let t = Instant::now();
         let watched = async {
             zapped?;
             if resume {
                 qmp.cont_after_migration().await?;
             }
-            restore::watch(&engine, window, t).await
+            Ok::<_, RestoreError>(window::watch(&engine, learn, t).await)
         }
         .await;
         // Unregister before the fault thread stops: nothing may wait on a

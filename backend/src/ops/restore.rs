@@ -30,6 +30,7 @@ use crate::engine::discard::DISCARD_LOG;
 use crate::engine::{BlockMap, Engine, EngineError, FaultLog, Fill};
 use crate::image::Image;
 use crate::mem::{PageIndex, RamLayout, PAGE_SIZE};
+use crate::observe::window;
 use crate::remote::uffd;
 use crate::vmm::{self, Launched, RamMapping};
 use crate::wss::{self, Estimator, WorkingSet, WsFile};
@@ -38,8 +39,6 @@ use crate::wss::{self, Estimator, WorkingSet, WsFile};
 const DEVICE_LOAD_TIMEOUT: Duration = Duration::from_secs(300);
 /// How often a restore checks on its filler.
 const FILL_POLL: Duration = Duration::from_millis(10);
-/// How often the tracking window checks whether new pages still arrive.
-const WINDOW_TICK: Duration = Duration::from_millis(50);
 
 /// How RAM is brought back.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -80,22 +79,7 @@ impl EstimatorChoice {
     }
 }
 
-/// The tracking window after a lazy or ws restore: it ends once no new
-/// page was touched for `quiet`, or after `max`.
-#[derive(Clone, Copy, Debug)]
-pub struct LearnWindow {
-    pub quiet: Duration,
-    pub max: Duration,
-}
-
-impl Default for LearnWindow {
-    fn default() -> Self {
-        LearnWindow {
-            quiet: Duration::from_millis(1000),
-            max: Duration::from_secs(10),
-        }
-    }
-}
+pub use crate::observe::window::LearnWindow;
 
 /// Options of `thaw restore`.
 #[derive(Clone, Debug)]
@@ -524,7 +508,7 @@ async fn run(
             bar.finish();
             if let Some(w) = learn {
                 engine.begin_window();
-                window_ms = tracking_window(qemu_pid, &ram, &engine, w).await?;
+                window_ms = window::tracking_window(qemu_pid, &ram, &engine, w).await?;
             }
             unregister(&uffd, &ram, &engine)?;
         }
@@ -597,54 +581,6 @@ async fn run(
         discarded_pages: engine.discarded_pages(),
         discarded_faults: c.discarded_faults.load(Ordering::Relaxed),
     })
-}
-
-/// Once all RAM is resident: zaps QEMU's page-table entries for guest RAM
-/// (an injected `madvise(MADV_DONTNEED)`; for a shared file mapping the
-/// data stays in the page cache) so that every page the guest uses next
-/// faults once more as a minor fault, and records those first touches until
-/// none arrive for `w.quiet` (at most `w.max`). Returns the window's length.
-pub async fn tracking_window(
-    qemu: &crate::remote::process::QemuProcess,
-    ram: &[RamMapping],
-    engine: &Engine,
-    w: LearnWindow,
-) -> Result<f64, RestoreError> {
-    let t = Instant::now();
-    engine.zapping(|| zap(qemu, ram))?;
-    watch(engine, w, t).await
-}
-
-/// Drops QEMU's page-table entries for guest RAM (an injected
-/// `madvise(MADV_DONTNEED)`; a shared file mapping keeps its data in the
-/// page cache), so the next touch of every page faults once more.
-pub fn zap(
-    qemu: &crate::remote::process::QemuProcess,
-    ram: &[RamMapping],
-) -> Result<(), RestoreError> {
-    for m in ram {
-        crate::remote::inject::madvise_dontneed(qemu, m.start, m.len)?;
-    }
-    Ok(())
-}
-
-/// Waits while new first touches arrive: returns (ms since `t`) once none
-/// came for `w.quiet`, or `w.max` after `t`.
-pub async fn watch(engine: &Engine, w: LearnWindow, t: Instant) -> Result<f64, RestoreError> {
-    let mut seen = engine.counters.touched_pages.load(Ordering::Acquire);
-    let mut last_new = Instant::now();
-    while t.elapsed() < w.max && last_new.elapsed() < w.quiet {
-        if engine.has_failed() {
-            break;
-        }
-        tokio::time::sleep(WINDOW_TICK).await;
-        let now = engine.counters.touched_pages.load(Ordering::Acquire);
-        if now != seen {
-            seen = now;
-            last_new = Instant::now();
-        }
-    }
-    Ok(ms(t.elapsed()))
 }
 
 /// Refines the image's learned working set with this restore's first

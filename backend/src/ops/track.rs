@@ -15,17 +15,17 @@
 //! same way and leaves the `dirty` working set.
 //!
 //! A tracker holds the VM's owner lock ([`crate::ops::owner`]) until it
-//! stops: a save or checkpoint meanwhile is refused, naming the tracker.
-//! Its last estimate stays in the runtime directory, so stopping the
-//! tracker and then saving stores it.
+//! stops. A save or checkpoint stops it (SIGINT) and stores its last
+//! estimate, which stays in the runtime directory; anything else is
+//! refused, naming the tracker. The scanning itself is
+//! [`crate::observe::abit`] and [`crate::observe::dirty`].
 
 use std::fs::File;
-use std::os::unix::fs::FileExt;
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
-use crate::mem::{usize_from, PageIndex, PAGE_SIZE};
+use crate::observe::abit::{scan, Ages};
 use crate::ops::owner::{LockError, OwnerLock};
 use crate::vmm::{self, RamMapping, VmState};
 use crate::wss::{self, Estimator};
@@ -94,82 +94,6 @@ impl std::fmt::Display for TrackReport {
             self.name, self.estimator, self.scans, self.estimate_pages, self.mean_zap_ms, self.mean_scan_ms, self.ended
         )
     }
-}
-
-/// Per-page ages and the estimate they give.
-#[derive(Debug)]
-pub struct Ages {
-    /// Interval number in which each page was last seen (0: never).
-    last_seen: Vec<u32>,
-    interval: u32,
-}
-
-impl Ages {
-    pub fn new(pages: u64) -> Ages {
-        Ages {
-            last_seen: vec![0; usize_from(pages)],
-            interval: 0,
-        }
-    }
-
-    /// Starts the next interval; pages seen now get its number.
-    pub fn next_interval(&mut self) {
-        self.interval += 1;
-    }
-
-    pub fn seen(&mut self, page: PageIndex) {
-        if let Some(s) = self.last_seen.get_mut(usize_from(page.0)) {
-            *s = self.interval;
-        }
-    }
-
-    /// Pages seen in the last `keep` intervals, most recently seen first,
-    /// in address order within an interval.
-    pub fn estimate(&self, keep: u32) -> Vec<PageIndex> {
-        let oldest = self.interval.saturating_sub(keep.saturating_sub(1)).max(1);
-        let mut pages: Vec<(u32, u64)> = self
-            .last_seen
-            .iter()
-            .enumerate()
-            .filter(|(_, &s)| s >= oldest)
-            .map(|(p, &s)| (s, p as u64))
-            .collect();
-        pages.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
-        pages.into_iter().map(|(_, p)| PageIndex(p)).collect()
-    }
-}
-
-/// Marks every page of `ram` that `pagemap` shows as mapped.
-fn scan(
-    pagemap: &File,
-    path: &str,
-    ram: &[(RamMapping, u64)],
-    ages: &mut Ages,
-) -> Result<(), TrackError> {
-    const BATCH: u64 = 1 << 16;
-    let mut buf = vec![0u8; usize_from(BATCH * 8)];
-    for (m, first_page) in ram {
-        let pages = m.len / PAGE_SIZE;
-        let mut done = 0;
-        while done < pages {
-            let n = BATCH.min(pages - done);
-            let off = (m.start.0 / PAGE_SIZE + done) * 8;
-            pagemap
-                .read_exact_at(&mut buf[..usize_from(n * 8)], off)
-                .map_err(|source| TrackError::Pagemap {
-                    path: path.to_string(),
-                    source,
-                })?;
-            for (i, e) in buf[..usize_from(n * 8)].chunks_exact(8).enumerate() {
-                let v = u64::from_le_bytes(e.try_into().unwrap_or_default());
-                if v >> 63 != 0 {
-                    ages.seen(PageIndex(first_page + done + i as u64));
-                }
-            }
-            done += n;
-        }
-    }
-    Ok(())
 }
 
 /// Tracks VM `name` until it goes away, `opts.duration` passes or `stop`
@@ -242,7 +166,10 @@ pub async fn track(
                     .collect(|p| ages.seen(p))
                     .map(|_| ())
                     .map_err(TrackError::from),
-                None => scan(&pagemap, &path, &ram, &mut ages),
+                None => scan(&pagemap, &ram, &mut ages).map_err(|source| TrackError::Pagemap {
+                    path: path.clone(),
+                    source,
+                }),
             };
             if let Err(e) = scanned {
                 return if alive() {
@@ -289,27 +216,4 @@ pub async fn track(
     report.mean_zap_ms = zap_total.as_secs_f64() * 1000.0 / (scans + 1.0);
     report.mean_scan_ms = scan_total.as_secs_f64() * 1000.0 / scans;
     Ok(report)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn estimate_keeps_the_last_k_intervals_most_recent_first() {
-        let mut a = Ages::new(10);
-        a.next_interval();
-        a.seen(PageIndex(5));
-        a.seen(PageIndex(1));
-        a.next_interval();
-        a.seen(PageIndex(8));
-        a.seen(PageIndex(3));
-        a.next_interval();
-        a.seen(PageIndex(1));
-        let e = |a: &Ages, k| a.estimate(k).iter().map(|p| p.0).collect::<Vec<_>>();
-        assert_eq!(e(&a, 1), [1]);
-        assert_eq!(e(&a, 2), [1, 3, 8]);
-        assert_eq!(e(&a, 3), [1, 3, 8, 5]);
-        assert_eq!(e(&a, 30), [1, 3, 8, 5]);
-    }
 }
