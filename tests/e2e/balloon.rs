@@ -111,16 +111,7 @@ fn balloon_inflated_and_deflated_during_a_lazy_restore() {
 
     let ticks_before = vm.console().matches("THAW-TICK ").count();
     let started = Instant::now();
-    let child = vm.thaw_spawn(&[
-        "restore",
-        image.to_str().expect("utf-8"),
-        "--mode",
-        "lazy",
-        "--no-learn",
-        "--read-limit",
-        SLOW,
-        "--json",
-    ]);
+    let child = vm.slow_restore(&image, SLOW, &["--json"]);
     // The guest runs while its RAM streams in.
     vm.wait_count("THAW-TICK ", ticks_before + 1);
     let mut monitor = Monitor::connect(&vm);

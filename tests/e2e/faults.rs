@@ -23,15 +23,7 @@ fn status(vm: &Vm) -> Value {
 /// is still in progress.
 fn restore_until_guest_runs(vm: &Vm, image: &Path) -> std::process::Child {
     let ticks_before = vm.console().matches("THAW-TICK ").count();
-    let child = vm.thaw_spawn(&[
-        "restore",
-        image.to_str().expect("utf-8"),
-        "--mode",
-        "lazy",
-        "--no-learn",
-        "--read-limit",
-        SLOW,
-    ]);
+    let child = vm.slow_restore(image, SLOW, &[]);
     vm.wait_count("THAW-TICK ", ticks_before + 1);
     let s = status(vm);
     assert_eq!(

@@ -226,6 +226,23 @@ impl Vm {
             .expect("spawn thaw")
     }
 
+    /// Starts `thaw restore IMAGE --mode lazy --no-learn --read-limit RATE
+    /// ARGS...` in the background: a restore still filling RAM for a while
+    /// after the guest runs.
+    pub fn slow_restore(&self, image: &Path, rate: &str, args: &[&str]) -> std::process::Child {
+        let mut all = vec![
+            "restore",
+            image.to_str().expect("utf-8"),
+            "--mode",
+            "lazy",
+            "--no-learn",
+            "--read-limit",
+            rate,
+        ];
+        all.extend_from_slice(args);
+        self.thaw_spawn(&all)
+    }
+
     /// Sends SIGINT to a background `thaw` and waits for it; it must exit 0.
     pub fn interrupt(&self, child: std::process::Child) -> Output {
         let pid = nix::unistd::Pid::from_raw(child.id() as i32);

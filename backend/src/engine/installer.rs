@@ -201,56 +201,62 @@ impl Engine {
     ) -> Result<Answer, EngineError> {
         let dst = self.host_addr(page);
         let _guard = self.discard_lock.read().unwrap_or_else(|p| p.into_inner());
-        match self.uffd.zeropage(dst, PAGE_SIZE, true) {
-            CopyResult::Done(_) => {
-                self.pages.mark_resident(page, saved);
-                Ok(Answer::Installed)
-            }
-            CopyResult::Exists { .. } => {
-                self.pages.mark_resident(page, saved);
-                self.uffd.wake(dst, PAGE_SIZE)?;
-                Ok(Answer::AlreadyThere)
-            }
-            CopyResult::Failed {
-                errno: Errno::EAGAIN,
-                ..
-            } => {
-                self.uffd.wake(dst, PAGE_SIZE)?;
-                Ok(Answer::Refault)
-            }
-            CopyResult::Failed { errno, .. } if self.range_gone(errno) => Ok(Answer::Gone),
-            CopyResult::Failed { errno, .. } => Err(EngineError::Install {
-                what: "a zero page (UFFDIO_ZEROPAGE)",
-                addr: dst.0,
-                errno,
-            }),
+        let result = self.uffd.zeropage(dst, PAGE_SIZE, true);
+        let answer = self.settle_answer(
+            result,
+            page,
+            &[Errno::EAGAIN],
+            "a zero page (UFFDIO_ZEROPAGE)",
+        )?;
+        if matches!(answer, Answer::Installed | Answer::AlreadyThere) {
+            self.pages.mark_resident(page, saved);
         }
+        Ok(answer)
     }
 
     /// The fault thread's answer to a minor fault (the page is in the page
     /// cache, not mapped): `UFFDIO_CONTINUE`, which maps it and wakes the
-    /// faulting thread.
+    /// faulting thread. `EFAULT` means the page left the page cache (the
+    /// guest discarded it) after the fault was raised: the access faults
+    /// again, as a missing fault.
     pub(crate) fn answer_minor(&self, page: PageIndex) -> Result<Answer, EngineError> {
+        let result = self
+            .uffd
+            .continue_range(self.host_addr(page), PAGE_SIZE, true);
+        self.settle_answer(
+            result,
+            page,
+            &[Errno::EAGAIN, Errno::EFAULT],
+            "a page-cache page (UFFDIO_CONTINUE)",
+        )
+    }
+
+    /// The policy for a single-page answer of the fault thread: the kernel
+    /// woke the faulting thread (installed), or thaw wakes it (already
+    /// there; one of `refault` errnos, after which its access faults again
+    /// once the queued event is handled); a range being unregistered is
+    /// gone; anything else is fatal.
+    fn settle_answer(
+        &self,
+        result: CopyResult,
+        page: PageIndex,
+        refault: &[Errno],
+        what: &'static str,
+    ) -> Result<Answer, EngineError> {
         let dst = self.host_addr(page);
-        match self.uffd.continue_range(dst, PAGE_SIZE, true) {
+        match result {
             CopyResult::Done(_) => Ok(Answer::Installed),
             CopyResult::Exists { .. } => {
                 self.uffd.wake(dst, PAGE_SIZE)?;
                 Ok(Answer::AlreadyThere)
             }
-            // EAGAIN: an event is queued; EFAULT: the page left the page
-            // cache (the guest discarded it) after the fault was raised.
-            // Either way the access faults again and is answered anew.
-            CopyResult::Failed {
-                errno: Errno::EAGAIN | Errno::EFAULT,
-                ..
-            } => {
+            CopyResult::Failed { errno, .. } if refault.contains(&errno) => {
                 self.uffd.wake(dst, PAGE_SIZE)?;
                 Ok(Answer::Refault)
             }
             CopyResult::Failed { errno, .. } if self.range_gone(errno) => Ok(Answer::Gone),
             CopyResult::Failed { errno, .. } => Err(EngineError::Install {
-                what: "a page-cache page (UFFDIO_CONTINUE)",
+                what,
                 addr: dst.0,
                 errno,
             }),
