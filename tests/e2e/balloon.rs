@@ -68,6 +68,11 @@ impl Monitor {
     /// `BALLOON_CHANGE` event that reports the guest got within 4 MiB of it.
     fn balloon_to(&mut self, bytes: u64) {
         self.execute("balloon", json!({ "value": bytes }));
+        self.wait_balloon(bytes);
+    }
+
+    /// Waits for a `BALLOON_CHANGE` event within 4 MiB of `bytes`.
+    fn wait_balloon(&mut self, bytes: u64) {
         let deadline = Instant::now() + TIMEOUT;
         loop {
             assert!(
@@ -148,6 +153,52 @@ fn balloon_inflated_and_deflated_during_a_lazy_restore() {
     );
 
     // Every page of the workload is intact, and the guest never rebooted.
+    request_full_pass(&vm);
+    vm.assert_continues_after(&before);
+    vm.stop();
+}
+
+/// The restoring thaw dies while the guest's balloon inflates; QEMU then
+/// blocks in its next discard (the remove event waits to be read) and
+/// answers no QMP. `thaw recover` must read those events before it talks to
+/// QEMU, keep the holes the dead restore logged and the new ones, and
+/// finish with the guest intact.
+#[test]
+fn recover_after_a_restore_killed_during_ballooning() {
+    let spec = GuestSpec {
+        extra_args: ["-device", "virtio-balloon-pci,id=balloon0"]
+            .map(String::from)
+            .to_vec(),
+        full_every: 0,
+        ..Default::default()
+    };
+    let vm = Vm::boot("balloon-recover", &spec);
+    let before = vm.wait_ticks(3);
+    let image = vm.save();
+    let ticks_before = vm.console().matches("THAW-TICK ").count();
+    let mut child = vm.slow_restore(&image, SLOW, &[]);
+    vm.wait_count("THAW-TICK ", ticks_before + 1);
+    let mut monitor = Monitor::connect(&vm);
+    monitor.balloon_to(448 * MIB);
+    // Kill the restore, then ask for more: QEMU's discards now wait.
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(i32::try_from(child.id()).expect("pid")),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .expect("SIGKILL");
+    let _ = child.wait();
+    monitor.execute("balloon", json!({ "value": 384 * MIB }));
+
+    let out = vm.thaw(&["recover", &vm.name, "--json"]);
+    let stats: Value = serde_json::from_slice(&out.stdout).expect("recover JSON");
+    assert_eq!(stats["guest_was_running"], true, "{stats}");
+    assert!(
+        stats["discarded_pages"].as_u64() > Some(0),
+        "the dead restore's discards were not kept: {stats}"
+    );
+    monitor.wait_balloon(384 * MIB);
+    monitor.balloon_to(512 * MIB);
+    drop(monitor);
     request_full_pass(&vm);
     vm.assert_continues_after(&before);
     vm.stop();

@@ -6,14 +6,16 @@
 //! is mapped with `UFFDIO_CONTINUE`; a remove event is a guest discard
 //! ([`super::discard`]). First touches are recorded in order.
 
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use super::fetch::{Request, Waiter};
 use super::{Engine, EngineError, FaultLog};
 use crate::image::PageLocation;
 use crate::mem::PageIndex;
-use crate::remote::uffd::{EventBuffer, FaultEvent};
+use crate::remote::uffd::{EventBuffer, FaultEvent, RemoteUffd, UffdError};
 
 /// How long the fault thread waits for an event before checking for stop.
 const FAULT_POLL: Duration = Duration::from_millis(20);
@@ -157,6 +159,80 @@ impl Engine {
         }
         self.answer_minor(page)?;
         self.note_latency(read_at, log);
+        Ok(())
+    }
+}
+
+/// Reads a userfaultfd's events while no engine serves it yet. A recovery
+/// needs it: with remove events enabled, QEMU blocks in a guest discard
+/// until thaw reads the event, and meanwhile answers no QMP. Fault
+/// messages are dropped (their threads stay blocked until the recovery
+/// wakes all of guest RAM, then fault again); remove events are kept for
+/// the engine ([`Engine::replay_removes`]).
+pub struct EventDrainer {
+    stop: Arc<AtomicBool>,
+    handle: Option<JoinHandle<Result<Removes, UffdError>>>,
+}
+
+/// Remove events, as QEMU address ranges `(start, end)`.
+type Removes = Vec<(u64, u64)>;
+
+impl EventDrainer {
+    /// Starts draining `uffd`.
+    pub fn start(uffd: Arc<RemoteUffd>) -> Result<EventDrainer, EngineError> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let handle = std::thread::Builder::new()
+            .name("thaw-drain".into())
+            .spawn(move || {
+                let mut removes = Vec::new();
+                let mut events = EventBuffer::new(EVENTS_PER_READ);
+                while !flag.load(Ordering::Acquire) {
+                    for ev in uffd.read_events(&mut events, Some(FAULT_POLL))? {
+                        if let FaultEvent::Remove { start, end } = *ev {
+                            removes.push((start, end));
+                        }
+                    }
+                }
+                Ok(removes)
+            })
+            .map_err(|source| EngineError::Spawn {
+                name: "drain",
+                source,
+            })?;
+        Ok(EventDrainer {
+            stop,
+            handle: Some(handle),
+        })
+    }
+
+    /// Stops draining; the remove events read meanwhile, in order.
+    pub fn finish(mut self) -> Result<Vec<(u64, u64)>, EngineError> {
+        self.stop.store(true, Ordering::Release);
+        match self.handle.take().map(JoinHandle::join) {
+            Some(Ok(r)) => Ok(r?),
+            Some(Err(_)) => Err(EngineError::Panicked("drain")),
+            None => Ok(Vec::new()),
+        }
+    }
+}
+
+impl Drop for EventDrainer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Release);
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+    }
+}
+
+impl Engine {
+    /// Handles remove events read before this engine served (see
+    /// [`EventDrainer`]).
+    pub fn replay_removes(&self, removes: &[(u64, u64)]) -> Result<(), EngineError> {
+        for &(start, end) in removes {
+            self.on_remove(start, end)?;
+        }
         Ok(())
     }
 }

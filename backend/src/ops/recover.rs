@@ -30,6 +30,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use crate::engine::discard::DISCARD_LOG;
+use crate::engine::faults::EventDrainer;
 use crate::engine::Engine;
 use crate::image::Image;
 use crate::ops::restore::{
@@ -156,6 +157,10 @@ pub async fn recover(
         }
         Err(e) => return Err(e.into()),
     };
+    // QEMU may be blocked in a guest discard until its remove event is
+    // read (and answer no QMP meanwhile): read events until the engine
+    // serves them.
+    let drainer = EventDrainer::start(uffd.clone())?;
     let mut qmp = Qmp::connect(&paths.qmp).await?;
     let run_state = qmp.run_state().await?;
     log::info!("recovering {name}: QEMU {} is {run_state}", pid.pid());
@@ -213,6 +218,7 @@ pub async fn recover(
         })?;
     let engine = Arc::new(Engine::new(image.clone(), uffd.clone(), blocks).with_discard_log(log));
     stats.discarded_pages = engine.adopt_discards(&logged);
+    engine.replay_removes(&drainer.finish()?)?;
     stats.pages_kept = engine
         .adopt_resident_pages()
         .map_err(|source| RestoreError::Io {
