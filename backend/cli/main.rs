@@ -162,7 +162,7 @@ enum Command {
         /// Image reads in flight at once for page faults: a fault never
         /// waits behind another fault's read (raise it for slow, parallel
         /// storage).
-        #[arg(long, default_value_t = thaw::engine::DEFAULT_FETCH_WORKERS as u64,
+        #[arg(long, default_value_t = thaw::ops::restore::DEFAULT_FETCH_WORKERS as u64,
               value_parser = clap::value_parser!(u64).range(1..=256))]
         fetch_workers: u64,
     },

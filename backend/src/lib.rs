@@ -12,10 +12,10 @@
 //! benchmark tooling live in the `thaw` binary on top of this library.
 
 pub mod config;
-pub mod engine;
+pub(crate) mod engine;
 pub mod image;
 pub mod mem;
-pub mod observe;
+pub(crate) mod observe;
 pub mod ops;
 pub mod progress;
 pub mod remote;

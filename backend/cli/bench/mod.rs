@@ -360,7 +360,7 @@ pub async fn run(opts: &BenchOptions) -> Result<BenchReport, BenchError> {
         observe: false,
         read_limit: opts.read_limit,
         fill_limit: opts.fill_limit,
-        fetch_workers: thaw::engine::DEFAULT_FETCH_WORKERS,
+        fetch_workers: thaw::ops::restore::DEFAULT_FETCH_WORKERS,
         progress: Default::default(),
     };
     if opts.methods.contains(&Method::Ws(Estimator::Learned)) {

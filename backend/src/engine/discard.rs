@@ -35,7 +35,7 @@ use crate::image::PageLocation;
 use crate::mem::{PageIndex, PAGE_SIZE};
 
 /// The discard log's file name in a VM's runtime directory.
-pub const DISCARD_LOG: &str = "discards.bin";
+pub(crate) const DISCARD_LOG: &str = "discards.bin";
 /// Bytes per discard log record.
 const RECORD: usize = 16;
 
@@ -124,7 +124,7 @@ impl Engine {
     /// documentation) before a recovery adopts what the RAM files hold;
     /// returns the pages marked. Records outside guest RAM and a torn last
     /// record are ignored.
-    pub fn adopt_discards(&self, log: &[u8]) -> u64 {
+    pub(crate) fn adopt_discards(&self, log: &[u8]) -> u64 {
         let total: u64 = self.blocks.iter().map(|b| b.pages).sum();
         let mut marked = 0;
         for r in log.chunks_exact(RECORD) {
@@ -147,7 +147,7 @@ impl Engine {
     /// remove events it raises are not taken for guest discards. Needs the
     /// fault thread running: QEMU's `madvise` waits until its events are
     /// read.
-    pub fn zapping<T>(&self, zap: impl FnOnce() -> T) -> T {
+    pub(crate) fn zapping<T>(&self, zap: impl FnOnce() -> T) -> T {
         self.zaps.fetch_add(1, Ordering::AcqRel);
         let result = zap();
         // The zap's events were all read before its madvise returned; wait

@@ -169,7 +169,7 @@ impl Engine {
 /// messages are dropped (their threads stay blocked until the recovery
 /// wakes all of guest RAM, then fault again); remove events are kept for
 /// the engine ([`Engine::replay_removes`]).
-pub struct EventDrainer {
+pub(crate) struct EventDrainer {
     stop: Arc<AtomicBool>,
     handle: Option<JoinHandle<Result<Removes, UffdError>>>,
 }
@@ -179,7 +179,7 @@ type Removes = Vec<(u64, u64)>;
 
 impl EventDrainer {
     /// Starts draining `uffd`.
-    pub fn start(uffd: Arc<RemoteUffd>) -> Result<EventDrainer, EngineError> {
+    pub(crate) fn start(uffd: Arc<RemoteUffd>) -> Result<EventDrainer, EngineError> {
         let stop = Arc::new(AtomicBool::new(false));
         let flag = stop.clone();
         let handle = std::thread::Builder::new()
@@ -207,7 +207,7 @@ impl EventDrainer {
     }
 
     /// Stops draining; the remove events read meanwhile, in order.
-    pub fn finish(mut self) -> Result<Vec<(u64, u64)>, EngineError> {
+    pub(crate) fn finish(mut self) -> Result<Vec<(u64, u64)>, EngineError> {
         self.stop.store(true, Ordering::Release);
         match self.handle.take().map(JoinHandle::join) {
             Some(Ok(r)) => Ok(r?),
@@ -229,7 +229,7 @@ impl Drop for EventDrainer {
 impl Engine {
     /// Handles remove events read before this engine served (see
     /// [`EventDrainer`]).
-    pub fn replay_removes(&self, removes: &[(u64, u64)]) -> Result<(), EngineError> {
+    pub(crate) fn replay_removes(&self, removes: &[(u64, u64)]) -> Result<(), EngineError> {
         for &(start, end) in removes {
             self.on_remove(start, end)?;
         }

@@ -16,7 +16,7 @@ const FILL_READ_BYTES: u64 = 4 << 20;
 impl Engine {
     /// Fills every saved page not resident yet; stops early (with `Ok`)
     /// when asked to. On a failure the other threads are asked to stop.
-    pub fn fill(&self, progress: &dyn Progress) -> Result<(), EngineError> {
+    pub(crate) fn fill(&self, progress: &dyn Progress) -> Result<(), EngineError> {
         if self.resumed.load(Ordering::Acquire) {
             yield_cpu_to_the_guest();
         }

@@ -19,13 +19,13 @@
 //! checkpoint's tracking window): it maps and records touches and installs
 //! nothing saved.
 
-pub mod discard;
-pub mod faults;
-pub mod fetch;
-pub mod fill;
-pub mod installer;
-pub mod prefetch;
-pub mod residency;
+pub(crate) mod discard;
+pub(crate) mod faults;
+pub(crate) mod fetch;
+pub(crate) mod fill;
+pub(crate) mod installer;
+pub(crate) mod prefetch;
+pub(crate) mod residency;
 
 #[cfg(test)]
 mod tests;
@@ -93,56 +93,56 @@ pub enum EngineError {
 
 /// Where one RAM block lives in QEMU.
 #[derive(Debug)]
-pub struct BlockMap {
+pub(crate) struct BlockMap {
     /// QEMU's id of its memory backend.
-    pub id: String,
-    pub start: HostAddr,
-    pub first_page: u64,
-    pub pages: u64,
+    pub(crate) id: String,
+    pub(crate) start: HostAddr,
+    pub(crate) first_page: u64,
+    pub(crate) pages: u64,
     /// QEMU's RAM file, opened read-write through `/proc/<pid>/fd`: the
     /// prefetcher writes into its page cache, discards punch it.
-    pub file: File,
+    pub(crate) file: File,
 }
 
 /// What the threads saw: service time of each fault (µs) and every
 /// page's first touch, in order.
 #[derive(Debug, Default)]
-pub struct FaultLog {
-    pub latencies: Vec<u32>,
-    pub touches: Vec<PageIndex>,
+pub(crate) struct FaultLog {
+    pub(crate) latencies: Vec<u32>,
+    pub(crate) touches: Vec<PageIndex>,
 }
 
 /// Counters the engine keeps while it runs.
 #[derive(Debug, Default)]
-pub struct Counters {
-    pub faults_before_resume: AtomicU64,
-    pub faults_after_resume: AtomicU64,
-    pub zero_faults: AtomicU64,
+pub(crate) struct Counters {
+    pub(crate) faults_before_resume: AtomicU64,
+    pub(crate) faults_after_resume: AtomicU64,
+    pub(crate) zero_faults: AtomicU64,
     /// Faulting pages installed by a fetch.
-    pub fault_pages: AtomicU64,
-    pub fill_pages: AtomicU64,
-    pub fill_pages_after_resume: AtomicU64,
-    pub bytes_read: AtomicU64,
+    pub(crate) fault_pages: AtomicU64,
+    pub(crate) fill_pages: AtomicU64,
+    pub(crate) fill_pages_after_resume: AtomicU64,
+    pub(crate) bytes_read: AtomicU64,
     /// Minor faults served (pages already in the page cache).
-    pub minor_faults: AtomicU64,
+    pub(crate) minor_faults: AtomicU64,
     /// First touches after resume that found their page prefetched.
-    pub skipped_faults: AtomicU64,
+    pub(crate) skipped_faults: AtomicU64,
     /// Pages the prefetcher installed.
-    pub prefetched_pages: AtomicU64,
+    pub(crate) prefetched_pages: AtomicU64,
     /// Distinct pages touched (first touches recorded).
-    pub touched_pages: AtomicU64,
+    pub(crate) touched_pages: AtomicU64,
     /// Pages installed because a fault read their chunk.
-    pub neighbour_pages: AtomicU64,
+    pub(crate) neighbour_pages: AtomicU64,
     /// Remove events that were guest discards.
-    pub discards: AtomicU64,
+    pub(crate) discards: AtomicU64,
     /// Pages the guest discarded.
-    pub discarded_pages: AtomicU64,
+    pub(crate) discarded_pages: AtomicU64,
     /// Faults on discarded pages (answered with zeros).
-    pub discarded_faults: AtomicU64,
+    pub(crate) discarded_faults: AtomicU64,
 }
 
 /// Shared state of one restore (or one observation window).
-pub struct Engine {
+pub(crate) struct Engine {
     image: Arc<Image>,
     uffd: Arc<RemoteUffd>,
     blocks: Vec<BlockMap>,
@@ -172,12 +172,12 @@ pub struct Engine {
     fill_pace: Option<Throttle>,
     /// Where guest discards are logged for a recovery ([`discard`]).
     discard_log: Mutex<Option<File>>,
-    pub counters: Counters,
+    pub(crate) counters: Counters,
 }
 
 impl Engine {
     /// An engine restoring `image` into QEMU's `blocks` through `uffd`.
-    pub fn new(image: Arc<Image>, uffd: Arc<RemoteUffd>, blocks: Vec<BlockMap>) -> Engine {
+    pub(crate) fn new(image: Arc<Image>, uffd: Arc<RemoteUffd>, blocks: Vec<BlockMap>) -> Engine {
         let total: u64 = blocks.iter().map(|b| b.pages).sum();
         let missing = image.meta().nonzero_pages;
         Engine {
@@ -207,14 +207,14 @@ impl Engine {
     /// Limits the background fill to `bytes_per_sec` while the guest runs
     /// (faults and the working-set prefetch are not limited), so that the
     /// fill takes less of the memory bandwidth and CPU the guest needs.
-    pub fn with_fill_limit(mut self, bytes_per_sec: Option<u64>) -> Engine {
+    pub(crate) fn with_fill_limit(mut self, bytes_per_sec: Option<u64>) -> Engine {
         self.fill_pace = bytes_per_sec.map(Throttle::new);
         self
     }
 
     /// Appends every guest discard to `log` (opened for appending), for
     /// `thaw recover` ([`discard`]).
-    pub fn with_discard_log(self, log: File) -> Engine {
+    pub(crate) fn with_discard_log(self, log: File) -> Engine {
         if let Ok(mut l) = self.discard_log.lock() {
             *l = Some(log);
         }
@@ -222,7 +222,7 @@ impl Engine {
     }
 
     /// Runs `n` fetch workers (at least one): reads in flight at once.
-    pub fn with_fetch_workers(mut self, n: usize) -> Engine {
+    pub(crate) fn with_fetch_workers(mut self, n: usize) -> Engine {
         self.fetch_workers = n.max(1);
         self
     }
@@ -230,7 +230,11 @@ impl Engine {
     /// An engine that only observes a running VM whose RAM is complete
     /// (a checkpoint's tracking window): minor faults are mapped and
     /// recorded, missing pages get zero pages, nothing is filled.
-    pub fn observer(image: Arc<Image>, uffd: Arc<RemoteUffd>, blocks: Vec<BlockMap>) -> Engine {
+    pub(crate) fn observer(
+        image: Arc<Image>,
+        uffd: Arc<RemoteUffd>,
+        blocks: Vec<BlockMap>,
+    ) -> Engine {
         let total: u64 = blocks.iter().map(|b| b.pages).sum();
         let mut e = Engine::new(image, uffd, blocks);
         e.live = true;
@@ -242,7 +246,7 @@ impl Engine {
     /// Marks every page the RAM files already hold as resident (recovery
     /// after a thaw died: what it installed or prefetched is whole, see
     /// [`crate::ops::recover`]). Returns the saved pages among them.
-    pub fn adopt_resident_pages(&self) -> std::io::Result<u64> {
+    pub(crate) fn adopt_resident_pages(&self) -> std::io::Result<u64> {
         let mut kept = 0;
         for b in &self.blocks {
             for (start, end) in crate::ops::save::data_extents(&b.file, b.pages * PAGE_SIZE)? {
@@ -259,39 +263,39 @@ impl Engine {
     }
 
     /// Saved pages not installed yet.
-    pub fn remaining(&self) -> u64 {
+    pub(crate) fn remaining(&self) -> u64 {
         self.pages.remaining()
     }
 
     /// Marks the moment the guest is resumed (faults after it count as on-demand).
-    pub fn set_resumed(&self) {
+    pub(crate) fn set_resumed(&self) {
         self.resumed.store(true, Ordering::Release);
     }
 
     /// Marks the start of the tracking window: touches are still recorded,
     /// but no longer count as skipped faults of this restore.
-    pub fn begin_window(&self) {
+    pub(crate) fn begin_window(&self) {
         self.in_window.store(true, Ordering::Release);
     }
 
     /// Call right before unregistering guest RAM (see `released`).
-    pub fn release(&self) {
+    pub(crate) fn release(&self) {
         self.released.store(true, Ordering::Release);
     }
 
     /// Asks the threads to stop at their next check.
-    pub fn request_stop(&self) {
+    pub(crate) fn request_stop(&self) {
         self.stop.store(true, Ordering::Release);
         self.fetch.wake_all();
     }
 
     /// Whether a thread hit a fatal error.
-    pub fn has_failed(&self) -> bool {
+    pub(crate) fn has_failed(&self) -> bool {
         self.failed.load(Ordering::Acquire)
     }
 
     /// The first fatal error a thread hit, taken out (later calls: `None`).
-    pub fn take_failure(&self) -> Option<EngineError> {
+    pub(crate) fn take_failure(&self) -> Option<EngineError> {
         self.failure.lock().ok().and_then(|mut f| f.take())
     }
 
@@ -308,12 +312,12 @@ impl Engine {
     }
 
     /// Prefetched pages the guest has not touched (so far).
-    pub fn unused_prefetched(&self) -> u64 {
+    pub(crate) fn unused_prefetched(&self) -> u64 {
         self.pages.prefetched.count_without(&self.pages.touched)
     }
 
     /// Pages the guest discarded.
-    pub fn discarded_pages(&self) -> u64 {
+    pub(crate) fn discarded_pages(&self) -> u64 {
         self.pages.discarded.count()
     }
 
@@ -344,7 +348,7 @@ impl Engine {
 
     /// Starts the fault thread and the fetch workers. `log_capacity`
     /// bounds the touches and service times recorded.
-    pub fn start(self: &Arc<Self>, log_capacity: usize) -> Result<Service, EngineError> {
+    pub(crate) fn start(self: &Arc<Self>, log_capacity: usize) -> Result<Service, EngineError> {
         let engine = self.clone();
         let faults = spawn("fault", move || engine.serve_faults(log_capacity))?;
         let mut service = Service {
@@ -366,7 +370,10 @@ impl Engine {
     }
 
     /// Starts the background filler, reporting to `progress`.
-    pub fn start_fill(self: &Arc<Self>, progress: SharedProgress) -> Result<Fill, EngineError> {
+    pub(crate) fn start_fill(
+        self: &Arc<Self>,
+        progress: SharedProgress,
+    ) -> Result<Fill, EngineError> {
         let engine = self.clone();
         let handle = spawn("fill", move || {
             let t = Instant::now();
@@ -389,7 +396,7 @@ fn spawn<T: Send + 'static>(
 }
 
 /// The fault thread and the fetch workers of a running engine.
-pub struct Service {
+pub(crate) struct Service {
     faults: Option<JoinHandle<FaultLog>>,
     fetchers: Vec<JoinHandle<Vec<u32>>>,
 }
@@ -397,7 +404,7 @@ pub struct Service {
 impl Service {
     /// Stops the threads and joins them: what they recorded, or the first
     /// fatal error one of them hit, or which one panicked.
-    pub fn stop(mut self, engine: &Engine) -> Result<FaultLog, EngineError> {
+    pub(crate) fn stop(mut self, engine: &Engine) -> Result<FaultLog, EngineError> {
         engine.request_stop();
         let mut log = match self.faults.take().map(JoinHandle::join) {
             Some(Ok(log)) => Some(log),
@@ -426,17 +433,17 @@ impl Service {
 }
 
 /// The background filler's thread.
-pub struct Fill(JoinHandle<(Result<(), EngineError>, Duration)>);
+pub(crate) struct Fill(JoinHandle<(Result<(), EngineError>, Duration)>);
 
 impl Fill {
     /// Whether the filler has ended.
-    pub fn is_finished(&self) -> bool {
+    pub(crate) fn is_finished(&self) -> bool {
         self.0.is_finished()
     }
 
     /// Waits for the filler and checks that no saved page is missing;
     /// returns how long it ran.
-    pub fn join(self, engine: &Engine) -> Result<Duration, EngineError> {
+    pub(crate) fn join(self, engine: &Engine) -> Result<Duration, EngineError> {
         let (result, took) = self.0.join().map_err(|_| EngineError::Panicked("fill"))?;
         result?;
         if let Some(e) = engine.take_failure() {

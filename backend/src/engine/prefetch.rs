@@ -17,7 +17,7 @@ impl Engine {
     /// still reported (skipped faults, learning); without, they are mapped
     /// and cost the guest nothing more. Only while the guest is paused.
     /// Returns the pages it installed.
-    pub fn prefetch(&self, ws: &WsFile, observe: bool) -> Result<u64, EngineError> {
+    pub(crate) fn prefetch(&self, ws: &WsFile, observe: bool) -> Result<u64, EngineError> {
         let mut installed = 0u64;
         let mut failure = None;
         let streamed = ws.stream(self.image.throttle(), |pages, data| {

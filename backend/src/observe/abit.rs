@@ -12,14 +12,14 @@ use crate::vmm::RamMapping;
 
 /// Per-page ages and the estimate they give.
 #[derive(Debug)]
-pub struct Ages {
+pub(crate) struct Ages {
     /// Interval number in which each page was last seen (0: never).
     last_seen: Vec<u32>,
     interval: u32,
 }
 
 impl Ages {
-    pub fn new(pages: u64) -> Ages {
+    pub(crate) fn new(pages: u64) -> Ages {
         Ages {
             last_seen: vec![0; usize_from(pages)],
             interval: 0,
@@ -27,11 +27,11 @@ impl Ages {
     }
 
     /// Starts the next interval; pages seen now get its number.
-    pub fn next_interval(&mut self) {
+    pub(crate) fn next_interval(&mut self) {
         self.interval += 1;
     }
 
-    pub fn seen(&mut self, page: PageIndex) {
+    pub(crate) fn seen(&mut self, page: PageIndex) {
         if let Some(s) = self.last_seen.get_mut(usize_from(page.0)) {
             *s = self.interval;
         }
@@ -39,7 +39,7 @@ impl Ages {
 
     /// Pages seen in the last `keep` intervals, most recently seen first,
     /// in address order within an interval.
-    pub fn estimate(&self, keep: u32) -> Vec<PageIndex> {
+    pub(crate) fn estimate(&self, keep: u32) -> Vec<PageIndex> {
         let oldest = self.interval.saturating_sub(keep.saturating_sub(1)).max(1);
         let mut pages: Vec<(u32, u64)> = self
             .last_seen
@@ -55,7 +55,11 @@ impl Ages {
 
 /// Marks every page of `ram` (each mapping with its first global page)
 /// that QEMU's `pagemap` shows as mapped.
-pub fn scan(pagemap: &File, ram: &[(RamMapping, u64)], ages: &mut Ages) -> std::io::Result<()> {
+pub(crate) fn scan(
+    pagemap: &File,
+    ram: &[(RamMapping, u64)],
+    ages: &mut Ages,
+) -> std::io::Result<()> {
     const BATCH: u64 = 1 << 16;
     let mut buf = vec![0u8; usize_from(BATCH * 8)];
     for (m, first_page) in ram {

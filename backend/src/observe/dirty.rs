@@ -91,7 +91,7 @@ struct SyncFaults {
 }
 
 /// Tracks which guest pages QEMU's guest writes.
-pub struct WriteTracker {
+pub(crate) struct WriteTracker {
     uffd: Arc<RemoteUffd>,
     pagemap: File,
     ranges: Vec<(RamMapping, u64)>,
@@ -103,7 +103,7 @@ impl WriteTracker {
     /// Starts tracking writes to `ranges` (each RAM mapping with the global
     /// number of its first page) in QEMU `process`; asynchronously where
     /// the kernel can and `force_sync` is false.
-    pub fn start(
+    pub(crate) fn start(
         process: &crate::remote::process::QemuProcess,
         ranges: Vec<(RamMapping, u64)>,
         force_sync: bool,
@@ -189,7 +189,7 @@ impl WriteTracker {
 
     /// Reports every page written since the last call (or since
     /// [`WriteTracker::start`]) to `seen`, and protects it again.
-    pub fn collect(&mut self, mut seen: impl FnMut(PageIndex)) -> Result<u64, DirtyError> {
+    pub(crate) fn collect(&mut self, mut seen: impl FnMut(PageIndex)) -> Result<u64, DirtyError> {
         if let Some(sync) = &self.sync {
             if sync.thread.is_finished() {
                 return Err(DirtyError::FaultThread("it stopped".into()));
@@ -247,7 +247,7 @@ impl WriteTracker {
     }
 
     /// Stops tracking: unregisters guest RAM (writes are free again).
-    pub fn stop(self) -> Result<(), DirtyError> {
+    pub(crate) fn stop(self) -> Result<(), DirtyError> {
         for (m, _) in &self.ranges {
             self.uffd.unregister(m.start, m.len)?;
         }
@@ -262,7 +262,7 @@ impl WriteTracker {
     }
 
     /// Whether write faults are synchronous (no `WP_ASYNC`).
-    pub fn synchronous(&self) -> bool {
+    pub(crate) fn synchronous(&self) -> bool {
         self.sync.is_some()
     }
 }

@@ -3,6 +3,6 @@
 //! learning window and a checkpoint's trace), access-bit style scanning
 //! ([`abit`]) and write tracking ([`dirty`]).
 
-pub mod abit;
-pub mod dirty;
-pub mod window;
+pub(crate) mod abit;
+pub(crate) mod dirty;
+pub(crate) mod window;

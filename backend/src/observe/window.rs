@@ -38,7 +38,7 @@ impl Default for LearnWindow {
 /// data stays in the page cache) so that every page the guest uses next
 /// faults once more as a minor fault, and records those first touches until
 /// none arrive for `w.quiet` (at most `w.max`). Returns the window's length.
-pub async fn tracking_window(
+pub(crate) async fn tracking_window(
     qemu: &QemuProcess,
     ram: &[RamMapping],
     engine: &Engine,
@@ -52,7 +52,7 @@ pub async fn tracking_window(
 /// Drops QEMU's page-table entries for guest RAM (an injected
 /// `madvise(MADV_DONTNEED)`; a shared file mapping keeps its data in the
 /// page cache), so the next touch of every page faults once more.
-pub fn zap(qemu: &QemuProcess, ram: &[RamMapping]) -> Result<(), InjectError> {
+pub(crate) fn zap(qemu: &QemuProcess, ram: &[RamMapping]) -> Result<(), InjectError> {
     for m in ram {
         madvise_dontneed(qemu, m.start, m.len)?;
     }
@@ -61,7 +61,7 @@ pub fn zap(qemu: &QemuProcess, ram: &[RamMapping]) -> Result<(), InjectError> {
 
 /// Waits while new first touches arrive: returns (ms since `t`) once none
 /// came for `w.quiet`, or `w.max` after `t`.
-pub async fn watch(engine: &Engine, w: LearnWindow, t: Instant) -> f64 {
+pub(crate) async fn watch(engine: &Engine, w: LearnWindow, t: Instant) -> f64 {
     let mut seen = engine.counters.touched_pages.load(Ordering::Acquire);
     let mut last_new = Instant::now();
     while t.elapsed() < w.max && last_new.elapsed() < w.quiet {

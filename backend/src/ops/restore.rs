@@ -27,7 +27,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use crate::engine::discard::DISCARD_LOG;
-use crate::engine::{BlockMap, Engine, EngineError, FaultLog, Fill};
+pub use crate::engine::EngineError;
+use crate::engine::{BlockMap, Engine, FaultLog, Fill};
 use crate::image::Image;
 use crate::mem::{PageIndex, RamLayout, PAGE_SIZE};
 use crate::observe::window;
@@ -79,6 +80,7 @@ impl EstimatorChoice {
     }
 }
 
+pub use crate::engine::DEFAULT_FETCH_WORKERS;
 pub use crate::observe::window::LearnWindow;
 
 /// Options of `thaw restore`.
@@ -617,7 +619,10 @@ fn update_learned(image: &Image, touches: &[PageIndex]) -> u64 {
 }
 
 /// Each RAM block's place in QEMU and its file, opened read-write.
-pub fn block_maps(ram: &[RamMapping], layout: &RamLayout) -> Result<Vec<BlockMap>, RestoreError> {
+pub(crate) fn block_maps(
+    ram: &[RamMapping],
+    layout: &RamLayout,
+) -> Result<Vec<BlockMap>, RestoreError> {
     let mut blocks = Vec::new();
     for (m, b) in ram.iter().zip(&layout.blocks) {
         let file = File::options()
