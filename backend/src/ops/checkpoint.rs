@@ -122,7 +122,7 @@ async fn trace(
 ) -> Result<(u64, f64, u64), RestoreError> {
     let image = Arc::new(Image::open(image_dir)?);
     let qemu = state.qemu().map_err(vmm::QemuError::from)?;
-    let ram = vmm::find_ram(state.qemu_pid, paths, &state.layout)?;
+    let ram = vmm::find_ram(&qemu, paths, &state.layout)?;
     let uffd = Arc::new(uffd::take_over(
         &qemu,
         userfaultfd_sys::UFFD_FEATURE_MISSING_SHMEM
@@ -137,7 +137,7 @@ async fn trace(
             uffd.register_missing_minor(m.start, m.len)?;
             registered.push(m);
         }
-        let blocks = restore::block_maps(&ram, &state.layout)?;
+        let blocks = restore::block_maps(&qemu, &ram, &state.layout)?;
         let engine = Arc::new(Engine::observer(image.clone(), uffd.clone(), blocks));
         let capacity = crate::mem::usize_from(image.meta().total_pages).min(1 << 22);
         // The fault thread runs before the zap: QEMU's madvise waits until

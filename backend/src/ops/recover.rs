@@ -183,8 +183,8 @@ pub async fn recover(
 
     let image = Arc::new(Image::open(&record.image)?);
     check_layout(&image.meta().layout, &state.layout)?;
-    let ram = vmm::find_ram(state.qemu_pid, &paths, &state.layout)?;
-    let blocks = block_maps(&ram, &state.layout)?;
+    let ram = vmm::find_ram(&pid, &paths, &state.layout)?;
+    let blocks = block_maps(&pid, &ram, &state.layout)?;
     if !stats.guest_was_running && record.mode == Mode::Ws {
         // The working-set prefetch writes into the page cache, which a kill
         // can interrupt mid-page. Nothing has run since the device state

@@ -413,8 +413,8 @@ async fn run(
     // Held until the restore is over: `thaw recover` takes it only from a
     // dead restore, a concurrent `thaw save` is refused.
     let _lock = crate::ops::owner::OwnerLock::acquire(&paths, "restore")?;
-    let ram = vmm::find_ram(state.qemu_pid, &paths, &state.layout)?;
     let qemu_pid = &state.qemu().map_err(vmm::QemuError::from)?;
+    let ram = vmm::find_ram(qemu_pid, &paths, &state.layout)?;
 
     // Take over QEMU's userfaultfd and register all guest RAM before
     // anything can touch it. Minor faults (first touches of pages already
@@ -439,7 +439,7 @@ async fn run(
             uffd.register_missing(m.start, m.len)?;
         }
     }
-    let blocks = block_maps(&ram, &state.layout)?;
+    let blocks = block_maps(qemu_pid, &ram, &state.layout)?;
     drop_early_pages(&ram, &blocks)?;
     let record = RecoveryRecord {
         image: std::fs::canonicalize(image.dir()).unwrap_or_else(|_| image.dir().to_path_buf()),
@@ -618,8 +618,10 @@ fn update_learned(image: &Image, touches: &[PageIndex]) -> u64 {
     }
 }
 
-/// Each RAM block's place in QEMU and its file, opened read-write.
+/// Each RAM block's place in QEMU and its file, opened read-write through
+/// `/proc/<pid>/fd` while `qemu` is alive (so the files are QEMU's).
 pub(crate) fn block_maps(
+    qemu: &crate::remote::process::QemuProcess,
     ram: &[RamMapping],
     layout: &RamLayout,
 ) -> Result<Vec<BlockMap>, RestoreError> {
@@ -640,6 +642,14 @@ pub(crate) fn block_maps(
             pages: b.pages(),
             file,
         });
+    }
+    if !qemu.alive() {
+        return Err(
+            vmm::QemuError::from(crate::remote::process::ProcessError::Gone {
+                pid: qemu.pid().as_raw(),
+            })
+            .into(),
+        );
     }
     Ok(blocks)
 }

@@ -182,7 +182,7 @@ async fn save_locked(
             return Err(e.into());
         }
     };
-    let working_sets = attach_estimates(&paths, image);
+    let working_sets = attach_estimates(&paths, image, state.layout.total_pages());
     let paused_ms = ms(paused.elapsed());
     if opts.keep_running {
         if was_running && !opts.leave_paused {
@@ -210,11 +210,11 @@ async fn save_locked(
 /// Stores the estimates running trackers keep for this VM (`thaw track`)
 /// as working sets of the new image. A missing or bad estimate only costs
 /// its working set, never the save.
-fn attach_estimates(paths: &VmPaths, image: &Path) -> Vec<Estimator> {
+fn attach_estimates(paths: &VmPaths, image: &Path, max_pages: u64) -> Vec<Estimator> {
     let mut attached = Vec::new();
     for estimator in [Estimator::Abit, Estimator::Dirty] {
         let path = wss::estimate_path(&paths.dir, estimator);
-        let pages = match wss::read_estimate(&path) {
+        let pages = match wss::read_estimate(&path, max_pages) {
             Ok(Some(p)) => p,
             Ok(None) => continue,
             Err(e) => {
@@ -273,14 +273,16 @@ async fn write_image(
         .len();
     log::info!("device state: {device_state_bytes} bytes in {device_state_ms:.1} ms");
 
-    let ram = vmm::find_ram(state.qemu_pid, paths, &state.layout)?;
-    let scanned = copy_ram(&ram, &state.layout, writer, progress)?;
+    let qemu = state.qemu().map_err(vmm::QemuError::from)?;
+    let ram = vmm::find_ram(&qemu, paths, &state.layout)?;
+    let scanned = copy_ram(&qemu, &ram, &state.layout, writer, progress)?;
     Ok((device_state_ms, device_state_bytes, scanned))
 }
 
 /// Copies every data extent of every RAM file into the image; holes are
 /// zero pages and are never read. Returns the bytes scanned.
 fn copy_ram(
+    qemu: &crate::remote::process::QemuProcess,
     ram: &[RamMapping],
     layout: &RamLayout,
     writer: &mut ImageWriter,
@@ -299,6 +301,15 @@ fn copy_ram(
             source,
         })?;
         files.push((file, extents));
+    }
+    // Opened through /proc/<pid>/fd while QEMU was alive: QEMU's files.
+    if !qemu.alive() {
+        return Err(
+            vmm::QemuError::from(crate::remote::process::ProcessError::Gone {
+                pid: qemu.pid().as_raw(),
+            })
+            .into(),
+        );
     }
     let memory = map_guest_ram(&files, layout)?;
     let total: u64 = files

@@ -112,7 +112,7 @@ pub async fn track(
     let (paths, state) = VmState::load(name)?;
     let _owner = OwnerLock::acquire(&paths, "track")?;
     let qemu = state.qemu().map_err(vmm::QemuError::from)?;
-    let ram = vmm::find_ram(state.qemu_pid, &paths, &state.layout)?;
+    let ram = vmm::find_ram(&qemu, &paths, &state.layout)?;
     let ram: Vec<(RamMapping, u64)> = ram
         .into_iter()
         .zip(&state.layout.blocks)

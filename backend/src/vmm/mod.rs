@@ -755,12 +755,16 @@ pub struct RamMapping {
 }
 
 /// Finds every block of `layout` in QEMU's address space (`/proc/<pid>/maps`)
-/// and file table (`/proc/<pid>/fd`), by RAM file path.
+/// and file table (`/proc/<pid>/fd`), by RAM file path. What was read
+/// belongs to `qemu`: it is checked to be alive afterwards (its pidfd is
+/// held, so its pid cannot have been reused meanwhile). Whoever opens a
+/// returned `fd_path` checks the same after opening it.
 pub fn find_ram(
-    pid: i32,
+    qemu: &QemuProcess,
     paths: &VmPaths,
     layout: &RamLayout,
 ) -> Result<Vec<RamMapping>, QemuError> {
+    let pid = qemu.pid().as_raw();
     let maps_path = PathBuf::from(format!("/proc/{pid}/maps"));
     let maps = fs::read_to_string(&maps_path).map_err(fs_err("cannot read", &maps_path))?;
     let fd_dir = PathBuf::from(format!("/proc/{pid}/fd"));
@@ -812,6 +816,9 @@ pub fn find_ram(
             len: mapping.1,
             fd_path,
         });
+    }
+    if !qemu.alive() {
+        return Err(QemuError::Process(ProcessError::Gone { pid }));
     }
     Ok(out)
 }

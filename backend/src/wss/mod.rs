@@ -499,12 +499,19 @@ pub fn write_estimate(path: &Path, pages: &[PageIndex]) -> Result<(), WsError> {
 }
 
 /// Reads a tracker's estimate; `Ok(None)` when there is none.
-pub fn read_estimate(path: &Path) -> Result<Option<Vec<PageIndex>>, WsError> {
-    let data = match std::fs::read(path) {
-        Ok(d) => d,
+pub fn read_estimate(path: &Path, max_pages: u64) -> Result<Option<Vec<PageIndex>>, WsError> {
+    let mut file = match File::open(path) {
+        Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(io_err(path, "cannot read")(e)),
+        Err(e) => return Err(io_err(path, "cannot open")(e)),
     };
+    // Checked before anything is read whole: no more entries than pages.
+    let len = file.metadata().map_err(io_err(path, "cannot stat"))?.len();
+    if len > 24 + max_pages.saturating_mul(8) {
+        return Err(damaged(path, "larger than an estimate of this VM can be"));
+    }
+    let mut data = Vec::with_capacity(usize::try_from(len).unwrap_or(0));
+    std::io::Read::read_to_end(&mut file, &mut data).map_err(io_err(path, "cannot read"))?;
     if data.len() < 24 || &data[..8] != ESTIMATE_MAGIC {
         return Err(damaged(path, "not a thaw estimate"));
     }

@@ -138,13 +138,18 @@ fn pages_outside_the_image_are_refused() {
 fn estimates_round_trip_and_damage_is_refused() {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = estimate_path(dir.path(), Estimator::Abit);
-    assert_eq!(read_estimate(&path).expect("read"), None);
+    assert_eq!(read_estimate(&path, 64).expect("read"), None);
     write_estimate(&path, &pages(&[9, 2, 7])).expect("write");
-    assert_eq!(read_estimate(&path).expect("read"), Some(pages(&[9, 2, 7])));
+    assert_eq!(
+        read_estimate(&path, 64).expect("read"),
+        Some(pages(&[9, 2, 7]))
+    );
+    // More entries than the VM has pages: refused before it is read.
+    assert!(read_estimate(&path, 2).is_err());
     let mut data = std::fs::read(&path).expect("read");
     data[17] ^= 1;
     std::fs::write(&path, &data).expect("write");
-    assert!(read_estimate(&path).is_err());
+    assert!(read_estimate(&path, 64).is_err());
 }
 
 /// An image with the same layout as [`write_image`]'s but other data.
