@@ -264,6 +264,18 @@ enum Command {
     List,
     /// Show a VM's state.
     Status { name: String },
+    /// Run a QMP command on a VM's second monitor (`query.sock` in its
+    /// runtime directory), which thaw never holds for long: usable while a
+    /// save or restore holds the main one, e.g.
+    /// `thaw qmp demo balloon '{"value": 402653184}'`. Prints the reply.
+    Qmp {
+        name: String,
+        /// The command, e.g. query-balloon, balloon, query-status.
+        command: String,
+        /// Its arguments as a JSON object.
+        #[arg(default_value = "{}")]
+        arguments: String,
+    },
     /// Finish a restore whose thaw process died (killed, crashed): take
     /// QEMU's userfaultfd again from the runtime directory's record, keep the
     /// pages already in guest RAM, serve the guest's faults and fill the rest.
@@ -622,6 +634,29 @@ async fn run(cli: Cli) -> Result<()> {
                     text
                 },
             )
+        }
+        Command::Qmp {
+            name,
+            command,
+            arguments,
+        } => {
+            let args: serde_json::Value = serde_json::from_str(&arguments)
+                .with_context(|| format!("QMP arguments {arguments:?} are not JSON"))?;
+            anyhow::ensure!(
+                args.is_object(),
+                "QMP arguments must be a JSON object, not {arguments}"
+            );
+            let (paths, _) = VmState::load(&name)?;
+            let mut qmp = vmm::Qmp::connect(&paths.query)
+                .await
+                .with_context(|| format!("connecting to VM {name}'s monitor"))?;
+            let reply = qmp
+                .execute(&command, args)
+                .await
+                .with_context(|| format!("QMP {command} on VM {name}"))?;
+            // The reply is JSON either way.
+            println!("{}", serde_json::to_string_pretty(&reply)?);
+            Ok(())
         }
         Command::Status { name } => {
             let (paths, state) = VmState::load(&name)?;

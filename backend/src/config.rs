@@ -326,7 +326,6 @@ const OWNED_OPTIONS: &[(&str, &str)] = &[
     ("-append", "append"),
     ("-serial", "serial"),
     ("-name", "name"),
-    ("-qmp", "(thaw's own QMP socket)"),
     ("-pidfile", "(thaw's own pid file)"),
     ("-daemonize", "(thaw daemonizes QEMU)"),
     ("-incoming", "(thaw restore)"),
@@ -347,6 +346,16 @@ fn owned_option(args: &[String]) -> Option<String> {
             ));
         }
         let value = args.get(i + 1).map(String::as_str).unwrap_or("");
+        // A monitor of the user's own is welcome next to thaw's two, as
+        // long as QEMU does not wait for a client on it before it runs.
+        if (opt == "-qmp" || opt == "-qmp-pretty")
+            && value.contains("server")
+            && !(value.contains("wait=off") || value.contains("nowait"))
+        {
+            return Some(format!(
+                "\"{arg} {value}\": add wait=off, or QEMU waits for a client on it before it starts"
+            ));
+        }
         if opt == "-object" && value.starts_with("memory-backend-") {
             return Some(format!(
                 "\"-object {value}\": thaw creates guest RAM itself as shared file backends \
@@ -443,6 +452,14 @@ mod tests {
         }
         let ok = r#"["-object", "rng-random,id=r,filename=/dev/urandom", "-device", "virtio-rng-pci,rng=r"]"#;
         parse(&format!("name: a\nmemory: 1G\nextra_args: {ok}\n")).expect("devices are fine");
+        let own_monitor = r#"["-qmp", "unix:/tmp/m.sock,server=on,wait=off"]"#;
+        parse(&format!("name: a\nmemory: 1G\nextra_args: {own_monitor}\n"))
+            .expect("a monitor of one's own is fine");
+        let waiting = r#"["-qmp", "unix:/tmp/m.sock,server=on"]"#;
+        let err = parse(&format!("name: a\nmemory: 1G\nextra_args: {waiting}\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("wait=off"), "{err}");
     }
 
     #[test]

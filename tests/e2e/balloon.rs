@@ -152,6 +152,18 @@ fn balloon_inflated_and_deflated_during_a_lazy_restore() {
         stats["discarded_faults"]
     );
 
+    // `thaw qmp` reaches the same monitor from the command line.
+    let out = vm.thaw(&["qmp", &vm.name, "query-balloon"]);
+    let reply: Value = serde_json::from_slice(&out.stdout).expect("query-balloon JSON");
+    assert_eq!(reply["actual"].as_u64(), Some(512 * MIB), "{reply}");
+    let bad = vm.thaw_raw(&["qmp", &vm.name, "balloon", "384M"]);
+    assert!(!bad.status.success());
+    assert!(
+        String::from_utf8_lossy(&bad.stderr).contains("not JSON"),
+        "{}",
+        String::from_utf8_lossy(&bad.stderr)
+    );
+
     // Every page of the workload is intact, and the guest never rebooted.
     request_full_pass(&vm);
     vm.assert_continues_after(&before);
@@ -179,7 +191,9 @@ fn recover_after_a_restore_killed_during_ballooning() {
     let mut child = vm.slow_restore(&image, SLOW, &[]);
     vm.wait_count("THAW-TICK ", ticks_before + 1);
     let mut monitor = Monitor::connect(&vm);
+    eprintln!("balloon-recover: inflating to 448 MiB during the restore");
     monitor.balloon_to(448 * MIB);
+    eprintln!("balloon-recover: killing the restore");
     // Kill the restore, then ask for more: QEMU's discards now wait.
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(i32::try_from(child.id()).expect("pid")),
@@ -189,6 +203,7 @@ fn recover_after_a_restore_killed_during_ballooning() {
     let _ = child.wait();
     monitor.execute("balloon", json!({ "value": 384 * MIB }));
 
+    eprintln!("balloon-recover: recovering");
     let out = vm.thaw(&["recover", &vm.name, "--json"]);
     let stats: Value = serde_json::from_slice(&out.stdout).expect("recover JSON");
     assert_eq!(stats["guest_was_running"], true, "{stats}");
@@ -196,7 +211,9 @@ fn recover_after_a_restore_killed_during_ballooning() {
         stats["discarded_pages"].as_u64() > Some(0),
         "the dead restore's discards were not kept: {stats}"
     );
+    eprintln!("balloon-recover: waiting for 384 MiB");
     monitor.wait_balloon(384 * MIB);
+    eprintln!("balloon-recover: deflating");
     monitor.balloon_to(512 * MIB);
     drop(monitor);
     request_full_pass(&vm);
