@@ -33,6 +33,9 @@ struct Cli {
     command: Command,
 }
 
+/// How long `thaw qmp` waits for QEMU's answer.
+const QMP_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// `--mode` of `thaw restore`.
 #[derive(Clone, Copy, clap::ValueEnum)]
 enum ModeArg {
@@ -647,13 +650,23 @@ async fn run(cli: Cli) -> Result<()> {
                 "QMP arguments must be a JSON object, not {arguments}"
             );
             let (paths, _) = VmState::load(&name)?;
-            let mut qmp = vmm::Qmp::connect(&paths.query)
+            let ask = async {
+                let mut qmp = vmm::Qmp::connect(&paths.query)
+                    .await
+                    .with_context(|| format!("connecting to VM {name}'s monitor"))?;
+                qmp.execute(&command, args)
+                    .await
+                    .with_context(|| format!("QMP {command} on VM {name}"))
+            };
+            // QEMU answers no monitor while a vCPU waits in a guest discard
+            // for a thaw that died (see `thaw status`, `thaw recover`).
+            let reply = tokio::time::timeout(QMP_TIMEOUT, ask)
                 .await
-                .with_context(|| format!("connecting to VM {name}'s monitor"))?;
-            let reply = qmp
-                .execute(&command, args)
-                .await
-                .with_context(|| format!("QMP {command} on VM {name}"))?;
+                .map_err(|_| {
+                    anyhow::anyhow!(
+                        "VM {name}'s QEMU did not answer within {QMP_TIMEOUT:?} (busy: see `thaw status {name}`)"
+                    )
+                })??;
             // The reply is JSON either way.
             println!("{}", serde_json::to_string_pretty(&reply)?);
             Ok(())

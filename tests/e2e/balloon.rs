@@ -193,15 +193,18 @@ fn recover_after_a_restore_killed_during_ballooning() {
     let mut monitor = Monitor::connect(&vm);
     eprintln!("balloon-recover: inflating to 448 MiB during the restore");
     monitor.balloon_to(448 * MIB);
+    // Ask for more, then kill the restore while the guest inflates: QEMU's
+    // discards then wait for a thaw to read them. (No QMP until recover:
+    // with TCG the vCPU thread discards while holding QEMU's big lock, so
+    // the monitors wait too.)
+    monitor.execute("balloon", json!({ "value": 384 * MIB }));
     eprintln!("balloon-recover: killing the restore");
-    // Kill the restore, then ask for more: QEMU's discards now wait.
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(i32::try_from(child.id()).expect("pid")),
         nix::sys::signal::Signal::SIGKILL,
     )
     .expect("SIGKILL");
     let _ = child.wait();
-    monitor.execute("balloon", json!({ "value": 384 * MIB }));
 
     eprintln!("balloon-recover: recovering");
     let out = vm.thaw(&["recover", &vm.name, "--json"]);
