@@ -463,6 +463,20 @@ mod tests {
     }
 
     #[test]
+    fn the_example_configs_are_valid() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs");
+        let mut seen = 0;
+        for entry in std::fs::read_dir(&dir).expect("configs/") {
+            let path = entry.expect("entry").path();
+            if path.extension().is_some_and(|e| e == "yaml") {
+                VmConfig::load(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+                seen += 1;
+            }
+        }
+        assert!(seen >= 4, "only {seen} configs found in {}", dir.display());
+    }
+
+    #[test]
     fn relative_paths_resolve_against_the_config_dir() {
         let cfg = parse("name: a\nmemory: 1G\nserial: out/console.log\n").expect("valid");
         assert_eq!(cfg.serial, Some(PathBuf::from("/base/out/console.log")));
