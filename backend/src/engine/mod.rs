@@ -238,6 +238,8 @@ impl Engine {
         let total: u64 = blocks.iter().map(|b| b.pages).sum();
         let mut e = Engine::new(image, uffd, blocks);
         e.live = true;
+        // Nothing saved is ever read: no fetch workers.
+        e.fetch_workers = 0;
         e.pages = Residency::new(total, 0);
         e.resumed = AtomicBool::new(true);
         e
