@@ -523,7 +523,12 @@ pub fn estimate_pages(path: &Path) -> Vec<u64> {
 }
 
 pub fn parse_ticks(text: &str) -> Vec<Tick> {
-    text.lines()
+    // Only whole lines: the guest's serial output reaches the log a few
+    // bytes at a time, and a tick line read half-written would show a
+    // truncated nonce or `ok=`.
+    let whole = text.rfind('\n').map_or("", |end| &text[..=end]);
+    whole
+        .lines()
         .filter_map(|line| {
             let rest = line.trim().strip_prefix("THAW-TICK ")?;
             let mut parts = rest.split_whitespace();
