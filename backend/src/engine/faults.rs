@@ -12,6 +12,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use super::fetch::{Request, Waiter};
+use super::installer::Answer;
 use super::{Engine, EngineError, FaultLog};
 use crate::image::PageLocation;
 use crate::mem::PageIndex;
@@ -31,37 +32,71 @@ impl Engine {
             touches: Vec::with_capacity(capacity),
         };
         let mut events = EventBuffer::new(EVENTS_PER_READ);
+        // Faults whose answer the kernel refused until a queued event is
+        // read (EAGAIN); their threads stay blocked and are answered again
+        // after the next read, which returns that event.
+        let mut retry: Vec<(FaultEvent, Instant)> = Vec::with_capacity(EVENTS_PER_READ);
+        let mut again: Vec<(FaultEvent, Instant)> = Vec::with_capacity(EVENTS_PER_READ);
         while !self.stop.load(Ordering::Acquire) {
-            let batch = match self.uffd.read_events(&mut events, Some(FAULT_POLL)) {
-                Ok(b) => b,
-                Err(e) => {
-                    self.fail(e.into());
-                    break;
-                }
-            };
-            if batch.is_empty() {
-                continue;
-            }
+            // Counted before the read: a zap's events are read by a read
+            // that started before its madvise returned (see `zapping`).
             self.batches_read.fetch_add(1, Ordering::AcqRel);
-            let read_at = Instant::now();
-            for ev in batch {
-                let served = match *ev {
-                    FaultEvent::PageFault { addr } => self.on_missing(addr, read_at, &mut log),
-                    FaultEvent::MinorFault { addr } => self.on_minor(addr, read_at, &mut log),
-                    FaultEvent::Remove { start, end } => self.on_remove(start, end),
-                    ref other => {
-                        log::warn!("userfaultfd event not handled: {other:?}");
-                        Ok(())
-                    }
-                };
-                if let Err(e) = served {
-                    self.fail(e);
-                    break;
-                }
-            }
+            let served = self.serve_batch(&mut events, &mut retry, &mut again, &mut log);
             self.batches_handled.fetch_add(1, Ordering::AcqRel);
+            if let Err(e) = served {
+                self.fail(e);
+                break;
+            }
         }
         log
+    }
+
+    /// One read of events: removes first (the kernel puts events behind
+    /// the faults of a read), then the faults waiting for a retry, then the
+    /// new faults.
+    fn serve_batch(
+        &self,
+        events: &mut EventBuffer,
+        retry: &mut Vec<(FaultEvent, Instant)>,
+        again: &mut Vec<(FaultEvent, Instant)>,
+        log: &mut FaultLog,
+    ) -> Result<(), EngineError> {
+        let batch = self.uffd.read_events(events, Some(FAULT_POLL))?;
+        let read_at = Instant::now();
+        for ev in batch {
+            match *ev {
+                FaultEvent::Remove { start, end } => self.on_remove(start, end)?,
+                FaultEvent::PageFault { .. } | FaultEvent::MinorFault { .. } => {}
+                ref other => log::warn!("userfaultfd event not handled: {other:?}"),
+            }
+        }
+        std::mem::swap(retry, again);
+        for (ev, since) in again.drain(..) {
+            self.serve_fault_event(ev, since, retry, log)?;
+        }
+        for ev in batch {
+            self.serve_fault_event(*ev, read_at, retry, log)?;
+        }
+        Ok(())
+    }
+
+    /// Answers a missing or minor fault (other events are no faults).
+    fn serve_fault_event(
+        &self,
+        ev: FaultEvent,
+        since: Instant,
+        retry: &mut Vec<(FaultEvent, Instant)>,
+        log: &mut FaultLog,
+    ) -> Result<(), EngineError> {
+        let answer = match ev {
+            FaultEvent::PageFault { addr } => self.on_missing(addr, since, log)?,
+            FaultEvent::MinorFault { addr } => self.on_minor(addr, since, log)?,
+            _ => return Ok(()),
+        };
+        if answer == Some(Answer::Retry) {
+            retry.push((ev, since));
+        }
+        Ok(())
     }
 
     /// Records a service time that ended now (not during the tracking
@@ -87,12 +122,13 @@ impl Engine {
         true
     }
 
+    /// Answers a missing fault, or queues its fetch (`None`).
     fn on_missing(
         &self,
         addr: u64,
         read_at: Instant,
         log: &mut FaultLog,
-    ) -> Result<(), EngineError> {
+    ) -> Result<Option<Answer>, EngineError> {
         let page = self.page_of(addr).ok_or(EngineError::StrayFault(addr))?;
         self.record_touch(page, log);
         let counter = if self.resumed.load(Ordering::Acquire) {
@@ -117,15 +153,18 @@ impl Engine {
                     .discarded_faults
                     .fetch_add(1, Ordering::Relaxed);
             }
-            self.answer_with_zeros(page, saved)?;
-            self.note_latency(read_at, log);
-            return Ok(());
+            let answer = self.answer_with_zeros(page, saved)?;
+            self.note_answer(answer, read_at, log);
+            return Ok(Some(answer));
         }
         match location {
             PageLocation::Zero => {
-                self.answer_with_zeros(page, false)?;
-                self.counters.zero_faults.fetch_add(1, Ordering::Relaxed);
-                self.note_latency(read_at, log);
+                let answer = self.answer_with_zeros(page, false)?;
+                if answer != Answer::Retry {
+                    self.counters.zero_faults.fetch_add(1, Ordering::Relaxed);
+                }
+                self.note_answer(answer, read_at, log);
+                Ok(Some(answer))
             }
             PageLocation::Slot(slot) => {
                 let chunk = self.image.chunk_of(slot);
@@ -134,20 +173,32 @@ impl Engine {
                     since: read_at,
                 };
                 match self.request_fetch(chunk, waiter) {
-                    Request::Queued | Request::Joined => {}
+                    Request::Queued | Request::Joined => Ok(None),
                     Request::Settled => {
-                        self.answer_with_zeros(page, true)?;
-                        self.note_latency(read_at, log);
+                        let answer = self.answer_with_zeros(page, true)?;
+                        self.note_answer(answer, read_at, log);
+                        Ok(Some(answer))
                     }
                 }
             }
         }
-        Ok(())
+    }
+
+    /// Records the service time of an answer that woke its thread.
+    fn note_answer(&self, answer: Answer, read_at: Instant, log: &mut FaultLog) {
+        if answer != Answer::Retry {
+            self.note_latency(read_at, log);
+        }
     }
 
     /// A page in the page cache (prefetched, or installed and then zapped
     /// out of QEMU's page tables) was touched: map it.
-    fn on_minor(&self, addr: u64, read_at: Instant, log: &mut FaultLog) -> Result<(), EngineError> {
+    fn on_minor(
+        &self,
+        addr: u64,
+        read_at: Instant,
+        log: &mut FaultLog,
+    ) -> Result<Option<Answer>, EngineError> {
         let page = self.page_of(addr).ok_or(EngineError::StrayFault(addr))?;
         self.counters.minor_faults.fetch_add(1, Ordering::Relaxed);
         if self.record_touch(page, log)
@@ -157,9 +208,9 @@ impl Engine {
         {
             self.counters.skipped_faults.fetch_add(1, Ordering::Relaxed);
         }
-        self.answer_minor(page)?;
-        self.note_latency(read_at, log);
-        Ok(())
+        let answer = self.answer_minor(page)?;
+        self.note_answer(answer, read_at, log);
+        Ok(Some(answer))
     }
 }
 

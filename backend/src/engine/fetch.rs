@@ -13,7 +13,7 @@ use std::sync::atomic::Ordering;
 use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use super::installer::Installed;
+use super::installer::{Answer, Installed, RETRY_BACKOFF};
 use super::{Engine, EngineError};
 use crate::mem::{usize_from, PageIndex, PAGE_BYTES};
 
@@ -146,7 +146,7 @@ impl Engine {
         for w in &waiters {
             // Installed (and woken) above, or discarded meanwhile: a zero
             // page, or a wake for a page that is there.
-            self.answer_with_zeros(w.page, true)?;
+            self.answer_waiter(w.page)?;
             if latencies.len() < latencies.capacity() {
                 let us = w.since.elapsed().as_micros();
                 latencies.push(u32::try_from(us).unwrap_or(u32::MAX));
@@ -159,6 +159,18 @@ impl Engine {
         self.counters
             .neighbour_pages
             .fetch_add(fresh.saturating_sub(faulted), Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Answers a waiter whose page is resident (or discarded); retries
+    /// while the kernel waits for a queued event to be read.
+    fn answer_waiter(&self, page: PageIndex) -> Result<(), EngineError> {
+        while self.answer_with_zeros(page, true)? == Answer::Retry {
+            if self.stop.load(Ordering::Acquire) {
+                break;
+            }
+            std::thread::sleep(RETRY_BACKOFF);
+        }
         Ok(())
     }
 

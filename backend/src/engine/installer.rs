@@ -11,8 +11,10 @@
 //!   lets go of the discard lock, gives the fault thread a moment to read
 //!   the event, checks the page again and retries, for as long as the
 //!   engine is not asked to stop. The fault thread itself never waits for
-//!   the event it has still to read: it wakes the faulting thread, whose
-//!   access then faults again once the event is handled;
+//!   the event it has still to read: it keeps the fault (its thread stays
+//!   blocked) and answers it again after its next read, which returns the
+//!   event. (Waking the thread instead would let it fault again at once,
+//!   and enough such faults would fill every read ahead of the event.);
 //! - **range gone** (`ENOENT` once guest RAM is being unregistered): the
 //!   install lost a harmless race with the end of the restore (unregistering
 //!   wakes every waiter); the installer stops quietly;
@@ -36,7 +38,7 @@ use crate::mem::{usize_from, PageIndex, PAGE_SIZE};
 use crate::remote::uffd::CopyResult;
 
 /// How long an installer thread backs off when the kernel asks it to retry.
-const RETRY_BACKOFF: Duration = Duration::from_micros(200);
+pub(super) const RETRY_BACKOFF: Duration = Duration::from_micros(200);
 
 /// How an install ended.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -55,8 +57,11 @@ pub(crate) enum Answer {
     Installed,
     /// The page was already there; the faulting thread was woken.
     AlreadyThere,
-    /// The kernel asked for a retry; the faulting thread was woken and will
-    /// fault again once the queued event is read.
+    /// The kernel asked for a retry once a queued event is read; the
+    /// faulting thread is still blocked: answer it again.
+    Retry,
+    /// The page left the page cache after its minor fault; the faulting
+    /// thread was woken and faults again (as a missing fault).
     Refault,
     /// Guest RAM is being unregistered.
     Gone,
@@ -202,12 +207,7 @@ impl Engine {
         let dst = self.host_addr(page);
         let _guard = self.discard_lock.read().unwrap_or_else(|p| p.into_inner());
         let result = self.uffd.zeropage(dst, PAGE_SIZE, true);
-        let answer = self.settle_answer(
-            result,
-            page,
-            &[Errno::EAGAIN],
-            "a zero page (UFFDIO_ZEROPAGE)",
-        )?;
+        let answer = self.settle_answer(result, page, &[], "a zero page (UFFDIO_ZEROPAGE)")?;
         if matches!(answer, Answer::Installed | Answer::AlreadyThere) {
             self.pages.mark_resident(page, saved);
         }
@@ -226,16 +226,16 @@ impl Engine {
         self.settle_answer(
             result,
             page,
-            &[Errno::EAGAIN, Errno::EFAULT],
+            &[Errno::EFAULT],
             "a page-cache page (UFFDIO_CONTINUE)",
         )
     }
 
     /// The policy for a single-page answer of the fault thread: the kernel
     /// woke the faulting thread (installed), or thaw wakes it (already
-    /// there; one of `refault` errnos, after which its access faults again
-    /// once the queued event is handled); a range being unregistered is
-    /// gone; anything else is fatal.
+    /// there; one of `refault` errnos, after which its access faults
+    /// again); `EAGAIN` leaves it blocked for a retry; a range being
+    /// unregistered is gone; anything else is fatal.
     fn settle_answer(
         &self,
         result: CopyResult,
@@ -250,6 +250,10 @@ impl Engine {
                 self.uffd.wake(dst, PAGE_SIZE)?;
                 Ok(Answer::AlreadyThere)
             }
+            CopyResult::Failed {
+                errno: Errno::EAGAIN,
+                ..
+            } => Ok(Answer::Retry),
             CopyResult::Failed { errno, .. } if refault.contains(&errno) => {
                 self.uffd.wake(dst, PAGE_SIZE)?;
                 Ok(Answer::Refault)

@@ -181,11 +181,14 @@ pub async fn recover(
         }
     }
 
+    // A guest the dead restore resumed owns what RAM holds, even when it
+    // is paused now (the user paused it, or thaw died right before `cont`).
+    let resumed = stats.guest_was_running || record.resumed;
     let image = Arc::new(Image::open(&record.image)?);
     check_layout(&image.meta().layout, &state.layout)?;
     let ram = vmm::find_ram(&pid, &paths, &state.layout)?;
     let blocks = block_maps(&pid, &ram, &state.layout)?;
-    if !stats.guest_was_running && record.mode == Mode::Ws {
+    if !resumed && record.mode == Mode::Ws {
         // The working-set prefetch writes into the page cache, which a kill
         // can interrupt mid-page. Nothing has run since the device state
         // was loaded: what the dead thaw left goes, every page comes from
@@ -238,14 +241,16 @@ pub async fn recover(
         image.meta().nonzero_pages * crate::mem::PAGE_SIZE,
     );
     let outcome = async {
-        if stats.guest_was_running {
+        if resumed {
             engine.set_resumed();
         }
         let filler = engine.start_fill(bar.clone())?;
         finish_fill(filler, &engine).await?;
         unregister(&uffd, &ram, &engine)?;
-        if !stats.guest_was_running {
+        if !resumed {
             qmp.execute("cont", json!({})).await?;
+        } else if !stats.guest_was_running {
+            log::warn!("VM {name} stays paused as it was (resume it with `thaw qmp {name} cont`)");
         }
         Ok::<_, RestoreError>(())
     }

@@ -301,12 +301,15 @@ pub const RECORD_FILE: &str = "restore.json";
 /// What a restore leaves in the runtime directory so another thaw can take
 /// QEMU's userfaultfd again (`pidfd_getfd`) if this one dies
 /// ([`recover`]).
-#[derive(Serialize, Deserialize)]
+#[derive(Clone, Serialize, Deserialize)]
 pub(crate) struct RecoveryRecord {
     pub(crate) image: PathBuf,
     pub(crate) qemu_pid: i32,
     pub(crate) uffd_fd_in_qemu: i32,
     pub(crate) mode: Mode,
+    /// The guest was (about to be) resumed: what RAM holds is the guest's.
+    #[serde(default)]
+    pub(crate) resumed: bool,
 }
 
 pub(crate) fn ms(d: Duration) -> f64 {
@@ -446,6 +449,7 @@ async fn run(
         qemu_pid: state.qemu_pid,
         uffd_fd_in_qemu: uffd.remote_fd(),
         mode: opts.mode,
+        resumed: false,
     };
     let record_path = paths.dir.join(RECORD_FILE);
     let discards_path = paths.dir.join(DISCARD_LOG);
@@ -479,6 +483,8 @@ async fn run(
             // which read as zeros once unregistered: the guest runs without
             // thaw in its way.
             unregister(&uffd, &ram, &engine)?;
+            // All of RAM is in: nothing is left to recover.
+            let _ = std::fs::remove_file(&record_path);
         }
         let mut prefetch_ms = 0.0;
         if let Some(ws) = &ws {
@@ -492,6 +498,24 @@ async fn run(
             prefetch_ms = ms(t.elapsed());
         }
         let prefetched = meta.nonzero_pages - engine.remaining();
+        // A thread that failed meanwhile (a damaged chunk read for a fault
+        // during the device-state load or the prefetch) stops the restore
+        // before the guest runs.
+        if let Some(e) = engine.take_failure() {
+            return Err(e.into());
+        }
+        // Recorded before `cont`: a recovery must never take a guest that
+        // ran (or was paused since) for one that did not. (An eager restore
+        // is complete by now and has no record left.)
+        if opts.mode != Mode::Eager {
+            write_record(
+                &record_path,
+                &RecoveryRecord {
+                    resumed: true,
+                    ..record.clone()
+                },
+            )?;
+        }
         engine.set_resumed();
         qmp.execute("cont", json!({})).await?;
         let resume_ms = ms(started.elapsed());
@@ -513,6 +537,8 @@ async fn run(
                 window_ms = window::tracking_window(qemu_pid, &ram, &engine, w).await?;
             }
             unregister(&uffd, &ram, &engine)?;
+            // All of RAM is in: nothing is left to recover.
+            let _ = std::fs::remove_file(&record_path);
         }
         Ok::<_, RestoreError>(Phases {
             device_state_ms,
@@ -708,15 +734,19 @@ pub(crate) fn drop_early_pages(
     Ok(())
 }
 
+/// Writes the record next to `path` and renames it into place: a reader
+/// (a recovery after thaw died) sees the old record or the new one.
 fn write_record(path: &Path, record: &RecoveryRecord) -> Result<(), RestoreError> {
     let io = |source| RestoreError::Io {
         context: format!("writing {}", path.display()),
         source,
     };
-    let _ = std::fs::remove_file(path);
-    let mut f = vmm::create_private(path)?;
+    let tmp = path.with_extension("json.tmp");
+    let _ = std::fs::remove_file(&tmp);
+    let mut f = vmm::create_private(&tmp)?;
     let text = serde_json::to_vec_pretty(record).map_err(|e| io(std::io::Error::other(e)))?;
-    f.write_all(&text).map_err(io)
+    f.write_all(&text).map_err(io)?;
+    std::fs::rename(&tmp, path).map_err(io)
 }
 
 /// Feeds the verified device state to QEMU through a pipe and waits until
