@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what thaw needs on a Debian bookworm host, idempotently (run as root):
 # QEMU >= 8.2 from bookworm-backports, libclang for the userfaultfd bindings,
-# and the tools the guest kit is built with.
+# libvirt's client library (11.x from bookworm-backports, as the daemon
+# ci/setup-libvirt.sh installs) and the tools the guest kit is built with.
 set -euo pipefail
 
 need_root() { [ "$(id -u)" = 0 ] || { echo "ci/setup-host.sh: run as root" >&2; exit 1; }; }
@@ -62,6 +63,10 @@ fi
 if ! qemu_ok; then
   enable_backports
   apt-get install -y -q --no-install-recommends -t "${codename}-backports" qemu-system-x86
+fi
+if [ -n "$(pkgs_missing libvirt-dev)" ]; then
+  enable_backports
+  apt-get install -y -q --no-install-recommends -t "${codename}-backports" libvirt-dev
 fi
 qemu_ok || { echo "qemu-system-x86_64 >= 8.2 is required; found: $(qemu-system-x86_64 --version 2>&1 | head -1)" >&2; exit 1; }
 echo "host ready: $(qemu-system-x86_64 --version | head -1)"

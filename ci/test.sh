@@ -8,6 +8,8 @@ command -v cargo >/dev/null 2>&1 || . "$HOME/.cargo/env"
 
 echo "== host setup"
 bash ci/setup-host.sh
+echo "== libvirt (for the libvirt end-to-end tests)"
+bash ci/setup-libvirt.sh
 echo "== guest kit"
 bash tests/guest/build.sh
 echo "== format and lints"

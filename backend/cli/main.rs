@@ -101,6 +101,24 @@ impl From<TrackerArg> for Estimator {
     }
 }
 
+/// Which VMs a command addresses: thaw's own, or libvirt's domains.
+#[derive(clap::Args, Clone, Debug)]
+struct LibvirtArgs {
+    /// NAME is a libvirt domain (its QEMU runs under libvirtd, RAM shared
+    /// and file-backed; see the README's libvirt section).
+    #[arg(long)]
+    libvirt: bool,
+    /// libvirt connection URI (with --libvirt).
+    #[arg(long, requires = "libvirt", default_value = thaw::vmm::libvirt::DEFAULT_URI)]
+    connect: String,
+}
+
+impl LibvirtArgs {
+    fn uri(&self) -> Option<String> {
+        self.libvirt.then(|| self.connect.clone())
+    }
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Boot a VM from a YAML config (QEMU daemonized); returns once QMP is up.
@@ -121,6 +139,8 @@ enum Command {
         /// checkpoint; `thaw checkpoint` also traces the working set).
         #[arg(long)]
         keep_running: bool,
+        #[command(flatten)]
+        libvirt: LibvirtArgs,
     },
     /// Restore a VM from an image; returns once all its RAM is resident
     /// (and, after ws and lazy restores, the learning window has closed).
@@ -184,6 +204,8 @@ enum Command {
         /// ...or after this long (ms) at most.
         #[arg(long, default_value_t = 10_000)]
         window_max_ms: u64,
+        #[command(flatten)]
+        libvirt: LibvirtArgs,
     },
     /// Keep a working-set estimate of a running VM (the abit or dirty
     /// working set that `thaw save`/`checkpoint` store); runs until the VM
@@ -208,6 +230,8 @@ enum Command {
         /// fallback on older kernels).
         #[arg(long)]
         sync_wp: bool,
+        #[command(flatten)]
+        libvirt: LibvirtArgs,
     },
     /// Restore one saved VM by every method side by side (stock QEMU, thaw
     /// eager, lazy, ws per estimator) from a cold cache and report time to
@@ -403,6 +427,9 @@ fn print(
 
 async fn run(cli: Cli) -> Result<()> {
     let j = cli.json;
+    // A thaw that died mid-save or mid-restore of a libvirt domain may have
+    // left x-ignore-shared on there: every command repairs that first.
+    thaw::vmm::libvirt::repair_ignore_shared().await;
     match cli.command {
         Command::Start { config } => {
             let cfg = VmConfig::load(&config)?;
@@ -431,6 +458,7 @@ async fn run(cli: Cli) -> Result<()> {
             image,
             force,
             keep_running,
+            libvirt,
         } => {
             let report = thaw::ops::save::save(
                 &name,
@@ -440,6 +468,7 @@ async fn run(cli: Cli) -> Result<()> {
                     keep_running,
                     leave_paused: false,
                     progress: progress::terminal_bar(),
+                    libvirt: libvirt.uri(),
                 },
             )
             .await
@@ -490,14 +519,21 @@ async fn run(cli: Cli) -> Result<()> {
             force,
             window_quiet_ms,
             window_max_ms,
+            libvirt,
         } => {
             let window = LearnWindow {
                 quiet: Duration::from_millis(window_quiet_ms),
                 max: Duration::from_millis(window_max_ms),
             };
-            let report = thaw::ops::checkpoint::checkpoint(&name, &image, force, window)
-                .await
-                .with_context(|| format!("checkpointing VM {name} to {}", image.display()))?;
+            let report = thaw::ops::checkpoint::checkpoint(
+                &name,
+                &image,
+                force,
+                window,
+                libvirt.uri().as_deref(),
+            )
+            .await
+            .with_context(|| format!("checkpointing VM {name} to {}", image.display()))?;
             print(j, &report, &report)
         }
         Command::Track {
@@ -507,6 +543,7 @@ async fn run(cli: Cli) -> Result<()> {
             keep,
             duration_ms,
             sync_wp,
+            libvirt,
         } => {
             let opts = thaw::ops::track::TrackOptions {
                 interval: Duration::from_millis(interval_ms),
@@ -514,6 +551,7 @@ async fn run(cli: Cli) -> Result<()> {
                 duration: duration_ms.map(Duration::from_millis),
                 estimator: estimator.into(),
                 sync_wp,
+                libvirt: libvirt.uri(),
             };
             let report = thaw::ops::track::track(&name, opts, termination())
                 .await
@@ -607,10 +645,13 @@ async fn run(cli: Cli) -> Result<()> {
             let mut rows = Vec::new();
             for name in vmm::list_vms() {
                 if let Ok((paths, state)) = VmState::load(&name) {
-                    let status = vmm::query_run_state(&paths).await;
+                    let status = vmm::query_run_state(&paths, &state).await;
+                    let ignore_shared = vmm::libvirt::IgnoreSharedMark::present(&paths.dir);
                     rows.push(
                         json!({ "name": name, "pid": state.qemu_pid, "status": status,
-                        "memory": state.config.memory, "accel": state.accel }),
+                        "memory": state.config.memory, "accel": state.accel,
+                        "libvirt": state.libvirt.as_ref().map(|l| &l.uri),
+                        "ignore_shared_may_be_on": ignore_shared }),
                     );
                 }
             }
@@ -618,12 +659,21 @@ async fn run(cli: Cli) -> Result<()> {
                 .iter()
                 .map(|r| {
                     format!(
-                        "{:<20} {:>8} {:<10} {:>6} {}",
+                        "{:<20} {:>8} {:<10} {:>6} {}{}{}",
                         r["name"].as_str().unwrap_or(""),
                         r["pid"],
                         r["status"].as_str().unwrap_or(""),
                         r["memory"].as_str().unwrap_or(""),
-                        r["accel"].as_str().unwrap_or("")
+                        r["accel"].as_str().unwrap_or(""),
+                        r["libvirt"]
+                            .as_str()
+                            .map(|u| format!(" libvirt {u}"))
+                            .unwrap_or_default(),
+                        if r["ignore_shared_may_be_on"] == true {
+                            " WARNING: x-ignore-shared may be on"
+                        } else {
+                            ""
+                        }
                     )
                 })
                 .collect::<Vec<_>>()
@@ -673,21 +723,34 @@ async fn run(cli: Cli) -> Result<()> {
         }
         Command::Status { name } => {
             let (paths, state) = VmState::load(&name)?;
-            let status = vmm::query_run_state(&paths).await;
+            let status = vmm::query_run_state(&paths, &state).await;
             let restore = thaw::ops::recover::progress(&paths);
+            let ignore_shared = vmm::libvirt::IgnoreSharedMark::present(&paths.dir);
+            if ignore_shared {
+                log::warn!(
+                    "{name}: x-ignore-shared may be on (a thaw operation is running or stopped early): \
+                     a `virsh save` now would leave guest RAM out; `thaw recover {name}` or any thaw command repairs it"
+                );
+            }
             let out = json!({ "name": name, "status": status, "pid": state.qemu_pid, "accel": state.accel,
                 "memory": state.config.memory, "qemu_version": state.qemu_version,
                 "serial": state.serial, "restore": restore,
-                "restore_in_progress": restore == RestoreProgress::Running });
+                "restore_in_progress": restore == RestoreProgress::Running,
+                "libvirt": state.libvirt, "ignore_shared_may_be_on": ignore_shared });
             print(
                 j,
                 &out,
                 format_args!(
-                    "{name}: {status} (pid {}, {}, {} RAM, QEMU {}){}",
+                    "{name}: {status} (pid {}, {}, {} RAM, QEMU {}{}){}",
                     state.qemu_pid,
                     state.accel,
                     state.config.memory,
                     state.qemu_version,
+                    state
+                        .libvirt
+                        .as_ref()
+                        .map(|l| format!(", libvirt domain at {}", l.uri))
+                        .unwrap_or_default(),
                     match restore {
                         RestoreProgress::None => String::new(),
                         RestoreProgress::Running => ", restore in progress".into(),

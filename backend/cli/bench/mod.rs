@@ -327,11 +327,12 @@ pub async fn run(opts: &BenchOptions) -> Result<BenchReport, BenchError> {
                 duration: Some(Duration::from_secs(4)),
                 estimator: e,
                 sync_wp: false,
+                libvirt: None,
             };
             track::track(&name, t, std::future::pending()).await?;
         }
     }
-    thaw::ops::checkpoint::checkpoint(&name, &image, true, LearnWindow::default()).await?;
+    thaw::ops::checkpoint::checkpoint(&name, &image, true, LearnWindow::default(), None).await?;
 
     // Stock artifacts from the paused VM, then it goes.
     let (paths, state) = VmState::load(&name)?;

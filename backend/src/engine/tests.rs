@@ -77,6 +77,7 @@ fn write_image(dir: &Path) -> Arc<Image> {
     )
     .expect("config");
     w.finish(ImageInfo {
+        libvirt: None,
         qemu_version: "10.0.2".into(),
         accel: "tcg".into(),
         vm,

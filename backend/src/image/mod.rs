@@ -129,6 +129,10 @@ pub struct ImageMeta {
     pub device_state: Digest,
     pub pages: Digest,
     pub index: Digest,
+    /// Set for an image of a libvirt domain: `thaw restore` brings the
+    /// domain back under libvirt.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub libvirt: Option<crate::vmm::libvirt::LibvirtImage>,
 }
 
 /// What the saver knows that the writer does not.
@@ -136,6 +140,7 @@ pub struct ImageInfo {
     pub qemu_version: String,
     pub accel: String,
     pub vm: VmConfig,
+    pub libvirt: Option<crate::vmm::libvirt::LibvirtImage>,
 }
 
 /// Where a page's saved content is.
@@ -351,6 +356,7 @@ impl ImageWriter {
             qemu_version: info.qemu_version,
             accel: info.accel,
             vm: info.vm,
+            libvirt: info.libvirt,
             layout: self.layout.clone(),
             page_size: PAGE_SIZE,
             chunk_pages: self.chunk_pages,

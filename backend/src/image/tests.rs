@@ -17,6 +17,7 @@ fn vm() -> VmConfig {
 
 fn info() -> ImageInfo {
     ImageInfo {
+        libvirt: None,
         qemu_version: "10.0.2".into(),
         accel: "tcg".into(),
         vm: vm(),

@@ -102,11 +102,13 @@ pub(crate) struct WriteTracker {
 impl WriteTracker {
     /// Starts tracking writes to `ranges` (each RAM mapping with the global
     /// number of its first page) in QEMU `process`; asynchronously where
-    /// the kernel can and `force_sync` is false.
+    /// the kernel can and `force_sync` is false. `uffd_device_in_owner`:
+    /// see [`uffd::take_over_with`].
     pub(crate) fn start(
         process: &crate::remote::process::QemuProcess,
         ranges: Vec<(RamMapping, u64)>,
         force_sync: bool,
+        uffd_device_in_owner: Option<i32>,
     ) -> Result<WriteTracker, DirtyError> {
         let available = uffd::kernel_features().map_err(|errno| uffd::UffdError::Api {
             requested: FEATURE_WP_ASYNC,
@@ -123,7 +125,11 @@ impl WriteTracker {
         let features = FEATURE_WP_HUGETLBFS_SHMEM
             | (available & FEATURE_WP_UNPOPULATED)
             | if asynchronous { FEATURE_WP_ASYNC } else { 0 };
-        let uffd = Arc::new(uffd::take_over(process, features)?);
+        let uffd = Arc::new(uffd::take_over_with(
+            process,
+            features,
+            uffd_device_in_owner,
+        )?);
         uffd.close_remote()?;
         let path = format!("/proc/{}/pagemap", process.pid());
         let pagemap = File::open(&path).map_err(|source| DirtyError::Pagemap { path, source })?;

@@ -24,7 +24,6 @@ use crate::observe::window::{self, LearnWindow};
 use crate::ops::owner::{LockError, OwnerLock};
 use crate::ops::restore::{self, RestoreError};
 use crate::ops::save::{self, SaveError, SaveOptions, SaveReport, TRACKER_PATIENCE};
-use crate::remote::uffd;
 use crate::vmm::{self, Qmp, VmState};
 use crate::wss::{self, Estimator, WorkingSet};
 
@@ -77,8 +76,17 @@ pub async fn checkpoint(
     image: &Path,
     force: bool,
     window: LearnWindow,
+    libvirt: Option<&str>,
 ) -> Result<CheckpointReport, CheckpointError> {
-    let (paths, _) = VmState::load(name).map_err(SaveError::from)?;
+    let paths = match libvirt {
+        Some(uri) => {
+            vmm::libvirt::attach(uri, name)
+                .await
+                .map_err(SaveError::from)?
+                .0
+        }
+        None => VmState::load(name).map_err(SaveError::from)?.0,
+    };
     let owner = OwnerLock::acquire_after_tracker(&paths, "checkpoint", TRACKER_PATIENCE).await?;
     let report = save::save_owned(
         name,
@@ -88,12 +96,13 @@ pub async fn checkpoint(
             keep_running: true,
             leave_paused: true,
             progress: Default::default(),
+            libvirt: None,
         },
         &owner,
     )
     .await?;
     let (paths, state) = VmState::load(name).map_err(RestoreError::from)?;
-    let mut qmp = Qmp::connect(&paths.qmp).await.map_err(RestoreError::from)?;
+    let mut qmp = state.monitor(&paths).await.map_err(RestoreError::from)?;
     let traced = trace(&paths, &state, &mut qmp, image, report.was_running, window).await;
     if report.was_running {
         // Whatever happened to the trace, the VM runs on.
@@ -122,13 +131,18 @@ async fn trace(
 ) -> Result<(u64, f64, u64), RestoreError> {
     let image = Arc::new(Image::open(image_dir)?);
     let qemu = state.qemu().map_err(vmm::QemuError::from)?;
-    let ram = vmm::find_ram(&qemu, paths, &state.layout)?;
-    let uffd = Arc::new(uffd::take_over(
-        &qemu,
-        userfaultfd_sys::UFFD_FEATURE_MISSING_SHMEM
-            | userfaultfd_sys::UFFD_FEATURE_MINOR_SHMEM
-            | userfaultfd_sys::UFFD_FEATURE_EVENT_REMOVE,
-    )?);
+    let ram = vmm::find_ram(&qemu, paths, state)?;
+    let uffd = Arc::new(
+        restore::take_over_uffd(
+            state,
+            qmp,
+            &qemu,
+            userfaultfd_sys::UFFD_FEATURE_MISSING_SHMEM
+                | userfaultfd_sys::UFFD_FEATURE_MINOR_SHMEM
+                | userfaultfd_sys::UFFD_FEATURE_EVENT_REMOVE,
+        )
+        .await?,
+    );
     // RAM is complete: a dying thaw must release the guest, not hang it.
     uffd.close_remote()?;
     let mut registered = Vec::new();

@@ -38,7 +38,7 @@ use crate::ops::restore::{
     RestoreError, RECORD_FILE,
 };
 use crate::remote::uffd;
-use crate::vmm::{self, Qmp, VmPaths, VmState};
+use crate::vmm::{self, VmPaths, VmState};
 
 /// What `thaw recover` did; its `--json` output.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -161,7 +161,7 @@ pub async fn recover(
     // read (and answer no QMP meanwhile): read events until the engine
     // serves them.
     let drainer = EventDrainer::start(uffd.clone())?;
-    let mut qmp = Qmp::connect(&paths.qmp).await?;
+    let mut qmp = state.monitor(&paths).await?;
     let run_state = qmp.run_state().await?;
     log::info!("recovering {name}: QEMU {} is {run_state}", pid.pid());
     match run_state.as_str() {
@@ -181,12 +181,17 @@ pub async fn recover(
         }
     }
 
+    // The dead restore may have left x-ignore-shared on.
+    if vmm::libvirt::IgnoreSharedMark::present(&paths.dir) {
+        qmp.clear_ignore_shared().await?;
+        vmm::libvirt::IgnoreSharedMark::remove(&paths.dir);
+    }
     // A guest the dead restore resumed owns what RAM holds, even when it
     // is paused now (the user paused it, or thaw died right before `cont`).
     let resumed = stats.guest_was_running || record.resumed;
     let image = Arc::new(Image::open(&record.image)?);
     check_layout(&image.meta().layout, &state.layout)?;
-    let ram = vmm::find_ram(&pid, &paths, &state.layout)?;
+    let ram = vmm::find_ram(&pid, &paths, &state)?;
     let blocks = block_maps(&pid, &ram, &state.layout)?;
     if !resumed && record.mode == Mode::Ws {
         // The working-set prefetch writes into the page cache, which a kill

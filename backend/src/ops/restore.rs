@@ -359,7 +359,21 @@ pub async fn restore(path: &Path, opts: &RestoreOptions) -> Result<RestoreStats,
             cfg.serial = Some(serial.with_file_name(format!("{name}-{file}")));
         }
     }
-    let launched = vmm::launch(&cfg, &meta.accel, true).await?;
+    let launched = match &meta.libvirt {
+        Some(saved) => {
+            if opts.name.is_some() {
+                return Err(RestoreError::Io {
+                    context: "--name".into(),
+                    source: std::io::Error::other(format!(
+                        "the image holds libvirt domain {}, which comes back under its own name and UUID (define a copy with another name in libvirt instead)",
+                        saved.name
+                    )),
+                });
+            }
+            vmm::libvirt::launch_incoming(saved).await?
+        }
+        None => vmm::launch(&cfg, &meta.accel, true).await?,
+    };
     let launch_ms = ms(started.elapsed());
     let pid = launched.state.qemu_pid;
     let (paths, state) = (launched.paths.clone(), launched.state.clone());
@@ -417,7 +431,7 @@ async fn run(
     // dead restore, a concurrent `thaw save` is refused.
     let _lock = crate::ops::owner::OwnerLock::acquire(&paths, "restore")?;
     let qemu_pid = &state.qemu().map_err(vmm::QemuError::from)?;
-    let ram = vmm::find_ram(qemu_pid, &paths, &state.layout)?;
+    let ram = vmm::find_ram(qemu_pid, &paths, &state)?;
 
     // Take over QEMU's userfaultfd and register all guest RAM before
     // anything can touch it. Minor faults (first touches of pages already
@@ -434,7 +448,7 @@ async fn run(
     let features = userfaultfd_sys::UFFD_FEATURE_MISSING_SHMEM
         | userfaultfd_sys::UFFD_FEATURE_EVENT_REMOVE
         | if with_minor { minor } else { 0 };
-    let uffd = Arc::new(uffd::take_over(qemu_pid, features)?);
+    let uffd = Arc::new(take_over_uffd(&state, &mut qmp, qemu_pid, features).await?);
     for m in &ram {
         if with_minor {
             uffd.register_missing_minor(m.start, m.len)?;
@@ -475,7 +489,7 @@ async fn run(
         if opts.mode == Mode::Eager {
             filler = Some(engine.start_fill(bar.clone())?);
         }
-        let device_state_ms = load_device_state(&mut qmp, device_state).await?;
+        let device_state_ms = load_device_state(&mut qmp, &paths, &state, device_state).await?;
         let mut fill_time = Duration::ZERO;
         if let Some(f) = filler.take() {
             fill_time = finish_fill(f, &engine).await?;
@@ -749,15 +763,45 @@ fn write_record(path: &Path, record: &RecoveryRecord) -> Result<(), RestoreError
     std::fs::rename(&tmp, path).map_err(io)
 }
 
+/// Takes over a userfaultfd in QEMU: created by QEMU itself, or, for a
+/// libvirt domain (whose QEMU runs unprivileged and may not call
+/// `userfaultfd(2)`), through an fd of `/dev/userfaultfd` thaw hands it.
+pub(crate) async fn take_over_uffd(
+    state: &vmm::VmState,
+    qmp: &mut vmm::Qmp,
+    qemu: &crate::remote::process::QemuProcess,
+    features: u64,
+) -> Result<uffd::RemoteUffd, RestoreError> {
+    if state.libvirt.is_none() {
+        return Ok(uffd::take_over(qemu, features)?);
+    }
+    let device = vmm::libvirt::plant_uffd_device(qmp, qemu).await?;
+    let taken = uffd::take_over_with(qemu, features, Some(device));
+    vmm::libvirt::release_uffd_device(qmp).await;
+    Ok(taken?)
+}
+
 /// Feeds the verified device state to QEMU through a pipe and waits until
 /// QEMU has loaded it. Returns the load time in ms.
-async fn load_device_state(qmp: &mut vmm::Qmp, data: Vec<u8>) -> Result<f64, RestoreError> {
+async fn load_device_state(
+    qmp: &mut vmm::Qmp,
+    paths: &vmm::VmPaths,
+    state: &vmm::VmState,
+    data: Vec<u8>,
+) -> Result<f64, RestoreError> {
     let io = |context: &str| {
         let context = context.to_string();
         move |source| RestoreError::Io { context, source }
     };
     let (rd, wr) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)
         .map_err(|e| io("creating a pipe")(e.into()))?;
+    let mark = match state.libvirt {
+        Some(_) => Some(
+            vmm::libvirt::IgnoreSharedMark::set(&paths.dir)
+                .map_err(|e| vmm::QemuError::Libvirt(e.to_string()))?,
+        ),
+        None => None,
+    };
     qmp.set_migration_capabilities(&["x-ignore-shared", "events"])
         .await?;
     qmp.execute_with_fd("getfd", json!({ "fdname": "thaw-restore" }), rd.as_fd())
@@ -772,6 +816,15 @@ async fn load_device_state(qmp: &mut vmm::Qmp, data: Vec<u8>) -> Result<f64, Res
         .await?;
     let loaded = qmp.wait_migration(DEVICE_LOAD_TIMEOUT).await;
     let elapsed = ms(t.elapsed());
+    // Off again once loaded: left on, a later save that is not thaw's
+    // (`virsh save`) would leave guest RAM out. (A failed load ends with
+    // QEMU stopped.)
+    if loaded.is_ok() {
+        qmp.clear_ignore_shared().await?;
+        if let Some(mark) = mark {
+            mark.clear();
+        }
+    }
     let written = writer
         .join()
         .map_err(|_| RestoreError::Panicked("device-state writer"))?;

@@ -74,6 +74,9 @@ pub struct SaveOptions {
     pub leave_paused: bool,
     /// Where the RAM copy reports its progress.
     pub progress: crate::progress::SharedProgress,
+    /// The VM is a libvirt domain at this URI (`qemu:///system`): thaw
+    /// takes it on first ([`vmm::libvirt::attach`]).
+    pub libvirt: Option<String>,
 }
 
 /// What a save did, for humans and `--json`.
@@ -100,7 +103,10 @@ pub struct SaveReport {
 /// owner lock: a running `thaw track` is stopped first (its last estimate
 /// is stored), any other holder (a restore, a checkpoint) makes it refuse.
 pub async fn save(name: &str, image: &Path, opts: &SaveOptions) -> Result<SaveReport, SaveError> {
-    let (paths, _) = VmState::load(name)?;
+    let paths = match &opts.libvirt {
+        Some(uri) => vmm::libvirt::attach(uri, name).await?.0,
+        None => VmState::load(name)?.0,
+    };
     let owner = OwnerLock::acquire_after_tracker(&paths, "save", TRACKER_PATIENCE).await?;
     save_owned(name, image, opts, &owner).await
 }
@@ -145,9 +151,28 @@ async fn save_locked(
 ) -> Result<SaveReport, SaveError> {
     let started = Instant::now();
     let (paths, state) = (paths.clone(), state.clone());
-    let mut qmp = Qmp::connect(&paths.qmp).await?;
+    let mut qmp = state.monitor(&paths).await?;
     let run_state = qmp.run_state().await?;
     let was_running = run_state == "running";
+    // What brings a libvirt domain back under libvirt: its XML as `virsh
+    // save` keeps it.
+    let libvirt = match &state.libvirt {
+        Some(l) => {
+            let domain = vmm::libvirt::LibvirtDomain::open(&l.uri, &l.name)
+                .map_err(|e| vmm::QemuError::Libvirt(e.to_string()))?;
+            let xml = domain
+                .xml(true)
+                .and_then(|x| vmm::libvirt::without_incoming(&x))
+                .map_err(|e| vmm::QemuError::Libvirt(e.to_string()))?;
+            Some(vmm::libvirt::LibvirtImage {
+                uri: l.uri.clone(),
+                name: l.name.clone(),
+                uuid: l.uuid.clone(),
+                xml,
+            })
+        }
+        None => None,
+    };
     let mut writer = ImageWriter::create(image, state.layout.clone(), opts.force)?;
 
     let paused = Instant::now();
@@ -175,6 +200,7 @@ async fn save_locked(
         qemu_version: state.qemu_version.clone(),
         accel: state.accel.clone(),
         vm: state.config.clone(),
+        libvirt,
     }) {
         Ok(s) => s,
         Err(e) => {
@@ -252,17 +278,35 @@ async fn write_image(
     progress: &dyn crate::progress::Progress,
 ) -> Result<(f64, u64, u64), SaveError> {
     let device_file = writer.device_state_file()?;
-    qmp.set_migration_capabilities(&["x-ignore-shared", "events"])
+    let mark = match state.libvirt {
+        Some(_) => Some(
+            vmm::libvirt::IgnoreSharedMark::set(&paths.dir)
+                .map_err(|e| vmm::QemuError::Libvirt(e.to_string()))?,
+        ),
+        None => None,
+    };
+    let migrated = async {
+        qmp.set_migration_capabilities(&["x-ignore-shared", "events"])
+            .await?;
+        qmp.execute_with_fd(
+            "getfd",
+            json!({ "fdname": "thaw-save" }),
+            device_file.as_fd(),
+        )
         .await?;
-    qmp.execute_with_fd(
-        "getfd",
-        json!({ "fdname": "thaw-save" }),
-        device_file.as_fd(),
-    )
-    .await?;
-    qmp.execute("migrate", json!({ "uri": "fd:thaw-save" }))
-        .await?;
-    qmp.wait_migration(DEVICE_STATE_TIMEOUT).await?;
+        qmp.execute("migrate", json!({ "uri": "fd:thaw-save" }))
+            .await?;
+        qmp.wait_migration(DEVICE_STATE_TIMEOUT).await
+    }
+    .await;
+    // Off again whatever happened: left on, a later save that is not
+    // thaw's would leave guest RAM out.
+    let cleared = qmp.clear_ignore_shared().await;
+    if let (Ok(()), Some(mark)) = (&cleared, mark) {
+        mark.clear();
+    }
+    migrated?;
+    cleared?;
     let device_state_ms = ms(paused.elapsed());
     let device_state_bytes = device_file
         .metadata()
@@ -274,7 +318,7 @@ async fn write_image(
     log::info!("device state: {device_state_bytes} bytes in {device_state_ms:.1} ms");
 
     let qemu = state.qemu().map_err(vmm::QemuError::from)?;
-    let ram = vmm::find_ram(&qemu, paths, &state.layout)?;
+    let ram = vmm::find_ram(&qemu, paths, state)?;
     let scanned = copy_ram(&qemu, &ram, &state.layout, writer, progress)?;
     Ok((device_state_ms, device_state_bytes, scanned))
 }

@@ -55,7 +55,7 @@ pub enum TrackError {
 }
 
 /// How `thaw track` scans.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct TrackOptions {
     /// Time between scans.
     pub interval: Duration,
@@ -67,6 +67,8 @@ pub struct TrackOptions {
     pub estimator: Estimator,
     /// Dirty: synchronous write-protect faults even where `WP_ASYNC` exists.
     pub sync_wp: bool,
+    /// The VM is a libvirt domain at this URI: thaw takes it on first.
+    pub libvirt: Option<String>,
 }
 
 /// What tracking did, for humans and `--json`.
@@ -109,10 +111,13 @@ pub async fn track(
     if !matches!(opts.estimator, Estimator::Abit | Estimator::Dirty) {
         return Err(TrackError::Estimator(opts.estimator.name()));
     }
-    let (paths, state) = VmState::load(name)?;
+    let (paths, state) = match &opts.libvirt {
+        Some(uri) => vmm::libvirt::attach(uri, name).await?,
+        None => VmState::load(name)?,
+    };
     let _owner = OwnerLock::acquire(&paths, "track")?;
     let qemu = state.qemu().map_err(vmm::QemuError::from)?;
-    let ram = vmm::find_ram(&qemu, &paths, &state.layout)?;
+    let ram = vmm::find_ram(&qemu, &paths, &state)?;
     let ram: Vec<(RamMapping, u64)> = ram
         .into_iter()
         .zip(&state.layout.blocks)
@@ -143,7 +148,21 @@ pub async fn track(
     let mut writes = None;
     let t = Instant::now();
     if opts.estimator == Estimator::Dirty {
-        let w = crate::observe::dirty::WriteTracker::start(&qemu, ram.clone(), opts.sync_wp)?;
+        // A libvirt domain's QEMU runs unprivileged: it creates its
+        // userfaultfd through /dev/userfaultfd, handed over its monitor.
+        let mut monitor = None;
+        let mut device = None;
+        if state.libvirt.is_some() {
+            let mut qmp = state.monitor(&paths).await?;
+            device = Some(vmm::libvirt::plant_uffd_device(&mut qmp, &qemu).await?);
+            monitor = Some(qmp);
+        }
+        let started =
+            crate::observe::dirty::WriteTracker::start(&qemu, ram.clone(), opts.sync_wp, device);
+        if let Some(qmp) = &mut monitor {
+            vmm::libvirt::release_uffd_device(qmp).await;
+        }
+        let w = started?;
         report.sync_wp = w.synchronous();
         writes = Some(w);
     } else {

@@ -278,6 +278,23 @@ pub struct RemoteUffd {
 ///
 /// On failure nothing is left behind in the owner.
 pub fn take_over(process: &QemuProcess, features: u64) -> Result<RemoteUffd, UffdError> {
+    take_over_with(process, features, None)
+}
+
+/// `ioctl(2)` request of `/dev/userfaultfd` that creates a userfaultfd
+/// for the calling process (`USERFAULTFD_IOC_NEW`, `_IO(0xAA, 0x00)`).
+const USERFAULTFD_IOC_NEW: u64 = 0xAA00;
+
+/// [`take_over`] for an owner that may not call `userfaultfd(2)` itself
+/// (a QEMU that runs unprivileged, as libvirt starts it): with
+/// `device_fd_in_owner`, an fd of `/dev/userfaultfd` that thaw opened and
+/// passed to the owner, the owner creates its userfaultfd with
+/// `USERFAULTFD_IOC_NEW` on that fd instead.
+pub fn take_over_with(
+    process: &QemuProcess,
+    features: u64,
+    device_fd_in_owner: Option<i32>,
+) -> Result<RemoteUffd, UffdError> {
     let pid = process.pid();
     // Check the features on a local userfaultfd first, so a kernel that
     // lacks them is reported by name before QEMU is touched.
@@ -304,7 +321,16 @@ pub fn take_over(process: &QemuProcess, features: u64) -> Result<RemoteUffd, Uff
     let started = std::time::Instant::now();
     let mut inj = Injector::attach(process)?;
     let flags = (libc::O_CLOEXEC | libc::O_NONBLOCK) as u64;
-    let ret = inj.syscall(libc::SYS_userfaultfd, &[flags])?;
+    let ret = match device_fd_in_owner {
+        None => inj.syscall(libc::SYS_userfaultfd, &[flags])?,
+        Some(dev) => {
+            let dev = u64::try_from(dev).map_err(|_| UffdError::Create {
+                pid,
+                errno: Errno::EBADF,
+            })?;
+            inj.syscall(libc::SYS_ioctl, &[dev, USERFAULTFD_IOC_NEW, flags])?
+        }
+    };
     if ret < 0 {
         return Err(UffdError::Create {
             pid,

@@ -5,6 +5,7 @@
 //! QEMU is reached only through a [`QemuProcess`] handle (a pidfd checked
 //! against the start time recorded in `vm.json`), never by a bare pid.
 
+pub mod libvirt;
 pub mod qmp;
 
 use std::fs::{self, DirBuilder, File, OpenOptions};
@@ -51,6 +52,8 @@ pub enum QemuError {
     RamNotFound { id: String, path: PathBuf, pid: i32 },
     #[error("QEMU (pid {0}) did not exit within {1:?}")]
     StuckQemu(i32, Duration),
+    #[error("{0}")]
+    Libvirt(String),
     #[error("{0} is a symbolic link; thaw refuses to follow it for guest RAM or runtime files: remove it")]
     Symlink(PathBuf),
     #[error("{path} belongs to uid {owner}, not to this user; thaw keeps guest RAM only in its own directories: remove it or set {var}")]
@@ -70,7 +73,10 @@ pub fn refuse_symlink(path: &Path) -> Result<(), QemuError> {
     }
 }
 
-fn fs_err<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> QemuError + 'a {
+pub(crate) fn fs_err<'a>(
+    what: &'static str,
+    path: &'a Path,
+) -> impl FnOnce(std::io::Error) -> QemuError + 'a {
     move |source| QemuError::Fs {
         what,
         path: path.to_owned(),
@@ -158,6 +164,10 @@ pub struct VmState {
     pub serial: PathBuf,
     /// Creation time (seconds since the epoch).
     pub started_unix: u64,
+    /// Set for a libvirt domain: thaw did not start its QEMU and reaches
+    /// it through libvirtd.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub libvirt: Option<libvirt::LibvirtRecord>,
 }
 
 impl VmState {
@@ -202,13 +212,34 @@ impl VmState {
         QemuProcess::open_vm(&self.config.name, self.qemu_pid, self.qemu_start_time)
     }
 
+    /// The RAM file of memory backend `id` (where QEMU opened it).
+    pub fn ram_file(&self, paths: &VmPaths, id: &str) -> PathBuf {
+        match &self.libvirt {
+            Some(l) => l.ram_dir.join(id),
+            None => paths.ram_file(id),
+        }
+    }
+
+    /// A monitor session with this VM's QEMU: its QMP socket, or libvirtd
+    /// for a libvirt domain.
+    pub async fn monitor(&self, paths: &VmPaths) -> Result<Qmp, QemuError> {
+        match &self.libvirt {
+            Some(l) => {
+                let domain = libvirt::LibvirtDomain::open(&l.uri, &l.name)
+                    .map_err(|e| QemuError::Libvirt(e.to_string()))?;
+                Ok(Qmp::libvirt(std::sync::Arc::new(domain)))
+            }
+            None => Ok(Qmp::connect(&paths.qmp).await?),
+        }
+    }
+
     /// Whether this VM's QEMU (the recorded process, not whatever has its
     /// pid now) is still running.
     pub fn qemu_alive(&self) -> bool {
         self.qemu().is_ok_and(|q| q.alive())
     }
 
-    fn store(&self, paths: &VmPaths) -> Result<(), QemuError> {
+    pub(crate) fn store(&self, paths: &VmPaths) -> Result<(), QemuError> {
         let tmp = paths.dir.join("vm.json.tmp");
         let text = serde_json::to_vec_pretty(self)
             .map_err(std::io::Error::other)
@@ -249,7 +280,7 @@ fn write_private(path: &Path, data: &[u8]) -> Result<(), QemuError> {
     f.write_all(data).map_err(fs_err("cannot write", path))
 }
 
-fn create_private_dir(path: &Path) -> Result<(), QemuError> {
+pub(crate) fn create_private_dir(path: &Path) -> Result<(), QemuError> {
     DirBuilder::new()
         .recursive(false)
         .mode(0o700)
@@ -257,7 +288,7 @@ fn create_private_dir(path: &Path) -> Result<(), QemuError> {
         .map_err(fs_err("cannot create directory", path))
 }
 
-fn ensure_root_dir(path: &Path) -> Result<(), QemuError> {
+pub(crate) fn ensure_root_dir(path: &Path) -> Result<(), QemuError> {
     refuse_symlink(path)?;
     if let Ok(m) = fs::symlink_metadata(path) {
         // /dev/shm is world-writable: someone else could have made the
@@ -292,7 +323,19 @@ fn ensure_dir(path: &Path) -> Result<(), QemuError> {
 
 /// The run state of a VM through its query monitor, or `busy` if QEMU
 /// does not answer within a few seconds (e.g. a migration holds it).
-pub async fn query_run_state(paths: &VmPaths) -> String {
+pub async fn query_run_state(paths: &VmPaths, state: &VmState) -> String {
+    if let Some(l) = &state.libvirt {
+        // libvirt's own view, without a monitor command.
+        return match libvirt::LibvirtDomain::open(&l.uri, &l.name) {
+            Ok(d) => tokio::task::spawn_blocking(move || d.state())
+                .await
+                .unwrap_or_else(|_| "unknown".into()),
+            Err(e) => {
+                log::debug!("querying {}: {e}", paths.name);
+                "unknown".into()
+            }
+        };
+    }
     let ask = async {
         let mut q = Qmp::connect(&paths.query).await?;
         q.run_state().await
@@ -662,14 +705,20 @@ async fn launch_in(
         qemu_start_time: qemu.start_time(),
         qemu_version,
         serial,
-        started_unix: std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0),
+        started_unix: now_unix(),
+        libvirt: None,
     };
     check_memdevs(&mut qmp, &state.layout).await?;
     state.store(&paths)?;
     Ok(Launched { paths, state, qmp })
+}
+
+/// Seconds since the epoch.
+pub(crate) fn now_unix() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 fn remove_dir_files(dir: &Path) {
@@ -715,7 +764,7 @@ pub fn check_version(version: &str) -> Result<(), QemuError> {
 }
 
 /// Checks QEMU's memory backends against the expected layout.
-async fn check_memdevs(qmp: &mut Qmp, layout: &RamLayout) -> Result<(), QemuError> {
+pub(crate) async fn check_memdevs(qmp: &mut Qmp, layout: &RamLayout) -> Result<(), QemuError> {
     let devs = qmp.execute("query-memdev", json!({})).await?;
     for block in &layout.blocks {
         let found = devs
@@ -762,8 +811,9 @@ pub struct RamMapping {
 pub fn find_ram(
     qemu: &QemuProcess,
     paths: &VmPaths,
-    layout: &RamLayout,
+    state: &VmState,
 ) -> Result<Vec<RamMapping>, QemuError> {
+    let layout = &state.layout;
     let pid = qemu.pid().as_raw();
     let maps_path = PathBuf::from(format!("/proc/{pid}/maps"));
     let maps = fs::read_to_string(&maps_path).map_err(fs_err("cannot read", &maps_path))?;
@@ -779,7 +829,10 @@ pub fn find_ram(
         .collect();
     let mut out = Vec::new();
     for block in &layout.blocks {
-        let file = paths.ram_file(&block.id).to_string_lossy().into_owned();
+        let file = state
+            .ram_file(paths, &block.id)
+            .to_string_lossy()
+            .into_owned();
         let deleted = format!("{file} (deleted)");
         let same = |t: &str| t == file || t == deleted;
         let not_found = || QemuError::RamNotFound {
@@ -841,6 +894,21 @@ pub async fn stop(paths: &VmPaths, state: &VmState, force: bool) -> Result<(), Q
         Err(e) => return Err(e.into()),
     };
     let pid = state.qemu_pid;
+    if let Some(l) = &state.libvirt {
+        // libvirt's QEMU is stopped by libvirt (`virsh destroy`), which
+        // cleans up after it; thaw's record goes.
+        let destroyed = libvirt::LibvirtDomain::open(&l.uri, &l.name).and_then(|d| d.destroy());
+        if let Err(e) = destroyed {
+            if qemu.alive() {
+                return Err(QemuError::Libvirt(e.to_string()));
+            }
+        }
+        if !qemu.wait_exit(Duration::from_secs(30)).await {
+            return Err(QemuError::StuckQemu(pid, Duration::from_secs(30)));
+        }
+        remove_runtime(paths);
+        return Ok(());
+    }
     let mut quit_sent = false;
     if !force {
         if let Ok(mut qmp) = Qmp::connect(&paths.qmp).await {

@@ -1,11 +1,16 @@
 //! A small asynchronous QMP client: connect and negotiate, run commands
 //! (optionally passing a file descriptor with `SCM_RIGHTS`), and wait for
 //! events such as `MIGRATION` with a deadline.
+//!
+//! A libvirt domain's QEMU is reached through libvirt instead
+//! ([`Qmp::libvirt`]): its commands pass through libvirtd, with no events,
+//! so a migration is followed by polling `query-migrate`.
 
 use std::collections::VecDeque;
 use std::io::IoSlice;
 use std::os::fd::{AsRawFd, BorrowedFd};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
@@ -39,15 +44,33 @@ pub enum QmpError {
     Timeout(Duration, String),
     #[error("passing a file descriptor to QEMU failed: {0}")]
     SendFd(nix::Error),
+    #[error("libvirt: {0}")]
+    Libvirt(String),
+    #[error("not possible: {0}")]
+    Unsupported(String),
 }
 
 /// A negotiated QMP session.
 pub struct Qmp {
+    transport: Transport,
+}
+
+enum Transport {
+    /// QEMU's own monitor socket (VMs thaw started).
+    Socket(SocketSession),
+    /// Commands passed through libvirtd to a libvirt domain's QEMU.
+    Libvirt(Arc<super::libvirt::LibvirtDomain>),
+}
+
+struct SocketSession {
     reader: BufReader<OwnedReadHalf>,
     writer: OwnedWriteHalf,
     events: VecDeque<Value>,
     line: String,
 }
+
+/// How often a migration through libvirt (no events) is polled.
+const MIGRATION_POLL: Duration = Duration::from_millis(20);
 
 /// Default deadline for a single QMP command.
 pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(60);
@@ -62,22 +85,114 @@ impl Qmp {
                 source,
             })?;
         let (r, w) = stream.into_split();
-        let mut qmp = Qmp {
+        let mut session = SocketSession {
             reader: BufReader::new(r),
             writer: w,
             events: VecDeque::new(),
             line: String::new(),
         };
-        let greeting = timeout(COMMAND_TIMEOUT, qmp.read_message())
+        let greeting = timeout(COMMAND_TIMEOUT, session.read_message())
             .await
             .map_err(|_| QmpError::Timeout(COMMAND_TIMEOUT, "the QMP greeting".into()))??;
         if greeting.get("QMP").is_none() {
             log::warn!("unexpected QMP greeting: {greeting}");
         }
+        let mut qmp = Qmp {
+            transport: Transport::Socket(session),
+        };
         qmp.execute("qmp_capabilities", json!({})).await?;
         Ok(qmp)
     }
 
+    /// A session with a libvirt domain's QEMU through libvirtd
+    /// (`virDomainQemuMonitorCommand`: libvirt marks the domain tainted
+    /// `custom-monitor`). `stop` and `cont` become libvirt's suspend and
+    /// resume, so libvirt's idea of the domain's state stays right.
+    pub fn libvirt(domain: Arc<super::libvirt::LibvirtDomain>) -> Qmp {
+        Qmp {
+            transport: Transport::Libvirt(domain),
+        }
+    }
+
+    /// Whether commands pass through libvirt (no events, no fd passing
+    /// except through [`Qmp::execute_with_fd`]).
+    pub fn is_libvirt(&self) -> bool {
+        matches!(self.transport, Transport::Libvirt(_))
+    }
+
+    /// Runs `command` and returns its `return` value.
+    pub async fn execute(&mut self, command: &str, arguments: Value) -> Result<Value, QmpError> {
+        match &mut self.transport {
+            Transport::Socket(s) => s.execute(command, arguments).await,
+            Transport::Libvirt(d) => libvirt_call(d, command, arguments, None).await,
+        }
+    }
+
+    /// Runs `command` with `fd` attached (`SCM_RIGHTS`), as `getfd` and
+    /// `add-fd` expect.
+    pub async fn execute_with_fd(
+        &mut self,
+        command: &str,
+        arguments: Value,
+        fd: BorrowedFd<'_>,
+    ) -> Result<Value, QmpError> {
+        match &mut self.transport {
+            Transport::Socket(s) => s.execute_with_fd(command, arguments, fd).await,
+            Transport::Libvirt(d) => {
+                let owned = fd.try_clone_to_owned()?;
+                libvirt_call(d, command, arguments, Some(owned)).await
+            }
+        }
+    }
+
+    /// Waits for an event named `name` whose `data` satisfies `pred`;
+    /// earlier queued events are considered first. Not available through
+    /// libvirt.
+    pub async fn wait_event(
+        &mut self,
+        name: &str,
+        within: Duration,
+        pred: impl FnMut(&Value) -> bool,
+    ) -> Result<Value, QmpError> {
+        match &mut self.transport {
+            Transport::Socket(s) => s.wait_event(name, within, pred).await,
+            Transport::Libvirt(_) => Err(QmpError::Unsupported(format!(
+                "waiting for QMP event {name} through libvirt"
+            ))),
+        }
+    }
+}
+
+/// One command through libvirtd, on a blocking thread (libvirt's calls
+/// block), with the same deadline as a socket command.
+async fn libvirt_call(
+    domain: &Arc<super::libvirt::LibvirtDomain>,
+    command: &str,
+    arguments: Value,
+    fd: Option<std::os::fd::OwnedFd>,
+) -> Result<Value, QmpError> {
+    let domain = domain.clone();
+    let name = command.to_string();
+    let call = tokio::task::spawn_blocking(move || match (name.as_str(), &fd) {
+        ("stop", None) => domain.suspend().map(|()| json!({})),
+        ("cont", None) => domain.resume().map(|()| json!({})),
+        _ => domain.monitor_command(&name, &arguments, fd.as_ref()),
+    });
+    let reply = timeout(COMMAND_TIMEOUT, call)
+        .await
+        .map_err(|_| QmpError::Timeout(COMMAND_TIMEOUT, format!("QMP command {command}")))?
+        .map_err(|e| QmpError::Io(std::io::Error::other(e)))?;
+    reply.map_err(|e| match e {
+        super::libvirt::LibvirtError::Qmp { class, desc } => QmpError::Command {
+            command: command.to_string(),
+            class,
+            desc,
+        },
+        other => QmpError::Libvirt(other.to_string()),
+    })
+}
+
+impl SocketSession {
     async fn read_message(&mut self) -> Result<Value, QmpError> {
         self.line.clear();
         let n = self.reader.read_line(&mut self.line).await?;
@@ -87,8 +202,7 @@ impl Qmp {
         Ok(serde_json::from_str(self.line.trim_end())?)
     }
 
-    /// Runs `command` and returns its `return` value.
-    pub async fn execute(&mut self, command: &str, arguments: Value) -> Result<Value, QmpError> {
+    async fn execute(&mut self, command: &str, arguments: Value) -> Result<Value, QmpError> {
         let mut msg = json!({ "execute": command });
         if arguments.as_object().is_some_and(|o| !o.is_empty()) {
             msg["arguments"] = arguments;
@@ -99,9 +213,7 @@ impl Qmp {
         self.await_return(command).await
     }
 
-    /// Runs `command` with `fd` attached (`SCM_RIGHTS`), as `getfd` and
-    /// `add-fd` expect.
-    pub async fn execute_with_fd(
+    async fn execute_with_fd(
         &mut self,
         command: &str,
         arguments: Value,
@@ -166,9 +278,7 @@ impl Qmp {
         }
     }
 
-    /// Waits for an event named `name` whose `data` satisfies `pred`;
-    /// earlier queued events are considered first.
-    pub async fn wait_event(
+    async fn wait_event(
         &mut self,
         name: &str,
         within: Duration,
@@ -189,7 +299,9 @@ impl Qmp {
             }
         }
     }
+}
 
+impl Qmp {
     /// Enables migration capabilities (`x-ignore-shared`, `events`, ...).
     pub async fn set_migration_capabilities(&mut self, caps: &[&str]) -> Result<(), QmpError> {
         let caps: Vec<Value> = caps
@@ -201,9 +313,45 @@ impl Qmp {
         Ok(())
     }
 
+    /// Turns `x-ignore-shared` off again. Left on, a later migration that
+    /// is not thaw's (`virsh save`) would silently leave guest RAM out.
+    /// A migration that just ended may still be finishing ("in
+    /// progress"), so that refusal is retried for a while.
+    pub async fn clear_ignore_shared(&mut self) -> Result<(), QmpError> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let off =
+                json!({ "capabilities": [{ "capability": "x-ignore-shared", "state": false }] });
+            match self.execute("migrate-set-capabilities", off).await {
+                Ok(_) => return Ok(()),
+                Err(QmpError::Command { desc, .. })
+                    if desc.contains("in progress") && Instant::now() < deadline =>
+                {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Whether QEMU has `x-ignore-shared` on.
+    pub async fn ignore_shared(&mut self) -> Result<bool, QmpError> {
+        let caps = self
+            .execute("query-migrate-capabilities", json!({}))
+            .await?;
+        Ok(caps
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|c| c["capability"] == "x-ignore-shared" && c["state"].as_bool() == Some(true)))
+    }
+
     /// Waits until the migration in progress has completed; a failed
     /// migration becomes an error carrying QEMU's description.
     pub async fn wait_migration(&mut self, within: Duration) -> Result<(), QmpError> {
+        if self.is_libvirt() {
+            return self.poll_migration(within).await;
+        }
         let ev = self
             .wait_event("MIGRATION", within, |d| {
                 matches!(
@@ -232,7 +380,32 @@ impl Qmp {
         })
     }
 
-    /// The VM's run state (`running`, `paused`, `inmigrate`, `postmigrate`, ...).
+    /// [`Qmp::wait_migration`] without events: polls `query-migrate`.
+    async fn poll_migration(&mut self, within: Duration) -> Result<(), QmpError> {
+        let deadline = Instant::now() + within;
+        loop {
+            let info = self.execute("query-migrate", json!({})).await?;
+            match info["status"].as_str() {
+                Some("completed") => return Ok(()),
+                Some(status @ ("failed" | "cancelled")) => {
+                    return Err(QmpError::Command {
+                        command: "migrate".into(),
+                        class: status.to_string(),
+                        desc: info["error-desc"]
+                            .as_str()
+                            .unwrap_or("migration failed")
+                            .to_string(),
+                    })
+                }
+                _ => {}
+            }
+            if Instant::now() >= deadline {
+                return Err(QmpError::Timeout(within, "the migration".into()));
+            }
+            tokio::time::sleep(MIGRATION_POLL).await;
+        }
+    }
+
     /// `cont`, for a VM whose outgoing migration just completed: QEMU
     /// announces completion before it has finished cleaning up, and refuses
     /// `cont` until then ("Migration is not finalized yet") without an
@@ -252,6 +425,7 @@ impl Qmp {
         }
     }
 
+    /// The VM's run state (`running`, `paused`, `inmigrate`, `postmigrate`, ...).
     pub async fn run_state(&mut self) -> Result<String, QmpError> {
         let st = self.execute("query-status", json!({})).await?;
         Ok(st["status"].as_str().unwrap_or("unknown").to_string())

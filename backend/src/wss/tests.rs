@@ -167,6 +167,7 @@ fn write_other_image(dir: &Path) {
             .expect("run");
     }
     w.finish(crate::image::ImageInfo {
+        libvirt: None,
         qemu_version: "10.0.2".into(),
         accel: "tcg".into(),
         vm: crate::config::VmConfig::parse(
