@@ -284,13 +284,23 @@ enum Command {
         /// throughput after each method's first restore) into this directory.
         #[arg(long)]
         out: Option<PathBuf>,
+        /// Run the VM as a libvirt domain (its XML made from the config)
+        /// and compare with what libvirt users do: methods virsh (virsh
+        /// save + restore) and virsh-sparse (--image-format sparse
+        /// --parallel) instead of stock and mapped-ram; no probes.
+        #[command(flatten)]
+        libvirt: LibvirtArgs,
     },
     /// Describe an image: VM, QEMU, RAM layout, sizes, working sets.
     Inspect { image: PathBuf },
     /// List running VMs.
     List,
     /// Show a VM's state.
-    Status { name: String },
+    Status {
+        name: String,
+        #[command(flatten)]
+        libvirt: LibvirtArgs,
+    },
     /// Run a QMP command on a VM's second monitor (`query.sock` in its
     /// runtime directory), which thaw never holds for long: usable while a
     /// save or restore holds the main one, e.g.
@@ -572,8 +582,11 @@ async fn run(cli: Cli) -> Result<()> {
             out,
             no_limits,
             probe_ms,
+            libvirt,
         } => {
-            let methods = if methods.is_empty() {
+            let methods = if methods.is_empty() && libvirt.libvirt {
+                crate::bench::Method::all_libvirt()
+            } else if methods.is_empty() {
                 crate::bench::Method::all()
             } else {
                 methods
@@ -604,6 +617,7 @@ async fn run(cli: Cli) -> Result<()> {
                         dir,
                         limits: !no_limits,
                         probe_period: (probe_ms > 0).then(|| Duration::from_millis(probe_ms)),
+                        libvirt: libvirt.uri(),
                     };
                     crate::bench::run(&opts).await.context("benchmark")?
                 }
@@ -721,8 +735,11 @@ async fn run(cli: Cli) -> Result<()> {
             println!("{}", serde_json::to_string_pretty(&reply)?);
             Ok(())
         }
-        Command::Status { name } => {
-            let (paths, state) = VmState::load(&name)?;
+        Command::Status { name, libvirt } => {
+            let (paths, state) = match libvirt.uri() {
+                Some(uri) => vmm::libvirt::attach(&uri, &name).await?,
+                None => VmState::load(&name)?,
+            };
             let status = vmm::query_run_state(&paths, &state).await;
             let restore = thaw::ops::recover::progress(&paths);
             let ignore_shared = vmm::libvirt::IgnoreSharedMark::present(&paths.dir);

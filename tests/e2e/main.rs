@@ -22,6 +22,7 @@ mod concurrency;
 mod faults;
 mod foreign;
 mod harness;
+mod libvirt;
 mod secrets;
 mod working_set;
 

@@ -14,6 +14,7 @@
 //! for `settle` after its RAM is resident.
 
 pub mod console;
+pub mod libvirt;
 pub mod plot;
 pub mod probe;
 pub mod ttr;
@@ -57,9 +58,11 @@ pub enum BenchError {
     #[error(transparent)]
     Track(#[from] track::TrackError),
     #[error(
-        "unknown method {0:?}: use stock, mapped-ram, eager, lazy or ws:<learned|trace|abit|dirty>"
+        "unknown method {0:?}: use stock, mapped-ram, eager, lazy or ws:<learned|trace|abit|dirty> (with --libvirt: virsh, virsh-sparse instead of stock, mapped-ram)"
     )]
     Method(String),
+    #[error("{0}")]
+    Libvirt(String),
     #[error(
         "the guest printed no THAW-TPUT reports within {0:?}: does its config set thaw.tput_ms?"
     )]
@@ -86,6 +89,11 @@ pub enum Method {
     Stock,
     /// Stock QEMU: a `mapped-ram` file loaded by multifd threads.
     MappedRam,
+    /// libvirt: `virsh save` + `virsh restore`.
+    Virsh,
+    /// libvirt ≥ 10: `virsh save --image-format sparse --parallel` +
+    /// `virsh restore --parallel` (mapped-ram).
+    VirshSparse,
     Eager,
     Lazy,
     Ws(Estimator),
@@ -96,6 +104,8 @@ impl Method {
         Ok(match text {
             "stock" => Method::Stock,
             "mapped-ram" => Method::MappedRam,
+            "virsh" => Method::Virsh,
+            "virsh-sparse" => Method::VirshSparse,
             "eager" => Method::Eager,
             "lazy" => Method::Lazy,
             "ws:learned" => Method::Ws(Estimator::Learned),
@@ -110,6 +120,8 @@ impl Method {
         match self {
             Method::Stock => "stock".into(),
             Method::MappedRam => "mapped-ram".into(),
+            Method::Virsh => "virsh".into(),
+            Method::VirshSparse => "virsh-sparse".into(),
             Method::Eager => "eager".into(),
             Method::Lazy => "lazy".into(),
             Method::Ws(e) => format!("ws:{}", e.name()),
@@ -121,6 +133,18 @@ impl Method {
         let mut all = vec![
             Method::Stock,
             Method::MappedRam,
+            Method::Eager,
+            Method::Lazy,
+        ];
+        all.extend(Estimator::PREFERENCE.iter().map(|&e| Method::Ws(e)));
+        all
+    }
+
+    /// Every method of a libvirt bench: virsh's instead of QEMU's.
+    pub fn all_libvirt() -> Vec<Method> {
+        let mut all = vec![
+            Method::Virsh,
+            Method::VirshSparse,
             Method::Eager,
             Method::Lazy,
         ];
@@ -153,6 +177,8 @@ pub struct BenchOptions {
     /// Interactive probe period (a `PROBE` request on the console); None:
     /// no probes.
     pub probe_period: Option<Duration>,
+    /// Run the VM as a libvirt domain at this URI and compare with virsh.
+    pub libvirt: Option<String>,
 }
 
 /// One restore.
@@ -265,25 +291,50 @@ pub struct BenchReport {
     pub limits: Option<MachineLimits>,
     pub summary: Vec<MethodSummary>,
     pub runs: Vec<MethodRun>,
+    /// The libvirt URI when the VM ran as a libvirt domain.
+    #[serde(default)]
+    pub libvirt: Option<String>,
 }
 
 /// Runs the benchmark described by `opts`.
 pub async fn run(opts: &BenchOptions) -> Result<BenchReport, BenchError> {
     let cfg = VmConfig::load(&opts.config)?;
     let name = cfg.name.clone();
+    let uri = opts.libvirt.as_deref();
+    check_methods(opts)?;
     if let Ok((paths, state)) = VmState::load(&name) {
         vmm::stop(&paths, &state, true).await?;
+    }
+    if let Some(uri) = uri {
+        libvirt::destroy(uri, &name)?;
     }
     std::fs::create_dir_all(&opts.dir).map_err(io(format!("creating {}", opts.dir.display())))?;
     let image = opts.dir.join("thaw.img");
     let stock_file = opts.dir.join("stock.mig");
     let mapped_file = opts.dir.join("mapped-ram.mig");
+    let virsh_file = opts.dir.join("virsh.save");
+    let sparse_file = opts.dir.join("virsh-sparse.save");
 
     // Boot and warm up.
     let accel = vmm::resolve_accel(&cfg)?;
-    let launched = vmm::launch(&cfg, accel, false).await?;
-    let serial = launched.state.serial.clone();
-    drop(launched);
+    let serial = match uri {
+        Some(uri) => {
+            let serial = cfg
+                .serial
+                .clone()
+                .unwrap_or_else(|| opts.dir.join("console.log"));
+            if let Some(parent) = serial.parent() {
+                std::fs::create_dir_all(parent)
+                    .map_err(io(format!("creating {}", parent.display())))?;
+            }
+            libvirt::boot(uri, &libvirt::domain_xml(&cfg, accel, &serial))?;
+            serial
+        }
+        None => {
+            let launched = vmm::launch(&cfg, accel, false).await?;
+            launched.state.serial.clone()
+        }
+    };
     let tail = ConsoleTail::start(&serial, Instant::now()).map_err(io("reading the console"))?;
     let deadline = Instant::now() + opts.warmup + Duration::from_secs(300);
     while tail.reports().len() < 2 {
@@ -296,8 +347,10 @@ pub async fn run(opts: &BenchOptions) -> Result<BenchReport, BenchError> {
     }
     tokio::time::sleep(opts.warmup).await;
     let warm_from = tail.reports().len();
-    let console = vmm::VmPaths::new(&name).console;
-    let prober = start_prober(opts, &console, Instant::now())?;
+    // A libvirt domain has no console socket: its bench measures
+    // throughput only, without probes.
+    let console = uri.is_none().then(|| vmm::VmPaths::new(&name).console);
+    let prober = start_prober(opts, console.as_deref(), Instant::now())?;
     tokio::time::sleep(opts.measure).await;
     let warm_reports = tail.finish();
     let warm_probe_p50_ms = prober.and_then(|p| probe::summarize(&p.finish().0, 0.0).p50_ms);
@@ -327,31 +380,49 @@ pub async fn run(opts: &BenchOptions) -> Result<BenchReport, BenchError> {
                 duration: Some(Duration::from_secs(4)),
                 estimator: e,
                 sync_wp: false,
-                libvirt: None,
+                libvirt: opts.libvirt.clone(),
             };
             track::track(&name, t, std::future::pending()).await?;
         }
     }
-    thaw::ops::checkpoint::checkpoint(&name, &image, true, LearnWindow::default(), None).await?;
+    thaw::ops::checkpoint::checkpoint(&name, &image, true, LearnWindow::default(), uri).await?;
 
-    // Stock artifacts from the paused VM, then it goes.
-    let (paths, state) = VmState::load(&name)?;
-    let mut qmp = Qmp::connect(&paths.qmp).await?;
-    qmp.execute("stop", json!({})).await?;
-    if opts.methods.contains(&Method::Stock) {
-        stock_save(&mut qmp, &stock_file, false).await?;
-    }
-    if opts.methods.contains(&Method::MappedRam) {
-        if opts.methods.contains(&Method::Stock) {
-            // QEMU refuses a second migration from the post-migration
-            // state: run the guest for a moment in between.
-            qmp.cont_after_migration().await?;
-            qmp.execute("stop", json!({})).await?;
+    if let Some(uri) = uri {
+        // What a libvirt user has: virsh's save images. The domain can be
+        // saved once; it is restored (untimed) between the two saves.
+        let plain = opts.methods.contains(&Method::Virsh);
+        let sparse = opts.methods.contains(&Method::VirshSparse);
+        if plain {
+            libvirt::save(uri, &name, &virsh_file, false)?;
         }
-        stock_save(&mut qmp, &mapped_file, true).await?;
+        if sparse {
+            if plain {
+                libvirt::restore(uri, &virsh_file, false, Instant::now())?;
+            }
+            libvirt::save(uri, &name, &sparse_file, true)?;
+        }
+        stop_any(&name, uri).await?;
     }
-    drop(qmp);
-    vmm::stop(&paths, &state, false).await?;
+    if uri.is_none() {
+        // Stock artifacts from the paused VM, then it goes.
+        let (paths, state) = VmState::load(&name)?;
+        let mut qmp = Qmp::connect(&paths.qmp).await?;
+        qmp.execute("stop", json!({})).await?;
+        if opts.methods.contains(&Method::Stock) {
+            stock_save(&mut qmp, &stock_file, false).await?;
+        }
+        if opts.methods.contains(&Method::MappedRam) {
+            if opts.methods.contains(&Method::Stock) {
+                // QEMU refuses a second migration from the post-migration
+                // state: run the guest for a moment in between.
+                qmp.cont_after_migration().await?;
+                qmp.execute("stop", json!({})).await?;
+            }
+            stock_save(&mut qmp, &mapped_file, true).await?;
+        }
+        drop(qmp);
+        vmm::stop(&paths, &state, false).await?;
+    }
 
     let restore_opts = |mode, estimator, learn| RestoreOptions {
         mode,
@@ -374,7 +445,7 @@ pub async fn run(opts: &BenchOptions) -> Result<BenchReport, BenchError> {
             ),
         )
         .await?;
-        stop_vm(&name).await?;
+        stop_vm(&name, uri).await?;
     }
 
     let mut runs = Vec::new();
@@ -383,13 +454,23 @@ pub async fn run(opts: &BenchOptions) -> Result<BenchReport, BenchError> {
             drop_caches();
             let t0 = Instant::now();
             let tail = ConsoleTail::start(&serial, t0).map_err(io("reading the console"))?;
-            let prober = start_prober(opts, &console, t0)?;
+            let prober = start_prober(opts, console.as_deref(), t0)?;
             let mut r = match method {
                 Method::Stock => {
                     stock_restore(&cfg, accel, &stock_file, false, opts.read_limit, t0).await?
                 }
                 Method::MappedRam => {
                     stock_restore(&cfg, accel, &mapped_file, true, opts.read_limit, t0).await?
+                }
+                Method::Virsh | Method::VirshSparse => {
+                    let uri = uri.ok_or_else(|| BenchError::Method(method.name()))?;
+                    let sparse = method == Method::VirshSparse;
+                    let file = if sparse { &sparse_file } else { &virsh_file };
+                    let file = file.clone();
+                    let uri = uri.to_string();
+                    tokio::task::spawn_blocking(move || libvirt::restore(&uri, &file, sparse, t0))
+                        .await
+                        .map_err(|e| BenchError::Libvirt(e.to_string()))??
                 }
                 _ => {
                     let (mode, estimator) = match method {
@@ -423,7 +504,7 @@ pub async fn run(opts: &BenchOptions) -> Result<BenchReport, BenchError> {
             tokio::time::sleep(left).await;
             let reports = tail.finish();
             let (probes, probe_failed) = prober.map(Prober::finish).unwrap_or_default();
-            stop_vm(&name).await?;
+            stop_vm(&name, uri).await?;
             if probe_failed || reports.iter().any(|x| !x.ok || x.nonce != nonce) {
                 return Err(BenchError::Integrity(method.name()));
             }
@@ -467,6 +548,7 @@ pub async fn run(opts: &BenchOptions) -> Result<BenchReport, BenchError> {
         limits,
         summary,
         runs,
+        libvirt: opts.libvirt.clone(),
     })
 }
 
@@ -596,9 +678,47 @@ impl BenchReport {
     }
 }
 
-async fn stop_vm(name: &str) -> Result<(), BenchError> {
-    let (paths, state) = VmState::load(name)?;
-    vmm::stop(&paths, &state, false).await?;
+/// Stops the restored VM: through thaw's record, or (a domain virsh
+/// restored) through libvirt.
+async fn stop_vm(name: &str, uri: Option<&str>) -> Result<(), BenchError> {
+    match (VmState::load(name), uri) {
+        (Ok((paths, state)), _) => vmm::stop(&paths, &state, false).await?,
+        (Err(vmm::QemuError::NotRunning(_)), Some(uri)) => libvirt::destroy(uri, name)?,
+        (Err(e), _) => return Err(e.into()),
+    }
+    Ok(())
+}
+
+/// [`stop_vm`] for a domain that may be gone already.
+async fn stop_any(name: &str, uri: &str) -> Result<(), BenchError> {
+    if let Ok((paths, state)) = VmState::load(name) {
+        vmm::stop(&paths, &state, false).await?;
+    }
+    libvirt::destroy(uri, name)
+}
+
+/// Refuses methods that do not fit the kind of VM (and a read limit the
+/// virsh methods cannot honour).
+fn check_methods(opts: &BenchOptions) -> Result<(), BenchError> {
+    for &m in &opts.methods {
+        let fits = match m {
+            Method::Stock | Method::MappedRam => opts.libvirt.is_none(),
+            Method::Virsh | Method::VirshSparse => opts.libvirt.is_some(),
+            _ => true,
+        };
+        if !fits {
+            return Err(BenchError::Libvirt(format!(
+                "method {} is for {} VMs: with --libvirt use virsh and virsh-sparse, without it stock and mapped-ram",
+                m.name(),
+                if opts.libvirt.is_some() { "thaw's own" } else { "libvirt" }
+            )));
+        }
+        if opts.read_limit.is_some() && matches!(m, Method::Virsh | Method::VirshSparse) {
+            return Err(BenchError::Libvirt(
+                "--read-limit cannot pace virsh restore (libvirt reads the file itself): leave out virsh and virsh-sparse, or the limit".into(),
+            ));
+        }
+    }
     Ok(())
 }
 
@@ -724,11 +844,12 @@ async fn stock_restore(
 /// Starts the interactive probe on the console socket when asked for.
 fn start_prober(
     opts: &BenchOptions,
-    console: &Path,
+    console: Option<&Path>,
     t0: Instant,
 ) -> Result<Option<Prober>, BenchError> {
     opts.probe_period
-        .map(|p| Prober::start(console.to_path_buf(), t0, p))
+        .zip(console)
+        .map(|(p, console)| Prober::start(console.to_path_buf(), t0, p))
         .transpose()
         .map_err(io("starting the console probe"))
 }
@@ -755,13 +876,17 @@ impl BenchReport {
         let ms = |v: Option<f64>| v.map_or("—".to_string(), |v| format!("{v:.0}"));
         let probe_ms = |v: Option<f64>| v.map_or("—".to_string(), |v| format!("{v:.1}"));
         let mut out = format!(
-            "VM {} ({} RAM, {} non-zero pages, {}), warm throughput before the save {:.1} MiB/s{}\n\n\
+            "VM {} ({} RAM, {} non-zero pages, {}{}), warm throughput before the save {:.1} MiB/s{}\n\n\
              | method | running ms | TTR ms | all RAM resident ms | faults | MiB read | runs without TTR | first probe answered ms | probe p50 / max ms |\n\
              |---|---:|---:|---:|---:|---:|---:|---:|---:|\n",
             self.vm,
             self.memory,
             self.nonzero_pages,
             self.accel,
+            self.libvirt
+                .as_ref()
+                .map(|u| format!(", a libvirt domain at {u}"))
+                .unwrap_or_default(),
             self.warm_mib_per_s,
             self.read_limit.map_or(String::new(), |r| format!(
                 ", reads limited to {} MiB/s (thaw, and stock's stream; not mapped-ram)",

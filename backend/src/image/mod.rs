@@ -873,6 +873,16 @@ pub struct InspectReport {
     pub device_state_bytes: u64,
     pub pages_bytes: u64,
     pub index_bytes: u64,
+    /// The libvirt domain of the image (without its XML).
+    pub libvirt: Option<InspectLibvirt>,
+}
+
+/// A libvirt domain's identity in [`InspectReport`].
+#[derive(Clone, Debug, Serialize)]
+pub struct InspectLibvirt {
+    pub uri: String,
+    pub name: String,
+    pub uuid: String,
 }
 
 /// Describes an opened image.
@@ -896,6 +906,11 @@ pub fn inspect(image: &Image) -> InspectReport {
         device_state_bytes: m.device_state.len,
         pages_bytes: m.pages.len,
         index_bytes: m.index.len,
+        libvirt: m.libvirt.as_ref().map(|l| InspectLibvirt {
+            uri: l.uri.clone(),
+            name: l.name.clone(),
+            uuid: l.uuid.clone(),
+        }),
     }
 }
 
@@ -916,6 +931,13 @@ impl std::fmt::Display for InspectReport {
             self.accel,
             self.qemu_version
         )?;
+        if let Some(l) = &self.libvirt {
+            writeln!(
+                f,
+                "  libvirt domain {} ({}) at {}: `thaw restore` brings it back under libvirt",
+                l.name, l.uuid, l.uri
+            )?;
+        }
         for b in &self.layout.blocks {
             writeln!(
                 f,

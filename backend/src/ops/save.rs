@@ -296,7 +296,11 @@ async fn write_image(
         .await?;
         qmp.execute("migrate", json!({ "uri": "fd:thaw-save" }))
             .await?;
-        qmp.wait_migration(DEVICE_STATE_TIMEOUT).await
+        qmp.wait_migration(DEVICE_STATE_TIMEOUT).await?;
+        crate::failpoint::check("save-device-state").map_err(|source| SaveError::Io {
+            context: "device state".into(),
+            source,
+        })
     }
     .await;
     // Off again whatever happened: left on, a later save that is not

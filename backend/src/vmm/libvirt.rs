@@ -147,9 +147,20 @@ impl LibvirtDomain {
     /// with `VIR_DOMAIN_START_PAUSED`). A persistent domain of the same
     /// name and UUID runs with this XML as its live definition.
     pub fn create_paused(uri: &str, xml: &str) -> Result<LibvirtDomain, LibvirtError> {
+        Self::create(uri, xml, true)
+    }
+
+    /// Starts a transient domain from `xml` (`virsh create`), paused or
+    /// running.
+    pub fn create(uri: &str, xml: &str, paused: bool) -> Result<LibvirtDomain, LibvirtError> {
         let conn = connect(uri)?;
+        let flags = if paused {
+            virt::sys::VIR_DOMAIN_START_PAUSED
+        } else {
+            virt::sys::VIR_DOMAIN_NONE
+        };
         let domain = conn
-            .create_domain_xml(xml, virt::sys::VIR_DOMAIN_START_PAUSED)
+            .create_domain_xml(xml, flags)
             .map_err(|e| LibvirtError::Call {
                 name: inspect_name(xml).unwrap_or_default(),
                 message: e.message().to_string(),
@@ -989,6 +1000,22 @@ mod tests {
                 other => panic!("expected a refusal naming {needle}, got {other:?}"),
             }
         }
+    }
+
+    #[test]
+    fn example_domains_are_accepted() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/libvirt");
+        let mut seen = 0;
+        for entry in std::fs::read_dir(&dir).expect("configs/libvirt") {
+            let path = entry.expect("entry").path();
+            if path.extension().is_some_and(|e| e == "xml") {
+                let xml = std::fs::read_to_string(&path).expect("read");
+                inspect(&xml).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+                incoming_xml(&xml).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+                seen += 1;
+            }
+        }
+        assert!(seen >= 2, "no example domains in {}", dir.display());
     }
 
     #[test]

@@ -195,10 +195,18 @@ impl VmState {
                 | ProcessError::Reused { .. }
                 | ProcessError::NotQemu { .. }),
             ) => {
-                log::warn!(
-                    "QEMU of VM {name} (pid {}) has exited ({e}); removing its runtime files",
-                    state.qemu_pid
-                );
+                if state.libvirt.is_some() {
+                    // libvirt stops and starts its domains itself.
+                    log::info!(
+                        "libvirt domain {name}: the QEMU thaw knew (pid {}) has exited; removing thaw's record",
+                        state.qemu_pid
+                    );
+                } else {
+                    log::warn!(
+                        "QEMU of VM {name} (pid {}) has exited ({e}); removing its runtime files",
+                        state.qemu_pid
+                    );
+                }
                 remove_runtime(&paths);
                 Err(QemuError::NotRunning(name.to_string()))
             }

@@ -175,6 +175,8 @@ async fn libvirt_call(
     let name = command.to_string();
     let call = tokio::task::spawn_blocking(move || match (name.as_str(), &fd) {
         ("stop", None) => domain.suspend().map(|()| json!({})),
+        // QEMU takes `cont` of a running guest as a no-op; libvirt refuses.
+        ("cont", None) if domain.state() == "running" => Ok(json!({})),
         ("cont", None) => domain.resume().map(|()| json!({})),
         _ => domain.monitor_command(&name, &arguments, fd.as_ref()),
     });
