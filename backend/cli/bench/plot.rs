@@ -159,6 +159,7 @@ mod tests {
             ttr_definition: String::new(),
             limits: None,
             summary: vec![summary("stock"), summary("ws:learned")],
+            libvirt: None,
             runs: vec![
                 run("stock", &[0.0, 10.0, 100.0]),
                 run("ws:learned", &[90.0, 100.0]),
