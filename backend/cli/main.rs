@@ -287,7 +287,7 @@ enum Command {
         /// Run the VM as a libvirt domain (its XML made from the config)
         /// and compare with what libvirt users do: methods virsh (virsh
         /// save + restore) and virsh-sparse (--image-format sparse
-        /// --parallel) instead of stock and mapped-ram; no probes.
+        /// --parallel-channels 2) instead of stock and mapped-ram; no probes.
         #[command(flatten)]
         libvirt: LibvirtArgs,
     },

@@ -1,9 +1,9 @@
 //! `thaw bench --libvirt`: the same VM as a libvirt domain, and what a
 //! libvirt user does today to restore it: `virsh save` + `virsh restore`
 //! (a full migration stream behind libvirt's header), and on libvirt ≥ 10
-//! `virsh save --image-format sparse --parallel --parallel-channels N` +
-//! `virsh restore --parallel` (QEMU's mapped-ram format, loaded by multifd
-//! channels). The stock methods run `virsh` itself, exactly as a user
+//! `virsh save --image-format sparse --parallel-channels N` +
+//! `virsh restore --parallel-channels N` (QEMU's mapped-ram format, loaded
+//! by multifd channels). The stock methods run `virsh` itself, exactly as a user
 //! would type it.
 
 use std::path::Path;
@@ -151,7 +151,6 @@ pub fn save(uri: &str, name: &str, file: &Path, sparse: bool) -> Result<(), Benc
                 file,
                 "--image-format",
                 "sparse",
-                "--parallel",
                 "--parallel-channels",
                 &channels,
             ],
@@ -161,7 +160,7 @@ pub fn save(uri: &str, name: &str, file: &Path, sparse: bool) -> Result<(), Benc
     }
 }
 
-/// `virsh restore FILE` (with `sparse`: `--parallel`), timed from `t0`;
+/// `virsh restore FILE` (with `sparse`: `--parallel-channels`), timed from `t0`;
 /// virsh returns once the guest runs.
 pub fn restore(uri: &str, file: &Path, sparse: bool, t0: Instant) -> Result<MethodRun, BenchError> {
     let path = file
@@ -174,7 +173,6 @@ pub fn restore(uri: &str, file: &Path, sparse: bool, t0: Instant) -> Result<Meth
             &[
                 "restore",
                 path,
-                "--parallel",
                 "--parallel-channels",
                 &channels,
             ],

@@ -91,8 +91,8 @@ pub enum Method {
     MappedRam,
     /// libvirt: `virsh save` + `virsh restore`.
     Virsh,
-    /// libvirt ≥ 10: `virsh save --image-format sparse --parallel` +
-    /// `virsh restore --parallel` (mapped-ram).
+    /// libvirt ≥ 10: `virsh save --image-format sparse --parallel-channels N` +
+    /// `virsh restore --parallel-channels N` (mapped-ram).
     VirshSparse,
     Eager,
     Lazy,
