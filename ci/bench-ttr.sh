@@ -11,6 +11,8 @@
 #   ram       RAM 1, 2, 4, 8 GiB (3/4 filled), 64 MiB hot set: stock vs ws
 #   hot       2 GiB RAM, hot set 16, 64, 256, 512 MiB: stock vs ws
 #   patterns  2 GiB, skewed and phase-change access patterns
+#   libvirt   the main guest as a libvirt domain: virsh, virsh-sparse and thaw
+#             (needs ci/setup-libvirt.sh; not part of the default set)
 # Environment: RUNS (default 3), FILL_LIMIT for paced/ram/hot/patterns (default 128M).
 # Output: target/bench/ttr-<scenario>[-<variant>]/{bench.json,bench.md,throughput.svg}
 set -euo pipefail
@@ -50,6 +52,10 @@ scenarios=("$@")
 for s in "${scenarios[@]}"; do
   case $s in
   main) bench main configs/bench-tput-2g.yaml ;;
+  libvirt)
+    bash ci/setup-libvirt.sh >&2
+    bench libvirt configs/bench-tput-2g.yaml --libvirt
+    ;;
   paced)
     bench paced configs/bench-tput-2g.yaml --methods stock,eager,lazy,ws:learned,ws:trace \
       --fill-limit "$pace" --no-limits

@@ -10,6 +10,8 @@ echo "== host setup"
 bash ci/setup-host.sh
 echo "== libvirt (for the libvirt end-to-end tests)"
 bash ci/setup-libvirt.sh
+# Stop the daemons this run started (none it found running).
+trap 'bash ci/setup-libvirt.sh stop' EXIT
 echo "== guest kit"
 bash tests/guest/build.sh
 echo "== format and lints"

@@ -713,11 +713,14 @@ async fn run(cli: Cli) -> Result<()> {
                 args.is_object(),
                 "QMP arguments must be a JSON object, not {arguments}"
             );
-            let (paths, _) = VmState::load(&name)?;
+            let (paths, state) = VmState::load(&name)?;
             let ask = async {
-                let mut qmp = vmm::Qmp::connect(&paths.query)
-                    .await
-                    .with_context(|| format!("connecting to VM {name}'s monitor"))?;
+                // A libvirt domain's commands pass through libvirtd.
+                let mut qmp = match state.libvirt {
+                    Some(_) => state.monitor(&paths).await,
+                    None => vmm::Qmp::connect(&paths.query).await.map_err(Into::into),
+                }
+                .with_context(|| format!("connecting to VM {name}'s monitor"))?;
                 qmp.execute(&command, args)
                     .await
                     .with_context(|| format!("QMP {command} on VM {name}"))

@@ -231,6 +231,19 @@ fn libvirt_domain_restores_under_libvirt_and_survives_virsh_save_restore() {
     let uuid = d.uuid();
     let before = d.vm.wait_ticks(3);
 
+    // Write tracking through /dev/userfaultfd handed to the unprivileged
+    // QEMU; the save below stores its estimate.
+    d.vm.thaw(&[
+        "track",
+        d.name(),
+        "--libvirt",
+        "--estimator",
+        "dirty",
+        "--duration-ms",
+        "3000",
+    ]);
+    assert_eq!(d.state(), "running");
+
     // A checkpoint keeps the domain running and traces its working set.
     let cp = d.vm.dir.join("checkpoint");
     d.vm.thaw(&[
@@ -251,6 +264,14 @@ fn libvirt_domain_restores_under_libvirt_and_survives_virsh_save_restore() {
     let image = d.save("image");
     let info = d.vm.inspect(&image);
     assert_eq!(info["libvirt"]["name"], d.name(), "{info}");
+    assert!(
+        info["working_sets"]
+            .as_array()
+            .expect("working sets")
+            .iter()
+            .any(|w| w["estimator"] == "dirty" && w["pages"].as_u64() > Some(0)),
+        "{info}"
+    );
     let stats =
         d.vm.restore_with(&image, &["--mode", "lazy", "--read-limit", "16M"]);
     stats.assert_fields();

@@ -168,15 +168,7 @@ pub fn restore(uri: &str, file: &Path, sparse: bool, t0: Instant) -> Result<Meth
         .ok_or_else(|| BenchError::Libvirt("non-UTF-8 path".into()))?;
     let channels = PARALLEL_CHANNELS.to_string();
     if sparse {
-        virsh(
-            uri,
-            &[
-                "restore",
-                path,
-                "--parallel-channels",
-                &channels,
-            ],
-        )?;
+        virsh(uri, &["restore", path, "--parallel-channels", &channels])?;
     } else {
         virsh(uri, &["restore", path])?;
     }

@@ -255,7 +255,12 @@ pub async fn recover(
         if !resumed {
             qmp.execute("cont", json!({})).await?;
         } else if !stats.guest_was_running {
-            log::warn!("VM {name} stays paused as it was (resume it with `thaw qmp {name} cont`)");
+            let how = if state.libvirt.is_some() {
+                format!("virsh resume {name}")
+            } else {
+                format!("thaw qmp {name} cont")
+            };
+            log::warn!("VM {name} stays paused as it was (resume it with `{how}`)");
         }
         Ok::<_, RestoreError>(())
     }

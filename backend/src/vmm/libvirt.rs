@@ -1003,6 +1003,21 @@ mod tests {
     }
 
     #[test]
+    fn a_ram_directory_on_disk_is_refused_naming_memory_backing_dir() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let on_tmpfs = nix::sys::statfs::statfs(dir)
+            .is_ok_and(|f| f.filesystem_type() == nix::sys::statfs::TMPFS_MAGIC);
+        match check_ram_dir(dir, "t") {
+            Err(LibvirtError::Refused { reason, .. }) => {
+                assert!(reason.contains("memory_backing_dir"), "{reason}")
+            }
+            Ok(()) => assert!(on_tmpfs, "{} is not tmpfs but was accepted", dir.display()),
+            Err(e) => panic!("{e}"),
+        }
+        check_ram_dir(Path::new("/dev/shm"), "t").expect("/dev/shm is tmpfs");
+    }
+
+    #[test]
     fn example_domains_are_accepted() {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/libvirt");
         let mut seen = 0;
