@@ -42,13 +42,13 @@ missing=""
 for p in $pkgs; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'ok installed' || missing="$missing $p"
 done
-if [ -n "$missing" ] || [ "$(libvirt_major)" -lt 10 ] 2>/dev/null; then
+if [ -n "$missing" ] || [ "$(libvirt_major)" -lt 11 ] 2>/dev/null; then
   # ci/setup-host.sh has enabled backports (QEMU 10 comes from there).
   [ -f /etc/apt/sources.list.d/thaw-backports.sources ] || bash "$(dirname "$0")/setup-host.sh"
   # shellcheck disable=SC2086
   apt-get install -y -q --no-install-recommends -t "${codename}-backports" $pkgs
 fi
-[ "$(libvirt_major)" -ge 10 ] || { echo "libvirt >= 10 is required; found $(virsh --version)" >&2; exit 1; }
+[ "$(libvirt_major)" -ge 11 ] || { echo "libvirt >= 11 is required; found $(virsh --version)" >&2; exit 1; }
 
 # The thaw block of qemu.conf.
 begin="# >>> thaw"

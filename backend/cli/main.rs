@@ -382,7 +382,11 @@ fn main() {
             std::process::exit(2);
         }
     };
-    if let Err(e) = rt.block_on(run(cli)) {
+    let result = rt.block_on(run(cli));
+    // A libvirt call that timed out may still block its thread: never
+    // wait for it on the way out.
+    rt.shutdown_timeout(Duration::from_millis(100));
+    if let Err(e) = result {
         eprintln!("thaw: {}", error_chain(&e));
         std::process::exit(1);
     }

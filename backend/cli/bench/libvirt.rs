@@ -28,7 +28,13 @@ fn xml_escape(text: &str) -> String {
 
 /// The domain XML for a bench VM config: its RAM a shared file backend
 /// (per NUMA cell), direct kernel boot, the serial console into `serial`.
-pub fn domain_xml(cfg: &VmConfig, accel: &str, serial: &Path) -> String {
+pub fn domain_xml(cfg: &VmConfig, accel: &str, serial: &Path) -> Result<String, BenchError> {
+    if cfg.numa_nodes > cfg.cpus {
+        return Err(BenchError::Libvirt(format!(
+            "libvirt needs a vCPU per NUMA cell: the config has {} nodes and {} cpus",
+            cfg.numa_nodes, cfg.cpus
+        )));
+    }
     let mib = cfg.memory.0 >> 20;
     let numa = if cfg.numa_nodes > 1 {
         let per = mib / u64::from(cfg.numa_nodes);
@@ -54,7 +60,7 @@ pub fn domain_xml(cfg: &VmConfig, accel: &str, serial: &Path) -> String {
     } else {
         "qemu"
     };
-    format!(
+    Ok(format!(
         "<domain type='{kind}'>
   <name>{name}</name>
   <memory unit='MiB'>{mib}</memory>
@@ -84,7 +90,7 @@ pub fn domain_xml(cfg: &VmConfig, accel: &str, serial: &Path) -> String {
         append = xml_escape(cfg.append.as_deref().unwrap_or("")),
         qemu = xml_escape(&which(&cfg.qemu)),
         serial = xml_escape(&serial.display().to_string()),
-    )
+    ))
 }
 
 /// libvirt wants the emulator's full path.
@@ -99,6 +105,14 @@ fn which(program: &str) -> String {
                 .find(|p| p.is_file())
         })
         .map_or_else(|| program.to_string(), |p| p.display().to_string())
+}
+
+/// Whether `virsh save` can write the sparse (mapped-ram) format.
+pub fn virsh_has_sparse_save() -> bool {
+    Command::new("virsh")
+        .args(["help", "save"])
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("--image-format"))
 }
 
 /// Starts the domain (running).

@@ -327,7 +327,7 @@ pub async fn run(opts: &BenchOptions) -> Result<BenchReport, BenchError> {
                 std::fs::create_dir_all(parent)
                     .map_err(io(format!("creating {}", parent.display())))?;
             }
-            libvirt::boot(uri, &libvirt::domain_xml(&cfg, accel, &serial))?;
+            libvirt::boot(uri, &libvirt::domain_xml(&cfg, accel, &serial)?)?;
             serial
         }
         None => {
@@ -700,6 +700,12 @@ async fn stop_any(name: &str, uri: &str) -> Result<(), BenchError> {
 /// Refuses methods that do not fit the kind of VM (and a read limit the
 /// virsh methods cannot honour).
 fn check_methods(opts: &BenchOptions) -> Result<(), BenchError> {
+    if opts.methods.contains(&Method::VirshSparse) && !libvirt::virsh_has_sparse_save() {
+        return Err(BenchError::Libvirt(
+            "this virsh has no `save --image-format` (libvirt >= 11 has): leave out virsh-sparse"
+                .into(),
+        ));
+    }
     for &m in &opts.methods {
         let fits = match m {
             Method::Stock | Method::MappedRam => opts.libvirt.is_none(),

@@ -776,8 +776,8 @@ pub(crate) async fn take_over_uffd(
         return Ok(uffd::take_over(qemu, features)?);
     }
     let device = vmm::libvirt::plant_uffd_device(qmp, qemu).await?;
-    let taken = uffd::take_over_with(qemu, features, Some(device));
-    vmm::libvirt::release_uffd_device(qmp).await;
+    let taken = uffd::take_over_with(qemu, features, Some(device.fd));
+    vmm::libvirt::release_uffd_device(qmp, device).await;
     Ok(taken?)
 }
 

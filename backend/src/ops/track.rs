@@ -157,10 +157,14 @@ pub async fn track(
             device = Some(vmm::libvirt::plant_uffd_device(&mut qmp, &qemu).await?);
             monitor = Some(qmp);
         }
-        let started =
-            crate::observe::dirty::WriteTracker::start(&qemu, ram.clone(), opts.sync_wp, device);
-        if let Some(qmp) = &mut monitor {
-            vmm::libvirt::release_uffd_device(qmp).await;
+        let started = crate::observe::dirty::WriteTracker::start(
+            &qemu,
+            ram.clone(),
+            opts.sync_wp,
+            device.map(|d| d.fd),
+        );
+        if let (Some(qmp), Some(device)) = (&mut monitor, device) {
+            vmm::libvirt::release_uffd_device(qmp, device).await;
         }
         let w = started?;
         report.sync_wp = w.synchronous();

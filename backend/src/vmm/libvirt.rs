@@ -495,7 +495,9 @@ pub fn inspect(xml: &str) -> Result<DomainFacts, LibvirtError> {
 /// `-incoming defer` added in a `<qemu:commandline>` (QEMU then waits for
 /// the device state thaw feeds it; libvirt marks the domain `custom-argv`).
 pub fn incoming_xml(xml: &str) -> Result<String, LibvirtError> {
-    let doc = roxmltree::Document::parse(xml).map_err(|e| LibvirtError::Xml(e.to_string()))?;
+    // Never twice: the XML of a domain thaw restored may still carry it.
+    let xml = without_incoming(xml)?;
+    let doc = roxmltree::Document::parse(&xml).map_err(|e| LibvirtError::Xml(e.to_string()))?;
     let root = doc.root_element();
     let prefix = root
         .namespaces()
@@ -503,9 +505,6 @@ pub fn incoming_xml(xml: &str) -> Result<String, LibvirtError> {
         .and_then(|ns| ns.name().map(str::to_string));
     let range = root.range();
     let body = &xml[range.clone()];
-    let close = body
-        .rfind("</")
-        .ok_or_else(|| LibvirtError::Xml("<domain> is not closed".into()))?;
     let (prefix, declare) = match prefix {
         Some(p) => (p, String::new()),
         None => (
@@ -513,57 +512,100 @@ pub fn incoming_xml(xml: &str) -> Result<String, LibvirtError> {
             format!(" xmlns:thawqemu='{QEMU_NS}'"),
         ),
     };
-    // The start tag ends at the first '>' (XML attributes cannot hold one
-    // unescaped).
-    let tag_end = body
-        .find('>')
+    // The namespace goes right after the root's name.
+    let name_end = body[1..]
+        .find(|c: char| c.is_whitespace() || c == '>' || c == '/')
+        .map(|i| i + 1)
         .ok_or_else(|| LibvirtError::Xml("<domain> has no start tag".into()))?;
+    let ours = format!(
+        "  <{prefix}:commandline>\n    <{prefix}:arg value='-incoming'/>\n    <{prefix}:arg value='defer'/>\n  </{prefix}:commandline>\n"
+    );
     let mut out = String::with_capacity(xml.len() + 200);
     out.push_str(&xml[..range.start]);
-    out.push_str(&body[..tag_end]);
+    out.push_str(&body[..name_end]);
     out.push_str(&declare);
-    out.push_str(&body[tag_end..close]);
-    out.push_str(&format!(
-        "  <{prefix}:commandline>\n    <{prefix}:arg value='-incoming'/>\n    <{prefix}:arg value='defer'/>\n  </{prefix}:commandline>\n"
-    ));
-    out.push_str(&body[close..]);
+    if body.ends_with("/>") {
+        // `<domain .../>`: no children to add to (libvirt refuses it anyway).
+        out.push_str(&body[name_end..body.len() - 2]);
+        out.push_str(">\n");
+        out.push_str(&ours);
+        out.push_str(&format!("</{}>", root.tag_name().name()));
+    } else {
+        let close = body
+            .rfind("</")
+            .ok_or_else(|| LibvirtError::Xml("<domain> is not closed".into()))?;
+        out.push_str(&body[name_end..close]);
+        out.push_str(&ours);
+        out.push_str(&body[close..]);
+    }
     out.push_str(&xml[range.end..]);
     Ok(out)
 }
 
-/// The saved XML without the `<qemu:commandline>` a thaw restore added
-/// (`-incoming defer` alone): restoring again adds it once more.
+/// The saved XML without the `-incoming defer` a thaw restore added:
+/// the argument pair goes wherever it is (libvirt merges all
+/// `<qemu:commandline>` arguments into one element), and the element
+/// too once nothing else is left in it.
 pub fn without_incoming(xml: &str) -> Result<String, LibvirtError> {
     let doc = roxmltree::Document::parse(xml).map_err(|e| LibvirtError::Xml(e.to_string()))?;
-    let ours = doc.root_element().children().find(|c| {
-        c.tag_name().namespace() == Some(QEMU_NS) && c.tag_name().name() == "commandline" && {
-            let args: Vec<&str> = c
-                .children()
-                .filter(|a| a.is_element())
-                .map(|a| a.attribute("value").unwrap_or(""))
-                .collect();
-            args == ["-incoming", "defer"]
+    let is_qemu = |n: &roxmltree::Node, name: &str| {
+        n.is_element() && n.tag_name().namespace() == Some(QEMU_NS) && n.tag_name().name() == name
+    };
+    let mut cuts: Vec<std::ops::Range<usize>> = Vec::new();
+    for cmd in doc
+        .root_element()
+        .children()
+        .filter(|c| is_qemu(c, "commandline"))
+    {
+        let args: Vec<roxmltree::Node> = cmd.children().filter(|c| c.is_element()).collect();
+        let mut drop = vec![false; args.len()];
+        for i in 0..args.len().saturating_sub(1) {
+            if is_qemu(&args[i], "arg")
+                && args[i].attribute("value") == Some("-incoming")
+                && args[i + 1].attribute("value") == Some("defer")
+                && !drop[i]
+            {
+                drop[i] = true;
+                drop[i + 1] = true;
+            }
         }
-    });
-    Ok(match ours {
-        Some(node) => {
-            let r = node.range();
-            // With the indentation before it.
-            let start = xml[..r.start].trim_end_matches([' ', '\t']).len();
-            let end = if xml[r.end..].starts_with('\n') {
-                r.end + 1
-            } else {
-                r.end
-            };
-            let start = if xml[..start].ends_with('\n') {
-                start
-            } else {
-                r.start
-            };
-            format!("{}{}", &xml[..start], &xml[end..])
+        if !drop.iter().any(|&d| d) {
+            continue;
         }
-        None => xml.to_string(),
-    })
+        if drop.iter().all(|&d| d) {
+            cuts.push(with_line(xml, cmd.range()));
+        } else {
+            cuts.extend(
+                args.iter()
+                    .zip(&drop)
+                    .filter(|(_, &d)| d)
+                    .map(|(a, _)| with_line(xml, a.range())),
+            );
+        }
+    }
+    let mut out = String::with_capacity(xml.len());
+    let mut at = 0;
+    for cut in cuts {
+        out.push_str(&xml[at..cut.start]);
+        at = cut.end;
+    }
+    out.push_str(&xml[at..]);
+    Ok(out)
+}
+
+/// `range` widened to its whole line when nothing else is on it.
+fn with_line(xml: &str, range: std::ops::Range<usize>) -> std::ops::Range<usize> {
+    let before = &xml[..range.start];
+    let start = before.trim_end_matches([' ', '\t']).len();
+    let after = &xml[range.end..];
+    let rest = after.len() - after.trim_start_matches([' ', '\t']).len();
+    let own_line =
+        (start == 0 || before[..start].ends_with('\n')) && after[rest..].starts_with('\n');
+    if own_line {
+        start..range.end + rest + 1
+    } else {
+        range
+    }
 }
 
 /// Refuses a RAM directory where userfaultfd cannot serve shared RAM (it
@@ -719,6 +761,8 @@ pub async fn attach(
     let paths = super::VmPaths::new(name);
     match super::VmState::load(name) {
         Ok((paths, state)) => {
+            // libvirt may have restarted the domain since: the record is
+            // of the QEMU it names, which VmState::load checked is alive.
             return match &state.libvirt {
                 Some(l) if l.uuid == domain.uuid => Ok((paths, state)),
                 _ => Err(super::QemuError::Libvirt(format!(
@@ -729,6 +773,7 @@ pub async fn attach(
         Err(super::QemuError::NotRunning(_)) => {}
         Err(e) => return Err(e),
     }
+    leftover(&paths)?;
     let facts = inspect(&domain.xml(false).map_err(libvirt_err)?).map_err(libvirt_err)?;
     let domain = std::sync::Arc::new(domain);
     let (paths, state) = record(domain, &facts, paths).await?;
@@ -750,12 +795,6 @@ async fn record(
     let (layout, ram_dir) = ram_of(&mut qmp, facts).await?;
     check_ram_dir(&ram_dir, &facts.name).map_err(libvirt_err)?;
     super::check_memdevs(&mut qmp, &layout).await?;
-    super::ensure_root_dir(&super::runtime_root())?;
-    super::refuse_symlink(&paths.dir)?;
-    if paths.dir.exists() {
-        super::remove_runtime(&paths);
-    }
-    super::create_private_dir(&paths.dir)?;
     let state = super::VmState {
         config: config_of(facts),
         accel: if facts.domain_type == "kvm" {
@@ -777,11 +816,60 @@ async fn record(
             ram_dir,
         }),
     };
-    if let Err(e) = state.store(&paths) {
-        super::remove_runtime(&paths);
-        return Err(e);
-    }
+    publish(&paths, &state)?;
     Ok((paths, state))
+}
+
+/// Puts thaw's record of a domain in place atomically: written into a
+/// private directory that is then renamed to the runtime directory. Two
+/// thaws taking the same domain on at once never remove each other's
+/// files (lock, x-ignore-shared mark): the second finds the first's
+/// record.
+fn publish(paths: &super::VmPaths, state: &super::VmState) -> Result<(), super::QemuError> {
+    let root = super::runtime_root();
+    super::ensure_root_dir(&root)?;
+    super::refuse_symlink(&paths.dir)?;
+    let tmp = root.join(format!(".{}.new-{}", paths.name, std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    super::create_private_dir(&tmp)?;
+    let staged = super::VmPaths {
+        dir: tmp.clone(),
+        state: tmp.join("vm.json"),
+        ..paths.clone()
+    };
+    let result = state.store(&staged).and_then(|()| {
+        std::fs::rename(&tmp, &paths.dir).map_err(|e| match e.raw_os_error() {
+            Some(libc::EEXIST | libc::ENOTEMPTY) => super::QemuError::Libvirt(format!(
+                "another thaw is taking libvirt domain {} on right now (see `thaw status {} --libvirt`)",
+                paths.name, paths.name
+            )),
+            _ => super::fs_err("cannot create", &paths.dir)(e),
+        })
+    });
+    if result.is_err() {
+        let _ = std::fs::remove_dir_all(&tmp);
+    }
+    result
+}
+
+/// A runtime directory without a record (a thaw died before writing it,
+/// or its QEMU's record was just cleaned up): removed unless something
+/// in it is held or marked.
+fn leftover(paths: &super::VmPaths) -> Result<(), super::QemuError> {
+    if !paths.dir.exists() || paths.state.exists() {
+        return Ok(());
+    }
+    let busy = !matches!(crate::ops::owner::OwnerLock::holder(paths), Ok(None));
+    if busy || IgnoreSharedMark::present(&paths.dir) {
+        return Err(super::QemuError::Libvirt(format!(
+            "{} holds files of another thaw operation on {}: wait for it, or run `thaw recover {}`",
+            paths.dir.display(),
+            paths.name,
+            paths.name
+        )));
+    }
+    super::remove_runtime(paths);
+    Ok(())
 }
 
 /// Starts the domain of a saved image under libvirt, paused and waiting
@@ -804,6 +892,7 @@ pub async fn launch_incoming(saved: &LibvirtImage) -> Result<super::Launched, su
             Err(e) => return Err(e),
         }
     }
+    leftover(&paths)?;
     let xml = incoming_xml(&saved.xml).map_err(libvirt_err)?;
     let uri = saved.uri.clone();
     let domain = tokio::task::spawn_blocking(move || LibvirtDomain::create_paused(&uri, &xml))
@@ -826,64 +915,69 @@ pub async fn launch_incoming(saved: &LibvirtImage) -> Result<super::Launched, su
     }
 }
 
-/// Gives QEMU an fd of `/dev/userfaultfd` through the monitor (`getfd`)
-/// and returns its number inside QEMU; [`release_uffd_device`] closes it
-/// there. For a QEMU that runs unprivileged and so may not call
-/// `userfaultfd(2)`.
+/// An fd of `/dev/userfaultfd` that thaw handed to QEMU.
+#[derive(Clone, Copy, Debug)]
+pub struct UffdDevice {
+    /// Its number inside QEMU.
+    pub fd: i32,
+    /// The fd set QEMU keeps it in (`add-fd`).
+    fdset: i64,
+}
+
+/// What thaw's fd set is called inside QEMU (`query-fdsets`).
+const UFFD_DEVICE_OPAQUE: &str = "thaw-userfaultfd";
+
+/// Gives QEMU an fd of `/dev/userfaultfd` through the monitor (`add-fd`,
+/// whose answer names the fd inside QEMU); [`release_uffd_device`] closes
+/// it there. For a QEMU that runs unprivileged and so may not call
+/// `userfaultfd(2)` for kernel faults.
 pub async fn plant_uffd_device(
     qmp: &mut super::Qmp,
     qemu: &crate::remote::process::QemuProcess,
-) -> Result<i32, super::QemuError> {
+) -> Result<UffdDevice, super::QemuError> {
     let device = Path::new("/dev/userfaultfd");
     let file = std::fs::File::options()
         .read(true)
         .write(true)
         .open(device)
         .map_err(super::fs_err("cannot open", device))?;
-    let fds = |pid: i32| -> Vec<i32> {
-        std::fs::read_dir(format!("/proc/{pid}/fd"))
-            .into_iter()
-            .flatten()
-            .flatten()
-            .filter_map(|e| e.file_name().to_str()?.parse().ok())
-            .collect()
-    };
-    let pid = qemu.pid().as_raw();
-    let before = fds(pid);
-    qmp.execute_with_fd(
-        "getfd",
-        json!({ "fdname": UFFD_DEVICE_FDNAME }),
-        std::os::fd::AsFd::as_fd(&file),
-    )
-    .await?;
+    let added = qmp
+        .execute_with_fd(
+            "add-fd",
+            json!({ "opaque": UFFD_DEVICE_OPAQUE }),
+            std::os::fd::AsFd::as_fd(&file),
+        )
+        .await?;
     let want = std::os::unix::fs::MetadataExt::rdev(
         &file
             .metadata()
             .map_err(super::fs_err("cannot stat", device))?,
     );
-    let planted = fds(pid).into_iter().find(|fd| {
-        !before.contains(fd)
-            && std::fs::metadata(format!("/proc/{pid}/fd/{fd}"))
-                .is_ok_and(|m| std::os::unix::fs::MetadataExt::rdev(&m) == want)
+    let pid = qemu.pid().as_raw();
+    let fd = added["fd"].as_i64().and_then(|f| i32::try_from(f).ok());
+    let fdset = added["fdset-id"].as_i64();
+    // The number QEMU gave is checked against what is at it.
+    let is_device = fd.is_some_and(|fd| {
+        std::fs::metadata(format!("/proc/{pid}/fd/{fd}"))
+            .is_ok_and(|m| std::os::unix::fs::MetadataExt::rdev(&m) == want)
     });
-    match planted {
-        Some(fd) if qemu.alive() => Ok(fd),
-        _ => {
-            release_uffd_device(qmp).await;
-            Err(super::QemuError::Libvirt(
-                "the /dev/userfaultfd fd passed to QEMU is not in its fd table".into(),
-            ))
+    match (fd, fdset) {
+        (Some(fd), Some(fdset)) if is_device && qemu.alive() => Ok(UffdDevice { fd, fdset }),
+        (_, fdset) => {
+            if let Some(fdset) = fdset {
+                release_uffd_device(qmp, UffdDevice { fd: -1, fdset }).await;
+            }
+            Err(super::QemuError::Libvirt(format!(
+                "QEMU did not take the /dev/userfaultfd fd as expected (add-fd answered {added})"
+            )))
         }
     }
 }
 
-/// The monitor's name of the planted `/dev/userfaultfd` fd.
-const UFFD_DEVICE_FDNAME: &str = "thaw-userfaultfd";
-
 /// Closes the `/dev/userfaultfd` fd [`plant_uffd_device`] gave QEMU.
-pub async fn release_uffd_device(qmp: &mut super::Qmp) {
+pub async fn release_uffd_device(qmp: &mut super::Qmp, device: UffdDevice) {
     if let Err(e) = qmp
-        .execute("closefd", json!({ "fdname": UFFD_DEVICE_FDNAME }))
+        .execute("remove-fd", json!({ "fdset-id": device.fdset }))
         .await
     {
         log::warn!("cannot close the /dev/userfaultfd fd inside QEMU: {e}");
@@ -891,7 +985,7 @@ pub async fn release_uffd_device(qmp: &mut super::Qmp) {
 }
 
 /// How long a repair waits for QEMU's answer.
-const REPAIR_TIMEOUT: Duration = Duration::from_secs(10);
+const REPAIR_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Switches `x-ignore-shared` off in every libvirt domain whose mark a
 /// thaw that died left behind (no thaw operation holds the domain).
@@ -904,13 +998,15 @@ pub async fn repair_ignore_shared() -> Vec<String> {
         if !IgnoreSharedMark::present(&paths.dir) {
             continue;
         }
-        match crate::ops::owner::OwnerLock::holder(&paths) {
-            Ok(None) => {}
-            Ok(Some(_)) => continue,
-            Err(e) => {
-                log::debug!("{name}: {e}");
-                continue;
-            }
+        // Held across the switch-off and the mark's removal: an operation
+        // starting meanwhile waits for the repair, not the other way round.
+        let Ok(_lock) = crate::ops::owner::OwnerLock::acquire(&paths, "repair") else {
+            continue;
+        };
+        // An interrupted restore's QEMU may be blocked on a page nobody
+        // serves, its monitor silent: `thaw recover` repairs it.
+        if paths.dir.join(crate::ops::restore::RECORD_FILE).exists() {
+            continue;
         }
         let Ok((_, state)) = super::VmState::load(&name) else {
             continue;
@@ -920,8 +1016,15 @@ pub async fn repair_ignore_shared() -> Vec<String> {
             continue;
         };
         let fix = async {
-            let domain = std::sync::Arc::new(LibvirtDomain::open(&lv.uri, &lv.name)?);
-            let mut qmp = super::Qmp::libvirt(domain);
+            let (uri, domain_name) = (lv.uri.clone(), lv.name.clone());
+            let domain =
+                tokio::task::spawn_blocking(move || LibvirtDomain::open(&uri, &domain_name))
+                    .await
+                    .map_err(|e| LibvirtError::Call {
+                        name: name.clone(),
+                        message: e.to_string(),
+                    })??;
+            let mut qmp = super::Qmp::libvirt(std::sync::Arc::new(domain));
             qmp.clear_ignore_shared()
                 .await
                 .map_err(|e| LibvirtError::Call {
@@ -1074,5 +1177,29 @@ mod tests {
         // Saving a restored domain drops what the restore added.
         assert_eq!(without_incoming(&out).expect("stripped"), declared);
         assert_eq!(without_incoming(BASE).expect("unchanged"), BASE);
+        // Restoring that again adds it once, not twice.
+        assert_eq!(
+            incoming_xml(&out)
+                .expect("again")
+                .matches("'-incoming'")
+                .count(),
+            1
+        );
+        // libvirt merges every <qemu:commandline> argument into one element:
+        // only thaw's pair goes, the user's stay.
+        let merged = declared.replace(
+            "</devices>",
+            "</devices>\n  <qemu:commandline>\n    <qemu:arg value='-msg'/>\n    <qemu:arg value='timestamp=on'/>\n    <qemu:arg value='-incoming'/>\n    <qemu:arg value='defer'/>\n  </qemu:commandline>",
+        );
+        let kept = without_incoming(&merged).expect("stripped");
+        assert!(
+            !kept.contains("-incoming") && kept.contains("timestamp=on"),
+            "{kept}"
+        );
+        roxmltree::Document::parse(&kept).expect("still XML");
+        // An attribute holding '>' before the namespace is added.
+        let odd = BASE.replace("<domain type='qemu'>", "<domain type='qemu' id='a>b'>");
+        let out = incoming_xml(&odd).expect("rewritten");
+        assert_eq!(inspect(&out).expect("parses"), inspect(&odd).expect("base"));
     }
 }

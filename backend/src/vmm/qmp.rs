@@ -190,6 +190,13 @@ async fn libvirt_call(
             class,
             desc,
         },
+        // What libvirt's own calls refuse (resume, suspend) reads like a
+        // QEMU refusal, so retries on QEMU's words work through libvirt too.
+        super::libvirt::LibvirtError::Call { message, .. } => QmpError::Command {
+            command: command.to_string(),
+            class: "libvirt".into(),
+            desc: message,
+        },
         other => QmpError::Libvirt(other.to_string()),
     })
 }
