@@ -11,7 +11,8 @@
 //! migration stream (what `virsh save` writes) and a `mapped-ram` file;
 //! one learning restore when `ws:learned` is asked for. Then each method is
 //! restored `runs` times from a cold page cache (`drop_caches`) and watched
-//! for `settle` after its RAM is resident.
+//! for `settle` after its RAM is resident. With `--libvirt` the VM is a
+//! libvirt domain and the stock methods are virsh's ([`libvirt`]).
 
 pub mod console;
 pub mod libvirt;
