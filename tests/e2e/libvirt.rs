@@ -20,6 +20,8 @@ struct DomainSpec {
     numa_cells: u32,
     /// `<access mode='shared'/>` in `<memoryBacking>`.
     shared: bool,
+    /// `virsh define` + `virsh start` instead of `virsh create`.
+    persistent: bool,
 }
 
 impl Default for DomainSpec {
@@ -27,6 +29,7 @@ impl Default for DomainSpec {
         DomainSpec {
             numa_cells: 0,
             shared: true,
+            persistent: false,
         }
     }
 }
@@ -127,7 +130,12 @@ impl Domain {
         );
         let xml_path = dir.join("domain.xml");
         std::fs::write(&xml_path, xml).expect("write domain XML");
-        virsh(&["create", xml_path.to_str().expect("utf-8")]);
+        if spec.persistent {
+            virsh(&["define", xml_path.to_str().expect("utf-8")]);
+            virsh(&["start", &name]);
+        } else {
+            virsh(&["create", xml_path.to_str().expect("utf-8")]);
+        }
         let vm = Vm::attach(name, dir);
         let domain = Domain { vm };
         domain
@@ -168,8 +176,16 @@ impl Domain {
             .any(|c| c["capability"] == "x-ignore-shared" && c["state"] == true)
     }
 
-    /// `thaw save NAME IMAGE --libvirt --json`.
+    /// `thaw save NAME IMAGE --libvirt --json`; a transient domain is gone
+    /// afterwards.
     fn save(&self, file: &str) -> PathBuf {
+        let image = self.save_keeping_definition(file);
+        assert_eq!(self.state(), "", "the domain is still there after the save");
+        image
+    }
+
+    /// `thaw save NAME IMAGE --libvirt --json`.
+    fn save_keeping_definition(&self, file: &str) -> PathBuf {
         let image = self.vm.dir.join(file);
         self.vm.thaw(&[
             "save",
@@ -179,7 +195,6 @@ impl Domain {
             "--json",
         ]);
         assert!(image.join("meta.json").is_file());
-        assert_eq!(self.state(), "", "the domain is still there after the save");
         image
     }
 
@@ -207,6 +222,8 @@ fn walk(dir: &Path, out: &mut Vec<PathBuf>) {
 impl Drop for Domain {
     fn drop(&mut self) {
         let _ = virsh_raw(&["destroy", &self.vm.name]);
+        // A persistent test domain goes too (a transient one is gone).
+        let _ = virsh_raw(&["undefine", &self.vm.name]);
     }
 }
 
@@ -466,4 +483,40 @@ fn libvirt_two_numa_cells_restore_and_recover_after_a_killed_restore() {
     assert_eq!(d.state(), "running");
     assert!(!d.ignore_shared());
     d.vm.assert_continues_after(&before);
+}
+
+#[test]
+fn libvirt_persistent_domain_keeps_its_definition() {
+    let d = Domain::create(
+        "persist",
+        &DomainSpec {
+            persistent: true,
+            ..Default::default()
+        },
+    );
+    let before = d.vm.wait_ticks(3);
+    let defined = virsh(&["dumpxml", "--inactive", d.name()]);
+    let image = d.save_keeping_definition("image");
+    // As after `virsh save`: stopped, still defined.
+    assert_eq!(d.state(), "shut off");
+    d.vm.restore_with(&image, &["--mode", "lazy"])
+        .assert_fields();
+    assert_eq!(d.state(), "running");
+    let info = virsh(&["dominfo", d.name()]);
+    assert!(info.contains("Persistent:     yes"), "{info}");
+    d.vm.assert_continues_after(&before);
+    // The restore's extra argument is in the live definition only.
+    assert!(virsh(&["dumpxml", d.name()]).contains("-incoming"));
+    assert_eq!(virsh(&["dumpxml", "--inactive", d.name()]), defined);
+    // Saved and restored again by thaw: the argument does not pile up.
+    let again = d.save_keeping_definition("again");
+    d.vm.restore_with(&again, &["--mode", "ws"]).assert_fields();
+    assert_eq!(
+        virsh(&["dumpxml", d.name()]).matches("-incoming").count(),
+        1
+    );
+    d.vm.assert_keeps_ticking(&before.nonce, 10);
+    virsh(&["destroy", d.name()]);
+    assert_eq!(d.state(), "shut off");
+    assert_eq!(qemu_processes(d.name()), Vec::<i32>::new());
 }
