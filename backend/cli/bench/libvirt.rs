@@ -186,22 +186,5 @@ pub fn restore(uri: &str, file: &Path, sparse: bool, t0: Instant) -> Result<Meth
     } else {
         virsh(uri, &["restore", path])?;
     }
-    let running_ms = t0.elapsed().as_secs_f64() * 1000.0;
-    let bytes_read = std::fs::metadata(file)
-        .map(|m| std::os::unix::fs::MetadataExt::blocks(&m) * 512)
-        .unwrap_or(0);
-    Ok(MethodRun {
-        method: String::new(),
-        run: 0,
-        running_ms,
-        ttr_ms: None,
-        complete_ms: running_ms,
-        faults: 0,
-        bytes_read,
-        fill_mib_per_s: None,
-        fault_p50_us: None,
-        samples: Vec::new(),
-        steady_mib_per_s: None,
-        probes: Vec::new(),
-    })
+    Ok(MethodRun::stock(file, t0))
 }

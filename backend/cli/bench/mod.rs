@@ -211,6 +211,30 @@ pub struct MethodRun {
 }
 
 impl MethodRun {
+    /// A restore that read `file` whole before the guest ran (stock QEMU,
+    /// virsh), now running: started at `t0`.
+    pub fn stock(file: &Path, t0: Instant) -> MethodRun {
+        let running_ms = t0.elapsed().as_secs_f64() * 1000.0;
+        // Allocated bytes: a mapped-ram file is sparse where RAM was zero.
+        let bytes_read = std::fs::metadata(file)
+            .map(|m| std::os::unix::fs::MetadataExt::blocks(&m) * 512)
+            .unwrap_or(0);
+        MethodRun {
+            method: String::new(),
+            run: 0,
+            running_ms,
+            ttr_ms: None,
+            complete_ms: running_ms,
+            faults: 0,
+            bytes_read,
+            fill_mib_per_s: None,
+            fault_p50_us: None,
+            samples: Vec::new(),
+            steady_mib_per_s: None,
+            probes: Vec::new(),
+        }
+    }
+
     /// When the first probe was answered (ms from the restore's start).
     pub fn first_probe_answer_ms(&self) -> Option<f64> {
         self.probes
@@ -827,25 +851,7 @@ async fn stock_restore(
             .map_err(io("feeding the migration stream"))?;
     }
     qmp.execute("cont", json!({})).await?;
-    let running_ms = t0.elapsed().as_secs_f64() * 1000.0;
-    // Allocated bytes: a mapped-ram file is sparse where RAM was zero.
-    let bytes_read = std::fs::metadata(file)
-        .map(|m| std::os::unix::fs::MetadataExt::blocks(&m) * 512)
-        .unwrap_or(0);
-    Ok(MethodRun {
-        method: String::new(),
-        run: 0,
-        running_ms,
-        ttr_ms: None,
-        complete_ms: running_ms,
-        faults: 0,
-        bytes_read,
-        fill_mib_per_s: None,
-        fault_p50_us: None,
-        samples: Vec::new(),
-        steady_mib_per_s: None,
-        probes: Vec::new(),
-    })
+    Ok(MethodRun::stock(file, t0))
 }
 
 /// Starts the interactive probe on the console socket when asked for.
