@@ -143,15 +143,10 @@ impl LibvirtDomain {
         })
     }
 
-    /// Starts a transient domain from `xml`, paused (`virDomainCreateXML`
-    /// with `VIR_DOMAIN_START_PAUSED`). A persistent domain of the same
-    /// name and UUID runs with this XML as its live definition.
-    pub fn create_paused(uri: &str, xml: &str) -> Result<LibvirtDomain, LibvirtError> {
-        Self::create(uri, xml, true)
-    }
-
-    /// Starts a transient domain from `xml` (`virsh create`), paused or
-    /// running.
+    /// Starts a transient domain from `xml` (`virDomainCreateXML`, as
+    /// `virsh create`), paused (`VIR_DOMAIN_START_PAUSED`) or running. A
+    /// persistent domain of the same name and UUID runs with this XML as
+    /// its live definition.
     pub fn create(uri: &str, xml: &str, paused: bool) -> Result<LibvirtDomain, LibvirtError> {
         let conn = connect(uri)?;
         let flags = if paused {
@@ -895,7 +890,7 @@ pub async fn launch_incoming(saved: &LibvirtImage) -> Result<super::Launched, su
     leftover(&paths)?;
     let xml = incoming_xml(&saved.xml).map_err(libvirt_err)?;
     let uri = saved.uri.clone();
-    let domain = tokio::task::spawn_blocking(move || LibvirtDomain::create_paused(&uri, &xml))
+    let domain = tokio::task::spawn_blocking(move || LibvirtDomain::create(&uri, &xml, true))
         .await
         .map_err(|e| super::QemuError::Launch(e.to_string()))?
         .map_err(libvirt_err)?;
