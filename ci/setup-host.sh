@@ -2,7 +2,8 @@
 # Installs what thaw needs on a Debian bookworm host, idempotently (run as root):
 # QEMU >= 8.2 from bookworm-backports, libclang for the userfaultfd bindings,
 # libvirt's client library (11.x from bookworm-backports, as the daemon
-# ci/setup-libvirt.sh installs) and the tools the guest kit is built with.
+# ci/setup-libvirt.sh installs), the tools the guest kit is built with and
+# the clients of the application benchmarks.
 set -euo pipefail
 
 need_root() { [ "$(id -u)" = 0 ] || { echo "ci/setup-host.sh: run as root" >&2; exit 1; }; }
@@ -54,7 +55,8 @@ pkgs_missing() {
 }
 
 export DEBIAN_FRONTEND=noninteractive
-missing=$(pkgs_missing libclang-dev busybox-static cpio xz-utils zstd)
+# redis-tools: the client of the application benchmark (thaw bench --app redis).
+missing=$(pkgs_missing libclang-dev busybox-static cpio xz-utils zstd redis-tools iproute2)
 if [ -n "$missing" ]; then
   apt-get update -q || true
   # shellcheck disable=SC2086

@@ -290,6 +290,19 @@ enum Command {
         /// --parallel-channels 2) instead of stock and mapped-ram; no probes.
         #[command(flatten)]
         libvirt: LibvirtArgs,
+        /// Measure a real server in the guest with its own client from the
+        /// host instead of the workload's reports: redis (the guest of
+        /// tests/guest/build-app.sh redis, e.g. configs/apps/redis.yaml; run
+        /// inside the network namespace of ci/app-net.sh). TTR and the first
+        /// answer are then the client's.
+        #[arg(long, conflicts_with = "libvirt")]
+        app: Option<String>,
+        /// Bytes of values loaded into the application before the save.
+        #[arg(long, value_parser = parse_size, default_value = "1G", requires = "app")]
+        app_data: u64,
+        /// Bytes of them (the hot keys) each client pass reads.
+        #[arg(long, value_parser = parse_size, default_value = "20M", requires = "app")]
+        app_hot: u64,
     },
     /// Describe an image: VM, QEMU, RAM layout, sizes, working sets.
     Inspect { image: PathBuf },
@@ -587,6 +600,9 @@ async fn run(cli: Cli) -> Result<()> {
             no_limits,
             probe_ms,
             libvirt,
+            app,
+            app_data,
+            app_hot,
         } => {
             let methods = if methods.is_empty() && libvirt.libvirt {
                 crate::bench::Method::all_libvirt()
@@ -622,6 +638,17 @@ async fn run(cli: Cli) -> Result<()> {
                         limits: !no_limits,
                         probe_period: (probe_ms > 0).then(|| Duration::from_millis(probe_ms)),
                         libvirt: libvirt.uri(),
+                        app: app
+                            .map(|a| {
+                                crate::bench::app::AppKind::parse(&a).map(|kind| {
+                                    crate::bench::AppOptions {
+                                        kind,
+                                        data: app_data,
+                                        hot: app_hot,
+                                    }
+                                })
+                            })
+                            .transpose()?,
                     };
                     crate::bench::run(&opts).await.context("benchmark")?
                 }

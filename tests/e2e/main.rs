@@ -15,6 +15,7 @@
     clippy::cast_possible_wrap
 )]
 
+mod apps;
 mod bad_input;
 mod balloon;
 mod bench;

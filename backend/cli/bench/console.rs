@@ -86,7 +86,7 @@ impl ConsoleTail {
                                         sample: Sample {
                                             at_ms,
                                             interval_ms,
-                                            mib_per_s,
+                                            rate: mib_per_s,
                                         },
                                         nonce,
                                         ok,
@@ -178,8 +178,8 @@ mod tests {
         }
         let r = tail.finish();
         assert_eq!(r.len(), 2, "the line before the start is not read");
-        assert_eq!((r[0].sample.mib_per_s, r[0].ok), (10.0, true));
-        assert_eq!((r[1].sample.mib_per_s, r[1].ok), (20.0, false));
+        assert_eq!((r[0].sample.rate, r[0].ok), (10.0, true));
+        assert_eq!((r[1].sample.rate, r[1].ok), (20.0, false));
         assert!(r[0].sample.at_ms <= r[1].sample.at_ms);
     }
 }

@@ -14,6 +14,7 @@
 //! for `settle` after its RAM is resident. With `--libvirt` the VM is a
 //! libvirt domain and the stock methods are virsh's ([`libvirt`]).
 
+pub mod app;
 pub mod console;
 pub mod libvirt;
 pub mod plot;
@@ -26,6 +27,7 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
+use app::{App, AppKind, AppReport, Client};
 use console::ConsoleTail;
 use probe::{ProbeSample, Prober};
 use thaw::config::VmConfig;
@@ -64,11 +66,13 @@ pub enum BenchError {
     Method(String),
     #[error("{0}")]
     Libvirt(String),
+    #[error("{0}")]
+    App(String),
     #[error(
         "the guest printed no THAW-TPUT reports within {0:?}: does its config set thaw.tput_ms?"
     )]
     NoThroughput(Duration),
-    #[error("the guest's integrity check failed after a {0} restore (nonce changed or ok=0)")]
+    #[error("the restored guest is not intact after a {0}")]
     Integrity(String),
     #[error("{context}: {source}")]
     Io {
@@ -180,6 +184,18 @@ pub struct BenchOptions {
     pub probe_period: Option<Duration>,
     /// Run the VM as a libvirt domain at this URI and compare with virsh.
     pub libvirt: Option<String>,
+    /// A real application in the guest, measured by its own client
+    /// instead of the workload's reports.
+    pub app: Option<AppOptions>,
+}
+
+/// `--app`: which server the guest runs and how much data it holds.
+#[derive(Clone, Copy, Debug)]
+pub struct AppOptions {
+    pub kind: AppKind,
+    /// Bytes of values loaded, and of them the hot ones each pass reads.
+    pub data: u64,
+    pub hot: u64,
 }
 
 /// One restore.
@@ -202,12 +218,16 @@ pub struct MethodRun {
     pub samples: Vec<Sample>,
     /// Its steady rate once all RAM was resident (median of the reports
     /// after that), the reference its TTR is measured against.
-    #[serde(default)]
-    pub steady_mib_per_s: Option<f64>,
+    #[serde(default, alias = "steady_mib_per_s")]
+    pub steady_rate: Option<f64>,
     /// Interactive probes during the run (sent time from the restore's
     /// start, latency).
     #[serde(default)]
     pub probes: Vec<ProbeSample>,
+    /// An application's client: when the server first answered (ms from
+    /// the restore's start).
+    #[serde(default)]
+    pub first_answer_ms: Option<f64>,
 }
 
 impl MethodRun {
@@ -230,13 +250,18 @@ impl MethodRun {
             fill_mib_per_s: None,
             fault_p50_us: None,
             samples: Vec::new(),
-            steady_mib_per_s: None,
+            steady_rate: None,
             probes: Vec::new(),
+            first_answer_ms: None,
         }
     }
 
-    /// When the first probe was answered (ms from the restore's start).
-    pub fn first_probe_answer_ms(&self) -> Option<f64> {
+    /// When the guest first answered (ms from the restore's start): the
+    /// application's client, or the first probe.
+    pub fn first_answer(&self) -> Option<f64> {
+        if self.first_answer_ms.is_some() {
+            return self.first_answer_ms;
+        }
         self.probes
             .iter()
             .map(|p| p.sent_ms + p.latency_ms)
@@ -273,10 +298,11 @@ pub struct MethodSummary {
     pub fill_vs_limit: Option<f64>,
     #[serde(default)]
     pub fault_p50_vs_round_trip: Option<f64>,
-    /// Interactive probe: first answer (ms from the restore's start), and
-    /// p50 / max latency of the requests sent once the guest ran.
-    #[serde(default)]
-    pub probe_first_answer_ms: Option<f64>,
+    /// First answer (ms from the restore's start) of the application's
+    /// client or the interactive probe, and the probe's p50 / max latency
+    /// of the requests sent once the guest ran.
+    #[serde(default, alias = "probe_first_answer_ms")]
+    pub first_answer_ms: Option<f64>,
     #[serde(default)]
     pub probe_p50_ms: Option<f64>,
     #[serde(default)]
@@ -304,7 +330,13 @@ pub struct BenchReport {
     /// thaw's background fill pace once the guest runs (`--fill-limit`).
     #[serde(default)]
     pub fill_limit: Option<u64>,
-    pub warm_mib_per_s: f64,
+    /// The warm rate before the save, in `rate_unit`.
+    #[serde(alias = "warm_mib_per_s")]
+    pub warm_rate: f64,
+    /// Unit of every rate sample: MiB/s for the workload's own reports,
+    /// requests/s for an application's client.
+    #[serde(default = "mib_per_s")]
+    pub rate_unit: String,
     /// Probe latency p50 of the warm VM before the save (ms).
     #[serde(default)]
     pub warm_probe_p50_ms: Option<f64>,
@@ -319,6 +351,13 @@ pub struct BenchReport {
     /// The libvirt URI when the VM ran as a libvirt domain.
     #[serde(default)]
     pub libvirt: Option<String>,
+    /// The real application and its client, when the bench ran one.
+    #[serde(default)]
+    pub app: Option<AppReport>,
+}
+
+fn mib_per_s() -> String {
+    "MiB/s".into()
 }
 
 /// Runs the benchmark described by `opts`.
@@ -340,8 +379,18 @@ pub async fn run(opts: &BenchOptions) -> Result<BenchReport, BenchError> {
     let virsh_file = opts.dir.join("virsh.save");
     let sparse_file = opts.dir.join("virsh-sparse.save");
 
-    // Boot and warm up.
+    // Boot and warm up. The console log is appended to: this boot's
+    // output starts at its current end.
     let accel = vmm::resolve_accel(&cfg)?;
+    let boot_offset = cfg
+        .serial
+        .clone()
+        .or_else(|| {
+            uri.is_none()
+                .then(|| vmm::VmPaths::new(&name).default_serial)
+        })
+        .and_then(|s| std::fs::metadata(s).ok())
+        .map_or(0, |m| m.len());
     let serial = match uri {
         Some(uri) => {
             let serial = cfg
@@ -360,34 +409,32 @@ pub async fn run(opts: &BenchOptions) -> Result<BenchReport, BenchError> {
             launched.state.serial.clone()
         }
     };
-    let tail = ConsoleTail::start(&serial, Instant::now()).map_err(io("reading the console"))?;
-    let deadline = Instant::now() + opts.warmup + Duration::from_secs(300);
-    while tail.reports().len() < 2 {
-        if Instant::now() > deadline {
-            return Err(BenchError::NoThroughput(
-                opts.warmup + Duration::from_secs(300),
-            ));
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    tokio::time::sleep(opts.warmup).await;
-    let warm_from = tail.reports().len();
     // A libvirt domain has no console socket: its bench measures
-    // throughput only, without probes.
-    let console = uri.is_none().then(|| vmm::VmPaths::new(&name).console);
-    let prober = start_prober(opts, console.as_deref(), Instant::now())?;
-    tokio::time::sleep(opts.measure).await;
-    let warm_reports = tail.finish();
-    let warm_probe_p50_ms = prober.and_then(|p| probe::summarize(&p.finish().0, 0.0).p50_ms);
-    let warm = median(warm_reports[warm_from..].iter().map(|r| r.sample.mib_per_s))
-        .ok_or(BenchError::NoThroughput(opts.measure))?;
-    let nonce = warm_reports
-        .last()
-        .map(|r| r.nonce.clone())
-        .unwrap_or_default();
-    log::info!("warm throughput {warm:.1} MiB/s");
+    // throughput only, without probes. An application is measured by its
+    // client, not by probes on the console.
+    let console = (uri.is_none() && opts.app.is_none()).then(|| vmm::VmPaths::new(&name).console);
+    let app = opts
+        .app
+        .map(|a| App::new(a.kind, cfg.append.as_deref().unwrap_or(""), a.data, a.hot))
+        .transpose()?;
+    let warm_state = match &app {
+        Some(app) => warm_app(opts, app, &serial, boot_offset).await?,
+        None => warm_console(opts, &serial, console.as_deref()).await?,
+    };
+    let WarmState {
+        warm,
+        nonce,
+        warm_probe_p50_ms,
+        ..
+    } = warm_state.clone();
+    log::info!("warm rate {warm:.1} {}", warm_state.unit());
 
-    // Working sets of the running VM, then the image.
+    // Working sets of the running VM, then the image; an application's
+    // client keeps working meanwhile, as it does when a user checkpoints.
+    let background = app
+        .as_ref()
+        .map(|a| Client::start(a, Instant::now()))
+        .transpose()?;
     for (e, wanted) in [
         (
             Estimator::Abit,
@@ -411,6 +458,9 @@ pub async fn run(opts: &BenchOptions) -> Result<BenchReport, BenchError> {
         }
     }
     thaw::ops::checkpoint::checkpoint(&name, &image, true, LearnWindow::default(), uri).await?;
+    if let Some(client) = background {
+        client.finish();
+    }
 
     if let Some(uri) = uri {
         // What a libvirt user has: virsh's save images. The domain can be
@@ -461,6 +511,11 @@ pub async fn run(opts: &BenchOptions) -> Result<BenchReport, BenchError> {
         progress: Default::default(),
     };
     if opts.methods.contains(&Method::Ws(Estimator::Learned)) {
+        // The learning restore sees what the client makes the guest touch.
+        let client = app
+            .as_ref()
+            .map(|a| Client::start(a, Instant::now()))
+            .transpose()?;
         restore::restore(
             &image,
             &restore_opts(
@@ -470,6 +525,9 @@ pub async fn run(opts: &BenchOptions) -> Result<BenchReport, BenchError> {
             ),
         )
         .await?;
+        if let Some(client) = client {
+            client.finish();
+        }
         stop_vm(&name, uri).await?;
     }
 
@@ -478,8 +536,7 @@ pub async fn run(opts: &BenchOptions) -> Result<BenchReport, BenchError> {
         for run in 1..=opts.runs {
             drop_caches();
             let t0 = Instant::now();
-            let tail = ConsoleTail::start(&serial, t0).map_err(io("reading the console"))?;
-            let prober = start_prober(opts, console.as_deref(), t0)?;
+            let observer = Observer::start(app.as_ref(), &serial, opts, console.as_deref(), t0)?;
             let mut r = match method {
                 Method::Stock => {
                     stock_restore(&cfg, accel, &stock_file, false, opts.read_limit, t0).await?
@@ -518,8 +575,9 @@ pub async fn run(opts: &BenchOptions) -> Result<BenchReport, BenchError> {
                         fill_mib_per_s: Some(s.fill_mib_per_s),
                         fault_p50_us: Some(s.fault_p50_us),
                         samples: Vec::new(),
-                        steady_mib_per_s: None,
+                        steady_rate: None,
                         probes: Vec::new(),
+                        first_answer_ms: None,
                     }
                 }
             };
@@ -527,16 +585,21 @@ pub async fn run(opts: &BenchOptions) -> Result<BenchReport, BenchError> {
                 Duration::from_secs_f64(r.complete_ms.max(r.running_ms) / 1000.0) + opts.settle;
             let left = until.saturating_sub(t0.elapsed());
             tokio::time::sleep(left).await;
-            let reports = tail.finish();
-            let (probes, probe_failed) = prober.map(Prober::finish).unwrap_or_default();
+            let seen = observer.finish(&nonce);
+            let intact = match (&app, &seen) {
+                (Some(app), Ok(_)) => app.verify(),
+                (_, Err(e)) => Err(BenchError::App(e.clone())),
+                (None, Ok(_)) => Ok(()),
+            };
             stop_vm(&name, uri).await?;
-            if probe_failed || reports.iter().any(|x| !x.ok || x.nonce != nonce) {
-                return Err(BenchError::Integrity(method.name()));
-            }
-            r.probes = probes;
+            let seen = intact
+                .and(seen.map_err(BenchError::App))
+                .map_err(|e| BenchError::Integrity(format!("{}: {e}", method.name())))?;
+            r.probes = seen.probes;
+            r.first_answer_ms = seen.first_answer_ms;
             r.method = method.name();
             r.run = run;
-            r.samples = reports.iter().map(|x| x.sample).collect();
+            r.samples = seen.samples;
             r.settle_ttr(warm);
             log::info!(
                 "{} run {run}: running {:.0} ms, TTR {:?} ms, complete {:.0} ms",
@@ -564,7 +627,7 @@ pub async fn run(opts: &BenchOptions) -> Result<BenchReport, BenchError> {
         accel: accel.to_string(),
         read_limit: opts.read_limit,
         fill_limit: opts.fill_limit,
-        warm_mib_per_s: warm,
+        warm_rate: warm,
         warm_probe_p50_ms,
         probe_period_ms: opts
             .probe_period
@@ -574,7 +637,171 @@ pub async fn run(opts: &BenchOptions) -> Result<BenchReport, BenchError> {
         summary,
         runs,
         libvirt: opts.libvirt.clone(),
+        rate_unit: warm_state.unit().to_string(),
+        app: warm_state.app,
     })
+}
+
+/// The VM before the save: its warm rate and what identifies its state.
+#[derive(Clone, Debug)]
+struct WarmState {
+    /// MiB/s of the workload, or requests/s of the application's client.
+    warm: f64,
+    /// The workload's nonce (empty for an application).
+    nonce: String,
+    warm_probe_p50_ms: Option<f64>,
+    app: Option<AppReport>,
+}
+
+impl WarmState {
+    fn unit(&self) -> &'static str {
+        if self.app.is_some() {
+            "requests/s"
+        } else {
+            "MiB/s"
+        }
+    }
+}
+
+/// Waits for the workload's reports, warms up and measures its rate (and
+/// the probe's latency) from its console.
+async fn warm_console(
+    opts: &BenchOptions,
+    serial: &Path,
+    console: Option<&Path>,
+) -> Result<WarmState, BenchError> {
+    let tail = ConsoleTail::start(serial, Instant::now()).map_err(io("reading the console"))?;
+    let deadline = Instant::now() + opts.warmup + Duration::from_secs(300);
+    while tail.reports().len() < 2 {
+        if Instant::now() > deadline {
+            return Err(BenchError::NoThroughput(
+                opts.warmup + Duration::from_secs(300),
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(opts.warmup).await;
+    let warm_from = tail.reports().len();
+    let prober = start_prober(opts, console, Instant::now())?;
+    tokio::time::sleep(opts.measure).await;
+    let warm_reports = tail.finish();
+    let warm_probe_p50_ms = prober.and_then(|p| probe::summarize(&p.finish().0, 0.0).p50_ms);
+    let warm = median(warm_reports[warm_from..].iter().map(|r| r.sample.rate))
+        .ok_or(BenchError::NoThroughput(opts.measure))?;
+    let nonce = warm_reports
+        .last()
+        .map(|r| r.nonce.clone())
+        .unwrap_or_default();
+    Ok(WarmState {
+        warm,
+        nonce,
+        warm_probe_p50_ms,
+        app: None,
+    })
+}
+
+/// Waits for the application's server, loads its data, warms up with the
+/// client and measures the client's rate over passes started in the
+/// measuring window.
+async fn warm_app(
+    opts: &BenchOptions,
+    app: &App,
+    serial: &Path,
+    boot_offset: u64,
+) -> Result<WarmState, BenchError> {
+    app.wait_ready(serial, boot_offset).await?;
+    let loader = app.clone();
+    let load = tokio::task::spawn_blocking(move || loader.load())
+        .await
+        .map_err(|e| BenchError::App(format!("the loader thread: {e}")))??;
+    let client = Client::start(app, Instant::now())?;
+    tokio::time::sleep(opts.warmup).await;
+    let warm_from = client.passes();
+    tokio::time::sleep(opts.measure).await;
+    // At least three passes measured, however long a pass takes.
+    while client.passes() < warm_from + 3 {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let record = client.finish();
+    let passes = &record.passes[warm_from..];
+    let warm = median(passes.iter().map(|p| p.rate)).ok_or_else(|| {
+        BenchError::App(format!("the {} client completed no pass", app.kind.name()))
+    })?;
+    let warm_pass_ms = median(passes.iter().map(|p| p.interval_ms)).unwrap_or(0.0);
+    Ok(WarmState {
+        warm,
+        nonce: String::new(),
+        warm_probe_p50_ms: None,
+        app: Some(app.report(warm_pass_ms, load)),
+    })
+}
+
+/// What watches one restore: the workload's console (and the probe), or
+/// the application's client.
+enum Observer {
+    Console {
+        tail: ConsoleTail,
+        prober: Option<Prober>,
+    },
+    App(Client),
+}
+
+/// What an [`Observer`] saw.
+struct Seen {
+    samples: Vec<Sample>,
+    probes: Vec<ProbeSample>,
+    first_answer_ms: Option<f64>,
+}
+
+impl Observer {
+    fn start(
+        app: Option<&App>,
+        serial: &Path,
+        opts: &BenchOptions,
+        console: Option<&Path>,
+        t0: Instant,
+    ) -> Result<Observer, BenchError> {
+        Ok(match app {
+            Some(app) => Observer::App(Client::start(app, t0)?),
+            None => Observer::Console {
+                tail: ConsoleTail::start(serial, t0).map_err(io("reading the console"))?,
+                prober: start_prober(opts, console, t0)?,
+            },
+        })
+    }
+
+    /// Stops watching; an error says what showed the guest's state was
+    /// not intact (the workload's nonce or checks) or that the client never
+    /// got an answer.
+    fn finish(self, nonce: &str) -> Result<Seen, String> {
+        match self {
+            Observer::Console { tail, prober } => {
+                let reports = tail.finish();
+                let (probes, probe_failed) = prober.map(Prober::finish).unwrap_or_default();
+                if probe_failed || reports.iter().any(|x| !x.ok || x.nonce != nonce) {
+                    return Err(
+                        "the workload's integrity check failed (nonce changed or ok=0)".into(),
+                    );
+                }
+                Ok(Seen {
+                    samples: reports.iter().map(|x| x.sample).collect(),
+                    probes,
+                    first_answer_ms: None,
+                })
+            }
+            Observer::App(client) => {
+                let record = client.finish();
+                if record.first_answer_ms.is_none() {
+                    return Err("the application never answered its client".into());
+                }
+                Ok(Seen {
+                    samples: record.passes,
+                    probes: Vec::new(),
+                    first_answer_ms: record.first_answer_ms,
+                })
+            }
+        }
+    }
 }
 
 /// What TTR means in this report.
@@ -598,14 +825,14 @@ impl MethodRun {
             .samples
             .iter()
             .filter(|s| s.at_ms - s.interval_ms >= complete)
-            .map(|s| s.mib_per_s)
+            .map(|s| s.rate)
             .collect();
         let steady = if after.len() >= 5 {
             median(after)
         } else {
             None
         };
-        self.steady_mib_per_s = steady;
+        self.steady_rate = steady;
         self.ttr_ms = ttr::time_to_responsiveness(
             &self.samples,
             steady.unwrap_or(warm),
@@ -680,9 +907,7 @@ fn summarize(
                 faults: median(mine.iter().map(|r| r.faults as f64)),
                 bytes_read_mib: median(mine.iter().map(|r| r.bytes_read as f64 / (1 << 20) as f64)),
                 without_ttr: mine.iter().filter(|r| r.ttr_ms.is_none()).count(),
-                probe_first_answer_ms: median(
-                    mine.iter().filter_map(|r| r.first_probe_answer_ms()),
-                ),
+                first_answer_ms: median(mine.iter().filter_map(|r| r.first_answer())),
                 probe_p50_ms: median(mine.iter().filter_map(|r| r.probes_while_running().p50_ms)),
                 probe_max_ms: median(mine.iter().filter_map(|r| r.probes_while_running().max_ms)),
             }
@@ -695,7 +920,7 @@ impl BenchReport {
     /// (e.g. a `bench.json` of an earlier run, after the definition changed).
     pub fn reanalyse(&mut self) {
         for r in &mut self.runs {
-            r.settle_ttr(self.warm_mib_per_s);
+            r.settle_ttr(self.warm_rate);
         }
         let methods: Vec<String> = self.summary.iter().map(|s| s.method.clone()).collect();
         self.summary = summarize(&methods, &self.runs, self.limits.as_ref());
@@ -889,8 +1114,8 @@ impl BenchReport {
         let ms = |v: Option<f64>| v.map_or("—".to_string(), |v| format!("{v:.0}"));
         let probe_ms = |v: Option<f64>| v.map_or("—".to_string(), |v| format!("{v:.1}"));
         let mut out = format!(
-            "VM {} ({} RAM, {} non-zero pages, {}{}), warm throughput before the save {:.1} MiB/s{}\n\n\
-             | method | running ms | TTR ms | all RAM resident ms | faults | MiB read | runs without TTR | first probe answered ms | probe p50 / max ms |\n\
+            "VM {} ({} RAM, {} non-zero pages, {}{}), warm {} before the save {:.1} {}{}\n{}\n\
+             | method | running ms | TTR ms | all RAM resident ms | faults | MiB read | runs without TTR | first answer ms | probe p50 / max ms |\n\
              |---|---:|---:|---:|---:|---:|---:|---:|---:|\n",
             self.vm,
             self.memory,
@@ -900,13 +1125,30 @@ impl BenchReport {
                 .as_ref()
                 .map(|u| format!(", a libvirt domain at {u}"))
                 .unwrap_or_default(),
-            self.warm_mib_per_s,
+            if self.app.is_some() { "client rate" } else { "throughput" },
+            self.warm_rate,
+            self.rate_unit,
             self.read_limit.map_or(String::new(), |r| format!(
                 ", reads limited to {} MiB/s (thaw, and stock's stream; not mapped-ram)",
                 r >> 20
             )) + &self.fill_limit.map_or(String::new(), |r| format!(
                 ", thaw's background fill paced to {} MiB/s once the guest runs",
                 r >> 20
+            )),
+            self.app.as_ref().map_or(String::new(), |a| format!(
+                "\n{} with {} keys of {} bytes ({} MiB; loaded in {:.1} s); each client pass: `{}` \
+                 over the {} hot keys ({} MiB), {:.0} ms warm. First answer: the client's first \
+                 reply after reconnecting every {} ms from the restore's start.\n",
+                a.app.name(),
+                a.keys,
+                a.value_bytes,
+                (a.keys * a.value_bytes as u64) >> 20,
+                a.load_ms / 1000.0,
+                a.client,
+                a.hot_keys,
+                (a.hot_keys * a.value_bytes as u64) >> 20,
+                a.warm_pass_ms,
+                app::CONNECT_TIMEOUT.as_millis()
             ))
         );
         for s in &self.summary {
@@ -920,7 +1162,7 @@ impl BenchReport {
                 ms(s.bytes_read_mib),
                 s.without_ttr,
                 s.runs,
-                ms(s.probe_first_answer_ms),
+                ms(s.first_answer_ms),
                 probe_ms(s.probe_p50_ms),
                 probe_ms(s.probe_max_ms),
             ));

@@ -44,8 +44,8 @@ pub fn throughput_svg(report: &BenchReport, path: &Path) -> Result<(), PlotError
         .fold(1.0f64, f64::max);
     let y_max = firsts
         .iter()
-        .flat_map(|r| r.samples.iter().map(|s| s.mib_per_s))
-        .fold(report.warm_mib_per_s, f64::max)
+        .flat_map(|r| r.samples.iter().map(|s| s.rate))
+        .fold(report.warm_rate, f64::max)
         * 1.1;
     let root = SVGBackend::new(path, (1000, 600)).into_drawing_area();
     root.fill(&WHITE).map_err(|e| err(&e))?;
@@ -63,10 +63,10 @@ pub fn throughput_svg(report: &BenchReport, path: &Path) -> Result<(), PlotError
     chart
         .configure_mesh()
         .x_desc("seconds since the restore started")
-        .y_desc("MiB/s")
+        .y_desc(report.rate_unit.as_str())
         .draw()
         .map_err(|e| err(&e))?;
-    let warm = report.warm_mib_per_s * super::TTR_FRACTION;
+    let warm = report.warm_rate * super::TTR_FRACTION;
     chart
         .draw_series(LineSeries::new(
             [(0.0, warm), (x_max, warm)],
@@ -79,7 +79,7 @@ pub fn throughput_svg(report: &BenchReport, path: &Path) -> Result<(), PlotError
         let color = COLORS[i % COLORS.len()];
         chart
             .draw_series(LineSeries::new(
-                run.samples.iter().map(|s| (s.at_ms / 1000.0, s.mib_per_s)),
+                run.samples.iter().map(|s| (s.at_ms / 1000.0, s.rate)),
                 color.stroke_width(2),
             ))
             .map_err(|e| err(&e))?
@@ -113,15 +113,16 @@ mod tests {
             bytes_read: 1 << 20,
             fill_mib_per_s: None,
             fault_p50_us: None,
-            steady_mib_per_s: None,
+            steady_rate: None,
             probes: Vec::new(),
+            first_answer_ms: None,
             samples: rates
                 .iter()
                 .enumerate()
                 .map(|(i, &r)| Sample {
                     at_ms: 50.0 * (i + 1) as f64,
                     interval_ms: 50.0,
-                    mib_per_s: r,
+                    rate: r,
                 })
                 .collect(),
         }
@@ -142,7 +143,7 @@ mod tests {
             fault_p50_us: None,
             fill_vs_limit: None,
             fault_p50_vs_round_trip: None,
-            probe_first_answer_ms: None,
+            first_answer_ms: None,
             probe_p50_ms: None,
             probe_max_ms: None,
         };
@@ -153,13 +154,15 @@ mod tests {
             accel: "tcg".into(),
             read_limit: None,
             fill_limit: None,
-            warm_mib_per_s: 100.0,
+            warm_rate: 100.0,
             warm_probe_p50_ms: None,
             probe_period_ms: None,
             ttr_definition: String::new(),
             limits: None,
             summary: vec![summary("stock"), summary("ws:learned")],
             libvirt: None,
+            rate_unit: "MiB/s".into(),
+            app: None,
             runs: vec![
                 run("stock", &[0.0, 10.0, 100.0]),
                 run("ws:learned", &[90.0, 100.0]),

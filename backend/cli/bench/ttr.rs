@@ -25,8 +25,10 @@ pub struct Sample {
     pub at_ms: f64,
     /// The guest-time length of the interval it reports on.
     pub interval_ms: f64,
-    /// MiB/s the guest processed in it.
-    pub mib_per_s: f64,
+    /// The rate of work in it: MiB/s the guest processed (its own
+    /// reports) or requests/s an application's client got answered.
+    #[serde(alias = "mib_per_s")]
+    pub rate: f64,
 }
 
 /// The TTR in ms since the restore started, if the guest got there;
@@ -52,7 +54,7 @@ pub fn time_to_responsiveness(
                 break;
             }
             let d = r.interval_ms.min(hold_ms - time);
-            work += r.mib_per_s * d;
+            work += r.rate * d;
             time += d;
         }
         if time > 0.0 && work / time >= fraction * reference {
@@ -88,7 +90,7 @@ mod tests {
             .map(|(i, &r)| Sample {
                 at_ms: 100.0 + 50.0 * (i + 1) as f64,
                 interval_ms: 50.0,
-                mib_per_s: r,
+                rate: r,
             })
             .collect()
     }

@@ -1,0 +1,123 @@
+//! `thaw bench --app redis` end to end: a real redis from Debian's packages
+//! in the guest (`tests/guest/build-app.sh redis`), its data loaded with
+//! `redis-cli --pipe`, driven over a tap device in a network namespace of
+//! the test's own (`ci/app-net.sh`) by `redis-benchmark`, saved while the
+//! client runs and restored by stock QEMU and by thaw. The bench itself
+//! refuses a restore after which the key count or a sampled value differs;
+//! this test checks that the client's numbers are there and consistent.
+//! Nothing is timed here.
+
+use std::path::Path;
+use std::process::Command;
+
+use crate::harness::{self, Vm};
+
+/// The test's network namespace (its tap0 is 10.77.0.1/24).
+const NETNS: &str = "thaw-e2e-app";
+
+fn run(program: &Path, args: &[&str]) -> std::process::Output {
+    let out = Command::new(program)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("running {}: {e}", program.display()));
+    assert!(
+        out.status.success(),
+        "{} {args:?} failed ({}):\n{}{}",
+        program.display(),
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+#[test]
+fn redis_bench_measures_the_client_and_keeps_the_data() {
+    let root = harness::repo_root();
+    let image = run(&root.join("tests/guest/build-app.sh"), &["redis"]);
+    let image = String::from_utf8_lossy(&image.stdout).trim().to_string();
+    run(&root.join("ci/app-net.sh"), &["up", NETNS]);
+    let (name, dir) = Vm::workspace("app-redis");
+    let config = format!(
+        "name: {name}\nmemory: 512M\ncpus: 1\nmachine: q35\naccel: tcg\nkernel: {}\ninitrd: {image}\n\
+         append: \"console=ttyS0 quiet panic=-1 thaw.ip=10.77.0.2/24\"\nserial: console.log\n\
+         extra_args: [\"-no-reboot\", \"-netdev\", \"tap,id=n0,ifname=tap0,script=no,downscript=no\", \
+         \"-device\", \"virtio-net-pci,netdev=n0\"]\n",
+        harness::guest_dir().join("vmlinuz").display(),
+    );
+    let cfg_path = dir.join("vm.yaml");
+    std::fs::write(&cfg_path, config).expect("write config");
+    let _vm = Vm::attach(name, dir.clone());
+    let out = Command::new("ip")
+        .args(["netns", "exec", NETNS, env!("CARGO_BIN_EXE_thaw")])
+        .args([
+            "bench",
+            "--config",
+            cfg_path.to_str().expect("utf-8"),
+            "--app",
+            "redis",
+            "--app-data",
+            "48M",
+            "--app-hot",
+            "4M",
+            "--methods",
+            "stock,lazy,ws:trace,ws:learned",
+            "--runs",
+            "1",
+            "--warmup-ms",
+            "1000",
+            "--measure-ms",
+            "1000",
+            "--settle-ms",
+            "2000",
+            "--no-limits",
+            "--dir",
+            dir.join("art").to_str().expect("utf-8"),
+            "--out",
+            dir.join("out").to_str().expect("utf-8"),
+            "--json",
+        ])
+        .env("THAW_RUNTIME_DIR", dir.join("run"))
+        .env("RUST_LOG", "info")
+        .output()
+        .expect("run thaw bench");
+    assert!(
+        out.status.success(),
+        "thaw bench --app redis failed ({}):\n{}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("bench JSON");
+    assert_eq!(report["rate_unit"], "requests/s", "{report}");
+    let app = &report["app"];
+    assert_eq!(app["app"], "redis", "{app}");
+    assert_eq!(app["keys"].as_u64(), Some(48 * 256), "{app}");
+    assert_eq!(app["hot_keys"].as_u64(), Some(4 * 256), "{app}");
+    assert!(app["warm_pass_ms"].as_f64() > Some(0.0), "{app}");
+    assert!(report["warm_rate"].as_f64() > Some(0.0), "{report}");
+    let runs = report["runs"].as_array().expect("runs");
+    assert_eq!(runs.len(), 4, "{report}");
+    for run in runs {
+        let running = run["running_ms"].as_f64().expect("running_ms");
+        let first = run["first_answer_ms"].as_f64();
+        // The server cannot answer before its guest runs.
+        assert!(
+            first.is_some_and(|f| f >= running),
+            "first answer before the guest ran: {run}"
+        );
+        assert!(
+            run["samples"].as_array().is_some_and(|s| !s.is_empty()),
+            "no client passes after a {} restore",
+            run["method"]
+        );
+        let ttr = run["ttr_ms"].as_f64();
+        assert!(
+            ttr.is_none() || ttr >= first,
+            "TTR before the first answer: {run}"
+        );
+    }
+    let md = std::fs::read_to_string(dir.join("out/bench.md")).expect("bench.md");
+    assert!(md.contains("redis with 12288 keys"), "{md}");
+    assert!(md.contains("| ws:learned |"), "{md}");
+}
