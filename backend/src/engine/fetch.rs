@@ -1,6 +1,10 @@
 //! Fetching saved chunks for faults, off the fault thread. The fault thread
 //! only queues a request; a pool of fetch workers reads and verifies the
-//! chunk, installs all of it and wakes everyone who waits on it. Requests
+//! chunk, installs all of it and wakes everyone who waits on it. With an
+//! image that has page digests (format version 2) a worker first reads,
+//! verifies and installs each faulting page alone and wakes its threads,
+//! then the chunk's other missing pages (the neighbours): a fault waits for
+//! one page, not for its chunk. Requests
 //! for a chunk already in flight join it (two vCPUs faulting on one chunk
 //! share one read), so no fault ever waits behind another fault's read,
 //! and with several workers several reads are in flight at once: a store
@@ -15,6 +19,7 @@ use std::time::{Duration, Instant};
 
 use super::installer::{Answer, Installed, RETRY_BACKOFF};
 use super::{Engine, EngineError};
+use crate::image::PageLocation;
 use crate::mem::{usize_from, PageIndex, PAGE_BYTES};
 
 /// How long an idle worker waits before checking for stop.
@@ -125,7 +130,8 @@ impl Engine {
         }
     }
 
-    /// Reads, verifies and installs chunk `chunk`, then answers everyone
+    /// Reads, verifies and installs chunk `chunk` (with page digests: each
+    /// faulting page first, answered at once), then answers everyone still
     /// waiting on it.
     fn complete_fetch(
         &self,
@@ -133,17 +139,89 @@ impl Engine {
         buf: &mut [u8],
         latencies: &mut Vec<u32>,
     ) -> Result<(), EngineError> {
-        let n = self.image.read_chunks_urgent(chunk, 1, buf)?;
-        self.counters
-            .bytes_read
-            .fetch_add(n as u64, Ordering::Relaxed);
-        let fresh = match self.install_chunk(chunk, buf)? {
+        let by_page = self.image.has_page_sums();
+        if by_page && !self.serve_faulting_pages(chunk, buf, latencies)? {
+            return Ok(());
+        }
+        let installed = if by_page {
+            self.install_missing_slots(self.image.chunk_slots(chunk), buf, true)?
+        } else {
+            let n = self.image.read_chunks_urgent(chunk, 1, buf)?;
+            self.counters
+                .bytes_read
+                .fetch_add(n as u64, Ordering::Relaxed);
+            self.install_chunk(chunk, buf)?
+        };
+        let fresh = match installed {
             Installed::All { fresh } => fresh,
             Installed::Stopped => return Ok(()),
         };
         let waiters = self.fetch.lock().waiting.remove(&chunk).unwrap_or_default();
-        let mut faulted = 0u64;
-        for w in &waiters {
+        let faulted = self.answer_waiters(&waiters, latencies)?;
+        self.counters
+            .neighbour_pages
+            .fetch_add(fresh.saturating_sub(faulted), Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Reads, verifies and installs each page that threads wait on in
+    /// chunk `chunk`, alone, and answers its waiters. False if the engine
+    /// stopped meanwhile.
+    fn serve_faulting_pages(
+        &self,
+        chunk: u32,
+        buf: &mut [u8],
+        latencies: &mut Vec<u32>,
+    ) -> Result<bool, EngineError> {
+        let mut pages: Vec<PageIndex> = self
+            .fetch
+            .lock()
+            .waiting
+            .get(&chunk)
+            .map(|list| list.iter().map(|w| w.page).collect())
+            .unwrap_or_default();
+        pages.sort_unstable_by_key(|p| p.0);
+        pages.dedup();
+        for page in pages {
+            if !self.pages.is_resident(page) {
+                if let PageLocation::Slot(slot) = self.image.locate(page) {
+                    let n = self
+                        .image
+                        .read_slots(slot, 1, &mut buf[..PAGE_BYTES], true)?;
+                    self.counters
+                        .bytes_read
+                        .fetch_add(n as u64, Ordering::Relaxed);
+                    if self.install_saved(page, &buf[..PAGE_BYTES], true)? == Installed::Stopped {
+                        return Ok(false);
+                    }
+                }
+            }
+            // Its waiters (more may have joined meanwhile) are done; the
+            // chunk stays in flight for the others.
+            let mine: Vec<Waiter> = {
+                let mut p = self.fetch.lock();
+                match p.waiting.get_mut(&chunk) {
+                    Some(list) => {
+                        let (mine, rest) = list.drain(..).partition(|w| w.page == page);
+                        *list = rest;
+                        mine
+                    }
+                    None => Vec::new(),
+                }
+            };
+            self.answer_waiters(&mine, latencies)?;
+        }
+        Ok(true)
+    }
+
+    /// Answers `waiters` (their pages are resident, or discarded) and
+    /// records their service times; returns how many there were.
+    fn answer_waiters(
+        &self,
+        waiters: &[Waiter],
+        latencies: &mut Vec<u32>,
+    ) -> Result<u64, EngineError> {
+        for w in waiters {
             // Installed (and woken) above, or discarded meanwhile: a zero
             // page, or a wake for a page that is there.
             self.answer_waiter(w.page)?;
@@ -151,15 +229,44 @@ impl Engine {
                 let us = w.since.elapsed().as_micros();
                 latencies.push(u32::try_from(us).unwrap_or(u32::MAX));
             }
-            faulted += 1;
         }
-        self.counters
-            .fault_pages
-            .fetch_add(faulted, Ordering::Relaxed);
-        self.counters
-            .neighbour_pages
-            .fetch_add(fresh.saturating_sub(faulted), Ordering::Relaxed);
-        Ok(())
+        let n = waiters.len() as u64;
+        self.counters.fault_pages.fetch_add(n, Ordering::Relaxed);
+        Ok(n)
+    }
+
+    /// Reads (one pread per run of missing slots, each page verified
+    /// against its digest) and installs the pages of `slots` that are not
+    /// resident yet; `urgent` for a fault's neighbours. Needs page digests.
+    pub(crate) fn install_missing_slots(
+        &self,
+        slots: std::ops::Range<u32>,
+        buf: &mut [u8],
+        urgent: bool,
+    ) -> Result<Installed, EngineError> {
+        let mut fresh = 0;
+        let mut s = slots.start;
+        while s < slots.end {
+            if self.pages.is_resident(self.image.slot_page(s)) {
+                s += 1;
+                continue;
+            }
+            let mut e = s + 1;
+            while e < slots.end && !self.pages.is_resident(self.image.slot_page(e)) {
+                e += 1;
+            }
+            let len = usize_from(u64::from(e - s)) * PAGE_BYTES;
+            let n = self.image.read_slots(s, e - s, &mut buf[..len], urgent)?;
+            self.counters
+                .bytes_read
+                .fetch_add(n as u64, Ordering::Relaxed);
+            match self.install_slots(s..e, &buf[..len])? {
+                Installed::All { fresh: f } => fresh += f,
+                Installed::Stopped => return Ok(Installed::Stopped),
+            }
+            s = e;
+        }
+        Ok(Installed::All { fresh })
     }
 
     /// Answers a waiter whose page is resident (or discarded); retries
@@ -177,7 +284,16 @@ impl Engine {
     /// Installs the verified pages of chunk `chunk` (in `data`), one
     /// `UFFDIO_COPY` per run of adjacent guest pages, waking waiters.
     pub(crate) fn install_chunk(&self, chunk: u32, data: &[u8]) -> Result<Installed, EngineError> {
-        let slots = self.image.chunk_slots(chunk);
+        self.install_slots(self.image.chunk_slots(chunk), data)
+    }
+
+    /// Installs the verified pages of `slots` (in `data`, in slot order),
+    /// one `UFFDIO_COPY` per run of adjacent guest pages, waking waiters.
+    fn install_slots(
+        &self,
+        slots: std::ops::Range<u32>,
+        data: &[u8],
+    ) -> Result<Installed, EngineError> {
         let mut fresh = 0;
         let mut s = slots.start;
         while s < slots.end {

@@ -1,7 +1,9 @@
 //! The background filler: every saved page not resident yet, in image
 //! order (which is address order), with large verified reads and one
 //! `UFFDIO_COPY` per run of adjacent pages; paced once the guest runs when
-//! asked to, and only on CPU time the guest leaves over.
+//! asked to, and only on CPU time the guest leaves over. With page digests
+//! (format version 2) a group that faults or the prefetch partly installed
+//! is read run by run of its missing pages, never again whole.
 
 use std::sync::atomic::Ordering;
 
@@ -45,14 +47,26 @@ impl Engine {
             let bytes = u64::from(end - start) * PAGE_SIZE;
             let group = first;
             first += count;
-            if (start..end).all(|s| self.pages.is_resident(self.image.slot_page(s))) {
+            let missing = (start..end)
+                .filter(|&s| !self.pages.is_resident(self.image.slot_page(s)))
+                .count() as u64;
+            if missing == 0 {
                 progress.advance(bytes);
                 continue;
             }
+            let partly = missing < u64::from(end - start) && self.image.has_page_sums();
             if let Some(pace) = &self.fill_pace {
                 if self.resumed.load(Ordering::Acquire) {
-                    pace.take(bytes);
+                    pace.take(if partly { missing * PAGE_SIZE } else { bytes });
                 }
+            }
+            if partly {
+                match self.install_missing_slots(start..end, &mut buf, false)? {
+                    Installed::All { fresh } => self.count_filled(fresh),
+                    Installed::Stopped => return Ok(()),
+                }
+                progress.advance(bytes);
+                continue;
             }
             let n = self.image.read_chunks(group, count, &mut buf)?;
             self.counters
@@ -63,20 +77,24 @@ impl Engine {
                 let off = usize_from(u64::from(slots.start - start)) * PAGE_BYTES;
                 let len = usize_from(u64::from(slots.end - slots.start)) * PAGE_BYTES;
                 match self.install_chunk(c, &buf[off..off + len])? {
-                    Installed::All { fresh } => {
-                        self.counters.fill_pages.fetch_add(fresh, Ordering::Relaxed);
-                        if self.resumed.load(Ordering::Acquire) {
-                            self.counters
-                                .fill_pages_after_resume
-                                .fetch_add(fresh, Ordering::Relaxed);
-                        }
-                    }
+                    Installed::All { fresh } => self.count_filled(fresh),
                     Installed::Stopped => return Ok(()),
                 }
             }
             progress.advance(bytes);
         }
         Ok(())
+    }
+}
+
+impl Engine {
+    fn count_filled(&self, fresh: u64) {
+        self.counters.fill_pages.fetch_add(fresh, Ordering::Relaxed);
+        if self.resumed.load(Ordering::Acquire) {
+            self.counters
+                .fill_pages_after_resume
+                .fetch_add(fresh, Ordering::Relaxed);
+        }
     }
 }
 

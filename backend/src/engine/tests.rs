@@ -374,10 +374,98 @@ fn faulting_threads_on_one_chunk_share_one_read() {
     assert_eq!(
         engine.counters.bytes_read.load(Ordering::Relaxed),
         chunk_bytes(&image),
-        "one read for the whole chunk"
+        "every page of the chunk read once"
     );
     assert_eq!(engine.fetches_pending(), 0);
     service.stop(&engine).expect("no engine error");
+    m.exit();
+}
+
+/// The same with a version-1 image (no page digests): faults read whole
+/// chunks, one read for all of them.
+#[test]
+fn a_version_1_image_serves_faults_by_chunk() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let dir = tmp.path().join("img");
+    drop(write_image(&dir));
+    crate::image::tests::downgrade_to_v1(&dir);
+    let mut image = Image::open(&dir).expect("open a version-1 image");
+    assert!(!image.has_page_sums());
+    image.set_read_limit(256 << 10);
+    let image = Arc::new(image);
+    let mut m = Mapper::spawn();
+    let engine = Arc::new(m.engine(image.clone()));
+    let service = engine.start(1024).expect("start");
+    m.touch("a", &[33, 34]);
+    m.touch("b", &[100]);
+    for _ in 0..2 {
+        let (_, sums) = m.next_done();
+        check(&sums, &[]);
+    }
+    assert_eq!(
+        engine.counters.bytes_read.load(Ordering::Relaxed),
+        2 * chunk_bytes(&image),
+        "one read per chunk"
+    );
+    let fill = engine.start_fill(Default::default()).expect("fill");
+    fill.join(&engine)
+        .expect("the fill completes a version-1 restore");
+    service.stop(&engine).expect("no engine error");
+    m.exit();
+}
+
+/// A fault reads, verifies and installs its own page and wakes its thread
+/// before the rest of its chunk is read: with a damaged neighbour, the
+/// faulting thread still gets its page, and only then does the neighbour's
+/// digest stop the restore.
+#[test]
+fn a_fault_gets_its_page_before_the_neighbours_are_read() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let dir = tmp.path().join("img");
+    let image = write_image(&dir);
+    let PageLocation::Slot(slot) = image.locate(PageIndex(100)) else {
+        panic!("page 100 is saved")
+    };
+    let neighbour = if image
+        .chunk_slots(image.chunk_of(slot))
+        .contains(&(slot + 1))
+    {
+        slot + 1
+    } else {
+        slot - 1
+    };
+    drop(image);
+    let pages = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(dir.join("pages.bin"))
+        .expect("open pages.bin");
+    let at = u64::from(neighbour) * PAGE_SIZE + 5;
+    let mut b = [0u8];
+    std::os::unix::fs::FileExt::read_exact_at(&pages, &mut b, at).expect("read");
+    std::os::unix::fs::FileExt::write_all_at(&pages, &[b[0] ^ 1], at).expect("write");
+    let image = Arc::new(Image::open(&dir).expect("open"));
+    let mut m = Mapper::spawn();
+    let engine = Arc::new(m.engine(image.clone()));
+    let service = engine.start(1024).expect("start");
+    m.touch("own", &[100]);
+    let (_, sums) = m.next_done();
+    check(&sums, &[]);
+    // The worker goes on to the neighbours and fails on the damaged one.
+    let began = Instant::now();
+    while !engine.has_failed() {
+        assert!(
+            began.elapsed() < TIMEOUT,
+            "the damaged neighbour was never read"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    match service.stop(&engine) {
+        Err(EngineError::Image(crate::image::ImageError::PageChecksum { slot, .. })) => {
+            assert_eq!(slot, neighbour)
+        }
+        other => panic!("expected the neighbour's checksum error, got {other:?}"),
+    }
     m.exit();
 }
 

@@ -1,6 +1,6 @@
 //! The thaw image format: writer, verifying reader and `inspect`.
 //!
-//! # Format, version 1
+//! # Format, version 2
 //!
 //! An image is a directory (mode 0700) of files (mode 0600):
 //!
@@ -19,8 +19,13 @@
 //!   version u32, page size u32, total pages u64, non-zero pages u64, chunk
 //!   pages u32, chunk count u64, zero padding); the page table, one u32 per
 //!   guest page (0 = all-zero page, else slot + 1), which answers "where is
-//!   page N" in O(1); one u64 checksum per chunk; and a trailing u64 xxh3-64
-//!   of everything before it.
+//!   page N" in O(1); one u64 checksum per chunk; one u64 xxh3-64 per slot
+//!   (the page digests, since version 2: a fault reads and verifies its own
+//!   page without its chunk); and a trailing u64 xxh3-64 of everything
+//!   before it.
+//!
+//! Version 1 is version 2 without the page digests; thaw still reads it
+//! (faults and the fill then read whole chunks).
 //!
 //! A writer builds the image in `<image>.partial-<pid>` and renames it into
 //! place once every file is synced, so an image either is complete or does
@@ -47,8 +52,12 @@ use xxhash_rust::xxh3::{xxh3_64, Xxh3};
 use crate::config::VmConfig;
 use crate::mem::{usize_from, PageIndex, RamLayout, PAGE_BYTES, PAGE_SIZE, PAGE_SIZE_U32};
 
-/// The format version this thaw writes and reads.
-pub const FORMAT_VERSION: u32 = 1;
+/// The format version this thaw writes (and the newest it reads).
+pub const FORMAT_VERSION: u32 = 2;
+/// The oldest format version this thaw reads.
+pub const OLDEST_FORMAT_VERSION: u32 = 1;
+/// The first format version with per-page digests.
+const PAGE_SUMS_VERSION: u32 = 2;
 /// Default pages per checksummed chunk (64 KiB).
 pub const DEFAULT_CHUNK_PAGES: u32 = 16;
 const INDEX_MAGIC: &[u8; 8] = b"THAWIDX1";
@@ -83,6 +92,14 @@ pub enum ImageError {
         chunk: u32,
         offset: u64,
         end: u64,
+        expected: u64,
+        got: u64,
+    },
+    #[error("{path}: the page in slot {slot} (guest page {page}) fails its checksum: expected {expected:016x}, got {got:016x}")]
+    PageChecksum {
+        path: PathBuf,
+        slot: u32,
+        page: u64,
         expected: u64,
         got: u64,
     },
@@ -198,6 +215,7 @@ pub struct ImageWriter {
     table: Vec<u32>,
     pages: BufWriter<File>,
     chunk_sums: Vec<u64>,
+    page_sums: Vec<u64>,
     chunk_hasher: Xxh3,
     in_chunk: u32,
     chunk_pages: u32,
@@ -255,6 +273,7 @@ impl ImageWriter {
             table: vec![0; total],
             pages: BufWriter::with_capacity(4 << 20, pages),
             chunk_sums: Vec::new(),
+            page_sums: Vec::new(),
             chunk_hasher: Xxh3::new(),
             in_chunk: 0,
             chunk_pages: DEFAULT_CHUNK_PAGES,
@@ -290,6 +309,7 @@ impl ImageWriter {
                 .write_all(page)
                 .map_err(io_err(&path, "cannot write"))?;
             self.chunk_hasher.update(page);
+            self.page_sums.push(xxh3_64(page));
             self.table[usize_from(first.0) + i] = self.slots + 1;
             self.slots += 1;
             self.in_chunk += 1;
@@ -322,8 +342,12 @@ impl ImageWriter {
             .map_err(io_err(&pages_path, "cannot sync"))?;
 
         let index_path = self.dir.join("index.bin");
-        let mut index =
-            Vec::with_capacity(HEADER_LEN + self.table.len() * 4 + self.chunk_sums.len() * 8 + 8);
+        let mut index = Vec::with_capacity(
+            HEADER_LEN
+                + self.table.len() * 4
+                + (self.chunk_sums.len() + self.page_sums.len()) * 8
+                + 8,
+        );
         index.extend_from_slice(INDEX_MAGIC);
         index.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
         index.extend_from_slice(&PAGE_SIZE_U32.to_le_bytes());
@@ -335,7 +359,7 @@ impl ImageWriter {
         for e in &self.table {
             index.extend_from_slice(&e.to_le_bytes());
         }
-        for s in &self.chunk_sums {
+        for s in self.chunk_sums.iter().chain(&self.page_sums) {
             index.extend_from_slice(&s.to_le_bytes());
         }
         let trailer = xxh3_64(&index);
@@ -432,6 +456,12 @@ pub fn check_meta(meta: &ImageMeta) -> Result<(), String> {
     if meta.chunk_pages == 0 {
         return Err("chunk_pages is 0".into());
     }
+    if !(OLDEST_FORMAT_VERSION..=FORMAT_VERSION).contains(&meta.format_version) {
+        return Err(format!(
+            "format version {} is not one this thaw reads ({OLDEST_FORMAT_VERSION} to {FORMAT_VERSION})",
+            meta.format_version
+        ));
+    }
     meta.layout.check()?;
     if meta.total_pages != meta.layout.total_pages() {
         return Err(format!(
@@ -455,12 +485,24 @@ fn chunk_count(meta: &ImageMeta) -> u64 {
         .div_ceil(u64::from(meta.chunk_pages.max(1)))
 }
 
+/// Whether an image of `meta`'s format version has per-page digests.
+fn has_page_sums(meta: &ImageMeta) -> bool {
+    meta.format_version >= PAGE_SUMS_VERSION
+}
+
 /// The exact length of `index.bin` that `meta` implies (header, one u32
-/// per page, one u64 per chunk, trailer); `None` if it overflows.
+/// per page, one u64 per chunk, one u64 per slot from version 2 on,
+/// trailer); `None` if it overflows.
 pub fn index_len(meta: &ImageMeta) -> Option<u64> {
+    let page_sums = if has_page_sums(meta) {
+        meta.nonzero_pages.checked_mul(8)?
+    } else {
+        0
+    };
     meta.total_pages
         .checked_mul(4)?
         .checked_add(chunk_count(meta).checked_mul(8)?)?
+        .checked_add(page_sums)?
         .checked_add(HEADER_LEN as u64 + 8)
 }
 
@@ -500,6 +542,8 @@ pub struct ParsedIndex {
     /// Per guest page: 0 = zero page, else slot + 1.
     pub table: Vec<u32>,
     pub chunk_sums: Vec<u64>,
+    /// Per slot: the xxh3-64 of its page (empty before version 2).
+    pub page_sums: Vec<u64>,
     /// Per slot: its guest page.
     pub reverse: Vec<u64>,
 }
@@ -537,7 +581,7 @@ pub fn parse_index(
             .map_or(0, u64::from_le_bytes)
     };
     if &index[..8] != INDEX_MAGIC
-        || u32_at(8) != FORMAT_VERSION
+        || u32_at(8) != meta.format_version
         || u64::from(u32_at(12)) != PAGE_SIZE
         || u64_at(16) != meta.total_pages
         || u64_at(24) != meta.nonzero_pages
@@ -553,6 +597,14 @@ pub fn parse_index(
     let chunk_sums: Vec<u64> = (0..usize_from(chunks))
         .map(|i| u64_at(sums_at + i * 8))
         .collect();
+    let page_sums_at = sums_at + usize_from(chunks) * 8;
+    let page_sums: Vec<u64> = if has_page_sums(meta) {
+        (0..usize_from(meta.nonzero_pages))
+            .map(|i| u64_at(page_sums_at + i * 8))
+            .collect()
+    } else {
+        Vec::new()
+    };
     let mut reverse = Vec::with_capacity(usize_from(meta.nonzero_pages));
     for (page, &e) in table.iter().enumerate() {
         if e != 0 {
@@ -568,6 +620,7 @@ pub fn parse_index(
     Ok(ParsedIndex {
         table,
         chunk_sums,
+        page_sums,
         reverse,
     })
 }
@@ -592,6 +645,7 @@ pub struct Image {
     meta: ImageMeta,
     table: Vec<u32>,
     chunk_sums: Vec<u64>,
+    page_sums: Vec<u64>,
     reverse: Vec<u64>,
     pages: File,
     pages_path: PathBuf,
@@ -694,6 +748,7 @@ impl Image {
         let ParsedIndex {
             table,
             chunk_sums,
+            page_sums,
             reverse,
         } = parse_index(&meta, &index, true).map_err(|m| damaged(&index_path, m))?;
         Ok(Image {
@@ -701,6 +756,7 @@ impl Image {
             meta,
             table,
             chunk_sums,
+            page_sums,
             reverse,
             pages,
             pages_path,
@@ -802,6 +858,67 @@ impl Image {
                     chunk: c,
                     offset: a,
                     end: b,
+                    expected,
+                    got,
+                });
+            }
+        }
+        Ok(len)
+    }
+
+    /// Whether each page can be read and verified alone ([`Image::read_slots`];
+    /// format version 2 on).
+    pub fn has_page_sums(&self) -> bool {
+        !self.page_sums.is_empty() || self.meta.nonzero_pages == 0
+    }
+
+    /// Reads the pages of slots `first..first + count` into `buf` with one
+    /// pread and verifies each against its own digest; `urgent` for a read
+    /// a fault waits on (ahead of background reads under a read limit).
+    /// Returns the bytes read. An image without page digests (version 1)
+    /// is refused: read whole chunks instead.
+    pub fn read_slots(
+        &self,
+        first: u32,
+        count: u32,
+        buf: &mut [u8],
+        urgent: bool,
+    ) -> Result<usize, ImageError> {
+        let end = first.saturating_add(count);
+        let sums = self
+            .page_sums
+            .get(first as usize..end as usize)
+            .ok_or_else(|| ImageError::Damaged {
+                path: self.pages_path.clone(),
+                message: format!(
+                    "slots {first}..{end}: {}",
+                    if self.page_sums.is_empty() {
+                        "this image (format version 1) has no page digests"
+                    } else {
+                        "outside the image"
+                    }
+                ),
+            })?;
+        let start = u64::from(first) * PAGE_SIZE;
+        let len = usize_from(u64::from(count) * PAGE_SIZE);
+        if let Some(t) = &self.throttle {
+            if urgent {
+                t.take_urgent(len as u64);
+            } else {
+                t.take(len as u64);
+            }
+        }
+        self.pages
+            .read_exact_at(&mut buf[..len], start)
+            .map_err(io_err(&self.pages_path, "cannot read"))?;
+        for (i, (page, &expected)) in buf[..len].chunks_exact(PAGE_BYTES).zip(sums).enumerate() {
+            let got = xxh3_64(page);
+            if got != expected {
+                let slot = first + u32::try_from(i).unwrap_or(u32::MAX);
+                return Err(ImageError::PageChecksum {
+                    path: self.pages_path.clone(),
+                    slot,
+                    page: self.slot_page(slot).0,
                     expected,
                     got,
                 });

@@ -153,7 +153,7 @@ fn structural_damage_is_refused_at_open() {
     let meta = fs::read_to_string(dir3.join("meta.json")).expect("meta");
     fs::write(
         dir3.join("meta.json"),
-        meta.replace("\"format_version\": 1", "\"format_version\": 9"),
+        meta.replace("\"format_version\": 2", "\"format_version\": 9"),
     )
     .expect("w");
     let err = Image::open(&dir3).err().expect("refused");
@@ -252,7 +252,7 @@ fn every_kind_of_structural_damage_is_refused_before_a_restore_starts() {
             edit_meta(d, "\"first_page\": 40", "\"first_page\": 41")
         }),
         ("newer format version", "meta.json", |d| {
-            edit_meta(d, "\"format_version\": 1", "\"format_version\": 2")
+            edit_meta(d, "\"format_version\": 2", "\"format_version\": 3")
         }),
         ("missing pages.bin", "pages.bin", |d| {
             fs::remove_file(d.join("pages.bin")).expect("rm")
@@ -362,4 +362,83 @@ fn an_index_of_the_wrong_size_is_refused_before_it_is_read() {
         matches!(&err, ImageError::Damaged { message, .. } if message.contains(&format!("expected {len}"))),
         "{err:?}"
     );
+}
+
+/// Rewrites a version-2 image at `dir` as version 1 wrote it: no page
+/// digests in `index.bin`, `format_version` 1, the index digest updated.
+pub(crate) fn downgrade_to_v1(dir: &Path) {
+    let meta_path = dir.join("meta.json");
+    let mut meta: ImageMeta =
+        serde_json::from_slice(&fs::read(&meta_path).expect("meta")).expect("parse meta");
+    assert_eq!(meta.format_version, 2);
+    let index = fs::read(dir.join("index.bin")).expect("index");
+    let body_end = index.len() - 8 - meta.nonzero_pages as usize * 8;
+    let mut v1 = index[..body_end].to_vec();
+    v1[8..12].copy_from_slice(&1u32.to_le_bytes());
+    let trailer = xxh3_64(&v1);
+    v1.extend_from_slice(&trailer.to_le_bytes());
+    fs::write(dir.join("index.bin"), &v1).expect("write index");
+    meta.format_version = 1;
+    meta.index = Digest {
+        len: v1.len() as u64,
+        xxh3: format!("{:016x}", xxh3_64(&v1)),
+    };
+    fs::write(&meta_path, serde_json::to_vec(&meta).expect("json")).expect("write meta");
+}
+
+#[test]
+fn each_page_reads_and_verifies_alone() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let dir = tmp.path().join("img");
+    let expect = write_image(&dir);
+    let img = Image::open(&dir).expect("open");
+    assert_eq!(img.meta().format_version, FORMAT_VERSION);
+    assert!(img.has_page_sums());
+    let mut buf = vec![0; 4 * PAGE_SIZE as usize];
+    for (p, want) in &expect {
+        let PageLocation::Slot(s) = img.locate(PageIndex(*p)) else {
+            panic!("page {p} is saved")
+        };
+        assert_eq!(img.read_slots(s, 1, &mut buf, true).expect("read"), 4096);
+        assert_eq!(&buf[..4096], &want[..], "page {p}");
+    }
+    // A run of slots in one read.
+    img.read_slots(2, 3, &mut buf, false).expect("run");
+    assert_eq!(&buf[4096..8192], &expect[3].1[..]);
+    assert!(img
+        .read_slots(expect.len() as u32, 1, &mut buf, false)
+        .is_err());
+    // A flipped byte fails that page's digest, and no other page's.
+    flip(&dir.join("pages.bin"), 5 * PAGE_SIZE + 9);
+    let img = Image::open(&dir).expect("structure is intact");
+    match img.read_slots(4, 2, &mut buf, true) {
+        Err(ImageError::PageChecksum { slot: 5, page, .. }) => {
+            assert_eq!(PageIndex(page), img.slot_page(5))
+        }
+        other => panic!("expected a page checksum error on slot 5, got {other:?}"),
+    }
+    assert!(img.read_slots(4, 1, &mut buf, true).is_ok());
+    assert!(img.read_slots(6, 1, &mut buf, true).is_ok());
+}
+
+#[test]
+fn a_version_1_image_still_opens_and_reads_by_chunk() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let dir = tmp.path().join("img");
+    let expect = write_image(&dir);
+    downgrade_to_v1(&dir);
+    let img = Image::open(&dir).expect("a version-1 image opens");
+    assert_eq!(img.meta().format_version, 1);
+    assert!(!img.has_page_sums());
+    for (p, want) in &expect {
+        assert_eq!(&read_page(&img, *p), want, "page {p}");
+    }
+    let mut buf = vec![0; PAGE_SIZE as usize];
+    assert!(matches!(
+        img.read_slots(0, 1, &mut buf, true),
+        Err(ImageError::Damaged { .. })
+    ));
+    // A version this thaw does not know is refused.
+    edit_meta(&dir, "\"format_version\":1", "\"format_version\":0");
+    assert!(Image::open(&dir).is_err());
 }
