@@ -393,6 +393,24 @@ impl App {
     }
 }
 
+/// Whether a client's rate has settled: the median of its last
+/// [`STEADY_WINDOW`] passes is within [`STEADY_TOLERANCE`] of the median of
+/// the ones before them.
+pub fn steady(rates: &[f64]) -> bool {
+    let n = rates.len();
+    if n < 2 * STEADY_WINDOW {
+        return false;
+    }
+    let median = |v: &[f64]| super::ttr::median(v.iter().copied()).unwrap_or(0.0);
+    let last = median(&rates[n - STEADY_WINDOW..]);
+    let before = median(&rates[n - 2 * STEADY_WINDOW..n - STEADY_WINDOW]);
+    before > 0.0 && (last - before).abs() <= STEADY_TOLERANCE * before
+}
+
+/// Passes compared by [`steady`], and how close their medians must be.
+const STEADY_WINDOW: usize = 5;
+const STEADY_TOLERANCE: f64 = 0.05;
+
 /// The key of index `i`, as `redis-benchmark -r` names its random keys.
 fn key_name(i: u64) -> String {
     format!("key:{i:012}")
@@ -500,6 +518,27 @@ impl Client {
         self.record.lock().map(|r| r.passes.len()).unwrap_or(0)
     }
 
+    /// Passes that started at or after `ms` (from `t0`).
+    pub fn passes_from(&self, ms: f64) -> usize {
+        self.record
+            .lock()
+            .map(|r| {
+                r.passes
+                    .iter()
+                    .filter(|p| p.at_ms - p.interval_ms >= ms)
+                    .count()
+            })
+            .unwrap_or(0)
+    }
+
+    /// The rates of the passes so far, in order.
+    pub fn rates(&self) -> Vec<f64> {
+        self.record
+            .lock()
+            .map(|r| r.passes.iter().map(|p| p.rate).collect())
+            .unwrap_or_default()
+    }
+
     /// Stops the client after its current pass; returns what it saw.
     pub fn finish(mut self) -> ClientRecord {
         self.stop.store(true, Ordering::Release);
@@ -519,6 +558,20 @@ impl Drop for Client {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_rate_is_steady_once_two_windows_agree() {
+        assert!(!steady(&[100.0; 9]));
+        assert!(steady(&[100.0; 10]));
+        // Still speeding up: 50 % faster over the last five passes.
+        let rising: Vec<f64> = (0..10).map(|i| 100.0 + 10.0 * f64::from(i)).collect();
+        assert!(!steady(&rising));
+        let mut settled = rising.clone();
+        settled.extend([
+            200.0, 203.0, 198.0, 201.0, 199.0, 202.0, 200.0, 197.0, 204.0, 200.0,
+        ]);
+        assert!(steady(&settled));
+    }
 
     #[test]
     fn shuffle_is_a_permutation_and_depends_on_the_seed() {

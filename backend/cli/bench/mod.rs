@@ -42,6 +42,11 @@ const MIGRATION_TIMEOUT: Duration = Duration::from_secs(600);
 /// Share of the warm rate that counts as responsive, and for how long.
 pub const TTR_FRACTION: f64 = 0.9;
 pub const TTR_HOLD_MS: f64 = 1000.0;
+/// How long an application may take to reach a steady rate before the
+/// save, and after a restore's RAM is all resident.
+const APP_STEADY_TIMEOUT: Duration = Duration::from_secs(180);
+/// Client passes wanted after all RAM is resident (the steady reference).
+const STEADY_PASSES: usize = 5;
 /// Default period of the interactive probe.
 pub const PROBE_PERIOD_MS: u64 = 100;
 
@@ -585,6 +590,15 @@ pub async fn run(opts: &BenchOptions) -> Result<BenchReport, BenchError> {
                 Duration::from_secs_f64(r.complete_ms.max(r.running_ms) / 1000.0) + opts.settle;
             let left = until.saturating_sub(t0.elapsed());
             tokio::time::sleep(left).await;
+            // An application's passes take a while: watch until enough of
+            // them ran on resident RAM to know its steady rate.
+            if let Observer::App(client) = &observer {
+                let complete = r.complete_ms.max(r.running_ms);
+                let by = Instant::now() + APP_STEADY_TIMEOUT;
+                while client.passes_from(complete) < STEADY_PASSES && Instant::now() < by {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
             let seen = observer.finish(&nonce);
             let intact = match (&app, &seen) {
                 (Some(app), Ok(_)) => app.verify(),
@@ -716,6 +730,13 @@ async fn warm_app(
         .map_err(|e| BenchError::App(format!("the loader thread: {e}")))??;
     let client = Client::start(app, Instant::now())?;
     tokio::time::sleep(opts.warmup).await;
+    // A server that just took its data may still be settling (redis
+    // rehashes its dictionary incrementally): warm up until the client's
+    // rate is steady, then measure.
+    let steady_by = Instant::now() + APP_STEADY_TIMEOUT;
+    while !app::steady(&client.rates()) && Instant::now() < steady_by {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     let warm_from = client.passes();
     tokio::time::sleep(opts.measure).await;
     // At least three passes measured, however long a pass takes.

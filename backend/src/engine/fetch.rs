@@ -288,7 +288,9 @@ impl Engine {
     }
 
     /// Installs the verified pages of `slots` (in `data`, in slot order),
-    /// one `UFFDIO_COPY` per run of adjacent guest pages, waking waiters.
+    /// one install per run of adjacent guest pages (mapped, waking waiters;
+    /// or cached while the restore learns, see
+    /// [`Engine::install_unwaited`]).
     fn install_slots(
         &self,
         slots: std::ops::Range<u32>,
@@ -307,7 +309,7 @@ impl Engine {
             }
             let off = usize_from(u64::from(s - slots.start)) * PAGE_BYTES;
             let len = usize_from(u64::from(e - s)) * PAGE_BYTES;
-            match self.install_saved(first, &data[off..off + len], true)? {
+            match self.install_unwaited(first, &data[off..off + len])? {
                 Installed::All { fresh: f } => fresh += f,
                 Installed::Stopped => return Ok(Installed::Stopped),
             }

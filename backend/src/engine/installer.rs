@@ -26,6 +26,15 @@
 //! Installs and the handling of a guest discard exclude each other through
 //! the engine's discard lock (installs share it, a discard takes it
 //! alone), so a page the guest discarded is never refilled from the image.
+//!
+//! While a restore learns, the pages no thread waits on (a fault's
+//! neighbours, the fill) go into the RAM files' page cache instead of
+//! being mapped, so that the guest's first touch of each is a minor fault
+//! thaw sees. A page-cache write is not refused by the kernel the way a
+//! second `UFFDIO_COPY` is: every install then holds the lock of its
+//! 16-page stripe from its residency check to marking the page resident,
+//! so a page is written at most once and never after the guest could map
+//! it (only thaw's answers map a page, and only resident ones).
 
 use std::os::unix::fs::FileExt;
 use std::sync::atomic::Ordering;
@@ -39,6 +48,10 @@ use crate::remote::uffd::CopyResult;
 
 /// How long an installer thread backs off when the kernel asks it to retry.
 pub(super) const RETRY_BACKOFF: Duration = Duration::from_micros(200);
+/// Pages per install stripe (one lock each while installs are cached).
+pub(super) const STRIPE_PAGES: u64 = 16;
+/// Stripe locks (stripes share them round robin).
+pub(super) const STRIPE_LOCKS: usize = 1024;
 
 /// How an install ended.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -82,6 +95,64 @@ impl Engine {
     /// skipping pages that are resident (or discarded) already. `wake`
     /// wakes threads faulting in the range.
     pub(crate) fn install_saved(
+        &self,
+        first: PageIndex,
+        data: &[u8],
+        wake: bool,
+    ) -> Result<Installed, EngineError> {
+        self.by_stripe(first, data, |f, d| self.copy_pages(f, d, wake))
+    }
+
+    /// Installs pages no thread waits on (a fault's neighbours, the fill):
+    /// mapped, or, while this restore learns, into the page cache so that
+    /// the guest's first touch of each is still seen.
+    pub(crate) fn install_unwaited(
+        &self,
+        first: PageIndex,
+        data: &[u8],
+    ) -> Result<Installed, EngineError> {
+        if self.cached_installs {
+            self.install_cached(first, data)
+        } else {
+            self.install_saved(first, data, true)
+        }
+    }
+
+    /// Runs `install` over `first..` stripe by stripe, each under its
+    /// stripe lock, while installs may go to the page cache; in one call
+    /// otherwise.
+    fn by_stripe(
+        &self,
+        first: PageIndex,
+        data: &[u8],
+        mut install: impl FnMut(PageIndex, &[u8]) -> Result<Installed, EngineError>,
+    ) -> Result<Installed, EngineError> {
+        if !self.cached_installs {
+            return install(first, data);
+        }
+        let pages = data.len() as u64 / PAGE_SIZE;
+        let mut fresh = 0;
+        let mut i = 0u64;
+        while i < pages {
+            let page = first.0 + i;
+            let j = ((page / STRIPE_PAGES + 1) * STRIPE_PAGES - first.0).min(pages);
+            let stripe = usize_from(page / STRIPE_PAGES) % self.stripes.len().max(1);
+            let _held = self
+                .stripes
+                .get(stripe)
+                .map(|m| m.lock().unwrap_or_else(|p| p.into_inner()));
+            let bytes = &data[usize_from(i * PAGE_SIZE)..usize_from(j * PAGE_SIZE)];
+            match install(PageIndex(page), bytes)? {
+                Installed::All { fresh: f } => fresh += f,
+                Installed::Stopped => return Ok(Installed::Stopped),
+            }
+            i = j;
+        }
+        Ok(Installed::All { fresh })
+    }
+
+    /// [`Engine::install_saved`] within one stripe (or without stripes).
+    fn copy_pages(
         &self,
         first: PageIndex,
         data: &[u8],
@@ -149,14 +220,20 @@ impl Engine {
 
     /// Writes saved data for `first..` into the RAM file's page cache
     /// instead of mapping it, so that the guest's first touch of each page
-    /// is still reported (a minor fault). Only while the guest is paused: a
-    /// page-cache write is not atomic against a guest write the way
-    /// `UFFDIO_COPY` is. Pages resident already are skipped.
+    /// is still reported (a minor fault). Pages resident already are
+    /// skipped. Only while the guest is paused, or with stripe locks (the
+    /// engine built [`Engine::with_cached_installs`]): a page-cache write
+    /// is not refused for a page that is there the way `UFFDIO_COPY` is.
     pub(crate) fn install_cached(
         &self,
         first: PageIndex,
         data: &[u8],
     ) -> Result<Installed, EngineError> {
+        self.by_stripe(first, data, |f, d| self.write_cached(f, d))
+    }
+
+    /// [`Engine::install_cached`] within one stripe (or without stripes).
+    fn write_cached(&self, first: PageIndex, data: &[u8]) -> Result<Installed, EngineError> {
         let pages = data.len() as u64 / PAGE_SIZE;
         let _guard = self.discard_lock.read().unwrap_or_else(|p| p.into_inner());
         let block = self.block_of(first);

@@ -172,6 +172,10 @@ pub(crate) struct Engine {
     fill_pace: Option<Throttle>,
     /// Where guest discards are logged for a recovery ([`discard`]).
     discard_log: Mutex<Option<File>>,
+    /// Pages no thread waits on go into the page cache (a learning
+    /// restore), under `stripes` ([`installer`]).
+    cached_installs: bool,
+    stripes: Box<[Mutex<()>]>,
     pub(crate) counters: Counters,
 }
 
@@ -200,8 +204,32 @@ impl Engine {
             failed: AtomicBool::new(false),
             fill_pace: None,
             discard_log: Mutex::new(None),
+            cached_installs: false,
+            stripes: Box::new([]),
             counters: Counters::default(),
         }
+    }
+
+    /// Puts the pages no thread waits on (a fault's neighbours, the fill)
+    /// into the RAM files' page cache instead of mapping them, so that the
+    /// guest's first touch of every page is seen (a learning restore): no
+    /// page is then mapped before the guest touched it.
+    pub(crate) fn with_cached_installs(mut self, on: bool) -> Engine {
+        self.cached_installs = on;
+        self.stripes = if on {
+            (0..installer::STRIPE_LOCKS)
+                .map(|_| Mutex::new(()))
+                .collect()
+        } else {
+            Box::new([])
+        };
+        self
+    }
+
+    /// Whether every page mapped so far was touched by the guest first
+    /// (see [`Engine::with_cached_installs`]).
+    pub(crate) fn maps_only_touched_pages(&self) -> bool {
+        self.cached_installs
     }
 
     /// Limits the background fill to `bytes_per_sec` while the guest runs

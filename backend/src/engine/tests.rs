@@ -127,6 +127,8 @@ fn mapper_main() {
             ["touch", id, pages] => {
                 let id = id.to_string();
                 let pages: Vec<u64> = pages.split(',').map(|p| p.parse().expect("page")).collect();
+                // Said before the thread starts: its "done" may come at once.
+                say(&format!("started {id}"));
                 threads.push(std::thread::spawn(move || {
                     let sums: Vec<String> = pages
                         .iter()
@@ -134,7 +136,6 @@ fn mapper_main() {
                         .collect();
                     say(&format!("done {id} {}", sums.join(",")));
                 }));
-                say(&format!("started {}", words[1]));
             }
             ["discard", first, count] => {
                 let (first, count): (u64, u64) =
@@ -161,6 +162,17 @@ fn mapper_main() {
                 }
                 say("discarded");
             }
+            ["write", id, pages] => {
+                let id = id.to_string();
+                let pages: Vec<u64> = pages.split(',').map(|p| p.parse().expect("page")).collect();
+                say(&format!("started {id}"));
+                threads.push(std::thread::spawn(move || {
+                    for &p in &pages {
+                        write_page(base, p);
+                    }
+                    say(&format!("done {id} {}:0", pages[0]));
+                }));
+            }
             ["exit"] => break,
             other => panic!("mapper: unknown command {other:?}"),
         }
@@ -182,6 +194,23 @@ fn read_page(base: usize, p: u64) -> u64 {
         bytes.extend_from_slice(&w.to_le_bytes());
     }
     xxh3_64(&bytes)
+}
+
+/// What the mapper's `write` puts into page `p`.
+fn written(p: u64) -> Vec<u8> {
+    (0..PAGE_SIZE / 8)
+        .flat_map(|w| ((p << 40) ^ w ^ 0x0bad_cafe_0000_0000).to_le_bytes())
+        .collect()
+}
+
+fn write_page(base: usize, p: u64) {
+    let at = (base + (p * PAGE_SIZE) as usize) as *mut u64;
+    for (i, w) in written(p).chunks_exact(8).enumerate() {
+        let word = u64::from_le_bytes(w.try_into().expect("8 bytes"));
+        // SAFETY: `at` points at page `p` of the live shared mapping
+        // (p < PAGES), `i` stays inside that page.
+        unsafe { std::ptr::write_volatile(at.add(i), word) };
+    }
 }
 
 /// The mapper seen from the engine's side.
@@ -269,6 +298,14 @@ impl Mapper {
     fn touch(&mut self, id: &str, pages: &[u64]) {
         let list: Vec<String> = pages.iter().map(u64::to_string).collect();
         self.send(&format!("touch {id} {}", list.join(",")));
+        assert_eq!(self.expect_prefix("started "), id);
+    }
+
+    /// Starts a thread in the mapper that overwrites `pages` in order
+    /// with [`written`] content.
+    fn write(&mut self, id: &str, pages: &[u64]) {
+        let list: Vec<String> = pages.iter().map(u64::to_string).collect();
+        self.send(&format!("write {id} {}", list.join(",")));
         assert_eq!(self.expect_prefix("started "), id);
     }
 
@@ -539,6 +576,71 @@ fn faults_race_the_prefetch_and_the_fill() {
     fill.join(&engine).expect("fill");
     assert_eq!(engine.remaining(), 0);
     service.stop(&engine).expect("no engine error");
+    m.exit();
+}
+
+/// A learning restore: a fault's neighbours and the fill go into the page
+/// cache, so the guest's first touch of each is seen (a minor fault); and
+/// while the fill writes the page cache, guest writes racing it are never
+/// overwritten with saved data.
+#[test]
+fn cached_installs_see_every_first_touch_and_never_overwrite_the_guest() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let image = write_image(&tmp.path().join("img"));
+    let mut m = Mapper::spawn();
+    let engine = Arc::new(m.engine(image.clone()).with_cached_installs(true));
+    let service = engine.start(1024).expect("start");
+    engine.set_resumed();
+    m.touch("fault", &[100]);
+    check(&m.next_done().1, &[]);
+    let PageLocation::Slot(slot) = image.locate(PageIndex(100)) else {
+        panic!("page 100 is saved")
+    };
+    let neighbour = image
+        .slot_page(image.chunk_slots(image.chunk_of(slot)).start)
+        .0;
+    assert_ne!(neighbour, 100);
+    // Wait until the fetch put the neighbour into the page cache.
+    let began = Instant::now();
+    while !engine.pages.is_resident(PageIndex(neighbour)) {
+        assert!(began.elapsed() < TIMEOUT, "the neighbours never arrived");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let minor_before = engine.counters.minor_faults.load(Ordering::Relaxed);
+    m.touch("neighbour", &[neighbour]);
+    check(&m.next_done().1, &[]);
+    assert!(
+        engine.counters.minor_faults.load(Ordering::Relaxed) > minor_before,
+        "the neighbour was mapped before the guest touched it"
+    );
+    // Writers in two orders race the fill.
+    let evens: Vec<u64> = (0..PAGES).filter(|p| p % 2 == 0).collect();
+    let odds_down: Vec<u64> = (0..PAGES).filter(|p| p % 2 == 1).rev().collect();
+    m.write("evens", &evens);
+    let fill = engine.start_fill(Default::default()).expect("fill");
+    m.write("odds", &odds_down);
+    for _ in 0..2 {
+        m.next_done();
+    }
+    fill.join(&engine).expect("fill");
+    let all: Vec<u64> = (0..PAGES).collect();
+    m.touch("readback", &all);
+    for (p, h) in m.next_done().1 {
+        assert_eq!(
+            h,
+            xxh3_64(&written(p)),
+            "the guest's write to page {p} was lost"
+        );
+    }
+    let log = service.stop(&engine).expect("no engine error");
+    for p in [100, neighbour] {
+        assert!(log.touches.contains(&PageIndex(p)), "touch of {p} not seen");
+    }
+    assert_eq!(
+        log.touches.len() as u64,
+        PAGES,
+        "every page's first touch is seen"
+    );
     m.exit();
 }
 

@@ -474,6 +474,9 @@ async fn run(
     let engine = Arc::new(
         Engine::new(image.clone(), uffd.clone(), blocks)
             .with_fill_limit(opts.fill_limit)
+            // A learning restore sees every first touch: what no fault
+            // waits on goes into the page cache, mapped on first touch.
+            .with_cached_installs(opts.learn.is_some() && with_minor)
             .with_fetch_workers(opts.fetch_workers)
             .with_discard_log(discards),
     );
@@ -548,7 +551,14 @@ async fn run(
             bar.finish();
             if let Some(w) = learn {
                 engine.begin_window();
-                window_ms = window::tracking_window(qemu_pid, &ram, &engine, w).await?;
+                // Every page mapped so far was touched (and recorded)
+                // first: no need to zap QEMU's page tables, which would
+                // make the guest fault its whole working set once more.
+                window_ms = if engine.maps_only_touched_pages() {
+                    window::watch(&engine, w, Instant::now()).await
+                } else {
+                    window::tracking_window(qemu_pid, &ram, &engine, w).await?
+                };
             }
             unregister(&uffd, &ram, &engine)?;
             // All of RAM is in: nothing is left to recover.
