@@ -66,7 +66,7 @@ pub enum BenchError {
     #[error(transparent)]
     Track(#[from] track::TrackError),
     #[error(
-        "unknown method {0:?}: use stock, mapped-ram, eager, lazy or ws:<learned|trace|abit|dirty> (with --libvirt: virsh, virsh-sparse instead of stock, mapped-ram)"
+        "unknown method {0:?}: use stock, mapped-ram, eager, lazy, lazy:learn or ws:<learned|trace|abit|dirty> (with --libvirt: virsh, virsh-sparse instead of stock, mapped-ram)"
     )]
     Method(String),
     #[error("{0}")]
@@ -106,6 +106,9 @@ pub enum Method {
     VirshSparse,
     Eager,
     Lazy,
+    /// A lazy restore that learns (what users run by default): its
+    /// learning window's cost shows in the client's rate.
+    LazyLearn,
     Ws(Estimator),
 }
 
@@ -118,6 +121,7 @@ impl Method {
             "virsh-sparse" => Method::VirshSparse,
             "eager" => Method::Eager,
             "lazy" => Method::Lazy,
+            "lazy:learn" => Method::LazyLearn,
             "ws:learned" => Method::Ws(Estimator::Learned),
             "ws:trace" => Method::Ws(Estimator::Trace),
             "ws:abit" => Method::Ws(Estimator::Abit),
@@ -134,6 +138,7 @@ impl Method {
             Method::VirshSparse => "virsh-sparse".into(),
             Method::Eager => "eager".into(),
             Method::Lazy => "lazy".into(),
+            Method::LazyLearn => "lazy:learn".into(),
             Method::Ws(e) => format!("ws:{}", e.name()),
         }
     }
@@ -233,6 +238,9 @@ pub struct MethodRun {
     /// the restore's start).
     #[serde(default)]
     pub first_answer_ms: Option<f64>,
+    /// A learning restore: its window after all RAM was resident (ms).
+    #[serde(default)]
+    pub learn_window_ms: Option<f64>,
 }
 
 impl MethodRun {
@@ -258,6 +266,7 @@ impl MethodRun {
             steady_rate: None,
             probes: Vec::new(),
             first_answer_ms: None,
+            learn_window_ms: None,
         }
     }
 
@@ -271,6 +280,19 @@ impl MethodRun {
             .iter()
             .map(|p| p.sent_ms + p.latency_ms)
             .min_by(f64::total_cmp)
+    }
+
+    /// A learning restore: the median rate of the work done wholly inside
+    /// its learning window, as a share of its steady rate.
+    pub fn window_rate_vs_steady(&self) -> Option<f64> {
+        let window = self.learn_window_ms?;
+        let from = self.complete_ms.max(self.running_ms);
+        let inside = self
+            .samples
+            .iter()
+            .filter(|s| s.at_ms - s.interval_ms >= from && s.at_ms <= from + window)
+            .map(|s| s.rate);
+        median(inside).zip(self.steady_rate).map(|(w, s)| w / s)
     }
 
     /// Probe latencies of the requests sent once the guest was running.
@@ -310,6 +332,12 @@ pub struct MethodSummary {
     pub first_answer_ms: Option<f64>,
     #[serde(default)]
     pub probe_p50_ms: Option<f64>,
+    /// A learning restore: its window (ms) and the client's rate inside it
+    /// as a share of the steady rate.
+    #[serde(default)]
+    pub learn_window_ms: Option<f64>,
+    #[serde(default)]
+    pub window_rate_vs_steady: Option<f64>,
     #[serde(default)]
     pub probe_max_ms: Option<f64>,
 }
@@ -562,14 +590,16 @@ pub async fn run(opts: &BenchOptions) -> Result<BenchReport, BenchError> {
                 _ => {
                     let (mode, estimator) = match method {
                         Method::Eager => (Mode::Eager, EstimatorChoice::None),
-                        Method::Lazy => (Mode::Lazy, EstimatorChoice::None),
+                        Method::Lazy | Method::LazyLearn => (Mode::Lazy, EstimatorChoice::None),
                         Method::Ws(Estimator::Learned) => (Mode::Ws, EstimatorChoice::Learned),
                         Method::Ws(Estimator::Trace) => (Mode::Ws, EstimatorChoice::Trace),
                         Method::Ws(Estimator::Abit) => (Mode::Ws, EstimatorChoice::Abit),
                         _ => (Mode::Ws, EstimatorChoice::Dirty),
                     };
-                    let s = restore::restore(&image, &restore_opts(mode, estimator, None)).await?;
+                    let learn = (method == Method::LazyLearn).then(LearnWindow::default);
+                    let s = restore::restore(&image, &restore_opts(mode, estimator, learn)).await?;
                     MethodRun {
+                        learn_window_ms: learn.map(|_| s.learn_window_ms),
                         method: String::new(),
                         run,
                         running_ms: s.resume_ms,
@@ -841,7 +871,8 @@ impl MethodRun {
     /// pre-save rate) is the reference when fewer than 5 reports came after
     /// all RAM was resident.
     pub fn settle_ttr(&mut self, warm: f64) {
-        let complete = self.complete_ms.max(self.running_ms);
+        // Steady means after a learning window, too.
+        let complete = self.complete_ms.max(self.running_ms) + self.learn_window_ms.unwrap_or(0.0);
         let after: Vec<f64> = self
             .samples
             .iter()
@@ -929,6 +960,10 @@ fn summarize(
                 bytes_read_mib: median(mine.iter().map(|r| r.bytes_read as f64 / (1 << 20) as f64)),
                 without_ttr: mine.iter().filter(|r| r.ttr_ms.is_none()).count(),
                 first_answer_ms: median(mine.iter().filter_map(|r| r.first_answer())),
+                learn_window_ms: median(mine.iter().filter_map(|r| r.learn_window_ms)),
+                window_rate_vs_steady: median(
+                    mine.iter().filter_map(|r| r.window_rate_vs_steady()),
+                ),
                 probe_p50_ms: median(mine.iter().filter_map(|r| r.probes_while_running().p50_ms)),
                 probe_max_ms: median(mine.iter().filter_map(|r| r.probes_while_running().max_ms)),
             }
@@ -1189,6 +1224,15 @@ impl BenchReport {
             ));
         }
         out.push_str(&format!("\nTTR: {}. Medians.\n", self.ttr_definition));
+        for sm in self.summary.iter().filter(|s| s.learn_window_ms.is_some()) {
+            out.push_str(&format!(
+                "\n{}: learning window {} ms after all RAM was resident; the guest's rate inside it: {} of its steady rate.\n",
+                sm.method,
+                ms(sm.learn_window_ms),
+                sm.window_rate_vs_steady
+                    .map_or("— (no work wholly inside it)".to_string(), |r| format!("{:.0}%", r * 100.0))
+            ));
+        }
         if let (Some(p), Some(period)) = (self.warm_probe_p50_ms, self.probe_period_ms) {
             out.push_str(&format!(
                 "\nInteractive probe: a `PROBE` request on the serial console every {period} ms \

@@ -116,6 +116,7 @@ mod tests {
             steady_rate: None,
             probes: Vec::new(),
             first_answer_ms: None,
+            learn_window_ms: None,
             samples: rates
                 .iter()
                 .enumerate()
@@ -146,6 +147,8 @@ mod tests {
             first_answer_ms: None,
             probe_p50_ms: None,
             probe_max_ms: None,
+            learn_window_ms: None,
+            window_rate_vs_steady: None,
         };
         let report = BenchReport {
             vm: "t".into(),
