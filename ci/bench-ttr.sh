@@ -13,6 +13,10 @@
 #   patterns  2 GiB, skewed and phase-change access patterns
 #   libvirt   the main guest as a libvirt domain: virsh, virsh-sparse and thaw
 #             (needs ci/setup-libvirt.sh; not part of the default set)
+#   redis     a real redis (configs/apps/redis.yaml, 1 GiB of values, 20 MiB
+#             hot) measured by redis-benchmark from the host, at local disk,
+#             100 MB/s and 32 MB/s, and from a hot page cache (not part of
+#             the default set)
 # Environment: RUNS (default 3), FILL_LIMIT for paced/ram/hot/patterns (default 128M).
 # Output: target/bench/ttr-<scenario>[-<variant>]/{bench.json,bench.md,throughput.svg}
 set -euo pipefail
@@ -43,7 +47,8 @@ bench() {
   shift 2
   echo "== $dest" >&2
   mkdir -p "$dest"
-  "$thaw" bench --config "$config" --runs "$runs" --out "$dest" "$@" 2>"$dest/stderr.log" |
+  # shellcheck disable=SC2086 # $thaw may carry a prefix (ip netns exec NS)
+  $thaw bench --config "$config" --runs "$runs" --out "$dest" "$@" 2>"$dest/stderr.log" |
     tee "$dest/stdout.md"
 }
 
@@ -55,6 +60,22 @@ for s in "${scenarios[@]}"; do
   libvirt)
     bash ci/setup-libvirt.sh >&2
     bench libvirt configs/bench-tput-2g.yaml --libvirt
+    ;;
+  redis)
+    bash ci/app-net.sh up >&2
+    bash tests/guest/build-app.sh redis >/dev/null
+    apps="stock,eager,lazy,ws:trace,ws:learned,lazy:learn"
+    for limit in disk 100M 32M; do
+      args=(--app redis --methods "$apps" --dir /var/lib/thaw/bench-app)
+      [ "$limit" = disk ] || args+=(--read-limit "$limit")
+      # The guest's NIC is tap0 in the namespace: QEMU and the client run there.
+      thaw="ip netns exec thaw-app $PWD/target/release/thaw" \
+        bench "redis-$limit" configs/apps/redis.yaml "${args[@]}"
+    done
+    # The floor of a local-disk restore: the same restores from a hot page cache.
+    thaw="ip netns exec thaw-app $PWD/target/release/thaw" \
+      bench redis-disk-hot configs/apps/redis.yaml --app redis --hot-cache \
+      --methods eager,ws:trace,ws:learned --dir /var/lib/thaw/bench-app
     ;;
   paced)
     bench paced configs/bench-tput-2g.yaml --methods stock,eager,lazy,ws:learned,ws:trace \
@@ -87,7 +108,7 @@ for s in "${scenarios[@]}"; do
     done
     ;;
   *)
-    echo "$0: unknown scenario $s (main, paced, 32m, 7m, ram, hot, patterns)" >&2
+    echo "$0: unknown scenario $s (main, paced, 32m, 7m, ram, hot, patterns, libvirt, redis)" >&2
     exit 2
     ;;
   esac

@@ -303,6 +303,10 @@ enum Command {
         /// Bytes of them (the hot keys) each client pass reads.
         #[arg(long, value_parser = parse_size, default_value = "20M", requires = "app")]
         app_hot: u64,
+        /// Restore from a hot page cache (no drop_caches before each
+        /// restore): the floor of a local-disk restore.
+        #[arg(long)]
+        hot_cache: bool,
     },
     /// Describe an image: VM, QEMU, RAM layout, sizes, working sets.
     Inspect { image: PathBuf },
@@ -603,6 +607,7 @@ async fn run(cli: Cli) -> Result<()> {
             app,
             app_data,
             app_hot,
+            hot_cache,
         } => {
             let methods = if methods.is_empty() && libvirt.libvirt {
                 crate::bench::Method::all_libvirt()
@@ -649,6 +654,7 @@ async fn run(cli: Cli) -> Result<()> {
                                 })
                             })
                             .transpose()?,
+                        hot_cache,
                     };
                     crate::bench::run(&opts).await.context("benchmark")?
                 }
@@ -684,6 +690,16 @@ async fn run(cli: Cli) -> Result<()> {
             }
             let mut out = serde_json::to_value(&report)?;
             out["working_sets"] = serde_json::Value::Array(sets);
+            match thaw::wss::evidence::Evidence::load(&img) {
+                Ok(evidence) => {
+                    text.push_str(&format!("\n{evidence}"));
+                    out["evidence"] = serde_json::to_value(&evidence)?;
+                }
+                Err(e) => {
+                    text.push_str(&format!("\n  {e}"));
+                    out["evidence"] = json!({ "error": e.to_string() });
+                }
+            }
             print(j, &out, text)
         }
         Command::List => {

@@ -87,6 +87,69 @@ fn checkpoint_traces_the_hot_set_and_a_ws_restore_prefetches_it() {
         hot.len()
     );
     vm.assert_keeps_ticking(&nonce, 10);
+
+    // That restore learned: the image now has a learned set, and evidence
+    // of how the traced set predicted the guest's first touches. `auto`
+    // goes by that evidence (the fixed order would take the learned set,
+    // of which there is no evidence yet).
+    let info = vm.inspect(&image);
+    let restores = info["evidence"]["restores"].as_array().expect("evidence");
+    assert_eq!(restores.len(), 1, "{info}");
+    assert_eq!(restores[0]["used"], "trace", "{info}");
+    vm.stop();
+    let auto = vm.restore_with(&image, &["--mode", "ws", "--read-limit", READ_LIMIT]);
+    assert_eq!(
+        auto.json["ws_sets"],
+        serde_json::json!(["trace"]),
+        "{}",
+        auto.json
+    );
+    vm.assert_keeps_ticking(&nonce, 3);
+    // Now every set and the union of learned and trace have a verdict, and
+    // `auto` takes the cheapest of them.
+    let info = vm.inspect(&image);
+    let latest = info["evidence"]["restores"]
+        .as_array()
+        .and_then(|r| r.last().cloned())
+        .expect("evidence");
+    let verdicts = latest["verdicts"].as_array().expect("verdicts");
+    let names: Vec<String> = verdicts
+        .iter()
+        .map(|v| {
+            v["candidate"]
+                .as_array()
+                .map(|c| {
+                    c.iter()
+                        .filter_map(|e| e.as_str())
+                        .collect::<Vec<_>>()
+                        .join("+")
+                })
+                .unwrap_or_default()
+        })
+        .collect();
+    assert_eq!(names, ["learned", "trace", "learned+trace"], "{latest}");
+    let cost = |v: &serde_json::Value| {
+        v["missed"].as_u64().unwrap_or(u64::MAX) * 8 + v["unused"].as_u64().unwrap_or(u64::MAX)
+    };
+    let cheapest = verdicts
+        .iter()
+        .min_by_key(|v| (cost(v), v["candidate"].as_array().map_or(0, Vec::len)));
+    let cheapest = cheapest.map(|v| v["candidate"].clone()).expect("a verdict");
+    for v in verdicts {
+        // Each verdict's counts add up to the pages touched and in the set.
+        assert_eq!(
+            v["hits"]
+                .as_u64()
+                .zip(v["missed"].as_u64())
+                .map(|(h, m)| h + m),
+            latest["touched"].as_u64(),
+            "{v}"
+        );
+    }
+    vm.stop();
+    let auto = vm.restore_with(&image, &["--mode", "ws", "--read-limit", READ_LIMIT]);
+    assert_eq!(auto.json["ws_sets"], cheapest, "{}", auto.json);
+    vm.assert_keeps_ticking(&nonce, 3);
     vm.stop();
 }
 

@@ -197,6 +197,9 @@ pub struct BenchOptions {
     /// A real application in the guest, measured by its own client
     /// instead of the workload's reports.
     pub app: Option<AppOptions>,
+    /// Restore from a hot page cache (no `drop_caches` before each
+    /// restore): the floor a local-disk restore is compared with.
+    pub hot_cache: bool,
 }
 
 /// `--app`: which server the guest runs and how much data it holds.
@@ -238,9 +241,12 @@ pub struct MethodRun {
     /// the restore's start).
     #[serde(default)]
     pub first_answer_ms: Option<f64>,
-    /// A learning restore: its window after all RAM was resident (ms).
+    /// A learning restore: its window after all RAM was resident (ms),
+    /// and the faults the guest took in it.
     #[serde(default)]
     pub learn_window_ms: Option<f64>,
+    #[serde(default)]
+    pub window_faults: Option<u64>,
 }
 
 impl MethodRun {
@@ -267,6 +273,7 @@ impl MethodRun {
             probes: Vec::new(),
             first_answer_ms: None,
             learn_window_ms: None,
+            window_faults: None,
         }
     }
 
@@ -339,6 +346,8 @@ pub struct MethodSummary {
     #[serde(default)]
     pub window_rate_vs_steady: Option<f64>,
     #[serde(default)]
+    pub window_faults: Option<f64>,
+    #[serde(default)]
     pub probe_max_ms: Option<f64>,
 }
 
@@ -363,6 +372,9 @@ pub struct BenchReport {
     /// thaw's background fill pace once the guest runs (`--fill-limit`).
     #[serde(default)]
     pub fill_limit: Option<u64>,
+    /// Restored from a hot page cache (`--hot-cache`), not a cold one.
+    #[serde(default)]
+    pub hot_cache: bool,
     /// The warm rate before the save, in `rate_unit`.
     #[serde(alias = "warm_mib_per_s")]
     pub warm_rate: f64,
@@ -567,7 +579,9 @@ pub async fn run(opts: &BenchOptions) -> Result<BenchReport, BenchError> {
     let mut runs = Vec::new();
     for &method in &opts.methods {
         for run in 1..=opts.runs {
-            drop_caches();
+            if !opts.hot_cache {
+                drop_caches();
+            }
             let t0 = Instant::now();
             let observer = Observer::start(app.as_ref(), &serial, opts, console.as_deref(), t0)?;
             let mut r = match method {
@@ -600,6 +614,7 @@ pub async fn run(opts: &BenchOptions) -> Result<BenchReport, BenchError> {
                     let s = restore::restore(&image, &restore_opts(mode, estimator, learn)).await?;
                     MethodRun {
                         learn_window_ms: learn.map(|_| s.learn_window_ms),
+                        window_faults: learn.map(|_| s.window_faults),
                         method: String::new(),
                         run,
                         running_ms: s.resume_ms,
@@ -671,6 +686,7 @@ pub async fn run(opts: &BenchOptions) -> Result<BenchReport, BenchError> {
         accel: accel.to_string(),
         read_limit: opts.read_limit,
         fill_limit: opts.fill_limit,
+        hot_cache: opts.hot_cache,
         warm_rate: warm,
         warm_probe_p50_ms,
         probe_period_ms: opts
@@ -961,6 +977,10 @@ fn summarize(
                 without_ttr: mine.iter().filter(|r| r.ttr_ms.is_none()).count(),
                 first_answer_ms: median(mine.iter().filter_map(|r| r.first_answer())),
                 learn_window_ms: median(mine.iter().filter_map(|r| r.learn_window_ms)),
+                window_faults: median(
+                    mine.iter()
+                        .filter_map(|r| r.window_faults.map(|f| f as f64)),
+                ),
                 window_rate_vs_steady: median(
                     mine.iter().filter_map(|r| r.window_rate_vs_steady()),
                 ),
@@ -1190,7 +1210,7 @@ impl BenchReport {
             )) + &self.fill_limit.map_or(String::new(), |r| format!(
                 ", thaw's background fill paced to {} MiB/s once the guest runs",
                 r >> 20
-            )),
+            )) + if self.hot_cache { ", restored from a hot page cache" } else { "" },
             self.app.as_ref().map_or(String::new(), |a| format!(
                 "\n{} with {} keys of {} bytes ({} MiB; loaded in {:.1} s); each client pass: `{}` \
                  over the {} hot keys ({} MiB), {:.0} ms warm. First answer: the client's first \
@@ -1226,9 +1246,10 @@ impl BenchReport {
         out.push_str(&format!("\nTTR: {}. Medians.\n", self.ttr_definition));
         for sm in self.summary.iter().filter(|s| s.learn_window_ms.is_some()) {
             out.push_str(&format!(
-                "\n{}: learning window {} ms after all RAM was resident; the guest's rate inside it: {} of its steady rate.\n",
+                "\n{}: learning window {} ms after all RAM was resident, {} faults in it; the guest's rate inside it: {} of its steady rate.\n",
                 sm.method,
                 ms(sm.learn_window_ms),
+                ms(sm.window_faults),
                 sm.window_rate_vs_steady
                     .map_or("— (no work wholly inside it)".to_string(), |r| format!("{:.0}%", r * 100.0))
             ));

@@ -117,6 +117,7 @@ mod tests {
             probes: Vec::new(),
             first_answer_ms: None,
             learn_window_ms: None,
+            window_faults: None,
             samples: rates
                 .iter()
                 .enumerate()
@@ -149,6 +150,7 @@ mod tests {
             probe_max_ms: None,
             learn_window_ms: None,
             window_rate_vs_steady: None,
+            window_faults: None,
         };
         let report = BenchReport {
             vm: "t".into(),
@@ -157,6 +159,7 @@ mod tests {
             accel: "tcg".into(),
             read_limit: None,
             fill_limit: None,
+            hot_cache: false,
             warm_rate: 100.0,
             warm_probe_p50_ms: None,
             probe_period_ms: None,

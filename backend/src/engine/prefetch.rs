@@ -20,7 +20,9 @@ impl Engine {
     pub(crate) fn prefetch(&self, ws: &WsFile, observe: bool) -> Result<u64, EngineError> {
         let mut installed = 0u64;
         let mut failure = None;
-        let streamed = ws.stream(self.image.throttle(), |pages, data| {
+        // A set after another reads only the chunks with pages still missing.
+        let needed = |p: PageIndex| !self.pages.is_resident(p);
+        let streamed = ws.stream_needed(self.image.throttle(), needed, |pages, data| {
             self.counters
                 .bytes_read
                 .fetch_add(data.len() as u64, Ordering::Relaxed);

@@ -34,6 +34,7 @@ use crate::mem::{PageIndex, RamLayout, PAGE_SIZE};
 use crate::observe::window;
 use crate::remote::uffd;
 use crate::vmm::{self, Launched, RamMapping};
+use crate::wss::evidence::{Evidence, RestoreEvidence};
 use crate::wss::{self, Estimator, WorkingSet, WsFile};
 
 /// How long QEMU may take to load the device state.
@@ -166,6 +167,9 @@ pub struct RestoreStats {
     pub nonzero_pages: u64,
     /// The working set prefetched (`ws` mode), if any.
     pub estimator: Option<Estimator>,
+    /// Every working set prefetched, in order (`auto` may take the union
+    /// of two, see [`crate::wss::evidence`]).
+    pub ws_sets: Vec<Estimator>,
     /// Pages in that working set (zero pages included).
     pub ws_pages: u64,
     /// Command start → QEMU up with empty RAM.
@@ -207,6 +211,9 @@ pub struct RestoreStats {
     pub fill_mib_per_s: f64,
     /// Tracking window after completion (0 when not learning).
     pub learn_window_ms: f64,
+    /// Faults the guest took during that window (first touches of pages
+    /// it had not touched during the restore): all the window costs it.
+    pub window_faults: u64,
     /// Distinct pages the guest touched while thaw recorded.
     pub touched_pages: u64,
     /// Size of the image's learned working set after this restore (0: not updated).
@@ -283,8 +290,8 @@ impl std::fmt::Display for RestoreStats {
         if self.learned_pages > 0 {
             writeln!(
                 f,
-                "  learned working set: {} pages (window {:.0} ms)",
-                self.learned_pages, self.learn_window_ms
+                "  learned working set: {} pages (window {:.0} ms, {} faults in it)",
+                self.learned_pages, self.learn_window_ms, self.window_faults
             )?;
         }
         write!(
@@ -327,19 +334,19 @@ pub async fn restore(path: &Path, opts: &RestoreOptions) -> Result<RestoreStats,
     // Structure, device state and the working set's tables are verified
     // before anything starts.
     let device_state = image.read_device_state()?;
-    let ws = match opts.mode {
-        Mode::Ws => {
-            let ws = wss::open_best(&image, &opts.estimator.candidates())?;
-            match (&ws, opts.estimator) {
-                (None, EstimatorChoice::Auto | EstimatorChoice::None) => {}
+    let ws = match (opts.mode, opts.estimator) {
+        (Mode::Ws, EstimatorChoice::Auto) => choose_by_evidence(&image)?,
+        (Mode::Ws, e) => {
+            let ws = wss::open_best(&image, &e.candidates())?;
+            match (ws, e) {
+                (None, EstimatorChoice::None) => Vec::new(),
                 (None, e) => {
                     return Err(RestoreError::NoWorkingSet(format!("{e:?}").to_lowercase()));
                 }
-                _ => {}
+                (Some(ws), _) => vec![ws],
             }
-            ws
         }
-        _ => None,
+        _ => Vec::new(),
     };
     let meta = image.meta().clone();
     let mut cfg = meta.vm.clone();
@@ -406,6 +413,7 @@ struct Phases {
     complete_ms: f64,
     fill_time: Duration,
     window_ms: f64,
+    window_faults: u64,
     /// Prefetched pages untouched when all RAM was resident.
     unused: u64,
 }
@@ -415,7 +423,7 @@ async fn run(
     launched: Launched,
     image: Arc<Image>,
     device_state: Vec<u8>,
-    ws: Option<WsFile>,
+    ws: Vec<WsFile>,
     opts: &RestoreOptions,
     started: Instant,
     launch_ms: f64,
@@ -504,14 +512,21 @@ async fn run(
             let _ = std::fs::remove_file(&record_path);
         }
         let mut prefetch_ms = 0.0;
-        if let Some(ws) = &ws {
+        if !ws.is_empty() {
             let t = Instant::now();
             let engine = engine.clone();
-            let ws_ref: &WsFile = ws;
+            let sets: &[WsFile] = &ws;
             // The guest is paused: writing into the page cache is safe.
+            // Sets after the first add the pages the earlier ones lacked.
             let observe = observed;
-            std::thread::scope(|s| s.spawn(|| engine.prefetch(ws_ref, observe)).join())
-                .map_err(|_| RestoreError::Panicked("prefetch"))??;
+            std::thread::scope(|s| {
+                s.spawn(|| {
+                    sets.iter()
+                        .try_for_each(|set| engine.prefetch(set, observe).map(drop))
+                })
+                .join()
+            })
+            .map_err(|_| RestoreError::Panicked("prefetch"))??;
             prefetch_ms = ms(t.elapsed());
         }
         let prefetched = meta.nonzero_pages - engine.remaining();
@@ -538,6 +553,7 @@ async fn run(
         let resume_ms = ms(started.elapsed());
         log::info!("guest resumed after {resume_ms:.1} ms with {prefetched} pages resident");
         let mut window_ms = 0.0;
+        let mut window_faults = 0;
         let complete_ms;
         let unused;
         if opts.mode == Mode::Eager {
@@ -550,6 +566,11 @@ async fn run(
             unused = engine.unused_prefetched();
             bar.finish();
             if let Some(w) = learn {
+                let faults = || {
+                    engine.counters.minor_faults.load(Ordering::Relaxed)
+                        + engine.counters.faults_after_resume.load(Ordering::Relaxed)
+                };
+                let before = faults();
                 engine.begin_window();
                 // Every page mapped so far was touched (and recorded)
                 // first: no need to zap QEMU's page tables, which would
@@ -559,6 +580,7 @@ async fn run(
                 } else {
                     window::tracking_window(qemu_pid, &ram, &engine, w).await?
                 };
+                window_faults = faults() - before;
             }
             unregister(&uffd, &ram, &engine)?;
             // All of RAM is in: nothing is left to recover.
@@ -572,6 +594,7 @@ async fn run(
             complete_ms,
             fill_time,
             window_ms,
+            window_faults,
             unused,
         })
     }
@@ -594,7 +617,10 @@ async fn run(
     let c = &engine.counters;
     let FaultLog { latencies, touches } = log;
     let learned_pages = match learn {
-        Some(_) => update_learned(&image, &touches),
+        Some(_) => {
+            record_evidence(&image, opts.mode, &ws, &touches, c);
+            update_learned(&image, &touches)
+        }
         None => 0,
     };
     let fill_pages = c.fill_pages.load(Ordering::Relaxed);
@@ -605,8 +631,9 @@ async fn run(
         mode: opts.mode,
         ram_bytes: meta.layout.total_bytes(),
         nonzero_pages: meta.nonzero_pages,
-        estimator: ws.as_ref().map(|w| w.set.estimator),
-        ws_pages: ws.as_ref().map_or(0, |w| w.set.pages.len() as u64),
+        estimator: ws.first().map(|w| w.set.estimator),
+        ws_sets: ws.iter().map(|w| w.set.estimator).collect(),
+        ws_pages: distinct_pages(&ws),
         launch_ms,
         device_state_ms: phases.device_state_ms,
         prefetch_ms: phases.prefetch_ms,
@@ -628,11 +655,96 @@ async fn run(
             / (1 << 20) as f64
             / phases.fill_time.as_secs_f64().max(1e-9),
         learn_window_ms: phases.window_ms,
+        window_faults: phases.window_faults,
         touched_pages: c.touched_pages.load(Ordering::Relaxed),
         learned_pages,
         discarded_pages: engine.discarded_pages(),
         discarded_faults: c.discarded_faults.load(Ordering::Relaxed),
     })
+}
+
+/// The working sets `auto` prefetches: the cheapest candidate by the
+/// image's evidence ([`wss::evidence`]), else the first of learned, trace,
+/// abit, dirty the image has (none at all: a restore without a prefetch).
+fn choose_by_evidence(image: &Image) -> Result<Vec<WsFile>, RestoreError> {
+    let mut sets = Vec::new();
+    for e in Estimator::PREFERENCE {
+        if let Some(f) = WsFile::open(image, e)? {
+            sets.push(f);
+        }
+    }
+    let available: Vec<Estimator> = sets.iter().map(|f| f.set.estimator).collect();
+    let evidence = Evidence::load(image).unwrap_or_else(|e| {
+        log::warn!("ignoring the image's working-set evidence: {e}");
+        Evidence::default()
+    });
+    let Some(best) = evidence.best(&available) else {
+        sets.truncate(1);
+        return Ok(sets);
+    };
+    log::info!("auto: prefetching {} (by evidence)", best.name());
+    let mut chosen = Vec::new();
+    for e in &best.0 {
+        if let Some(i) = sets.iter().position(|f| f.set.estimator == *e) {
+            chosen.push(sets.swap_remove(i));
+        }
+    }
+    Ok(chosen)
+}
+
+/// Pages in the union of `sets`.
+fn distinct_pages(sets: &[WsFile]) -> u64 {
+    let all: std::collections::HashSet<u64> = sets
+        .iter()
+        .flat_map(|f| f.set.pages.iter().map(|p| p.page.0))
+        .collect();
+    all.len() as u64
+}
+
+/// Scores the image's working sets (as they were before this restore
+/// refines the learned one) against this restore's first touches, and
+/// keeps the verdict in the image ([`wss::evidence`]); a failure only
+/// costs the evidence.
+fn record_evidence(
+    image: &Image,
+    mode: Mode,
+    used: &[WsFile],
+    touches: &[PageIndex],
+    counters: &crate::engine::Counters,
+) {
+    let mut sets = Vec::new();
+    for e in Estimator::PREFERENCE {
+        match WsFile::open(image, e) {
+            Ok(Some(f)) => sets.push(f),
+            Ok(None) => {}
+            Err(err) => log::warn!("scoring working sets: {err}"),
+        }
+    }
+    let verdicts = wss::evidence::verdicts(image, &sets, touches);
+    let touched = touches
+        .iter()
+        .filter(|p| matches!(image.locate(**p), crate::image::PageLocation::Slot(_)))
+        .count() as u64;
+    let record = RestoreEvidence {
+        unix_time: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs()),
+        mode: match mode {
+            Mode::Eager => "eager",
+            Mode::Lazy => "lazy",
+            Mode::Ws => "ws",
+        }
+        .into(),
+        used: (!used.is_empty()).then(|| {
+            wss::evidence::Candidate(used.iter().map(|f| f.set.estimator).collect()).name()
+        }),
+        touched,
+        lazy_faults: counters.faults_after_resume.load(Ordering::Relaxed),
+        verdicts,
+    };
+    if let Err(e) = Evidence::record(image, record) {
+        log::warn!("could not record the working sets' evidence: {e}");
+    }
 }
 
 /// Refines the image's learned working set with this restore's first

@@ -34,7 +34,7 @@ use std::io::{Read, Write};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use xxhash_rust::xxh3::xxh3_64;
 
 use crate::image::{Image, PageLocation};
@@ -56,8 +56,10 @@ pub const LEARNED_DROP_AFTER: u32 = 3;
 /// Bytes read per request while streaming a working set's data.
 const READ_BYTES: u64 = 4 << 20;
 
+pub mod evidence;
+
 /// Where a working set came from.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Estimator {
     /// Recorded by earlier restores (first touches), refined on each.
@@ -423,10 +425,23 @@ impl WsFile {
     pub fn stream(
         &self,
         limit: Option<&crate::image::throttle::Throttle>,
+        install: impl FnMut(&[PageIndex], &[u8]) -> Result<(), WsError>,
+    ) -> Result<u64, WsError> {
+        self.stream_needed(limit, |_| true, install)
+    }
+
+    /// [`WsFile::stream`] that reads only the checksummed chunks holding
+    /// at least one page `needed` accepts (e.g. pages an earlier set did
+    /// not install). Returns the bytes read.
+    pub fn stream_needed(
+        &self,
+        limit: Option<&crate::image::throttle::Throttle>,
+        needed: impl Fn(PageIndex) -> bool,
         mut install: impl FnMut(&[PageIndex], &[u8]) -> Result<(), WsError>,
     ) -> Result<u64, WsError> {
+        let chunk_pages = usize_from(WS_CHUNK_PAGES);
         let chunk_bytes = WS_CHUNK_PAGES * PAGE_SIZE;
-        let per_read = (READ_BYTES / chunk_bytes).max(1) * chunk_bytes;
+        let per_read = usize_from((READ_BYTES / chunk_bytes).max(1));
         let data_pages: Vec<PageIndex> = self
             .set
             .pages
@@ -435,31 +450,47 @@ impl WsFile {
             .filter(|(_, z)| !**z)
             .map(|(p, _)| p.page)
             .collect();
-        let total = self.data_pages * PAGE_SIZE;
-        let mut buf = vec![0u8; usize_from(per_read.min(total))];
-        let mut off = 0u64;
-        while off < total {
-            let len = usize_from(per_read.min(total - off));
+        let chunks = data_pages.len().div_ceil(chunk_pages);
+        let wanted = |c: usize| {
+            data_pages[c * chunk_pages..((c + 1) * chunk_pages).min(data_pages.len())]
+                .iter()
+                .any(|&p| needed(p))
+        };
+        let mut buf =
+            vec![0u8; usize_from(per_read as u64 * chunk_bytes).min(data_pages.len() * PAGE_BYTES)];
+        let mut read = 0u64;
+        let mut c = 0;
+        while c < chunks {
+            if !wanted(c) {
+                c += 1;
+                continue;
+            }
+            let mut end = c + 1;
+            while end < chunks && end - c < per_read && wanted(end) {
+                end += 1;
+            }
+            let (first, last) = (c * chunk_pages, (end * chunk_pages).min(data_pages.len()));
+            let len = (last - first) * PAGE_BYTES;
             if let Some(t) = limit {
                 t.take(len as u64);
             }
             self.file
-                .read_exact_at(&mut buf[..len], self.data_at + off)
+                .read_exact_at(&mut buf[..len], self.data_at + u64_from(first) * PAGE_SIZE)
                 .map_err(io_err(&self.path, "cannot read page data"))?;
-            for (i, c) in buf[..len].chunks(usize_from(chunk_bytes)).enumerate() {
-                let n = usize_from(off / chunk_bytes) + i;
-                if self.sums.get(n) != Some(&xxh3_64(c)) {
+            for (i, data) in buf[..len].chunks(usize_from(chunk_bytes)).enumerate() {
+                let n = c + i;
+                if self.sums.get(n) != Some(&xxh3_64(data)) {
                     return Err(damaged(
                         &self.path,
                         format!("data chunk {n} fails its checksum"),
                     ));
                 }
             }
-            let first = (off / PAGE_SIZE) as usize;
-            install(&data_pages[first..first + len / PAGE_BYTES], &buf[..len])?;
-            off += len as u64;
+            install(&data_pages[first..last], &buf[..len])?;
+            read += len as u64;
+            c = end;
         }
-        Ok(total)
+        Ok(read)
     }
 }
 

@@ -227,3 +227,75 @@ fn a_version_1_file_is_treated_as_absent() {
     std::fs::write(&path, &data).expect("write");
     assert!(WsFile::open(&image, Estimator::Abit).is_err());
 }
+
+/// A second set streams only the chunks holding pages the first lacked.
+#[test]
+fn a_stream_skips_chunks_without_needed_pages() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let img_dir = dir.path().join("img");
+    write_image(&img_dir);
+    let image = Image::open(&img_dir).expect("open");
+    // 19 data pages: two checksummed chunks (16 + 3).
+    let order = pages(&[
+        1, 3, 4, 5, 6, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 50,
+    ]);
+    write(&image, &WorkingSet::from_touches(Estimator::Trace, &order)).expect("write");
+    let f = WsFile::open(&image, Estimator::Trace)
+        .expect("open")
+        .expect("present");
+    let mut got = Vec::new();
+    let read = f
+        .stream_needed(
+            None,
+            |p| p.0 == 50,
+            |ps, _| {
+                got.extend(ps.iter().map(|p| p.0));
+                Ok(())
+            },
+        )
+        .expect("stream");
+    assert_eq!(read, 3 * PAGE_SIZE, "only the second chunk was read");
+    assert_eq!(got, [19, 20, 50]);
+    let read = f
+        .stream_needed(None, |_| false, |_, _| Ok(()))
+        .expect("stream");
+    assert_eq!(read, 0);
+}
+
+/// Verdicts count hits, misses and unused pages of each set and of the
+/// union of learned and trace, over saved pages only.
+#[test]
+fn verdicts_score_each_set_against_the_touches() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let img_dir = dir.path().join("img");
+    write_image(&img_dir);
+    let image = Image::open(&img_dir).expect("open");
+    write(
+        &image,
+        &WorkingSet::from_touches(Estimator::Learned, &pages(&[1, 3, 4])),
+    )
+    .expect("w");
+    write(
+        &image,
+        &WorkingSet::from_touches(Estimator::Trace, &pages(&[4, 5, 6, 50])),
+    )
+    .expect("w");
+    let sets: Vec<WsFile> = [Estimator::Learned, Estimator::Trace]
+        .iter()
+        .filter_map(|&e| WsFile::open(&image, e).expect("open"))
+        .collect();
+    // Page 7 is a zero page of the image: not counted.
+    let v = evidence::verdicts(&image, &sets, &pages(&[3, 4, 5, 7, 8]));
+    let got: Vec<(String, u64, u64, u64)> = v
+        .iter()
+        .map(|v| (v.candidate.name(), v.hits, v.missed, v.unused))
+        .collect();
+    assert_eq!(
+        got,
+        [
+            ("learned".to_string(), 2, 2, 1),
+            ("trace".to_string(), 2, 2, 2),
+            ("learned+trace".to_string(), 3, 1, 3),
+        ]
+    );
+}
