@@ -64,7 +64,7 @@ for s in "${scenarios[@]}"; do
   redis)
     bash ci/app-net.sh up >&2
     bash tests/guest/build-app.sh redis >/dev/null
-    apps="stock,eager,lazy,ws:trace,ws:learned,lazy:learn"
+    apps="stock,eager,lazy,ws:trace,ws:learned,ws:auto,lazy:learn"
     for limit in disk 100M 32M; do
       args=(--app redis --methods "$apps" --dir /var/lib/thaw/bench-app)
       [ "$limit" = disk ] || args+=(--read-limit "$limit")

@@ -248,7 +248,9 @@ enum Command {
         #[arg(long, conflicts_with = "config")]
         reanalyse: Option<PathBuf>,
         /// Comma-separated: stock, mapped-ram, eager, lazy, ws:learned,
-        /// ws:trace, ws:abit, ws:dirty (default: all).
+        /// ws:trace, ws:abit, ws:dirty (default: all); also lazy:learn (a
+        /// learning lazy restore) and ws:auto (the set the image's evidence
+        /// favours).
         #[arg(long, value_delimiter = ',')]
         methods: Vec<String>,
         /// Restores per method; medians are reported.

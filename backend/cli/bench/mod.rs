@@ -66,7 +66,7 @@ pub enum BenchError {
     #[error(transparent)]
     Track(#[from] track::TrackError),
     #[error(
-        "unknown method {0:?}: use stock, mapped-ram, eager, lazy, lazy:learn or ws:<learned|trace|abit|dirty> (with --libvirt: virsh, virsh-sparse instead of stock, mapped-ram)"
+        "unknown method {0:?}: use stock, mapped-ram, eager, lazy, lazy:learn or ws:<auto|learned|trace|abit|dirty> (with --libvirt: virsh, virsh-sparse instead of stock, mapped-ram)"
     )]
     Method(String),
     #[error("{0}")]
@@ -110,6 +110,9 @@ pub enum Method {
     /// learning window's cost shows in the client's rate.
     LazyLearn,
     Ws(Estimator),
+    /// `ws` with `--estimator auto`: the working set the image's evidence
+    /// favours.
+    WsAuto,
 }
 
 impl Method {
@@ -122,6 +125,7 @@ impl Method {
             "eager" => Method::Eager,
             "lazy" => Method::Lazy,
             "lazy:learn" => Method::LazyLearn,
+            "ws:auto" => Method::WsAuto,
             "ws:learned" => Method::Ws(Estimator::Learned),
             "ws:trace" => Method::Ws(Estimator::Trace),
             "ws:abit" => Method::Ws(Estimator::Abit),
@@ -139,6 +143,7 @@ impl Method {
             Method::Eager => "eager".into(),
             Method::Lazy => "lazy".into(),
             Method::LazyLearn => "lazy:learn".into(),
+            Method::WsAuto => "ws:auto".into(),
             Method::Ws(e) => format!("ws:{}", e.name()),
         }
     }
@@ -608,6 +613,7 @@ pub async fn run(opts: &BenchOptions) -> Result<BenchReport, BenchError> {
                         Method::Ws(Estimator::Learned) => (Mode::Ws, EstimatorChoice::Learned),
                         Method::Ws(Estimator::Trace) => (Mode::Ws, EstimatorChoice::Trace),
                         Method::Ws(Estimator::Abit) => (Mode::Ws, EstimatorChoice::Abit),
+                        Method::WsAuto => (Mode::Ws, EstimatorChoice::Auto),
                         _ => (Mode::Ws, EstimatorChoice::Dirty),
                     };
                     let learn = (method == Method::LazyLearn).then(LearnWindow::default);
