@@ -2,9 +2,12 @@
 //! only queues a request; a pool of fetch workers reads and verifies the
 //! chunk, installs all of it and wakes everyone who waits on it. With an
 //! image that has page digests (format version 2) a worker first reads,
-//! verifies and installs each faulting page alone and wakes its threads,
-//! then the chunk's other missing pages (the neighbours): a fault waits for
-//! one page, not for its chunk. Requests
+//! verifies and installs each faulting page alone and wakes its threads;
+//! the chunk's other missing pages (the neighbours) are read later, when no
+//! fault is waiting for a worker, by at most half of the workers at once,
+//! and a new fault on a chunk whose neighbours are still to come is served
+//! page-first again: a fault waits for one page, not for its chunk or for
+//! another fault's neighbours. Requests
 //! for a chunk already in flight join it (two vCPUs faulting on one chunk
 //! share one read), so no fault ever waits behind another fault's read,
 //! and with several workers several reads are in flight at once: a store
@@ -12,7 +15,7 @@
 //! are workers. Fault reads go ahead of the prefetch and the fill at the
 //! image's read limiter.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::Ordering;
 use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -47,8 +50,27 @@ pub(crate) enum Request {
 /// Chunks queued or being read, and who waits on each.
 #[derive(Default)]
 struct Pending {
+    /// Chunks with faulting pages to serve, first come first served...
     queue: VecDeque<u32>,
+    queued: HashSet<u32>,
+    /// ...and, when none is left, chunks whose neighbours are still to be
+    /// read (page digests only), with the neighbour reads in flight.
+    neighbours: VecDeque<u32>,
+    neighbour_reads: usize,
+    /// Chunks a worker is serving: one worker per chunk at a time, so no
+    /// page is read twice and a chunk's waiters are answered only once
+    /// their pages are in.
+    busy: HashSet<u32>,
     waiting: HashMap<u32, Vec<Waiter>>,
+}
+
+/// A worker's next job.
+enum Job {
+    /// Serve the faulting pages of a chunk (the whole chunk without page
+    /// digests).
+    Faults(u32),
+    /// Read the rest of a chunk and answer whoever still waits on it.
+    Neighbours(u32),
 }
 
 /// The fetch queue shared by the fault thread and the workers.
@@ -78,6 +100,13 @@ impl Engine {
         let mut p = self.fetch.lock();
         if let Some(list) = p.waiting.get_mut(&chunk) {
             list.push(waiter);
+            // The worker serving the chunk sees it; otherwise (its
+            // neighbours are still to come) its page is served first.
+            if !p.busy.contains(&chunk) && p.queued.insert(chunk) {
+                p.queue.push_back(chunk);
+                drop(p);
+                self.fetch.work.notify_one();
+            }
             return Request::Joined;
         }
         // A worker marks pages resident before it retires its chunk: under
@@ -86,6 +115,7 @@ impl Engine {
             return Request::Settled;
         }
         p.waiting.insert(chunk, vec![waiter]);
+        p.queued.insert(chunk);
         p.queue.push_back(chunk);
         drop(p);
         self.fetch.work.notify_one();
@@ -105,15 +135,32 @@ impl Engine {
         let mut latencies = Vec::with_capacity(capacity);
         let chunk_bytes = usize_from(u64::from(self.image.meta().chunk_pages)) * PAGE_BYTES;
         let mut buf = vec![0u8; chunk_bytes];
+        let neighbour_readers = (self.fetch_workers / 2).max(1);
         loop {
-            let chunk = {
+            let job = {
                 let mut p = self.fetch.lock();
                 loop {
                     if self.stop.load(Ordering::Acquire) {
                         return latencies;
                     }
                     if let Some(c) = p.queue.pop_front() {
-                        break c;
+                        p.queued.remove(&c);
+                        if p.busy.insert(c) {
+                            break Job::Faults(c);
+                        }
+                        // Its worker sees the new waiter.
+                        continue;
+                    }
+                    if p.neighbour_reads < neighbour_readers {
+                        if let Some(c) = p.neighbours.pop_front() {
+                            if p.busy.insert(c) {
+                                p.neighbour_reads += 1;
+                                break Job::Neighbours(c);
+                            }
+                            // Served by page now; it queues the neighbours
+                            // again when done.
+                            continue;
+                        }
                     }
                     p = self
                         .fetch
@@ -123,16 +170,27 @@ impl Engine {
                         .unwrap_or_else(|e| e.into_inner().0);
                 }
             };
-            if let Err(e) = self.complete_fetch(chunk, &mut buf, &mut latencies) {
+            let done = match job {
+                Job::Faults(chunk) if self.image.has_page_sums() => {
+                    self.serve_faulting_pages(chunk, &mut buf, &mut latencies)
+                }
+                Job::Faults(chunk) => self.complete_fetch(chunk, &mut buf, &mut latencies),
+                Job::Neighbours(chunk) => {
+                    let r = self.complete_fetch(chunk, &mut buf, &mut latencies);
+                    self.fetch.lock().neighbour_reads -= 1;
+                    r
+                }
+            };
+            if let Err(e) = done {
                 self.fail(e);
                 return latencies;
             }
         }
     }
 
-    /// Reads, verifies and installs chunk `chunk` (with page digests: each
-    /// faulting page first, answered at once), then answers everyone still
-    /// waiting on it.
+    /// Reads, verifies and installs what chunk `chunk` still misses (with
+    /// page digests: only its missing pages; without: the whole chunk),
+    /// then answers everyone still waiting on it.
     fn complete_fetch(
         &self,
         chunk: u32,
@@ -140,9 +198,6 @@ impl Engine {
         latencies: &mut Vec<u32>,
     ) -> Result<(), EngineError> {
         let by_page = self.image.has_page_sums();
-        if by_page && !self.serve_faulting_pages(chunk, buf, latencies)? {
-            return Ok(());
-        }
         let installed = if by_page {
             self.install_missing_slots(self.image.chunk_slots(chunk), buf, true)?
         } else {
@@ -156,7 +211,12 @@ impl Engine {
             Installed::All { fresh } => fresh,
             Installed::Stopped => return Ok(()),
         };
-        let waiters = self.fetch.lock().waiting.remove(&chunk).unwrap_or_default();
+        // Every page of the chunk is in: whoever waits on it is done.
+        let waiters = {
+            let mut p = self.fetch.lock();
+            p.busy.remove(&chunk);
+            p.waiting.remove(&chunk).unwrap_or_default()
+        };
         let faulted = self.answer_waiters(&waiters, latencies)?;
         self.counters
             .neighbour_pages
@@ -165,53 +225,69 @@ impl Engine {
     }
 
     /// Reads, verifies and installs each page that threads wait on in
-    /// chunk `chunk`, alone, and answers its waiters. False if the engine
-    /// stopped meanwhile.
+    /// chunk `chunk` (which this worker owns), alone, and answers its
+    /// waiters, until none is left; then queues the read of the chunk's
+    /// neighbours.
     fn serve_faulting_pages(
         &self,
         chunk: u32,
         buf: &mut [u8],
         latencies: &mut Vec<u32>,
-    ) -> Result<bool, EngineError> {
-        let mut pages: Vec<PageIndex> = self
-            .fetch
-            .lock()
-            .waiting
-            .get(&chunk)
-            .map(|list| list.iter().map(|w| w.page).collect())
-            .unwrap_or_default();
-        pages.sort_unstable_by_key(|p| p.0);
-        pages.dedup();
-        for page in pages {
-            if !self.pages.is_resident(page) {
-                if let PageLocation::Slot(slot) = self.image.locate(page) {
-                    let n = self
-                        .image
-                        .read_slots(slot, 1, &mut buf[..PAGE_BYTES], true)?;
-                    self.counters
-                        .bytes_read
-                        .fetch_add(n as u64, Ordering::Relaxed);
-                    if self.install_saved(page, &buf[..PAGE_BYTES], true)? == Installed::Stopped {
-                        return Ok(false);
-                    }
-                }
-            }
-            // Its waiters (more may have joined meanwhile) are done; the
-            // chunk stays in flight for the others.
-            let mine: Vec<Waiter> = {
+    ) -> Result<(), EngineError> {
+        loop {
+            // The pages waited on now, or (none left) the chunk handed on
+            // to the neighbour queue, under one lock: a waiter that joins
+            // later finds the chunk no longer busy and queues it again.
+            let mut pages: Vec<PageIndex> = {
                 let mut p = self.fetch.lock();
-                match p.waiting.get_mut(&chunk) {
-                    Some(list) => {
-                        let (mine, rest) = list.drain(..).partition(|w| w.page == page);
-                        *list = rest;
-                        mine
+                let pages: Vec<PageIndex> = p
+                    .waiting
+                    .get(&chunk)
+                    .map(|list| list.iter().map(|w| w.page).collect())
+                    .unwrap_or_default();
+                if pages.is_empty() {
+                    p.busy.remove(&chunk);
+                    if p.waiting.contains_key(&chunk) && !p.neighbours.contains(&chunk) {
+                        p.neighbours.push_back(chunk);
+                        drop(p);
+                        self.fetch.work.notify_one();
                     }
-                    None => Vec::new(),
+                    return Ok(());
                 }
+                pages
             };
-            self.answer_waiters(&mine, latencies)?;
+            pages.sort_unstable_by_key(|p| p.0);
+            pages.dedup();
+            for page in pages {
+                if !self.pages.is_resident(page) {
+                    if let PageLocation::Slot(slot) = self.image.locate(page) {
+                        let n = self
+                            .image
+                            .read_slots(slot, 1, &mut buf[..PAGE_BYTES], true)?;
+                        self.counters
+                            .bytes_read
+                            .fetch_add(n as u64, Ordering::Relaxed);
+                        if self.install_saved(page, &buf[..PAGE_BYTES], true)? == Installed::Stopped
+                        {
+                            return Ok(());
+                        }
+                    }
+                }
+                // Its waiters (more may have joined meanwhile) are done.
+                let mine: Vec<Waiter> = {
+                    let mut p = self.fetch.lock();
+                    match p.waiting.get_mut(&chunk) {
+                        Some(list) => {
+                            let (mine, rest) = list.drain(..).partition(|w| w.page == page);
+                            *list = rest;
+                            mine
+                        }
+                        None => Vec::new(),
+                    }
+                };
+                self.answer_waiters(&mine, latencies)?;
+            }
         }
-        Ok(true)
     }
 
     /// Answers `waiters` (their pages are resident, or discarded) and

@@ -506,6 +506,42 @@ fn a_fault_gets_its_page_before_the_neighbours_are_read() {
     m.exit();
 }
 
+/// The neighbours of one fault's chunk are read after its page, by at most
+/// half of the workers: a fault on another chunk meanwhile gets its page
+/// without waiting for them.
+#[test]
+fn a_fault_does_not_wait_for_another_faults_neighbours() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let mut image = Arc::into_inner(write_image(&tmp.path().join("img"))).expect("image");
+    // A quarter second per page, four seconds for a chunk's neighbours.
+    image.set_read_limit(16 << 10);
+    let image = Arc::new(image);
+    let mut m = Mapper::spawn();
+    let engine = Arc::new(m.engine(image.clone()).with_fetch_workers(2));
+    let service = engine.start(1024).expect("start");
+    let chunk_of = |p: u64| match image.locate(PageIndex(p)) {
+        PageLocation::Slot(s) => image.chunk_of(s),
+        PageLocation::Zero => panic!("page {p} is saved"),
+    };
+    assert!(chunk_of(100) != chunk_of(150) && chunk_of(150) != chunk_of(200));
+    // Two faults whose neighbours both workers could be reading, then a
+    // third: it must not wait for the first one's neighbours.
+    for (id, page) in [("first", 100), ("second", 150), ("third", 200)] {
+        m.touch(id, &[page]);
+        check(&m.next_done().1, &[]);
+    }
+    let missing = image
+        .chunk_slots(chunk_of(100))
+        .filter(|&s| !engine.pages.is_resident(image.slot_page(s)))
+        .count();
+    assert!(
+        missing > 0,
+        "the third fault waited until the first one's neighbours were in"
+    );
+    service.stop(&engine).expect("no engine error");
+    m.exit();
+}
+
 #[test]
 fn a_slow_read_holds_up_only_its_own_fault() {
     let tmp = tempfile::tempdir().expect("tmp");
