@@ -17,6 +17,8 @@
 #             hot) measured by redis-benchmark from the host, at local disk,
 #             100 MB/s and 32 MB/s, and from a hot page cache (not part of
 #             the default set)
+#   memcached the same with memcached (configs/apps/memcached.yaml), measured
+#             by memccat of the hot keys (not part of the default set)
 # Environment: RUNS (default 3), FILL_LIMIT for paced/ram/hot/patterns (default 128M).
 # Output: target/bench/ttr-<scenario>[-<variant>]/{bench.json,bench.md,throughput.svg}
 set -euo pipefail
@@ -61,20 +63,21 @@ for s in "${scenarios[@]}"; do
     bash ci/setup-libvirt.sh >&2
     bench libvirt configs/bench-tput-2g.yaml --libvirt
     ;;
-  redis)
+  redis | memcached)
+    app=$s
     bash ci/app-net.sh up >&2
-    bash tests/guest/build-app.sh redis >/dev/null
+    bash tests/guest/build-app.sh "$app" >/dev/null
     apps="stock,eager,lazy,ws:trace,ws:learned,ws:auto,lazy:learn"
     for limit in disk 100M 32M; do
-      args=(--app redis --methods "$apps" --dir /var/lib/thaw/bench-app)
+      args=(--app "$app" --methods "$apps" --dir /var/lib/thaw/bench-app)
       [ "$limit" = disk ] || args+=(--read-limit "$limit")
       # The guest's NIC is tap0 in the namespace: QEMU and the client run there.
       thaw="ip netns exec thaw-app $PWD/target/release/thaw" \
-        bench "redis-$limit" configs/apps/redis.yaml "${args[@]}"
+        bench "$app-$limit" "configs/apps/$app.yaml" "${args[@]}"
     done
     # The floor of a local-disk restore: the same restores from a hot page cache.
     thaw="ip netns exec thaw-app $PWD/target/release/thaw" \
-      bench redis-disk-hot configs/apps/redis.yaml --app redis --hot-cache \
+      bench "$app-disk-hot" "configs/apps/$app.yaml" --app "$app" --hot-cache \
       --methods eager,ws:trace,ws:learned --dir /var/lib/thaw/bench-app
     ;;
   paced)
@@ -108,7 +111,7 @@ for s in "${scenarios[@]}"; do
     done
     ;;
   *)
-    echo "$0: unknown scenario $s (main, paced, 32m, 7m, ram, hot, patterns, libvirt, redis)" >&2
+    echo "$0: unknown scenario $s (main, paced, 32m, 7m, ram, hot, patterns, libvirt, redis, memcached)" >&2
     exit 2
     ;;
   esac

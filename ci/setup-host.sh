@@ -55,8 +55,9 @@ pkgs_missing() {
 }
 
 export DEBIAN_FRONTEND=noninteractive
-# redis-tools: the client of the application benchmark (thaw bench --app redis).
-missing=$(pkgs_missing libclang-dev busybox-static cpio xz-utils zstd redis-tools iproute2)
+# redis-tools, libmemcached-tools: the clients of the application benchmark
+# (thaw bench --app redis|memcached).
+missing=$(pkgs_missing libclang-dev busybox-static cpio xz-utils zstd redis-tools libmemcached-tools iproute2)
 if [ -n "$missing" ]; then
   apt-get update -q || true
   # shellcheck disable=SC2086

@@ -11,11 +11,12 @@ bash ci/setup-host.sh
 echo "== libvirt (for the libvirt end-to-end tests)"
 bash ci/setup-libvirt.sh
 # Stop the daemons this run started (none it found running), and remove
-# the application tests' network namespace.
-trap 'bash ci/setup-libvirt.sh stop; bash ci/app-net.sh down thaw-e2e-app' EXIT
+# the application tests' network namespaces.
+trap 'bash ci/setup-libvirt.sh stop; for a in redis memcached; do bash ci/app-net.sh down thaw-e2e-$a; done' EXIT
 echo "== guest kit and application guests"
 bash tests/guest/build.sh
 bash tests/guest/build-app.sh redis
+bash tests/guest/build-app.sh memcached
 echo "== format and lints"
 cargo fmt --all -- --check
 cargo clippy --workspace --release --all-targets -- -D warnings

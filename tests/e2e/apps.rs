@@ -1,7 +1,8 @@
-//! `thaw bench --app redis` end to end: a real redis from Debian's packages
-//! in the guest (`tests/guest/build-app.sh redis`), its data loaded with
-//! `redis-cli --pipe`, driven over a tap device in a network namespace of
-//! the test's own (`ci/app-net.sh`) by `redis-benchmark`, saved while the
+//! `thaw bench --app` end to end: a real redis or memcached from Debian's
+//! packages in the guest (`tests/guest/build-app.sh`), its data loaded with
+//! the server's own tools (`redis-cli --pipe`, `memccp`), driven over a
+//! tap device in a network namespace of the test's own (`ci/app-net.sh`)
+//! by its own client (`redis-benchmark`, `memccat`), saved while the
 //! client runs and restored by stock QEMU and by thaw. The bench itself
 //! refuses a restore after which the key count or a sampled value differs;
 //! this test checks that the client's numbers are there and consistent.
@@ -12,8 +13,11 @@ use std::process::Command;
 
 use crate::harness::{self, Vm};
 
-/// The test's network namespace (its tap0 is 10.77.0.1/24).
-const NETNS: &str = "thaw-e2e-app";
+/// The tests' network namespaces, one per application (each tap0 is
+/// 10.77.0.1/24), so both tests can run at once.
+fn netns(app: &str) -> String {
+    format!("thaw-e2e-{app}")
+}
 
 fn run(program: &Path, args: &[&str]) -> std::process::Output {
     let out = Command::new(program)
@@ -33,11 +37,21 @@ fn run(program: &Path, args: &[&str]) -> std::process::Output {
 
 #[test]
 fn redis_bench_measures_the_client_and_keeps_the_data() {
+    bench_app("redis");
+}
+
+#[test]
+fn memcached_bench_measures_the_client_and_keeps_the_data() {
+    bench_app("memcached");
+}
+
+fn bench_app(app: &str) {
     let root = harness::repo_root();
-    let image = run(&root.join("tests/guest/build-app.sh"), &["redis"]);
+    let image = run(&root.join("tests/guest/build-app.sh"), &[app]);
     let image = String::from_utf8_lossy(&image.stdout).trim().to_string();
-    run(&root.join("ci/app-net.sh"), &["up", NETNS]);
-    let (name, dir) = Vm::workspace("app-redis");
+    let ns = netns(app);
+    run(&root.join("ci/app-net.sh"), &["up", &ns]);
+    let (name, dir) = Vm::workspace(&format!("app-{app}"));
     let config = format!(
         "name: {name}\nmemory: 512M\ncpus: 1\nmachine: q35\naccel: tcg\nkernel: {}\ninitrd: {image}\n\
          append: \"console=ttyS0 quiet panic=-1 thaw.ip=10.77.0.2/24\"\nserial: console.log\n\
@@ -49,13 +63,13 @@ fn redis_bench_measures_the_client_and_keeps_the_data() {
     std::fs::write(&cfg_path, config).expect("write config");
     let _vm = Vm::attach(name, dir.clone());
     let out = Command::new("ip")
-        .args(["netns", "exec", NETNS, env!("CARGO_BIN_EXE_thaw")])
+        .args(["netns", "exec", &ns, env!("CARGO_BIN_EXE_thaw")])
         .args([
             "bench",
             "--config",
             cfg_path.to_str().expect("utf-8"),
             "--app",
-            "redis",
+            app,
             "--app-data",
             "48M",
             "--app-hot",
@@ -83,18 +97,18 @@ fn redis_bench_measures_the_client_and_keeps_the_data() {
         .expect("run thaw bench");
     assert!(
         out.status.success(),
-        "thaw bench --app redis failed ({}):\n{}\n{}",
+        "thaw bench --app {app} failed ({}):\n{}\n{}",
         out.status,
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("bench JSON");
     assert_eq!(report["rate_unit"], "requests/s", "{report}");
-    let app = &report["app"];
-    assert_eq!(app["app"], "redis", "{app}");
-    assert_eq!(app["keys"].as_u64(), Some(48 * 256), "{app}");
-    assert_eq!(app["hot_keys"].as_u64(), Some(4 * 256), "{app}");
-    assert!(app["warm_pass_ms"].as_f64() > Some(0.0), "{app}");
+    let about = &report["app"];
+    assert_eq!(about["app"], app, "{about}");
+    assert_eq!(about["keys"].as_u64(), Some(48 * 256), "{about}");
+    assert_eq!(about["hot_keys"].as_u64(), Some(4 * 256), "{about}");
+    assert!(about["warm_pass_ms"].as_f64() > Some(0.0), "{about}");
     assert!(report["warm_rate"].as_f64() > Some(0.0), "{report}");
     let runs = report["runs"].as_array().expect("runs");
     assert_eq!(runs.len(), 4, "{report}");
@@ -118,6 +132,6 @@ fn redis_bench_measures_the_client_and_keeps_the_data() {
         );
     }
     let md = std::fs::read_to_string(dir.join("out/bench.md")).expect("bench.md");
-    assert!(md.contains("redis with 12288 keys"), "{md}");
+    assert!(md.contains(&format!("{app} with 12288 keys")), "{md}");
     assert!(md.contains("| ws:learned |"), "{md}");
 }

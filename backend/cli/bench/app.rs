@@ -4,15 +4,18 @@
 //! responsiveness is measured from the client's side.
 //!
 //! - **Data.** The bench loads `data` bytes of values with the server's own
-//!   bulk loader, in a shuffled key order so that the hot keys lie all over
-//!   the server's heap (as they do in a store filled over time). Values are
-//!   printable and derived from the key and a seed, so they can be checked.
+//!   tools (`redis-cli --pipe`; memcached: `memccp` of one file per key), in
+//!   a shuffled key order so that the hot keys lie all over the server's
+//!   heap (as they do in a store filled over time). Values are printable
+//!   and derived from the key and a seed, so they can be checked.
 //! - **Client.** After each restore the client retries a connection every
 //!   [`CONNECT_TIMEOUT`] like a reconnecting client on a real network, then
-//!   asks the server for one trivial answer (`redis-cli ping`): that is the
-//!   *first answer*. From then on it runs *passes*: a fixed number of
-//!   requests over the hot keys (`redis-benchmark -t get -r HOT`), back to
-//!   back; each pass is one rate sample (requests/s over the pass).
+//!   asks the server for one trivial answer (`redis-cli ping`, `memcping`):
+//!   that is the *first answer*. From then on it runs *passes* back to
+//!   back, each one rate sample (requests/s over the pass): redis,
+//!   `redis-benchmark -t get -n HOT -r HOT` (random hot keys, pipelined);
+//!   memcached, `memccat` of every hot key in order (a fixed request set,
+//!   one request at a time).
 //! - **Network.** The guest's NIC is a tap device in a network namespace
 //!   (`ci/app-net.sh`), not QEMU's user-mode network: a SYN sent while the
 //!   VM is paused waits in the tap's queue or is retried by the client,
@@ -40,6 +43,8 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_millis(50);
 pub const VALUE_BYTES: usize = 4096;
 /// Values read back per integrity check.
 const VERIFY_SAMPLE: u64 = 64;
+/// Files per `memccp` call (its arguments must fit the kernel's limit).
+const MEMCCP_BATCH: usize = 4096;
 /// How long the guest may take to boot and start its server.
 const READY_TIMEOUT: Duration = Duration::from_secs(300);
 
@@ -49,14 +54,18 @@ const READY_TIMEOUT: Duration = Duration::from_secs(300);
 pub enum AppKind {
     /// redis, driven by `redis-benchmark` and `redis-cli` (redis-tools).
     Redis,
+    /// memcached, driven by `memccp`, `memccat`, `memcping` and `memcstat`
+    /// (libmemcached-tools).
+    Memcached,
 }
 
 impl AppKind {
     pub fn parse(text: &str) -> Result<AppKind, BenchError> {
         match text {
             "redis" => Ok(AppKind::Redis),
+            "memcached" => Ok(AppKind::Memcached),
             _ => Err(BenchError::App(format!(
-                "unknown application {text:?}: the bench knows redis"
+                "unknown application {text:?}: the bench knows redis and memcached"
             ))),
         }
     }
@@ -64,19 +73,26 @@ impl AppKind {
     pub fn name(self) -> &'static str {
         match self {
             AppKind::Redis => "redis",
+            AppKind::Memcached => "memcached",
         }
     }
 
     fn port(self) -> u16 {
         match self {
             AppKind::Redis => 6379,
+            AppKind::Memcached => 11211,
         }
     }
 
-    /// The host programs this application's client needs.
-    fn client_programs(self) -> &'static [&'static str] {
+    /// The host programs this application's client needs, and the Debian
+    /// package that has them.
+    fn client_programs(self) -> (&'static [&'static str], &'static str) {
         match self {
-            AppKind::Redis => &["redis-cli", "redis-benchmark"],
+            AppKind::Redis => (&["redis-cli", "redis-benchmark"], "redis-tools"),
+            AppKind::Memcached => (
+                &["memccp", "memccat", "memcping", "memcstat"],
+                "libmemcached-tools",
+            ),
         }
     }
 }
@@ -136,10 +152,11 @@ impl App {
                 "--app-data {data} and --app-hot {hot}: both must hold at least one {VALUE_BYTES}-byte value, and the hot set must fit in the data"
             )));
         }
-        for program in kind.client_programs() {
+        let (programs, package) = kind.client_programs();
+        for program in programs {
             if which(program).is_none() {
                 return Err(BenchError::App(format!(
-                    "{program} is not installed: the {} client runs on the host (Debian: redis-tools; ci/setup-host.sh installs it)",
+                    "{program} is not installed: the {} client runs on the host (Debian: {package}; ci/setup-host.sh installs it)",
                     kind.name()
                 )));
             }
@@ -166,6 +183,13 @@ impl App {
             "-p",
             &self.kind.port().to_string(),
         ]);
+        c
+    }
+
+    /// A libmemcached tool aimed at the server.
+    fn memc(&self, program: &str) -> Command {
+        let mut c = Command::new(program);
+        c.arg(format!("--servers={}:{}", self.addr, self.kind.port()));
         c
     }
 
@@ -197,10 +221,64 @@ impl App {
         }
     }
 
-    /// Loads every key with the server's bulk loader (`redis-cli --pipe`),
-    /// in a shuffled order. Returns how long it took.
+    /// Loads every key with the server's own tools, in a shuffled order.
+    /// Returns how long it took.
     pub fn load(&self) -> Result<Duration, BenchError> {
         let t = Instant::now();
+        match self.kind {
+            AppKind::Redis => self.load_redis()?,
+            AppKind::Memcached => self.load_memcached()?,
+        }
+        log::info!(
+            "loaded {} keys ({} MiB) in {:.1} s",
+            self.keys,
+            (self.keys * VALUE_BYTES as u64) >> 20,
+            t.elapsed().as_secs_f64()
+        );
+        Ok(t.elapsed())
+    }
+
+    /// `memccp` of one file per key (named as the key), in batches.
+    fn load_memcached(&self) -> Result<(), BenchError> {
+        let base = if Path::new("/dev/shm").is_dir() {
+            "/dev/shm"
+        } else {
+            "/tmp"
+        };
+        let dir = tempfile::Builder::new()
+            .prefix("thaw-memcached-")
+            .tempdir_in(base)
+            .map_err(super::io("creating the directory of memccp's files"))?;
+        for batch in shuffled(self.keys, self.seed).chunks(MEMCCP_BATCH) {
+            let mut files = Vec::with_capacity(batch.len());
+            for &i in batch {
+                let path = dir.path().join(key_name(i));
+                std::fs::write(&path, self.value(i))
+                    .map_err(super::io(format!("writing {}", path.display())))?;
+                files.push(path);
+            }
+            let out = self
+                .memc("memccp")
+                .args(&files)
+                .stdin(Stdio::null())
+                .output()
+                .map_err(super::io("running memccp"))?;
+            if !out.status.success() {
+                return Err(BenchError::App(format!(
+                    "loading keys with memccp failed ({}): {}",
+                    out.status,
+                    String::from_utf8_lossy(&out.stderr).trim()
+                )));
+            }
+            for f in &files {
+                let _ = std::fs::remove_file(f);
+            }
+        }
+        Ok(())
+    }
+
+    /// `redis-cli --pipe` fed with one SET per key.
+    fn load_redis(&self) -> Result<(), BenchError> {
         let mut child = self
             .cli()
             .arg("--pipe")
@@ -249,13 +327,7 @@ impl App {
                 String::from_utf8_lossy(&out.stderr).trim()
             )));
         }
-        log::info!(
-            "loaded {} keys ({} MiB) in {:.1} s",
-            self.keys,
-            (self.keys * VALUE_BYTES as u64) >> 20,
-            t.elapsed().as_secs_f64()
-        );
-        Ok(t.elapsed())
+        Ok(())
     }
 
     /// The value of key `i`: printable, different for every key and seed.
@@ -270,11 +342,10 @@ impl App {
         out
     }
 
-    /// Reads back the key count and a sample of values (every hot key's
-    /// neighbourhood and keys spread over the whole set) with the server's
-    /// CLI; an error says what differs.
-    pub fn verify(&self) -> Result<(), BenchError> {
-        let sample: Vec<u64> = (0..VERIFY_SAMPLE)
+    /// The keys an integrity check reads back: hot ones and ones spread
+    /// over the whole set.
+    fn verify_sample(&self) -> Vec<u64> {
+        (0..VERIFY_SAMPLE)
             .map(|j| {
                 if j % 2 == 0 {
                     j / 2 * self.hot_keys / (VERIFY_SAMPLE / 2)
@@ -282,7 +353,57 @@ impl App {
                     j / 2 * self.keys / (VERIFY_SAMPLE / 2)
                 }
             })
-            .collect();
+            .collect()
+    }
+
+    /// Reads back the key count and a sample of values with the server's
+    /// own tools; an error says what differs.
+    pub fn verify(&self) -> Result<(), BenchError> {
+        match self.kind {
+            AppKind::Redis => self.verify_redis(),
+            AppKind::Memcached => self.verify_memcached(),
+        }
+    }
+
+    /// `memcstat`'s `curr_items`, then `memccat` of each sampled key.
+    fn verify_memcached(&self) -> Result<(), BenchError> {
+        let out = self
+            .memc("memcstat")
+            .output()
+            .map_err(super::io("running memcstat"))?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        let items = text
+            .lines()
+            .find_map(|l| l.trim().strip_prefix("curr_items:"))
+            .map(str::trim)
+            .unwrap_or_default()
+            .to_string();
+        if items != self.keys.to_string() {
+            return Err(BenchError::App(format!(
+                "memcached: curr_items is {items:?}, {} keys were loaded",
+                self.keys
+            )));
+        }
+        for i in self.verify_sample() {
+            let out = self
+                .memc("memccat")
+                .arg(key_name(i))
+                .output()
+                .map_err(super::io("running memccat"))?;
+            let got = out.stdout.strip_suffix(b"\n").unwrap_or(&out.stdout);
+            if !out.status.success() || got != self.value(i).as_slice() {
+                return Err(BenchError::App(format!(
+                    "memcached: the value of {} differs from the one loaded",
+                    key_name(i)
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// `DBSIZE`, then a `GET` of each sampled key, through `redis-cli`.
+    fn verify_redis(&self) -> Result<(), BenchError> {
+        let sample = self.verify_sample();
         let mut script = String::from("DBSIZE\n");
         for &i in &sample {
             script.push_str(&format!("GET {}\n", key_name(i)));
@@ -332,16 +453,50 @@ impl App {
         if TcpStream::connect_timeout(&self.socket(), CONNECT_TIMEOUT).is_err() {
             return false;
         }
-        self.cli()
-            .arg("ping")
-            .stderr(Stdio::null())
-            .output()
-            .is_ok_and(|o| o.status.success() && o.stdout.starts_with(b"PONG"))
+        match self.kind {
+            AppKind::Redis => self
+                .cli()
+                .arg("ping")
+                .stderr(Stdio::null())
+                .output()
+                .is_ok_and(|o| o.status.success() && o.stdout.starts_with(b"PONG")),
+            AppKind::Memcached => self
+                .memc("memcping")
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success()),
+        }
     }
 
-    /// One pass: `pass_requests` GETs of random hot keys, 4 connections of
-    /// 8 pipelined requests each. Errors when the client did not finish.
+    /// One pass of `pass_requests` requests over the hot keys. Errors
+    /// when the client did not finish.
     fn pass(&self) -> Result<(), String> {
+        match self.kind {
+            AppKind::Redis => self.pass_redis(),
+            AppKind::Memcached => self.pass_memcached(),
+        }
+    }
+
+    /// `memccat` of every hot key, in key order, one request at a time.
+    fn pass_memcached(&self) -> Result<(), String> {
+        let status = self
+            .memc("memccat")
+            .args((0..self.hot_keys).map(key_name))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .map_err(|e| e.to_string())?;
+        if status.success() {
+            Ok(())
+        } else {
+            Err(status.to_string())
+        }
+    }
+
+    /// GETs of random hot keys, 4 connections of 8 pipelined requests each.
+    fn pass_redis(&self) -> Result<(), String> {
         let out = Command::new("redis-benchmark")
             .args([
                 "-h",
@@ -379,10 +534,15 @@ impl App {
     pub fn report(&self, warm_pass_ms: f64, load: Duration) -> AppReport {
         AppReport {
             app: self.kind,
-            client: format!(
-                "redis-benchmark -t get -n {} -r {} -c 4 -P 8",
-                self.pass_requests, self.hot_keys
-            ),
+            client: match self.kind {
+                AppKind::Redis => format!(
+                    "redis-benchmark -t get -n {} -r {} -c 4 -P 8",
+                    self.pass_requests, self.hot_keys
+                ),
+                AppKind::Memcached => {
+                    format!("memccat key:000000000000 … {}", key_name(self.hot_keys - 1))
+                }
+            },
             keys: self.keys,
             hot_keys: self.hot_keys,
             value_bytes: VALUE_BYTES,
