@@ -297,8 +297,14 @@ enum Command {
         /// tests/guest/build-app.sh redis, e.g. configs/apps/redis.yaml; run
         /// inside the network namespace of ci/app-net.sh). TTR and the first
         /// answer are then the client's.
-        #[arg(long, conflicts_with = "libvirt")]
+        #[arg(long, conflicts_with_all = ["libvirt", "app_spec"])]
         app: Option<String>,
+        /// Measure any other server with its own client: a YAML file naming
+        /// `name`, `ping`, `pass` and `requests_per_pass` (and optionally
+        /// `addr`, `port`, `load`, `verify`): shell commands run on the host
+        /// with the guest's address in THAW_APP_ADDR (see the README).
+        #[arg(long, conflicts_with = "libvirt")]
+        app_spec: Option<PathBuf>,
         /// Bytes of values loaded into the application before the save.
         #[arg(long, value_parser = parse_size, default_value = "1G", requires = "app")]
         app_data: u64,
@@ -607,6 +613,7 @@ async fn run(cli: Cli) -> Result<()> {
             probe_ms,
             libvirt,
             app,
+            app_spec,
             app_data,
             app_hot,
             hot_cache,
@@ -645,17 +652,21 @@ async fn run(cli: Cli) -> Result<()> {
                         limits: !no_limits,
                         probe_period: (probe_ms > 0).then(|| Duration::from_millis(probe_ms)),
                         libvirt: libvirt.uri(),
-                        app: app
-                            .map(|a| {
-                                crate::bench::app::AppKind::parse(&a).map(|kind| {
-                                    crate::bench::AppOptions {
-                                        kind,
-                                        data: app_data,
-                                        hot: app_hot,
-                                    }
-                                })
-                            })
-                            .transpose()?,
+                        app: match (app, app_spec) {
+                            (_, Some(spec)) => Some(crate::bench::AppOptions {
+                                kind: crate::bench::app::AppKind::Custom,
+                                data: app_data,
+                                hot: app_hot,
+                                spec: Some(spec),
+                            }),
+                            (Some(a), None) => Some(crate::bench::AppOptions {
+                                kind: crate::bench::app::AppKind::parse(&a)?,
+                                data: app_data,
+                                hot: app_hot,
+                                spec: None,
+                            }),
+                            (None, None) => None,
+                        },
                         hot_cache,
                     };
                     crate::bench::run(&opts).await.context("benchmark")?

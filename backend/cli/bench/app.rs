@@ -22,6 +22,9 @@
 //!   as on a real link, instead of being held by QEMU's slirp stack.
 //! - **Integrity.** After each restore the key count and a sample of values
 //!   (hot and cold) are read back with the server's own CLI and compared.
+//! - **Any other application** ([`CustomApp`], `--app-spec FILE`): the user
+//!   names its load, ping, pass and verify commands (its own client), run
+//!   with `sh -c` and the guest's address in `THAW_APP_ADDR`.
 
 use std::io::{BufRead, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpStream};
@@ -57,6 +60,54 @@ pub enum AppKind {
     /// memcached, driven by `memccp`, `memccat`, `memcping` and `memcstat`
     /// (libmemcached-tools).
     Memcached,
+    /// Any server, driven by the commands of a [`CustomApp`].
+    Custom,
+}
+
+/// `--app-spec FILE`: how to drive a server the bench does not know, with
+/// its own client. Every command runs with `sh -c` on the host (in the
+/// bench's network namespace), the guest's address in `THAW_APP_ADDR`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CustomApp {
+    /// What the report calls it.
+    pub name: String,
+    /// The guest's address (default: `thaw.ip=` of the config's `append`).
+    #[serde(default)]
+    pub addr: Option<Ipv4Addr>,
+    /// A TCP port to connect to before each `ping` (a reconnecting client's
+    /// connection attempt every [`CONNECT_TIMEOUT`]).
+    #[serde(default)]
+    pub port: Option<u16>,
+    /// Loads the data once the server answers (optional).
+    #[serde(default)]
+    pub load: Option<String>,
+    /// One trivial request: succeeds once the server answers.
+    pub ping: String,
+    /// One pass of a fixed request set over the hot data.
+    pub pass: String,
+    /// Requests one pass makes (for the rate).
+    pub requests_per_pass: u64,
+    /// Checks the data after a restore: exit 0 if intact (optional).
+    #[serde(default)]
+    pub verify: Option<String>,
+}
+
+impl CustomApp {
+    /// Reads a spec file.
+    pub fn load_file(path: &Path) -> Result<CustomApp, BenchError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(super::io(format!("reading {}", path.display())))?;
+        let spec: CustomApp = serde_yaml::from_str(&text)
+            .map_err(|e| BenchError::App(format!("{}: {e}", path.display())))?;
+        if spec.requests_per_pass == 0 {
+            return Err(BenchError::App(format!(
+                "{}: requests_per_pass must be at least 1",
+                path.display()
+            )));
+        }
+        Ok(spec)
+    }
 }
 
 impl AppKind {
@@ -74,6 +125,7 @@ impl AppKind {
         match self {
             AppKind::Redis => "redis",
             AppKind::Memcached => "memcached",
+            AppKind::Custom => "custom",
         }
     }
 
@@ -81,6 +133,7 @@ impl AppKind {
         match self {
             AppKind::Redis => 6379,
             AppKind::Memcached => 11211,
+            AppKind::Custom => 0,
         }
     }
 
@@ -93,6 +146,7 @@ impl AppKind {
                 &["memccp", "memccat", "memcping", "memcstat"],
                 "libmemcached-tools",
             ),
+            AppKind::Custom => (&["sh"], "dash"),
         }
     }
 }
@@ -109,12 +163,17 @@ pub struct App {
     /// Requests per pass.
     pub pass_requests: u64,
     seed: u64,
+    /// The commands of an [`AppKind::Custom`] application.
+    custom: Option<std::sync::Arc<CustomApp>>,
 }
 
 /// What the report says about the application.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct AppReport {
     pub app: AppKind,
+    /// The application's name (a custom one's own).
+    #[serde(default)]
+    pub name: String,
     pub client: String,
     pub keys: u64,
     pub hot_keys: u64,
@@ -131,20 +190,7 @@ impl App {
     /// line names the guest's address as `thaw.ip=ADDR/PREFIX`), with
     /// `data` bytes of values of which `hot` are read by each pass.
     pub fn new(kind: AppKind, append: &str, data: u64, hot: u64) -> Result<App, BenchError> {
-        let addr = append
-            .split_whitespace()
-            .find_map(|w| w.strip_prefix("thaw.ip="))
-            .and_then(|a| a.split('/').next())
-            .ok_or_else(|| {
-                BenchError::App(
-                    "the config's append has no thaw.ip=ADDR/PREFIX: an application guest needs \
-                     the address of its NIC (see configs/apps/)"
-                        .into(),
-                )
-            })?;
-        let addr: Ipv4Addr = addr
-            .parse()
-            .map_err(|_| BenchError::App(format!("thaw.ip={addr} is not an IPv4 address")))?;
+        let addr = guest_addr(append)?;
         let keys = data / VALUE_BYTES as u64;
         let hot_keys = hot / VALUE_BYTES as u64;
         if keys == 0 || hot_keys == 0 || hot_keys > keys {
@@ -168,7 +214,46 @@ impl App {
             hot_keys,
             pass_requests: hot_keys,
             seed: 0x7468_6177_2d61_7070,
+            custom: None,
         })
+    }
+
+    /// An application driven by the commands of `spec`, in the VM of
+    /// `append`.
+    pub fn custom(spec: CustomApp, append: &str) -> Result<App, BenchError> {
+        let addr = match spec.addr {
+            Some(a) => a,
+            None => guest_addr(append)?,
+        };
+        Ok(App {
+            kind: AppKind::Custom,
+            addr,
+            keys: 0,
+            hot_keys: 0,
+            pass_requests: spec.requests_per_pass,
+            seed: 0,
+            custom: Some(std::sync::Arc::new(spec)),
+        })
+    }
+
+    /// Runs a custom application's command with `sh -c`; its output, or
+    /// why it failed.
+    fn shell(&self, command: &str) -> Result<std::process::Output, String> {
+        let out = Command::new("sh")
+            .args(["-c", command])
+            .env("THAW_APP_ADDR", self.addr.to_string())
+            .stdin(Stdio::null())
+            .output()
+            .map_err(|e| format!("running {command:?}: {e}"))?;
+        if out.status.success() {
+            Ok(out)
+        } else {
+            Err(format!(
+                "{command:?} failed ({}): {}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            ))
+        }
     }
 
     fn socket(&self) -> SocketAddr {
@@ -197,6 +282,18 @@ impl App {
     /// console log `serial`, after byte `offset`).
     pub async fn wait_ready(&self, serial: &Path, offset: u64) -> Result<(), BenchError> {
         let deadline = Instant::now() + READY_TIMEOUT;
+        if self.custom.is_some() {
+            // Ready when its ping succeeds.
+            while !self.ping() {
+                if Instant::now() > deadline {
+                    return Err(BenchError::App(format!(
+                        "the application did not answer its ping within {READY_TIMEOUT:?}"
+                    )));
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            return Ok(());
+        }
         loop {
             let bytes = std::fs::read(serial).unwrap_or_default();
             let from = usize::try_from(offset)
@@ -225,9 +322,15 @@ impl App {
     /// Returns how long it took.
     pub fn load(&self) -> Result<Duration, BenchError> {
         let t = Instant::now();
-        match self.kind {
-            AppKind::Redis => self.load_redis()?,
-            AppKind::Memcached => self.load_memcached()?,
+        match (self.kind, &self.custom) {
+            (AppKind::Custom, Some(c)) => {
+                if let Some(load) = &c.load {
+                    self.shell(load).map_err(BenchError::App)?;
+                }
+                return Ok(t.elapsed());
+            }
+            (AppKind::Memcached, _) => self.load_memcached()?,
+            _ => self.load_redis()?,
         }
         log::info!(
             "loaded {} keys ({} MiB) in {:.1} s",
@@ -359,9 +462,13 @@ impl App {
     /// Reads back the key count and a sample of values with the server's
     /// own tools; an error says what differs.
     pub fn verify(&self) -> Result<(), BenchError> {
-        match self.kind {
-            AppKind::Redis => self.verify_redis(),
-            AppKind::Memcached => self.verify_memcached(),
+        match (self.kind, &self.custom) {
+            (AppKind::Custom, Some(c)) => match &c.verify {
+                Some(v) => self.shell(v).map(drop).map_err(BenchError::App),
+                None => Ok(()),
+            },
+            (AppKind::Memcached, _) => self.verify_memcached(),
+            _ => self.verify_redis(),
         }
     }
 
@@ -450,6 +557,13 @@ impl App {
     /// One connection attempt and one trivial request: true once the
     /// server answered.
     fn ping(&self) -> bool {
+        if let Some(c) = &self.custom {
+            let reachable = c.port.map_or(true, |port| {
+                TcpStream::connect_timeout(&SocketAddr::from((self.addr, port)), CONNECT_TIMEOUT)
+                    .is_ok()
+            });
+            return reachable && self.shell(&c.ping).is_ok();
+        }
         if TcpStream::connect_timeout(&self.socket(), CONNECT_TIMEOUT).is_err() {
             return false;
         }
@@ -460,7 +574,7 @@ impl App {
                 .stderr(Stdio::null())
                 .output()
                 .is_ok_and(|o| o.status.success() && o.stdout.starts_with(b"PONG")),
-            AppKind::Memcached => self
+            _ => self
                 .memc("memcping")
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())
@@ -472,9 +586,10 @@ impl App {
     /// One pass of `pass_requests` requests over the hot keys. Errors
     /// when the client did not finish.
     fn pass(&self) -> Result<(), String> {
-        match self.kind {
-            AppKind::Redis => self.pass_redis(),
-            AppKind::Memcached => self.pass_memcached(),
+        match (self.kind, &self.custom) {
+            (AppKind::Custom, Some(c)) => self.shell(&c.pass).map(drop),
+            (AppKind::Memcached, _) => self.pass_memcached(),
+            _ => self.pass_redis(),
         }
     }
 
@@ -534,12 +649,17 @@ impl App {
     pub fn report(&self, warm_pass_ms: f64, load: Duration) -> AppReport {
         AppReport {
             app: self.kind,
-            client: match self.kind {
-                AppKind::Redis => format!(
+            name: self
+                .custom
+                .as_ref()
+                .map_or_else(|| self.kind.name().to_string(), |c| c.name.clone()),
+            client: match (self.kind, &self.custom) {
+                (AppKind::Custom, Some(c)) => c.pass.clone(),
+                (AppKind::Redis, _) => format!(
                     "redis-benchmark -t get -n {} -r {} -c 4 -P 8",
                     self.pass_requests, self.hot_keys
                 ),
-                AppKind::Memcached => {
+                _ => {
                     format!("memccat key:000000000000 … {}", key_name(self.hot_keys - 1))
                 }
             },
@@ -570,6 +690,23 @@ pub fn steady(rates: &[f64]) -> bool {
 /// Passes compared by [`steady`], and how close their medians must be.
 const STEADY_WINDOW: usize = 5;
 const STEADY_TOLERANCE: f64 = 0.05;
+
+/// The guest's address: `thaw.ip=ADDR/PREFIX` of its kernel command line.
+fn guest_addr(append: &str) -> Result<Ipv4Addr, BenchError> {
+    let addr = append
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("thaw.ip="))
+        .and_then(|a| a.split('/').next())
+        .ok_or_else(|| {
+            BenchError::App(
+                "the config's append has no thaw.ip=ADDR/PREFIX: an application guest needs \
+                 the address of its NIC (see configs/apps/)"
+                    .into(),
+            )
+        })?;
+    addr.parse()
+        .map_err(|_| BenchError::App(format!("thaw.ip={addr} is not an IPv4 address")))
+}
 
 /// The key of index `i`, as `redis-benchmark -r` names its random keys.
 fn key_name(i: u64) -> String {
@@ -734,6 +871,34 @@ mod tests {
     }
 
     #[test]
+    fn a_custom_spec_parses_and_bad_ones_are_refused() {
+        let example =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs/apps/custom-redis.yaml");
+        let spec = CustomApp::load_file(&example).expect("the example spec parses");
+        assert_eq!((spec.port, spec.requests_per_pass), (Some(6379), 4096));
+        let app = App::custom(spec, "console=ttyS0 thaw.ip=10.77.0.2/24").expect("app");
+        assert_eq!(app.addr, Ipv4Addr::new(10, 77, 0, 2));
+        assert_eq!(app.report(1.0, Duration::ZERO).name, "redis, own spec");
+        let dir = tempfile::tempdir().expect("tempdir");
+        for (text, why) in [
+            (
+                "name: x\nping: true\npass: true\nrequests_per_pass: 0\n",
+                "requests_per_pass",
+            ),
+            (
+                "name: x\nping: true\npass: true\nrequests_per_pass: 1\ntypo: 1\n",
+                "typo",
+            ),
+            ("name: x\nping: true\nrequests_per_pass: 1\n", "pass"),
+        ] {
+            let path = dir.path().join("spec.yaml");
+            std::fs::write(&path, text).expect("write");
+            let err = CustomApp::load_file(&path).expect_err(text).to_string();
+            assert!(err.contains(why), "{err}");
+        }
+    }
+
+    #[test]
     fn shuffle_is_a_permutation_and_depends_on_the_seed() {
         let a = shuffled(1000, 1);
         let mut sorted = a.clone();
@@ -752,6 +917,7 @@ mod tests {
             hot_keys: 2,
             pass_requests: 2,
             seed: 5,
+            custom: None,
         };
         let (a, b) = (app.value(0), app.value(1));
         assert_eq!(a.len(), VALUE_BYTES);

@@ -837,16 +837,7 @@ impl Image {
         let start = u64::from(self.chunk_slots(first).start) * PAGE_SIZE;
         let end = u64::from(self.chunk_slots(first + count - 1).end) * PAGE_SIZE;
         let len = usize_from(end - start);
-        if let Some(t) = &self.throttle {
-            if urgent {
-                t.take_urgent(len as u64);
-            } else {
-                t.take(len as u64);
-            }
-        }
-        self.pages
-            .read_exact_at(&mut buf[..len], start)
-            .map_err(io_err(&self.pages_path, "cannot read"))?;
+        self.read_at(start, &mut buf[..len], urgent)?;
         for c in first..first + count {
             let r = self.chunk_slots(c);
             let (a, b) = (u64::from(r.start) * PAGE_SIZE, u64::from(r.end) * PAGE_SIZE);
@@ -864,6 +855,21 @@ impl Image {
             }
         }
         Ok(len)
+    }
+
+    /// Reads `buf.len()` bytes of `pages.bin` at `start`, under the read
+    /// limit (`urgent`: ahead of background reads), unverified.
+    fn read_at(&self, start: u64, buf: &mut [u8], urgent: bool) -> Result<(), ImageError> {
+        if let Some(t) = &self.throttle {
+            if urgent {
+                t.take_urgent(buf.len() as u64);
+            } else {
+                t.take(buf.len() as u64);
+            }
+        }
+        self.pages
+            .read_exact_at(buf, start)
+            .map_err(io_err(&self.pages_path, "cannot read"))
     }
 
     /// Whether each page can be read and verified alone ([`Image::read_slots`];
@@ -901,16 +907,7 @@ impl Image {
             })?;
         let start = u64::from(first) * PAGE_SIZE;
         let len = usize_from(u64::from(count) * PAGE_SIZE);
-        if let Some(t) = &self.throttle {
-            if urgent {
-                t.take_urgent(len as u64);
-            } else {
-                t.take(len as u64);
-            }
-        }
-        self.pages
-            .read_exact_at(&mut buf[..len], start)
-            .map_err(io_err(&self.pages_path, "cannot read"))?;
+        self.read_at(start, &mut buf[..len], urgent)?;
         for (i, (page, &expected)) in buf[..len].chunks_exact(PAGE_BYTES).zip(sums).enumerate() {
             let got = xxh3_64(page);
             if got != expected {
