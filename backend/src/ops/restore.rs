@@ -669,8 +669,12 @@ async fn run(
 fn choose_by_evidence(image: &Image) -> Result<Vec<WsFile>, RestoreError> {
     let mut sets = Vec::new();
     for e in Estimator::PREFERENCE {
-        if let Some(f) = WsFile::open(image, e)? {
-            sets.push(f);
+        // A damaged or foreign set is left out (and said), not fatal:
+        // `auto` takes the best of the others.
+        match WsFile::open(image, e) {
+            Ok(Some(f)) => sets.push(f),
+            Ok(None) => {}
+            Err(err) => log::warn!("auto: leaving out the {} working set: {err}", e.name()),
         }
     }
     let available: Vec<Estimator> = sets.iter().map(|f| f.set.estimator).collect();
