@@ -41,7 +41,7 @@ fn bench_restores_by_each_method_and_reports_ttr_fields() {
         "--json",
     ]);
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("bench JSON");
-    assert!(report["warm_mib_per_s"].as_f64() > Some(0.0), "{report}");
+    assert!(report["warm_rate"].as_f64() > Some(0.0), "{report}");
     let summary = report["summary"].as_array().expect("summary");
     let methods: Vec<&str> = summary
         .iter()
