@@ -56,6 +56,7 @@ struct Pending {
     /// ...and, when none is left, chunks whose neighbours are still to be
     /// read (page digests only), with the neighbour reads in flight.
     neighbours: VecDeque<u32>,
+    neighbours_queued: HashSet<u32>,
     neighbour_reads: usize,
     /// Chunks a worker is serving: one worker per chunk at a time, so no
     /// page is read twice and a chunk's waiters are answered only once
@@ -153,6 +154,7 @@ impl Engine {
                     }
                     if p.neighbour_reads < neighbour_readers {
                         if let Some(c) = p.neighbours.pop_front() {
+                            p.neighbours_queued.remove(&c);
                             if p.busy.insert(c) {
                                 p.neighbour_reads += 1;
                                 break Job::Neighbours(c);
@@ -247,7 +249,7 @@ impl Engine {
                     .unwrap_or_default();
                 if pages.is_empty() {
                     p.busy.remove(&chunk);
-                    if p.waiting.contains_key(&chunk) && !p.neighbours.contains(&chunk) {
+                    if p.waiting.contains_key(&chunk) && p.neighbours_queued.insert(chunk) {
                         p.neighbours.push_back(chunk);
                         drop(p);
                         self.fetch.work.notify_one();
