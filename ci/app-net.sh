@@ -20,17 +20,26 @@ tap=tap0
 [ "$(id -u)" = 0 ] || { echo "ci/app-net.sh: run as root" >&2; exit 1; }
 in_ns() { ip netns exec "$ns" "$@"; }
 
+# `ip netns add` run twice at once (two tests' namespaces) races on the
+# first mount of /run/netns; one lock serialises every change made here.
+exec 9>/run/lock/thaw-app-net.lock
+flock 9
+
 case $cmd in
 up)
-  ip netns list | grep -qw "^$ns" || ip netns add "$ns"
+  # a name left without its namespace (a crash mid-add) is removed first
+  if [ -e "/run/netns/$ns" ] && ! mountpoint -q "/run/netns/$ns"; then
+    rm -f "/run/netns/$ns"
+  fi
+  [ -e "/run/netns/$ns" ] || ip netns add "$ns"
   in_ns ip link set lo up
   in_ns ip link show "$tap" >/dev/null 2>&1 || in_ns ip tuntap add dev "$tap" mode tap
-  in_ns ip addr show dev "$tap" | grep -q "inet $host_addr" || in_ns ip addr add "$host_addr" dev "$tap"
+  in_ns ip addr replace "$host_addr" dev "$tap"
   in_ns ip link set "$tap" up
   echo "network namespace $ns: $tap $host_addr (guest: thaw.ip=10.77.0.2/24)"
   ;;
 down)
-  if ip netns list | grep -qw "^$ns"; then
+  if [ -e "/run/netns/$ns" ]; then
     ip netns delete "$ns"
   fi
   ;;
