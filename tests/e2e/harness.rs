@@ -74,6 +74,8 @@ impl RestoreJson {
             "background_pages",
             "discarded_pages",
             "discarded_faults",
+            "window_faults",
+            "window_pages",
         ] {
             self.u64(key);
         }

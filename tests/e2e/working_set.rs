@@ -175,6 +175,9 @@ fn learned_working_set_is_recorded_and_refined() {
         ws.assert_fields();
         assert_eq!(ws.json["estimator"], "learned", "auto picks learned");
         lazy_faults.push(ws.u64("lazy_faults"));
+        // The window after the fill read QEMU's page tables: the guest's
+        // first touches in it went to the kernel alone, none through thaw.
+        assert_eq!(ws.u64("window_faults"), 0, "{}", ws.json);
         vm.assert_keeps_ticking(&nonce, 3);
         let cov = coverage(&image, "learned", &hot);
         assert!(

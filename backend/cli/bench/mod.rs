@@ -249,11 +249,13 @@ pub struct MethodRun {
     #[serde(default)]
     pub first_answer_ms: Option<f64>,
     /// A learning restore: its window after all RAM was resident (ms),
-    /// and the faults the guest took in it.
+    /// the faults thaw served in it and the pages first touched in it.
     #[serde(default)]
     pub learn_window_ms: Option<f64>,
     #[serde(default)]
     pub window_faults: Option<u64>,
+    #[serde(default)]
+    pub window_pages: Option<u64>,
 }
 
 impl MethodRun {
@@ -281,6 +283,7 @@ impl MethodRun {
             first_answer_ms: None,
             learn_window_ms: None,
             window_faults: None,
+            window_pages: None,
         }
     }
 
@@ -354,6 +357,8 @@ pub struct MethodSummary {
     pub window_rate_vs_steady: Option<f64>,
     #[serde(default)]
     pub window_faults: Option<f64>,
+    #[serde(default)]
+    pub window_pages: Option<f64>,
     #[serde(default)]
     pub probe_max_ms: Option<f64>,
 }
@@ -629,6 +634,7 @@ pub async fn run(opts: &BenchOptions) -> Result<BenchReport, BenchError> {
                     MethodRun {
                         learn_window_ms: learn.map(|_| s.learn_window_ms),
                         window_faults: learn.map(|_| s.window_faults),
+                        window_pages: learn.map(|_| s.window_pages),
                         method: String::new(),
                         run,
                         running_ms: s.resume_ms,
@@ -995,6 +1001,7 @@ fn summarize(
                     mine.iter()
                         .filter_map(|r| r.window_faults.map(|f| f as f64)),
                 ),
+                window_pages: median(mine.iter().filter_map(|r| r.window_pages.map(|f| f as f64))),
                 window_rate_vs_steady: median(
                     mine.iter().filter_map(|r| r.window_rate_vs_steady()),
                 ),
@@ -1269,9 +1276,10 @@ impl BenchReport {
         out.push_str(&format!("\nTTR: {}. Medians.\n", self.ttr_definition));
         for sm in self.summary.iter().filter(|s| s.learn_window_ms.is_some()) {
             out.push_str(&format!(
-                "\n{}: learning window {} ms after all RAM was resident, {} faults in it; the guest's rate inside it: {} of its steady rate.\n",
+                "\n{}: learning window {} ms after all RAM was resident, {} first touches in it, {} of them through thaw; the guest's rate inside it: {} of its steady rate.\n",
                 sm.method,
                 ms(sm.learn_window_ms),
+                ms(sm.window_pages),
                 ms(sm.window_faults),
                 sm.window_rate_vs_steady
                     .map_or("— (no work wholly inside it)".to_string(), |r| format!("{:.0}%", r * 100.0))

@@ -118,6 +118,7 @@ mod tests {
             first_answer_ms: None,
             learn_window_ms: None,
             window_faults: None,
+            window_pages: None,
             samples: rates
                 .iter()
                 .enumerate()
@@ -151,6 +152,7 @@ mod tests {
             learn_window_ms: None,
             window_rate_vs_steady: None,
             window_faults: None,
+            window_pages: None,
         };
         let report = BenchReport {
             vm: "t".into(),

@@ -112,11 +112,22 @@ impl Engine {
     /// Records the first touch of `page` (not of a page the guest
     /// discarded: its content came from no image). True if it is the first.
     fn record_touch(&self, page: PageIndex, log: &mut FaultLog) -> bool {
-        if self.pages.discarded.test(page) || !self.pages.touched.set(page) {
+        if !self.note_touch(page) {
             return false;
         }
         if log.touches.len() < log.touches.capacity() {
             log.touches.push(page);
+        }
+        true
+    }
+
+    /// Marks `page` touched (not a page the guest discarded) and counts
+    /// it; true if it is its first touch. The caller keeps the order:
+    /// the fault thread in its log, a learning window read from QEMU's
+    /// pagemap ([`crate::observe::window::watch_mapped`]) in its own.
+    pub(crate) fn note_touch(&self, page: PageIndex) -> bool {
+        if self.pages.discarded.test(page) || !self.pages.touched.set(page) {
+            return false;
         }
         self.counters.touched_pages.fetch_add(1, Ordering::Release);
         true

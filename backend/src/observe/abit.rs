@@ -1,14 +1,10 @@
 //! Access-bit style scanning (VEE 2011's `abit` estimator): after QEMU's
 //! page-table entries for guest RAM were zapped, the pages mapped again in
-//! `/proc/<qemu>/pagemap` are the pages the guest accessed since. Each page
+//! `/proc/<qemu>/pagemap` ([`super::pagemap`]) are the pages the guest accessed since. Each page
 //! keeps the number of the last interval it was seen in (its age); the
 //! estimate is the pages seen in the last K intervals, most recent first.
 
-use std::fs::File;
-use std::os::unix::fs::FileExt;
-
-use crate::mem::{usize_from, PageIndex, PAGE_SIZE};
-use crate::vmm::RamMapping;
+use crate::mem::{usize_from, PageIndex};
 
 /// Per-page ages and the estimate they give.
 #[derive(Debug)]
@@ -51,34 +47,6 @@ impl Ages {
         pages.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
         pages.into_iter().map(|(_, p)| PageIndex(p)).collect()
     }
-}
-
-/// Marks every page of `ram` (each mapping with its first global page)
-/// that QEMU's `pagemap` shows as mapped.
-pub(crate) fn scan(
-    pagemap: &File,
-    ram: &[(RamMapping, u64)],
-    ages: &mut Ages,
-) -> std::io::Result<()> {
-    const BATCH: u64 = 1 << 16;
-    let mut buf = vec![0u8; usize_from(BATCH * 8)];
-    for (m, first_page) in ram {
-        let pages = m.len / PAGE_SIZE;
-        let mut done = 0;
-        while done < pages {
-            let n = BATCH.min(pages - done);
-            let off = (m.start.0 / PAGE_SIZE + done) * 8;
-            pagemap.read_exact_at(&mut buf[..usize_from(n * 8)], off)?;
-            for (i, e) in buf[..usize_from(n * 8)].chunks_exact(8).enumerate() {
-                let v = u64::from_le_bytes(e.try_into().unwrap_or_default());
-                if v >> 63 != 0 {
-                    ages.seen(PageIndex(first_page + done + i as u64));
-                }
-            }
-            done += n;
-        }
-    }
-    Ok(())
 }
 
 #[cfg(test)]

@@ -13,14 +13,13 @@
 //! the userfaultfd is closed at once, so if thaw dies the registration goes
 //! away and the guest runs on unprotected.
 
-use std::fs::File;
-use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use nix::errno::Errno;
 
+use super::pagemap::{Pagemap, PAGE_IS_WRITTEN, PM_SCAN_CHECK_WPASYNC, PM_SCAN_WP_MATCHING};
 use crate::mem::HostAddr;
 use crate::mem::{PageIndex, PAGE_SIZE};
 use crate::remote::uffd::{self, EventBuffer, FaultEvent, RegisterMode, RemoteUffd};
@@ -30,40 +29,6 @@ use crate::vmm::RamMapping;
 const FEATURE_WP_HUGETLBFS_SHMEM: u64 = 1 << 12;
 const FEATURE_WP_UNPOPULATED: u64 = 1 << 13;
 const FEATURE_WP_ASYNC: u64 = 1 << 15;
-
-/// `PAGEMAP_SCAN` flags and page categories (linux/fs.h).
-const PM_SCAN_WP_MATCHING: u64 = 1 << 0;
-const PM_SCAN_CHECK_WPASYNC: u64 = 1 << 1;
-const PAGE_IS_WRITTEN: u64 = 1 << 1;
-
-/// `struct pm_scan_arg`.
-#[repr(C)]
-#[derive(Debug, Default)]
-struct PmScanArg {
-    size: u64,
-    flags: u64,
-    start: u64,
-    end: u64,
-    walk_end: u64,
-    vec: u64,
-    vec_len: u64,
-    max_pages: u64,
-    category_inverted: u64,
-    category_mask: u64,
-    category_anyof_mask: u64,
-    return_mask: u64,
-}
-
-/// `struct page_region`.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default)]
-struct PageRegion {
-    start: u64,
-    end: u64,
-    categories: u64,
-}
-
-nix::ioctl_readwrite!(pagemap_scan, b'f', 16, PmScanArg);
 
 /// Errors tracking writes.
 #[derive(Debug, thiserror::Error)]
@@ -93,9 +58,8 @@ struct SyncFaults {
 /// Tracks which guest pages QEMU's guest writes.
 pub(crate) struct WriteTracker {
     uffd: Arc<RemoteUffd>,
-    pagemap: File,
+    pagemap: Pagemap,
     ranges: Vec<(RamMapping, u64)>,
-    regions: Vec<PageRegion>,
     sync: Option<SyncFaults>,
 }
 
@@ -131,13 +95,14 @@ impl WriteTracker {
             uffd_device_in_owner,
         )?);
         uffd.close_remote()?;
-        let path = format!("/proc/{}/pagemap", process.pid());
-        let pagemap = File::open(&path).map_err(|source| DirtyError::Pagemap { path, source })?;
+        let pagemap = Pagemap::open(process.pid()).map_err(|source| DirtyError::Pagemap {
+            path: format!("/proc/{}/pagemap", process.pid()),
+            source,
+        })?;
         let mut tracker = WriteTracker {
             uffd,
             pagemap,
             ranges,
-            regions: vec![PageRegion::default(); 4096],
             sync: None,
         };
         if !asynchronous {
@@ -215,39 +180,20 @@ impl WriteTracker {
             return Ok(pages.len() as u64);
         }
         let mut written = 0;
-        let fd = self.pagemap.as_raw_fd();
         for (m, first_page) in &self.ranges {
-            let end = m.start.0 + m.len;
-            let mut at = m.start.0;
-            while at < end {
-                let mut arg = PmScanArg {
-                    size: std::mem::size_of::<PmScanArg>() as u64,
-                    flags: PM_SCAN_WP_MATCHING | PM_SCAN_CHECK_WPASYNC,
-                    start: at,
-                    end,
-                    vec: self.regions.as_mut_ptr() as u64,
-                    vec_len: self.regions.len() as u64,
-                    category_mask: PAGE_IS_WRITTEN,
-                    return_mask: PAGE_IS_WRITTEN,
-                    ..Default::default()
-                };
-                // SAFETY: `arg` is a valid pm_scan_arg whose `vec` points to
-                // `vec_len` page_region slots of our own live buffer; the
-                // kernel writes only those and `arg`.
-                let n = unsafe { pagemap_scan(fd, &mut arg) }.map_err(DirtyError::Scan)?;
-                // The ioctl returns how many regions it filled, at most vec_len.
-                let n = usize::try_from(n).unwrap_or(0).min(self.regions.len());
-                for r in &self.regions[..n] {
-                    for addr in (r.start..r.end).step_by(crate::mem::PAGE_BYTES) {
-                        seen(PageIndex(first_page + (addr - m.start.0) / PAGE_SIZE));
-                        written += 1;
-                    }
-                }
-                if arg.walk_end <= at {
-                    break;
-                }
-                at = arg.walk_end;
-            }
+            self.pagemap
+                .scan(
+                    m,
+                    PM_SCAN_WP_MATCHING | PM_SCAN_CHECK_WPASYNC,
+                    PAGE_IS_WRITTEN,
+                    |start, end| {
+                        for addr in (start..end).step_by(crate::mem::PAGE_BYTES) {
+                            seen(PageIndex(first_page + (addr - m.start.0) / PAGE_SIZE));
+                            written += 1;
+                        }
+                    },
+                )
+                .map_err(DirtyError::Scan)?;
         }
         Ok(written)
     }

@@ -31,6 +31,7 @@ pub use crate::engine::EngineError;
 use crate::engine::{BlockMap, Engine, FaultLog, Fill};
 use crate::image::Image;
 use crate::mem::{PageIndex, RamLayout, PAGE_SIZE};
+use crate::observe::pagemap::Pagemap;
 use crate::observe::window;
 use crate::remote::uffd;
 use crate::vmm::{self, Launched, RamMapping};
@@ -211,9 +212,12 @@ pub struct RestoreStats {
     pub fill_mib_per_s: f64,
     /// Tracking window after completion (0 when not learning).
     pub learn_window_ms: f64,
-    /// Faults the guest took during that window (first touches of pages
-    /// it had not touched during the restore): all the window costs it.
+    /// Faults thaw served during that window (0 when the window read
+    /// QEMU's page tables instead, see `window_pages`).
     pub window_faults: u64,
+    /// Pages the guest touched first during that window.
+    #[serde(default)]
+    pub window_pages: u64,
     /// Distinct pages the guest touched while thaw recorded.
     pub touched_pages: u64,
     /// Size of the image's learned working set after this restore (0: not updated).
@@ -290,8 +294,8 @@ impl std::fmt::Display for RestoreStats {
         if self.learned_pages > 0 {
             writeln!(
                 f,
-                "  learned working set: {} pages (window {:.0} ms, {} faults in it)",
-                self.learned_pages, self.learn_window_ms, self.window_faults
+                "  learned working set: {} pages (window {:.0} ms: {} first touches, {} faults through thaw)",
+                self.learned_pages, self.learn_window_ms, self.window_pages, self.window_faults
             )?;
         }
         write!(
@@ -414,6 +418,11 @@ struct Phases {
     fill_time: Duration,
     window_ms: f64,
     window_faults: u64,
+    /// First touches of the window when it read QEMU's pagemap (the
+    /// fault thread's log has the others).
+    window_touches: Vec<PageIndex>,
+    /// First touches in the window, either way.
+    window_pages: u64,
     /// Prefetched pages untouched when all RAM was resident.
     unused: u64,
 }
@@ -554,6 +563,8 @@ async fn run(
         log::info!("guest resumed after {resume_ms:.1} ms with {prefetched} pages resident");
         let mut window_ms = 0.0;
         let mut window_faults = 0;
+        let mut window_touches = Vec::new();
+        let mut window_pages = 0;
         let complete_ms;
         let unused;
         if opts.mode == Mode::Eager {
@@ -565,24 +576,54 @@ async fn run(
             complete_ms = ms(started.elapsed());
             unused = engine.unused_prefetched();
             bar.finish();
+            let mut unregistered = false;
             if let Some(w) = learn {
                 let faults = || {
                     engine.counters.minor_faults.load(Ordering::Relaxed)
                         + engine.counters.faults_after_resume.load(Ordering::Relaxed)
                 };
                 let before = faults();
+                let touched_before = engine.counters.touched_pages.load(Ordering::Acquire);
                 engine.begin_window();
-                // Every page mapped so far was touched (and recorded)
-                // first: no need to zap QEMU's page tables, which would
-                // make the guest fault its whole working set once more.
-                window_ms = if engine.maps_only_touched_pages() {
-                    window::watch(&engine, w, Instant::now()).await
+                if engine.maps_only_touched_pages() {
+                    // Every page mapped so far was touched (and recorded)
+                    // first, and every saved page is in the page cache:
+                    // with guest RAM unregistered the kernel maps each
+                    // page on its first touch by itself, and a page mapped
+                    // in QEMU's page tables is a page touched.
+                    unregister(&uffd, &ram, &engine)?;
+                    unregistered = true;
+                    let ranges: Vec<(RamMapping, u64)> = ram
+                        .iter()
+                        .cloned()
+                        .zip(&state.layout.blocks)
+                        .map(|(m, b)| (m, b.first_page))
+                        .collect();
+                    match Pagemap::open(qemu_pid.pid()) {
+                        Ok(mut pagemap) => {
+                            let found = window::watch_mapped(
+                                &mut pagemap,
+                                &ranges,
+                                &engine,
+                                w,
+                                Instant::now(),
+                            )
+                            .await;
+                            window_ms = found.ms;
+                            window_touches = found.pages;
+                        }
+                        Err(e) => log::warn!("no learning window: QEMU's pagemap: {e}"),
+                    }
                 } else {
-                    window::tracking_window(qemu_pid, &ram, &engine, w).await?
-                };
+                    window_ms = window::tracking_window(qemu_pid, &ram, &engine, w).await?;
+                }
                 window_faults = faults() - before;
+                window_pages =
+                    engine.counters.touched_pages.load(Ordering::Acquire) - touched_before;
             }
-            unregister(&uffd, &ram, &engine)?;
+            if !unregistered {
+                unregister(&uffd, &ram, &engine)?;
+            }
             // All of RAM is in: nothing is left to recover.
             let _ = std::fs::remove_file(&record_path);
         }
@@ -595,6 +636,8 @@ async fn run(
             fill_time,
             window_ms,
             window_faults,
+            window_touches,
+            window_pages,
             unused,
         })
     }
@@ -615,7 +658,12 @@ async fn run(
     let _ = std::fs::remove_file(&discards_path);
 
     let c = &engine.counters;
-    let FaultLog { latencies, touches } = log;
+    let FaultLog {
+        latencies,
+        mut touches,
+    } = log;
+    // The window's touches, read from QEMU's page tables, come after.
+    touches.extend_from_slice(&phases.window_touches);
     let learned_pages = match learn {
         Some(_) => {
             record_evidence(&image, opts.mode, &ws, &touches, c);
@@ -656,6 +704,7 @@ async fn run(
             / phases.fill_time.as_secs_f64().max(1e-9),
         learn_window_ms: phases.window_ms,
         window_faults: phases.window_faults,
+        window_pages: phases.window_pages,
         touched_pages: c.touched_pages.load(Ordering::Relaxed),
         learned_pages,
         discarded_pages: engine.discarded_pages(),

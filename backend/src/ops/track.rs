@@ -20,12 +20,12 @@
 //! refused, naming the tracker. The scanning itself is
 //! [`crate::observe::abit`] and [`crate::observe::dirty`].
 
-use std::fs::File;
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
-use crate::observe::abit::{scan, Ages};
+use crate::observe::abit::Ages;
+use crate::observe::pagemap::Pagemap;
 use crate::ops::owner::{LockError, OwnerLock};
 use crate::vmm::{self, RamMapping, VmState};
 use crate::wss::{self, Estimator};
@@ -124,7 +124,7 @@ pub async fn track(
         .map(|(m, b)| (m, b.first_page))
         .collect();
     let path = format!("/proc/{}/pagemap", qemu.pid());
-    let pagemap = File::open(&path).map_err(|source| TrackError::Pagemap {
+    let mut pagemap = Pagemap::open(qemu.pid()).map_err(|source| TrackError::Pagemap {
         path: path.clone(),
         source,
     })?;
@@ -184,16 +184,19 @@ pub async fn track(
             }
             let t = Instant::now();
             ages.next_interval();
-            let scanned = match &mut writes {
-                Some(w) => w
-                    .collect(|p| ages.seen(p))
-                    .map(|_| ())
-                    .map_err(TrackError::from),
-                None => scan(&pagemap, &ram, &mut ages).map_err(|source| TrackError::Pagemap {
-                    path: path.clone(),
-                    source,
-                }),
-            };
+            let scanned =
+                match &mut writes {
+                    Some(w) => w
+                        .collect(|p| ages.seen(p))
+                        .map(|_| ())
+                        .map_err(TrackError::from),
+                    None => pagemap.mapped(&ram, |p| ages.seen(p)).map_err(|source| {
+                        TrackError::Pagemap {
+                            path: path.clone(),
+                            source,
+                        }
+                    }),
+                };
             if let Err(e) = scanned {
                 return if alive() {
                     Err(e)
