@@ -152,13 +152,19 @@ impl Engine {
         let result = zap();
         // The zap's events were all read before its madvise returned; wait
         // until the fault thread has handled the batch it read them in.
+        self.wait_for_read_events();
+        self.zaps.fetch_sub(1, Ordering::AcqRel);
+        result
+    }
+
+    /// Waits until the fault thread has handled every batch of events it
+    /// has read so far (or the engine is stopping).
+    pub(crate) fn wait_for_read_events(&self) {
         let read = self.batches_read.load(Ordering::Acquire);
         while self.batches_handled.load(Ordering::Acquire) < read
             && !self.stop.load(Ordering::Acquire)
         {
             std::thread::sleep(ZAP_POLL);
         }
-        self.zaps.fetch_sub(1, Ordering::AcqRel);
-        result
     }
 }

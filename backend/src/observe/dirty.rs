@@ -22,13 +22,11 @@ use nix::errno::Errno;
 use super::pagemap::{Pagemap, PAGE_IS_WRITTEN, PM_SCAN_CHECK_WPASYNC, PM_SCAN_WP_MATCHING};
 use crate::mem::HostAddr;
 use crate::mem::{PageIndex, PAGE_SIZE};
-use crate::remote::uffd::{self, EventBuffer, FaultEvent, RegisterMode, RemoteUffd};
+use crate::remote::uffd::{
+    self, EventBuffer, FaultEvent, RegisterMode, RemoteUffd, FEATURE_WP_ASYNC,
+    FEATURE_WP_HUGETLBFS_SHMEM, FEATURE_WP_UNPOPULATED,
+};
 use crate::vmm::RamMapping;
-
-/// `UFFD_FEATURE_*` bits newer than the bindings.
-const FEATURE_WP_HUGETLBFS_SHMEM: u64 = 1 << 12;
-const FEATURE_WP_UNPOPULATED: u64 = 1 << 13;
-const FEATURE_WP_ASYNC: u64 = 1 << 15;
 
 /// Errors tracking writes.
 #[derive(Debug, thiserror::Error)]

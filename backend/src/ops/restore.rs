@@ -462,9 +462,17 @@ async fn run(
     }
     // Remove events tell thaw about pages the guest discards (balloon,
     // free-page reporting), so they are never refilled from the image.
+    // Write-protect registration (nothing is ever protected) is what keeps
+    // the kernel from mapping pages around a touched one in a learning
+    // window read from QEMU's page tables (see `learning_window`).
+    let wp_shmem = match uffd::kernel_features() {
+        Ok(f) if with_minor && opts.learn.is_some() => f & uffd::FEATURE_WP_HUGETLBFS_SHMEM,
+        _ => 0,
+    };
     let features = userfaultfd_sys::UFFD_FEATURE_MISSING_SHMEM
         | userfaultfd_sys::UFFD_FEATURE_EVENT_REMOVE
-        | if with_minor { minor } else { 0 };
+        | if with_minor { minor } else { 0 }
+        | wp_shmem;
     let uffd = Arc::new(take_over_uffd(&state, &mut qmp, qemu_pid, features).await?);
     for m in &ram {
         if with_minor {
@@ -586,34 +594,18 @@ async fn run(
                 let touched_before = engine.counters.touched_pages.load(Ordering::Acquire);
                 engine.begin_window();
                 if engine.maps_only_touched_pages() {
-                    // Every page mapped so far was touched (and recorded)
-                    // first, and every saved page is in the page cache:
-                    // with guest RAM unregistered the kernel maps each
-                    // page on its first touch by itself, and a page mapped
-                    // in QEMU's page tables is a page touched.
-                    unregister(&uffd, &ram, &engine)?;
-                    unregistered = true;
                     let ranges: Vec<(RamMapping, u64)> = ram
                         .iter()
                         .cloned()
                         .zip(&state.layout.blocks)
                         .map(|(m, b)| (m, b.first_page))
                         .collect();
-                    match Pagemap::open(qemu_pid.pid()) {
-                        Ok(mut pagemap) => {
-                            let found = window::watch_mapped(
-                                &mut pagemap,
-                                &ranges,
-                                &engine,
-                                w,
-                                Instant::now(),
-                            )
-                            .await;
-                            window_ms = found.ms;
-                            window_touches = found.pages;
-                        }
-                        Err(e) => log::warn!("no learning window: QEMU's pagemap: {e}"),
-                    }
+                    let found =
+                        learning_window(qemu_pid, &uffd, &ranges, &engine, w, wp_shmem != 0)
+                            .await?;
+                    unregistered = true;
+                    window_ms = found.ms;
+                    window_touches = found.pages;
                 } else {
                     window_ms = window::tracking_window(qemu_pid, &ram, &engine, w).await?;
                 }
@@ -954,6 +946,63 @@ pub(crate) async fn take_over_uffd(
     let taken = uffd::take_over_with(qemu, features, Some(device.fd));
     vmm::libvirt::release_uffd_device(qmp, device).await;
     Ok(taken?)
+}
+
+/// The learning window of a restore that mapped no page before the guest
+/// touched it, once every saved page is in the page cache: a page mapped
+/// in QEMU's page tables is a page touched, so the window reads them from
+/// QEMU's pagemap ([`window::watch_mapped`]) and the guest's first touches
+/// go to the kernel alone. Guest RAM is unregistered first (which wakes
+/// any thread still waiting on a fault; the fault thread's answers to
+/// events it read are let through before anything else changes), then,
+/// where the kernel can (`wp_shmem`), registered for write protection
+/// without protecting anything: no fault reaches thaw, but the kernel no
+/// longer maps the cached pages around a touched one on a read fault
+/// (fault-around), which would make untouched pages look touched. Guest
+/// RAM is unregistered when it returns.
+async fn learning_window(
+    qemu: &crate::remote::process::QemuProcess,
+    uffd: &uffd::RemoteUffd,
+    ranges: &[(RamMapping, u64)],
+    engine: &Engine,
+    w: window::LearnWindow,
+    wp_shmem: bool,
+) -> Result<window::MappedTouches, RestoreError> {
+    engine.release();
+    for (m, _) in ranges {
+        uffd.unregister(m.start, m.len)?;
+    }
+    engine.wait_for_read_events();
+    let mut protected = Vec::new();
+    if wp_shmem {
+        for (m, _) in ranges {
+            match uffd.register(m.start, m.len, uffd::RegisterMode::WRITE_PROTECT) {
+                Ok(_) => protected.push(m),
+                Err(e) => {
+                    log::warn!("learning window: {e}: reads may map pages around a touched one");
+                    break;
+                }
+            }
+        }
+    } else {
+        log::warn!(
+            "the kernel lacks UFFD_FEATURE_WP_HUGETLBFS_SHMEM: the learning window may take \
+             pages mapped around a touched one for touched"
+        );
+    }
+    let found = match Pagemap::open(qemu.pid()) {
+        Ok(mut pagemap) => {
+            window::watch_mapped(&mut pagemap, ranges, engine, w, Instant::now()).await
+        }
+        Err(e) => {
+            log::warn!("no learning window: QEMU's pagemap: {e}");
+            window::MappedTouches::default()
+        }
+    };
+    for m in protected {
+        uffd.unregister(m.start, m.len)?;
+    }
+    Ok(found)
 }
 
 /// Feeds the verified device state to QEMU through a pipe and waits until

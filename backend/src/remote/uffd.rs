@@ -50,6 +50,10 @@ mod sys {
 const MSG_SIZE: usize = std::mem::size_of::<uffd_msg>();
 /// Internal flag some kernels show in fdinfo once `UFFDIO_API` ran.
 const FEATURE_INITIALIZED: u64 = 1 << 31;
+/// `UFFD_FEATURE_*` bits newer than the bindings.
+pub const FEATURE_WP_HUGETLBFS_SHMEM: u64 = 1 << 12;
+pub const FEATURE_WP_UNPOPULATED: u64 = 1 << 13;
+pub const FEATURE_WP_ASYNC: u64 = 1 << 15;
 /// The ioctls a missing-mode range must offer to be served.
 const MISSING_IOCTLS: IoctlFlags = IoctlFlags::COPY
     .union(IoctlFlags::ZEROPAGE)
