@@ -11,7 +11,9 @@
 //!   chunk however many faults wait on it;
 //! - [`prefetch`]: the working set, before the guest runs;
 //! - [`fill`]: the rest of RAM in the background;
-//! - [`discard`]: pages the guest gives back while thaw watches.
+//! - [`discard`]: pages the guest gives back while thaw watches;
+//! - [`scanner`]: first touches read from QEMU's page tables (a learning
+//!   restore).
 //!
 //! One restore runs one fault thread, a few fetch workers ([`Service`]) and
 //! at most one filler ([`Fill`]) over one shared [`Engine`]. An engine built
@@ -26,6 +28,7 @@ pub(crate) mod fill;
 pub(crate) mod installer;
 pub(crate) mod prefetch;
 pub(crate) mod residency;
+pub(crate) mod scanner;
 
 #[cfg(test)]
 mod tests;

@@ -350,6 +350,43 @@ impl Mapper {
         Engine::new(image, Arc::new(uffd), vec![block])
     }
 
+    /// The engine over this mapper's RAM registered for missing faults and
+    /// write protection: pages in the page cache are mapped by the kernel
+    /// on first touch, seen by a [`scanner::TouchScanner`] it returns too.
+    fn scanning_engine(&self, image: Arc<Image>) -> (Arc<Engine>, scanner::TouchScanner) {
+        let uffd = uffd::take_over(
+            &self.process(),
+            UFFD_FEATURE_MISSING_SHMEM
+                | UFFD_FEATURE_EVENT_REMOVE
+                | uffd::FEATURE_WP_HUGETLBFS_SHMEM,
+        )
+        .expect("take over a userfaultfd in the mapper");
+        uffd.register_missing_wp(HostAddr(self.base), PAGES * PAGE_SIZE)
+            .expect("register");
+        let file = File::from(self.memfd.try_clone().expect("dup memfd"));
+        let block = BlockMap {
+            id: "ram0".into(),
+            start: HostAddr(self.base),
+            first_page: 0,
+            pages: PAGES,
+            file,
+        };
+        let engine =
+            Arc::new(Engine::new(image, Arc::new(uffd), vec![block]).with_cached_installs(true));
+        let ram = crate::vmm::RamMapping {
+            id: "ram0".into(),
+            start: HostAddr(self.base),
+            len: PAGES * PAGE_SIZE,
+            fd_path: std::path::PathBuf::new(),
+        };
+        let pagemap = crate::observe::pagemap::Pagemap::open(self.process().pid())
+            .expect("the mapper's pagemap");
+        let scanner = engine
+            .start_touch_scanner(pagemap, vec![(ram, 0)])
+            .expect("start the scanner");
+        (engine, scanner)
+    }
+
     /// The mapper held by pidfd.
     fn process(&self) -> QemuProcess {
         QemuProcess::open(i32::try_from(self.child.id()).expect("pid")).expect("pidfd_open")
@@ -677,6 +714,101 @@ fn cached_installs_see_every_first_touch_and_never_overwrite_the_guest() {
         PAGES,
         "every page's first touch is seen"
     );
+    m.exit();
+}
+
+/// Learning from the page tables: cached pages are mapped by the kernel
+/// on first touch without a fault to thaw, the scanner records exactly the
+/// pages touched (no pages mapped around them), and guest writes racing
+/// the cached fill are never overwritten.
+#[test]
+fn page_tables_show_exactly_the_touched_pages() {
+    if !crate::observe::pagemap::Pagemap::scan_supported()
+        || uffd::kernel_features().unwrap_or(0) & uffd::FEATURE_WP_HUGETLBFS_SHMEM == 0
+    {
+        eprintln!("skipped: this kernel lacks PAGEMAP_SCAN or write protection of shared memory");
+        return;
+    }
+    let tmp = tempfile::tempdir().expect("tmp");
+    let image = write_image(&tmp.path().join("img"));
+    let mut m = Mapper::spawn();
+    let (engine, scanner) = m.scanning_engine(image.clone());
+    let service = engine.start(1024).expect("start");
+    engine.set_resumed();
+    m.touch("fault", &[100]);
+    check(&m.next_done().1, &[]);
+    let PageLocation::Slot(slot) = image.locate(PageIndex(100)) else {
+        panic!("page 100 is saved")
+    };
+    let neighbour = image
+        .slot_page(image.chunk_slots(image.chunk_of(slot)).start)
+        .0;
+    assert_ne!(neighbour, 100);
+    let began = Instant::now();
+    while !engine.pages.is_resident(PageIndex(neighbour)) {
+        assert!(began.elapsed() < TIMEOUT, "the neighbours never arrived");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    scanner.wait_next_scan();
+    assert!(
+        !engine.pages.touched.test(PageIndex(neighbour)),
+        "a neighbour in the page cache looks touched before the guest touched it"
+    );
+    // Writers in two orders race the fill over pages 0..128.
+    let evens: Vec<u64> = (0..128).filter(|p| p % 2 == 0).collect();
+    let odds_down: Vec<u64> = (0..128).filter(|p| p % 2 == 1).rev().collect();
+    m.write("evens", &evens);
+    let fill = engine.start_fill(Default::default()).expect("fill");
+    m.write("odds", &odds_down);
+    for _ in 0..2 {
+        m.next_done();
+    }
+    fill.join(&engine).expect("fill");
+    // One read of a cached page far from every other touch: only it is
+    // mapped (no fault-around), and thaw saw no fault for it.
+    scanner.wait_next_scan();
+    let faults_before = engine.counters.faults_after_resume.load(Ordering::Relaxed);
+    m.touch("lone", &[200]);
+    check(&m.next_done().1, &[]);
+    scanner.wait_next_scan();
+    assert!(
+        engine.pages.touched.test(PageIndex(200)),
+        "the read of page 200 was not seen"
+    );
+    for p in (184..216).filter(|&p| p != 200) {
+        assert!(
+            !engine.pages.touched.test(PageIndex(p)),
+            "page {p} looks touched: mapped around page 200"
+        );
+    }
+    assert_eq!(
+        engine.counters.faults_after_resume.load(Ordering::Relaxed),
+        faults_before,
+        "a cached page's first touch went through thaw"
+    );
+    assert_eq!(engine.counters.minor_faults.load(Ordering::Relaxed), 0);
+    let all: Vec<u64> = (0..PAGES).collect();
+    m.touch("readback", &all);
+    for (p, h) in m.next_done().1 {
+        let want = if p < 128 {
+            xxh3_64(&written(p))
+        } else if p % 4 == 3 {
+            zeros_hash()
+        } else {
+            saved_hash(p)
+        };
+        assert_eq!(h, want, "page {p} holds other content than expected");
+    }
+    let scanned = scanner.finish().expect("scanner");
+    let log = service.stop(&engine).expect("no engine error");
+    let mut seen: Vec<u64> = log
+        .touches
+        .iter()
+        .chain(&scanned.touches)
+        .map(|p| p.0)
+        .collect();
+    seen.sort_unstable();
+    assert_eq!(seen, all, "every page's first touch is seen, once");
     m.exit();
 }
 

@@ -77,6 +77,23 @@ impl Pagemap {
         })
     }
 
+    /// Whether this kernel answers `PAGEMAP_SCAN` (Linux ≥ 6.7), tried on
+    /// this process's own pagemap.
+    pub(crate) fn scan_supported() -> bool {
+        let Ok(mut own) = Pagemap::open(nix::unistd::Pid::this()) else {
+            return false;
+        };
+        let probe = [0u8; 1];
+        let at = probe.as_ptr() as u64 & !(PAGE_SIZE - 1);
+        let m = RamMapping {
+            id: String::new(),
+            start: crate::mem::HostAddr(at),
+            len: PAGE_SIZE,
+            fd_path: std::path::PathBuf::new(),
+        };
+        own.scan(&m, 0, PAGE_IS_PRESENT, |_, _| {}).is_ok()
+    }
+
     /// The path it was opened from (for error messages).
     pub(crate) fn path(&self) -> &str {
         &self.path

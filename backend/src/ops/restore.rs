@@ -407,6 +407,50 @@ pub async fn restore(path: &Path, opts: &RestoreOptions) -> Result<RestoreStats,
     }
 }
 
+/// How a restore sees the guest's first touches.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum TouchWatch {
+    /// It does not (eager, or a kernel without the means).
+    Blind,
+    /// The kernel maps a page in the page cache on first touch by itself;
+    /// thaw reads QEMU's page tables ([`crate::engine::scanner`]). Guest
+    /// RAM is registered for missing faults and write protection (Linux ≥
+    /// 5.19), read with `PAGEMAP_SCAN` (≥ 6.7). Used when the restore
+    /// learns or observes: a touch costs the guest no round trip.
+    PageTables,
+    /// Each first touch of a page in the page cache is a minor fault thaw
+    /// answers (`UFFDIO_CONTINUE`; Linux ≥ 5.14).
+    MinorFaults,
+}
+
+impl TouchWatch {
+    fn choose(opts: &RestoreOptions) -> TouchWatch {
+        if opts.mode == Mode::Eager {
+            return TouchWatch::Blind;
+        }
+        let features = uffd::kernel_features().unwrap_or(0);
+        let watching = opts.learn.is_some() || opts.observe;
+        if watching && features & uffd::FEATURE_WP_HUGETLBFS_SHMEM != 0 && Pagemap::scan_supported()
+        {
+            return TouchWatch::PageTables;
+        }
+        if features & userfaultfd_sys::UFFD_FEATURE_MINOR_SHMEM != 0 {
+            if watching {
+                log::info!(
+                    "this kernel cannot map pages on first touch unobserved (needs write \
+                     protection of shared memory and PAGEMAP_SCAN): each first touch of a \
+                     prefetched or filled page is a minor fault thaw answers"
+                );
+            }
+            return TouchWatch::MinorFaults;
+        }
+        if watching {
+            log::warn!("the kernel lacks UFFD_FEATURE_MINOR_SHMEM: this restore cannot learn");
+        }
+        TouchWatch::Blind
+    }
+}
+
 /// What the phases of one restore measured.
 struct Phases {
     device_state_ms: f64,
@@ -418,9 +462,9 @@ struct Phases {
     fill_time: Duration,
     window_ms: f64,
     window_faults: u64,
-    /// First touches of the window when it read QEMU's pagemap (the
-    /// fault thread's log has the others).
-    window_touches: Vec<PageIndex>,
+    /// First touches read from QEMU's page tables (the fault thread's log
+    /// has the others).
+    scanned_touches: Vec<PageIndex>,
     /// First touches in the window, either way.
     window_pages: u64,
     /// Prefetched pages untouched when all RAM was resident.
@@ -451,34 +495,25 @@ async fn run(
     let ram = vmm::find_ram(qemu_pid, &paths, &state)?;
 
     // Take over QEMU's userfaultfd and register all guest RAM before
-    // anything can touch it. Minor faults (first touches of pages already
-    // in the page cache) are what lets thaw see touches of prefetched pages
-    // and learn; without kernel support a restore still works, unobserved.
-    let minor = userfaultfd_sys::UFFD_FEATURE_MINOR_SHMEM;
-    let with_minor =
-        opts.mode != Mode::Eager && uffd::kernel_features().is_ok_and(|f| f & minor != 0);
-    if opts.mode != Mode::Eager && !with_minor {
-        log::warn!("the kernel lacks UFFD_FEATURE_MINOR_SHMEM: this restore cannot learn");
-    }
-    // Remove events tell thaw about pages the guest discards (balloon,
-    // free-page reporting), so they are never refilled from the image.
-    // Write-protect registration (nothing is ever protected) is what keeps
-    // the kernel from mapping pages around a touched one in a learning
-    // window read from QEMU's page tables (see `learning_window`).
-    let wp_shmem = match uffd::kernel_features() {
-        Ok(f) if with_minor && opts.learn.is_some() => f & uffd::FEATURE_WP_HUGETLBFS_SHMEM,
-        _ => 0,
-    };
+    // anything can touch it, in the way that lets thaw see the guest's
+    // first touches (to count skipped faults and to learn); without kernel
+    // support a restore still works, unobserved. Remove events tell thaw
+    // about pages the guest discards (balloon, free-page reporting), so
+    // they are never refilled from the image.
+    let watch = TouchWatch::choose(opts);
     let features = userfaultfd_sys::UFFD_FEATURE_MISSING_SHMEM
         | userfaultfd_sys::UFFD_FEATURE_EVENT_REMOVE
-        | if with_minor { minor } else { 0 }
-        | wp_shmem;
+        | match watch {
+            TouchWatch::PageTables => uffd::FEATURE_WP_HUGETLBFS_SHMEM,
+            TouchWatch::MinorFaults => userfaultfd_sys::UFFD_FEATURE_MINOR_SHMEM,
+            TouchWatch::Blind => 0,
+        };
     let uffd = Arc::new(take_over_uffd(&state, &mut qmp, qemu_pid, features).await?);
     for m in &ram {
-        if with_minor {
-            uffd.register_missing_minor(m.start, m.len)?;
-        } else {
-            uffd.register_missing(m.start, m.len)?;
+        match watch {
+            TouchWatch::PageTables => uffd.register_missing_wp(m.start, m.len)?,
+            TouchWatch::MinorFaults => uffd.register_missing_minor(m.start, m.len)?,
+            TouchWatch::Blind => uffd.register_missing(m.start, m.len)?,
         }
     }
     let blocks = block_maps(qemu_pid, &ram, &state.layout)?;
@@ -501,7 +536,7 @@ async fn run(
             .with_fill_limit(opts.fill_limit)
             // A learning restore sees every first touch: what no fault
             // waits on goes into the page cache, mapped on first touch.
-            .with_cached_installs(opts.learn.is_some() && with_minor)
+            .with_cached_installs(opts.learn.is_some() && watch != TouchWatch::Blind)
             .with_fetch_workers(opts.fetch_workers)
             .with_discard_log(discards),
     );
@@ -509,8 +544,14 @@ async fn run(
     let service = engine.start(log_capacity)?;
     let bar = opts.progress.clone();
     bar.start("restore", meta.nonzero_pages * PAGE_SIZE);
-    let learn = opts.learn.filter(|_| with_minor);
-    let observed = with_minor && (learn.is_some() || opts.observe);
+    let learn = opts.learn.filter(|_| watch != TouchWatch::Blind);
+    let observed = watch != TouchWatch::Blind && (learn.is_some() || opts.observe);
+    let ranges: Vec<(RamMapping, u64)> = ram
+        .iter()
+        .cloned()
+        .zip(&state.layout.blocks)
+        .map(|(m, b)| (m, b.first_page))
+        .collect();
 
     let outcome = async {
         let mut filler = None;
@@ -565,13 +606,23 @@ async fn run(
                 },
             )?;
         }
+        // Pages in the page cache are mapped by the kernel on first touch:
+        // read QEMU's page tables from before the guest runs.
+        let mut scanner = None;
+        if watch == TouchWatch::PageTables && observed {
+            let pagemap = Pagemap::open(qemu_pid.pid()).map_err(|source| RestoreError::Io {
+                context: format!("opening /proc/{}/pagemap", qemu_pid.pid()),
+                source,
+            })?;
+            scanner = Some(engine.start_touch_scanner(pagemap, ranges.clone())?);
+        }
         engine.set_resumed();
         qmp.execute("cont", json!({})).await?;
         let resume_ms = ms(started.elapsed());
         log::info!("guest resumed after {resume_ms:.1} ms with {prefetched} pages resident");
         let mut window_ms = 0.0;
         let mut window_faults = 0;
-        let mut window_touches = Vec::new();
+        let mut scanned_touches = Vec::new();
         let mut window_pages = 0;
         let complete_ms;
         let unused;
@@ -582,9 +633,11 @@ async fn run(
             let f = engine.start_fill(bar.clone())?;
             fill_time = finish_fill(f, &engine).await?;
             complete_ms = ms(started.elapsed());
+            if let Some(scanner) = &scanner {
+                scanner.wait_next_scan();
+            }
             unused = engine.unused_prefetched();
             bar.finish();
-            let mut unregistered = false;
             if let Some(w) = learn {
                 let faults = || {
                     engine.counters.minor_faults.load(Ordering::Relaxed)
@@ -593,29 +646,22 @@ async fn run(
                 let before = faults();
                 let touched_before = engine.counters.touched_pages.load(Ordering::Acquire);
                 engine.begin_window();
-                if engine.maps_only_touched_pages() {
-                    let ranges: Vec<(RamMapping, u64)> = ram
-                        .iter()
-                        .cloned()
-                        .zip(&state.layout.blocks)
-                        .map(|(m, b)| (m, b.first_page))
-                        .collect();
-                    let found =
-                        learning_window(qemu_pid, &uffd, &ranges, &engine, w, wp_shmem != 0)
-                            .await?;
-                    unregistered = true;
-                    window_ms = found.ms;
-                    window_touches = found.pages;
+                // Every page mapped so far was touched (and recorded)
+                // first: no need to zap QEMU's page tables, which would
+                // make the guest fault its whole working set once more.
+                window_ms = if engine.maps_only_touched_pages() {
+                    window::watch(&engine, w, Instant::now()).await
                 } else {
-                    window_ms = window::tracking_window(qemu_pid, &ram, &engine, w).await?;
-                }
+                    window::tracking_window(qemu_pid, &ram, &engine, w).await?
+                };
                 window_faults = faults() - before;
                 window_pages =
                     engine.counters.touched_pages.load(Ordering::Acquire) - touched_before;
             }
-            if !unregistered {
-                unregister(&uffd, &ram, &engine)?;
+            if let Some(scanner) = scanner.take() {
+                scanned_touches = scanner.finish()?.touches;
             }
+            unregister(&uffd, &ram, &engine)?;
             // All of RAM is in: nothing is left to recover.
             let _ = std::fs::remove_file(&record_path);
         }
@@ -628,7 +674,7 @@ async fn run(
             fill_time,
             window_ms,
             window_faults,
-            window_touches,
+            scanned_touches,
             window_pages,
             unused,
         })
@@ -654,8 +700,9 @@ async fn run(
         latencies,
         mut touches,
     } = log;
-    // The window's touches, read from QEMU's page tables, come after.
-    touches.extend_from_slice(&phases.window_touches);
+    // Faults first (pages the guest waited for), then what the page
+    // tables showed.
+    touches.extend_from_slice(&phases.scanned_touches);
     let learned_pages = match learn {
         Some(_) => {
             record_evidence(&image, opts.mode, &ws, &touches, c);
@@ -946,63 +993,6 @@ pub(crate) async fn take_over_uffd(
     let taken = uffd::take_over_with(qemu, features, Some(device.fd));
     vmm::libvirt::release_uffd_device(qmp, device).await;
     Ok(taken?)
-}
-
-/// The learning window of a restore that mapped no page before the guest
-/// touched it, once every saved page is in the page cache: a page mapped
-/// in QEMU's page tables is a page touched, so the window reads them from
-/// QEMU's pagemap ([`window::watch_mapped`]) and the guest's first touches
-/// go to the kernel alone. Guest RAM is unregistered first (which wakes
-/// any thread still waiting on a fault; the fault thread's answers to
-/// events it read are let through before anything else changes), then,
-/// where the kernel can (`wp_shmem`), registered for write protection
-/// without protecting anything: no fault reaches thaw, but the kernel no
-/// longer maps the cached pages around a touched one on a read fault
-/// (fault-around), which would make untouched pages look touched. Guest
-/// RAM is unregistered when it returns.
-async fn learning_window(
-    qemu: &crate::remote::process::QemuProcess,
-    uffd: &uffd::RemoteUffd,
-    ranges: &[(RamMapping, u64)],
-    engine: &Engine,
-    w: window::LearnWindow,
-    wp_shmem: bool,
-) -> Result<window::MappedTouches, RestoreError> {
-    engine.release();
-    for (m, _) in ranges {
-        uffd.unregister(m.start, m.len)?;
-    }
-    engine.wait_for_read_events();
-    let mut protected = Vec::new();
-    if wp_shmem {
-        for (m, _) in ranges {
-            match uffd.register(m.start, m.len, uffd::RegisterMode::WRITE_PROTECT) {
-                Ok(_) => protected.push(m),
-                Err(e) => {
-                    log::warn!("learning window: {e}: reads may map pages around a touched one");
-                    break;
-                }
-            }
-        }
-    } else {
-        log::warn!(
-            "the kernel lacks UFFD_FEATURE_WP_HUGETLBFS_SHMEM: the learning window may take \
-             pages mapped around a touched one for touched"
-        );
-    }
-    let found = match Pagemap::open(qemu.pid()) {
-        Ok(mut pagemap) => {
-            window::watch_mapped(&mut pagemap, ranges, engine, w, Instant::now()).await
-        }
-        Err(e) => {
-            log::warn!("no learning window: QEMU's pagemap: {e}");
-            window::MappedTouches::default()
-        }
-    };
-    for m in protected {
-        uffd.unregister(m.start, m.len)?;
-    }
-    Ok(found)
 }
 
 /// Feeds the verified device state to QEMU through a pipe and waits until

@@ -568,7 +568,40 @@ impl RemoteUffd {
         let need = MISSING_IOCTLS.union(IoctlFlags::from_bits_retain(
             1 << userfaultfd_sys::_UFFDIO_CONTINUE,
         ));
-        let have = self.register(start, len, RegisterMode::MISSING | RegisterMode::MINOR)?;
+        self.register_needing(
+            start,
+            len,
+            RegisterMode::MISSING | RegisterMode::MINOR,
+            need,
+        )
+    }
+
+    /// Registers `start..start+len` for missing faults and for write
+    /// protection (shared memory with `UFFD_FEATURE_WP_HUGETLBFS_SHMEM`)
+    /// without protecting anything: holes fault as missing; a page in the
+    /// page cache is mapped by the kernel on first touch without a fault
+    /// to thaw, and only that page (a range registered for write
+    /// protection gets no fault-around), so the pages mapped in the
+    /// owner's page tables are the pages it touched.
+    pub fn register_missing_wp(&self, start: HostAddr, len: u64) -> Result<(), UffdError> {
+        self.register_needing(
+            start,
+            len,
+            RegisterMode::MISSING | RegisterMode::WRITE_PROTECT,
+            MISSING_IOCTLS,
+        )
+    }
+
+    /// Registers in `mode` and checks that the range offers `need`
+    /// (unregistering it again if not).
+    fn register_needing(
+        &self,
+        start: HostAddr,
+        len: u64,
+        mode: RegisterMode,
+        need: IoctlFlags,
+    ) -> Result<(), UffdError> {
+        let have = self.register(start, len, mode)?;
         if !have.contains(need) {
             if let Err(e) = self.unregister(start, len) {
                 log::warn!("{e}");
