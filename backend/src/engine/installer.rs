@@ -29,12 +29,16 @@
 //!
 //! While a restore learns, the pages no thread waits on (a fault's
 //! neighbours, the fill) go into the RAM files' page cache instead of
-//! being mapped, so that the guest's first touch of each is a minor fault
-//! thaw sees. A page-cache write is not refused by the kernel the way a
-//! second `UFFDIO_COPY` is: every install then holds the lock of its
-//! 16-page stripe from its residency check to marking the page resident,
-//! so a page is written at most once and never after the guest could map
-//! it (only thaw's answers map a page, and only resident ones).
+//! being mapped, so that the guest's first touch of each is still seen
+//! (the kernel maps the page and thaw reads QEMU's page tables,
+//! [`super::scanner`]; or, on older kernels, a minor fault thaw answers).
+//! A page-cache write is not refused by the kernel the way a second
+//! `UFFDIO_COPY` is: every install then holds the lock of its 16-page
+//! stripe from its residency check to marking the page resident, so a
+//! page is written at most once. A page enters the page cache only
+//! through thaw (a hole faults as missing), and the guest can map it only
+//! once it is there, whole (the kernel holds the page locked while a
+//! write fills it): so no page is written after the guest could map it.
 
 use std::os::unix::fs::FileExt;
 use std::sync::atomic::Ordering;
