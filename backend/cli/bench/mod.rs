@@ -651,16 +651,17 @@ pub async fn run(opts: &BenchOptions) -> Result<BenchReport, BenchError> {
                     }
                 }
             };
-            let until =
-                Duration::from_secs_f64(r.complete_ms.max(r.running_ms) / 1000.0) + opts.settle;
+            // Resident and, for a learning restore, past its window: the
+            // guest's steady state is measured after both.
+            let settled_ms = r.complete_ms.max(r.running_ms) + r.learn_window_ms.unwrap_or(0.0);
+            let until = Duration::from_secs_f64(settled_ms / 1000.0) + opts.settle;
             let left = until.saturating_sub(t0.elapsed());
             tokio::time::sleep(left).await;
             // An application's passes take a while: watch until enough of
             // them ran on resident RAM to know its steady rate.
             if let Observer::App(client) = &observer {
-                let complete = r.complete_ms.max(r.running_ms);
                 let by = Instant::now() + APP_STEADY_TIMEOUT;
-                while client.passes_from(complete) < STEADY_PASSES && Instant::now() < by {
+                while client.passes_from(settled_ms) < STEADY_PASSES && Instant::now() < by {
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
             }

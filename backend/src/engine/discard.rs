@@ -159,7 +159,7 @@ impl Engine {
 
     /// Waits until the fault thread has handled every batch of events it
     /// has read so far (or the engine is stopping).
-    pub(crate) fn wait_for_read_events(&self) {
+    fn wait_for_read_events(&self) {
         let read = self.batches_read.load(Ordering::Acquire);
         while self.batches_handled.load(Ordering::Acquire) < read
             && !self.stop.load(Ordering::Acquire)

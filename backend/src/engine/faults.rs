@@ -123,10 +123,14 @@ impl Engine {
 
     /// Marks `page` touched (not a page the guest discarded) and counts
     /// it; true if it is its first touch. The caller keeps the order:
-    /// the fault thread in its log, a learning window read from QEMU's
-    /// pagemap ([`crate::observe::window::watch_mapped`]) in its own.
+    /// the fault thread in its log, the page-table scanner
+    /// ([`super::scanner`]) in its own.
     pub(crate) fn note_touch(&self, page: PageIndex) -> bool {
-        if self.pages.discarded.test(page) || !self.pages.touched.set(page) {
+        // Most pages a scanner sees are touched already: test first.
+        if self.pages.touched.test(page)
+            || self.pages.discarded.test(page)
+            || !self.pages.touched.set(page)
+        {
             return false;
         }
         self.counters.touched_pages.fetch_add(1, Ordering::Release);

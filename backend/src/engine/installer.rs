@@ -224,7 +224,7 @@ impl Engine {
 
     /// Writes saved data for `first..` into the RAM file's page cache
     /// instead of mapping it, so that the guest's first touch of each page
-    /// is still reported (a minor fault). Pages resident already are
+    /// is still seen (QEMU's page tables, or a minor fault). Pages resident already are
     /// skipped. Only while the guest is paused, or with stripe locks (the
     /// engine built [`Engine::with_cached_installs`]): a page-cache write
     /// is not refused for a page that is there the way `UFFDIO_COPY` is.

@@ -1,7 +1,8 @@
 //! The working-set prefetch: the image's working set, read in one
 //! sequential pass and installed before the guest runs, either mapped
 //! (`UFFDIO_COPY`) or written into the RAM files' page cache so that the
-//! guest's first touch of each page is still seen (a minor fault).
+//! guest's first touch of each page is still seen (in QEMU's page tables,
+//! or as a minor fault).
 
 use std::sync::atomic::Ordering;
 
@@ -14,7 +15,7 @@ impl Engine {
     /// Installs the working set in `ws`, in its order, before the guest
     /// runs. With `observe`, the pages go into the RAM files' page cache and
     /// nothing is mapped into QEMU, so the guest's first touch of each is
-    /// still reported (skipped faults, learning); without, they are mapped
+    /// still seen (skipped faults, learning); without, they are mapped
     /// and cost the guest nothing more. Only while the guest is paused.
     /// Returns the pages it installed.
     pub(crate) fn prefetch(&self, ws: &WsFile, observe: bool) -> Result<u64, EngineError> {

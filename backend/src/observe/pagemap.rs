@@ -212,9 +212,13 @@ mod tests {
         // allocator may be mapped already, so release it first.
         let base = (region.as_mut_ptr() as usize).next_multiple_of(crate::mem::PAGE_BYTES);
         // SAFETY: `base..base+len` lies inside `region`, which we own and
-        // do not read before writing; MADV_DONTNEED on private anonymous
-        // memory only drops its pages (they read as zeros again).
-        let rc = unsafe { libc::madvise(base as *mut libc::c_void, len, libc::MADV_DONTNEED) };
+        // do not read before writing; MADV_NOHUGEPAGE keeps a touch to its
+        // own 4 KiB page, MADV_DONTNEED on private anonymous memory only
+        // drops its pages (they read as zeros again).
+        let rc = unsafe {
+            libc::madvise(base as *mut libc::c_void, len, libc::MADV_NOHUGEPAGE);
+            libc::madvise(base as *mut libc::c_void, len, libc::MADV_DONTNEED)
+        };
         assert_eq!(rc, 0, "madvise");
         for p in [3usize, 4, 40] {
             // SAFETY: in bounds of `region` (see above).

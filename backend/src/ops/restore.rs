@@ -9,10 +9,11 @@
 //! - `eager`: install every page, then `cont`.
 //!
 //! After `ws` and `lazy` restores thaw learns: it records the guest's first
-//! touches in order (faults during the restore, minor faults on prefetched
-//! pages and, once all RAM is resident, during a short tracking window in
-//! which QEMU's page-table entries for guest RAM are zapped), and refines
-//! the image's `learned` working set with them. Returns when RAM is resident
+//! touches (faults, and the pages the kernel mapped on first touch, read
+//! from QEMU's page tables, [`crate::engine::scanner`]; minor faults on
+//! kernels without the means) during the restore and, once all RAM is
+//! resident, during a short window until they stop, and refines the
+//! image's `learned` working set with them. Returns when RAM is resident
 //! and the window closed, leaving a normal thaw VM running.
 
 use std::fs::File;
@@ -212,12 +213,18 @@ pub struct RestoreStats {
     pub fill_mib_per_s: f64,
     /// Tracking window after completion (0 when not learning).
     pub learn_window_ms: f64,
-    /// Faults thaw served during that window (0 when the window read
-    /// QEMU's page tables instead, see `window_pages`).
+    /// Faults thaw served during that window (where the restore reads
+    /// QEMU's page tables, only first touches of zero or discarded pages).
     pub window_faults: u64,
     /// Pages the guest touched first during that window.
     #[serde(default)]
     pub window_pages: u64,
+    /// Reads of QEMU's page tables that found first touches, and the time
+    /// they took in all (0 where the restore does not read them).
+    #[serde(default)]
+    pub page_table_reads: u64,
+    #[serde(default)]
+    pub page_table_read_ms: f64,
     /// Distinct pages the guest touched while thaw recorded.
     pub touched_pages: u64,
     /// Size of the image's learned working set after this restore (0: not updated).
@@ -297,6 +304,13 @@ impl std::fmt::Display for RestoreStats {
                 "  learned working set: {} pages (window {:.0} ms: {} first touches, {} faults through thaw)",
                 self.learned_pages, self.learn_window_ms, self.window_pages, self.window_faults
             )?;
+            if self.page_table_reads > 0 {
+                writeln!(
+                    f,
+                    "  first touches read from QEMU's page tables: {} reads, {:.1} ms in all",
+                    self.page_table_reads, self.page_table_read_ms
+                )?;
+            }
         }
         write!(
             f,
@@ -430,7 +444,13 @@ impl TouchWatch {
         }
         let features = uffd::kernel_features().unwrap_or(0);
         let watching = opts.learn.is_some() || opts.observe;
-        if watching && features & uffd::FEATURE_WP_HUGETLBFS_SHMEM != 0 && Pagemap::scan_supported()
+        // Only a learning restore puts every page no fault waits on into
+        // the page cache (so that only touched pages are ever mapped). A
+        // huge shmem page would be mapped whole on one touch.
+        if opts.learn.is_some()
+            && features & uffd::FEATURE_WP_HUGETLBFS_SHMEM != 0
+            && Pagemap::scan_supported()
+            && !shmem_huge_pages()
         {
             return TouchWatch::PageTables;
         }
@@ -451,6 +471,19 @@ impl TouchWatch {
     }
 }
 
+/// Whether the kernel may back shared memory with huge pages
+/// (`/sys/kernel/mm/transparent_hugepage/shmem_enabled` other than `never`
+/// or `deny`; unreadable: no THP, so no).
+fn shmem_huge_pages() -> bool {
+    std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/shmem_enabled")
+        .ok()
+        .and_then(|s| {
+            let chosen = s.split_whitespace().find(|w| w.starts_with('['))?;
+            Some(!matches!(chosen, "[never]" | "[deny]"))
+        })
+        .unwrap_or(false)
+}
+
 /// What the phases of one restore measured.
 struct Phases {
     device_state_ms: f64,
@@ -463,8 +496,10 @@ struct Phases {
     window_ms: f64,
     window_faults: u64,
     /// First touches read from QEMU's page tables (the fault thread's log
-    /// has the others).
+    /// has the others), in how many reads, taking how long.
     scanned_touches: Vec<PageIndex>,
+    page_table_reads: u64,
+    page_table_read_ms: f64,
     /// First touches in the window, either way.
     window_pages: u64,
     /// Prefetched pages untouched when all RAM was resident.
@@ -623,6 +658,7 @@ async fn run(
         let mut window_ms = 0.0;
         let mut window_faults = 0;
         let mut scanned_touches = Vec::new();
+        let (mut page_table_reads, mut page_table_read_ms) = (0, 0.0);
         let mut window_pages = 0;
         let complete_ms;
         let unused;
@@ -659,7 +695,10 @@ async fn run(
                     engine.counters.touched_pages.load(Ordering::Acquire) - touched_before;
             }
             if let Some(scanner) = scanner.take() {
-                scanned_touches = scanner.finish()?.touches;
+                let scanned = scanner.finish()?;
+                scanned_touches = scanned.touches;
+                page_table_reads = scanned.scans;
+                page_table_read_ms = ms(scanned.scan_time);
             }
             unregister(&uffd, &ram, &engine)?;
             // All of RAM is in: nothing is left to recover.
@@ -675,6 +714,8 @@ async fn run(
             window_ms,
             window_faults,
             scanned_touches,
+            page_table_reads,
+            page_table_read_ms,
             window_pages,
             unused,
         })
@@ -744,6 +785,8 @@ async fn run(
         learn_window_ms: phases.window_ms,
         window_faults: phases.window_faults,
         window_pages: phases.window_pages,
+        page_table_reads: phases.page_table_reads,
+        page_table_read_ms: phases.page_table_read_ms,
         touched_pages: c.touched_pages.load(Ordering::Relaxed),
         learned_pages,
         discarded_pages: engine.discarded_pages(),
