@@ -1,6 +1,7 @@
 //! Measures this machine's physical limits for lazy restore (`thaw limits`):
 //! the raw cross-process userfaultfd fault round trip, `UFFDIO_COPY`
-//! throughput by batch size, and cold sequential read bandwidth from disk.
+//! throughput by batch size, cold sequential read bandwidth from disk and the
+//! latency of one cold 4 KiB page read.
 //!
 //! The userfaultfd tests run against a child process ([`child_main`], reached
 //! through [`ChildCommand`]) that maps a `MAP_SHARED` memfd, exactly as QEMU
@@ -61,6 +62,8 @@ pub const DEFAULT_COPY_BATCHES: [u64; 6] =
     [4 << 10, 16 << 10, 64 << 10, 256 << 10, 1 << 20, 4 << 20];
 /// Bytes per `pread` in the read test (the restore filler's request size).
 pub const READ_REQUEST_BYTES: u64 = 4 << 20;
+/// Cold single-page reads timed by the read test.
+const PAGE_READS: u64 = 256;
 /// How long the child may take to start and map its memory.
 const CHILD_START_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long the child may take to exit after `exit`.
@@ -282,6 +285,12 @@ pub struct SeqRead {
     /// `POSIX_FADV_DONTNEED` worked; 100 on tmpfs).
     pub cached_before_cold_read_pct: f64,
     pub cold_mib_per_s: f64,
+    /// One 4 KiB buffered `pread` of a page not in the page cache, at
+    /// spread-out offsets (what a fault's own page costs to read), µs.
+    #[serde(default)]
+    pub cold_page_read_p50_us: f64,
+    #[serde(default)]
+    pub cold_page_read_p99_us: f64,
     /// Re-read from the page cache, when asked for.
     pub warm_mib_per_s: Option<f64>,
 }
@@ -1276,6 +1285,16 @@ fn measure_seq_read(dir: &Path, bytes: u64, warm: bool) -> Result<SeqRead, Limit
         );
     }
 
+    let (page_p50, page_p99) =
+        cold_page_reads(&file, bytes).map_err(io_err(format!("reading pages of {name}")))?;
+    // The page reads brought some of the file back: evict it again.
+    nix::fcntl::posix_fadvise(
+        &file,
+        0,
+        0,
+        nix::fcntl::PosixFadviseAdvice::POSIX_FADV_DONTNEED,
+    )
+    .map_err(sys_err(format!("evicting {name} from the page cache")))?;
     let mut buf = vec![0u8; request];
     let cold = read_all(&file, bytes, &mut buf).map_err(io_err(format!("reading {name}")))?;
     let warm = if warm {
@@ -1292,12 +1311,52 @@ fn measure_seq_read(dir: &Path, bytes: u64, warm: bool) -> Result<SeqRead, Limit
         write_fsync_mib_per_s,
         cached_before_cold_read_pct: cached * 100.0,
         cold_mib_per_s: mib_per_s(bytes, cold),
+        cold_page_read_p50_us: page_p50,
+        cold_page_read_p99_us: page_p99,
         warm_mib_per_s: warm.map(|d| mib_per_s(bytes, d)),
     })
 }
 
 fn mib_per_s(bytes: u64, d: Duration) -> f64 {
     bytes as f64 / (1u64 << 20) as f64 / d.as_secs_f64().max(1e-9)
+}
+
+/// Single pages read from the (evicted) file: up to [`PAGE_READS`] 4 KiB
+/// `pread`s at offsets 64 KiB apart or more, visited in a scrambled order
+/// so that no read finds its page brought in by the one before; their
+/// p50 and p99 in µs.
+fn cold_page_reads(file: &File, bytes: u64) -> std::io::Result<(f64, f64)> {
+    const STRIDE: u64 = 64 << 10;
+    let slots = (bytes / STRIDE).max(1);
+    let n = PAGE_READS.min(slots);
+    let mut page = vec![0u8; usize_from(PAGE_SIZE)];
+    let mut took = Vec::with_capacity(usize_from(n));
+    for i in 0..n {
+        // A multiplier coprime with `slots` visits each slot once.
+        let mut step = 7919 % slots;
+        while step == 0 || gcd(step, slots) != 1 {
+            step += 1;
+        }
+        let slot = (i * step) % slots;
+        let began = Instant::now();
+        file.read_exact_at(&mut page, slot * STRIDE)?;
+        took.push(began.elapsed().as_secs_f64() * 1e6);
+    }
+    std::hint::black_box(&page);
+    took.sort_by(f64::total_cmp);
+    let at = |q: f64| {
+        let i = ((took.len().saturating_sub(1)) as f64 * q).round() as usize;
+        took.get(i).copied().unwrap_or(0.0)
+    };
+    Ok((at(0.5), at(0.99)))
+}
+
+fn gcd(a: u64, b: u64) -> u64 {
+    if b == 0 {
+        a
+    } else {
+        gcd(b, a % b)
+    }
 }
 
 /// Reads the whole file sequentially with `buf.len()`-byte `pread`s.
@@ -1437,6 +1496,11 @@ impl fmt::Display for LimitsReport {
             "  {:<22} {:>10.0} MiB/s   ({:.1}% cached before)",
             "cold", s.cold_mib_per_s, s.cached_before_cold_read_pct
         )?;
+        writeln!(
+            f,
+            "  {:<22} {:>10.1} µs p50, {:.1} µs p99 (one cold 4 KiB pread)",
+            "page read", s.cold_page_read_p50_us, s.cold_page_read_p99_us
+        )?;
         if let Some(w) = s.warm_mib_per_s {
             writeln!(f, "  {:<22} {:>10.0} MiB/s", "warm (page cache)", w)?;
         }
@@ -1539,6 +1603,9 @@ mod tests {
         let s = &r.seq_read;
         assert_eq!((s.file_bytes, s.request_bytes), (16 << 20, 4 << 20));
         assert!(s.cold_mib_per_s > 0.0 && s.write_fsync_mib_per_s > 0.0);
+        assert!(
+            s.cold_page_read_p50_us > 0.0 && s.cold_page_read_p99_us >= s.cold_page_read_p50_us
+        );
         assert!(s.warm_mib_per_s.is_some_and(|w| w > 0.0));
         assert!((0.0..=100.0).contains(&s.cached_before_cold_read_pct));
         // The scratch file is gone; the directory was created 0700.

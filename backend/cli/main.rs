@@ -350,7 +350,7 @@ enum Command {
     },
     /// Measure this machine's physical limits for lazy restore: the
     /// cross-process userfaultfd fault round trip, UFFDIO_COPY throughput by
-    /// batch size, and cold sequential read bandwidth. Needs root (ptrace
+    /// batch size, cold sequential read bandwidth and one cold page read. Needs root (ptrace
     /// and userfaultfd over a child process).
     Limits {
         /// Pages a child process touches in the fault test (one fault each).

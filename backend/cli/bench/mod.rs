@@ -31,6 +31,7 @@ use app::{App, AppKind, AppReport, Client};
 use console::ConsoleTail;
 use probe::{ProbeSample, Prober};
 use thaw::config::VmConfig;
+use thaw::mem::PAGE_SIZE;
 use thaw::ops::restore::{self, EstimatorChoice, LearnWindow, Mode, RestoreOptions};
 use thaw::ops::track::{self, TrackOptions};
 use thaw::vmm::{self, Qmp, VmState};
@@ -342,6 +343,11 @@ pub struct MethodSummary {
     pub fill_vs_limit: Option<f64>,
     #[serde(default)]
     pub fault_p50_vs_round_trip: Option<f64>,
+    /// Fault p50 / (one cold page read + that page's time at the read
+    /// limit + the fault round trip): the floor of a fault that reads
+    /// its own page.
+    #[serde(default)]
+    pub fault_p50_vs_page_floor: Option<f64>,
     /// First answer (ms from the restore's start) of the application's
     /// client or the interactive probe, and the probe's p50 / max latency
     /// of the requests sent once the guest ran.
@@ -371,6 +377,9 @@ pub struct MachineLimits {
     pub copy_4m_mib_per_s: f64,
     pub fault_round_trip_p50_us: f64,
     pub fault_round_trip_p99_us: f64,
+    /// One cold 4 KiB read from the image's storage, p50 (µs).
+    #[serde(default)]
+    pub page_read_p50_us: f64,
 }
 
 /// The whole result.
@@ -698,7 +707,7 @@ pub async fn run(opts: &BenchOptions) -> Result<BenchReport, BenchError> {
     } else {
         None
     };
-    let summary = summarize(&methods, &runs, limits.as_ref());
+    let summary = summarize(&methods, &runs, limits.as_ref(), opts.read_limit);
     let meta = thaw::image::Image::open(&image).map_err(restore::RestoreError::from)?;
     Ok(BenchReport {
         vm: name,
@@ -961,7 +970,15 @@ async fn measure_limits(dir: &Path) -> Result<MachineLimits, BenchError> {
         copy_4m_mib_per_s: copy_4m,
         fault_round_trip_p50_us: report.fault_round_trip.child_p50_us,
         fault_round_trip_p99_us: report.fault_round_trip.child_p99_us,
+        page_read_p50_us: report.seq_read.cold_page_read_p50_us,
     })
+}
+
+/// The least a fault that reads its own page can take (µs): one cold page
+/// read, the page's time at `read_limit` (bytes/s) and the fault round trip.
+fn page_fault_floor_us(l: &MachineLimits, read_limit: Option<u64>) -> f64 {
+    let limited = read_limit.map_or(0.0, |r| PAGE_SIZE as f64 * 1e6 / r.max(1) as f64);
+    l.page_read_p50_us + limited + l.fault_round_trip_p50_us
 }
 
 /// Medians per method, in `methods` order, with ratios to `limits`.
@@ -969,6 +986,7 @@ fn summarize(
     methods: &[String],
     runs: &[MethodRun],
     limits: Option<&MachineLimits>,
+    read_limit: Option<u64>,
 ) -> Vec<MethodSummary> {
     methods
         .iter()
@@ -988,6 +1006,9 @@ fn summarize(
                 fault_p50_vs_round_trip: fault
                     .zip(limits)
                     .map(|(f, l)| f / l.fault_round_trip_p50_us),
+                fault_p50_vs_page_floor: fault
+                    .zip(limits.filter(|l| l.page_read_p50_us > 0.0))
+                    .map(|(f, l)| f / page_fault_floor_us(l, read_limit)),
                 method: m.clone(),
                 runs: mine.len(),
                 running_ms: median(mine.iter().map(|r| r.running_ms)),
@@ -1021,7 +1042,7 @@ impl BenchReport {
             r.settle_ttr(self.warm_rate);
         }
         let methods: Vec<String> = self.summary.iter().map(|s| s.method.clone()).collect();
-        self.summary = summarize(&methods, &self.runs, self.limits.as_ref());
+        self.summary = summarize(&methods, &self.runs, self.limits.as_ref(), self.read_limit);
         self.ttr_definition = ttr_definition();
     }
 }
@@ -1296,24 +1317,29 @@ impl BenchReport {
         }
         if let Some(l) = &self.limits {
             out.push_str(&format!(
-                "\nThis machine, same run: cold sequential read {:.0} MiB/s, UFFDIO_COPY (4 MiB calls) \
-                 {:.0} MiB/s, cross-process fault round trip p50 {:.1} us (p99 {:.1} us).\n\n\
-                 | method | fill MiB/s | fill / min(read, copy) | fault p50 us | fault p50 / round trip |\n\
-                 |---|---:|---:|---:|---:|\n",
+                "\nThis machine, same run: cold sequential read {:.0} MiB/s, one cold 4 KiB page read \
+                 p50 {:.1} us, UFFDIO_COPY (4 MiB calls) {:.0} MiB/s, cross-process fault round trip \
+                 p50 {:.1} us (p99 {:.1} us). Page floor: page read + its time at the read limit + \
+                 round trip = {:.1} us.\n\n\
+                 | method | fill MiB/s | fill / min(read, copy) | fault p50 us | fault p50 / round trip | fault p50 / page floor |\n\
+                 |---|---:|---:|---:|---:|---:|\n",
                 l.seq_read_mib_per_s,
+                l.page_read_p50_us,
                 l.copy_4m_mib_per_s,
                 l.fault_round_trip_p50_us,
-                l.fault_round_trip_p99_us
+                l.fault_round_trip_p99_us,
+                page_fault_floor_us(l, self.read_limit)
             ));
             let f = |v: Option<f64>, d: usize| v.map_or("—".to_string(), |v| format!("{v:.d$}"));
             for s in self.summary.iter().filter(|s| s.fault_p50_us.is_some()) {
                 out.push_str(&format!(
-                    "| {} | {} | {} | {} | {} |\n",
+                    "| {} | {} | {} | {} | {} | {} |\n",
                     s.method,
                     f(s.fill_mib_per_s, 0),
                     f(s.fill_vs_limit, 2),
                     f(s.fault_p50_us, 1),
-                    f(s.fault_p50_vs_round_trip, 1)
+                    f(s.fault_p50_vs_round_trip, 1),
+                    f(s.fault_p50_vs_page_floor, 1)
                 ));
             }
         }

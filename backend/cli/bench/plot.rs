@@ -146,6 +146,7 @@ mod tests {
             fault_p50_us: None,
             fill_vs_limit: None,
             fault_p50_vs_round_trip: None,
+            fault_p50_vs_page_floor: None,
             first_answer_ms: None,
             probe_p50_ms: None,
             probe_max_ms: None,
