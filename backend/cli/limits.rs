@@ -1344,11 +1344,12 @@ fn cold_page_reads(file: &File, bytes: u64) -> std::io::Result<(f64, f64)> {
     }
     std::hint::black_box(&page);
     took.sort_by(f64::total_cmp);
-    let at = |q: f64| {
-        let i = ((took.len().saturating_sub(1)) as f64 * q).round() as usize;
+    // The sample at `pct` percent (nearest rank).
+    let at = |pct: usize| {
+        let i = (took.len().saturating_sub(1) * pct + 50) / 100;
         took.get(i).copied().unwrap_or(0.0)
     };
-    Ok((at(0.5), at(0.99)))
+    Ok((at(50), at(99)))
 }
 
 fn gcd(a: u64, b: u64) -> u64 {
