@@ -12,7 +12,13 @@
 //! install of saved data could land in that hole in between; after
 //! marking the range (with every installer held off by the discard lock)
 //! thaw therefore punches it once more, so a stale saved copy never
-//! survives a discard.
+//! survives a discard. (One narrow race remains where a page in the page
+//! cache is mapped without thaw — a restore that maps only, or a learning
+//! restore reading QEMU's page tables: if such a stale copy is there and
+//! the guest reuses the page and writes it in the microseconds between
+//! thaw reading the event and this punch, the write is lost. A guest
+//! reuses a ballooned or reported page only after QEMU has answered the
+//! request, which this handling normally precedes.)
 //!
 //! thaw's own zaps (an injected `MADV_DONTNEED` over guest RAM, so that
 //! the next touch of every page is seen again) raise the same event but
