@@ -175,9 +175,10 @@ fn learned_working_set_is_recorded_and_refined() {
         ws.assert_fields();
         assert_eq!(ws.json["estimator"], "learned", "auto picks learned");
         lazy_faults.push(ws.u64("lazy_faults"));
-        // The window after the fill read QEMU's page tables: the guest's
-        // first touches in it went to the kernel alone, none through thaw.
-        assert_eq!(ws.u64("window_faults"), 0, "{}", ws.json);
+        // The restore learned from QEMU's page tables (this kernel has
+        // PAGEMAP_SCAN and write protection of shared memory): first
+        // touches of cached pages went to the kernel alone.
+        assert!(ws.u64("page_table_reads") > 0, "{}", ws.json);
         vm.assert_keeps_ticking(&nonce, 3);
         let cov = coverage(&image, "learned", &hot);
         assert!(
