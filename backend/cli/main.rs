@@ -250,7 +250,9 @@ enum Command {
         /// Comma-separated: stock, mapped-ram, eager, lazy, ws:learned,
         /// ws:trace, ws:abit, ws:dirty (default: all); also lazy:learn (a
         /// learning lazy restore) and ws:auto (the set the image's evidence
-        /// favours).
+        /// favours). eager, lazy and ws:* with `@hot` (e.g. ws:learned@hot)
+        /// restore from a hot page cache in the same run: the floor of a
+        /// local-disk restore.
         #[arg(long, value_delimiter = ',')]
         methods: Vec<String>,
         /// Restores per method; medians are reported.

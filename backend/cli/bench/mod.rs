@@ -67,9 +67,11 @@ pub enum BenchError {
     #[error(transparent)]
     Track(#[from] track::TrackError),
     #[error(
-        "unknown method {0:?}: use stock, mapped-ram, eager, lazy, lazy:learn or ws:<auto|learned|trace|abit|dirty> (with --libvirt: virsh, virsh-sparse instead of stock, mapped-ram)"
+        "unknown method {0:?}: use stock, mapped-ram, eager, lazy, lazy:learn or ws:<auto|learned|trace|abit|dirty>, each of eager, lazy and ws:* also as <method>@hot (with --libvirt: virsh, virsh-sparse instead of stock, mapped-ram)"
     )]
     Method(String),
+    #[error("{0}")]
+    Options(String),
     #[error("{0}")]
     Libvirt(String),
     #[error("{0}")]
@@ -114,10 +116,45 @@ pub enum Method {
     /// `ws` with `--estimator auto`: the working set the image's evidence
     /// favours.
     WsAuto,
+    /// A thaw method restored from a hot page cache (`eager@hot`,
+    /// `ws:learned@hot`, ...): the image's files are read into the cache
+    /// just before, with no `drop_caches`, so the restore reads from
+    /// memory. The floor of a local-disk restore, side by side with it.
+    Hot(HotBase),
+}
+
+/// The thaw methods that have a hot-cache variant ([`Method::Hot`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HotBase {
+    Eager,
+    Lazy,
+    Ws(Estimator),
+    WsAuto,
+}
+
+impl HotBase {
+    /// The cold method this one restores like.
+    pub fn method(self) -> Method {
+        match self {
+            HotBase::Eager => Method::Eager,
+            HotBase::Lazy => Method::Lazy,
+            HotBase::Ws(e) => Method::Ws(e),
+            HotBase::WsAuto => Method::WsAuto,
+        }
+    }
 }
 
 impl Method {
     pub fn parse(text: &str) -> Result<Method, BenchError> {
+        if let Some(base) = text.strip_suffix("@hot") {
+            return Ok(Method::Hot(match Method::parse(base)? {
+                Method::Eager => HotBase::Eager,
+                Method::Lazy => HotBase::Lazy,
+                Method::Ws(e) => HotBase::Ws(e),
+                Method::WsAuto => HotBase::WsAuto,
+                _ => return Err(BenchError::Method(text.to_string())),
+            }));
+        }
         Ok(match text {
             "stock" => Method::Stock,
             "mapped-ram" => Method::MappedRam,
@@ -146,7 +183,13 @@ impl Method {
             Method::LazyLearn => "lazy:learn".into(),
             Method::WsAuto => "ws:auto".into(),
             Method::Ws(e) => format!("ws:{}", e.name()),
+            Method::Hot(base) => format!("{}@hot", base.method().name()),
         }
+    }
+
+    /// Restored from a hot page cache (no `drop_caches` before it).
+    fn hot_cache(self, opts: &BenchOptions) -> bool {
+        opts.hot_cache || matches!(self, Method::Hot(_))
     }
 
     /// Every method, in the order they are reported.
@@ -606,8 +649,11 @@ pub async fn run(opts: &BenchOptions) -> Result<BenchReport, BenchError> {
     // of a shared host hits every method alike, not all runs of one.
     for run in 1..=opts.runs {
         for &method in &opts.methods {
-            if !opts.hot_cache {
+            if !method.hot_cache(opts) {
                 drop_caches();
+            }
+            if let Method::Hot(_) = method {
+                warm_page_cache(&image)?;
             }
             let t0 = Instant::now();
             let observer = Observer::start(app.as_ref(), &serial, opts, console.as_deref(), t0)?;
@@ -629,7 +675,11 @@ pub async fn run(opts: &BenchOptions) -> Result<BenchReport, BenchError> {
                         .map_err(|e| BenchError::Libvirt(e.to_string()))??
                 }
                 _ => {
-                    let (mode, estimator) = match method {
+                    let cold = match method {
+                        Method::Hot(base) => base.method(),
+                        m => m,
+                    };
+                    let (mode, estimator) = match cold {
                         Method::Eager => (Mode::Eager, EstimatorChoice::None),
                         Method::Lazy | Method::LazyLearn => (Mode::Lazy, EstimatorChoice::None),
                         Method::Ws(Estimator::Learned) => (Mode::Ws, EstimatorChoice::Learned),
@@ -1088,10 +1138,30 @@ fn check_methods(opts: &BenchOptions) -> Result<(), BenchError> {
                 if opts.libvirt.is_some() { "thaw's own" } else { "libvirt" }
             )));
         }
+        if opts.read_limit.is_some() && matches!(m, Method::Hot(_)) {
+            return Err(BenchError::Options(format!(
+                "{}: a hot-cache restore is the floor of a local-disk one; leave out --read-limit",
+                m.name()
+            )));
+        }
         if opts.read_limit.is_some() && matches!(m, Method::Virsh | Method::VirshSparse) {
             return Err(BenchError::Libvirt(
                 "--read-limit cannot pace virsh restore (libvirt reads the file itself): leave out virsh and virsh-sparse, or the limit".into(),
             ));
+        }
+    }
+    Ok(())
+}
+
+/// Reads every file of the image into the page cache, so that the next
+/// restore reads from memory ([`Method::Hot`]).
+fn warm_page_cache(image: &Path) -> Result<(), BenchError> {
+    let context = || format!("reading {} into the page cache", image.display());
+    for entry in std::fs::read_dir(image).map_err(io(context()))? {
+        let path = entry.map_err(io(context()))?.path();
+        if path.is_file() {
+            let mut file = std::fs::File::open(&path).map_err(io(context()))?;
+            std::io::copy(&mut file, &mut std::io::sink()).map_err(io(context()))?;
         }
     }
     Ok(())
@@ -1307,6 +1377,28 @@ impl BenchReport {
                     .map_or("— (no work wholly inside it)".to_string(), |r| format!("{:.0}%", r * 100.0))
             ));
         }
+        for hot in self.summary.iter() {
+            let Some(cold_name) = hot.method.strip_suffix("@hot") else {
+                continue;
+            };
+            let Some(cold) = self.summary.iter().find(|s| s.method == cold_name) else {
+                continue;
+            };
+            let ratio = |c: Option<f64>, h: Option<f64>| match (c, h) {
+                (Some(c), Some(h)) if h > 0.0 => format!("{:.2}×", c / h),
+                _ => "—".to_string(),
+            };
+            out.push_str(&format!(
+                "
+{cold_name} from a cold cache against a hot one (same image, same run): TTR {} vs {} ms = {}, first answer {} vs {} ms = {}.\n",
+                ms(cold.ttr_ms),
+                ms(hot.ttr_ms),
+                ratio(cold.ttr_ms, hot.ttr_ms),
+                ms(cold.first_answer_ms),
+                ms(hot.first_answer_ms),
+                ratio(cold.first_answer_ms, hot.first_answer_ms),
+            ));
+        }
         if let (Some(p), Some(period)) = (self.warm_probe_p50_ms, self.probe_period_ms) {
             out.push_str(&format!(
                 "\nInteractive probe: a `PROBE` request on the serial console every {period} ms \
@@ -1350,5 +1442,50 @@ impl BenchReport {
 impl std::fmt::Display for BenchReport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(&self.markdown())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hot_methods_parse_and_name_round_trip() {
+        for text in ["eager@hot", "lazy@hot", "ws:learned@hot", "ws:trace@hot", "ws:auto@hot"] {
+            let m = Method::parse(text).expect(text);
+            assert!(matches!(m, Method::Hot(_)), "{text}");
+            assert_eq!(m.name(), text);
+        }
+        assert_eq!(
+            Method::parse("ws:learned@hot").ok(),
+            Some(Method::Hot(HotBase::Ws(Estimator::Learned)))
+        );
+        for bad in ["stock@hot", "lazy:learn@hot", "virsh@hot", "eager@hot@hot", "@hot"] {
+            assert!(Method::parse(bad).is_err(), "{bad} parsed");
+        }
+    }
+
+    #[test]
+    fn hot_methods_refuse_a_read_limit() {
+        let mut opts = BenchOptions {
+            config: PathBuf::from("vm.yaml"),
+            methods: vec![Method::Eager, Method::Hot(HotBase::Eager)],
+            runs: 1,
+            read_limit: None,
+            fill_limit: None,
+            warmup: Duration::from_secs(1),
+            measure: Duration::from_secs(1),
+            settle: Duration::from_secs(1),
+            dir: PathBuf::from("/nonexistent"),
+            limits: false,
+            probe_period: None,
+            libvirt: None,
+            app: None,
+            hot_cache: false,
+        };
+        assert!(check_methods(&opts).is_ok());
+        opts.read_limit = Some(100 << 20);
+        let err = check_methods(&opts).expect_err("a hot method with a read limit");
+        assert!(err.to_string().contains("eager@hot"), "{err}");
     }
 }
