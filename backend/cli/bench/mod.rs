@@ -300,6 +300,17 @@ pub struct MethodRun {
     pub window_faults: Option<u64>,
     #[serde(default)]
     pub window_pages: Option<u64>,
+    /// thaw methods: faults answered with a zero page (the page was zero
+    /// in the image), and the working set prefetched (pages).
+    #[serde(default)]
+    pub zero_faults: Option<u64>,
+    #[serde(default)]
+    pub ws_pages: Option<u64>,
+    /// `ws` under a read limit: the floor of its time to be usable, QEMU's
+    /// start + the device state + the working set's data at the read
+    /// limit (ms).
+    #[serde(default)]
+    pub floor_ms: Option<f64>,
 }
 
 impl MethodRun {
@@ -328,6 +339,9 @@ impl MethodRun {
             learn_window_ms: None,
             window_faults: None,
             window_pages: None,
+            zero_faults: None,
+            ws_pages: None,
+            floor_ms: None,
         }
     }
 
@@ -410,6 +424,22 @@ pub struct MethodSummary {
     pub window_pages: Option<f64>,
     #[serde(default)]
     pub probe_max_ms: Option<f64>,
+    /// Faults on pages saved with data (not zero in the image), the
+    /// working set, and the share of the set those faults are.
+    #[serde(default)]
+    pub saved_page_faults: Option<f64>,
+    #[serde(default)]
+    pub ws_pages: Option<f64>,
+    #[serde(default)]
+    pub saved_faults_vs_ws: Option<f64>,
+    /// `ws` under a read limit: its floor (see [`MethodRun::floor_ms`]) and
+    /// TTR and first answer against it.
+    #[serde(default)]
+    pub floor_ms: Option<f64>,
+    #[serde(default)]
+    pub ttr_vs_floor: Option<f64>,
+    #[serde(default)]
+    pub first_answer_vs_floor: Option<f64>,
 }
 
 /// This machine's limits, measured in the same run (`thaw limits`).
@@ -694,6 +724,14 @@ pub async fn run(opts: &BenchOptions) -> Result<BenchReport, BenchError> {
                         learn_window_ms: learn.map(|_| s.learn_window_ms),
                         window_faults: learn.map(|_| s.window_faults),
                         window_pages: learn.map(|_| s.window_pages),
+                        zero_faults: Some(s.zero_page_faults),
+                        ws_pages: (mode == Mode::Ws).then_some(s.ws_pages),
+                        floor_ms: opts.read_limit.filter(|_| mode == Mode::Ws).map(|limit| {
+                            s.launch_ms
+                                + s.device_state_ms
+                                + (s.prefetched_pages * PAGE_SIZE) as f64 * 1000.0
+                                    / limit.max(1) as f64
+                        }),
                         method: String::new(),
                         run,
                         running_ms: s.resume_ms,
@@ -1079,6 +1117,21 @@ fn summarize(
                 ),
                 probe_p50_ms: median(mine.iter().filter_map(|r| r.probes_while_running().p50_ms)),
                 probe_max_ms: median(mine.iter().filter_map(|r| r.probes_while_running().max_ms)),
+                saved_page_faults: median(
+                    mine.iter()
+                        .filter_map(|r| r.zero_faults.map(|z| r.faults.saturating_sub(z) as f64)),
+                ),
+                ws_pages: median(mine.iter().filter_map(|r| r.ws_pages.map(|p| p as f64))),
+                saved_faults_vs_ws: median(mine.iter().filter_map(|r| {
+                    let saved = r.faults.saturating_sub(r.zero_faults?) as f64;
+                    r.ws_pages.filter(|&p| p > 0).map(|p| saved / p as f64)
+                })),
+                floor_ms: median(mine.iter().filter_map(|r| r.floor_ms)),
+                ttr_vs_floor: median(mine.iter().filter_map(|r| Some(r.ttr_ms? / r.floor_ms?))),
+                first_answer_vs_floor: median(
+                    mine.iter()
+                        .filter_map(|r| Some(r.first_answer()? / r.floor_ms?)),
+                ),
             }
         })
         .collect()
@@ -1377,6 +1430,21 @@ impl BenchReport {
                     .map_or("— (no work wholly inside it)".to_string(), |r| format!("{:.0}%", r * 100.0))
             ));
         }
+        for sm in self.summary.iter().filter(|s| s.ws_pages.is_some()) {
+            out.push_str(&format!(
+                "\n{}: working set {} pages; {} of its faults on pages saved with data ({}% of the set), the rest on pages zero in the image.{}\n",
+                sm.method,
+                ms(sm.ws_pages),
+                ms(sm.saved_page_faults),
+                sm.saved_faults_vs_ws
+                    .map_or("—".to_string(), |r| format!("{:.1}", r * 100.0)),
+                sm.floor_ms.map_or(String::new(), |f| format!(
+                    " Floor (QEMU start + device state + the set's data at the read limit) {f:.0} ms: TTR {}× it, first answer {}× it.",
+                    sm.ttr_vs_floor.map_or("—".to_string(), |r| format!("{r:.2}")),
+                    sm.first_answer_vs_floor.map_or("—".to_string(), |r| format!("{r:.2}")),
+                ))
+            ));
+        }
         for hot in self.summary.iter() {
             let Some(cold_name) = hot.method.strip_suffix("@hot") else {
                 continue;
@@ -1451,7 +1519,13 @@ mod tests {
 
     #[test]
     fn hot_methods_parse_and_name_round_trip() {
-        for text in ["eager@hot", "lazy@hot", "ws:learned@hot", "ws:trace@hot", "ws:auto@hot"] {
+        for text in [
+            "eager@hot",
+            "lazy@hot",
+            "ws:learned@hot",
+            "ws:trace@hot",
+            "ws:auto@hot",
+        ] {
             let m = Method::parse(text).expect(text);
             assert!(matches!(m, Method::Hot(_)), "{text}");
             assert_eq!(m.name(), text);
@@ -1460,9 +1534,47 @@ mod tests {
             Method::parse("ws:learned@hot").ok(),
             Some(Method::Hot(HotBase::Ws(Estimator::Learned)))
         );
-        for bad in ["stock@hot", "lazy:learn@hot", "virsh@hot", "eager@hot@hot", "@hot"] {
+        for bad in [
+            "stock@hot",
+            "lazy:learn@hot",
+            "virsh@hot",
+            "eager@hot@hot",
+            "@hot",
+        ] {
             assert!(Method::parse(bad).is_err(), "{bad} parsed");
         }
+    }
+
+    #[test]
+    fn summary_counts_faults_on_saved_pages_against_the_set_and_ttr_against_the_floor() {
+        let run = |faults, zero, ttr| MethodRun {
+            method: "ws:learned".into(),
+            run: 1,
+            running_ms: 900.0,
+            ttr_ms: Some(ttr),
+            complete_ms: 5000.0,
+            faults,
+            bytes_read: 0,
+            fill_mib_per_s: None,
+            fault_p50_us: None,
+            samples: Vec::new(),
+            steady_rate: None,
+            probes: Vec::new(),
+            first_answer_ms: Some(1000.0),
+            learn_window_ms: None,
+            window_faults: None,
+            window_pages: None,
+            zero_faults: Some(zero),
+            ws_pages: Some(10_000),
+            floor_ms: Some(800.0),
+        };
+        let runs = [run(300, 100, 1600.0), run(500, 100, 2400.0)];
+        let s = &summarize(&["ws:learned".into()], &runs, None, Some(100 << 20))[0];
+        assert_eq!(s.saved_page_faults, Some(300.0));
+        let share = s.saved_faults_vs_ws.expect("a share of the set");
+        assert!((share - 0.03).abs() < 1e-9, "{share}");
+        assert_eq!(s.ttr_vs_floor, Some(2.5));
+        assert_eq!(s.first_answer_vs_floor, Some(1.25));
     }
 
     #[test]

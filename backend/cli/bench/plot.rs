@@ -119,6 +119,9 @@ mod tests {
             learn_window_ms: None,
             window_faults: None,
             window_pages: None,
+            zero_faults: None,
+            ws_pages: None,
+            floor_ms: None,
             samples: rates
                 .iter()
                 .enumerate()
@@ -154,6 +157,12 @@ mod tests {
             window_rate_vs_steady: None,
             window_faults: None,
             window_pages: None,
+            saved_page_faults: None,
+            ws_pages: None,
+            saved_faults_vs_ws: None,
+            floor_ms: None,
+            ttr_vs_floor: None,
+            first_answer_vs_floor: None,
         };
         let report = BenchReport {
             vm: "t".into(),
