@@ -648,6 +648,8 @@ pub struct Image {
     page_sums: Vec<u64>,
     reverse: Vec<u64>,
     pages: File,
+    /// The same file for bulk reads that bypass the page cache.
+    pages_direct: Option<direct::DirectReader>,
     pages_path: PathBuf,
     throttle: Option<std::sync::Arc<crate::image::throttle::Throttle>>,
 }
@@ -758,6 +760,7 @@ impl Image {
             chunk_sums,
             page_sums,
             reverse,
+            pages_direct: direct::DirectReader::open(&pages_path),
             pages,
             pages_path,
             throttle: None,
@@ -865,6 +868,16 @@ impl Image {
                 t.take_urgent(buf.len() as u64);
             } else {
                 t.take(buf.len() as u64);
+            }
+        }
+        if !urgent {
+            if let Some(direct) = &self.pages_direct {
+                if direct
+                    .read(buf, start)
+                    .map_err(io_err(&self.pages_path, "cannot read"))?
+                {
+                    return Ok(());
+                }
             }
         }
         self.pages
@@ -1076,6 +1089,7 @@ impl std::fmt::Display for InspectReport {
     }
 }
 
+pub mod direct;
 #[cfg(test)]
 pub(crate) mod tests;
 pub mod throttle;
