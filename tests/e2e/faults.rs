@@ -184,16 +184,24 @@ fn flock_held(path: &Path) -> bool {
 
 /// Starts `thaw ARGS` and stops it (SIGSTOP) once it holds VM `vm`'s
 /// save/restore lock; None if it finished before that was seen.
+/// Whether the lock at `path` is held and its record names `pid`: a
+/// holder frozen between taking the lock and writing its record would
+/// leave others nothing to name.
+fn held_by(path: &Path, pid: u32) -> bool {
+    flock_held(path)
+        && std::fs::read_to_string(path).is_ok_and(|r| r.contains(&format!("\"pid\":{pid},")))
+}
+
 fn spawn_and_freeze_holding_the_lock(vm: &Vm, args: &[&str]) -> Option<std::process::Child> {
     let lock = vm.runtime_file("lock");
     let mut child = vm.thaw_spawn(args);
     let deadline = Instant::now() + TIMEOUT;
     while Instant::now() < deadline {
-        if flock_held(&lock) {
+        if held_by(&lock, child.id()) {
             let pid = nix::unistd::Pid::from_raw(child.id() as i32);
             nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).expect("SIGSTOP");
             // Still holding it (it may have finished in between)?
-            if flock_held(&lock) {
+            if held_by(&lock, child.id()) {
                 return Some(child);
             }
             nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGCONT).expect("SIGCONT");
