@@ -64,6 +64,10 @@ impl Engine {
                     source,
                 })?;
             let installed = self.install_groups(&ready_rx, &free_tx, buf_len, progress);
+            if installed.is_err() {
+                // Now, not after the reader's current pace or read.
+                self.request_stop();
+            }
             // The reader ends once it sees the installer's channels close.
             drop(ready_rx);
             drop(free_tx);
@@ -116,6 +120,9 @@ impl Engine {
                 let Ok(mut buf) = free.recv() else {
                     return;
                 };
+                if self.stop.load(Ordering::Acquire) {
+                    return;
+                }
                 match self.image.read_chunks(group, count, &mut buf) {
                     Ok(n) => {
                         self.counters
@@ -151,10 +158,11 @@ impl Engine {
         let mut scratch: Option<PageBuffer> = None;
         // The reader closes the channel after the last group or on a stop.
         while let Ok(item) = ready.recv() {
+            let item = item?;
             if self.stop.load(Ordering::Acquire) {
                 return Ok(());
             }
-            match item? {
+            match item {
                 Group::Resident { bytes } => progress.advance(bytes),
                 Group::Partly { slots, bytes } => {
                     let buf = scratch.get_or_insert_with(|| PageBuffer::new(buf_len));

@@ -5,11 +5,12 @@
 //! `UFFDIO_COPY` copies it a third time, and the copy out of freshly read
 //! cache pages is what the filler spends most of its time on: CPU the
 //! guest and its clients need while the fill runs. Bulk reads (the fill,
-//! the working-set prefetch) therefore read with `O_DIRECT` into a
+//! the filler's 4 MiB groups) therefore read with `O_DIRECT` into a
 //! page-aligned buffer, unless the range is already in the page cache
 //! (`cachestat`, Linux ≥ 6.5), where a buffered read is a memory copy.
-//! Reads a fault waits on stay buffered: one page, where readahead helps
-//! the next fault.
+//! Without `cachestat` every read stays buffered, as it would be hot. Reads
+//! a fault waits on stay buffered: one page, where readahead helps the
+//! next fault.
 
 use std::fs::{File, OpenOptions};
 use std::io;
@@ -25,7 +26,8 @@ use crate::mem::PAGE_BYTES;
 /// cost of losing readahead per request).
 pub const DIRECT_READ_MIN: usize = 256 << 10;
 
-/// `cachestat(2)`'s number (the same on every architecture).
+/// `cachestat(2)`'s number in the unified syscall table (x86_64, arm64,
+/// riscv and the other architectures that share it).
 const SYS_CACHESTAT: libc::c_long = 451;
 
 /// A byte buffer whose start is page-aligned, as `O_DIRECT` needs.
@@ -60,7 +62,8 @@ impl DerefMut for PageBuffer {
 /// `pages.bin` opened a second time with `O_DIRECT`.
 pub struct DirectReader {
     file: File,
-    /// Set once `cachestat` is missing: then every bulk read goes direct.
+    /// Set once `cachestat` failed: whether a range is cached is unknown
+    /// then, and every read stays buffered.
     no_cachestat: AtomicBool,
     /// Set once the file system refused a direct read: then none is tried.
     refused: AtomicBool,
@@ -129,10 +132,11 @@ impl DirectReader {
         }
     }
 
-    /// Whether at least half of `start..start + len` is in the page cache.
+    /// Whether at least half of `start..start + len` is in the page cache
+    /// (also when that cannot be known: a buffered read is never wrong).
     fn mostly_cached(&self, start: u64, len: u64) -> bool {
         if self.no_cachestat.load(Ordering::Relaxed) {
-            return false;
+            return true;
         }
         let range = CachestatRange { off: start, len };
         let mut stat = Cachestat::default();
@@ -151,11 +155,11 @@ impl DirectReader {
         };
         if r != 0 {
             log::debug!(
-                "cachestat: {}: bulk reads go direct even where cached",
+                "cachestat: {}: bulk reads go through the page cache",
                 io::Error::last_os_error()
             );
             self.no_cachestat.store(true, Ordering::Relaxed);
-            return false;
+            return true;
         }
         stat.nr_cache * 2 >= len.div_ceil(PAGE_BYTES as u64)
     }
