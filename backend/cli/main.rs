@@ -313,8 +313,8 @@ enum Command {
         /// Bytes of them (the hot keys) each client pass reads.
         #[arg(long, value_parser = parse_size, default_value = "20M", requires = "app")]
         app_hot: u64,
-        /// Restore from a hot page cache (no drop_caches before each
-        /// restore): the floor of a local-disk restore.
+        /// Restore from a hot page cache (the image read into it before
+        /// each restore, no drop_caches): the floor of a local-disk restore.
         #[arg(long)]
         hot_cache: bool,
     },
