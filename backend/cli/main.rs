@@ -14,7 +14,7 @@ use serde_json::json;
 use thaw::config::VmConfig;
 use thaw::ops::recover::RestoreProgress;
 use thaw::ops::restore::{EstimatorChoice, LearnWindow, Mode, RestoreOptions};
-use thaw::ops::save::SaveOptions;
+use thaw::ops::save::{SaveMethod, SaveOptions};
 use thaw::vmm::{self, VmState};
 use thaw::wss::Estimator;
 
@@ -101,6 +101,30 @@ impl From<TrackerArg> for Estimator {
     }
 }
 
+/// How a save that keeps the VM running copies its RAM.
+#[derive(clap::Args, Clone, Debug)]
+struct LiveArgs {
+    /// Keep the guest paused until all of RAM is in the image (the guest
+    /// then pauses for about as long as the copy takes) instead of
+    /// copying it live, copy-on-write, while the guest runs.
+    #[arg(long)]
+    stop_copy: bool,
+    /// Live copy: pace it to this rate per second (e.g. 256M), leaving the
+    /// guest more of the machine; writes still never wait for the pace.
+    #[arg(long, value_parser = parse_size, conflicts_with = "stop_copy")]
+    copy_limit: Option<u64>,
+}
+
+impl LiveArgs {
+    fn method(&self) -> SaveMethod {
+        if self.stop_copy {
+            SaveMethod::StopAndCopy
+        } else {
+            SaveMethod::Live
+        }
+    }
+}
+
 /// Which VMs a command addresses: thaw's own, or libvirt's domains.
 #[derive(clap::Args, Clone, Debug)]
 struct LibvirtArgs {
@@ -136,9 +160,13 @@ enum Command {
         #[arg(long)]
         force: bool,
         /// Resume the VM after the save instead of stopping QEMU (a plain
-        /// checkpoint; `thaw checkpoint` also traces the working set).
+        /// checkpoint; `thaw checkpoint` also traces the working set). Live
+        /// unless --stop-copy: the guest pauses only while its device state
+        /// is taken and its RAM write-protected, and runs on during the copy.
         #[arg(long)]
         keep_running: bool,
+        #[command(flatten)]
+        live: LiveArgs,
         #[command(flatten)]
         libvirt: LibvirtArgs,
     },
@@ -204,6 +232,8 @@ enum Command {
         /// ...or after this long (ms) at most.
         #[arg(long, default_value_t = 10_000)]
         window_max_ms: u64,
+        #[command(flatten)]
+        live: LiveArgs,
         #[command(flatten)]
         libvirt: LibvirtArgs,
     },
@@ -499,8 +529,16 @@ async fn run(cli: Cli) -> Result<()> {
             image,
             force,
             keep_running,
+            live,
             libvirt,
         } => {
+            if !keep_running && (live.stop_copy || live.copy_limit.is_some()) {
+                anyhow::bail!(
+                    "--stop-copy and --copy-limit choose how a save that keeps the VM \
+                     running copies it; without --keep-running the guest stays paused \
+                     until QEMU stops"
+                );
+            }
             let report = thaw::ops::save::save(
                 &name,
                 &image,
@@ -510,12 +548,21 @@ async fn run(cli: Cli) -> Result<()> {
                     leave_paused: false,
                     progress: progress::terminal_bar(),
                     libvirt: libvirt.uri(),
+                    method: live.method(),
+                    copy_limit: live.copy_limit,
                 },
             )
             .await
             .with_context(|| format!("saving VM {name} to {}", image.display()))?;
+            let copied = match &report.live {
+                Some(l) => format!(
+                    "; copied live in {:.0} ms, {} writes held for a copy",
+                    l.copy_ms, l.wp_faults
+                ),
+                None => String::new(),
+            };
             print(j, &report, format_args!(
-                "saved {} to {}: {} MiB RAM, {} non-zero pages, device state {} KiB; paused {:.0} ms",
+                "saved {} to {}: {} MiB RAM, {} non-zero pages, device state {} KiB; paused {:.0} ms{copied}",
                 report.name, report.image.display(), report.ram_bytes >> 20, report.nonzero_pages,
                 report.device_state_bytes >> 10, report.paused_ms
             ))
@@ -560,6 +607,7 @@ async fn run(cli: Cli) -> Result<()> {
             force,
             window_quiet_ms,
             window_max_ms,
+            live,
             libvirt,
         } => {
             let window = LearnWindow {
@@ -569,9 +617,14 @@ async fn run(cli: Cli) -> Result<()> {
             let report = thaw::ops::checkpoint::checkpoint(
                 &name,
                 &image,
-                force,
-                window,
-                libvirt.uri().as_deref(),
+                &thaw::ops::checkpoint::CheckpointOptions {
+                    force,
+                    window,
+                    libvirt: libvirt.uri(),
+                    method: live.method(),
+                    copy_limit: live.copy_limit,
+                    progress: progress::terminal_bar(),
+                },
             )
             .await
             .with_context(|| format!("checkpointing VM {name} to {}", image.display()))?;

@@ -13,6 +13,7 @@
 
 pub mod config;
 pub(crate) mod engine;
+pub mod live;
 pub mod failpoint;
 pub mod image;
 pub mod mem;

@@ -146,6 +146,44 @@ impl RamLayout {
     }
 }
 
+/// Page-aligned `[start, end)` byte ranges of `file` that hold data
+/// (`SEEK_DATA`/`SEEK_HOLE`), clipped to `size`.
+pub fn data_extents(file: &std::fs::File, size: u64) -> std::io::Result<Vec<(u64, u64)>> {
+    let mut out = Vec::new();
+    let mut pos: u64 = 0;
+    while pos < size {
+        let start = match nix::unistd::lseek(file, offset(pos)?, nix::unistd::Whence::SeekData) {
+            Ok(s) => position(s)?,
+            Err(nix::errno::Errno::ENXIO) => break,
+            Err(e) => return Err(e.into()),
+        };
+        if start >= size {
+            break;
+        }
+        let end = match nix::unistd::lseek(file, offset(start)?, nix::unistd::Whence::SeekHole) {
+            Ok(e) => position(e)?.min(size),
+            Err(e) => return Err(e.into()),
+        };
+        let (start, end) = (
+            start / PAGE_SIZE * PAGE_SIZE,
+            end.div_ceil(PAGE_SIZE) * PAGE_SIZE,
+        );
+        out.push((start, end.min(size)));
+        pos = end;
+    }
+    Ok(out)
+}
+
+/// A file position as `lseek` takes it.
+fn offset(pos: u64) -> std::io::Result<i64> {
+    i64::try_from(pos).map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))
+}
+
+/// A position `lseek` returned (never negative on success).
+fn position(off: i64) -> std::io::Result<u64> {
+    u64::try_from(off).map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidData))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

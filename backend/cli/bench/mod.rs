@@ -601,7 +601,21 @@ pub async fn run(opts: &BenchOptions) -> Result<BenchReport, BenchError> {
             track::track(&name, t, std::future::pending()).await?;
         }
     }
-    thaw::ops::checkpoint::checkpoint(&name, &image, true, LearnWindow::default(), uri).await?;
+    // Stop-and-copy: the trace window opens at the instant, as in the
+    // measurements this benchmark has always made.
+    thaw::ops::checkpoint::checkpoint(
+        &name,
+        &image,
+        &thaw::ops::checkpoint::CheckpointOptions {
+            force: true,
+            window: LearnWindow::default(),
+            libvirt: uri.map(str::to_string),
+            method: thaw::ops::save::SaveMethod::StopAndCopy,
+            copy_limit: None,
+            progress: Default::default(),
+        },
+    )
+    .await?;
     if let Some(client) = background {
         client.finish();
     }

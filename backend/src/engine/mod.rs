@@ -282,7 +282,7 @@ impl Engine {
     pub(crate) fn adopt_resident_pages(&self) -> std::io::Result<u64> {
         let mut kept = 0;
         for b in &self.blocks {
-            for (start, end) in crate::ops::save::data_extents(&b.file, b.pages * PAGE_SIZE)? {
+            for (start, end) in crate::mem::data_extents(&b.file, b.pages * PAGE_SIZE)? {
                 for p in start / PAGE_SIZE..end.div_ceil(PAGE_SIZE).min(b.pages) {
                     let page = PageIndex(b.first_page + p);
                     let saved = matches!(self.image.locate(page), PageLocation::Slot(_));

@@ -253,6 +253,7 @@ impl ImageWriter {
         partial.push(format!(".partial-{}", std::process::id()));
         let dir = target.with_file_name(partial);
         let _ = fs::remove_dir_all(&dir);
+        remove_stale_partials(target, name);
         DirBuilder::new()
             .mode(0o700)
             .create(&dir)
@@ -286,6 +287,19 @@ impl ImageWriter {
     /// The (empty) `device.state` file, for QEMU to write through an fd.
     pub fn device_state_file(&mut self) -> Result<File, ImageError> {
         create_file(&self.dir.join("device.state"))
+    }
+
+    /// An unnamed private file in the partial image's directory (same file
+    /// system, so a full disk shows there too); it disappears when closed,
+    /// also if thaw dies.
+    pub fn scratch_file(&self) -> Result<File, ImageError> {
+        fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_TMPFILE)
+            .mode(0o600)
+            .open(&self.dir)
+            .map_err(io_err(&self.dir, "cannot create a scratch file in"))
     }
 
     /// Adds a run of whole pages starting at `first`; all-zero pages are dropped.
@@ -435,6 +449,40 @@ impl Drop for ImageWriter {
             if let Err(e) = fs::remove_dir_all(&self.dir) {
                 log::warn!("cannot remove partial image {}: {e}", self.dir.display());
             }
+        }
+    }
+}
+
+/// Removes the partial images of `target` that writers which died without
+/// cleaning up (SIGKILL, a crash) left: `<name>.partial-<pid>` of a pid
+/// that no longer runs.
+fn remove_stale_partials(target: &Path, name: &std::ffi::OsStr) {
+    let parent = match target.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    let Ok(entries) = fs::read_dir(parent) else {
+        return;
+    };
+    let mut prefix = name.to_os_string();
+    prefix.push(".partial-");
+    let prefix = prefix.to_string_lossy().into_owned();
+    for entry in entries.flatten() {
+        let file_name = entry.file_name();
+        let Some(pid) = file_name
+            .to_str()
+            .and_then(|n| n.strip_prefix(&prefix))
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if Path::new(&format!("/proc/{pid}")).exists() {
+            continue;
+        }
+        let path = entry.path();
+        match fs::remove_dir_all(&path) {
+            Ok(()) => log::info!("removed {} (left by a writer that died)", path.display()),
+            Err(e) => log::warn!("cannot remove stale partial image {}: {e}", path.display()),
         }
     }
 }

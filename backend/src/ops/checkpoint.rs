@@ -3,14 +3,18 @@
 //! (VEE's memory tracing, FREM's touch set) and store it in the image as
 //! the `trace` working set.
 //!
-//! The image holds the RAM of the checkpoint instant. While the VM is still
-//! paused thaw takes over a userfaultfd in QEMU, registers guest RAM for
-//! missing and minor faults and zaps QEMU's page-table entries; then it
-//! resumes the guest and records first touches until none arrive for a
-//! while (at most a maximum), mapping each page back with
-//! `UFFDIO_CONTINUE`. QEMU's own copy of the userfaultfd is closed at once:
-//! guest RAM is complete, so if thaw dies the registration simply goes away
-//! and the guest runs on.
+//! The image holds the RAM of the checkpoint instant. By default the save
+//! is live ([`crate::live`]): the guest pauses only for its device state
+//! and the write protection of its RAM, and runs on while thaw copies it;
+//! tracing starts once the copy is done. With stop-and-copy the guest
+//! stays paused for the whole copy and tracing starts from the instant.
+//!
+//! Tracing: thaw takes over a userfaultfd in QEMU, registers guest RAM for
+//! missing and minor faults and zaps QEMU's page-table entries, then
+//! records first touches until none arrive for a while (at most a
+//! maximum), mapping each page back with `UFFDIO_CONTINUE`. QEMU's own
+//! copy of the userfaultfd is closed at once: guest RAM is complete, so if
+//! thaw dies the registration simply goes away and the guest runs on.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -23,7 +27,7 @@ use crate::image::Image;
 use crate::observe::window::{self, LearnWindow};
 use crate::ops::owner::{LockError, OwnerLock};
 use crate::ops::restore::{self, RestoreError};
-use crate::ops::save::{self, SaveError, SaveOptions, SaveReport, TRACKER_PATIENCE};
+use crate::ops::save::{self, SaveError, SaveMethod, SaveOptions, SaveReport, TRACKER_PATIENCE};
 use crate::vmm::{self, Qmp, VmState};
 use crate::wss::{self, Estimator, WorkingSet};
 
@@ -57,28 +61,54 @@ impl std::fmt::Display for CheckpointReport {
         write!(
             f,
             "checkpointed {} to {}: {} MiB RAM, {} non-zero pages, paused {:.0} ms; \
-             the VM keeps running\n  traced working set: {} pages in a {:.0} ms window",
+             the VM keeps running",
             self.save.name,
             self.save.image.display(),
             self.save.ram_bytes >> 20,
             self.save.nonzero_pages,
             self.save.paused_ms,
-            self.trace_pages,
-            self.window_ms
+        )?;
+        if let Some(l) = &self.save.live {
+            write!(
+                f,
+                "\n  copied live in {:.0} ms: {} of {} pages written meanwhile were held for a copy \
+                 (p50 {:.0} µs)",
+                l.copy_ms, l.wp_faults, l.protected_pages, l.fault_p50_us
+            )?;
+        }
+        write!(
+            f,
+            "\n  traced working set: {} pages in a {:.0} ms window",
+            self.trace_pages, self.window_ms
         )
     }
 }
 
+/// Options of `thaw checkpoint`.
+#[derive(Clone, Debug)]
+pub struct CheckpointOptions {
+    /// Replace an existing image.
+    pub force: bool,
+    /// The tracing window after the checkpoint.
+    pub window: LearnWindow,
+    /// The VM is a libvirt domain at this URI.
+    pub libvirt: Option<String>,
+    /// Live (copy-on-write) or stop-and-copy.
+    pub method: SaveMethod,
+    /// Live: pace the background copy to this many bytes per second.
+    pub copy_limit: Option<u64>,
+    /// Where the RAM copy reports its progress.
+    pub progress: crate::progress::SharedProgress,
+}
+
 /// Saves VM `name` into `image`, leaves it running and traces its first
-/// touches during `window`. The VM's owner lock is held throughout.
+/// touches during the window. The VM's owner lock is held throughout.
 pub async fn checkpoint(
     name: &str,
     image: &Path,
-    force: bool,
-    window: LearnWindow,
-    libvirt: Option<&str>,
+    opts: &CheckpointOptions,
 ) -> Result<CheckpointReport, CheckpointError> {
-    let paths = match libvirt {
+    let paths = match opts.libvirt.as_deref() {
         Some(uri) => {
             vmm::libvirt::attach(uri, name)
                 .await
@@ -92,19 +122,24 @@ pub async fn checkpoint(
         name,
         image,
         &SaveOptions {
-            force,
+            force: opts.force,
             keep_running: true,
+            // Stop-and-copy: tracing starts at the instant, set up while
+            // the guest is still paused. A live save resumes it itself.
             leave_paused: true,
-            progress: Default::default(),
+            progress: opts.progress.clone(),
             libvirt: None,
+            method: opts.method,
+            copy_limit: opts.copy_limit,
         },
         &owner,
     )
     .await?;
     let (paths, state) = VmState::load(name).map_err(RestoreError::from)?;
     let mut qmp = state.monitor(&paths).await.map_err(RestoreError::from)?;
-    let traced = trace(&paths, &state, &mut qmp, image, report.was_running, window).await;
-    if report.was_running {
+    let paused = report.was_running && report.live.is_none();
+    let traced = trace(&paths, &state, &mut qmp, image, paused, opts.window).await;
+    if paused {
         // Whatever happened to the trace, the VM runs on.
         if let Err(e) = qmp.cont_after_migration().await {
             log::error!("resuming {name} after the checkpoint failed: {e}");

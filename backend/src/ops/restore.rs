@@ -980,7 +980,7 @@ pub(crate) fn drop_early_pages(
     for (m, b) in ram.iter().zip(blocks) {
         let file = &b.file;
         let extents =
-            crate::ops::save::data_extents(file, m.len).map_err(|source| RestoreError::Io {
+            crate::mem::data_extents(file, m.len).map_err(|source| RestoreError::Io {
                 context: format!("scanning {}", m.fd_path.display()),
                 source,
             })?;

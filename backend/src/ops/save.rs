@@ -2,19 +2,27 @@
 //! with `x-ignore-shared`) and its non-zero RAM pages (read by thaw straight
 //! from the shared RAM files) into a new image, and only then stop QEMU.
 //! Any failure resumes the VM as it was and removes the partial image.
+//!
+//! A save that keeps the VM running (a checkpoint) is live by default
+//! ([`SaveMethod::Live`], [`crate::live`]): the pause only takes the device
+//! state and write-protects guest RAM, and the RAM is copied while the
+//! guest runs. [`SaveMethod::StopAndCopy`] keeps the guest paused for the
+//! whole copy.
 
 use std::fs::File;
 use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use nix::unistd::{lseek, Whence};
 use serde::Serialize;
 use serde_json::json;
 use vm_memory::mmap::MmapRegionBuilder;
 use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryMmap, GuestRegionMmap};
 
+use crate::image::throttle::Throttle;
 use crate::image::{ImageInfo, ImageWriter};
+use crate::live::{LiveCopy, LiveRange};
 use crate::mem::{u64_from, usize_from, PageIndex, RamLayout, PAGE_SIZE};
 use crate::ops::owner::{LockError, OwnerLock};
 use crate::vmm::{self, Qmp, RamMapping, VmPaths, VmState};
@@ -55,11 +63,27 @@ pub enum SaveError {
         outcome: String,
         cause: String,
     },
+    #[error(transparent)]
+    Live(#[from] crate::live::LiveError),
+    #[error("taking over QEMU's userfaultfd for a live save: {0}")]
+    TakeOver(String),
     #[error("{context}: {source}")]
     Io {
         context: String,
         source: std::io::Error,
     },
+}
+
+/// How a save that keeps the VM running copies its RAM.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SaveMethod {
+    /// Copy-on-write: pause for the device state and write protection
+    /// only, copy RAM while the guest runs ([`crate::live`]).
+    #[default]
+    Live,
+    /// Keep the guest paused until all of RAM is in the image.
+    StopAndCopy,
 }
 
 /// Options of `thaw save`.
@@ -77,6 +101,11 @@ pub struct SaveOptions {
     /// The VM is a libvirt domain at this URI (`qemu:///system`): thaw
     /// takes it on first ([`vmm::libvirt::attach`]).
     pub libvirt: Option<String>,
+    /// With `keep_running`: live (the default) or stop-and-copy. A save
+    /// that stops the VM always copies with the guest paused.
+    pub method: SaveMethod,
+    /// Live saves: pace the background copy to this many bytes per second.
+    pub copy_limit: Option<u64>,
 }
 
 /// What a save did, for humans and `--json`.
@@ -90,8 +119,14 @@ pub struct SaveReport {
     pub device_state_bytes: u64,
     /// Pause → device state written.
     pub device_state_ms: f64,
-    /// Pause → image complete and synced.
+    /// How long the guest was paused: until the image was complete
+    /// (stop-and-copy), or until RAM was write-protected (live).
     pub paused_ms: f64,
+    /// `live` or `stop-and-copy`.
+    pub method: SaveMethod,
+    /// A live save's copy: pages protected, write faults, copy time.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub live: Option<crate::live::LiveStats>,
     pub total_ms: f64,
     /// Whether the VM was running when the save began.
     pub was_running: bool,
@@ -173,26 +208,80 @@ async fn save_locked(
         }
         None => None,
     };
+    let live_method = opts.keep_running && opts.method == SaveMethod::Live;
+    if live_method {
+        crate::live::check_kernel()?;
+    }
     let mut writer = ImageWriter::create(image, state.layout.clone(), opts.force)?;
+    // A live save takes over QEMU's userfaultfd and registers guest RAM
+    // before the pause, so that the pause only protects it.
+    let mut live = if live_method {
+        match start_live(&mut qmp, &state, &paths, &writer).await {
+            Ok(l) => Some(l),
+            Err(e) => {
+                drop(writer);
+                return Err(e);
+            }
+        }
+    } else {
+        None
+    };
 
     let paused = Instant::now();
     if was_running {
         qmp.execute("stop", json!({})).await?;
     }
-    let result = write_image(
-        &mut qmp,
-        &state,
-        &paths,
-        &mut writer,
-        paused,
-        &*opts.progress,
-    )
+    let mut resumed = None;
+    let result = async {
+        let (device_state_ms, device_state_bytes) =
+            write_device_state(&mut qmp, &state, &paths, &mut writer, paused).await?;
+        let scanned = match &mut live {
+            None => {
+                let qemu = state.qemu().map_err(vmm::QemuError::from)?;
+                let ram = vmm::find_ram(&qemu, &paths, &state)?;
+                copy_ram(&qemu, &ram, &state.layout, &mut writer, &*opts.progress)?
+            }
+            Some(live) => {
+                live.protect()?;
+                if was_running {
+                    qmp.cont_after_migration().await?;
+                }
+                resumed = Some(paused.elapsed());
+                let throttle = opts.copy_limit.map(Throttle::new);
+                let w = &mut writer;
+                live.copy(
+                    |first, data| Ok(w.write_run(first, data)?),
+                    throttle.as_ref(),
+                    &*opts.progress,
+                )?;
+                live.stats().protected_pages * PAGE_SIZE
+            }
+        };
+        Ok::<_, SaveError>((device_state_ms, device_state_bytes, scanned))
+    }
     .await;
+    let live_stats = match (result.is_ok(), live.take()) {
+        (true, Some(l)) => match l.finish() {
+            Ok(stats) => Some(stats),
+            Err(e) => {
+                drop(writer);
+                return Err(e.into());
+            }
+        },
+        // Dropping a failed live copy releases every held write.
+        (false, Some(l)) => {
+            drop(l);
+            None
+        }
+        (_, None) => None,
+    };
     let (device_state_ms, device_state_bytes, scanned) = match result {
         Ok(v) => v,
         Err(e) => {
             drop(writer);
-            resume_after_failure(&mut qmp, was_running).await;
+            if resumed.is_none() {
+                resume_after_failure(&mut qmp, was_running).await;
+            }
             return Err(e);
         }
     };
@@ -204,14 +293,16 @@ async fn save_locked(
     }) {
         Ok(s) => s,
         Err(e) => {
-            resume_after_failure(&mut qmp, was_running).await;
+            if resumed.is_none() {
+                resume_after_failure(&mut qmp, was_running).await;
+            }
             return Err(e.into());
         }
     };
     let working_sets = attach_estimates(&paths, image, state.layout.total_pages());
-    let paused_ms = ms(paused.elapsed());
+    let paused_ms = ms(resumed.unwrap_or_else(|| paused.elapsed()));
     if opts.keep_running {
-        if was_running && !opts.leave_paused {
+        if was_running && !opts.leave_paused && resumed.is_none() {
             qmp.cont_after_migration().await?;
         }
     } else {
@@ -227,10 +318,64 @@ async fn save_locked(
         device_state_bytes,
         device_state_ms,
         paused_ms,
+        method: if live_stats.is_some() {
+            SaveMethod::Live
+        } else {
+            SaveMethod::StopAndCopy
+        },
+        live: live_stats,
         total_ms: ms(started.elapsed()),
         was_running,
         working_sets,
     })
+}
+
+/// Sets a live copy up while the guest still runs: takes over a
+/// userfaultfd in QEMU, closes QEMU's copy (a dying thaw must release the
+/// guest), opens the RAM files and registers guest RAM.
+async fn start_live(
+    qmp: &mut Qmp,
+    state: &VmState,
+    paths: &VmPaths,
+    writer: &ImageWriter,
+) -> Result<LiveCopy, SaveError> {
+    let qemu = state.qemu().map_err(vmm::QemuError::from)?;
+    let ram = vmm::find_ram(&qemu, paths, state)?;
+    let mut ranges = Vec::new();
+    for (m, block) in ram.iter().zip(&state.layout.blocks) {
+        let file = File::open(&m.fd_path).map_err(|source| SaveError::ReadRam {
+            id: m.id.clone(),
+            path: m.fd_path.clone(),
+            source,
+        })?;
+        ranges.push(LiveRange {
+            id: m.id.clone(),
+            start: m.start,
+            len: m.len.min(block.size),
+            first_page: block.first_page,
+            file,
+        });
+    }
+    // Opened through /proc/<pid>/fd while QEMU was alive: QEMU's files.
+    if !qemu.alive() {
+        return Err(
+            vmm::QemuError::from(crate::remote::process::ProcessError::Gone {
+                pid: qemu.pid().as_raw(),
+            })
+            .into(),
+        );
+    }
+    let uffd = crate::ops::restore::take_over_uffd(state, qmp, &qemu, crate::live::FEATURES)
+        .await
+        .map_err(|e| SaveError::TakeOver(e.to_string()))?;
+    uffd.close_remote().map_err(crate::live::LiveError::from)?;
+    let scratch = writer.scratch_file()?;
+    Ok(LiveCopy::start(
+        Arc::new(uffd),
+        ranges,
+        scratch,
+        state.layout.total_pages(),
+    )?)
 }
 
 /// Stores the estimates running trackers keep for this VM (`thaw track`)
@@ -268,15 +413,15 @@ async fn resume_after_failure(qmp: &mut Qmp, was_running: bool) {
     }
 }
 
-/// Device state through QEMU, then RAM from the shared files.
-async fn write_image(
+/// The device state through QEMU (`x-ignore-shared`: no guest RAM);
+/// returns its time since the pause and its size.
+async fn write_device_state(
     qmp: &mut Qmp,
     state: &VmState,
     paths: &VmPaths,
     writer: &mut ImageWriter,
     paused: Instant,
-    progress: &dyn crate::progress::Progress,
-) -> Result<(f64, u64, u64), SaveError> {
+) -> Result<(f64, u64), SaveError> {
     let device_file = writer.device_state_file()?;
     let mark = match state.libvirt {
         Some(_) => Some(
@@ -321,10 +466,7 @@ async fn write_image(
         .len();
     log::info!("device state: {device_state_bytes} bytes in {device_state_ms:.1} ms");
 
-    let qemu = state.qemu().map_err(vmm::QemuError::from)?;
-    let ram = vmm::find_ram(&qemu, paths, state)?;
-    let scanned = copy_ram(&qemu, &ram, &state.layout, writer, progress)?;
-    Ok((device_state_ms, device_state_bytes, scanned))
+    Ok((device_state_ms, device_state_bytes))
 }
 
 /// Copies every data extent of every RAM file into the image; holes are
@@ -343,7 +485,7 @@ fn copy_ram(
             path: m.fd_path.clone(),
             source,
         })?;
-        let extents = data_extents(&file, block.size).map_err(|source| SaveError::ReadRam {
+        let extents = crate::mem::data_extents(&file, block.size).map_err(|source| SaveError::ReadRam {
             id: m.id.clone(),
             path: m.fd_path.clone(),
             source,
@@ -408,44 +550,6 @@ fn map_guest_ram(
         regions.push(region);
     }
     GuestMemoryMmap::from_regions(regions).map_err(|e| SaveError::Map(e.to_string()))
-}
-
-/// Page-aligned `[start, end)` byte ranges of `file` that hold data
-/// (`SEEK_DATA`/`SEEK_HOLE`), clipped to `size`.
-pub fn data_extents(file: &File, size: u64) -> std::io::Result<Vec<(u64, u64)>> {
-    let mut out = Vec::new();
-    let mut pos: u64 = 0;
-    while pos < size {
-        let start = match lseek(file, offset(pos)?, Whence::SeekData) {
-            Ok(s) => position(s)?,
-            Err(nix::errno::Errno::ENXIO) => break,
-            Err(e) => return Err(e.into()),
-        };
-        if start >= size {
-            break;
-        }
-        let end = match lseek(file, offset(start)?, Whence::SeekHole) {
-            Ok(e) => position(e)?.min(size),
-            Err(e) => return Err(e.into()),
-        };
-        let (start, end) = (
-            start / PAGE_SIZE * PAGE_SIZE,
-            end.div_ceil(PAGE_SIZE) * PAGE_SIZE,
-        );
-        out.push((start, end.min(size)));
-        pos = end;
-    }
-    Ok(out)
-}
-
-/// A file position as `lseek` takes it.
-fn offset(pos: u64) -> std::io::Result<i64> {
-    i64::try_from(pos).map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))
-}
-
-/// A position `lseek` returned (never negative on success).
-fn position(off: i64) -> std::io::Result<u64> {
-    u64::try_from(off).map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidData))
 }
 
 fn ms(d: Duration) -> f64 {

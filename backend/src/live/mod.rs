@@ -1,0 +1,723 @@
+//! Live copy-on-write save of a running VM's RAM: the guest is paused only
+//! while its device state is taken and its RAM write-protected, then runs
+//! on while a copier writes the pages of that instant into the image.
+//!
+//! Before the pause thaw takes over a userfaultfd in QEMU (synchronous
+//! write protection of shared memory, Linux ≥ 5.19, plus remove events),
+//! closes QEMU's copy of it, registers guest RAM for write protection and
+//! protects all of it while the guest still runs ("arming"): a write in
+//! that phase is let go at once and its page noted, as is any discarded
+//! range; then thaw finds each RAM file's data extents. In the pause,
+//! [`LiveCopy::protect`] protects only the noted pages again, so the pause
+//! does not grow with RAM. The pages to copy are the extents and the noted
+//! pages: every page with data at the instant is among them (a hole there
+//! reads as zeros and is dropped; holes elsewhere are never read). After
+//! the resume [`LiveCopy::copy`] walks them in page order:
+//!
+//! - the copier claims a batch of pages ([`pages::PageStates`]), reads their
+//!   bytes from the RAM file, marks them saved, lifts their protection
+//!   (waking any vCPU or device thread that waited on them) and hands the
+//!   batch to the image writer;
+//! - a guest write to a page not yet saved faults; the fault thread claims
+//!   the page, keeps its bytes in a scratch file ([`pages::SideStore`]),
+//!   marks it saved and lets the write go on; the copier later takes that
+//!   page from the scratch file. A write to a page the copier is reading
+//!   waits for the copier's batch.
+//!
+//! So each page is saved exactly once, with its bytes at the instant.
+//! QEMU holds no copy of the userfaultfd: if thaw dies, the kernel drops
+//! the registration and every protection with thaw's copy, and the guest
+//! runs on. If QEMU dies instead, no page can change any more and the
+//! copier still completes the instant's image. A discard of guest memory
+//! that has not been saved yet (a balloon, free page reporting) would lose
+//! its instant bytes: the copy then fails rather than write a wrong image.
+
+pub mod pages;
+#[cfg(test)]
+mod tests;
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use nix::errno::Errno;
+use serde::Serialize;
+
+use crate::image::throttle::Throttle;
+use crate::mem::{u64_from, usize_from, HostAddr, PageIndex, PAGE_BYTES, PAGE_SIZE};
+use crate::remote::uffd::{
+    self, EventBuffer, FaultEvent, RegisterMode, RemoteUffd, UffdError,
+    FEATURE_WP_HUGETLBFS_SHMEM,
+};
+use pages::{PageStates, SideStore, COPYING, NOT_SAVED, SAVED};
+
+/// Bytes the copier claims, reads and unprotects at once. A guest write
+/// to a page in the batch waits at most this long a read.
+const BATCH_BYTES: u64 = 256 << 10;
+/// How long the fault thread waits for an event before checking for stop.
+const EVENT_POLL: Duration = Duration::from_millis(50);
+/// Fault service times kept for percentiles.
+const MAX_SAMPLES: usize = 1 << 20;
+
+/// The userfaultfd features a live copy takes over the userfaultfd with.
+pub const FEATURES: u64 = FEATURE_WP_HUGETLBFS_SHMEM | userfaultfd_sys::UFFD_FEATURE_EVENT_REMOVE;
+
+/// Errors of a live copy.
+#[derive(Debug, thiserror::Error)]
+pub enum LiveError {
+    #[error(
+        "a live checkpoint needs synchronous userfaultfd write protection of shared memory \
+         (UFFD_FEATURE_WP_HUGETLBFS_SHMEM, Linux 5.19 or newer); this kernel ({kernel}) lacks it: \
+         use --stop-copy"
+    )]
+    Unsupported { kernel: String },
+    #[error(transparent)]
+    Uffd(#[from] UffdError),
+    #[error("reading guest RAM block {id}: {source}")]
+    ReadRam { id: String, source: std::io::Error },
+    #[error("keeping a page the guest was about to write: {0}")]
+    Side(std::io::Error),
+    #[error(transparent)]
+    Image(#[from] crate::image::ImageError),
+    #[error(
+        "the guest discarded {pages} pages of memory (a balloon or free page reporting) \
+         before thaw had saved them, so the image could not hold one instant; \
+         the checkpoint was abandoned and the VM runs on: retry, or use --stop-copy"
+    )]
+    Discarded { pages: u64 },
+    #[error("the write-fault thread failed: {0}")]
+    FaultThread(String),
+    #[error("spawning the write-fault thread: {0}")]
+    Spawn(std::io::Error),
+}
+
+/// One guest RAM block as a live copy sees it.
+pub struct LiveRange {
+    /// The block's id, for messages.
+    pub id: String,
+    /// Where the block is mapped in QEMU.
+    pub start: HostAddr,
+    pub len: u64,
+    /// Global number of the block's first page.
+    pub first_page: u64,
+    /// The block's RAM file, read by thaw.
+    pub file: File,
+}
+
+impl LiveRange {
+    /// The global page at QEMU address `addr`, if in this block.
+    fn page_at(&self, addr: u64) -> Option<PageIndex> {
+        (addr >= self.start.0 && addr - self.start.0 < self.len)
+            .then(|| PageIndex(self.first_page + (addr - self.start.0) / PAGE_SIZE))
+    }
+}
+
+/// What a live copy did, for reports.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct LiveStats {
+    /// Time to protect all of guest RAM before the pause.
+    pub arm_ms: f64,
+    /// Pages written or discarded between then and the instant, protected
+    /// again in the pause.
+    pub reprotected_pages: u64,
+    /// Pages to copy: every page with data at the instant, and maybe a few
+    /// holes (read as zeros).
+    pub protected_pages: u64,
+    /// Time in the pause to protect pages again and find the data extents.
+    pub protect_ms: f64,
+    /// Resume → every page in the image writer's hands.
+    pub copy_ms: f64,
+    /// Write faults the guest took on protected pages.
+    pub wp_faults: u64,
+    /// Of those, pages the fault thread saved ahead of the copier.
+    pub saved_ahead: u64,
+    /// Of those, writes that waited for the copier's batch.
+    pub waited_for_copier: u64,
+    /// Fault service time (event read → write let go), median and 99th
+    /// percentile, in µs; a write waiting for the copier is not counted.
+    pub fault_p50_us: f64,
+    pub fault_p99_us: f64,
+}
+
+/// Before the instant: which ranges lost their protection since guest RAM
+/// was protected. The fault thread lifts a protection only while holding
+/// this, so the list taken at the instant is complete.
+#[derive(Default)]
+struct Arming {
+    /// The instant has come: writes are copy-on-write from now on.
+    instant: bool,
+    /// `(start, len)` in QEMU's space, to protect again at the instant.
+    unprotected: Vec<(u64, u64)>,
+}
+
+/// State shared by the copier and the fault thread.
+struct Shared {
+    arming: Mutex<Arming>,
+    /// Per range: the byte ranges to copy, fixed at the instant (a
+    /// superset of the data at the instant).
+    extents: OnceLock<Vec<Vec<(u64, u64)>>>,
+    states: PageStates,
+    side: SideStore,
+    stop: AtomicBool,
+    /// Set by the fault thread when it fails; the copier gives up.
+    failed: AtomicBool,
+    /// Pages discarded by the guest before they were saved.
+    discarded: AtomicU64,
+}
+
+/// What the fault thread counted.
+#[derive(Default)]
+struct FaultCounts {
+    wp_faults: u64,
+    saved_ahead: u64,
+    waited_for_copier: u64,
+    service_us: Vec<u32>,
+}
+
+/// A live copy of one VM's RAM; see the module documentation. Dropping it
+/// unregisters guest RAM (every waiting write goes on) and stops the fault
+/// thread.
+pub struct LiveCopy {
+    uffd: Arc<RemoteUffd>,
+    ranges: Arc<Vec<LiveRange>>,
+    shared: Arc<Shared>,
+    thread: Option<JoinHandle<Result<FaultCounts, LiveError>>>,
+    /// Per range: its data extents once RAM was protected (byte offsets).
+    armed_extents: Vec<Vec<(u64, u64)>>,
+    stats: LiveStats,
+    registered: bool,
+}
+
+/// Refuses a kernel without synchronous write protection of shared memory.
+pub fn check_kernel() -> Result<(), LiveError> {
+    let available = uffd::kernel_features().map_err(|errno| UffdError::Api {
+        requested: FEATURES,
+        errno,
+    })?;
+    if available & FEATURE_WP_HUGETLBFS_SHMEM == 0 {
+        let kernel = nix::sys::utsname::uname()
+            .map(|u| u.release().to_string_lossy().into_owned())
+            .unwrap_or_else(|_| "unknown".into());
+        return Err(LiveError::Unsupported { kernel });
+    }
+    Ok(())
+}
+
+impl LiveCopy {
+    /// Registers `ranges` for write protection with `uffd` (taken over
+    /// with [`FEATURES`], QEMU's copy closed), starts the fault thread and
+    /// protects all of guest RAM (the guest may run: see the module
+    /// documentation). `scratch` is an empty private file on the image's
+    /// file system for pages saved ahead.
+    pub fn start(
+        uffd: Arc<RemoteUffd>,
+        ranges: Vec<LiveRange>,
+        scratch: File,
+        total_pages: u64,
+    ) -> Result<LiveCopy, LiveError> {
+        let shared = Arc::new(Shared {
+            arming: Mutex::new(Arming::default()),
+            extents: OnceLock::new(),
+            states: PageStates::new(total_pages),
+            side: SideStore::new(scratch, total_pages),
+            stop: AtomicBool::new(false),
+            failed: AtomicBool::new(false),
+            discarded: AtomicU64::new(0),
+        });
+        let mut live = LiveCopy {
+            uffd,
+            armed_extents: Vec::new(),
+            ranges: Arc::new(ranges),
+            shared,
+            thread: None,
+            stats: LiveStats::default(),
+            registered: false,
+        };
+        live.registered = true;
+        for (i, r) in live.ranges.iter().enumerate() {
+            if let Err(e) = live
+                .uffd
+                .register(r.start, r.len, RegisterMode::WRITE_PROTECT)
+            {
+                for r in &live.ranges[..i] {
+                    let _ = live.uffd.unregister(r.start, r.len);
+                }
+                live.registered = false;
+                return Err(e.into());
+            }
+        }
+        let (uffd, ranges, shared) = (
+            live.uffd.clone(),
+            live.ranges.clone(),
+            live.shared.clone(),
+        );
+        live.thread = Some(
+            std::thread::Builder::new()
+                .name("thaw-live-wp".into())
+                .spawn(move || {
+                    let r = serve_faults(&uffd, &ranges, &shared);
+                    if r.is_err() {
+                        shared.failed.store(true, Ordering::Release);
+                    }
+                    r
+                })
+                .map_err(LiveError::Spawn)?,
+        );
+        let t = Instant::now();
+        for r in live.ranges.iter() {
+            live.uffd.write_protect(r.start, r.len)?;
+        }
+        // After the protection: what changes from now on is noted.
+        for r in live.ranges.iter() {
+            let extents = crate::mem::data_extents(&r.file, r.len).map_err(|source| {
+                LiveError::ReadRam {
+                    id: r.id.clone(),
+                    source,
+                }
+            })?;
+            live.armed_extents.push(extents);
+        }
+        live.stats.arm_ms = ms(t.elapsed());
+        Ok(live)
+    }
+
+    /// The checkpoint instant (the guest is paused): protects again what
+    /// lost its protection since [`LiveCopy::start`] and finds every RAM
+    /// file's data. Returns the pages with data.
+    pub fn protect(&mut self) -> Result<u64, LiveError> {
+        let t = Instant::now();
+        let mut again = {
+            let mut arming = lock(&self.shared.arming);
+            arming.instant = true;
+            std::mem::take(&mut arming.unprotected)
+        };
+        again.sort_unstable();
+        let mut merged: Vec<(u64, u64)> = Vec::with_capacity(again.len());
+        for (start, len) in again {
+            match merged.last_mut() {
+                Some((s, l)) if *s + *l >= start => *l = (*l).max(start + len - *s),
+                _ => merged.push((start, len)),
+            }
+        }
+        for &(start, len) in &merged {
+            self.retry_eagain(|| self.uffd.write_protect(HostAddr(start), len))?;
+            self.stats.reprotected_pages += len / PAGE_SIZE;
+        }
+        log::debug!(
+            "protected {} ranges again in {:.2} ms",
+            merged.len(),
+            ms(t.elapsed())
+        );
+        let mut all = Vec::with_capacity(self.ranges.len());
+        let mut pages = 0;
+        for (r, armed) in self.ranges.iter().zip(&self.armed_extents) {
+            let noted = merged.iter().filter_map(|&(start, len)| {
+                let (s, e) = (start.max(r.start.0), (start + len).min(r.start.0 + r.len));
+                (s < e).then(|| (s - r.start.0, e - r.start.0))
+            });
+            let extents = union(armed.iter().copied(), noted);
+            pages += extents.iter().map(|(s, e)| (e - s) / PAGE_SIZE).sum::<u64>();
+            all.push(extents);
+        }
+        let _ = self.shared.extents.set(all);
+        self.stats.protected_pages = pages;
+        self.stats.protect_ms = ms(t.elapsed());
+        Ok(pages)
+    }
+
+    /// Copies every page of the instant to `sink` in page order, in runs
+    /// (the guest runs meanwhile); `throttle` paces the copier. Returns
+    /// when every page is in `sink`'s hands.
+    pub fn copy(
+        &mut self,
+        mut sink: impl FnMut(PageIndex, &[u8]) -> Result<(), LiveError>,
+        throttle: Option<&Throttle>,
+        progress: &dyn crate::progress::Progress,
+    ) -> Result<(), LiveError> {
+        let t = Instant::now();
+        let no_extents = Vec::new();
+        let extents = self.shared.extents.get().unwrap_or(&no_extents);
+        let total: u64 = extents
+            .iter()
+            .flat_map(|e| e.iter().map(|(s, e)| e - s))
+            .sum();
+        progress.start("RAM", total);
+        let mut buf = vec![0u8; usize_from(BATCH_BYTES)];
+        let mut claimed = Vec::with_capacity(usize_from(BATCH_BYTES / PAGE_SIZE));
+        let result = (|| {
+            for (r, extents) in self.ranges.iter().zip(extents) {
+                for &(start, end) in extents {
+                    let mut off = start;
+                    while off < end {
+                        let len = (end - off).min(BATCH_BYTES);
+                        let first = r.first_page + off / PAGE_SIZE;
+                        let data = &mut buf[..usize_from(len)];
+                        self.copy_batch(r, off, first, data, &mut claimed)?;
+                        sink(PageIndex(first), data)?;
+                        progress.advance(len);
+                        if let Some(t) = throttle {
+                            t.take(len);
+                        }
+                        off += len;
+                    }
+                }
+            }
+            Ok(())
+        })();
+        progress.finish();
+        self.stats.copy_ms = ms(t.elapsed());
+        result
+    }
+
+    /// One batch of the copier: `data` gets the instant's bytes of the
+    /// pages at byte `off` of `r` (global page `first` on).
+    fn copy_batch(
+        &self,
+        r: &LiveRange,
+        off: u64,
+        first: u64,
+        data: &mut [u8],
+        claimed: &mut Vec<bool>,
+    ) -> Result<(), LiveError> {
+        self.check_failed()?;
+        let states = &self.shared.states;
+        claimed.clear();
+        claimed.extend((0..u64_from(data.len()) / PAGE_SIZE).map(|i| states.claim(PageIndex(first + i))));
+        if claimed.iter().any(|&c| c) {
+            // Every claimed page is still write-protected: these are its
+            // bytes at the instant.
+            r.file
+                .read_exact_at(data, off)
+                .map_err(|source| LiveError::ReadRam {
+                    id: r.id.clone(),
+                    source,
+                })?;
+            for (i, _) in claimed.iter().enumerate().filter(|(_, &c)| c) {
+                states.saved(PageIndex(first + u64_from(i)));
+            }
+        }
+        // Lift the batch's protection and wake whoever waited on it.
+        let (start, len) = (r.start.offset(off), u64_from(data.len()));
+        self.retry_eagain(|| self.uffd.unprotect(start, len, true))?;
+        for (i, page) in data.chunks_exact_mut(PAGE_BYTES).enumerate() {
+            if claimed[i] {
+                continue;
+            }
+            let p = PageIndex(first + u64_from(i));
+            self.wait_saved(p)?;
+            if !self.shared.side.get(p, page).map_err(LiveError::Side)? {
+                return Err(LiveError::FaultThread(format!(
+                    "page {} was saved ahead but is not in the scratch file",
+                    p.0
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Waits until the fault thread has saved page `p`.
+    fn wait_saved(&self, p: PageIndex) -> Result<(), LiveError> {
+        let mut spins = 0u32;
+        while self.shared.states.get(p) != SAVED {
+            self.check_failed()?;
+            spins += 1;
+            if spins < 64 {
+                std::thread::yield_now();
+            } else {
+                std::thread::sleep(Duration::from_micros(50));
+            }
+        }
+        Ok(())
+    }
+
+    fn check_failed(&self) -> Result<(), LiveError> {
+        if self.shared.failed.load(Ordering::Acquire) {
+            return Err(LiveError::FaultThread(
+                "it stopped (its error follows when the copy is torn down)".into(),
+            ));
+        }
+        let discarded = self.shared.discarded.load(Ordering::Acquire);
+        if discarded > 0 {
+            return Err(LiveError::Discarded { pages: discarded });
+        }
+        Ok(())
+    }
+
+    /// Runs a protection change, again while the kernel refuses it with
+    /// `EAGAIN` because a remove event is pending (the fault thread reads it).
+    fn retry_eagain(&self, op: impl Fn() -> Result<(), UffdError>) -> Result<(), LiveError> {
+        loop {
+            match op() {
+                Err(UffdError::WriteProtect {
+                    errno: Errno::EAGAIN,
+                    ..
+                }) => {
+                    self.check_failed()?;
+                    std::thread::sleep(Duration::from_micros(100));
+                }
+                r => return Ok(r?),
+            }
+        }
+    }
+
+    /// Ends the copy: unregisters guest RAM (no write waits any more),
+    /// stops the fault thread and returns the statistics. A discard of an
+    /// unsaved page seen until the end still fails it.
+    pub fn finish(mut self) -> Result<LiveStats, LiveError> {
+        let counts = self.teardown()?;
+        let discarded = self.shared.discarded.load(Ordering::Acquire);
+        if discarded > 0 {
+            return Err(LiveError::Discarded { pages: discarded });
+        }
+        let mut stats = self.stats.clone();
+        stats.wp_faults = counts.wp_faults;
+        stats.saved_ahead = counts.saved_ahead;
+        stats.waited_for_copier = counts.waited_for_copier;
+        let mut samples = counts.service_us;
+        samples.sort_unstable();
+        stats.fault_p50_us = percentile(&samples, 50);
+        stats.fault_p99_us = percentile(&samples, 99);
+        Ok(stats)
+    }
+
+    /// Unregisters (lifting every protection and waking every waiter),
+    /// then stops and joins the fault thread.
+    fn teardown(&mut self) -> Result<FaultCounts, LiveError> {
+        let mut first_err = None;
+        if self.registered {
+            self.registered = false;
+            for r in self.ranges.iter() {
+                if let Err(e) = self.uffd.unregister(r.start, r.len) {
+                    // The owner may be gone: then there is nothing to release.
+                    if self.uffd.owner_alive() {
+                        log::error!("unregistering {} after the live copy: {e}", r.id);
+                        first_err.get_or_insert(LiveError::from(e));
+                    }
+                }
+            }
+        }
+        self.shared.stop.store(true, Ordering::Release);
+        let counts = match self.thread.take().map(JoinHandle::join) {
+            Some(Ok(r)) => r,
+            Some(Err(_)) => Err(LiveError::FaultThread("it panicked".into())),
+            None => Ok(FaultCounts::default()),
+        };
+        match (first_err, counts) {
+            (_, Err(e)) | (Some(e), Ok(_)) => Err(e),
+            (None, Ok(c)) => Ok(c),
+        }
+    }
+
+    /// Statistics so far.
+    pub fn stats(&self) -> &LiveStats {
+        &self.stats
+    }
+}
+
+impl Drop for LiveCopy {
+    fn drop(&mut self) {
+        if self.registered || self.thread.is_some() {
+            if let Err(e) = self.teardown() {
+                log::warn!("tearing down the live copy: {e}");
+            }
+        }
+    }
+}
+
+/// What became of a write fault.
+enum Handled {
+    /// The write goes on.
+    Released,
+    /// The kernel refused to lift the protection for now (`EAGAIN`, a
+    /// remove event is pending): handle the fault again after the next read.
+    Again,
+    /// The copier holds the page; its release wakes the write.
+    CopierHolds,
+}
+
+/// The fault thread: before the instant lets every write go on and notes
+/// its page; after it saves each page the guest is about to write unless
+/// saved already, then lets the write go on; counts discards of pages not
+/// saved yet. Returns when asked to stop, or when QEMU is gone (nothing
+/// can write guest RAM any more).
+fn serve_faults(
+    uffd: &RemoteUffd,
+    ranges: &[LiveRange],
+    shared: &Shared,
+) -> Result<FaultCounts, LiveError> {
+    let mut events = EventBuffer::new(64);
+    let mut page = vec![0u8; PAGE_BYTES];
+    let mut counts = FaultCounts::default();
+    let mut again: Vec<u64> = Vec::new();
+    let mut retry: Vec<u64> = Vec::new();
+    while !shared.stop.load(Ordering::Acquire) {
+        let wait = if !again.is_empty() {
+            Duration::ZERO
+        } else if lock(&shared.arming).instant {
+            EVENT_POLL
+        } else {
+            // Arming is short; stay responsive to the instant.
+            Duration::from_millis(1)
+        };
+        let batch = match uffd.read_events(&mut events, Some(wait)) {
+            Ok(b) => b,
+            Err(UffdError::OwnerExited { .. }) => return Ok(counts),
+            Err(e) => return Err(e.into()),
+        };
+        retry.clear();
+        retry.append(&mut again);
+        for ev in batch {
+            match *ev {
+                FaultEvent::WriteProtectFault { addr } => {
+                    counts.wp_faults += 1;
+                    retry.push(addr & !(PAGE_SIZE - 1));
+                }
+                FaultEvent::Remove { start, end } => note_removed(ranges, shared, start, end),
+                _ => {}
+            }
+        }
+        for &addr in &retry {
+            let t = Instant::now();
+            match handle_write(uffd, ranges, shared, addr, &mut page)? {
+                Handled::Again => again.push(addr),
+                Handled::CopierHolds => counts.waited_for_copier += 1,
+                Handled::Released => {
+                    if counts.service_us.len() < MAX_SAMPLES {
+                        counts
+                            .service_us
+                            .push(u32::try_from(t.elapsed().as_micros()).unwrap_or(u32::MAX));
+                    }
+                }
+            }
+        }
+        counts.saved_ahead = shared.side.len();
+    }
+    Ok(counts)
+}
+
+/// One write fault at page-aligned `addr`.
+fn handle_write(
+    uffd: &RemoteUffd,
+    ranges: &[LiveRange],
+    shared: &Shared,
+    addr: u64,
+    page: &mut [u8],
+) -> Result<Handled, LiveError> {
+    let release = || match uffd.unprotect(HostAddr(addr), PAGE_SIZE, true) {
+        Ok(()) => Ok(Handled::Released),
+        Err(UffdError::WriteProtect {
+            errno: Errno::EAGAIN,
+            ..
+        }) => Ok(Handled::Again),
+        Err(e) => Err(LiveError::from(e)),
+    };
+    {
+        let mut arming = lock(&shared.arming);
+        if !arming.instant {
+            let handled = release()?;
+            if matches!(handled, Handled::Released) {
+                arming.unprotected.push((addr, PAGE_SIZE));
+            }
+            return Ok(handled);
+        }
+    }
+    let Some((r, p)) = ranges
+        .iter()
+        .find_map(|r| r.page_at(addr).map(|p| (r, p)))
+    else {
+        // Not guest RAM thaw protected: nothing to save.
+        return release();
+    };
+    if shared.states.claim(p) {
+        // Still protected: these are its bytes at the instant.
+        r.file
+            .read_exact_at(page, addr - r.start.0)
+            .map_err(|source| LiveError::ReadRam {
+                id: r.id.clone(),
+                source,
+            })?;
+        shared.side.put(p, page).map_err(LiveError::Side)?;
+        shared.states.saved(p);
+        return release();
+    }
+    match shared.states.get(p) {
+        COPYING => Ok(Handled::CopierHolds),
+        _ => release(),
+    }
+}
+
+/// A discarded range: before the instant it must be protected again (a
+/// punched page loses its protection); after it, a discarded page with
+/// data at the instant that is not saved yet has lost its instant bytes.
+fn note_removed(ranges: &[LiveRange], shared: &Shared, start: u64, end: u64) {
+    {
+        let mut arming = lock(&shared.arming);
+        if !arming.instant {
+            for r in ranges {
+                let (s, e) = (start.max(r.start.0), end.min(r.start.0 + r.len));
+                if s < e {
+                    arming.unprotected.push((s, e - s));
+                }
+            }
+            return;
+        }
+    }
+    let Some(extents) = shared.extents.get() else {
+        return;
+    };
+    let mut lost = 0u64;
+    for (r, extents) in ranges.iter().zip(extents) {
+        let (s, e) = (start.max(r.start.0), end.min(r.start.0 + r.len));
+        for addr in (s..e).step_by(PAGE_BYTES) {
+            let off = addr - r.start.0;
+            let had_data = extents.iter().any(|&(a, b)| off >= a && off < b);
+            let Some(p) = r.page_at(addr) else { continue };
+            if had_data && matches!(shared.states.get(p), NOT_SAVED | COPYING) {
+                lost += 1;
+            }
+        }
+    }
+    if lost > 0 {
+        log::error!("the guest discarded {lost} unsaved pages at {start:#x}..{end:#x}");
+        shared.discarded.fetch_add(lost, Ordering::AcqRel);
+    }
+}
+
+/// The union of two lists of `[start, end)` ranges as a sorted list of
+/// disjoint ranges.
+fn union(
+    a: impl Iterator<Item = (u64, u64)>,
+    b: impl Iterator<Item = (u64, u64)>,
+) -> Vec<(u64, u64)> {
+    let mut all: Vec<(u64, u64)> = a.chain(b).collect();
+    all.sort_unstable();
+    let mut out: Vec<(u64, u64)> = Vec::with_capacity(all.len());
+    for (s, e) in all {
+        match out.last_mut() {
+            Some((_, end)) if *end >= s => *end = (*end).max(e),
+            _ => out.push((s, e)),
+        }
+    }
+    out
+}
+
+/// Locks `m`, also after a panic elsewhere (the data stays consistent:
+/// every holder only pushes or takes whole entries).
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+fn percentile(sorted: &[u32], pct: usize) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let i = (sorted.len() - 1) * pct / 100;
+    f64::from(sorted[i])
+}

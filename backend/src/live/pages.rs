@@ -1,0 +1,141 @@
+//! Who owns each guest page during a live copy, and where the pages saved
+//! ahead of the copier wait.
+//!
+//! [`PageStates`] is the single owner of every page's state: every page
+//! starts [`NOT_SAVED`] (a hole at the instant is simply never read by the
+//! copier; saving one ahead saves its zeros); exactly one actor
+//! (the copier or the write-fault thread) wins [`PageStates::claim`] and
+//! moves it to [`COPYING`], reads its instant bytes and only then marks it
+//! [`SAVED`] and lifts its write protection. So each page is saved exactly
+//! once, and never after the guest could write it again.
+//!
+//! [`SideStore`] holds the pages the fault thread saved ahead of the copier
+//! (a guest write was waiting on them) in an unnamed scratch file next to
+//! the image, until the copier reaches them and writes them into the image
+//! in page order.
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::sync::atomic::{AtomicU32, AtomicU8, Ordering};
+
+use crate::mem::{u64_from, usize_from, PageIndex, PAGE_BYTES, PAGE_SIZE};
+
+/// Write-protected, not saved yet.
+pub const NOT_SAVED: u8 = 0;
+/// Claimed by the copier or the fault thread, being read.
+pub const COPYING: u8 = 1;
+/// Its instant bytes are in thaw's hands; its protection may be lifted.
+pub const SAVED: u8 = 2;
+/// Not a page of guest RAM.
+pub const OUTSIDE: u8 = 3;
+
+/// The state of every guest page of one live copy.
+pub struct PageStates {
+    states: Vec<AtomicU8>,
+}
+
+impl PageStates {
+    /// `total` pages, none saved.
+    pub fn new(total: u64) -> PageStates {
+        PageStates {
+            states: (0..total).map(|_| AtomicU8::new(NOT_SAVED)).collect(),
+        }
+    }
+
+    /// Takes page `p` for copying if nobody has: `NOT_SAVED` → `COPYING`.
+    /// Whoever gets `true` must read it and then call [`PageStates::saved`].
+    pub fn claim(&self, p: PageIndex) -> bool {
+        self.slot(p).is_some_and(|s| {
+            s.compare_exchange(NOT_SAVED, COPYING, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
+        })
+    }
+
+    /// The claimer has page `p`'s instant bytes: `COPYING` → `SAVED`.
+    pub fn saved(&self, p: PageIndex) {
+        if let Some(s) = self.slot(p) {
+            s.store(SAVED, Ordering::Release);
+        }
+    }
+
+    /// Page `p`'s state ([`OUTSIDE`] for a page outside guest RAM).
+    pub fn get(&self, p: PageIndex) -> u8 {
+        self.slot(p).map_or(OUTSIDE, |s| s.load(Ordering::Acquire))
+    }
+
+    /// Pages in `state` (for checks and reports).
+    pub fn count(&self, state: u8) -> u64 {
+        u64_from(
+            self.states
+                .iter()
+                .filter(|s| s.load(Ordering::Relaxed) == state)
+                .count(),
+        )
+    }
+
+    fn slot(&self, p: PageIndex) -> Option<&AtomicU8> {
+        self.states.get(usize_from(p.0))
+    }
+}
+
+/// Pages saved ahead of the copier, in a scratch file: one writer (the
+/// fault thread), one reader (the copier) per page, handed over through
+/// the page's slot number.
+pub struct SideStore {
+    file: File,
+    /// Per guest page: 0 = not here, else slot + 1.
+    slots: Vec<AtomicU32>,
+    next: AtomicU32,
+}
+
+impl SideStore {
+    /// A store for `total` guest pages in `file` (empty, private to thaw).
+    pub fn new(file: File, total: u64) -> SideStore {
+        SideStore {
+            file,
+            slots: (0..total).map(|_| AtomicU32::new(0)).collect(),
+            next: AtomicU32::new(0),
+        }
+    }
+
+    /// Keeps `data` (one page) as page `p`'s saved bytes.
+    pub fn put(&self, p: PageIndex, data: &[u8]) -> std::io::Result<()> {
+        let entry = self
+            .slots
+            .get(usize_from(p.0))
+            .ok_or_else(|| std::io::Error::other(format!("page {} outside guest RAM", p.0)))?;
+        let slot = self.next.fetch_add(1, Ordering::Relaxed);
+        if slot == u32::MAX {
+            return Err(std::io::Error::other("too many pages saved ahead"));
+        }
+        self.file
+            .write_all_at(&data[..PAGE_BYTES], u64::from(slot) * PAGE_SIZE)?;
+        entry.store(slot + 1, Ordering::Release);
+        Ok(())
+    }
+
+    /// Reads page `p`'s saved bytes into `buf` (one page); `false` if the
+    /// store does not hold it.
+    pub fn get(&self, p: PageIndex, buf: &mut [u8]) -> std::io::Result<bool> {
+        let Some(entry) = self.slots.get(usize_from(p.0)) else {
+            return Ok(false);
+        };
+        let slot = entry.load(Ordering::Acquire);
+        if slot == 0 {
+            return Ok(false);
+        }
+        self.file
+            .read_exact_at(&mut buf[..PAGE_BYTES], u64::from(slot - 1) * PAGE_SIZE)?;
+        Ok(true)
+    }
+
+    /// Pages held.
+    pub fn len(&self) -> u64 {
+        u64::from(self.next.load(Ordering::Relaxed))
+    }
+
+    /// Whether no page was saved ahead.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
