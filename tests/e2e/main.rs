@@ -24,6 +24,7 @@ mod faults;
 mod foreign;
 mod harness;
 mod libvirt;
+mod live;
 mod secrets;
 mod working_set;
 

@@ -299,6 +299,18 @@ async fn save_locked(
             return Err(e.into());
         }
     };
+    if live_stats.is_some() {
+        // QEMU may die while a live copy runs: the copy still completes
+        // the instant's image (nothing can write guest RAM any more), but
+        // the VM is gone and the caller must hear so.
+        let qemu = state.qemu().map_err(vmm::QemuError::from)?;
+        if !qemu.alive() {
+            return Err(vmm::QemuError::from(crate::remote::process::ProcessError::Gone {
+                pid: qemu.pid().as_raw(),
+            })
+            .into());
+        }
+    }
     let working_sets = attach_estimates(&paths, image, state.layout.total_pages());
     let paused_ms = ms(resumed.unwrap_or_else(|| paused.elapsed()));
     if opts.keep_running {

@@ -25,6 +25,8 @@
     clippy::cast_possible_wrap
 )]
 
+mod cow;
+
 use std::fs::File;
 use std::io::{Read, Write};
 use std::mem::ManuallyDrop;
@@ -47,6 +49,11 @@ Defaults come from thaw.* parameters on the kernel command line
   --seed <u64>        data seed (decimal or 0x-hex; default 1)
   --tick-ms <ms>      pause between ticks (default 200)
   --full-every <n>    verify all blocks every n ticks; 0 = never (default 10)
+  --cow-writers <n>   copy-on-write mode: n threads write sequence-numbered
+                      whole pages; VERIFY checks them (see src/cow.rs)
+  --cow-mem <size>    pages per writer (default 32M)
+  --cow-rate <n>      pages per second per writer (default 2000; 0 = no limit)
+  --cow-disk <dev>    also read this disk with O_DIRECT into checked pages
   --once              host test mode: fill, run 3 ticks (the last one with a
                       full verification) without pausing, exit 0 if all good
   --no-cmdline        ignore /proc/cmdline
@@ -74,6 +81,14 @@ pub struct Config {
     pub pattern: Pattern,
     /// `phase`: the hot set moves to the next region every this many ms.
     pub phase_ms: u64,
+    /// Copy-on-write mode ([`cow`]) with this many writer threads; 0: off.
+    pub cow_writers: u64,
+    /// Copy-on-write mode: bytes of pages per writer.
+    pub cow_mem: u64,
+    /// Copy-on-write mode: pages per second each writer writes (0: no limit).
+    pub cow_rate: u64,
+    /// Copy-on-write mode: a disk the DMA reader reads (empty: none).
+    pub cow_disk: String,
 }
 
 /// How throughput mode picks the block it verifies next.
@@ -101,6 +116,10 @@ impl Default for Config {
             tput_ms: 0,
             pattern: Pattern::Uniform,
             phase_ms: 5000,
+            cow_writers: 0,
+            cow_mem: 32 << 20,
+            cow_rate: 2000,
+            cow_disk: String::new(),
         }
     }
 }
@@ -163,6 +182,10 @@ impl Config {
             "report_hot" => self.report_hot = parse_u64(value).map_err(what)? != 0,
             "tput_ms" => self.tput_ms = parse_u64(value).map_err(what)?,
             "phase_ms" => self.phase_ms = parse_u64(value).map_err(what)?,
+            "cow_writers" => self.cow_writers = parse_u64(value).map_err(what)?,
+            "cow_mem" => self.cow_mem = parse_size(value).map_err(what)?,
+            "cow_rate" => self.cow_rate = parse_u64(value).map_err(what)?,
+            "cow_disk" => self.cow_disk = value.to_string(),
             "pattern" => {
                 self.pattern = match value {
                     "uniform" => Pattern::Uniform,
@@ -659,6 +682,9 @@ fn hex(bytes: &[u8]) -> String {
 
 fn run(start: Instant, cfg: &Config) -> Result<i32, String> {
     let nonce = hex(&random_nonce()?);
+    if cfg.cow_writers > 0 {
+        return cow::run(cfg, &nonce);
+    }
     let mut w = Workload::new(cfg.mem, cfg.hot, cfg.seed)?;
     emit(&format!(
         "THAW-READY nonce={nonce} mem={} hot={} blocks={} seed={}",
@@ -799,6 +825,7 @@ mod tests {
                 tput_ms: 0,
                 pattern: Pattern::Uniform,
                 phase_ms: 5000,
+                ..Config::default()
             }
         );
         assert!(Config::default()
