@@ -13,9 +13,9 @@
 
 pub mod config;
 pub(crate) mod engine;
-pub mod live;
 pub mod failpoint;
 pub mod image;
+pub mod live;
 pub mod mem;
 pub(crate) mod observe;
 pub mod ops;

@@ -90,8 +90,7 @@ fn verify(vm: &Vm) -> String {
 fn writes(vm: &Vm) -> u64 {
     vm.console()
         .lines()
-        .filter(|l| l.starts_with("THAW-COW-TICK "))
-        .last()
+        .rfind(|l| l.starts_with("THAW-COW-TICK "))
         .and_then(|l| l.split_whitespace().find_map(|w| w.strip_prefix("writes=")))
         .and_then(|w| w.parse().ok())
         .unwrap_or(0)
@@ -135,9 +134,9 @@ fn wait_copying(image: &Path, child: &mut std::process::Child) {
         if let Some(status) = child.try_wait().expect("poll thaw") {
             panic!("thaw exited ({status}) before copying RAM");
         }
-        let copying = partials(dir).iter().any(|p| {
-            std::fs::metadata(p.join("pages.bin")).is_ok_and(|m| m.len() > 0)
-        });
+        let copying = partials(dir)
+            .iter()
+            .any(|p| std::fs::metadata(p.join("pages.bin")).is_ok_and(|m| m.len() > 0));
         if copying {
             return;
         }
@@ -160,7 +159,14 @@ fn live_checkpoint_holds_one_instant_under_writes_and_dma() {
     verify(&vm);
     // A write tracker holds guest RAM's userfaultfd registration: the
     // checkpoint stops it and keeps its estimate rather than fail on it.
-    let tracker = vm.thaw_spawn(&["track", &vm.name, "--estimator", "dirty", "--interval-ms", "200"]);
+    let tracker = vm.thaw_spawn(&[
+        "track",
+        &vm.name,
+        "--estimator",
+        "dirty",
+        "--interval-ms",
+        "200",
+    ]);
     vm.wait_for(TIMEOUT, "the tracker's first estimate", |_| {
         vm.runtime_file("estimate-dirty.bin").exists()
     });
@@ -177,7 +183,11 @@ fn live_checkpoint_holds_one_instant_under_writes_and_dma() {
         "--json",
     ]);
     let tracked = tracker.wait_with_output().expect("the tracker");
-    assert!(tracked.status.success(), "{}", String::from_utf8_lossy(&tracked.stderr));
+    assert!(
+        tracked.status.success(),
+        "{}",
+        String::from_utf8_lossy(&tracked.stderr)
+    );
     let report = json(&out);
     let save = &report["save"];
     assert_eq!(save["method"], "live", "{report}");
@@ -239,7 +249,12 @@ fn failed_live_checkpoints_leave_the_guest_running_and_no_image() {
     // thaw SIGKILLed mid-copy: the kernel drops every protection with
     // thaw's userfaultfd, the guest writes on.
     let mut child = vm.thaw_spawn(&[
-        "save", &vm.name, image_arg, "--keep-running", "--copy-limit", "4M",
+        "save",
+        &vm.name,
+        image_arg,
+        "--keep-running",
+        "--copy-limit",
+        "4M",
     ]);
     wait_copying(&image, &mut child);
     sigkill(child.id() as i32);
@@ -264,7 +279,12 @@ fn failed_live_checkpoints_leave_the_guest_running_and_no_image() {
         .expect("mount");
     assert!(mounted.success(), "mounting a small tmpfs failed");
     let full = small.join("ckpt");
-    let out = vm.thaw_raw(&["save", &vm.name, full.to_str().expect("utf-8"), "--keep-running"]);
+    let out = vm.thaw_raw(&[
+        "save",
+        &vm.name,
+        full.to_str().expect("utf-8"),
+        "--keep-running",
+    ]);
     let err = String::from_utf8_lossy(&out.stderr).into_owned();
     let _ = Command::new("umount").arg(&small).status();
     assert!(!out.status.success(), "a 24 MiB disk held the checkpoint?");
@@ -279,7 +299,13 @@ fn failed_live_checkpoints_leave_the_guest_running_and_no_image() {
     // QEMU killed mid-copy: nothing can write guest RAM any more, so thaw
     // completes the instant's image and says the VM is gone.
     let mut child = vm.thaw_spawn(&[
-        "save", &vm.name, image_arg, "--force", "--keep-running", "--copy-limit", "8M",
+        "save",
+        &vm.name,
+        image_arg,
+        "--force",
+        "--keep-running",
+        "--copy-limit",
+        "8M",
     ]);
     wait_copying(&image, &mut child);
     let pid: i32 = std::fs::read_to_string(vm.runtime_file("qemu.pid"))

@@ -49,8 +49,7 @@ use serde::Serialize;
 use crate::image::throttle::Throttle;
 use crate::mem::{u64_from, usize_from, HostAddr, PageIndex, PAGE_BYTES, PAGE_SIZE};
 use crate::remote::uffd::{
-    self, EventBuffer, FaultEvent, RegisterMode, RemoteUffd, UffdError,
-    FEATURE_WP_HUGETLBFS_SHMEM,
+    self, EventBuffer, FaultEvent, RegisterMode, RemoteUffd, UffdError, FEATURE_WP_HUGETLBFS_SHMEM,
 };
 use pages::{PageStates, SideStore, COPYING, NOT_SAVED, SAVED};
 
@@ -249,11 +248,7 @@ impl LiveCopy {
                 return Err(e.into());
             }
         }
-        let (uffd, ranges, shared) = (
-            live.uffd.clone(),
-            live.ranges.clone(),
-            live.shared.clone(),
-        );
+        let (uffd, ranges, shared) = (live.uffd.clone(), live.ranges.clone(), live.shared.clone());
         live.thread = Some(
             std::thread::Builder::new()
                 .name("thaw-live-wp".into())
@@ -272,12 +267,11 @@ impl LiveCopy {
         }
         // After the protection: what changes from now on is noted.
         for r in live.ranges.iter() {
-            let extents = crate::mem::data_extents(&r.file, r.len).map_err(|source| {
-                LiveError::ReadRam {
+            let extents =
+                crate::mem::data_extents(&r.file, r.len).map_err(|source| LiveError::ReadRam {
                     id: r.id.clone(),
                     source,
-                }
-            })?;
+                })?;
             live.armed_extents.push(extents);
         }
         live.stats.arm_ms = ms(t.elapsed());
@@ -319,7 +313,10 @@ impl LiveCopy {
                 (s < e).then(|| (s - r.start.0, e - r.start.0))
             });
             let extents = union(armed.iter().copied(), noted);
-            pages += extents.iter().map(|(s, e)| (e - s) / PAGE_SIZE).sum::<u64>();
+            pages += extents
+                .iter()
+                .map(|(s, e)| (e - s) / PAGE_SIZE)
+                .sum::<u64>();
             all.push(extents);
         }
         let _ = self.shared.extents.set(all);
@@ -385,7 +382,9 @@ impl LiveCopy {
         self.check_failed()?;
         let states = &self.shared.states;
         claimed.clear();
-        claimed.extend((0..u64_from(data.len()) / PAGE_SIZE).map(|i| states.claim(PageIndex(first + i))));
+        claimed.extend(
+            (0..u64_from(data.len()) / PAGE_SIZE).map(|i| states.claim(PageIndex(first + i))),
+        );
         if claimed.iter().any(|&c| c) {
             // Every claimed page is still write-protected: these are its
             // bytes at the instant.
@@ -624,10 +623,7 @@ fn handle_write(
             return Ok(handled);
         }
     }
-    let Some((r, p)) = ranges
-        .iter()
-        .find_map(|r| r.page_at(addr).map(|p| (r, p)))
-    else {
+    let Some((r, p)) = ranges.iter().find_map(|r| r.page_at(addr).map(|p| (r, p))) else {
         // Not guest RAM thaw protected: nothing to save.
         return release();
     };

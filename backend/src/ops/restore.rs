@@ -979,11 +979,10 @@ pub(crate) fn drop_early_pages(
 ) -> Result<(), RestoreError> {
     for (m, b) in ram.iter().zip(blocks) {
         let file = &b.file;
-        let extents =
-            crate::mem::data_extents(file, m.len).map_err(|source| RestoreError::Io {
-                context: format!("scanning {}", m.fd_path.display()),
-                source,
-            })?;
+        let extents = crate::mem::data_extents(file, m.len).map_err(|source| RestoreError::Io {
+            context: format!("scanning {}", m.fd_path.display()),
+            source,
+        })?;
         for (start, end) in extents {
             log::warn!(
                 "RAM block {} had data at {start:#x}..{end:#x} before the restore; dropping it",

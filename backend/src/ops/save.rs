@@ -305,10 +305,12 @@ async fn save_locked(
         // the VM is gone and the caller must hear so.
         let qemu = state.qemu().map_err(vmm::QemuError::from)?;
         if !qemu.alive() {
-            return Err(vmm::QemuError::from(crate::remote::process::ProcessError::Gone {
-                pid: qemu.pid().as_raw(),
-            })
-            .into());
+            return Err(
+                vmm::QemuError::from(crate::remote::process::ProcessError::Gone {
+                    pid: qemu.pid().as_raw(),
+                })
+                .into(),
+            );
         }
     }
     let working_sets = attach_estimates(&paths, image, state.layout.total_pages());
@@ -497,11 +499,12 @@ fn copy_ram(
             path: m.fd_path.clone(),
             source,
         })?;
-        let extents = crate::mem::data_extents(&file, block.size).map_err(|source| SaveError::ReadRam {
-            id: m.id.clone(),
-            path: m.fd_path.clone(),
-            source,
-        })?;
+        let extents =
+            crate::mem::data_extents(&file, block.size).map_err(|source| SaveError::ReadRam {
+                id: m.id.clone(),
+                path: m.fd_path.clone(),
+                source,
+            })?;
         files.push((file, extents));
     }
     // Opened through /proc/<pid>/fd while QEMU was alive: QEMU's files.

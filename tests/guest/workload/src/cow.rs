@@ -256,7 +256,10 @@ fn check_region(region: &[Page], w: u64, c: u64) -> Finding {
             let want = page_word(w, s, k as u64);
             if word != want {
                 let got_step = (word >> 9) & ((1 << 47) - 1);
-                let torn = page.0.iter().any(|&x| (x >> 9) & ((1 << 47) - 1) != got_step);
+                let torn = page
+                    .0
+                    .iter()
+                    .any(|&x| (x >> 9) & ((1 << 47) - 1) != got_step);
                 f.bad = Some(format!(
                     "writer={w} counter={c} page={j} word={k} want_step={s} got={word:016x} got_step={got_step} torn={}",
                     u8::from(torn)
@@ -292,7 +295,9 @@ fn dma_reader(thread: usize, disk: std::fs::File, blocks: u64, board: &Board) {
         match disk.read_exact_at(bytes, b * PAGE_BYTES as u64) {
             Ok(()) => holds[slot] = b,
             Err(e) => {
-                emit(&format!("THAW-COW-BAD thread={thread} dma read of block {b} failed: {e}"));
+                emit(&format!(
+                    "THAW-COW-BAD thread={thread} dma read of block {b} failed: {e}"
+                ));
                 holds[slot] = u64::MAX;
                 std::thread::sleep(Duration::from_millis(100));
             }
