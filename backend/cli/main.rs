@@ -348,6 +348,45 @@ enum Command {
         #[arg(long)]
         hot_cache: bool,
     },
+    /// Measure what a checkpoint costs the running guest: live
+    /// (copy-on-write) against stop-and-copy, side by side, at one or
+    /// more RAM sizes: the pause, the guest's work during the copy, its
+    /// longest stall and the probe latency.
+    BenchCheckpoint {
+        /// VM config; its guest must run the workload in throughput mode
+        /// (thaw.tput_ms=50), e.g. configs/bench-tput-2g.yaml.
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Comma-separated: live, stop-and-copy.
+        #[arg(long, value_delimiter = ',', default_value = "live,stop-and-copy")]
+        methods: Vec<String>,
+        /// Checkpoints per method and size; medians are reported.
+        #[arg(long, default_value_t = 3)]
+        runs: u32,
+        /// Comma-separated RAM sizes to boot the VM with (e.g.
+        /// 1G,2G,4G,8G; the workload fills three quarters); default: the
+        /// config's.
+        #[arg(long, value_delimiter = ',', value_parser = parse_size)]
+        sizes: Vec<u64>,
+        /// Pace live copies to this rate per second.
+        #[arg(long, value_parser = parse_size)]
+        copy_limit: Option<u64>,
+        /// Warm-up before the warm rate is measured (ms)...
+        #[arg(long, default_value_t = 5000)]
+        warmup_ms: u64,
+        /// ...and the window it is measured over (ms).
+        #[arg(long, default_value_t = 3000)]
+        measure_ms: u64,
+        /// Console probe period (ms); 0 = off.
+        #[arg(long, default_value_t = crate::bench::PROBE_PERIOD_MS)]
+        probe_ms: u64,
+        /// Where the images go (each is removed after its run).
+        #[arg(long, default_value = "/var/lib/thaw/bench-checkpoint")]
+        dir: PathBuf,
+        /// Also write checkpoint.json and checkpoint.md into this directory.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
     /// Describe an image: VM, QEMU, RAM layout, sizes, working sets.
     Inspect { image: PathBuf },
     /// List running VMs.
@@ -650,6 +689,45 @@ async fn run(cli: Cli) -> Result<()> {
             let report = thaw::ops::track::track(&name, opts, termination())
                 .await
                 .with_context(|| format!("tracking VM {name}"))?;
+            print(j, &report, &report)
+        }
+        Command::BenchCheckpoint {
+            config,
+            methods,
+            runs,
+            sizes,
+            copy_limit,
+            warmup_ms,
+            measure_ms,
+            probe_ms,
+            dir,
+            out,
+        } => {
+            let opts = crate::bench::checkpoint::CheckpointBenchOptions {
+                config,
+                methods: methods
+                    .iter()
+                    .map(|m| crate::bench::checkpoint::parse_method(m))
+                    .collect::<Result<Vec<_>, _>>()?,
+                runs: runs.max(1),
+                sizes,
+                copy_limit,
+                warmup: Duration::from_millis(warmup_ms),
+                measure: Duration::from_millis(measure_ms),
+                dir,
+                probe_period: (probe_ms > 0).then(|| Duration::from_millis(probe_ms)),
+            };
+            let report = crate::bench::checkpoint::run(&opts)
+                .await
+                .context("checkpoint benchmark")?;
+            if let Some(out) = out {
+                std::fs::create_dir_all(&out)
+                    .with_context(|| format!("creating {}", out.display()))?;
+                std::fs::write(out.join("checkpoint.json"), serde_json::to_vec_pretty(&report)?)
+                    .context("writing checkpoint.json")?;
+                std::fs::write(out.join("checkpoint.md"), report.markdown())
+                    .context("writing checkpoint.md")?;
+            }
             print(j, &report, &report)
         }
         Command::Bench {

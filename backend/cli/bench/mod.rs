@@ -15,6 +15,7 @@
 //! libvirt domain and the stock methods are virsh's ([`libvirt`]).
 
 pub mod app;
+pub mod checkpoint;
 pub mod console;
 pub mod libvirt;
 pub mod plot;
@@ -66,6 +67,8 @@ pub enum BenchError {
     Checkpoint(#[from] thaw::ops::checkpoint::CheckpointError),
     #[error(transparent)]
     Track(#[from] track::TrackError),
+    #[error(transparent)]
+    Save(#[from] thaw::ops::save::SaveError),
     #[error(
         "unknown method {0:?}: use stock, mapped-ram, eager, lazy, lazy:learn or ws:<auto|learned|trace|abit|dirty>, each of eager, lazy and ws:* also as <method>@hot (with --libvirt: virsh, virsh-sparse instead of stock, mapped-ram)"
     )]
