@@ -152,6 +152,8 @@ async fn run_size(opts: &CheckpointBenchOptions, cfg: &VmConfig) -> Result<SizeR
     let accel = vmm::resolve_accel(cfg)?;
     let launched = vmm::launch(cfg, accel, false).await?;
     let serial = launched.state.serial.clone();
+    // QMP takes one client at a time: each save connects on its own.
+    drop(launched);
     let console = vmm::VmPaths::new(&name).console;
 
     // Warm up, then the warm rate and probe latency.

@@ -398,9 +398,11 @@ impl LiveCopy {
                 states.saved(PageIndex(first + u64_from(i)));
             }
         }
-        // Lift the batch's protection and wake whoever waited on it.
+        // Wake whoever waited on the batch. Its protection stays: lifting
+        // it would flush every CPU's TLB per batch; a later write faults
+        // once more and the fault thread lifts it for that page alone.
         let (start, len) = (r.start.offset(off), u64_from(data.len()));
-        self.retry_eagain(|| self.uffd.unprotect(start, len, true))?;
+        self.uffd.wake(start, len)?;
         for (i, page) in data.chunks_exact_mut(PAGE_BYTES).enumerate() {
             if claimed[i] {
                 continue;
