@@ -56,6 +56,9 @@ use pages::{PageStates, SideStore, COPYING, NOT_SAVED, SAVED};
 /// Bytes the copier claims, reads and unprotects at once. A guest write
 /// to a page in the batch waits at most this long a read.
 const BATCH_BYTES: u64 = 256 << 10;
+/// The copier lifts the protection of what it saved in steps of this many
+/// bytes.
+const RELEASE_BYTES: u64 = 16 << 20;
 /// How long the fault thread waits for an event before checking for stop.
 const EVENT_POLL: Duration = Duration::from_millis(50);
 /// Fault service times kept for percentiles.
@@ -297,7 +300,14 @@ impl LiveCopy {
             }
         }
         for &(start, len) in &merged {
-            self.retry_eagain(|| self.uffd.write_protect(HostAddr(start), len))?;
+            if let Err(e) = self.retry_eagain(|| self.uffd.write_protect(HostAddr(start), len)) {
+                log::error!(
+                    "protecting {start:#x}+{len:#x} again failed ({}guest RAM); QEMU's mapping there: {}",
+                    if self.ranges.iter().any(|r| r.page_at(start).is_some()) { "" } else { "not " },
+                    describe_vma(self.uffd.owner(), start)
+                );
+                return Err(e);
+            }
             self.stats.reprotected_pages += len / PAGE_SIZE;
         }
         log::debug!(
@@ -346,6 +356,9 @@ impl LiveCopy {
         let mut claimed = Vec::with_capacity(usize_from(BATCH_BYTES / PAGE_SIZE));
         let result = (|| {
             for (r, extents) in self.ranges.iter().zip(extents) {
+                // Everything before this offset is saved (or was a hole at
+                // the instant): its protection is lifted in large steps.
+                let mut released = 0;
                 for &(start, end) in extents {
                     let mut off = start;
                     while off < end {
@@ -353,14 +366,19 @@ impl LiveCopy {
                         let first = r.first_page + off / PAGE_SIZE;
                         let data = &mut buf[..usize_from(len)];
                         self.copy_batch(r, off, first, data, &mut claimed)?;
+                        off += len;
+                        if off - released >= RELEASE_BYTES {
+                            self.release(r, released, off)?;
+                            released = off;
+                        }
                         sink(PageIndex(first), data)?;
                         progress.advance(len);
                         if let Some(t) = throttle {
                             t.take(len);
                         }
-                        off += len;
                     }
                 }
+                self.release(r, released, r.len)?;
             }
             Ok(())
         })();
@@ -398,9 +416,10 @@ impl LiveCopy {
                 states.saved(PageIndex(first + u64_from(i)));
             }
         }
-        // Wake whoever waited on the batch. Its protection stays: lifting
-        // it would flush every CPU's TLB per batch; a later write faults
-        // once more and the fault thread lifts it for that page alone.
+        // Wake whoever waited on the batch. Its protection stays until the
+        // copier lifts it for [`RELEASE_BYTES`] at once (each lift flushes
+        // every CPU's TLB); a write before that faults once more and the
+        // fault thread lifts it for that page alone.
         let (start, len) = (r.start.offset(off), u64_from(data.len()));
         self.uffd.wake(start, len)?;
         for (i, page) in data.chunks_exact_mut(PAGE_BYTES).enumerate() {
@@ -417,6 +436,16 @@ impl LiveCopy {
             }
         }
         Ok(())
+    }
+
+    /// Lifts the protection of bytes `from..to` of `r`, all saved (or
+    /// holes at the instant), waking any write waiting there.
+    fn release(&self, r: &LiveRange, from: u64, to: u64) -> Result<(), LiveError> {
+        if from >= to {
+            return Ok(());
+        }
+        let start = r.start.offset(from);
+        self.retry_eagain(|| self.uffd.unprotect(start, to - from, true))
     }
 
     /// Waits until the fault thread has saved page `p`.
@@ -607,19 +636,36 @@ fn handle_write(
     addr: u64,
     page: &mut [u8],
 ) -> Result<Handled, LiveError> {
+    let in_ram = ranges.iter().any(|r| r.page_at(addr).is_some());
     let release = || match uffd.unprotect(HostAddr(addr), PAGE_SIZE, true) {
         Ok(()) => Ok(Handled::Released),
         Err(UffdError::WriteProtect {
             errno: Errno::EAGAIN,
             ..
         }) => Ok(Handled::Again),
-        Err(e) => Err(LiveError::from(e)),
+        // Not registered (any more): nothing can wait there. Outside guest
+        // RAM that is harmless; inside, writes there would go unseen.
+        Err(UffdError::WriteProtect {
+            errno: Errno::ENOENT,
+            ..
+        }) if !in_ram => {
+            log::debug!("a write fault at {addr:#x} outside guest RAM");
+            Ok(Handled::Released)
+        }
+        Err(e) => {
+            log::error!(
+                "releasing a write at {addr:#x} failed: {e}; QEMU's mapping there: {}",
+                describe_vma(uffd.owner(), addr)
+            );
+            Err(LiveError::from(e))
+        }
     };
     {
         let mut arming = lock(&shared.arming);
         if !arming.instant {
             let handled = release()?;
-            if matches!(handled, Handled::Released) {
+            // Outside guest RAM (not registered by thaw): nothing to note.
+            if in_ram && matches!(handled, Handled::Released) {
                 arming.unprotected.push((addr, PAGE_SIZE));
             }
             return Ok(handled);
@@ -682,6 +728,27 @@ fn note_removed(ranges: &[LiveRange], shared: &Shared, start: u64, end: u64) {
         log::error!("the guest discarded {lost} unsaved pages at {start:#x}..{end:#x}");
         shared.discarded.fetch_add(lost, Ordering::AcqRel);
     }
+}
+
+/// The mapping of process `pid` holding `addr`, with its flags (`uw`:
+/// registered for userfaultfd write protection), from its `smaps`.
+fn describe_vma(pid: nix::unistd::Pid, addr: u64) -> String {
+    let Ok(smaps) = std::fs::read_to_string(format!("/proc/{pid}/smaps")) else {
+        return "unknown (smaps unreadable)".into();
+    };
+    let mut header: Option<&str> = None;
+    for line in smaps.lines() {
+        let is_header = line
+            .split_once(' ')
+            .and_then(|(range, _)| range.split_once('-'))
+            .and_then(|(a, b)| Some((u64::from_str_radix(a, 16).ok()?, u64::from_str_radix(b, 16).ok()?)));
+        if let Some((a, b)) = is_header {
+            header = (addr >= a && addr < b).then_some(line);
+        } else if let (Some(h), Some(flags)) = (header, line.strip_prefix("VmFlags:")) {
+            return format!("{h} [{}]", flags.trim());
+        }
+    }
+    "none".into()
 }
 
 /// The union of two lists of `[start, end)` ranges as a sorted list of
