@@ -165,6 +165,11 @@ enum Command {
         /// is taken and its RAM write-protected, and runs on during the copy.
         #[arg(long)]
         keep_running: bool,
+        /// Write an incremental image of PREV, an earlier image of this
+        /// VM: pages unchanged since PREV are not written again (restore
+        /// then needs PREV, see `thaw merge`).
+        #[arg(long, value_name = "PREV")]
+        parent: Option<PathBuf>,
         #[command(flatten)]
         live: LiveArgs,
         #[command(flatten)]
@@ -232,6 +237,10 @@ enum Command {
         /// ...or after this long (ms) at most.
         #[arg(long, default_value_t = 10_000)]
         window_max_ms: u64,
+        /// Write an incremental image of PREV, an earlier checkpoint of
+        /// this VM: pages unchanged since PREV are not written again.
+        #[arg(long, value_name = "PREV")]
+        parent: Option<PathBuf>,
         #[command(flatten)]
         live: LiveArgs,
         #[command(flatten)]
@@ -386,6 +395,15 @@ enum Command {
         /// Also write checkpoint.json and checkpoint.md into this directory.
         #[arg(long)]
         out: Option<PathBuf>,
+    },
+    /// Write an incremental image and the chain of parents below it into
+    /// one full image OUT that no longer needs them.
+    Merge {
+        image: PathBuf,
+        out: PathBuf,
+        /// Replace an existing image at OUT.
+        #[arg(long)]
+        force: bool,
     },
     /// Describe an image: VM, QEMU, RAM layout, sizes, working sets.
     Inspect { image: PathBuf },
@@ -568,6 +586,7 @@ async fn run(cli: Cli) -> Result<()> {
             image,
             force,
             keep_running,
+            parent,
             live,
             libvirt,
         } => {
@@ -589,6 +608,7 @@ async fn run(cli: Cli) -> Result<()> {
                     libvirt: libvirt.uri(),
                     method: live.method(),
                     copy_limit: live.copy_limit,
+                    parent,
                 },
             )
             .await
@@ -646,6 +666,7 @@ async fn run(cli: Cli) -> Result<()> {
             force,
             window_quiet_ms,
             window_max_ms,
+            parent,
             live,
             libvirt,
         } => {
@@ -662,6 +683,7 @@ async fn run(cli: Cli) -> Result<()> {
                     libvirt: libvirt.uri(),
                     method: live.method(),
                     copy_limit: live.copy_limit,
+                    parent,
                     progress: progress::terminal_bar(),
                 },
             )
@@ -723,8 +745,11 @@ async fn run(cli: Cli) -> Result<()> {
             if let Some(out) = out {
                 std::fs::create_dir_all(&out)
                     .with_context(|| format!("creating {}", out.display()))?;
-                std::fs::write(out.join("checkpoint.json"), serde_json::to_vec_pretty(&report)?)
-                    .context("writing checkpoint.json")?;
+                std::fs::write(
+                    out.join("checkpoint.json"),
+                    serde_json::to_vec_pretty(&report)?,
+                )
+                .context("writing checkpoint.json")?;
                 std::fs::write(out.join("checkpoint.md"), report.markdown())
                     .context("writing checkpoint.md")?;
             }
@@ -815,6 +840,23 @@ async fn run(cli: Cli) -> Result<()> {
                 crate::bench::plot::throughput_svg(&report, &out.join("throughput.svg"))?;
             }
             print(j, &report, &report)
+        }
+        Command::Merge { image, out, force } => {
+            let img = thaw::image::Image::open(&image)
+                .with_context(|| format!("opening {}", image.display()))?;
+            let summary = thaw::image::chain::merge(&img, &out, force, &*progress::terminal_bar())
+                .with_context(|| format!("merging {} into {}", image.display(), out.display()))?;
+            print(
+                j,
+                &summary,
+                format_args!(
+                    "merged {} ({} image(s) below it) into {}: {} non-zero pages",
+                    image.display(),
+                    img.parent().map_or(0, |(_, d)| d),
+                    out.display(),
+                    summary.nonzero_pages
+                ),
+            )
         }
         Command::Inspect { image } => {
             let img = thaw::image::Image::open(&image)

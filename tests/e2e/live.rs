@@ -191,6 +191,7 @@ fn live_checkpoint_holds_one_instant_under_writes_and_dma() {
     let report = json(&out);
     let save = &report["save"];
     assert_eq!(save["method"], "live", "{report}");
+    let full_pages = save["nonzero_pages"].as_u64().expect("pages");
     let live = &save["live"];
     assert!(live["protected_pages"].as_u64() > Some(24576), "{report}");
     assert!(
@@ -223,6 +224,79 @@ fn live_checkpoint_holds_one_instant_under_writes_and_dma() {
     json(&restored);
     verify(&copy);
     assert_writing(&copy);
+    copy.stop();
+
+    // An incremental checkpoint on top: only what changed is written, and
+    // the chain restores to one instant; merged, it needs no parent.
+    let incremental = vm.dir.join("incremental");
+    let out = vm.thaw(&[
+        "checkpoint",
+        &vm.name,
+        incremental.to_str().expect("utf-8"),
+        "--parent",
+        image.to_str().expect("utf-8"),
+        "--window-max-ms",
+        "500",
+        "--json",
+    ]);
+    let report = json(&out);
+    let (written, inherited) = (
+        report["save"]["nonzero_pages"].as_u64().expect("pages"),
+        report["save"]["inherited_pages"]
+            .as_u64()
+            .expect("inherited"),
+    );
+    // The writers rewrite their 24576 pages every ~6 s; the kernel and the
+    // rest stay: an increment writes part of what a full image holds.
+    assert!(
+        inherited > 1000 && written + inherited >= full_pages / 2 && written < full_pages,
+        "an increment of {full_pages} pages wrote {written}, took {inherited}: {report}"
+    );
+    let info = vm.inspect(&incremental);
+    assert_eq!(info["chain_depth"], 1, "{info}");
+    let copy = vm.renamed(&format!("{}-i", vm.name));
+    json(&vm.thaw(&[
+        "restore",
+        incremental.to_str().expect("utf-8"),
+        "--name",
+        &copy.name,
+        "--mode",
+        "lazy",
+        "--no-learn",
+        "--json",
+    ]));
+    verify(&copy);
+    copy.stop();
+    let merged = vm.dir.join("merged");
+    vm.thaw(&[
+        "merge",
+        incremental.to_str().expect("utf-8"),
+        merged.to_str().expect("utf-8"),
+    ]);
+    std::fs::remove_dir_all(&image).expect("remove the parent");
+    let refused = vm.thaw_raw(&[
+        "restore",
+        incremental.to_str().expect("utf-8"),
+        "--name",
+        "x",
+    ]);
+    assert!(
+        !refused.status.success()
+            && String::from_utf8_lossy(&refused.stderr).contains("is missing"),
+        "a chain without its parent: {}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
+    let copy = vm.renamed(&format!("{}-m", vm.name));
+    json(&vm.thaw(&[
+        "restore",
+        merged.to_str().expect("utf-8"),
+        "--name",
+        &copy.name,
+        "--mode",
+        "eager",
+        "--json",
+    ]));
+    verify(&copy);
     copy.stop();
 
     // The same with stop-and-copy, side by side: also one instant.

@@ -173,7 +173,10 @@ async fn run_size(opts: &CheckpointBenchOptions, cfg: &VmConfig) -> Result<SizeR
     let warm_probe_p50_ms = prober.and_then(|p| median(p.finish().0.iter().map(|s| s.latency_ms)));
     let warm = median(warm_reports[warm_from..].iter().map(|r| r.sample.rate))
         .ok_or(BenchError::NoThroughput(opts.measure))?;
-    let nonce = warm_reports.last().map(|r| r.nonce.clone()).unwrap_or_default();
+    let nonce = warm_reports
+        .last()
+        .map(|r| r.nonce.clone())
+        .unwrap_or_default();
     log::info!("warm rate {warm:.1} MiB/s");
 
     let image = opts.dir.join("checkpoint.img");
@@ -375,7 +378,12 @@ mod tests {
 
     #[test]
     fn window_rate_weights_reports_by_overlap() {
-        let samples = [s(50.0, 100.0), s(100.0, 100.0), s(150.0, 0.0), s(200.0, 100.0)];
+        let samples = [
+            s(50.0, 100.0),
+            s(100.0, 100.0),
+            s(150.0, 0.0),
+            s(200.0, 100.0),
+        ];
         // [25, 175]: 25 ms at 100, 50 at 100, 50 at 0, 25 at 100.
         let r = window_rate(&samples, 25.0, 175.0);
         assert!((r - 10_000.0 / 150.0).abs() < 1e-9, "{r}");
@@ -403,7 +411,10 @@ mod tests {
     #[test]
     fn methods_parse() {
         assert_eq!(parse_method("live").ok(), Some(SaveMethod::Live));
-        assert_eq!(parse_method("stop-copy").ok(), Some(SaveMethod::StopAndCopy));
+        assert_eq!(
+            parse_method("stop-copy").ok(),
+            Some(SaveMethod::StopAndCopy)
+        );
         assert!(parse_method("fast").is_err());
     }
 }

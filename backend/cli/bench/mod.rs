@@ -615,6 +615,7 @@ pub async fn run(opts: &BenchOptions) -> Result<BenchReport, BenchError> {
             libvirt: uri.map(str::to_string),
             method: thaw::ops::save::SaveMethod::StopAndCopy,
             copy_limit: None,
+            parent: None,
             progress: Default::default(),
         },
     )

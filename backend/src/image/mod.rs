@@ -27,6 +27,11 @@
 //! Version 1 is version 2 without the page digests; thaw still reads it
 //! (faults and the fill then read whole chunks).
 //!
+//! Version 3 is an incremental image ([`chain`]): version 2 plus a
+//! `parent` in `meta.json` (the parent's path and identity) and page-table
+//! entries [`chain::INHERIT`] (`0xffffffff`) for pages as they are in the
+//! parent. Full images are still written as version 2.
+//!
 //! A writer builds the image in `<image>.partial-<pid>` and renames it into
 //! place once every file is synced, so an image either is complete or does
 //! not exist.
@@ -52,8 +57,10 @@ use xxhash_rust::xxh3::{xxh3_64, Xxh3};
 use crate::config::VmConfig;
 use crate::mem::{usize_from, PageIndex, RamLayout, PAGE_BYTES, PAGE_SIZE, PAGE_SIZE_U32};
 
-/// The format version this thaw writes (and the newest it reads).
-pub const FORMAT_VERSION: u32 = 2;
+/// The newest format version this thaw reads (incremental images).
+pub const FORMAT_VERSION: u32 = 3;
+/// The format version of a full image.
+pub const FULL_FORMAT_VERSION: u32 = 2;
 /// The oldest format version this thaw reads.
 pub const OLDEST_FORMAT_VERSION: u32 = 1;
 /// The first format version with per-page digests.
@@ -107,6 +114,12 @@ pub enum ImageError {
     OutOfOrder { last: u64, got: u64 },
     #[error("page {0} is outside the RAM layout")]
     OutOfRange(u64),
+    #[error("{image} is an incremental image whose parent {parent} {why}")]
+    Parent {
+        image: PathBuf,
+        parent: PathBuf,
+        why: String,
+    },
 }
 
 fn io_err<'a>(
@@ -150,6 +163,9 @@ pub struct ImageMeta {
     /// domain back under libvirt.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub libvirt: Option<crate::vmm::libvirt::LibvirtImage>,
+    /// An incremental image's parent (format version 3).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent: Option<chain::ParentRef>,
 }
 
 /// What the saver knows that the writer does not.
@@ -222,6 +238,10 @@ pub struct ImageWriter {
     slots: u32,
     next_page: u64,
     finished: bool,
+    /// An incremental image: its parent, and per guest page the digest of
+    /// the parent's content there.
+    parent: Option<(chain::ParentRef, Vec<u64>)>,
+    inherited: u64,
 }
 
 /// What a finished image holds.
@@ -229,6 +249,8 @@ pub struct ImageWriter {
 pub struct ImageSummary {
     pub nonzero_pages: u64,
     pub total_pages: u64,
+    /// Pages an incremental image takes from its parent unchanged.
+    pub inherited_pages: u64,
 }
 
 impl ImageWriter {
@@ -281,7 +303,42 @@ impl ImageWriter {
             slots: 0,
             next_page: 0,
             finished: false,
+            parent: None,
+            inherited: 0,
         })
+    }
+
+    /// Makes this an incremental image of `parent` (which must have the
+    /// same RAM layout): a page written with the same content as the
+    /// parent's is stored as inherited, not again.
+    pub fn set_parent(&mut self, parent: &Image) -> Result<(), ImageError> {
+        if parent.meta().layout != self.layout {
+            return Err(ImageError::Parent {
+                image: self.target.clone(),
+                parent: parent.dir().to_owned(),
+                why: "has another RAM layout".into(),
+            });
+        }
+        if !parent.has_page_sums() {
+            return Err(ImageError::Parent {
+                image: self.target.clone(),
+                parent: parent.dir().to_owned(),
+                why: "is a format version 1 image, without page digests: save a full image first"
+                    .into(),
+            });
+        }
+        let path =
+            fs::canonicalize(parent.dir()).map_err(io_err(parent.dir(), "cannot resolve"))?;
+        let zero = xxh3_64(&[0u8; PAGE_BYTES]);
+        let sums = (0..self.layout.total_pages())
+            .map(|p| match parent.locate(PageIndex(p)) {
+                PageLocation::Zero => zero,
+                PageLocation::Slot(s) => parent.page_sums[s as usize],
+            })
+            .collect();
+        let identity = format!("{:016x}", parent.identity());
+        self.parent = Some((chain::ParentRef { path, identity }, sums));
+        Ok(())
     }
 
     /// The (empty) `device.state` file, for QEMU to write through an fd.
@@ -319,11 +376,19 @@ impl ImageWriter {
             if is_zero(page) {
                 continue;
             }
+            let sum = xxh3_64(page);
+            if let Some((_, parent)) = &self.parent {
+                if parent[usize_from(first.0) + i] == sum {
+                    self.table[usize_from(first.0) + i] = chain::INHERIT;
+                    self.inherited += 1;
+                    continue;
+                }
+            }
             self.pages
                 .write_all(page)
                 .map_err(io_err(&path, "cannot write"))?;
             self.chunk_hasher.update(page);
-            self.page_sums.push(xxh3_64(page));
+            self.page_sums.push(sum);
             self.table[usize_from(first.0) + i] = self.slots + 1;
             self.slots += 1;
             self.in_chunk += 1;
@@ -362,8 +427,12 @@ impl ImageWriter {
                 + (self.chunk_sums.len() + self.page_sums.len()) * 8
                 + 8,
         );
+        let (version, parent) = match self.parent.take() {
+            Some((parent, _)) => (FORMAT_VERSION, Some(parent)),
+            None => (FULL_FORMAT_VERSION, None),
+        };
         index.extend_from_slice(INDEX_MAGIC);
-        index.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
+        index.extend_from_slice(&version.to_le_bytes());
         index.extend_from_slice(&PAGE_SIZE_U32.to_le_bytes());
         index.extend_from_slice(&(self.table.len() as u64).to_le_bytes());
         index.extend_from_slice(&u64::from(self.slots).to_le_bytes());
@@ -388,13 +457,14 @@ impl ImageWriter {
             .and_then(|f| f.sync_all())
             .map_err(io_err(&dev_path, "cannot sync"))?;
         let meta = ImageMeta {
-            format_version: FORMAT_VERSION,
+            format_version: version,
             thaw_version: env!("CARGO_PKG_VERSION").to_string(),
             created_unix: unix_now(),
             qemu_version: info.qemu_version,
             accel: info.accel,
             vm: info.vm,
             libvirt: info.libvirt,
+            parent,
             layout: self.layout.clone(),
             page_size: PAGE_SIZE,
             chunk_pages: self.chunk_pages,
@@ -439,6 +509,7 @@ impl ImageWriter {
         Ok(ImageSummary {
             nonzero_pages: meta.nonzero_pages,
             total_pages: meta.total_pages,
+            inherited_pages: self.inherited,
         })
     }
 }
@@ -508,6 +579,17 @@ pub fn check_meta(meta: &ImageMeta) -> Result<(), String> {
         return Err(format!(
             "format version {} is not one this thaw reads ({OLDEST_FORMAT_VERSION} to {FORMAT_VERSION})",
             meta.format_version
+        ));
+    }
+    if (meta.format_version >= FORMAT_VERSION) != meta.parent.is_some() {
+        return Err(format!(
+            "format version {} {} a parent",
+            meta.format_version,
+            if meta.parent.is_some() {
+                "cannot have"
+            } else {
+                "needs"
+            }
         ));
     }
     meta.layout.check()?;
@@ -587,7 +669,8 @@ fn read_checked(
 
 /// The decoded `index.bin`.
 pub struct ParsedIndex {
-    /// Per guest page: 0 = zero page, else slot + 1.
+    /// Per guest page: 0 = zero page, [`chain::INHERIT`] = as in the
+    /// parent (version 3), else slot + 1.
     pub table: Vec<u32>,
     pub chunk_sums: Vec<u64>,
     /// Per slot: the xxh3-64 of its page (empty before version 2).
@@ -654,7 +737,11 @@ pub fn parse_index(
         Vec::new()
     };
     let mut reverse = Vec::with_capacity(usize_from(meta.nonzero_pages));
+    let inherits = meta.parent.is_some();
     for (page, &e) in table.iter().enumerate() {
+        if e == chain::INHERIT && inherits {
+            continue;
+        }
         if e != 0 {
             if u64::from(e) != reverse.len() as u64 + 1 {
                 return Err(format!("page table entry of page {page} out of order"));
@@ -700,12 +787,29 @@ pub struct Image {
     pages_direct: Option<direct::DirectReader>,
     pages_path: PathBuf,
     throttle: Option<std::sync::Arc<crate::image::throttle::Throttle>>,
+    /// An incremental image: its chain (the fields above are then the
+    /// chain's view).
+    chain: Option<chain::Chain>,
 }
 
 impl Image {
     /// Opens and checks an image: metadata, version, file sizes, digests
-    /// of the index, page-table consistency.
+    /// of the index, page-table consistency; an incremental image with its
+    /// whole chain (each parent's identity and layout checked), as one view.
     pub fn open(dir: &Path) -> Result<Image, ImageError> {
+        Image::open_at_depth(dir, 0)
+    }
+
+    fn open_at_depth(dir: &Path, depth: usize) -> Result<Image, ImageError> {
+        let image = Image::open_one(dir)?;
+        match image.meta.parent.clone() {
+            None => Ok(image),
+            Some(parent) => image.with_parent(&parent, depth),
+        }
+    }
+
+    /// Opens one image file set without its parents.
+    fn open_one(dir: &Path) -> Result<Image, ImageError> {
         let meta_path = dir.join("meta.json");
         if !dir.is_dir() {
             return Err(ImageError::NotAnImage {
@@ -812,6 +916,104 @@ impl Image {
             pages,
             pages_path,
             throttle: None,
+            chain: None,
+        })
+    }
+
+    /// This incremental image (opened alone) on top of its parent chain:
+    /// every page resolved to the layer and slot that hold it.
+    fn with_parent(self, parent_ref: &chain::ParentRef, depth: usize) -> Result<Image, ImageError> {
+        let parent_dir = chain::parent_dir(&self.dir, parent_ref);
+        let refuse = |why: String| ImageError::Parent {
+            image: self.dir.clone(),
+            parent: parent_dir.clone(),
+            why,
+        };
+        if depth >= chain::MAX_DEPTH {
+            return Err(refuse(format!(
+                "lies deeper than {} images",
+                chain::MAX_DEPTH
+            )));
+        }
+        if !parent_dir.join("meta.json").exists() {
+            return Err(refuse(format!(
+                "(identity {}) is missing: put it back, or restore a merged image (`thaw merge`)",
+                parent_ref.identity
+            )));
+        }
+        let parent = Image::open_at_depth(&parent_dir, depth + 1)
+            .map_err(|e| refuse(format!("cannot be read: {e}")))?;
+        let found = format!("{:016x}", parent.identity());
+        if found != parent_ref.identity {
+            return Err(refuse(format!(
+                "has identity {found}, not {}: it was replaced or rewritten since",
+                parent_ref.identity
+            )));
+        }
+        if parent.meta.layout != self.meta.layout {
+            return Err(refuse("has another RAM layout".into()));
+        }
+        if !parent.has_page_sums() {
+            return Err(refuse(
+                "is a format version 1 image (no page digests)".into(),
+            ));
+        }
+        let parent_depth = parent.chain.as_ref().map_or(0, |c| c.depth);
+        let (mut layers, parent_sources) = match parent.chain {
+            Some(c) => (c.layers, c.sources),
+            None => (
+                vec![chain::Layer::open(&parent.pages_path)?],
+                (0..u32::try_from(parent.meta.nonzero_pages).unwrap_or(u32::MAX))
+                    .map(|s| (0u16, s))
+                    .collect(),
+            ),
+        };
+        let top =
+            u16::try_from(layers.len()).map_err(|_| refuse("makes the chain too long".into()))?;
+        layers.push(chain::Layer::open(&self.pages_path)?);
+        let total = self.table.len();
+        let mut table = vec![0u32; total];
+        let (mut sources, mut sums, mut reverse) = (Vec::new(), Vec::new(), Vec::new());
+        for (p, (&own, &inherited)) in self.table.iter().zip(&parent.table).enumerate() {
+            let at = match own {
+                chain::INHERIT if inherited != 0 => {
+                    let s = usize_from(u64::from(inherited - 1));
+                    Some((parent_sources[s], parent.page_sums[s]))
+                }
+                chain::INHERIT | 0 => None,
+                e => {
+                    let s = usize_from(u64::from(e - 1));
+                    Some(((top, e - 1), self.page_sums[s]))
+                }
+            };
+            if let Some((source, sum)) = at {
+                sources.push(source);
+                sums.push(sum);
+                reverse.push(p as u64);
+                table[p] = u32::try_from(sources.len())
+                    .map_err(|_| refuse("holds too many pages".into()))?;
+            }
+        }
+        let mut view = self.meta.clone();
+        view.nonzero_pages = sources.len() as u64;
+        Ok(Image {
+            dir: self.dir,
+            table,
+            chunk_sums: Vec::new(),
+            page_sums: sums,
+            reverse,
+            pages: self.pages,
+            pages_direct: None,
+            pages_path: self.pages_path,
+            throttle: None,
+            chain: Some(chain::Chain {
+                own_meta: self.meta,
+                parent_dir,
+                depth: parent_depth + 1,
+                layers,
+                sources,
+            }),
+            meta: view,
         })
     }
 
@@ -885,6 +1087,10 @@ impl Image {
         buf: &mut [u8],
         urgent: bool,
     ) -> Result<usize, ImageError> {
+        if self.chain.is_some() {
+            let slots = self.chunk_slots(first).start..self.chunk_slots(first + count - 1).end;
+            return self.read_slots(slots.start, slots.end - slots.start, buf, urgent);
+        }
         let start = u64::from(self.chunk_slots(first).start) * PAGE_SIZE;
         let end = u64::from(self.chunk_slots(first + count - 1).end) * PAGE_SIZE;
         let len = usize_from(end - start);
@@ -951,6 +1157,17 @@ impl Image {
         buf: &mut [u8],
         urgent: bool,
     ) -> Result<usize, ImageError> {
+        if let Some(chain) = &self.chain {
+            if let Some(t) = &self.throttle {
+                let bytes = u64::from(count) * PAGE_SIZE;
+                if urgent {
+                    t.take_urgent(bytes);
+                } else {
+                    t.take(bytes);
+                }
+            }
+            return chain.read_slots(first, count, buf, urgent, &self.page_sums, &self.reverse);
+        }
         let end = first.saturating_add(count);
         let sums = self
             .page_sums
@@ -989,7 +1206,29 @@ impl Image {
     /// files and its creation time. Two images share it only if they hold
     /// the same data.
     pub fn identity(&self) -> u64 {
-        identity(&self.meta)
+        identity(self.own_meta())
+    }
+
+    /// The image's own `meta.json` ([`Image::meta`] gives an incremental
+    /// image's chain view: its page counts are the whole chain's).
+    pub fn own_meta(&self) -> &ImageMeta {
+        self.chain.as_ref().map_or(&self.meta, |c| &c.own_meta)
+    }
+
+    /// An incremental image's parent directory and chain length (images
+    /// below it).
+    pub fn parent(&self) -> Option<(&Path, usize)> {
+        self.chain
+            .as_ref()
+            .map(|c| (c.parent_dir.as_path(), c.depth))
+    }
+
+    /// The xxh3-64 of page `page`'s saved content (`None`: a zero page).
+    pub fn page_digest(&self, page: PageIndex) -> Option<u64> {
+        match self.locate(page) {
+            PageLocation::Zero => None,
+            PageLocation::Slot(s) => self.page_sums.get(s as usize).copied(),
+        }
     }
 
     /// The device state, verified against its digest.
@@ -1050,6 +1289,11 @@ pub struct InspectReport {
     pub index_bytes: u64,
     /// The libvirt domain of the image (without its XML).
     pub libvirt: Option<InspectLibvirt>,
+    /// An incremental image: its parent, the images below it, and the
+    /// pages it stores itself (`nonzero_pages` counts the whole chain's).
+    pub parent: Option<PathBuf>,
+    pub chain_depth: usize,
+    pub own_pages: u64,
 }
 
 /// A libvirt domain's identity in [`InspectReport`].
@@ -1063,6 +1307,7 @@ pub struct InspectLibvirt {
 /// Describes an opened image.
 pub fn inspect(image: &Image) -> InspectReport {
     let m = image.meta();
+    let own = image.own_meta();
     InspectReport {
         path: image.dir.clone(),
         format_version: m.format_version,
@@ -1081,6 +1326,9 @@ pub fn inspect(image: &Image) -> InspectReport {
         device_state_bytes: m.device_state.len,
         pages_bytes: m.pages.len,
         index_bytes: m.index.len,
+        parent: image.parent().map(|(p, _)| p.to_owned()),
+        chain_depth: image.parent().map_or(0, |(_, d)| d),
+        own_pages: own.nonzero_pages,
         libvirt: m.libvirt.as_ref().map(|l| InspectLibvirt {
             uri: l.uri.clone(),
             name: l.name.clone(),
@@ -1127,6 +1375,15 @@ impl std::fmt::Display for InspectReport {
             "  pages: {} total, {} non-zero, {} zero; {} chunks of {} pages",
             self.total_pages, self.nonzero_pages, self.zero_pages, self.chunks, self.chunk_pages
         )?;
+        if let Some(parent) = &self.parent {
+            writeln!(
+                f,
+                "  incremental: {} pages of its own, the rest from {} ({} image(s) below)",
+                self.own_pages,
+                parent.display(),
+                self.chain_depth
+            )?;
+        }
         write!(
             f,
             "  files: device.state {} KiB, pages.bin {} MiB, index.bin {} KiB",
@@ -1137,6 +1394,7 @@ impl std::fmt::Display for InspectReport {
     }
 }
 
+pub mod chain;
 pub mod direct;
 #[cfg(test)]
 pub(crate) mod tests;

@@ -7,6 +7,7 @@
     clippy::cast_possible_wrap
 )]
 
+use super::chain::merge;
 use super::*;
 use crate::config::{ByteSize, VmConfig};
 use std::os::unix::fs::PermissionsExt;
@@ -392,7 +393,7 @@ fn each_page_reads_and_verifies_alone() {
     let dir = tmp.path().join("img");
     let expect = write_image(&dir);
     let img = Image::open(&dir).expect("open");
-    assert_eq!(img.meta().format_version, FORMAT_VERSION);
+    assert_eq!(img.meta().format_version, FULL_FORMAT_VERSION);
     assert!(img.has_page_sums());
     let mut buf = vec![0; 4 * PAGE_SIZE as usize];
     for (p, want) in &expect {
@@ -441,4 +442,148 @@ fn a_version_1_image_still_opens_and_reads_by_chunk() {
     // A version this thaw does not know is refused.
     edit_meta(&dir, "\"format_version\":1", "\"format_version\":0");
     assert!(Image::open(&dir).is_err());
+}
+
+/// RAM of 64 pages as a map page → content (absent: zero).
+type Ram = std::collections::BTreeMap<u64, Vec<u8>>;
+
+/// Writes `ram` as an image at `dir`, incremental on `parent` if given.
+fn write_ram(dir: &Path, ram: &Ram, parent: Option<&Path>) -> ImageSummary {
+    let layout = RamLayout::from_sizes([("ram0", 40 * PAGE_SIZE), ("ram1", 24 * PAGE_SIZE)]);
+    let mut w = ImageWriter::create(dir, layout, false).expect("create");
+    if let Some(parent) = parent {
+        w.set_parent(&Image::open(parent).expect("parent"))
+            .expect("set parent");
+    }
+    w.device_state_file()
+        .expect("dev")
+        .write_all(dir.to_string_lossy().as_bytes())
+        .expect("write");
+    // Every page, as a save passes the RAM files' data: zeros included.
+    let mut all = Vec::new();
+    for p in 0..64 {
+        all.extend_from_slice(ram.get(&p).map_or(&[0u8; PAGE_SIZE as usize][..], |v| v));
+    }
+    w.write_run(PageIndex(0), &all).expect("run");
+    w.finish(info()).expect("finish")
+}
+
+/// Every page of `img` (through `read_slots` and `read_chunks`) is `ram`'s.
+fn assert_holds(img: &Image, ram: &Ram) {
+    for p in 0..64 {
+        let want = ram
+            .get(&p)
+            .cloned()
+            .unwrap_or_else(|| vec![0; PAGE_SIZE as usize]);
+        assert_eq!(read_page(img, p), want, "page {p} by chunk");
+        if let PageLocation::Slot(s) = img.locate(PageIndex(p)) {
+            let mut buf = vec![0; PAGE_SIZE as usize];
+            img.read_slots(s, 1, &mut buf, true).expect("slot");
+            assert_eq!(buf, want, "page {p} by slot");
+            assert_eq!(img.slot_page(s), PageIndex(p));
+        }
+    }
+    assert_eq!(img.meta().nonzero_pages, ram.len() as u64);
+}
+
+#[test]
+fn an_incremental_chain_reads_as_one_image_and_stores_only_changes() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let (a, b, c) = (
+        tmp.path().join("a"),
+        tmp.path().join("b"),
+        tmp.path().join("c"),
+    );
+    let mut ram: Ram = (0..30).map(|p| (p, page(p as u8))).collect();
+    write_ram(&a, &ram, None);
+    // b: two pages changed, one zeroed, one new; the rest as in a.
+    ram.insert(3, page(200));
+    ram.insert(35, page(201));
+    ram.remove(&10);
+    ram.insert(50, page(202));
+    let sb = write_ram(&b, &ram, Some(&a));
+    assert_eq!(sb.nonzero_pages, 3, "only the changed pages are written");
+    assert_eq!(sb.inherited_pages, 28);
+    let ram_b = ram.clone();
+    // c on b: one more change.
+    ram.insert(4, page(203));
+    let sc = write_ram(&c, &ram, Some(&b));
+    assert_eq!(sc.nonzero_pages, 1);
+
+    let img = Image::open(&c).expect("open the chain");
+    assert_holds(&img, &ram);
+    assert_eq!(
+        img.parent().map(|(p, d)| (p.to_owned(), d)),
+        Some((b.clone(), 2))
+    );
+    assert_eq!(img.own_meta().nonzero_pages, 1);
+    assert_eq!(img.meta().format_version, FORMAT_VERSION);
+    assert_eq!(
+        img.read_device_state().expect("device"),
+        c.to_string_lossy().as_bytes()
+    );
+    assert_holds(&Image::open(&b).expect("open b"), &ram_b);
+    let report = inspect(&img);
+    assert_eq!((report.chain_depth, report.own_pages), (2, 1));
+
+    // Merged: a full image of the same RAM that needs no parent.
+    let merged = tmp.path().join("merged");
+    merge(&img, &merged, false, &crate::progress::Silent).expect("merge");
+    std::fs::remove_dir_all(&a).expect("remove a");
+    let m = Image::open(&merged).expect("open merged");
+    assert!(m.parent().is_none());
+    assert_eq!(m.meta().format_version, FULL_FORMAT_VERSION);
+    assert_holds(&m, &ram);
+    assert_eq!(
+        m.read_device_state().expect("device"),
+        c.to_string_lossy().as_bytes()
+    );
+
+    // Without its base the chain is refused, naming the missing image.
+    let err = Image::open(&c).err().expect("a chain without its base");
+    let text = err.to_string();
+    assert!(
+        text.contains(&a.display().to_string()) && text.contains("missing"),
+        "{text}"
+    );
+}
+
+#[test]
+fn a_replaced_parent_is_refused_and_a_moved_chain_still_opens() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
+    let mut ram: Ram = (0..8).map(|p| (p, page(p as u8))).collect();
+    write_ram(&a, &ram, None);
+    ram.insert(2, page(99));
+    write_ram(&b, &ram, Some(&a));
+
+    // Moved together: the parent is found next to the child.
+    let moved = tmp.path().join("moved");
+    std::fs::create_dir(&moved).expect("mkdir");
+    std::fs::rename(&a, moved.join("a")).expect("move a");
+    std::fs::rename(&b, moved.join("b")).expect("move b");
+    assert_holds(&Image::open(&moved.join("b")).expect("moved chain"), &ram);
+
+    // The parent rewritten (another image at its path): refused by identity.
+    std::fs::remove_dir_all(moved.join("a")).expect("rm");
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    write_ram(&moved.join("a"), &ram, None);
+    let err = Image::open(&moved.join("b"))
+        .err()
+        .expect("a replaced parent");
+    assert!(err.to_string().contains("replaced"), "{err}");
+}
+
+#[test]
+fn an_incremental_needs_a_parent_of_the_same_layout() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let a = tmp.path().join("a");
+    write_ram(&a, &Ram::new(), None);
+    let other = RamLayout::from_sizes([("ram0", 64 * PAGE_SIZE)]);
+    let mut w = ImageWriter::create(&tmp.path().join("b"), other, false).expect("create");
+    let err = w
+        .set_parent(&Image::open(&a).expect("a"))
+        .err()
+        .expect("refused");
+    assert!(err.to_string().contains("layout"), "{err}");
 }

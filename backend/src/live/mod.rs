@@ -741,7 +741,12 @@ fn describe_vma(pid: nix::unistd::Pid, addr: u64) -> String {
         let is_header = line
             .split_once(' ')
             .and_then(|(range, _)| range.split_once('-'))
-            .and_then(|(a, b)| Some((u64::from_str_radix(a, 16).ok()?, u64::from_str_radix(b, 16).ok()?)));
+            .and_then(|(a, b)| {
+                Some((
+                    u64::from_str_radix(a, 16).ok()?,
+                    u64::from_str_radix(b, 16).ok()?,
+                ))
+            });
         if let Some((a, b)) = is_header {
             header = (addr >= a && addr < b).then_some(line);
         } else if let (Some(h), Some(flags)) = (header, line.strip_prefix("VmFlags:")) {

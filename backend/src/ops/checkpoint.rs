@@ -97,6 +97,8 @@ pub struct CheckpointOptions {
     pub method: SaveMethod,
     /// Live: pace the background copy to this many bytes per second.
     pub copy_limit: Option<u64>,
+    /// Write an incremental image of this earlier image.
+    pub parent: Option<std::path::PathBuf>,
     /// Where the RAM copy reports its progress.
     pub progress: crate::progress::SharedProgress,
 }
@@ -131,6 +133,7 @@ pub async fn checkpoint(
             libvirt: None,
             method: opts.method,
             copy_limit: opts.copy_limit,
+            parent: opts.parent.clone(),
         },
         &owner,
     )

@@ -106,6 +106,9 @@ pub struct SaveOptions {
     pub method: SaveMethod,
     /// Live saves: pace the background copy to this many bytes per second.
     pub copy_limit: Option<u64>,
+    /// Write an incremental image of this earlier image of the VM: pages
+    /// unchanged since are stored as the parent's.
+    pub parent: Option<PathBuf>,
 }
 
 /// What a save did, for humans and `--json`.
@@ -132,6 +135,11 @@ pub struct SaveReport {
     pub was_running: bool,
     /// Working sets stored from running trackers' estimates.
     pub working_sets: Vec<Estimator>,
+    /// An incremental image: its parent, and the pages taken from it
+    /// unchanged (`nonzero_pages` are those written).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub parent: Option<PathBuf>,
+    pub inherited_pages: u64,
 }
 
 /// Saves VM `name` into a new image directory `image`, holding the VM's
@@ -213,6 +221,10 @@ async fn save_locked(
         crate::live::check_kernel()?;
     }
     let mut writer = ImageWriter::create(image, state.layout.clone(), opts.force)?;
+    if let Some(parent) = &opts.parent {
+        let parent = crate::image::Image::open(parent)?;
+        writer.set_parent(&parent)?;
+    }
     // A live save takes over QEMU's userfaultfd and registers guest RAM
     // before the pause, so that the pause only protects it.
     let mut live = if live_method {
@@ -341,6 +353,8 @@ async fn save_locked(
         total_ms: ms(started.elapsed()),
         was_running,
         working_sets,
+        parent: opts.parent.clone(),
+        inherited_pages: summary.inherited_pages,
     })
 }
 
