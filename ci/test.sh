@@ -12,7 +12,7 @@ echo "== libvirt (for the libvirt end-to-end tests)"
 bash ci/setup-libvirt.sh
 # Stop the daemons this run started (none it found running), and remove
 # the application tests' network namespaces.
-trap 'bash ci/setup-libvirt.sh stop; for a in redis memcached; do bash ci/app-net.sh down thaw-e2e-$a; done' EXIT
+trap 'bash ci/setup-libvirt.sh stop; for a in redis memcached live; do bash ci/app-net.sh down thaw-e2e-$a; done' EXIT
 echo "== guest kit and application guests"
 bash tests/guest/build.sh
 bash tests/guest/build-app.sh redis

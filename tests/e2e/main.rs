@@ -25,6 +25,7 @@ mod foreign;
 mod harness;
 mod libvirt;
 mod live;
+mod live_app;
 mod secrets;
 mod working_set;
 

@@ -125,6 +125,11 @@ pub struct SaveReport {
     /// How long the guest was paused: until the image was complete
     /// (stop-and-copy), or until RAM was write-protected (live).
     pub paused_ms: f64,
+    /// When the guest was paused and when it ran again (the image
+    /// complete, for stop-and-copy), in ms since the Unix epoch: a client
+    /// of the guest can tell which of its requests came before the instant.
+    pub paused_at_unix_ms: f64,
+    pub resumed_at_unix_ms: f64,
     /// `live` or `stop-and-copy`.
     pub method: SaveMethod,
     /// A live save's copy: pages protected, write faults, copy time.
@@ -240,6 +245,7 @@ async fn save_locked(
     };
 
     let paused = Instant::now();
+    let paused_at = unix_ms();
     if was_running {
         qmp.execute("stop", json!({})).await?;
     }
@@ -327,6 +333,7 @@ async fn save_locked(
     }
     let working_sets = attach_estimates(&paths, image, state.layout.total_pages());
     let paused_ms = ms(resumed.unwrap_or_else(|| paused.elapsed()));
+    let resumed_at = paused_at + paused_ms;
     if opts.keep_running {
         if was_running && !opts.leave_paused && resumed.is_none() {
             qmp.cont_after_migration().await?;
@@ -344,6 +351,8 @@ async fn save_locked(
         device_state_bytes,
         device_state_ms,
         paused_ms,
+        paused_at_unix_ms: paused_at,
+        resumed_at_unix_ms: resumed_at,
         method: if live_stats.is_some() {
             SaveMethod::Live
         } else {
@@ -579,6 +588,13 @@ fn map_guest_ram(
         regions.push(region);
     }
     GuestMemoryMmap::from_regions(regions).map_err(|e| SaveError::Map(e.to_string()))
+}
+
+/// Now, in ms since the Unix epoch.
+fn unix_ms() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64() * 1000.0)
 }
 
 fn ms(d: Duration) -> f64 {
