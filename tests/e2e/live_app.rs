@@ -92,7 +92,7 @@ impl Redis {
         self.inp.read_line(&mut line).ok()?;
         let line = line.trim_end();
         match line.as_bytes().first() {
-            Some(b'+') | Some(b':') => Some(line[1..].as_bytes().to_vec()),
+            Some(b'+') | Some(b':') => Some(line.as_bytes()[1..].to_vec()),
             Some(b'$') => {
                 let len: i64 = line[1..].parse().ok()?;
                 if len < 0 {

@@ -583,7 +583,6 @@ fn an_incremental_needs_a_parent_of_the_same_layout() {
     let mut w = ImageWriter::create(&tmp.path().join("b"), other, false).expect("create");
     let err = w
         .set_parent(&Image::open(&a).expect("a"))
-        .err()
-        .expect("refused");
+        .expect_err("refused");
     assert!(err.to_string().contains("layout"), "{err}");
 }
