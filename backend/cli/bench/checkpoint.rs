@@ -8,8 +8,9 @@
 //! guest's throughput reports and the console probe are watched, from a
 //! second before the checkpoint to two seconds after it. Per checkpoint:
 //! the pause thaw measured (stop → resume), the copy window (the whole
-//! command), the guest's work during the window as a share of its warm
-//! rate, its longest silence (the largest gap between two throughput
+//! command), the guest's work during the window as a share of its work in
+//! the second just before it (side by side in one run: TCG's rate drifts
+//! between boots and minutes on a shared host), its longest silence (the largest gap between two throughput
 //! reports, 50 ms when nothing stalls it), the probe latency during the
 //! window, and the write faults a live copy served.
 
@@ -60,6 +61,10 @@ pub struct CheckpointRun {
     /// The whole checkpoint command (for stop-and-copy: the pause, and the
     /// image sync after it).
     pub window_ms: f64,
+    /// The guest's rate in the second before the checkpoint (MiB/s).
+    pub rate_before: f64,
+    /// The guest's work during the window / its work in that second.
+    pub window_rate_vs_before: f64,
     /// The guest's work during the window / its warm rate.
     pub window_rate_vs_warm: f64,
     /// The longest gap between two throughput reports around the
@@ -79,6 +84,7 @@ pub struct CheckpointSummary {
     pub method: SaveMethod,
     pub paused_ms: f64,
     pub window_ms: f64,
+    pub window_rate_vs_before: f64,
     pub window_rate_vs_warm: f64,
     pub max_gap_ms: f64,
     pub probe_max_ms: Option<f64>,
@@ -212,29 +218,40 @@ async fn run_size(opts: &CheckpointBenchOptions, cfg: &VmConfig) -> Result<SizeR
             }
             let _ = std::fs::remove_dir_all(&image);
             let samples: Vec<Sample> = reports.iter().map(|r| r.sample).collect();
-            let in_window: Vec<&ProbeSample> = probes
+            let probes_in_window: Vec<&ProbeSample> = probes
                 .iter()
                 .filter(|p| p.sent_ms >= start_ms && p.sent_ms <= end_ms)
                 .collect();
+            let rate_before = window_rate(&samples, start_ms - ms(BEFORE) + 100.0, start_ms);
+            let in_window = window_rate(&samples, start_ms, end_ms);
             let r = CheckpointRun {
                 method,
                 run,
                 paused_ms: report.paused_ms,
                 window_ms: end_ms - start_ms,
-                window_rate_vs_warm: window_rate(&samples, start_ms, end_ms) / warm,
+                rate_before,
+                window_rate_vs_before: if rate_before > 0.0 {
+                    in_window / rate_before
+                } else {
+                    0.0
+                },
+                window_rate_vs_warm: in_window / warm,
                 max_gap_ms: max_gap(&samples, start_ms - 500.0, end_ms + 500.0),
-                probes: in_window.len(),
-                probe_p50_ms: median(in_window.iter().map(|p| p.latency_ms)),
-                probe_max_ms: in_window.iter().map(|p| p.latency_ms).reduce(f64::max),
+                probes: probes_in_window.len(),
+                probe_p50_ms: median(probes_in_window.iter().map(|p| p.latency_ms)),
+                probe_max_ms: probes_in_window
+                    .iter()
+                    .map(|p| p.latency_ms)
+                    .reduce(f64::max),
                 wp_faults: report.live.as_ref().map_or(0, |l| l.wp_faults),
                 nonzero_pages: report.nonzero_pages,
             };
             log::info!(
-                "{} run {run}: paused {:.1} ms, window {:.0} ms at {:.0} % of warm, max gap {:.0} ms",
+                "{} run {run}: paused {:.1} ms, window {:.0} ms at {:.0} % of the second before, max gap {:.0} ms",
                 method_name(method),
                 r.paused_ms,
                 r.window_ms,
-                r.window_rate_vs_warm * 100.0,
+                r.window_rate_vs_before * 100.0,
                 r.max_gap_ms
             );
             runs.push(r);
@@ -251,6 +268,7 @@ async fn run_size(opts: &CheckpointBenchOptions, cfg: &VmConfig) -> Result<SizeR
                 method,
                 paused_ms: of(|r| r.paused_ms),
                 window_ms: of(|r| r.window_ms),
+                window_rate_vs_before: of(|r| r.window_rate_vs_before),
                 window_rate_vs_warm: of(|r| r.window_rate_vs_warm),
                 max_gap_ms: of(|r| r.max_gap_ms),
                 probe_max_ms: median(
@@ -336,7 +354,7 @@ impl CheckpointBenchReport {
     /// The report as a markdown table per RAM size.
     pub fn markdown(&self) -> String {
         let mut out = String::from(
-            "| RAM | method | pause ms | window ms | guest work in window | longest report gap ms | probe max ms | write faults |\n\
+            "| RAM | method | pause ms | window ms | guest work in window (vs the second before) | longest report gap ms | probe max ms | write faults |\n\
              |---|---|---:|---:|---:|---:|---:|---:|\n",
         );
         for size in &self.sizes {
@@ -347,7 +365,7 @@ impl CheckpointBenchReport {
                     method_name(s.method),
                     s.paused_ms,
                     s.window_ms,
-                    s.window_rate_vs_warm * 100.0,
+                    s.window_rate_vs_before * 100.0,
                     s.max_gap_ms,
                     s.probe_max_ms.map_or("-".into(), |p| format!("{p:.0}")),
                     s.wp_faults

@@ -312,6 +312,19 @@ impl ImageWriter {
     /// same RAM layout): a page written with the same content as the
     /// parent's is stored as inherited, not again.
     pub fn set_parent(&mut self, parent: &Image) -> Result<(), ImageError> {
+        let target = fs::canonicalize(&self.target).ok();
+        if target.is_some()
+            && parent
+                .chain_dirs()
+                .iter()
+                .any(|d| fs::canonicalize(d).ok() == target)
+        {
+            return Err(ImageError::Parent {
+                image: self.target.clone(),
+                parent: parent.dir().to_owned(),
+                why: "would be replaced by its own child: write the new image elsewhere".into(),
+            });
+        }
         if parent.meta().layout != self.layout {
             return Err(ImageError::Parent {
                 image: self.target.clone(),
@@ -1221,6 +1234,19 @@ impl Image {
         self.chain
             .as_ref()
             .map(|c| (c.parent_dir.as_path(), c.depth))
+    }
+
+    /// The directories of every image this one reads: itself, and for an
+    /// incremental image each image of its chain.
+    pub fn chain_dirs(&self) -> Vec<PathBuf> {
+        match &self.chain {
+            None => vec![self.dir.clone()],
+            Some(c) => c
+                .layers
+                .iter()
+                .filter_map(|l| l.path.parent().map(Path::to_path_buf))
+                .collect(),
+        }
     }
 
     /// The xxh3-64 of page `page`'s saved content (`None`: a zero page).

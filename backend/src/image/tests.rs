@@ -575,6 +575,24 @@ fn a_replaced_parent_is_refused_and_a_moved_chain_still_opens() {
 }
 
 #[test]
+fn an_image_cannot_replace_its_own_parent() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
+    let ram: Ram = (0..8).map(|p| (p, page(p as u8))).collect();
+    write_ram(&a, &ram, None);
+    write_ram(&b, &ram, Some(&a));
+    let layout = RamLayout::from_sizes([("ram0", 40 * PAGE_SIZE), ("ram1", 24 * PAGE_SIZE)]);
+    for target in [&a, &b] {
+        let mut w = ImageWriter::create(target, layout.clone(), true).expect("create");
+        let err = w
+            .set_parent(&Image::open(&b).expect("b"))
+            .expect_err("refused");
+        assert!(err.to_string().contains("own child"), "{err}");
+    }
+    assert_holds(&Image::open(&b).expect("the chain is intact"), &ram);
+}
+
+#[test]
 fn an_incremental_needs_a_parent_of_the_same_layout() {
     let tmp = tempfile::tempdir().expect("tmp");
     let a = tmp.path().join("a");
