@@ -239,8 +239,20 @@ enum Command {
         window_max_ms: u64,
         /// Write an incremental image of PREV, an earlier checkpoint of
         /// this VM: pages unchanged since PREV are not written again.
-        #[arg(long, value_name = "PREV")]
+        #[arg(long, value_name = "PREV", conflicts_with = "interval_ms")]
         parent: Option<PathBuf>,
+        /// Continuous checkpoints: one every this many ms into the
+        /// directory IMAGE (ckpt-000001, ...), each incremental on the one
+        /// before, until SIGINT/SIGTERM or --count; no tracing window.
+        #[arg(long)]
+        interval_ms: Option<u64>,
+        /// With --interval-ms: keep the last K checkpoints restorable
+        /// (every K-th is a full image; at most 2K images exist).
+        #[arg(long, default_value_t = 5, requires = "interval_ms")]
+        keep: u32,
+        /// With --interval-ms: stop after this many checkpoints.
+        #[arg(long, requires = "interval_ms")]
+        count: Option<u64>,
         #[command(flatten)]
         live: LiveArgs,
         #[command(flatten)]
@@ -667,9 +679,33 @@ async fn run(cli: Cli) -> Result<()> {
             window_quiet_ms,
             window_max_ms,
             parent,
+            interval_ms,
+            keep,
+            count,
             live,
             libvirt,
         } => {
+            if let Some(interval_ms) = interval_ms {
+                let opts = thaw::ops::series::SeriesOptions {
+                    interval: Duration::from_millis(interval_ms),
+                    keep,
+                    count,
+                    method: live.method(),
+                    copy_limit: live.copy_limit,
+                    libvirt: libvirt.uri(),
+                };
+                let report = thaw::ops::series::run(&name, &image, &opts, termination())
+                    .await
+                    .with_context(|| format!("checkpointing VM {name} into {}", image.display()))?;
+                print(j, &report, &report)?;
+                if report.ended_by != "count" && report.ended_by != "signal" {
+                    anyhow::bail!(
+                        "the series ended with a failed checkpoint: {}",
+                        report.ended_by
+                    );
+                }
+                return Ok(());
+            }
             let window = LearnWindow {
                 quiet: Duration::from_millis(window_quiet_ms),
                 max: Duration::from_millis(window_max_ms),

@@ -371,12 +371,14 @@ fn failed_live_checkpoints_leave_the_guest_running_and_no_image() {
     verify(&vm);
 
     // QEMU killed mid-copy: nothing can write guest RAM any more, so thaw
-    // completes the instant's image and says the VM is gone.
+    // completes the instant's image and says the VM is gone. (A new path:
+    // the image restored must be this save's, not the one before.)
+    let image = vm.dir.join("after-qemu-died");
+    let image_arg = image.to_str().expect("utf-8");
     let mut child = vm.thaw_spawn(&[
         "save",
         &vm.name,
         image_arg,
-        "--force",
         "--keep-running",
         "--copy-limit",
         "8M",
@@ -397,6 +399,70 @@ fn failed_live_checkpoints_leave_the_guest_running_and_no_image() {
     );
     let restored = vm.thaw(&["restore", image_arg, "--mode", "eager", "--json"]);
     json(&restored);
+    verify(&vm);
+    vm.stop();
+}
+
+#[test]
+fn continuous_checkpoints_keep_the_last_k_restorable() {
+    let vm = boot("series");
+    let dir = vm.dir.join("series");
+    let out = vm.thaw(&[
+        "checkpoint",
+        &vm.name,
+        dir.to_str().expect("utf-8"),
+        "--interval-ms",
+        "1000",
+        "--keep",
+        "2",
+        "--count",
+        "5",
+        "--json",
+    ]);
+    let report = json(&out);
+    assert_eq!(report["ended_by"], "count", "{report}");
+    let taken = report["taken"].as_array().expect("taken");
+    assert_eq!(taken.len(), 5, "{report}");
+    // keep 2: chains 1-2, 3-4, 5; after the fifth, 3, 4 and 5 remain.
+    let name = |n: u64| dir.join(format!("ckpt-{n:06}"));
+    let kept: Vec<String> = report["kept"]
+        .as_array()
+        .expect("kept")
+        .iter()
+        .map(|k| k.as_str().expect("path").to_string())
+        .collect();
+    assert_eq!(
+        kept,
+        [3, 4, 5].map(|n| name(n).display().to_string()).to_vec(),
+        "{report}"
+    );
+    assert!(!name(1).exists() && !name(2).exists());
+    let index: Value =
+        serde_json::from_slice(&std::fs::read(dir.join("series.json")).expect("series.json"))
+            .expect("series.json is JSON");
+    assert_eq!(index.as_array().map(Vec::len), Some(3), "{index}");
+    // Every second one builds on the one before and writes only changes.
+    for (i, t) in taken.iter().enumerate() {
+        assert_eq!(t["parent"].is_null(), i % 2 == 0, "{t}");
+    }
+    assert!(
+        taken[1]["pages_written"].as_u64() < taken[0]["pages_written"].as_u64(),
+        "{report}"
+    );
+    // The incremental one restores to one instant.
+    let copy = vm.renamed(&format!("{}-s", vm.name));
+    json(&vm.thaw(&[
+        "restore",
+        name(4).to_str().expect("utf-8"),
+        "--name",
+        &copy.name,
+        "--mode",
+        "lazy",
+        "--no-learn",
+        "--json",
+    ]));
+    verify(&copy);
+    copy.stop();
     verify(&vm);
     vm.stop();
 }

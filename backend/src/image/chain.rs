@@ -25,8 +25,9 @@ use crate::mem::usize_from;
 
 /// Page-table entry of a page an incremental image inherits from its parent.
 pub const INHERIT: u32 = u32::MAX;
-/// Longest chain [`Image::open`](super::Image::open) follows.
-pub const MAX_DEPTH: usize = 1000;
+/// Longest chain [`Image::open`](super::Image::open) follows (each image
+/// below holds a few file descriptors while the chain opens).
+pub const MAX_DEPTH: usize = 200;
 
 /// An incremental image's parent, as `meta.json` names it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -51,7 +51,7 @@ use crate::mem::{u64_from, usize_from, HostAddr, PageIndex, PAGE_BYTES, PAGE_SIZ
 use crate::remote::uffd::{
     self, EventBuffer, FaultEvent, RegisterMode, RemoteUffd, UffdError, FEATURE_WP_HUGETLBFS_SHMEM,
 };
-use pages::{PageStates, SideStore, COPYING, NOT_SAVED, SAVED};
+use pages::{PageStates, SideStore, COPYING, NOT_SAVED, SAVED_ZERO};
 
 /// Bytes the copier claims, reads and unprotects at once. A guest write
 /// to a page in the batch waits at most this long a read.
@@ -166,6 +166,8 @@ struct Shared {
     stop: AtomicBool,
     /// Set by the fault thread when it fails; the copier gives up.
     failed: AtomicBool,
+    /// Guest RAM is being unregistered: a write there is released by that.
+    tearing_down: AtomicBool,
     /// Pages discarded by the guest before they were saved.
     discarded: AtomicU64,
 }
@@ -227,6 +229,7 @@ impl LiveCopy {
             side: SideStore::new(scratch, total_pages),
             stop: AtomicBool::new(false),
             failed: AtomicBool::new(false),
+            tearing_down: AtomicBool::new(false),
             discarded: AtomicU64::new(0),
         });
         let mut live = LiveCopy {
@@ -256,6 +259,17 @@ impl LiveCopy {
             std::thread::Builder::new()
                 .name("thaw-live-wp".into())
                 .spawn(move || {
+                    // Raised however the thread ends early, a panic included:
+                    // the copier must not wait for a page it would save.
+                    struct FailOnUnwind<'a>(&'a AtomicBool);
+                    impl Drop for FailOnUnwind<'_> {
+                        fn drop(&mut self) {
+                            if std::thread::panicking() {
+                                self.0.store(true, Ordering::Release);
+                            }
+                        }
+                    }
+                    let _guard = FailOnUnwind(&shared.failed);
                     let r = serve_faults(&uffd, &ranges, &shared);
                     if r.is_err() {
                         shared.failed.store(true, Ordering::Release);
@@ -266,7 +280,7 @@ impl LiveCopy {
         );
         let t = Instant::now();
         for r in live.ranges.iter() {
-            live.uffd.write_protect(r.start, r.len)?;
+            live.retry_eagain(|| live.uffd.write_protect(r.start, r.len))?;
         }
         // After the protection: what changes from now on is noted.
         for r in live.ranges.iter() {
@@ -286,19 +300,37 @@ impl LiveCopy {
     /// file's data. Returns the pages with data.
     pub fn protect(&mut self) -> Result<u64, LiveError> {
         let t = Instant::now();
-        let mut again = {
+        // The instant and the pages to copy are fixed together: a remove
+        // event is judged against both or neither.
+        let (merged, pages) = {
             let mut arming = lock(&self.shared.arming);
             arming.instant = true;
-            std::mem::take(&mut arming.unprotected)
-        };
-        again.sort_unstable();
-        let mut merged: Vec<(u64, u64)> = Vec::with_capacity(again.len());
-        for (start, len) in again {
-            match merged.last_mut() {
-                Some((s, l)) if *s + *l >= start => *l = (*l).max(start + len - *s),
-                _ => merged.push((start, len)),
+            let mut again = std::mem::take(&mut arming.unprotected);
+            again.sort_unstable();
+            let mut merged: Vec<(u64, u64)> = Vec::with_capacity(again.len());
+            for (start, len) in again {
+                match merged.last_mut() {
+                    Some((s, l)) if *s + *l >= start => *l = (*l).max(start + len - *s),
+                    _ => merged.push((start, len)),
+                }
             }
-        }
+            let mut all = Vec::with_capacity(self.ranges.len());
+            let mut pages = 0;
+            for (r, armed) in self.ranges.iter().zip(&self.armed_extents) {
+                let noted = merged.iter().filter_map(|&(start, len)| {
+                    let (s, e) = (start.max(r.start.0), (start + len).min(r.start.0 + r.len));
+                    (s < e).then(|| (s - r.start.0, e - r.start.0))
+                });
+                let extents = union(armed.iter().copied(), noted);
+                pages += extents
+                    .iter()
+                    .map(|(s, e)| (e - s) / PAGE_SIZE)
+                    .sum::<u64>();
+                all.push(extents);
+            }
+            let _ = self.shared.extents.set(all);
+            (merged, pages)
+        };
         for &(start, len) in &merged {
             if let Err(e) = self.retry_eagain(|| self.uffd.write_protect(HostAddr(start), len)) {
                 log::error!(
@@ -311,28 +343,19 @@ impl LiveCopy {
             self.stats.reprotected_pages += len / PAGE_SIZE;
         }
         log::debug!(
-            "protected {} ranges again in {:.2} ms",
+            "protected {} ranges again, {pages} pages to copy, in {:.2} ms",
             merged.len(),
             ms(t.elapsed())
         );
-        let mut all = Vec::with_capacity(self.ranges.len());
-        let mut pages = 0;
-        for (r, armed) in self.ranges.iter().zip(&self.armed_extents) {
-            let noted = merged.iter().filter_map(|&(start, len)| {
-                let (s, e) = (start.max(r.start.0), (start + len).min(r.start.0 + r.len));
-                (s < e).then(|| (s - r.start.0, e - r.start.0))
-            });
-            let extents = union(armed.iter().copied(), noted);
-            pages += extents
-                .iter()
-                .map(|(s, e)| (e - s) / PAGE_SIZE)
-                .sum::<u64>();
-            all.push(extents);
-        }
-        let _ = self.shared.extents.set(all);
         self.stats.protected_pages = pages;
         self.stats.protect_ms = ms(t.elapsed());
         Ok(pages)
+    }
+
+    /// Fails if the fault thread has failed (before the pause: a write it
+    /// read may be held).
+    pub fn check_healthy(&self) -> Result<(), LiveError> {
+        self.check_failed()
     }
 
     /// Copies every page of the instant to `sink` in page order, in runs
@@ -412,8 +435,10 @@ impl LiveCopy {
                     id: r.id.clone(),
                     source,
                 })?;
-            for (i, _) in claimed.iter().enumerate().filter(|(_, &c)| c) {
-                states.saved(PageIndex(first + u64_from(i)));
+            for (i, page) in data.chunks_exact(PAGE_BYTES).enumerate() {
+                if claimed[i] {
+                    states.saved(PageIndex(first + u64_from(i)), is_zero(page));
+                }
             }
         }
         // Wake whoever waited on the batch. Its protection stays until the
@@ -421,7 +446,14 @@ impl LiveCopy {
         // every CPU's TLB); a write before that faults once more and the
         // fault thread lifts it for that page alone.
         let (start, len) = (r.start.offset(off), u64_from(data.len()));
-        self.uffd.wake(start, len)?;
+        match self.uffd.wake(start, len) {
+            // QEMU is gone: nobody waits.
+            Err(UffdError::Wake {
+                errno: Errno::ESRCH,
+                ..
+            }) => {}
+            r => r?,
+        }
         for (i, page) in data.chunks_exact_mut(PAGE_BYTES).enumerate() {
             if claimed[i] {
                 continue;
@@ -451,7 +483,7 @@ impl LiveCopy {
     /// Waits until the fault thread has saved page `p`.
     fn wait_saved(&self, p: PageIndex) -> Result<(), LiveError> {
         let mut spins = 0u32;
-        while self.shared.states.get(p) != SAVED {
+        while !self.shared.states.is_saved(p) {
             self.check_failed()?;
             spins += 1;
             if spins < 64 {
@@ -478,6 +510,8 @@ impl LiveCopy {
 
     /// Runs a protection change, again while the kernel refuses it with
     /// `EAGAIN` because a remove event is pending (the fault thread reads it).
+    /// QEMU being gone (`ESRCH`: its memory is torn down) is success:
+    /// nothing can write guest RAM any more.
     fn retry_eagain(&self, op: impl Fn() -> Result<(), UffdError>) -> Result<(), LiveError> {
         loop {
             match op() {
@@ -488,6 +522,10 @@ impl LiveCopy {
                     self.check_failed()?;
                     std::thread::sleep(Duration::from_micros(100));
                 }
+                Err(UffdError::WriteProtect {
+                    errno: Errno::ESRCH,
+                    ..
+                }) => return Ok(()),
                 r => return Ok(r?),
             }
         }
@@ -517,6 +555,7 @@ impl LiveCopy {
     /// then stops and joins the fault thread.
     fn teardown(&mut self) -> Result<FaultCounts, LiveError> {
         let mut first_err = None;
+        self.shared.tearing_down.store(true, Ordering::Release);
         if self.registered {
             self.registered = false;
             for r in self.ranges.iter() {
@@ -648,10 +687,15 @@ fn handle_write(
         Err(UffdError::WriteProtect {
             errno: Errno::ENOENT,
             ..
-        }) if !in_ram => {
-            log::debug!("a write fault at {addr:#x} outside guest RAM");
+        }) if !in_ram || shared.tearing_down.load(Ordering::Acquire) => {
+            log::debug!("a write fault at {addr:#x} outside registered guest RAM");
             Ok(Handled::Released)
         }
+        // QEMU is gone: nothing waits, nothing can write any more.
+        Err(UffdError::WriteProtect {
+            errno: Errno::ESRCH,
+            ..
+        }) => Ok(Handled::Released),
         Err(e) => {
             log::error!(
                 "releasing a write at {addr:#x} failed: {e}; QEMU's mapping there: {}",
@@ -684,7 +728,7 @@ fn handle_write(
                 source,
             })?;
         shared.side.put(p, page).map_err(LiveError::Side)?;
-        shared.states.saved(p);
+        shared.states.saved(p, is_zero(page));
         return release();
     }
     match shared.states.get(p) {
@@ -697,18 +741,17 @@ fn handle_write(
 /// punched page loses its protection); after it, a discarded page with
 /// data at the instant that is not saved yet has lost its instant bytes.
 fn note_removed(ranges: &[LiveRange], shared: &Shared, start: u64, end: u64) {
-    {
-        let mut arming = lock(&shared.arming);
-        if !arming.instant {
-            for r in ranges {
-                let (s, e) = (start.max(r.start.0), end.min(r.start.0 + r.len));
-                if s < e {
-                    arming.unprotected.push((s, e - s));
-                }
+    let mut arming = lock(&shared.arming);
+    if !arming.instant {
+        for r in ranges {
+            let (s, e) = (start.max(r.start.0), end.min(r.start.0 + r.len));
+            if s < e {
+                arming.unprotected.push((s, e - s));
             }
-            return;
         }
+        return;
     }
+    drop(arming);
     let Some(extents) = shared.extents.get() else {
         return;
     };
@@ -719,7 +762,9 @@ fn note_removed(ranges: &[LiveRange], shared: &Shared, start: u64, end: u64) {
             let off = addr - r.start.0;
             let had_data = extents.iter().any(|&(a, b)| off >= a && off < b);
             let Some(p) = r.page_at(addr) else { continue };
-            if had_data && matches!(shared.states.get(p), NOT_SAVED | COPYING) {
+            // A page saved as zeros may have been read after QEMU punched
+            // it and before this event came: its instant bytes are lost too.
+            if had_data && matches!(shared.states.get(p), NOT_SAVED | COPYING | SAVED_ZERO) {
                 lost += 1;
             }
         }
@@ -772,6 +817,11 @@ fn union(
         }
     }
     out
+}
+
+/// Whether a page is all zero bytes.
+fn is_zero(page: &[u8]) -> bool {
+    page.iter().all(|&b| b == 0)
 }
 
 /// Locks `m`, also after a panic elsewhere (the data stays consistent:

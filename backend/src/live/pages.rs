@@ -28,6 +28,9 @@ pub const COPYING: u8 = 1;
 pub const SAVED: u8 = 2;
 /// Not a page of guest RAM.
 pub const OUTSIDE: u8 = 3;
+/// Saved, and its bytes were all zero: either a zero page at the instant
+/// or one the guest discarded since (a discard reported later tells).
+pub const SAVED_ZERO: u8 = 4;
 
 /// The state of every guest page of one live copy.
 pub struct PageStates {
@@ -51,11 +54,17 @@ impl PageStates {
         })
     }
 
-    /// The claimer has page `p`'s instant bytes: `COPYING` → `SAVED`.
-    pub fn saved(&self, p: PageIndex) {
+    /// The claimer has page `p`'s instant bytes: `COPYING` → `SAVED`
+    /// (or [`SAVED_ZERO`] if they are all zero).
+    pub fn saved(&self, p: PageIndex, zero: bool) {
         if let Some(s) = self.slot(p) {
-            s.store(SAVED, Ordering::Release);
+            s.store(if zero { SAVED_ZERO } else { SAVED }, Ordering::Release);
         }
+    }
+
+    /// Whether page `p` is saved (with data or as zeros).
+    pub fn is_saved(&self, p: PageIndex) -> bool {
+        matches!(self.get(p), SAVED | SAVED_ZERO)
     }
 
     /// Page `p`'s state ([`OUTSIDE`] for a page outside guest RAM).

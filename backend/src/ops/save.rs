@@ -28,6 +28,8 @@ use crate::ops::owner::{LockError, OwnerLock};
 use crate::vmm::{self, Qmp, RamMapping, VmPaths, VmState};
 use crate::wss::{self, Estimator};
 
+/// How long QEMU may take to pause for a live save.
+const STOP_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long QEMU may take to write the device state.
 const DEVICE_STATE_TIMEOUT: Duration = Duration::from_secs(300);
 /// Bytes copied from guest RAM per read.
@@ -169,16 +171,20 @@ pub async fn save_owned(
 ) -> Result<SaveReport, SaveError> {
     let (paths, state) = VmState::load(name)?;
     let qemu = state.qemu().map_err(vmm::QemuError::from)?;
-    match save_locked(name, image, opts, &paths, &state).await {
+    let mut written = false;
+    match save_locked(name, image, opts, &paths, &state, &mut written).await {
         Err(e) if !qemu.alive() => {
             // The partial image is gone already (the writer removes it when
             // dropped); so must be what the dead QEMU left.
             vmm::remove_runtime(&paths);
             // QEMU can die after everything was captured (then only the
-            // final resume or stop failed): that image is whole, keep it.
-            let outcome = match crate::image::Image::open(image) {
-                Ok(_) => format!("the image {} is complete and restorable", image.display()),
-                Err(_) => "no image was written".to_string(),
+            // final resume or stop failed, or a live copy completed the
+            // instant's image): that image is whole, keep it. Whatever is
+            // at the path otherwise is not this save's.
+            let outcome = if written {
+                format!("the image {} is complete and restorable", image.display())
+            } else {
+                "no image was written".to_string()
             };
             Err(SaveError::QemuExited {
                 pid: state.qemu_pid,
@@ -196,6 +202,7 @@ async fn save_locked(
     opts: &SaveOptions,
     paths: &VmPaths,
     state: &VmState,
+    written: &mut bool,
 ) -> Result<SaveReport, SaveError> {
     let started = Instant::now();
     let (paths, state) = (paths.clone(), state.clone());
@@ -247,7 +254,32 @@ async fn save_locked(
     let paused = Instant::now();
     let paused_at = unix_ms();
     if was_running {
-        qmp.execute("stop", json!({})).await?;
+        match &live {
+            None => {
+                qmp.execute("stop", json!({})).await?;
+            }
+            Some(l) => {
+                // A write the fault thread read before failing would be
+                // held, and QEMU's stop could wait on it for ever.
+                l.check_healthy()?;
+                match tokio::time::timeout(STOP_TIMEOUT, qmp.execute("stop", json!({}))).await {
+                    Ok(r) => {
+                        r?;
+                    }
+                    Err(_) => {
+                        drop(live);
+                        drop(writer);
+                        return Err(SaveError::Io {
+                            context: "pausing the VM for a live save".into(),
+                            source: std::io::Error::new(
+                                std::io::ErrorKind::TimedOut,
+                                format!("QEMU did not stop within {STOP_TIMEOUT:?}; write protection was released"),
+                            ),
+                        });
+                    }
+                }
+            }
+        }
     }
     let mut resumed = None;
     let result = async {
@@ -317,6 +349,7 @@ async fn save_locked(
             return Err(e.into());
         }
     };
+    *written = true;
     if live_stats.is_some() {
         // QEMU may die while a live copy runs: the copy still completes
         // the instant's image (nothing can write guest RAM any more), but
