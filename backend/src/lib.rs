@@ -21,5 +21,7 @@ pub(crate) mod observe;
 pub mod ops;
 pub mod progress;
 pub mod remote;
+#[cfg(test)]
+mod testing;
 pub mod vmm;
 pub mod wss;

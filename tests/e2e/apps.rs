@@ -19,7 +19,8 @@ fn netns(app: &str) -> String {
     format!("thaw-e2e-{app}")
 }
 
-fn run(program: &Path, args: &[&str]) -> std::process::Output {
+/// Runs `program ARGS`; panics with its output if it fails.
+pub(crate) fn run(program: &Path, args: &[&str]) -> std::process::Output {
     let out = Command::new(program)
         .args(args)
         .output()
@@ -33,6 +34,18 @@ fn run(program: &Path, args: &[&str]) -> std::process::Output {
         String::from_utf8_lossy(&out.stderr)
     );
     out
+}
+
+/// The config of an application guest `name` booting `initrd` (from
+/// `build-app.sh`), its NIC on the namespace's tap0 at 10.77.0.2.
+pub(crate) fn app_config(name: &str, initrd: &str) -> String {
+    format!(
+        "name: {name}\nmemory: 512M\ncpus: 1\nmachine: q35\naccel: tcg\nkernel: {}\ninitrd: {initrd}\n\
+         append: \"console=ttyS0 quiet panic=-1 thaw.ip=10.77.0.2/24\"\nserial: console.log\n\
+         extra_args: [\"-no-reboot\", \"-netdev\", \"tap,id=n0,ifname=tap0,script=no,downscript=no\", \
+         \"-device\", \"virtio-net-pci,netdev=n0\"]\n",
+        harness::guest_dir().join("vmlinuz").display(),
+    )
 }
 
 #[test]
@@ -52,13 +65,7 @@ fn bench_app(app: &str) {
     let ns = netns(app);
     run(&root.join("ci/app-net.sh"), &["up", &ns]);
     let (name, dir) = Vm::workspace(&format!("app-{app}"));
-    let config = format!(
-        "name: {name}\nmemory: 512M\ncpus: 1\nmachine: q35\naccel: tcg\nkernel: {}\ninitrd: {image}\n\
-         append: \"console=ttyS0 quiet panic=-1 thaw.ip=10.77.0.2/24\"\nserial: console.log\n\
-         extra_args: [\"-no-reboot\", \"-netdev\", \"tap,id=n0,ifname=tap0,script=no,downscript=no\", \
-         \"-device\", \"virtio-net-pci,netdev=n0\"]\n",
-        harness::guest_dir().join("vmlinuz").display(),
-    );
+    let config = app_config(&name, &image);
     let cfg_path = dir.join("vm.yaml");
     std::fs::write(&cfg_path, config).expect("write config");
     let _vm = Vm::attach(name, dir.clone());

@@ -86,6 +86,29 @@ fn verify(vm: &Vm) -> String {
     line
 }
 
+/// Restores `image` as a second VM (`<name>-<suffix>`) with `mode`
+/// (`lazy` without learning, or `eager`) and checks it holds one instant.
+/// The copy shares `vm`'s directory, which it removes when dropped: keep
+/// it until the test ends.
+fn restore_copy(vm: &Vm, image: &Path, suffix: &str, mode: &str) -> Vm {
+    let copy = vm.renamed(&format!("{}-{suffix}", vm.name));
+    let mut args = vec![
+        "restore",
+        image.to_str().expect("utf-8"),
+        "--name",
+        &copy.name,
+        "--mode",
+        mode,
+        "--json",
+    ];
+    if mode == "lazy" {
+        args.push("--no-learn");
+    }
+    json(&vm.thaw(&args));
+    verify(&copy);
+    copy
+}
+
 /// Total pages written so far by the guest's writers (last tick line).
 fn writes(vm: &Vm) -> u64 {
     vm.console()
@@ -210,19 +233,7 @@ fn live_checkpoint_holds_one_instant_under_writes_and_dma() {
     verify(&vm);
 
     // The checkpoint restored as a second VM: one instant.
-    let copy = vm.renamed(&format!("{}-r", vm.name));
-    let restored = vm.thaw(&[
-        "restore",
-        image.to_str().expect("utf-8"),
-        "--name",
-        &copy.name,
-        "--mode",
-        "lazy",
-        "--no-learn",
-        "--json",
-    ]);
-    json(&restored);
-    verify(&copy);
+    let copy = restore_copy(&vm, &image, "r", "lazy");
     assert_writing(&copy);
     copy.stop();
 
@@ -254,19 +265,9 @@ fn live_checkpoint_holds_one_instant_under_writes_and_dma() {
     );
     let info = vm.inspect(&incremental);
     assert_eq!(info["chain_depth"], 1, "{info}");
-    let copy = vm.renamed(&format!("{}-i", vm.name));
-    json(&vm.thaw(&[
-        "restore",
-        incremental.to_str().expect("utf-8"),
-        "--name",
-        &copy.name,
-        "--mode",
-        "lazy",
-        "--no-learn",
-        "--json",
-    ]));
-    verify(&copy);
-    copy.stop();
+    // (A copy shares the test's directory: it lives to the end.)
+    let from_chain = restore_copy(&vm, &incremental, "i", "lazy");
+    from_chain.stop();
     let merged = vm.dir.join("merged");
     vm.thaw(&[
         "merge",
@@ -286,18 +287,8 @@ fn live_checkpoint_holds_one_instant_under_writes_and_dma() {
         "a chain without its parent: {}",
         String::from_utf8_lossy(&refused.stderr)
     );
-    let copy = vm.renamed(&format!("{}-m", vm.name));
-    json(&vm.thaw(&[
-        "restore",
-        merged.to_str().expect("utf-8"),
-        "--name",
-        &copy.name,
-        "--mode",
-        "eager",
-        "--json",
-    ]));
-    verify(&copy);
-    copy.stop();
+    let from_merged = restore_copy(&vm, &merged, "m", "eager");
+    from_merged.stop();
 
     // The same with stop-and-copy, side by side: also one instant.
     let stopped = vm.dir.join("stopped");
@@ -450,18 +441,7 @@ fn continuous_checkpoints_keep_the_last_k_restorable() {
         "{report}"
     );
     // The incremental one restores to one instant.
-    let copy = vm.renamed(&format!("{}-s", vm.name));
-    json(&vm.thaw(&[
-        "restore",
-        name(4).to_str().expect("utf-8"),
-        "--name",
-        &copy.name,
-        "--mode",
-        "lazy",
-        "--no-learn",
-        "--json",
-    ]));
-    verify(&copy);
+    let copy = restore_copy(&vm, &name(4), "s", "lazy");
     copy.stop();
     verify(&vm);
     vm.stop();

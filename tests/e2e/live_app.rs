@@ -115,17 +115,9 @@ struct Write1 {
     acked: Option<f64>,
 }
 
+/// `program ARGS`' standard output, trimmed.
 fn run(program: &Path, args: &[&str]) -> String {
-    let out = Command::new(program)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("running {}: {e}", program.display()));
-    assert!(
-        out.status.success(),
-        "{} {args:?} failed: {}",
-        program.display(),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = crate::apps::run(program, args);
     String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
 
@@ -152,13 +144,7 @@ fn a_live_checkpoint_of_redis_holds_exactly_the_writes_acknowledged_before_it() 
     let initrd = run(&root.join("tests/guest/build-app.sh"), &["redis"]);
     run(&root.join("ci/app-net.sh"), &["up", NETNS]);
     let (name, dir) = Vm::workspace("liveapp");
-    let config = format!(
-        "name: {name}\nmemory: 512M\ncpus: 1\nmachine: q35\naccel: tcg\nkernel: {}\ninitrd: {initrd}\n\
-         append: \"console=ttyS0 quiet panic=-1 thaw.ip=10.77.0.2/24\"\nserial: console.log\n\
-         extra_args: [\"-no-reboot\", \"-netdev\", \"tap,id=n0,ifname=tap0,script=no,downscript=no\", \
-         \"-device\", \"virtio-net-pci,netdev=n0\"]\n",
-        harness::guest_dir().join("vmlinuz").display(),
-    );
+    let config = crate::apps::app_config(&name, &initrd);
     let cfg = dir.join("vm.yaml");
     std::fs::write(&cfg, config).expect("config");
     let vm = Vm::attach(name, dir.clone());

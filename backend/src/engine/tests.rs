@@ -12,11 +12,10 @@
     clippy::cast_possible_wrap
 )]
 
-use std::io::{BufRead, BufReader, Write};
-use std::os::fd::{AsRawFd, OwnedFd};
-use std::os::unix::process::CommandExt;
+use std::io::{BufRead, Write};
+use std::os::fd::OwnedFd;
 use std::path::Path;
-use std::process::{Child, ChildStdin, Command, Stdio};
+use std::process::{Child, ChildStdin};
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -228,43 +227,17 @@ impl Mapper {
             nix::sys::memfd::memfd_create(c"thaw-engine-test", nix::sys::memfd::MFdFlags::empty())
                 .expect("memfd_create");
         nix::unistd::ftruncate(&memfd, (PAGES * PAGE_SIZE) as i64).expect("ftruncate");
-        let raw = memfd.as_raw_fd();
-        let mut cmd = Command::new(std::env::current_exe().expect("test binary"));
-        cmd.args([
+        let crate::testing::Helper {
+            child,
+            stdin,
+            lines,
+        } = crate::testing::spawn(
             "engine::tests::mapper_process",
-            "--exact",
-            "--nocapture",
-            "--test-threads=1",
-        ])
-        .env(MAPPER_ENV, "1")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit());
-        // SAFETY: dup2 is async-signal-safe; it puts the memfd at the fd
-        // number the mapper expects (clearing close-on-exec there).
-        unsafe {
-            cmd.pre_exec(move || {
-                if libc::dup2(raw, MAPPER_FD) < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
-        let mut child = cmd.spawn().expect("spawn mapper");
-        let stdin = child.stdin.take().expect("stdin");
-        let stdout = child.stdout.take().expect("stdout");
-        let (tx, lines) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                // libtest's own "test ... " may precede the tag on a line.
-                if let Some(at) = line.find(TAG) {
-                    if tx.send(line[at + TAG.len()..].to_string()).is_err() {
-                        break;
-                    }
-                }
-            }
-        });
+            MAPPER_ENV,
+            &memfd,
+            MAPPER_FD,
+            TAG,
+        );
         let mut m = Mapper {
             child,
             stdin,

@@ -13,11 +13,10 @@
 )]
 
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader, Write};
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::io::{BufRead, Write};
+use std::os::fd::OwnedFd;
 use std::os::unix::fs::OpenOptionsExt;
-use std::os::unix::process::CommandExt;
-use std::process::{Child, ChildStdin, Command, Stdio};
+use std::process::{Child, ChildStdin};
 use std::sync::mpsc::Receiver;
 use std::time::Duration;
 
@@ -143,42 +142,17 @@ impl Scribbler {
         let file = File::from(memfd.try_clone().expect("dup"));
         file.write_all_at(&vec![0x5a; (filled * PAGE_SIZE) as usize], 0)
             .expect("fill");
-        let raw = memfd.as_raw_fd();
-        let mut cmd = Command::new(std::env::current_exe().expect("test binary"));
-        cmd.args([
+        let crate::testing::Helper {
+            child,
+            stdin,
+            lines,
+        } = crate::testing::spawn(
             "live::tests::scribbler_process",
-            "--exact",
-            "--nocapture",
-            "--test-threads=1",
-        ])
-        .env(SCRIBBLER_ENV, "1")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit());
-        // SAFETY: dup2 is async-signal-safe; it puts the memfd at the fd
-        // number the scribbler expects (clearing close-on-exec there).
-        unsafe {
-            cmd.pre_exec(move || {
-                if libc::dup2(raw, SCRIBBLER_FD) < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
-        let mut child = cmd.spawn().expect("spawn scribbler");
-        let stdin = child.stdin.take().expect("stdin");
-        let stdout = child.stdout.take().expect("stdout");
-        let (tx, lines) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                if let Some(at) = line.find(TAG) {
-                    if tx.send(line[at + TAG.len()..].to_string()).is_err() {
-                        break;
-                    }
-                }
-            }
-        });
+            SCRIBBLER_ENV,
+            &memfd,
+            SCRIBBLER_FD,
+            TAG,
+        );
         let mut s = Scribbler {
             child,
             stdin,

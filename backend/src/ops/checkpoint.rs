@@ -25,9 +25,9 @@ use serde::Serialize;
 use crate::engine::{Engine, FaultLog};
 use crate::image::Image;
 use crate::observe::window::{self, LearnWindow};
-use crate::ops::owner::{LockError, OwnerLock};
+use crate::ops::owner::LockError;
 use crate::ops::restore::{self, RestoreError};
-use crate::ops::save::{self, SaveError, SaveMethod, SaveOptions, SaveReport, TRACKER_PATIENCE};
+use crate::ops::save::{self, SaveError, SaveMethod, SaveOptions, SaveReport};
 use crate::vmm::{self, Qmp, VmState};
 use crate::wss::{self, Estimator, WorkingSet};
 
@@ -110,16 +110,7 @@ pub async fn checkpoint(
     image: &Path,
     opts: &CheckpointOptions,
 ) -> Result<CheckpointReport, CheckpointError> {
-    let paths = match opts.libvirt.as_deref() {
-        Some(uri) => {
-            vmm::libvirt::attach(uri, name)
-                .await
-                .map_err(SaveError::from)?
-                .0
-        }
-        None => VmState::load(name).map_err(SaveError::from)?.0,
-    };
-    let owner = OwnerLock::acquire_after_tracker(&paths, "checkpoint", TRACKER_PATIENCE).await?;
+    let owner = save::own(name, opts.libvirt.as_deref(), "checkpoint").await?;
     let report = save::save_owned(
         name,
         image,

@@ -153,12 +153,23 @@ pub struct SaveReport {
 /// owner lock: a running `thaw track` is stopped first (its last estimate
 /// is stored), any other holder (a restore, a checkpoint) makes it refuse.
 pub async fn save(name: &str, image: &Path, opts: &SaveOptions) -> Result<SaveReport, SaveError> {
-    let paths = match &opts.libvirt {
+    let owner = own(name, opts.libvirt.as_deref(), "save").await?;
+    save_owned(name, image, opts, &owner).await
+}
+
+/// Attaches to VM `name` (a libvirt domain at `libvirt`, taken on first)
+/// and takes its owner lock for `operation`, stopping a running tracker
+/// first (its last estimate stays for the save to store).
+pub(crate) async fn own(
+    name: &str,
+    libvirt: Option<&str>,
+    operation: &str,
+) -> Result<OwnerLock, SaveError> {
+    let paths = match libvirt {
         Some(uri) => vmm::libvirt::attach(uri, name).await?.0,
         None => VmState::load(name)?.0,
     };
-    let owner = OwnerLock::acquire_after_tracker(&paths, "save", TRACKER_PATIENCE).await?;
-    save_owned(name, image, opts, &owner).await
+    Ok(OwnerLock::acquire_after_tracker(&paths, operation, TRACKER_PATIENCE).await?)
 }
 
 /// [`save`] for an operation that holds the VM's owner lock already

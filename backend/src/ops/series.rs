@@ -19,17 +19,13 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
-use crate::ops::owner::{LockError, OwnerLock};
-use crate::ops::save::{self, SaveError, SaveMethod, SaveOptions, TRACKER_PATIENCE};
-use crate::vmm::{self, VmState};
+use crate::ops::save::{self, SaveError, SaveMethod, SaveOptions};
 
 /// Errors of a series.
 #[derive(Debug, thiserror::Error)]
 pub enum SeriesError {
     #[error(transparent)]
     Save(#[from] SaveError),
-    #[error(transparent)]
-    Busy(#[from] LockError),
     #[error("--keep must be at least 1")]
     Keep,
     #[error("{context} {path}: {source}")]
@@ -129,17 +125,7 @@ pub async fn run(
     if opts.keep == 0 {
         return Err(SeriesError::Keep);
     }
-    let paths = match opts.libvirt.as_deref() {
-        Some(uri) => {
-            vmm::libvirt::attach(uri, name)
-                .await
-                .map_err(SaveError::from)?
-                .0
-        }
-        None => VmState::load(name).map_err(SaveError::from)?.0,
-    };
-    let owner =
-        OwnerLock::acquire_after_tracker(&paths, "checkpoint series", TRACKER_PATIENCE).await?;
+    let owner = save::own(name, opts.libvirt.as_deref(), "checkpoint series").await?;
     std::fs::create_dir_all(dir).map_err(|source| SeriesError::Io {
         context: "creating",
         path: dir.to_owned(),
