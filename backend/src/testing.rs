@@ -65,3 +65,23 @@ pub(crate) fn spawn(
         lines,
     }
 }
+
+/// Maps `len` bytes of fd `fd` shared and writable in this (helper)
+/// process; returns the address.
+pub(crate) fn map_shared(fd: i32, len: usize) -> usize {
+    // SAFETY: a fresh shared read-write mapping of an inherited memfd at a
+    // place the kernel picks; the helpers touch it only at page offsets
+    // inside it, through volatile accesses.
+    let base = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED,
+            fd,
+            0,
+        )
+    };
+    assert_ne!(base, libc::MAP_FAILED, "helper: mmap failed");
+    base as usize
+}

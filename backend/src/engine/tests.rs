@@ -103,20 +103,7 @@ fn say(line: &str) {
 
 fn mapper_main() {
     let len = (PAGES * PAGE_SIZE) as usize;
-    // SAFETY: a fresh shared read-write mapping of the inherited memfd,
-    // used only through volatile reads at page offsets inside it.
-    let base = unsafe {
-        libc::mmap(
-            std::ptr::null_mut(),
-            len,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_SHARED,
-            MAPPER_FD,
-            0,
-        )
-    };
-    assert_ne!(base, libc::MAP_FAILED, "mapper: mmap failed");
-    let base = base as usize;
+    let base = crate::testing::map_shared(MAPPER_FD, len);
     say(&format!("ready {base:#x}"));
     let mut threads = Vec::new();
     for line in std::io::stdin().lock().lines() {

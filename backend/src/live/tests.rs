@@ -50,20 +50,7 @@ fn scribbler_process() {
         return;
     }
     let len = (PAGES * PAGE_SIZE) as usize;
-    // SAFETY: a fresh shared read-write mapping of the inherited memfd,
-    // written only through volatile stores at page offsets inside it.
-    let base = unsafe {
-        libc::mmap(
-            std::ptr::null_mut(),
-            len,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_SHARED,
-            SCRIBBLER_FD,
-            0,
-        )
-    };
-    assert_ne!(base, libc::MAP_FAILED, "scribbler: mmap failed");
-    let base = base as usize;
+    let base = crate::testing::map_shared(SCRIBBLER_FD, len);
     for t in 0..WRITERS {
         std::thread::spawn(move || {
             let mut step = 0u64;
@@ -328,18 +315,30 @@ fn a_discard_of_unsaved_pages_after_the_instant_fails_the_copy() {
     if skip_without_wp() {
         return;
     }
-    // Every page has data at the instant.
-    let mut s = Scribbler::spawn(PAGES);
-    let mut live = s.live_copy();
-    s.freeze();
-    live.protect().expect("protect");
+    let (mut s, mut live) = at_the_instant(PAGES);
     s.thaw();
     // The last pages are copied last: discarded before the copier gets there.
     s.discard(PAGES - 8, 8);
-    let err = copy_all(&mut live, None)
-        .err()
-        .or_else(|| live.finish().err())
-        .expect("the copy must fail");
+    assert_discarded(
+        copy_all(&mut live, None)
+            .err()
+            .or_else(|| live.finish().err()),
+    );
+}
+
+/// A scribbler whose first `filled` pages hold data and a live copy of
+/// it, stopped at the instant (it runs again on `thaw`).
+fn at_the_instant(filled: u64) -> (Scribbler, LiveCopy) {
+    let s = Scribbler::spawn(filled);
+    let mut live = s.live_copy();
+    s.freeze();
+    live.protect().expect("protect");
+    (s, live)
+}
+
+/// The copy failed because unsaved pages were discarded.
+fn assert_discarded(err: Option<LiveError>) {
+    let err = err.expect("the copy must fail");
     assert!(
         matches!(err, LiveError::Discarded { pages } if pages > 0),
         "{err}"
@@ -351,10 +350,7 @@ fn a_page_copied_after_its_punch_but_before_the_remove_event_fails_the_copy() {
     if skip_without_wp() {
         return;
     }
-    let mut s = Scribbler::spawn(PAGES);
-    let mut live = s.live_copy();
-    s.freeze();
-    live.protect().expect("protect");
+    let (mut s, mut live) = at_the_instant(PAGES);
     // The file is punched (here, while the process is still stopped) and
     // the mapping's remove event comes only after the copier read the
     // hole as zeros: what QEMU's discard looks like when it races a copy.
@@ -362,13 +358,7 @@ fn a_page_copied_after_its_punch_but_before_the_remove_event_fails_the_copy() {
     copy_all(&mut live, None).expect("the copy itself completes");
     s.thaw();
     s.discard_as("dontneed", PAGES - 8, 8);
-    let err = live
-        .finish()
-        .expect_err("zeros saved for data must fail the copy");
-    assert!(
-        matches!(err, LiveError::Discarded { pages } if pages > 0),
-        "{err}"
-    );
+    assert_discarded(live.finish().err());
 }
 
 #[test]
@@ -376,10 +366,7 @@ fn a_dropped_copy_releases_every_held_write() {
     if skip_without_wp() {
         return;
     }
-    let s = Scribbler::spawn(PAGES / 2);
-    let mut live = s.live_copy();
-    s.freeze();
-    live.protect().expect("protect");
+    let (s, live) = at_the_instant(PAGES / 2);
     s.thaw();
     // No copier: writes pile up on protected pages until the drop.
     std::thread::sleep(Duration::from_millis(100));

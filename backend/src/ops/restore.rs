@@ -940,14 +940,7 @@ pub(crate) fn block_maps(
             file,
         });
     }
-    if !qemu.alive() {
-        return Err(
-            vmm::QemuError::from(crate::remote::process::ProcessError::Gone {
-                pid: qemu.pid().as_raw(),
-            })
-            .into(),
-        );
-    }
+    vmm::ensure_alive(qemu)?;
     Ok(blocks)
 }
 

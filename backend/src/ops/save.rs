@@ -365,15 +365,7 @@ async fn save_locked(
         // QEMU may die while a live copy runs: the copy still completes
         // the instant's image (nothing can write guest RAM any more), but
         // the VM is gone and the caller must hear so.
-        let qemu = state.qemu().map_err(vmm::QemuError::from)?;
-        if !qemu.alive() {
-            return Err(
-                vmm::QemuError::from(crate::remote::process::ProcessError::Gone {
-                    pid: qemu.pid().as_raw(),
-                })
-                .into(),
-            );
-        }
+        vmm::ensure_alive(&state.qemu().map_err(vmm::QemuError::from)?)?;
     }
     let working_sets = attach_estimates(&paths, image, state.layout.total_pages());
     let paused_ms = ms(resumed.unwrap_or_else(|| paused.elapsed()));
@@ -438,14 +430,7 @@ async fn start_live(
         });
     }
     // Opened through /proc/<pid>/fd while QEMU was alive: QEMU's files.
-    if !qemu.alive() {
-        return Err(
-            vmm::QemuError::from(crate::remote::process::ProcessError::Gone {
-                pid: qemu.pid().as_raw(),
-            })
-            .into(),
-        );
-    }
+    vmm::ensure_alive(&qemu)?;
     let uffd = crate::ops::restore::take_over_uffd(state, qmp, &qemu, crate::live::FEATURES)
         .await
         .map_err(|e| SaveError::TakeOver(e.to_string()))?;
@@ -575,14 +560,7 @@ fn copy_ram(
         files.push((file, extents));
     }
     // Opened through /proc/<pid>/fd while QEMU was alive: QEMU's files.
-    if !qemu.alive() {
-        return Err(
-            vmm::QemuError::from(crate::remote::process::ProcessError::Gone {
-                pid: qemu.pid().as_raw(),
-            })
-            .into(),
-        );
-    }
+    vmm::ensure_alive(qemu)?;
     let memory = map_guest_ram(&files, layout)?;
     let total: u64 = files
         .iter()

@@ -811,6 +811,17 @@ pub struct RamMapping {
     pub fd_path: PathBuf,
 }
 
+/// Fails if `qemu` has exited: what was read through its `/proc` entries
+/// before (its RAM files' fds) was its own only while it lived.
+pub fn ensure_alive(qemu: &QemuProcess) -> Result<(), QemuError> {
+    if qemu.alive() {
+        return Ok(());
+    }
+    Err(QemuError::from(ProcessError::Gone {
+        pid: qemu.pid().as_raw(),
+    }))
+}
+
 /// Finds every block of `layout` in QEMU's address space (`/proc/<pid>/maps`)
 /// and file table (`/proc/<pid>/fd`), by RAM file path. What was read
 /// belongs to `qemu`: it is checked to be alive afterwards (its pidfd is
