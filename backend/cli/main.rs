@@ -222,8 +222,11 @@ enum Command {
               value_parser = clap::value_parser!(u64).range(1..=256))]
         fetch_workers: u64,
     },
-    /// Save a running VM into an image and keep it running; then trace the
-    /// order in which the guest touches its pages (the `trace` working set).
+    /// Save a running VM into an image and keep it running (live,
+    /// copy-on-write: the guest pauses for milliseconds, see --stop-copy);
+    /// then trace the order in which the guest touches its pages (the
+    /// `trace` working set). With --interval-ms: continuous, incremental
+    /// checkpoints into a directory.
     Checkpoint {
         name: String,
         image: PathBuf,

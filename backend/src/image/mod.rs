@@ -571,7 +571,8 @@ fn remove_stale_partials(target: &Path, name: &std::ffi::OsStr) {
     }
 }
 
-fn is_zero(page: &[u8]) -> bool {
+/// Whether a page is all zero bytes (word by word).
+pub(crate) fn is_zero(page: &[u8]) -> bool {
     let (head, words, tail) = {
         // SAFETY: any bit pattern is a valid u64; align_to handles alignment.
         unsafe { page.align_to::<u64>() }

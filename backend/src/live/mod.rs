@@ -46,6 +46,7 @@ use std::time::{Duration, Instant};
 use nix::errno::Errno;
 use serde::Serialize;
 
+use crate::image::is_zero;
 use crate::image::throttle::Throttle;
 use crate::mem::{u64_from, usize_from, HostAddr, PageIndex, PAGE_BYTES, PAGE_SIZE};
 use crate::remote::uffd::{
@@ -817,11 +818,6 @@ fn union(
         }
     }
     out
-}
-
-/// Whether a page is all zero bytes.
-fn is_zero(page: &[u8]) -> bool {
-    page.iter().all(|&b| b == 0)
 }
 
 /// Locks `m`, also after a panic elsewhere (the data stays consistent:
