@@ -1128,16 +1128,22 @@ impl Image {
         Ok(len)
     }
 
+    /// Waits for `bytes` under the read limit, if one is set (`urgent`:
+    /// ahead of background reads).
+    fn take_read_limit(&self, bytes: u64, urgent: bool) {
+        if let Some(t) = &self.throttle {
+            if urgent {
+                t.take_urgent(bytes);
+            } else {
+                t.take(bytes);
+            }
+        }
+    }
+
     /// Reads `buf.len()` bytes of `pages.bin` at `start`, under the read
     /// limit (`urgent`: ahead of background reads), unverified.
     fn read_at(&self, start: u64, buf: &mut [u8], urgent: bool) -> Result<(), ImageError> {
-        if let Some(t) = &self.throttle {
-            if urgent {
-                t.take_urgent(buf.len() as u64);
-            } else {
-                t.take(buf.len() as u64);
-            }
-        }
+        self.take_read_limit(buf.len() as u64, urgent);
         if !urgent {
             if let Some(direct) = &self.pages_direct {
                 if direct
@@ -1172,14 +1178,7 @@ impl Image {
         urgent: bool,
     ) -> Result<usize, ImageError> {
         if let Some(chain) = &self.chain {
-            if let Some(t) = &self.throttle {
-                let bytes = u64::from(count) * PAGE_SIZE;
-                if urgent {
-                    t.take_urgent(bytes);
-                } else {
-                    t.take(bytes);
-                }
-            }
+            self.take_read_limit(u64::from(count) * PAGE_SIZE, urgent);
             return chain.read_slots(first, count, buf, urgent, &self.page_sums, &self.reverse);
         }
         let end = first.saturating_add(count);
