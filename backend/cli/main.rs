@@ -113,6 +113,13 @@ struct LiveArgs {
     /// guest more of the machine; writes still never wait for the pace.
     #[arg(long, value_parser = parse_size, conflicts_with = "stop_copy")]
     copy_limit: Option<u64>,
+    /// Live copy, speculative pre-copy: at most this many pages predicted
+    /// to be written (a recent `thaw track --estimator dirty` estimate, or
+    /// in a series what the previous checkpoint saw written) or written
+    /// while RAM is being protected are copied in the pause, so the guest
+    /// takes no write fault on them; 0 turns it off [default: 4096]
+    #[arg(long, conflicts_with = "stop_copy")]
+    speculate_pages: Option<u64>,
 }
 
 impl LiveArgs {
@@ -605,11 +612,13 @@ async fn run(cli: Cli) -> Result<()> {
             live,
             libvirt,
         } => {
-            if !keep_running && (live.stop_copy || live.copy_limit.is_some()) {
+            if !keep_running
+                && (live.stop_copy || live.copy_limit.is_some() || live.speculate_pages.is_some())
+            {
                 anyhow::bail!(
-                    "--stop-copy and --copy-limit choose how a save that keeps the VM \
-                     running copies it; without --keep-running the guest stays paused \
-                     until QEMU stops"
+                    "--stop-copy, --copy-limit and --speculate-pages choose how a save that \
+                     keeps the VM running copies it; without --keep-running the guest stays \
+                     paused until QEMU stops"
                 );
             }
             let report = thaw::ops::save::save(
@@ -624,6 +633,8 @@ async fn run(cli: Cli) -> Result<()> {
                     method: live.method(),
                     copy_limit: live.copy_limit,
                     parent,
+                    speculate_pages: live.speculate_pages,
+                    predicted: None,
                 },
             )
             .await
@@ -695,6 +706,7 @@ async fn run(cli: Cli) -> Result<()> {
                     count,
                     method: live.method(),
                     copy_limit: live.copy_limit,
+                    speculate_pages: live.speculate_pages,
                     libvirt: libvirt.uri(),
                 };
                 let report = thaw::ops::series::run(&name, &image, &opts, termination())
@@ -723,6 +735,8 @@ async fn run(cli: Cli) -> Result<()> {
                     method: live.method(),
                     copy_limit: live.copy_limit,
                     parent,
+                    speculate_pages: live.speculate_pages,
+                    predicted: None,
                     progress: progress::terminal_bar(),
                 },
             )

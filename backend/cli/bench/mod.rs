@@ -616,6 +616,8 @@ pub async fn run(opts: &BenchOptions) -> Result<BenchReport, BenchError> {
             method: thaw::ops::save::SaveMethod::StopAndCopy,
             copy_limit: None,
             parent: None,
+            speculate_pages: None,
+            predicted: None,
             progress: Default::default(),
         },
     )

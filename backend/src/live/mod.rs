@@ -8,7 +8,7 @@
 //! protects all of it while the guest still runs ("arming"): a write in
 //! that phase is let go at once and its page noted, as is any discarded
 //! range; then thaw finds each RAM file's data extents. In the pause,
-//! [`LiveCopy::protect`] protects only the noted pages again, so the pause
+//! [`LiveCopy::protect`] deals with the noted pages only, so the pause
 //! does not grow with RAM. The pages to copy are the extents and the noted
 //! pages: every page with data at the instant is among them (a hole there
 //! reads as zeros and is dropped; holes elsewhere are never read). After
@@ -25,6 +25,19 @@
 //!   waits for the copier's batch.
 //!
 //! So each page is saved exactly once, with its bytes at the instant.
+//!
+//! Speculative pre-copy (after Speculative Memory Checkpointing): a page
+//! the guest writes again and again would fault once while arming and
+//! once more after the resume. The pages predicted to be written
+//! ([`Speculation`]: the write tracker's estimate, or what the previous
+//! checkpoint of a series saw written) are left unprotected while arming,
+//! and in the pause they and the pages written while arming are copied
+//! into the scratch file, up to a budget, instead of being protected
+//! again: copying a page there costs about what protecting it costs, and
+//! the guest takes no fault on it. What exceeds the budget, and every
+//! discarded range, is protected again as before. Every write fault seen
+//! is returned ([`LiveCopy::finish`]) as the next prediction.
+//!
 //! QEMU holds no copy of the userfaultfd: if thaw dies, the kernel drops
 //! the registration and every protection with thaw's copy, and the guest
 //! runs on. If QEMU dies instead, no page can change any more and the
@@ -60,6 +73,9 @@ const BATCH_BYTES: u64 = 256 << 10;
 /// The copier lifts the protection of what it saved in steps of this many
 /// bytes.
 const RELEASE_BYTES: u64 = 16 << 20;
+/// Pages copied in the pause by default ([`Speculation::budget_pages`]):
+/// 16 MiB.
+pub const DEFAULT_SPECULATE_PAGES: u64 = 4096;
 /// How long the fault thread waits for an event before checking for stop.
 const EVENT_POLL: Duration = Duration::from_millis(50);
 /// Fault service times kept for percentiles.
@@ -97,6 +113,20 @@ pub enum LiveError {
     Spawn(std::io::Error),
 }
 
+/// Speculative pre-copy: pages predicted to be written during the copy,
+/// and how many pages the pause may copy.
+#[derive(Clone, Debug, Default)]
+pub struct Speculation {
+    /// Most likely first; the first `budget_pages` are left unprotected
+    /// while arming and copied in the pause.
+    pub predicted: Vec<PageIndex>,
+    /// At most this many pages are copied in the pause (predicted ones
+    /// first, then those written while arming); 0 turns speculation off.
+    pub budget_pages: u64,
+    /// Where the prediction came from, for reports.
+    pub source: &'static str,
+}
+
 /// One guest RAM block as a live copy sees it.
 pub struct LiveRange {
     /// The block's id, for messages.
@@ -116,6 +146,11 @@ impl LiveRange {
         (addr >= self.start.0 && addr - self.start.0 < self.len)
             .then(|| PageIndex(self.first_page + (addr - self.start.0) / PAGE_SIZE))
     }
+
+    /// Whether global page `p` is in this block.
+    fn holds(&self, p: PageIndex) -> bool {
+        p.0 >= self.first_page && (p.0 - self.first_page) * PAGE_SIZE < self.len
+    }
 }
 
 /// What a live copy did, for reports.
@@ -123,18 +158,29 @@ impl LiveRange {
 pub struct LiveStats {
     /// Time to protect all of guest RAM before the pause.
     pub arm_ms: f64,
-    /// Pages written or discarded between then and the instant, protected
-    /// again in the pause.
+    /// Where the prediction of writes came from (`none`,
+    /// `dirty-estimate`, `previous-checkpoint`, `caller`).
+    pub prediction: String,
+    /// Pages predicted to be written, left unprotected while arming.
+    pub predicted_pages: u64,
+    /// Pages copied in the pause (predicted, or written while arming)
+    /// and never protected again.
+    pub speculated_pages: u64,
+    /// Pages written or discarded while arming and not copied in the
+    /// pause, protected again there.
     pub reprotected_pages: u64,
     /// Pages to copy: every page with data at the instant, and maybe a few
     /// holes (read as zeros).
     pub protected_pages: u64,
-    /// Time in the pause to protect pages again and find the data extents.
+    /// Time in the pause to copy or protect the noted pages.
     pub protect_ms: f64,
     /// Resume → every page in the image writer's hands.
     pub copy_ms: f64,
-    /// Write faults the guest took on protected pages.
+    /// Write faults the guest took on protected pages, while arming and
+    /// after the instant.
     pub wp_faults: u64,
+    /// Of those, faults while arming (let go at once).
+    pub arm_faults: u64,
     /// Of those, pages the fault thread saved ahead of the copier.
     pub saved_ahead: u64,
     /// Of those, writes that waited for the copier's batch.
@@ -152,8 +198,10 @@ pub struct LiveStats {
 struct Arming {
     /// The instant has come: writes are copy-on-write from now on.
     instant: bool,
-    /// `(start, len)` in QEMU's space, to protect again at the instant.
-    unprotected: Vec<(u64, u64)>,
+    /// Pages (QEMU addresses) written while arming, in fault order.
+    written: Vec<u64>,
+    /// `(start, len)` in QEMU's space discarded while arming.
+    removed: Vec<(u64, u64)>,
 }
 
 /// State shared by the copier and the fault thread.
@@ -177,7 +225,9 @@ struct Shared {
 #[derive(Default)]
 struct FaultCounts {
     wp_faults: u64,
-    saved_ahead: u64,
+    arm_faults: u64,
+    /// Guest pages written after the instant, in fault order.
+    written: Vec<PageIndex>,
     waited_for_copier: u64,
     service_us: Vec<u32>,
 }
@@ -192,6 +242,11 @@ pub struct LiveCopy {
     thread: Option<JoinHandle<Result<FaultCounts, LiveError>>>,
     /// Per range: its data extents once RAM was protected (byte offsets).
     armed_extents: Vec<Vec<(u64, u64)>>,
+    /// Predicted pages left unprotected while arming, sorted.
+    predicted: Vec<PageIndex>,
+    budget_pages: u64,
+    /// Pages written while arming (the instant's noted writes).
+    arm_written: Vec<PageIndex>,
     stats: LiveStats,
     registered: bool,
 }
@@ -214,14 +269,16 @@ pub fn check_kernel() -> Result<(), LiveError> {
 impl LiveCopy {
     /// Registers `ranges` for write protection with `uffd` (taken over
     /// with [`FEATURES`], QEMU's copy closed), starts the fault thread and
-    /// protects all of guest RAM (the guest may run: see the module
-    /// documentation). `scratch` is an empty private file on the image's
-    /// file system for pages saved ahead.
+    /// protects all of guest RAM but the predicted pages of `speculation`
+    /// (the guest may run: see the module documentation). `scratch` is an
+    /// empty private file on the image's file system for pages saved
+    /// ahead.
     pub fn start(
         uffd: Arc<RemoteUffd>,
         ranges: Vec<LiveRange>,
         scratch: File,
         total_pages: u64,
+        speculation: &Speculation,
     ) -> Result<LiveCopy, LiveError> {
         let shared = Arc::new(Shared {
             arming: Mutex::new(Arming::default()),
@@ -233,9 +290,23 @@ impl LiveCopy {
             tearing_down: AtomicBool::new(false),
             discarded: AtomicU64::new(0),
         });
+        let mut predicted: Vec<PageIndex> = Vec::new();
+        let mut seen = std::collections::HashSet::new();
+        for &p in &speculation.predicted {
+            if u64_from(predicted.len()) >= speculation.budget_pages {
+                break;
+            }
+            if ranges.iter().any(|r| r.holds(p)) && seen.insert(p.0) {
+                predicted.push(p);
+            }
+        }
+        predicted.sort_unstable_by_key(|p| p.0);
         let mut live = LiveCopy {
             uffd,
             armed_extents: Vec::new(),
+            predicted,
+            budget_pages: speculation.budget_pages,
+            arm_written: Vec::new(),
             ranges: Arc::new(ranges),
             shared,
             thread: None,
@@ -281,8 +352,12 @@ impl LiveCopy {
         );
         let t = Instant::now();
         for r in live.ranges.iter() {
-            live.retry_eagain(|| live.uffd.write_protect(r.start, r.len))?;
+            for (from, to) in gaps(r, &live.predicted) {
+                live.retry_eagain(|| live.uffd.write_protect(r.start.offset(from), to - from))?;
+            }
         }
+        live.stats.predicted_pages = u64_from(live.predicted.len());
+        live.stats.prediction = speculation.source.to_string();
         // After the protection: what changes from now on is noted.
         for r in live.ranges.iter() {
             let extents =
@@ -296,32 +371,64 @@ impl LiveCopy {
         Ok(live)
     }
 
-    /// The checkpoint instant (the guest is paused): protects again what
-    /// lost its protection since [`LiveCopy::start`] and finds every RAM
-    /// file's data. Returns the pages with data.
+    /// The checkpoint instant (the guest is paused): copies the predicted
+    /// pages and those written since [`LiveCopy::start`] (up to the
+    /// budget), protects again what else lost its protection, and fixes
+    /// the pages to copy. Returns how many there are.
     pub fn protect(&mut self) -> Result<u64, LiveError> {
         let t = Instant::now();
         // The instant and the pages to copy are fixed together: a remove
         // event is judged against both or neither.
-        let (merged, pages) = {
+        let (speculate, again, pages, arm_written) = {
             let mut arming = lock(&self.shared.arming);
             arming.instant = true;
-            let mut again = std::mem::take(&mut arming.unprotected);
-            again.sort_unstable();
-            let mut merged: Vec<(u64, u64)> = Vec::with_capacity(again.len());
-            for (start, len) in again {
-                match merged.last_mut() {
-                    Some((s, l)) if *s + *l >= start => *l = (*l).max(start + len - *s),
-                    _ => merged.push((start, len)),
+            let written = std::mem::take(&mut arming.written);
+            let removed = merge_ranges(std::mem::take(&mut arming.removed));
+            let is_removed = |p: PageIndex| {
+                self.address_of(p).is_some_and(|addr| {
+                    let i = removed.partition_point(|&(s, _)| s <= addr);
+                    i > 0 && addr < removed[i - 1].0 + removed[i - 1].1
+                })
+            };
+            let mut seen = std::collections::HashSet::new();
+            let arm_written: Vec<PageIndex> = written
+                .iter()
+                .filter_map(|&addr| self.ranges.iter().find_map(|r| r.page_at(addr)))
+                .filter(|p| seen.insert(p.0))
+                .collect();
+            // Predicted pages are unprotected and known likeliest: first.
+            let mut speculate = Vec::new();
+            let mut again: Vec<(u64, u64)> = removed.clone();
+            let candidates = self.predicted.iter().chain(
+                arm_written
+                    .iter()
+                    .filter(|p| self.predicted.binary_search_by_key(&p.0, |q| q.0).is_err()),
+            );
+            for &p in candidates {
+                if is_removed(p) {
+                    continue;
+                }
+                if u64_from(speculate.len()) < self.budget_pages {
+                    speculate.push(p);
+                } else if let Some(addr) = self.address_of(p) {
+                    again.push((addr, PAGE_SIZE));
                 }
             }
+            speculate.sort_unstable_by_key(|p| p.0);
+            let again = merge_ranges(again);
             let mut all = Vec::with_capacity(self.ranges.len());
             let mut pages = 0;
             for (r, armed) in self.ranges.iter().zip(&self.armed_extents) {
-                let noted = merged.iter().filter_map(|&(start, len)| {
-                    let (s, e) = (start.max(r.start.0), (start + len).min(r.start.0 + r.len));
-                    (s < e).then(|| (s - r.start.0, e - r.start.0))
-                });
+                let noted = again
+                    .iter()
+                    .filter_map(|&(start, len)| {
+                        let (s, e) = (start.max(r.start.0), (start + len).min(r.start.0 + r.len));
+                        (s < e).then(|| (s - r.start.0, e - r.start.0))
+                    })
+                    .chain(speculate.iter().filter(|p| r.holds(**p)).map(|p| {
+                        let off = (p.0 - r.first_page) * PAGE_SIZE;
+                        (off, off + PAGE_SIZE)
+                    }));
                 let extents = union(armed.iter().copied(), noted);
                 pages += extents
                     .iter()
@@ -330,9 +437,11 @@ impl LiveCopy {
                 all.push(extents);
             }
             let _ = self.shared.extents.set(all);
-            (merged, pages)
+            (speculate, again, pages, arm_written)
         };
-        for &(start, len) in &merged {
+        self.arm_written = arm_written;
+        self.copy_in_pause(&speculate)?;
+        for &(start, len) in &again {
             if let Err(e) = self.retry_eagain(|| self.uffd.write_protect(HostAddr(start), len)) {
                 log::error!(
                     "protecting {start:#x}+{len:#x} again failed ({}guest RAM); QEMU's mapping there: {}",
@@ -343,14 +452,75 @@ impl LiveCopy {
             }
             self.stats.reprotected_pages += len / PAGE_SIZE;
         }
+        self.stats.speculated_pages = u64_from(speculate.len());
         log::debug!(
-            "protected {} ranges again, {pages} pages to copy, in {:.2} ms",
-            merged.len(),
+            "copied {} pages and protected {} ranges again in the pause, {pages} pages to copy, in {:.2} ms",
+            speculate.len(),
+            again.len(),
             ms(t.elapsed())
         );
         self.stats.protected_pages = pages;
         self.stats.protect_ms = ms(t.elapsed());
         Ok(pages)
+    }
+
+    /// In the pause: keeps the bytes of `pages` (sorted, unprotected) in
+    /// the scratch file, read in runs, and marks them saved.
+    fn copy_in_pause(&self, pages: &[PageIndex]) -> Result<(), LiveError> {
+        let states = &self.shared.states;
+        let max_run = usize_from(BATCH_BYTES / PAGE_SIZE);
+        let mut buf = vec![0u8; usize_from(BATCH_BYTES)];
+        let mut run: Vec<PageIndex> = Vec::with_capacity(max_run);
+        let mut flush = |run: &mut Vec<PageIndex>| -> Result<(), LiveError> {
+            let Some(&first) = run.first() else {
+                return Ok(());
+            };
+            let Some(r) = self.ranges.iter().find(|r| r.holds(first)) else {
+                run.clear();
+                return Ok(());
+            };
+            let data = &mut buf[..run.len() * PAGE_BYTES];
+            r.file
+                .read_exact_at(data, (first.0 - r.first_page) * PAGE_SIZE)
+                .map_err(|source| LiveError::ReadRam {
+                    id: r.id.clone(),
+                    source,
+                })?;
+            self.shared
+                .side
+                .put_run(first, data)
+                .map_err(LiveError::Side)?;
+            for &p in run.iter() {
+                // Read in the pause: these are exactly its bytes at the
+                // instant, zero or not, whatever is discarded later.
+                states.saved(p, false);
+            }
+            run.clear();
+            Ok(())
+        };
+        for &p in pages {
+            let joins = run.last().is_some_and(|last| {
+                last.0 + 1 == p.0
+                    && run.len() < max_run
+                    && self.ranges.iter().any(|r| r.holds(*last) && r.holds(p))
+            });
+            if !joins {
+                flush(&mut run)?;
+            }
+            // Nobody else claims a page before the instant's copy starts.
+            if states.claim(p) {
+                run.push(p);
+            }
+        }
+        flush(&mut run)
+    }
+
+    /// QEMU's address of guest page `p`.
+    fn address_of(&self, p: PageIndex) -> Option<u64> {
+        self.ranges
+            .iter()
+            .find(|r| r.holds(p))
+            .map(|r| r.start.0 + (p.0 - r.first_page) * PAGE_SIZE)
     }
 
     /// Fails if the fault thread has failed (before the pause: a write it
@@ -533,9 +703,12 @@ impl LiveCopy {
     }
 
     /// Ends the copy: unregisters guest RAM (no write waits any more),
-    /// stops the fault thread and returns the statistics. A discard of an
-    /// unsaved page seen until the end still fails it.
-    pub fn finish(mut self) -> Result<LiveStats, LiveError> {
+    /// stops the fault thread and returns the statistics and the pages
+    /// seen written, likeliest to be written again first (the prediction
+    /// for the next checkpoint: written after the instant, then while
+    /// arming, then predicted this time). A discard of an unsaved page
+    /// seen until the end still fails it.
+    pub fn finish(mut self) -> Result<(LiveStats, Vec<PageIndex>), LiveError> {
         let counts = self.teardown()?;
         let discarded = self.shared.discarded.load(Ordering::Acquire);
         if discarded > 0 {
@@ -543,13 +716,27 @@ impl LiveCopy {
         }
         let mut stats = self.stats.clone();
         stats.wp_faults = counts.wp_faults;
-        stats.saved_ahead = counts.saved_ahead;
+        stats.arm_faults = counts.arm_faults;
+        stats.saved_ahead = self
+            .shared
+            .side
+            .len()
+            .saturating_sub(stats.speculated_pages);
         stats.waited_for_copier = counts.waited_for_copier;
         let mut samples = counts.service_us;
         samples.sort_unstable();
         stats.fault_p50_us = percentile(&samples, 50);
         stats.fault_p99_us = percentile(&samples, 99);
-        Ok(stats)
+        let mut seen = std::collections::HashSet::new();
+        let written = counts
+            .written
+            .iter()
+            .chain(&self.arm_written)
+            .chain(&self.predicted)
+            .copied()
+            .filter(|p| seen.insert(p.0))
+            .collect();
+        Ok((stats, written))
     }
 
     /// Unregisters (lifting every protection and waking every waiter),
@@ -639,10 +826,18 @@ fn serve_faults(
         };
         retry.clear();
         retry.append(&mut again);
+        let instant = lock(&shared.arming).instant;
         for ev in batch {
             match *ev {
                 FaultEvent::WriteProtectFault { addr } => {
                     counts.wp_faults += 1;
+                    if !instant {
+                        counts.arm_faults += 1;
+                    } else if let Some(p) = ranges.iter().find_map(|r| r.page_at(addr)) {
+                        if counts.written.len() < MAX_SAMPLES {
+                            counts.written.push(p);
+                        }
+                    }
                     retry.push(addr & !(PAGE_SIZE - 1));
                 }
                 FaultEvent::Remove { start, end } => note_removed(ranges, shared, start, end),
@@ -663,7 +858,6 @@ fn serve_faults(
                 }
             }
         }
-        counts.saved_ahead = shared.side.len();
     }
     Ok(counts)
 }
@@ -711,7 +905,7 @@ fn handle_write(
             let handled = release()?;
             // Outside guest RAM (not registered by thaw): nothing to note.
             if in_ram && matches!(handled, Handled::Released) {
-                arming.unprotected.push((addr, PAGE_SIZE));
+                arming.written.push(addr);
             }
             return Ok(handled);
         }
@@ -747,7 +941,7 @@ fn note_removed(ranges: &[LiveRange], shared: &Shared, start: u64, end: u64) {
         for r in ranges {
             let (s, e) = (start.max(r.start.0), end.min(r.start.0 + r.len));
             if s < e {
-                arming.unprotected.push((s, e - s));
+                arming.removed.push((s, e - s));
             }
         }
         return;
@@ -800,6 +994,36 @@ fn describe_vma(pid: nix::unistd::Pid, addr: u64) -> String {
         }
     }
     "none".into()
+}
+
+/// `(start, len)` ranges sorted and merged where they touch or overlap.
+fn merge_ranges(mut ranges: Vec<(u64, u64)>) -> Vec<(u64, u64)> {
+    ranges.sort_unstable();
+    let mut merged: Vec<(u64, u64)> = Vec::with_capacity(ranges.len());
+    for (start, len) in ranges {
+        match merged.last_mut() {
+            Some((s, l)) if *s + *l >= start => *l = (*l).max(start + len - *s),
+            _ => merged.push((start, len)),
+        }
+    }
+    merged
+}
+
+/// The byte ranges `[from, to)` of `r` outside the (sorted) pages `skip`.
+fn gaps(r: &LiveRange, skip: &[PageIndex]) -> Vec<(u64, u64)> {
+    let mut out = Vec::new();
+    let mut from = 0;
+    for p in skip.iter().filter(|p| r.holds(**p)) {
+        let off = (p.0 - r.first_page) * PAGE_SIZE;
+        if off > from {
+            out.push((from, off));
+        }
+        from = off + PAGE_SIZE;
+    }
+    if from < r.len {
+        out.push((from, r.len));
+    }
+    out
 }
 
 /// The union of two lists of `[start, end)` ranges as a sorted list of

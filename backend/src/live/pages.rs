@@ -109,17 +109,29 @@ impl SideStore {
 
     /// Keeps `data` (one page) as page `p`'s saved bytes.
     pub fn put(&self, p: PageIndex, data: &[u8]) -> std::io::Result<()> {
-        let entry = self
+        self.put_run(p, &data[..PAGE_BYTES])
+    }
+
+    /// Keeps `data` (whole pages) as the saved bytes of the pages from
+    /// `first` on, with one write.
+    pub fn put_run(&self, first: PageIndex, data: &[u8]) -> std::io::Result<()> {
+        let count = data.len() / PAGE_BYTES;
+        let entries = self
             .slots
-            .get(usize_from(p.0))
-            .ok_or_else(|| std::io::Error::other(format!("page {} outside guest RAM", p.0)))?;
-        let slot = self.next.fetch_add(1, Ordering::Relaxed);
-        if slot == u32::MAX {
+            .get(usize_from(first.0)..usize_from(first.0) + count)
+            .ok_or_else(|| {
+                std::io::Error::other(format!("pages {}+{count} outside guest RAM", first.0))
+            })?;
+        let n = u32::try_from(count).map_err(|_| std::io::Error::other("run too long"))?;
+        let slot = self.next.fetch_add(n, Ordering::Relaxed);
+        if !slot.checked_add(n).is_some_and(|end| end < u32::MAX) {
             return Err(std::io::Error::other("too many pages saved ahead"));
         }
         self.file
-            .write_all_at(&data[..PAGE_BYTES], u64::from(slot) * PAGE_SIZE)?;
-        entry.store(slot + 1, Ordering::Release);
+            .write_all_at(&data[..count * PAGE_BYTES], u64::from(slot) * PAGE_SIZE)?;
+        for (entry, held) in entries.iter().zip(slot + 1..) {
+            entry.store(held, Ordering::Release);
+        }
         Ok(())
     }
 

@@ -196,8 +196,14 @@ impl Scribbler {
         all
     }
 
-    /// A live copy of its memory, armed (all of it protected).
+    /// A live copy of its memory, armed (all of it protected), with no
+    /// speculative pre-copy.
     fn live_copy(&self) -> LiveCopy {
+        self.live_copy_with(&Speculation::default())
+    }
+
+    /// A live copy of its memory, armed with `speculation`.
+    fn live_copy_with(&self, speculation: &Speculation) -> LiveCopy {
         let process = QemuProcess::open(self.child.id() as i32).expect("open scribbler");
         let uffd = uffd::take_over(&process, FEATURES).expect("take over a userfaultfd");
         uffd.close_remote().expect("close the scribbler's copy");
@@ -209,7 +215,8 @@ impl Scribbler {
             file: File::from(self.memfd.try_clone().expect("dup")),
         };
         let scratch = tempfile_in_tmp();
-        LiveCopy::start(Arc::new(uffd), vec![range], scratch, PAGES).expect("start the live copy")
+        LiveCopy::start(Arc::new(uffd), vec![range], scratch, PAGES, speculation)
+            .expect("start the live copy")
     }
 }
 
@@ -293,9 +300,16 @@ fn the_image_holds_the_instant_while_the_process_writes_on() {
     // Paced: the copy of 2 MiB takes about 2 s of writes.
     let throttle = Throttle::new(1 << 20);
     let image = copy_all(&mut live, Some(&throttle)).expect("copy");
-    let stats = live.finish().expect("finish");
+    let (stats, _) = live.finish().expect("finish");
     assert!(stats.wp_faults > 0, "no write met the copy: {stats:?}");
     assert!(stats.saved_ahead > 0, "{stats:?}");
+    assert_is_instant(&image, &truth);
+    // The writers were never stopped for good: the memory moved on.
+    assert_ne!(s.contents(), truth);
+}
+
+/// `image` holds every page of `truth` (absent pages are zero there).
+fn assert_is_instant(image: &HashMap<u64, Vec<u8>>, truth: &[u8]) {
     for p in 0..PAGES {
         let want = &truth[(p * PAGE_SIZE) as usize..((p + 1) * PAGE_SIZE) as usize];
         match image.get(&p) {
@@ -306,8 +320,65 @@ fn the_image_holds_the_instant_while_the_process_writes_on() {
             ),
         }
     }
-    // The writers were never stopped for good: the memory moved on.
-    assert_ne!(s.contents(), truth);
+}
+
+/// Arms a copy with `speculation` while the scribbler writes, takes the
+/// instant, copies (paced, the scribbler writing on) and checks the image.
+fn speculative_copy(speculation: &Speculation) -> (LiveStats, Vec<PageIndex>) {
+    let s = Scribbler::spawn(PAGES / 2);
+    let mut live = s.live_copy_with(speculation);
+    std::thread::sleep(Duration::from_millis(50));
+    s.freeze();
+    let truth = s.contents();
+    live.protect().expect("protect at the instant");
+    s.thaw();
+    let throttle = Throttle::new(1 << 20);
+    let image = copy_all(&mut live, Some(&throttle)).expect("copy");
+    let done = live.finish().expect("finish");
+    assert_is_instant(&image, &truth);
+    done
+}
+
+#[test]
+fn predicted_pages_are_copied_in_the_pause_and_never_fault() {
+    if skip_without_wp() {
+        return;
+    }
+    // Every page predicted: nothing is protected, the pause copies all.
+    let (stats, written) = speculative_copy(&Speculation {
+        predicted: (0..PAGES).rev().map(PageIndex).collect(),
+        budget_pages: PAGES,
+        source: "test",
+    });
+    assert_eq!(stats.predicted_pages, PAGES, "{stats:?}");
+    assert_eq!(stats.speculated_pages, PAGES, "{stats:?}");
+    assert_eq!(stats.wp_faults, 0, "{stats:?}");
+    assert_eq!(stats.reprotected_pages, 0, "{stats:?}");
+    // The prediction is carried on for the next checkpoint.
+    assert_eq!(written.len() as u64, PAGES);
+}
+
+#[test]
+fn writes_while_arming_beyond_the_budget_are_protected_again() {
+    if skip_without_wp() {
+        return;
+    }
+    // Nothing predicted: the scribbler's writes while arming are noted;
+    // 16 of them are copied in the pause, the rest protected again and
+    // copied on write after the instant.
+    let (stats, written) = speculative_copy(&Speculation {
+        predicted: Vec::new(),
+        budget_pages: 16,
+        source: "test",
+    });
+    assert_eq!(stats.speculated_pages, 16, "{stats:?}");
+    assert!(stats.reprotected_pages > 0, "{stats:?}");
+    assert!(stats.arm_faults > 16, "{stats:?}");
+    assert!(stats.wp_faults > stats.arm_faults, "{stats:?}");
+    assert!(
+        written.len() as u64 > stats.arm_faults.min(PAGES) / 2,
+        "{stats:?}"
+    );
 }
 
 #[test]
@@ -318,6 +389,32 @@ fn a_discard_of_unsaved_pages_after_the_instant_fails_the_copy() {
     let (mut s, mut live) = at_the_instant(PAGES);
     s.thaw();
     // The last pages are copied last: discarded before the copier gets there.
+    s.discard(PAGES - 8, 8);
+    assert_discarded(
+        copy_all(&mut live, None)
+            .err()
+            .or_else(|| live.finish().err()),
+    );
+}
+
+#[test]
+fn a_discard_while_arming_is_protected_again_not_copied() {
+    if skip_without_wp() {
+        return;
+    }
+    // The discarded pages are predicted, yet they are protected again
+    // in the pause, and their discard after it fails the copy as before.
+    let mut s = Scribbler::spawn(PAGES);
+    let mut live = s.live_copy_with(&Speculation {
+        predicted: (PAGES - 8..PAGES).map(PageIndex).collect(),
+        budget_pages: PAGES,
+        source: "test",
+    });
+    s.discard(PAGES - 8, 8);
+    s.freeze();
+    live.protect().expect("protect");
+    assert!(live.stats().reprotected_pages >= 8, "{:?}", live.stats());
+    s.thaw();
     s.discard(PAGES - 8, 8);
     assert_discarded(
         copy_all(&mut live, None)
@@ -423,6 +520,22 @@ fn the_side_store_gives_back_what_it_kept() {
         "a page outside RAM"
     );
     assert_eq!(store.len(), 1);
+    let run: Vec<u8> = (0..3 * PAGE_BYTES)
+        .map(|i| (i / PAGE_BYTES) as u8 + 1)
+        .collect();
+    store.put_run(PageIndex(5), &run).expect("put a run");
+    for p in 0..3u8 {
+        assert!(store
+            .get(PageIndex(5 + u64::from(p)), &mut back)
+            .expect("get"));
+        assert!(
+            back.iter().all(|&b| b == p + 1),
+            "page {} of the run",
+            5 + p
+        );
+    }
+    assert!(store.put_run(PageIndex(8), &run).is_err(), "a run past RAM");
+    assert_eq!(store.len(), 4);
 }
 
 #[test]

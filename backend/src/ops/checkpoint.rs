@@ -99,6 +99,10 @@ pub struct CheckpointOptions {
     pub copy_limit: Option<u64>,
     /// Write an incremental image of this earlier image.
     pub parent: Option<std::path::PathBuf>,
+    /// Live: pages the pause may copy ([`SaveOptions::speculate_pages`]).
+    pub speculate_pages: Option<u64>,
+    /// Live: the pages predicted to be written ([`SaveOptions::predicted`]).
+    pub predicted: Option<(Vec<crate::mem::PageIndex>, &'static str)>,
     /// Where the RAM copy reports its progress.
     pub progress: crate::progress::SharedProgress,
 }
@@ -125,6 +129,8 @@ pub async fn checkpoint(
             method: opts.method,
             copy_limit: opts.copy_limit,
             parent: opts.parent.clone(),
+            speculate_pages: opts.speculate_pages,
+            predicted: opts.predicted.clone(),
         },
         &owner,
     )

@@ -22,12 +22,15 @@ use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryMmap, GuestRegionMma
 
 use crate::image::throttle::Throttle;
 use crate::image::{ImageInfo, ImageWriter};
-use crate::live::{LiveCopy, LiveRange};
+use crate::live::{LiveCopy, LiveRange, Speculation};
 use crate::mem::{u64_from, usize_from, PageIndex, RamLayout, PAGE_SIZE};
 use crate::ops::owner::{LockError, OwnerLock};
 use crate::vmm::{self, Qmp, RamMapping, VmPaths, VmState};
 use crate::wss::{self, Estimator};
 
+/// A write tracker's estimate older than this predicts no writes of a
+/// live save.
+const ESTIMATE_MAX_AGE: Duration = Duration::from_secs(300);
 /// How long QEMU may take to pause for a live save.
 const STOP_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long QEMU may take to write the device state.
@@ -111,6 +114,15 @@ pub struct SaveOptions {
     /// Write an incremental image of this earlier image of the VM: pages
     /// unchanged since are stored as the parent's.
     pub parent: Option<PathBuf>,
+    /// Live saves: at most this many pages are copied in the pause
+    /// (speculative pre-copy, [`crate::live::Speculation`]); `Some(0)`
+    /// turns it off, `None` is [`crate::live::DEFAULT_SPECULATE_PAGES`].
+    pub speculate_pages: Option<u64>,
+    /// Live saves: the pages predicted to be written, likeliest first,
+    /// and where they come from (a series passes what the previous
+    /// checkpoint saw written). `None`: the estimate of a
+    /// `thaw track --estimator dirty` of this VM, if any.
+    pub predicted: Option<(Vec<PageIndex>, &'static str)>,
 }
 
 /// What a save did, for humans and `--json`.
@@ -147,6 +159,10 @@ pub struct SaveReport {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub parent: Option<PathBuf>,
     pub inherited_pages: u64,
+    /// A live save: the pages seen written, likeliest to be written again
+    /// first (the prediction for the next checkpoint of a series).
+    #[serde(skip)]
+    pub written_pages: Vec<PageIndex>,
 }
 
 /// Saves VM `name` into a new image directory `image`, holding the VM's
@@ -251,7 +267,7 @@ async fn save_locked(
     // A live save takes over QEMU's userfaultfd and registers guest RAM
     // before the pause, so that the pause only protects it.
     let mut live = if live_method {
-        match start_live(&mut qmp, &state, &paths, &writer).await {
+        match start_live(&mut qmp, &state, &paths, &writer, opts).await {
             Ok(l) => Some(l),
             Err(e) => {
                 drop(writer);
@@ -321,9 +337,13 @@ async fn save_locked(
         Ok::<_, SaveError>((device_state_ms, device_state_bytes, scanned))
     }
     .await;
+    let mut written_pages = Vec::new();
     let live_stats = match (result.is_ok(), live.take()) {
         (true, Some(l)) => match l.finish() {
-            Ok(stats) => Some(stats),
+            Ok((stats, written)) => {
+                written_pages = written;
+                Some(stats)
+            }
             Err(e) => {
                 drop(writer);
                 return Err(e.into());
@@ -400,6 +420,7 @@ async fn save_locked(
         working_sets,
         parent: opts.parent.clone(),
         inherited_pages: summary.inherited_pages,
+        written_pages,
     })
 }
 
@@ -411,6 +432,7 @@ async fn start_live(
     state: &VmState,
     paths: &VmPaths,
     writer: &ImageWriter,
+    opts: &SaveOptions,
 ) -> Result<LiveCopy, SaveError> {
     let qemu = state.qemu().map_err(vmm::QemuError::from)?;
     let ram = vmm::find_ram(&qemu, paths, state)?;
@@ -436,12 +458,58 @@ async fn start_live(
         .map_err(|e| SaveError::TakeOver(e.to_string()))?;
     uffd.close_remote().map_err(crate::live::LiveError::from)?;
     let scratch = writer.scratch_file()?;
+    let speculation = speculation(opts, paths, state.layout.total_pages());
     Ok(LiveCopy::start(
         Arc::new(uffd),
         ranges,
         scratch,
         state.layout.total_pages(),
+        &speculation,
     )?)
+}
+
+/// A live save's speculative pre-copy: the caller's prediction, else a
+/// write tracker's estimate of this VM not older than
+/// [`ESTIMATE_MAX_AGE`], else only what the guest writes while RAM is
+/// being protected.
+fn speculation(opts: &SaveOptions, paths: &VmPaths, total_pages: u64) -> Speculation {
+    let budget_pages = opts
+        .speculate_pages
+        .unwrap_or(crate::live::DEFAULT_SPECULATE_PAGES);
+    if budget_pages == 0 {
+        return Speculation {
+            source: "off",
+            ..Speculation::default()
+        };
+    }
+    let (predicted, source) = match &opts.predicted {
+        Some((p, source)) => (p.clone(), *source),
+        None => {
+            let path = wss::estimate_path(&paths.dir, Estimator::Dirty);
+            let fresh = std::fs::metadata(&path)
+                .and_then(|m| m.modified())
+                .is_ok_and(|t| t.elapsed().is_ok_and(|age| age <= ESTIMATE_MAX_AGE));
+            match wss::read_estimate(&path, total_pages) {
+                Ok(Some(p)) if fresh => {
+                    log::debug!(
+                        "predicting writes from the dirty estimate ({} pages)",
+                        p.len()
+                    );
+                    (p, "dirty-estimate")
+                }
+                Ok(_) => (Vec::new(), "none"),
+                Err(e) => {
+                    log::warn!("not predicting writes from the dirty estimate: {e}");
+                    (Vec::new(), "none")
+                }
+            }
+        }
+    };
+    Speculation {
+        predicted,
+        budget_pages,
+        source,
+    }
 }
 
 /// Stores the estimates running trackers keep for this VM (`thaw track`)

@@ -48,6 +48,8 @@ pub struct SeriesOptions {
     pub count: Option<u64>,
     pub method: SaveMethod,
     pub copy_limit: Option<u64>,
+    /// Live: pages the pause may copy ([`SaveOptions::speculate_pages`]).
+    pub speculate_pages: Option<u64>,
     /// The VM is a libvirt domain at this URI.
     pub libvirt: Option<String>,
 }
@@ -66,6 +68,12 @@ pub struct SeriesEntry {
     pub pages_written: u64,
     pub inherited_pages: u64,
     pub total_ms: f64,
+    /// Live: write faults the guest took, and pages copied in the pause
+    /// (predicted from the previous checkpoint's writes).
+    #[serde(default)]
+    pub wp_faults: u64,
+    #[serde(default)]
+    pub speculated_pages: u64,
 }
 
 /// What a series did.
@@ -135,6 +143,9 @@ pub async fn run(
     let keep = u64::from(opts.keep);
     let (mut taken, mut kept): (Vec<SeriesEntry>, Vec<SeriesEntry>) = (Vec::new(), Vec::new());
     let mut n = 0u64;
+    // Speculative pre-copy: the next checkpoint's writes are predicted by
+    // those the previous one saw.
+    let mut predicted = None;
     let ended_by = loop {
         if opts.count.is_some_and(|c| n >= c) {
             break "count".to_string();
@@ -153,12 +164,14 @@ pub async fn run(
                 method: opts.method,
                 copy_limit: opts.copy_limit,
                 parent: parent.clone(),
+                speculate_pages: opts.speculate_pages,
+                predicted: predicted.take(),
                 ..Default::default()
             },
             &owner,
         )
         .await;
-        let report = match saved {
+        let mut report = match saved {
             Ok(r) => r,
             Err(e) => {
                 log::error!("checkpoint {n} of the series failed: {e}");
@@ -174,11 +187,21 @@ pub async fn run(
             pages_written: report.nonzero_pages,
             inherited_pages: report.inherited_pages,
             total_ms: report.total_ms,
+            wp_faults: report.live.as_ref().map_or(0, |l| l.wp_faults),
+            speculated_pages: report.live.as_ref().map_or(0, |l| l.speculated_pages),
         };
+        if report.live.is_some() {
+            predicted = Some((
+                std::mem::take(&mut report.written_pages),
+                "previous-checkpoint",
+            ));
+        }
         log::info!(
-            "checkpoint {n}: paused {:.1} ms, {} pages written",
+            "checkpoint {n}: paused {:.1} ms, {} pages written, {} write faults, {} pages copied in the pause",
             entry.paused_ms,
-            entry.pages_written
+            entry.pages_written,
+            entry.wp_faults,
+            entry.speculated_pages
         );
         taken.push(entry.clone());
         kept.push(entry);
@@ -259,6 +282,8 @@ mod tests {
             pages_written: 0,
             inherited_pages: 0,
             total_ms: 0.0,
+            wp_faults: 0,
+            speculated_pages: 0,
         })
         .collect()
     }
