@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The live-checkpoint benchmarks of BENCHMARKS.md ("Live checkpoints").
 #
-#   ci/bench-live.sh [sizes|incremental]...     (default: both)
+#   ci/bench-live.sh [sizes|incremental|speculate]...     (default: all)
 #
 # sizes:       thaw bench-checkpoint, live against stop-and-copy at 1, 2, 4
 #              and 8 GiB of RAM (configs/bench-tput-2g.yaml), 3 runs each:
@@ -15,12 +15,25 @@
 #              the pages written and inherited, and the pages the guest's
 #              writers wrote in that time (their own counters):
 #              target/bench/live-incremental/increments.json
+# speculate:   speculative pre-copy against plain copy-on-write, side by
+#              side on configs/live-hot-writers.yaml (two guest threads
+#              rewriting 2048 pages as fast as they can): $THAW_ROUNDS
+#              (default 3) rounds of two series of 6 checkpoints a second
+#              apart (`thaw checkpoint --interval-ms 1000`), one with
+#              --speculate-pages 0 and one with the default, where each
+#              checkpoint predicts from the one before; then the same
+#              number of single saves predicted by a `thaw track
+#              --estimator dirty` that ran for 3 s before, against saves
+#              after the same tracking with --speculate-pages 0. Pause and
+#              write faults per checkpoint (the first of a series, which
+#              has nothing to predict from, apart):
+#              target/bench/live-speculate/speculate.{json,md}
 # Run from the repository root as root.
 set -euo pipefail
 . ci/bench-common.sh
 
 scenarios=("$@")
-[ ${#scenarios[@]} -gt 0 ] || scenarios=(sizes incremental)
+[ ${#scenarios[@]} -gt 0 ] || scenarios=(sizes incremental speculate)
 
 sizes() {
   "$thaw" bench-checkpoint -c configs/bench-tput-2g.yaml --sizes 1G,2G,4G,8G \
@@ -74,10 +87,80 @@ json.dump(dict(writer_rate=rate, full_pages=runs[0]["nonzero_pages"], increments
 PY
 }
 
+speculate() {
+  local name=live-hot-writers dir=/var/lib/thaw/live-hot-writers res=$out/live-speculate
+  local rounds=${THAW_ROUNDS:-3}
+  mkdir -p "$dir" "$res"
+  rm -f "$res"/*.json
+  "$thaw" stop $name >/dev/null 2>&1 || true
+  : >"$dir/console.log"
+  "$thaw" start --config configs/live-hot-writers.yaml >/dev/null
+  local waited=0
+  until grep -q "THAW-COW-TICK 4 " "$dir/console.log"; do
+    sleep 1
+    waited=$((waited + 1))
+    [ $waited -lt 600 ] || { echo "bench-live.sh: the guest never got ready" >&2; exit 1; }
+  done
+  for r in $(seq 1 "$rounds"); do
+    for mode in plain speculative; do
+      local spec=()
+      [ $mode = speculative ] || spec=(--speculate-pages 0)
+      rm -rf "$dir/series"
+      "$thaw" --json checkpoint $name "$dir/series" --interval-ms 1000 --count 6 --keep 6 \
+        "${spec[@]}" >"$res/series-$mode-$r.json"
+      "$thaw" track $name --estimator dirty --interval-ms 500 --keep 2 --duration-ms 60000 \
+        >/dev/null &
+      sleep 3
+      # The save stops the tracker and keeps its estimate.
+      "$thaw" --json save $name "$dir/single" --keep-running --force "${spec[@]}" \
+        >"$res/tracked-$mode-$r.json"
+      wait
+    done
+  done
+  rm -rf "$dir/series" "$dir/single"
+  "$thaw" stop $name >/dev/null
+  python3 - "$res" "$rounds" <<'PY' | tee "$res/speculate.md"
+import json, statistics, sys
+res, rounds = sys.argv[1], int(sys.argv[2])
+med = lambda xs: statistics.median(xs) if xs else 0.0
+out, rows = {}, []
+for mode in ("plain", "speculative"):
+    series = [json.load(open(f"{res}/series-{mode}-{r}.json")) for r in range(1, rounds + 1)]
+    first = [e for s in series for e in s["taken"] if e["n"] == 1]
+    later = [e for s in series for e in s["taken"] if e["n"] > 1]
+    tracked = [json.load(open(f"{res}/tracked-{mode}-{r}.json")) for r in range(1, rounds + 1)]
+    out[mode] = dict(
+        series_later=dict(n=len(later), paused_ms=med([e["paused_ms"] for e in later]),
+                          wp_faults=med([e["wp_faults"] for e in later]),
+                          speculated=med([e["speculated_pages"] for e in later])),
+        series_first=dict(n=len(first), paused_ms=med([e["paused_ms"] for e in first]),
+                          wp_faults=med([e["wp_faults"] for e in first]),
+                          speculated=med([e["speculated_pages"] for e in first])),
+        tracked=dict(n=len(tracked), paused_ms=med([t["paused_ms"] for t in tracked]),
+                     wp_faults=med([t["live"]["wp_faults"] for t in tracked]),
+                     speculated=med([t["live"]["speculated_pages"] for t in tracked]),
+                     protect_ms=med([t["live"]["protect_ms"] for t in tracked])))
+print("| prediction | method | checkpoints | pause ms (median) | write faults (median) | pages copied in the pause |")
+print("|---|---|---:|---:|---:|---:|")
+for key, label in (("series_later", "previous checkpoint (series, 2nd to 6th)"),
+                   ("tracked", "dirty estimate (track, then save)"),
+                   ("series_first", "none (first of a series)")):
+    for mode in ("plain", "speculative"):
+        m = out[mode][key]
+        print(f"| {label} | {mode} | {m['n']} | {m['paused_ms']:.1f} | {m['wp_faults']:.0f} | {m['speculated']:.0f} |")
+for key in ("series_later", "tracked"):
+    p, s = out["plain"][key]["wp_faults"], out["speculative"][key]["wp_faults"]
+    if p:
+        print(f"{key}: write faults cut by {100 * (1 - s / p):.0f} %")
+json.dump(out, open(f"{res}/speculate.json", "w"), indent=1)
+PY
+}
+
 for s in "${scenarios[@]}"; do
   case $s in
     sizes) sizes ;;
     incremental) incremental ;;
-    *) echo "bench-live.sh: unknown scenario $s (sizes, incremental)" >&2; exit 1 ;;
+    speculate) speculate ;;
+    *) echo "bench-live.sh: unknown scenario $s (sizes, incremental, speculate)" >&2; exit 1 ;;
   esac
 done

@@ -76,6 +76,8 @@ const RELEASE_BYTES: u64 = 16 << 20;
 /// Pages copied in the pause by default ([`Speculation::budget_pages`]):
 /// 16 MiB.
 pub const DEFAULT_SPECULATE_PAGES: u64 = 4096;
+/// From this many pages on, the pause copies with two threads.
+const PAUSE_COPY_PARALLEL_PAGES: u64 = 512;
 /// How long the fault thread waits for an event before checking for stop.
 const EVENT_POLL: Duration = Duration::from_millis(50);
 /// Fault service times kept for percentiles.
@@ -245,6 +247,9 @@ pub struct LiveCopy {
     /// Predicted pages left unprotected while arming, sorted.
     predicted: Vec<PageIndex>,
     budget_pages: u64,
+    /// Room for the pages copied in the pause, allocated and touched
+    /// before it.
+    pause_memory: Vec<u8>,
     /// Pages written while arming (the instant's noted writes).
     arm_written: Vec<PageIndex>,
     stats: LiveStats,
@@ -305,7 +310,12 @@ impl LiveCopy {
             uffd,
             armed_extents: Vec::new(),
             predicted,
-            budget_pages: speculation.budget_pages,
+            budget_pages: speculation.budget_pages.min(total_pages),
+            // Not zeros: every page of it is touched now, not in the pause.
+            pause_memory: vec![
+                0x5a;
+                usize_from(speculation.budget_pages.min(total_pages)) * PAGE_BYTES
+            ],
             arm_written: Vec::new(),
             ranges: Arc::new(ranges),
             shared,
@@ -464,55 +474,90 @@ impl LiveCopy {
         Ok(pages)
     }
 
-    /// In the pause: keeps the bytes of `pages` (sorted, unprotected) in
-    /// the scratch file, read in runs, and marks them saved.
-    fn copy_in_pause(&self, pages: &[PageIndex]) -> Result<(), LiveError> {
+    /// In the pause: keeps the bytes of `pages` (sorted, unprotected, at
+    /// most the budget) in memory, read in runs (by two threads when
+    /// there are many: the vCPUs are paused), and marks them saved.
+    fn copy_in_pause(&mut self, pages: &[PageIndex]) -> Result<(), LiveError> {
         let states = &self.shared.states;
-        let max_run = usize_from(BATCH_BYTES / PAGE_SIZE);
-        let mut buf = vec![0u8; usize_from(BATCH_BYTES)];
-        let mut run: Vec<PageIndex> = Vec::with_capacity(max_run);
-        let mut flush = |run: &mut Vec<PageIndex>| -> Result<(), LiveError> {
-            let Some(&first) = run.first() else {
-                return Ok(());
-            };
-            let Some(r) = self.ranges.iter().find(|r| r.holds(first)) else {
-                run.clear();
-                return Ok(());
-            };
-            let data = &mut buf[..run.len() * PAGE_BYTES];
-            r.file
-                .read_exact_at(data, (first.0 - r.first_page) * PAGE_SIZE)
-                .map_err(|source| LiveError::ReadRam {
-                    id: r.id.clone(),
-                    source,
-                })?;
-            self.shared
-                .side
-                .put_run(first, data)
-                .map_err(LiveError::Side)?;
-            for &p in run.iter() {
-                // Read in the pause: these are exactly its bytes at the
-                // instant, zero or not, whatever is discarded later.
-                states.saved(p, false);
-            }
-            run.clear();
-            Ok(())
-        };
+        let max_run = BATCH_BYTES / PAGE_SIZE;
+        // (range, first page, pages) per run, of the pages claimed.
+        let mut runs: Vec<(usize, PageIndex, u64)> = Vec::new();
         for &p in pages {
-            let joins = run.last().is_some_and(|last| {
-                last.0 + 1 == p.0
-                    && run.len() < max_run
-                    && self.ranges.iter().any(|r| r.holds(*last) && r.holds(p))
-            });
-            if !joins {
-                flush(&mut run)?;
-            }
             // Nobody else claims a page before the instant's copy starts.
-            if states.claim(p) {
-                run.push(p);
+            if !states.claim(p) {
+                continue;
+            }
+            let Some(range) = self.ranges.iter().position(|r| r.holds(p)) else {
+                continue;
+            };
+            match runs.last_mut() {
+                Some((r, first, n)) if *r == range && first.0 + *n == p.0 && *n < max_run => {
+                    *n += 1;
+                }
+                _ => runs.push((range, p, 1)),
             }
         }
-        flush(&mut run)
+        let total: u64 = runs.iter().map(|r| r.2).sum();
+        let mut memory = std::mem::take(&mut self.pause_memory);
+        if usize_from(total) * PAGE_BYTES > memory.len() {
+            return Err(LiveError::Side(std::io::Error::other(
+                "more pages to copy in the pause than its budget",
+            )));
+        }
+        // Two halves by pages: the runs before `split`, and the rest.
+        let mut split = 0;
+        let mut before = 0;
+        while split < runs.len() && before < total / 2 {
+            before += runs[split].2;
+            split += 1;
+        }
+        let ranges = &self.ranges;
+        let read =
+            |runs: &[(usize, PageIndex, u64)], mut out: &mut [u8]| -> Result<(), LiveError> {
+                for &(range, first, n) in runs {
+                    let r = &ranges[range];
+                    let (data, rest) = out.split_at_mut(usize_from(n) * PAGE_BYTES);
+                    r.file
+                        .read_exact_at(data, (first.0 - r.first_page) * PAGE_SIZE)
+                        .map_err(|source| LiveError::ReadRam {
+                            id: r.id.clone(),
+                            source,
+                        })?;
+                    out = rest;
+                }
+                Ok(())
+            };
+        {
+            let (a, b) = memory.split_at_mut(usize_from(before) * PAGE_BYTES);
+            if total >= PAUSE_COPY_PARALLEL_PAGES {
+                std::thread::scope(|scope| {
+                    let other = scope.spawn(|| read(&runs[..split], a));
+                    let mine = read(&runs[split..], b);
+                    other
+                        .join()
+                        .map_err(|_| LiveError::FaultThread("a pause copy thread panicked".into()))
+                        .and_then(|r| r)
+                        .and(mine)
+                })?;
+            } else {
+                read(&runs[..split], a)?;
+                read(&runs[split..], b)?;
+            }
+        }
+        let copied: Vec<PageIndex> = runs
+            .iter()
+            .flat_map(|&(_, first, n)| (first.0..first.0 + n).map(PageIndex))
+            .collect();
+        self.shared
+            .side
+            .put_in_memory(memory, &copied)
+            .map_err(LiveError::Side)?;
+        for &p in &copied {
+            // Read in the pause: exactly its bytes at the instant, zero or
+            // not, whatever is discarded later.
+            states.saved(p, false);
+        }
+        Ok(())
     }
 
     /// QEMU's address of guest page `p`.

@@ -9,14 +9,16 @@
 //! [`SAVED`] and lifts its write protection. So each page is saved exactly
 //! once, and never after the guest could write it again.
 //!
-//! [`SideStore`] holds the pages the fault thread saved ahead of the copier
-//! (a guest write was waiting on them) in an unnamed scratch file next to
-//! the image, until the copier reaches them and writes them into the image
-//! in page order.
+//! [`SideStore`] holds the pages saved ahead of the copier until it
+//! reaches them and writes them into the image in page order: those the
+//! fault thread saved (a guest write was waiting on them) in an unnamed
+//! scratch file next to the image, and those copied in the pause
+//! (speculative pre-copy) in memory, to keep the pause short.
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicU32, AtomicU8, Ordering};
+use std::sync::OnceLock;
 
 use crate::mem::{u64_from, usize_from, PageIndex, PAGE_BYTES, PAGE_SIZE};
 
@@ -87,14 +89,20 @@ impl PageStates {
     }
 }
 
-/// Pages saved ahead of the copier, in a scratch file: one writer (the
-/// fault thread), one reader (the copier) per page, handed over through
-/// the page's slot number.
+/// A slot number with this bit is a page of the in-memory part.
+const IN_MEMORY: u32 = 1 << 31;
+
+/// Pages saved ahead of the copier: one writer (the fault thread, or the
+/// pause), one reader (the copier) per page, handed over through the
+/// page's slot number.
 pub struct SideStore {
     file: File,
-    /// Per guest page: 0 = not here, else slot + 1.
+    /// Per guest page: 0 = not here, else slot + 1 (with [`IN_MEMORY`]:
+    /// of `memory`).
     slots: Vec<AtomicU32>,
     next: AtomicU32,
+    /// The pages copied in the pause, set once.
+    memory: OnceLock<Vec<u8>>,
 }
 
 impl SideStore {
@@ -104,7 +112,27 @@ impl SideStore {
             file,
             slots: (0..total).map(|_| AtomicU32::new(0)).collect(),
             next: AtomicU32::new(0),
+            memory: OnceLock::new(),
         }
+    }
+
+    /// Keeps `memory` as the saved bytes of `pages` (its first page is
+    /// `pages[0]`'s, and so on). Once per store.
+    pub fn put_in_memory(&self, memory: Vec<u8>, pages: &[PageIndex]) -> std::io::Result<()> {
+        if pages.len() * PAGE_BYTES > memory.len() || pages.len() >= IN_MEMORY as usize {
+            return Err(std::io::Error::other("more pages than memory"));
+        }
+        if self.memory.set(memory).is_err() {
+            return Err(std::io::Error::other("pages kept in memory twice"));
+        }
+        for (p, held) in pages.iter().zip(1..) {
+            let entry = self
+                .slots
+                .get(usize_from(p.0))
+                .ok_or_else(|| std::io::Error::other(format!("page {} outside guest RAM", p.0)))?;
+            entry.store(IN_MEMORY | held, Ordering::Release);
+        }
+        Ok(())
     }
 
     /// Keeps `data` (one page) as page `p`'s saved bytes.
@@ -145,12 +173,22 @@ impl SideStore {
         if slot == 0 {
             return Ok(false);
         }
+        if slot & IN_MEMORY != 0 {
+            let at = usize_from(u64::from((slot & !IN_MEMORY) - 1)) * PAGE_BYTES;
+            let page = self
+                .memory
+                .get()
+                .and_then(|m| m.get(at..at + PAGE_BYTES))
+                .ok_or_else(|| std::io::Error::other("a page kept in memory is missing"))?;
+            buf[..PAGE_BYTES].copy_from_slice(page);
+            return Ok(true);
+        }
         self.file
             .read_exact_at(&mut buf[..PAGE_BYTES], u64::from(slot - 1) * PAGE_SIZE)?;
         Ok(true)
     }
 
-    /// Pages held.
+    /// Pages held in the scratch file.
     pub fn len(&self) -> u64 {
         u64::from(self.next.load(Ordering::Relaxed))
     }

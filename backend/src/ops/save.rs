@@ -310,8 +310,25 @@ async fn save_locked(
     }
     let mut resumed = None;
     let result = async {
-        let (device_state_ms, device_state_bytes) =
-            write_device_state(&mut qmp, &state, &paths, &mut writer, paused).await?;
+        // A live copy fixes its pages (and copies the predicted ones)
+        // while QEMU writes the device state: RAM stands still from the
+        // stop on.
+        let protecting = live.take().map(|mut l| {
+            tokio::task::spawn_blocking(move || {
+                let r = l.protect();
+                (l, r)
+            })
+        });
+        let device_state = write_device_state(&mut qmp, &state, &paths, &mut writer, paused).await;
+        if let Some(task) = protecting {
+            let (l, protected) = task.await.map_err(|e| SaveError::Io {
+                context: "protecting guest RAM in the pause".into(),
+                source: std::io::Error::other(e.to_string()),
+            })?;
+            live = Some(l);
+            protected?;
+        }
+        let (device_state_ms, device_state_bytes) = device_state?;
         let scanned = match &mut live {
             None => {
                 let qemu = state.qemu().map_err(vmm::QemuError::from)?;
@@ -319,7 +336,6 @@ async fn save_locked(
                 copy_ram(&qemu, &ram, &state.layout, &mut writer, &*opts.progress)?
             }
             Some(live) => {
-                live.protect()?;
                 if was_running {
                     qmp.cont_after_migration().await?;
                 }
