@@ -221,6 +221,12 @@ fn live_checkpoint_holds_one_instant_under_writes_and_dma() {
         live["wp_faults"].as_u64() > Some(0),
         "no write met the copy: the test proved nothing\n{report}"
     );
+    // Speculative pre-copy from the tracker's estimate: the pages it
+    // predicted were copied in the pause (and the restore below checks
+    // them like every other page).
+    assert_eq!(live["prediction"], "dirty-estimate", "{report}");
+    assert!(live["predicted_pages"].as_u64() > Some(0), "{report}");
+    assert!(live["speculated_pages"].as_u64() > Some(0), "{report}");
     assert!(save["paused_ms"].as_f64().is_some(), "{report}");
     assert!(
         save["working_sets"]
@@ -435,12 +441,18 @@ fn continuous_checkpoints_keep_the_last_k_restorable() {
     // Every second one builds on the one before and writes only changes.
     for (i, t) in taken.iter().enumerate() {
         assert_eq!(t["parent"].is_null(), i % 2 == 0, "{t}");
+        // From the second on, the writes the one before saw are predicted
+        // and copied in the pause.
+        if i > 0 {
+            assert!(t["speculated_pages"].as_u64() > Some(0), "{t}");
+        }
     }
     assert!(
         taken[1]["pages_written"].as_u64() < taken[0]["pages_written"].as_u64(),
         "{report}"
     );
-    // The incremental one restores to one instant.
+    // The incremental one, with its speculated pages, restores to one
+    // instant.
     let copy = restore_copy(&vm, &name(4), "s", "lazy");
     copy.stop();
     verify(&vm);

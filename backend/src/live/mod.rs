@@ -32,11 +32,13 @@
 //! ([`Speculation`]: the write tracker's estimate, or what the previous
 //! checkpoint of a series saw written) are left unprotected while arming,
 //! and in the pause they and the pages written while arming are copied
-//! into the scratch file, up to a budget, instead of being protected
-//! again: copying a page there costs about what protecting it costs, and
-//! the guest takes no fault on it. What exceeds the budget, and every
-//! discarded range, is protected again as before. Every write fault seen
-//! is returned ([`LiveCopy::finish`]) as the next prediction.
+//! into memory, up to a budget, instead of being protected again, so the
+//! guest takes no fault on them. The copy runs while QEMU writes the
+//! device state ([`LiveCopy::protect_until`]) and stops when that is done:
+//! what it has not copied by then, what exceeds the budget, and every
+//! discarded range are protected again as before, so speculation never
+//! makes the pause longer. Every write fault seen is returned
+//! ([`LiveCopy::finish`]) as the next prediction.
 //!
 //! QEMU holds no copy of the userfaultfd: if thaw dies, the kernel drops
 //! the registration and every protection with thaw's copy, and the guest
@@ -76,8 +78,6 @@ const RELEASE_BYTES: u64 = 16 << 20;
 /// Pages copied in the pause by default ([`Speculation::budget_pages`]):
 /// 16 MiB.
 pub const DEFAULT_SPECULATE_PAGES: u64 = 4096;
-/// From this many pages on, the pause copies with two threads.
-const PAUSE_COPY_PARALLEL_PAGES: u64 = 512;
 /// How long the fault thread waits for an event before checking for stop.
 const EVENT_POLL: Duration = Duration::from_millis(50);
 /// Fault service times kept for percentiles.
@@ -386,6 +386,13 @@ impl LiveCopy {
     /// budget), protects again what else lost its protection, and fixes
     /// the pages to copy. Returns how many there are.
     pub fn protect(&mut self) -> Result<u64, LiveError> {
+        self.protect_until(&AtomicBool::new(false))
+    }
+
+    /// [`LiveCopy::protect`], run while QEMU writes the device state:
+    /// once `pause_done` is set the pages not copied yet are protected
+    /// again instead, so the copy never makes the pause longer.
+    pub fn protect_until(&mut self, pause_done: &AtomicBool) -> Result<u64, LiveError> {
         let t = Instant::now();
         // The instant and the pages to copy are fixed together: a remove
         // event is judged against both or neither.
@@ -450,7 +457,17 @@ impl LiveCopy {
             (speculate, again, pages, arm_written)
         };
         self.arm_written = arm_written;
-        self.copy_in_pause(&speculate)?;
+        let left = self.copy_in_pause(&speculate, pause_done)?;
+        let copied = speculate.len() - left.len();
+        let mut again = again;
+        if !left.is_empty() {
+            again = merge_ranges(
+                again
+                    .into_iter()
+                    .chain(left.iter().filter_map(|&p| self.address_of(p).map(|a| (a, PAGE_SIZE))))
+                    .collect(),
+            );
+        }
         for &(start, len) in &again {
             if let Err(e) = self.retry_eagain(|| self.uffd.write_protect(HostAddr(start), len)) {
                 log::error!(
@@ -462,10 +479,9 @@ impl LiveCopy {
             }
             self.stats.reprotected_pages += len / PAGE_SIZE;
         }
-        self.stats.speculated_pages = u64_from(speculate.len());
+        self.stats.speculated_pages = u64_from(copied);
         log::debug!(
-            "copied {} pages and protected {} ranges again in the pause, {pages} pages to copy, in {:.2} ms",
-            speculate.len(),
+            "copied {copied} pages and protected {} ranges again in the pause, {pages} pages to copy, in {:.2} ms",
             again.len(),
             ms(t.elapsed())
         );
@@ -475,18 +491,18 @@ impl LiveCopy {
     }
 
     /// In the pause: keeps the bytes of `pages` (sorted, unprotected, at
-    /// most the budget) in memory, read in runs (by two threads when
-    /// there are many: the vCPUs are paused), and marks them saved.
-    fn copy_in_pause(&mut self, pages: &[PageIndex]) -> Result<(), LiveError> {
+    /// most the budget) in memory, read in runs, and marks them saved,
+    /// until `pause_done` is set. Returns the pages it did not copy.
+    fn copy_in_pause(
+        &mut self,
+        pages: &[PageIndex],
+        pause_done: &AtomicBool,
+    ) -> Result<Vec<PageIndex>, LiveError> {
         let states = &self.shared.states;
         let max_run = BATCH_BYTES / PAGE_SIZE;
-        // (range, first page, pages) per run, of the pages claimed.
+        // (range, first page, pages) per run.
         let mut runs: Vec<(usize, PageIndex, u64)> = Vec::new();
         for &p in pages {
-            // Nobody else claims a page before the instant's copy starts.
-            if !states.claim(p) {
-                continue;
-            }
             let Some(range) = self.ranges.iter().position(|r| r.holds(p)) else {
                 continue;
             };
@@ -497,57 +513,41 @@ impl LiveCopy {
                 _ => runs.push((range, p, 1)),
             }
         }
-        let total: u64 = runs.iter().map(|r| r.2).sum();
         let mut memory = std::mem::take(&mut self.pause_memory);
-        if usize_from(total) * PAGE_BYTES > memory.len() {
-            return Err(LiveError::Side(std::io::Error::other(
-                "more pages to copy in the pause than its budget",
-            )));
-        }
-        // Two halves by pages: the runs before `split`, and the rest.
-        let mut split = 0;
-        let mut before = 0;
-        while split < runs.len() && before < total / 2 {
-            before += runs[split].2;
-            split += 1;
-        }
-        let ranges = &self.ranges;
-        let read =
-            |runs: &[(usize, PageIndex, u64)], mut out: &mut [u8]| -> Result<(), LiveError> {
-                for &(range, first, n) in runs {
-                    let r = &ranges[range];
-                    let (data, rest) = out.split_at_mut(usize_from(n) * PAGE_BYTES);
-                    r.file
-                        .read_exact_at(data, (first.0 - r.first_page) * PAGE_SIZE)
-                        .map_err(|source| LiveError::ReadRam {
-                            id: r.id.clone(),
-                            source,
-                        })?;
-                    out = rest;
-                }
-                Ok(())
-            };
-        {
-            let (a, b) = memory.split_at_mut(usize_from(before) * PAGE_BYTES);
-            if total >= PAUSE_COPY_PARALLEL_PAGES {
-                std::thread::scope(|scope| {
-                    let other = scope.spawn(|| read(&runs[..split], a));
-                    let mine = read(&runs[split..], b);
-                    other
-                        .join()
-                        .map_err(|_| LiveError::FaultThread("a pause copy thread panicked".into()))
-                        .and_then(|r| r)
-                        .and(mine)
-                })?;
-            } else {
-                read(&runs[..split], a)?;
-                read(&runs[split..], b)?;
+        let mut copied: Vec<PageIndex> = Vec::with_capacity(pages.len());
+        let mut left = Vec::new();
+        let mut at = 0;
+        for &(range, first, n) in &runs {
+            let run = (first.0..first.0 + n).map(PageIndex);
+            if pause_done.load(Ordering::Acquire) {
+                left.extend(run);
+                continue;
             }
+            let r = &self.ranges[range];
+            let end = at + usize_from(n) * PAGE_BYTES;
+            let data = memory.get_mut(at..end).ok_or_else(|| {
+                LiveError::Side(std::io::Error::other(
+                    "more pages to copy in the pause than its budget",
+                ))
+            })?;
+            for p in run.clone() {
+                // Nobody else claims a page before the instant's copy starts.
+                if !states.claim(p) {
+                    return Err(LiveError::FaultThread(format!(
+                        "page {} was claimed before the pause copied it",
+                        p.0
+                    )));
+                }
+            }
+            r.file
+                .read_exact_at(data, (first.0 - r.first_page) * PAGE_SIZE)
+                .map_err(|source| LiveError::ReadRam {
+                    id: r.id.clone(),
+                    source,
+                })?;
+            copied.extend(run);
+            at = end;
         }
-        let copied: Vec<PageIndex> = runs
-            .iter()
-            .flat_map(|&(_, first, n)| (first.0..first.0 + n).map(PageIndex))
-            .collect();
         self.shared
             .side
             .put_in_memory(memory, &copied)
@@ -557,7 +557,7 @@ impl LiveCopy {
             // not, whatever is discarded later.
             states.saved(p, false);
         }
-        Ok(())
+        Ok(left)
     }
 
     /// QEMU's address of guest page `p`.

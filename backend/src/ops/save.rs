@@ -12,6 +12,7 @@
 use std::fs::File;
 use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -310,16 +311,19 @@ async fn save_locked(
     }
     let mut resumed = None;
     let result = async {
-        // A live copy fixes its pages (and copies the predicted ones)
-        // while QEMU writes the device state: RAM stands still from the
-        // stop on.
+        // A live copy fixes its pages and copies the predicted ones while
+        // QEMU writes the device state (RAM stands still from the stop
+        // on), and protects again what it could not copy by then.
+        let pause_done = Arc::new(AtomicBool::new(false));
         let protecting = live.take().map(|mut l| {
+            let pause_done = pause_done.clone();
             tokio::task::spawn_blocking(move || {
-                let r = l.protect();
+                let r = l.protect_until(&pause_done);
                 (l, r)
             })
         });
         let device_state = write_device_state(&mut qmp, &state, &paths, &mut writer, paused).await;
+        pause_done.store(true, Ordering::Release);
         if let Some(task) = protecting {
             let (l, protected) = task.await.map_err(|e| SaveError::Io {
                 context: "protecting guest RAM in the pause".into(),
