@@ -106,6 +106,8 @@ speculate() {
       local spec=()
       [ $mode = speculative ] || spec=(--speculate-pages 0)
       rm -rf "$dir/series"
+      # The series' first checkpoint has nothing to predict from.
+      rm -f "${THAW_RUNTIME_DIR:-/run/thaw}/$name/estimate-dirty.bin"
       "$thaw" --json checkpoint $name "$dir/series" --interval-ms 1000 --count 6 --keep 6 \
         "${spec[@]}" >"$res/series-$mode-$r.json"
       "$thaw" track $name --estimator dirty --interval-ms 500 --keep 2 --duration-ms 60000 \

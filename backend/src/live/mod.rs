@@ -256,6 +256,22 @@ pub struct LiveCopy {
     registered: bool,
 }
 
+/// Lowers the calling thread to `SCHED_IDLE`: it runs only on a core
+/// nothing else wants (the pause copy beside QEMU's device state). Best
+/// effort: on failure the thread runs as before.
+pub fn run_when_idle() {
+    let param = libc::sched_param { sched_priority: 0 };
+    // SAFETY: sched_setscheduler on the calling thread (pid 0) with a
+    // valid, initialised parameter; it changes nothing else.
+    let r = unsafe { libc::sched_setscheduler(0, libc::SCHED_IDLE, &param) };
+    if r != 0 {
+        log::debug!(
+            "SCHED_IDLE for the pause copy: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+}
+
 /// Refuses a kernel without synchronous write protection of shared memory.
 pub fn check_kernel() -> Result<(), LiveError> {
     let available = uffd::kernel_features().map_err(|errno| UffdError::Api {
@@ -464,7 +480,10 @@ impl LiveCopy {
             again = merge_ranges(
                 again
                     .into_iter()
-                    .chain(left.iter().filter_map(|&p| self.address_of(p).map(|a| (a, PAGE_SIZE))))
+                    .chain(
+                        left.iter()
+                            .filter_map(|&p| self.address_of(p).map(|a| (a, PAGE_SIZE))),
+                    )
                     .collect(),
             );
         }

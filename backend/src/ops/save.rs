@@ -317,18 +317,29 @@ async fn save_locked(
         let pause_done = Arc::new(AtomicBool::new(false));
         let protecting = live.take().map(|mut l| {
             let pause_done = pause_done.clone();
-            tokio::task::spawn_blocking(move || {
-                let r = l.protect_until(&pause_done);
-                (l, r)
-            })
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            let spawned = std::thread::Builder::new()
+                .name("thaw-live-pause".into())
+                .spawn(move || {
+                    // Only on a core QEMU and the device state leave idle:
+                    // the copy must not slow the pause down.
+                    crate::live::run_when_idle();
+                    let r = l.protect_until(&pause_done);
+                    let _ = tx.send((l, r));
+                });
+            (rx, spawned)
         });
         let device_state = write_device_state(&mut qmp, &state, &paths, &mut writer, paused).await;
         pause_done.store(true, Ordering::Release);
-        if let Some(task) = protecting {
-            let (l, protected) = task.await.map_err(|e| SaveError::Io {
+        if let Some((task, spawned)) = protecting {
+            let failed = |e: String| SaveError::Io {
                 context: "protecting guest RAM in the pause".into(),
-                source: std::io::Error::other(e.to_string()),
-            })?;
+                source: std::io::Error::other(e),
+            };
+            spawned.map_err(|e| failed(e.to_string()))?;
+            let (l, protected) = task
+                .await
+                .map_err(|_| failed("the pause copy thread ended early".into()))?;
             live = Some(l);
             protected?;
         }
