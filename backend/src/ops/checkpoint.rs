@@ -72,8 +72,13 @@ impl std::fmt::Display for CheckpointReport {
             write!(
                 f,
                 "\n  copied live in {:.0} ms: {} of {} pages written meanwhile were held for a copy \
-                 (p50 {:.0} µs)",
-                l.copy_ms, l.wp_faults, l.protected_pages, l.fault_p50_us
+                 (p50 {:.0} µs); {} predicted pages ({}) copied in the pause",
+                l.copy_ms,
+                l.wp_faults,
+                l.protected_pages,
+                l.fault_p50_us,
+                l.speculated_pages,
+                l.prediction
             )?;
         }
         write!(
