@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The live-checkpoint benchmarks of BENCHMARKS.md ("Live checkpoints").
 #
-#   ci/bench-live.sh [sizes|incremental|speculate]...     (default: all)
+#   ci/bench-live.sh [sizes|incremental|speculate|app]...     (default: all)
 #
 # sizes:       thaw bench-checkpoint, live against stop-and-copy at 1, 2, 4
 #              and 8 GiB of RAM (configs/bench-tput-2g.yaml), 3 runs each:
@@ -28,12 +28,25 @@
 #              write faults per checkpoint (the first of a series, which
 #              has nothing to predict from, apart):
 #              target/bench/live-speculate/speculate.{json,md}
+# app:         a real server and its own clients during checkpoints:
+#              redis from Debian (configs/apps/redis.yaml, 2 GiB, in the
+#              network namespace of ci/app-net.sh) loaded with about
+#              900 MiB of 4 KiB values by redis-benchmark, then
+#              `redis-benchmark -t set -c 4` writing without pause (its
+#              progress line: requests/s every 250 ms) and `redis-cli
+#              --latency-history -i 1` (PING latency, worst per second) while
+#              thaw takes $THAW_RUNS (default 3) checkpoints per method,
+#              live and stop-and-copy alternating, 10 s apart (`thaw save
+#              --keep-running [--stop-copy]`). Per checkpoint: the pause,
+#              the clients' rate during the command against the 5 s
+#              before it, their slowest 250 ms, the worst PING:
+#              target/bench/live-app/app.{json,md}
 # Run from the repository root as root.
 set -euo pipefail
 . ci/bench-common.sh
 
 scenarios=("$@")
-[ ${#scenarios[@]} -gt 0 ] || scenarios=(sizes incremental speculate)
+[ ${#scenarios[@]} -gt 0 ] || scenarios=(sizes incremental speculate app)
 
 sizes() {
   "$thaw" bench-checkpoint -c configs/bench-tput-2g.yaml --sizes 1G,2G,4G,8G \
@@ -158,11 +171,127 @@ json.dump(out, open(f"{res}/speculate.json", "w"), indent=1)
 PY
 }
 
+app() {
+  local name=app-redis dir=/var/lib/thaw/app-redis res=$out/live-app ns=thaw-app
+  local addr=10.77.0.2 runs=${THAW_RUNS:-3}
+  bash tests/guest/build-app.sh redis >/dev/null
+  bash ci/app-net.sh up $ns >/dev/null
+  mkdir -p "$dir" "$res"
+  "$thaw" stop $name >/dev/null 2>&1 || true
+  : >"$dir/console.log"
+  ip netns exec $ns "$thaw" start --config configs/apps/redis.yaml >/dev/null
+  local waited=0
+  until ip netns exec $ns redis-cli -h $addr ping 2>/dev/null | grep -q PONG; do
+    sleep 1
+    waited=$((waited + 1))
+    [ $waited -lt 600 ] || { echo "bench-live.sh: redis never answered" >&2; exit 1; }
+  done
+  # About 900 MiB of 4 KiB values under random keys, so the copy is long.
+  ip netns exec $ns redis-benchmark -h $addr -t set -n 400000 -r 300000 -d 4096 -P 32 -c 4 -q \
+    >"$res/load.txt"
+  python3 - "$thaw" $name "$dir/ckpt" "$res" "$runs" $ns $addr <<'PY' | tee "$res/app.md"
+import json, statistics, subprocess, sys, threading, time
+thaw, name, image, res, runs, ns, addr = sys.argv[1:8]
+runs = int(runs)
+now = lambda: time.time() * 1000.0
+
+def stamped(cmd, sep):
+    """Runs cmd in the namespace; returns (process, list of (ms, line))."""
+    p = subprocess.Popen(["ip", "netns", "exec", ns] + cmd, stdout=subprocess.PIPE,
+                         stderr=subprocess.DEVNULL)
+    lines = []
+    def read():
+        buf = b""
+        while True:
+            chunk = p.stdout.read1(4096)
+            if not chunk:
+                return
+            buf += chunk
+            while sep in buf:
+                line, buf = buf.split(sep, 1)
+                text = line.decode(errors="replace").strip()
+                if text:
+                    lines.append((now(), text))
+    threading.Thread(target=read, daemon=True).start()
+    return p, lines
+
+bench, progress = stamped(["redis-benchmark", "-h", addr, "-t", "set", "-n", "2000000000",
+                           "-r", "100000", "-d", "256", "-c", "4"], b"\r")
+pinger, pings = stamped(["redis-cli", "-h", addr, "--latency-history", "-i", "1"], b"\n")
+checkpoints = []
+try:
+    time.sleep(10)
+    for run in range(runs):
+        for method in ("live", "stop-and-copy"):
+            args = [thaw, "--json", "save", name, image, "--keep-running", "--force"]
+            if method == "stop-and-copy":
+                args.append("--stop-copy")
+            start = now()
+            out = subprocess.run(args, check=True, capture_output=True, text=True).stdout
+            end = now()
+            checkpoints.append(dict(method=method, run=run, start=start, end=end,
+                                    report=json.loads(out)))
+            time.sleep(10)
+finally:
+    bench.terminate()
+    pinger.terminate()
+    subprocess.run([thaw, "stop", name], capture_output=True)
+
+# redis-benchmark: "SET: rps=41234.0 (overall: ...) avg_msec=..."; each
+# line's rate covers the time since the line before it.
+samples = []
+for (t0, _), (t1, line) in zip(progress, progress[1:]):
+    if line.startswith("SET: rps="):
+        samples.append((t0, t1, float(line.split("rps=")[1].split()[0])))
+def rate(a, b):
+    work = sum(r * max(0.0, min(e, b) - max(s, a)) for s, e, r in samples)
+    return work / (b - a) if b > a else 0.0
+# redis-cli, a line a second: "min: 0, max: 12, avg: 0.31 (1480 samples)
+# -- 1.00 seconds range" on a terminal, "0 12 0.31 1480" otherwise.
+worst_ping = []
+for t, line in pings:
+    if "max:" in line:
+        worst_ping.append((t, float(line.rsplit("max:", 1)[1].split(",")[0])))
+    elif len(line.split()) == 4:
+        worst_ping.append((t, float(line.split()[1])))
+rows = []
+for c in checkpoints:
+    a, b = c["start"], c["end"]
+    before = rate(a - 5000, a)
+    during = rate(a, b)
+    slowest = min((r for s, e, r in samples if e > a and s < b), default=0.0)
+    # Each history line covers the second before it.
+    ping = max((m for t, m in worst_ping if t > a and t - 1000 < b + 1000), default=None)
+    rep = c["report"]
+    rows.append(dict(method=c["method"], run=c["run"], paused_ms=rep["paused_ms"],
+                     window_ms=b - a, rps_before=before, rps_during=during,
+                     during_vs_before=during / before if before else 0.0,
+                     slowest_250ms_rps=slowest, worst_ping_ms=ping,
+                     wp_faults=(rep.get("live") or {}).get("wp_faults", 0),
+                     nonzero_pages=rep["nonzero_pages"]))
+med = lambda xs: statistics.median(xs) if xs else 0.0
+summary = {}
+for m in ("live", "stop-and-copy"):
+    rs = [r for r in rows if r["method"] == m]
+    summary[m] = {k: med([r[k] for r in rs if r[k] is not None])
+                  for k in ("paused_ms", "window_ms", "rps_before", "rps_during",
+                            "during_vs_before", "slowest_250ms_rps", "worst_ping_ms", "wp_faults")}
+print(f"data: {rows[0]['nonzero_pages'] * 4096 / 2**30:.2f} GiB in the image")
+print("| method | pause ms | checkpoint ms | SET/s the 5 s before | SET/s during | during vs before | slowest 250 ms, SET/s | worst PING ms |")
+print("|---|---:|---:|---:|---:|---:|---:|---:|")
+for m, s in summary.items():
+    print(f"| {m} | {s['paused_ms']:.1f} | {s['window_ms']:.0f} | {s['rps_before']:.0f} | {s['rps_during']:.0f} | "
+          f"{100 * s['during_vs_before']:.0f} % | {s['slowest_250ms_rps']:.0f} | {s['worst_ping_ms']:.0f} |")
+json.dump(dict(runs=rows, summary=summary), open(f"{res}/app.json", "w"), indent=1)
+PY
+}
+
 for s in "${scenarios[@]}"; do
   case $s in
     sizes) sizes ;;
     incremental) incremental ;;
     speculate) speculate ;;
-    *) echo "bench-live.sh: unknown scenario $s (sizes, incremental, speculate)" >&2; exit 1 ;;
+    app) app ;;
+    *) echo "bench-live.sh: unknown scenario $s (sizes, incremental, speculate, app)" >&2; exit 1 ;;
   esac
 done
