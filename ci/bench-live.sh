@@ -40,7 +40,11 @@
 #              --keep-running [--stop-copy]`). Per checkpoint: the pause,
 #              the clients' rate during the command against the 5 s
 #              before it, their slowest 250 ms, the worst PING:
-#              target/bench/live-app/app.{json,md}
+#              target/bench/live-app/app.{json,md}; $THAW_LIVE_ARGS are
+#              added to the live saves (e.g. "--copy-limit 128M");
+#              THAW_TRACK=1 runs `thaw track --estimator dirty` for 3 s
+#              before every checkpoint (both methods), whose estimate the
+#              live one predicts its writes from
 # Run from the repository root as root.
 set -euo pipefail
 . ci/bench-common.sh
@@ -189,10 +193,13 @@ app() {
   # About 900 MiB of 4 KiB values under random keys, so the copy is long.
   ip netns exec $ns redis-benchmark -h $addr -t set -n 400000 -r 300000 -d 4096 -P 32 -c 4 -q \
     >"$res/load.txt"
-  python3 - "$thaw" $name "$dir/ckpt" "$res" "$runs" $ns $addr <<'PY' | tee "$res/app.md"
+  # shellcheck disable=SC2086
+  python3 - "$thaw" $name "${THAW_IMAGE_DIR:-$dir}/ckpt" "$res" "$runs" $ns $addr "${THAW_TRACK:-0}" ${THAW_LIVE_ARGS:-} <<'PY' | tee "$res/app.md"
 import json, statistics, subprocess, sys, threading, time
 thaw, name, image, res, runs, ns, addr = sys.argv[1:8]
 runs = int(runs)
+track = sys.argv[8] == "1"
+live_args = sys.argv[9:]
 now = lambda: time.time() * 1000.0
 
 def stamped(cmd, sep):
@@ -217,7 +224,7 @@ def stamped(cmd, sep):
 
 bench, progress = stamped(["redis-benchmark", "-h", addr, "-t", "set", "-n", "2000000000",
                            "-r", "100000", "-d", "256", "-c", "4"], b"\r")
-pinger, pings = stamped(["redis-cli", "-h", addr, "--latency-history", "-i", "1"], b"\n")
+pinger, pings = stamped(["stdbuf", "-oL", "redis-cli", "-h", addr, "--latency-history", "-i", "1"], b"\n")
 checkpoints = []
 try:
     time.sleep(10)
@@ -226,9 +233,21 @@ try:
             args = [thaw, "--json", "save", name, image, "--keep-running", "--force"]
             if method == "stop-and-copy":
                 args.append("--stop-copy")
+            else:
+                args += live_args
+            tracker = None
+            if track:
+                # A write tracker runs before the checkpoint, which stops
+                # it and predicts the guest's writes from its estimate.
+                tracker = subprocess.Popen([thaw, "track", name, "--estimator", "dirty",
+                                            "--interval-ms", "500", "--keep", "2"],
+                                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                time.sleep(3)
             start = now()
             out = subprocess.run(args, check=True, capture_output=True, text=True).stdout
             end = now()
+            if tracker:
+                tracker.wait(timeout=120)
             checkpoints.append(dict(method=method, run=run, start=start, end=end,
                                     report=json.loads(out)))
             time.sleep(10)
@@ -268,6 +287,7 @@ for c in checkpoints:
                      during_vs_before=during / before if before else 0.0,
                      slowest_250ms_rps=slowest, worst_ping_ms=ping,
                      wp_faults=(rep.get("live") or {}).get("wp_faults", 0),
+                     speculated_pages=(rep.get("live") or {}).get("speculated_pages", 0),
                      nonzero_pages=rep["nonzero_pages"]))
 med = lambda xs: statistics.median(xs) if xs else 0.0
 summary = {}
@@ -282,7 +302,8 @@ print("|---|---:|---:|---:|---:|---:|---:|---:|")
 for m, s in summary.items():
     print(f"| {m} | {s['paused_ms']:.1f} | {s['window_ms']:.0f} | {s['rps_before']:.0f} | {s['rps_during']:.0f} | "
           f"{100 * s['during_vs_before']:.0f} % | {s['slowest_250ms_rps']:.0f} | {s['worst_ping_ms']:.0f} |")
-json.dump(dict(runs=rows, summary=summary), open(f"{res}/app.json", "w"), indent=1)
+json.dump(dict(live_args=live_args, track=track, runs=rows, summary=summary), open(f"{res}/app.json", "w"), indent=1)
+json.dump(dict(progress=progress, pings=pings), open(f"{res}/clients.json", "w"))
 PY
 }
 

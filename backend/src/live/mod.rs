@@ -256,17 +256,58 @@ pub struct LiveCopy {
     registered: bool,
 }
 
-/// Lowers the calling thread to `SCHED_IDLE`: it runs only on a core
-/// nothing else wants (the pause copy beside QEMU's device state). Best
-/// effort: on failure the thread runs as before.
-pub fn run_when_idle() {
+/// The calling thread at `SCHED_IDLE` while this lives: it runs only on
+/// a core nothing else wants (the pause copy beside QEMU's device state),
+/// then at its normal policy again. Best effort: where a change is
+/// refused the thread runs as it was.
+struct IdlePriority {
+    entered: bool,
+}
+
+impl IdlePriority {
+    fn enter() -> IdlePriority {
+        IdlePriority {
+            entered: set_policy(libc::SCHED_IDLE),
+        }
+    }
+}
+
+impl Drop for IdlePriority {
+    fn drop(&mut self) {
+        if self.entered {
+            set_policy(libc::SCHED_OTHER);
+        }
+    }
+}
+
+/// Sets the calling thread's scheduling policy; whether it took.
+fn set_policy(policy: libc::c_int) -> bool {
     let param = libc::sched_param { sched_priority: 0 };
     // SAFETY: sched_setscheduler on the calling thread (pid 0) with a
     // valid, initialised parameter; it changes nothing else.
-    let r = unsafe { libc::sched_setscheduler(0, libc::SCHED_IDLE, &param) };
+    let r = unsafe { libc::sched_setscheduler(0, policy, &param) };
     if r != 0 {
         log::debug!(
-            "SCHED_IDLE for the pause copy: {}",
+            "scheduling policy {policy} for the pause copy: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+    r == 0
+}
+
+/// How much the copier yields to the guest: its thread's nice value (the
+/// guest's vCPUs and the fault thread stay at theirs).
+pub const COPIER_NICE: i32 = 10;
+
+/// Lowers the calling thread to [`COPIER_NICE`], so that on a busy host
+/// the guest gets the CPU before the background copy. Best effort.
+pub fn yield_to_guest() {
+    // SAFETY: setpriority of the caller (0; on Linux the nice value is
+    // the calling thread's own); it changes nothing but that value.
+    let r = unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, COPIER_NICE) };
+    if r != 0 {
+        log::debug!(
+            "lowering the copier's priority: {}",
             std::io::Error::last_os_error()
         );
     }
@@ -534,6 +575,9 @@ impl LiveCopy {
         }
         let mut memory = std::mem::take(&mut self.pause_memory);
         let mut copied: Vec<PageIndex> = Vec::with_capacity(pages.len());
+        // Only the copy yields to QEMU; protecting the rest again, which
+        // the pause waits for, runs at the thread's normal priority.
+        let idle = (!runs.is_empty()).then(IdlePriority::enter);
         let mut left = Vec::new();
         let mut at = 0;
         for &(range, first, n) in &runs {
@@ -567,6 +611,7 @@ impl LiveCopy {
             copied.extend(run);
             at = end;
         }
+        drop(idle);
         self.shared
             .side
             .put_in_memory(memory, &copied)
