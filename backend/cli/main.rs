@@ -641,7 +641,7 @@ async fn run(cli: Cli) -> Result<()> {
             .with_context(|| format!("saving VM {name} to {}", image.display()))?;
             let copied = match &report.live {
                 Some(l) => format!(
-                    "; copied live in {:.0} ms, {} writes held for a copy, {} predicted pages copied in the pause",
+                    "; copied live in {:.0} ms, {} write faults, {} pages copied in the pause",
                     l.copy_ms, l.wp_faults, l.speculated_pages
                 ),
                 None => String::new(),

@@ -166,10 +166,10 @@ pub struct LiveStats {
     /// Pages predicted to be written, left unprotected while arming.
     pub predicted_pages: u64,
     /// Pages copied in the pause (predicted, or written while arming)
-    /// and never protected again.
+    /// and never protected again (speculative pre-copy).
     pub speculated_pages: u64,
-    /// Pages written or discarded while arming and not copied in the
-    /// pause, protected again there.
+    /// Pages protected again in the pause: written, discarded or
+    /// predicted, and not copied there.
     pub reprotected_pages: u64,
     /// Pages to copy: every page with data at the instant, and maybe a few
     /// holes (read as zeros).
@@ -256,61 +256,58 @@ pub struct LiveCopy {
     registered: bool,
 }
 
-/// The calling thread at `SCHED_IDLE` while this lives: it runs only on
-/// a core nothing else wants (the pause copy beside QEMU's device state),
-/// then at its normal policy again. Best effort: where a change is
-/// refused the thread runs as it was.
-struct IdlePriority {
-    entered: bool,
+/// The calling thread at nice [`PAUSE_COPY_NICE`] while this lives, so
+/// that the pause copy takes a core QEMU leaves idle rather than slow
+/// QEMU's device state down, yet is never starved for long; then at its
+/// own nice value again. Best effort: where a change is refused the
+/// thread runs as it was (raising it back needs `CAP_SYS_NICE`, which
+/// root has).
+struct YieldingPriority {
+    before: Option<libc::c_int>,
 }
 
-impl IdlePriority {
-    fn enter() -> IdlePriority {
-        IdlePriority {
-            entered: set_policy(libc::SCHED_IDLE),
+/// The pause copy's nice value ([`YieldingPriority`]).
+const PAUSE_COPY_NICE: libc::c_int = 19;
+
+impl YieldingPriority {
+    fn enter() -> YieldingPriority {
+        let before = thread_nice();
+        let entered = before.is_some() && set_thread_nice(PAUSE_COPY_NICE);
+        YieldingPriority {
+            before: before.filter(|_| entered),
         }
     }
 }
 
-impl Drop for IdlePriority {
+impl Drop for YieldingPriority {
     fn drop(&mut self) {
-        if self.entered {
-            set_policy(libc::SCHED_OTHER);
+        if let Some(nice) = self.before {
+            set_thread_nice(nice);
         }
     }
 }
 
-/// Sets the calling thread's scheduling policy; whether it took.
-fn set_policy(policy: libc::c_int) -> bool {
-    let param = libc::sched_param { sched_priority: 0 };
-    // SAFETY: sched_setscheduler on the calling thread (pid 0) with a
-    // valid, initialised parameter; it changes nothing else.
-    let r = unsafe { libc::sched_setscheduler(0, policy, &param) };
+/// The calling thread's nice value.
+fn thread_nice() -> Option<libc::c_int> {
+    nix::errno::Errno::clear();
+    // SAFETY: getpriority of the caller (0: on Linux the calling thread);
+    // -1 is a valid value, told from an error by errno.
+    let nice = unsafe { libc::getpriority(libc::PRIO_PROCESS, 0) };
+    (nice != -1 || nix::errno::Errno::last_raw() == 0).then_some(nice)
+}
+
+/// Sets the calling thread's nice value; whether it took.
+fn set_thread_nice(nice: libc::c_int) -> bool {
+    // SAFETY: setpriority of the caller (0: on Linux the calling thread);
+    // it changes nothing but that value.
+    let r = unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, nice) };
     if r != 0 {
         log::debug!(
-            "scheduling policy {policy} for the pause copy: {}",
+            "nice {nice} for the pause copy: {}",
             std::io::Error::last_os_error()
         );
     }
     r == 0
-}
-
-/// How much the copier yields to the guest: its thread's nice value (the
-/// guest's vCPUs and the fault thread stay at theirs).
-pub const COPIER_NICE: i32 = 10;
-
-/// Lowers the calling thread to [`COPIER_NICE`], so that on a busy host
-/// the guest gets the CPU before the background copy. Best effort.
-pub fn yield_to_guest() {
-    // SAFETY: setpriority of the caller (0; on Linux the nice value is
-    // the calling thread's own); it changes nothing but that value.
-    let r = unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, COPIER_NICE) };
-    if r != 0 {
-        log::debug!(
-            "lowering the copier's priority: {}",
-            std::io::Error::last_os_error()
-        );
-    }
 }
 
 /// Refuses a kernel without synchronous write protection of shared memory.
@@ -514,8 +511,7 @@ impl LiveCopy {
             (speculate, again, pages, arm_written)
         };
         self.arm_written = arm_written;
-        let left = self.copy_in_pause(&speculate, pause_done)?;
-        let copied = speculate.len() - left.len();
+        let (copied, left) = self.copy_in_pause(&speculate, pause_done)?;
         let mut again = again;
         if !left.is_empty() {
             again = merge_ranges(
@@ -552,12 +548,13 @@ impl LiveCopy {
 
     /// In the pause: keeps the bytes of `pages` (sorted, unprotected, at
     /// most the budget) in memory, read in runs, and marks them saved,
-    /// until `pause_done` is set. Returns the pages it did not copy.
+    /// until `pause_done` is set. Returns how many it copied and the pages
+    /// it did not reach.
     fn copy_in_pause(
         &mut self,
         pages: &[PageIndex],
         pause_done: &AtomicBool,
-    ) -> Result<Vec<PageIndex>, LiveError> {
+    ) -> Result<(usize, Vec<PageIndex>), LiveError> {
         let states = &self.shared.states;
         let max_run = BATCH_BYTES / PAGE_SIZE;
         // (range, first page, pages) per run.
@@ -574,10 +571,11 @@ impl LiveCopy {
             }
         }
         let mut memory = std::mem::take(&mut self.pause_memory);
-        let mut copied: Vec<PageIndex> = Vec::with_capacity(pages.len());
+        // Each page copied, with its page number in `memory`.
+        let mut copied: Vec<(PageIndex, usize)> = Vec::with_capacity(pages.len());
         // Only the copy yields to QEMU; protecting the rest again, which
         // the pause waits for, runs at the thread's normal priority.
-        let idle = (!runs.is_empty()).then(IdlePriority::enter);
+        let idle = (!runs.is_empty()).then(YieldingPriority::enter);
         let mut left = Vec::new();
         let mut at = 0;
         for &(range, first, n) in &runs {
@@ -593,22 +591,21 @@ impl LiveCopy {
                     "more pages to copy in the pause than its budget",
                 ))
             })?;
-            for p in run.clone() {
-                // Nobody else claims a page before the instant's copy starts.
-                if !states.claim(p) {
-                    return Err(LiveError::FaultThread(format!(
-                        "page {} was claimed before the pause copied it",
-                        p.0
-                    )));
-                }
-            }
             r.file
                 .read_exact_at(data, (first.0 - r.first_page) * PAGE_SIZE)
                 .map_err(|source| LiveError::ReadRam {
                     id: r.id.clone(),
                     source,
                 })?;
-            copied.extend(run);
+            // A page the fault thread took (a write fault read before the
+            // instant and handled after it) is saved by that thread; the
+            // others are this copy's. Their slots must stay in step with
+            // `memory`, so a taken page keeps its slot, unused.
+            for (i, p) in run.enumerate() {
+                if states.claim(p) {
+                    copied.push((p, at / PAGE_BYTES + i));
+                }
+            }
             at = end;
         }
         drop(idle);
@@ -616,12 +613,12 @@ impl LiveCopy {
             .side
             .put_in_memory(memory, &copied)
             .map_err(LiveError::Side)?;
-        for &p in &copied {
+        for &(p, _) in &copied {
             // Read in the pause: exactly its bytes at the instant, zero or
             // not, whatever is discarded later.
             states.saved(p, false);
         }
-        Ok(left)
+        Ok((copied.len(), left))
     }
 
     /// QEMU's address of guest page `p`.
@@ -826,11 +823,8 @@ impl LiveCopy {
         let mut stats = self.stats.clone();
         stats.wp_faults = counts.wp_faults;
         stats.arm_faults = counts.arm_faults;
-        stats.saved_ahead = self
-            .shared
-            .side
-            .len()
-            .saturating_sub(stats.speculated_pages);
+        // The scratch file holds only what the fault thread saved.
+        stats.saved_ahead = self.shared.side.len();
         stats.waited_for_copier = counts.waited_for_copier;
         let mut samples = counts.service_us;
         samples.sort_unstable();
@@ -935,12 +929,11 @@ fn serve_faults(
         };
         retry.clear();
         retry.append(&mut again);
-        let instant = lock(&shared.arming).instant;
         for ev in batch {
             match *ev {
                 FaultEvent::WriteProtectFault { addr } => {
                     counts.wp_faults += 1;
-                    if !instant {
+                    if !lock(&shared.arming).instant {
                         counts.arm_faults += 1;
                     } else if let Some(p) = ranges.iter().find_map(|r| r.page_at(addr)) {
                         if counts.written.len() < MAX_SAMPLES {

@@ -116,21 +116,28 @@ impl SideStore {
         }
     }
 
-    /// Keeps `memory` as the saved bytes of `pages` (its first page is
-    /// `pages[0]`'s, and so on). Once per store.
-    pub fn put_in_memory(&self, memory: Vec<u8>, pages: &[PageIndex]) -> std::io::Result<()> {
-        if pages.len() * PAGE_BYTES > memory.len() || pages.len() >= IN_MEMORY as usize {
-            return Err(std::io::Error::other("more pages than memory"));
+    /// Keeps `memory` as the saved bytes of `pages`: each guest page with
+    /// the number of its page in `memory`. Once per store.
+    pub fn put_in_memory(
+        &self,
+        memory: Vec<u8>,
+        pages: &[(PageIndex, usize)],
+    ) -> std::io::Result<()> {
+        let held = memory.len() / PAGE_BYTES;
+        if held >= IN_MEMORY as usize || pages.iter().any(|&(_, at)| at >= held) {
+            return Err(std::io::Error::other("a page beyond the memory kept"));
         }
         if self.memory.set(memory).is_err() {
             return Err(std::io::Error::other("pages kept in memory twice"));
         }
-        for (p, held) in pages.iter().zip(1..) {
+        for &(p, at) in pages {
             let entry = self
                 .slots
                 .get(usize_from(p.0))
                 .ok_or_else(|| std::io::Error::other(format!("page {} outside guest RAM", p.0)))?;
-            entry.store(IN_MEMORY | held, Ordering::Release);
+            // Below IN_MEMORY (checked above): no overflow into the bit.
+            let slot = u32::try_from(at + 1).map_err(|_| std::io::Error::other("slot"))?;
+            entry.store(IN_MEMORY | slot, Ordering::Release);
         }
         Ok(())
     }
@@ -152,7 +159,8 @@ impl SideStore {
             })?;
         let n = u32::try_from(count).map_err(|_| std::io::Error::other("run too long"))?;
         let slot = self.next.fetch_add(n, Ordering::Relaxed);
-        if !slot.checked_add(n).is_some_and(|end| end < u32::MAX) {
+        // Slots stay below IN_MEMORY, the bit that marks the memory's.
+        if !slot.checked_add(n).is_some_and(|end| end < IN_MEMORY) {
             return Err(std::io::Error::other("too many pages saved ahead"));
         }
         self.file

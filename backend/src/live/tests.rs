@@ -536,6 +536,24 @@ fn the_side_store_gives_back_what_it_kept() {
     }
     assert!(store.put_run(PageIndex(8), &run).is_err(), "a run past RAM");
     assert_eq!(store.len(), 4);
+    // The pause's copies, in memory: page 1 is the memory's second page.
+    let memory: Vec<u8> = (0..2 * PAGE_BYTES)
+        .map(|i| (i / PAGE_BYTES) as u8 + 10)
+        .collect();
+    store
+        .put_in_memory(memory, &[(PageIndex(1), 1), (PageIndex(0), 0)])
+        .expect("keep in memory");
+    for p in 0..2u8 {
+        assert!(store.get(PageIndex(u64::from(p)), &mut back).expect("get"));
+        assert!(back.iter().all(|&b| b == p + 10), "page {p} from memory");
+    }
+    assert!(
+        store.get(PageIndex(5), &mut back).expect("get"),
+        "the file's pages stay"
+    );
+    assert!(back.iter().all(|&b| b == 1));
+    assert!(store.put_in_memory(Vec::new(), &[]).is_err(), "only once");
+    assert_eq!(store.len(), 4, "the file holds only its own pages");
 }
 
 #[test]

@@ -71,11 +71,12 @@ impl std::fmt::Display for CheckpointReport {
         if let Some(l) = &self.save.live {
             write!(
                 f,
-                "\n  copied live in {:.0} ms: {} of {} pages written meanwhile were held for a copy \
-                 (p50 {:.0} µs); {} predicted pages ({}) copied in the pause",
+                "\n  copied live in {:.0} ms, {} pages: the guest took {} write faults ({} while \
+                 arming, p50 {:.0} µs); {} pages copied in the pause (prediction: {})",
                 l.copy_ms,
-                l.wp_faults,
                 l.protected_pages,
+                l.wp_faults,
+                l.arm_faults,
                 l.fault_p50_us,
                 l.speculated_pages,
                 l.prediction

@@ -354,33 +354,11 @@ async fn save_locked(
                 resumed = Some(paused.elapsed());
                 let throttle = opts.copy_limit.map(Throttle::new);
                 let w = &mut writer;
-                let progress = &*opts.progress;
-                // The copier (with the image writer) yields the CPU to the
-                // guest; the fault thread, which guest writes wait for,
-                // keeps its priority.
-                let copied = std::thread::scope(|scope| {
-                    std::thread::Builder::new()
-                        .name("thaw-live-copy".into())
-                        .spawn_scoped(scope, || {
-                            crate::live::yield_to_guest();
-                            live.copy(
-                                |first, data| Ok(w.write_run(first, data)?),
-                                throttle.as_ref(),
-                                progress,
-                            )
-                        })
-                        .map(|h| h.join())
-                });
-                match copied {
-                    Ok(Ok(r)) => r?,
-                    Ok(Err(_)) => {
-                        return Err(crate::live::LiveError::FaultThread(
-                            "the copier panicked".into(),
-                        )
-                        .into())
-                    }
-                    Err(e) => return Err(crate::live::LiveError::Spawn(e).into()),
-                }
+                live.copy(
+                    |first, data| Ok(w.write_run(first, data)?),
+                    throttle.as_ref(),
+                    &*opts.progress,
+                )?;
                 live.stats().protected_pages * PAGE_SIZE
             }
         };
