@@ -256,58 +256,73 @@ pub struct LiveCopy {
     registered: bool,
 }
 
-/// The calling thread at nice [`PAUSE_COPY_NICE`] while this lives, so
-/// that the pause copy takes a core QEMU leaves idle rather than slow
-/// QEMU's device state down, yet is never starved for long; then at its
-/// own nice value again. Best effort: where a change is refused the
-/// thread runs as it was (raising it back needs `CAP_SYS_NICE`, which
-/// root has).
-struct YieldingPriority {
-    before: Option<libc::c_int>,
+/// The end of the pause's other work (QEMU's device state), told to the
+/// pause copy ([`LiveCopy::protect_until`]): it then stops copying, and
+/// its thread, which copies at `SCHED_IDLE` so as not to slow QEMU down,
+/// is lifted back to the normal policy at once, so that protecting the
+/// rest again never waits for an idle core.
+#[derive(Default)]
+pub struct PauseDone {
+    done: AtomicBool,
+    /// The copying thread while it runs at `SCHED_IDLE` (0: none).
+    idle_tid: std::sync::atomic::AtomicI32,
 }
 
-/// The pause copy's nice value ([`YieldingPriority`]).
-const PAUSE_COPY_NICE: libc::c_int = 19;
-
-impl YieldingPriority {
-    fn enter() -> YieldingPriority {
-        let before = thread_nice();
-        let entered = before.is_some() && set_thread_nice(PAUSE_COPY_NICE);
-        YieldingPriority {
-            before: before.filter(|_| entered),
+impl PauseDone {
+    /// The pause's other work is done. (Sequentially consistent with
+    /// [`IdleWhileCopying::enter`]: one of the two sees the other.)
+    pub fn set(&self) {
+        self.done.store(true, Ordering::SeqCst);
+        let tid = self.idle_tid.load(Ordering::SeqCst);
+        if tid != 0 {
+            set_policy(tid, libc::SCHED_OTHER);
         }
+    }
+
+    fn is_set(&self) -> bool {
+        self.done.load(Ordering::SeqCst)
     }
 }
 
-impl Drop for YieldingPriority {
+/// The calling thread at `SCHED_IDLE` while this lives (and
+/// [`PauseDone`] is not set), then at the normal policy. Best effort:
+/// where a change is refused the thread runs as it was.
+struct IdleWhileCopying<'a> {
+    pause_done: &'a PauseDone,
+}
+
+impl<'a> IdleWhileCopying<'a> {
+    fn enter(pause_done: &'a PauseDone) -> IdleWhileCopying<'a> {
+        let tid = nix::unistd::gettid().as_raw();
+        pause_done.idle_tid.store(tid, Ordering::SeqCst);
+        set_policy(0, libc::SCHED_IDLE);
+        // Set meanwhile: nobody lifts this thread but itself.
+        if pause_done.is_set() {
+            set_policy(0, libc::SCHED_OTHER);
+        }
+        IdleWhileCopying { pause_done }
+    }
+}
+
+impl Drop for IdleWhileCopying<'_> {
     fn drop(&mut self) {
-        if let Some(nice) = self.before {
-            set_thread_nice(nice);
-        }
+        self.pause_done.idle_tid.store(0, Ordering::SeqCst);
+        set_policy(0, libc::SCHED_OTHER);
     }
 }
 
-/// The calling thread's nice value.
-fn thread_nice() -> Option<libc::c_int> {
-    nix::errno::Errno::clear();
-    // SAFETY: getpriority of the caller (0: on Linux the calling thread);
-    // -1 is a valid value, told from an error by errno.
-    let nice = unsafe { libc::getpriority(libc::PRIO_PROCESS, 0) };
-    (nice != -1 || nix::errno::Errno::last_raw() == 0).then_some(nice)
-}
-
-/// Sets the calling thread's nice value; whether it took.
-fn set_thread_nice(nice: libc::c_int) -> bool {
-    // SAFETY: setpriority of the caller (0: on Linux the calling thread);
-    // it changes nothing but that value.
-    let r = unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, nice) };
+/// Sets thread `tid`'s scheduling policy (0: the calling thread).
+fn set_policy(tid: libc::pid_t, policy: libc::c_int) {
+    let param = libc::sched_param { sched_priority: 0 };
+    // SAFETY: sched_setscheduler on a thread of this process with a
+    // valid, initialised parameter; it changes nothing else.
+    let r = unsafe { libc::sched_setscheduler(tid, policy, &param) };
     if r != 0 {
         log::debug!(
-            "nice {nice} for the pause copy: {}",
+            "scheduling policy {policy} for the pause copy: {}",
             std::io::Error::last_os_error()
         );
     }
-    r == 0
 }
 
 /// Refuses a kernel without synchronous write protection of shared memory.
@@ -440,13 +455,13 @@ impl LiveCopy {
     /// budget), protects again what else lost its protection, and fixes
     /// the pages to copy. Returns how many there are.
     pub fn protect(&mut self) -> Result<u64, LiveError> {
-        self.protect_until(&AtomicBool::new(false))
+        self.protect_until(&PauseDone::default())
     }
 
     /// [`LiveCopy::protect`], run while QEMU writes the device state:
     /// once `pause_done` is set the pages not copied yet are protected
     /// again instead, so the copy never makes the pause longer.
-    pub fn protect_until(&mut self, pause_done: &AtomicBool) -> Result<u64, LiveError> {
+    pub fn protect_until(&mut self, pause_done: &PauseDone) -> Result<u64, LiveError> {
         let t = Instant::now();
         // The instant and the pages to copy are fixed together: a remove
         // event is judged against both or neither.
@@ -553,7 +568,7 @@ impl LiveCopy {
     fn copy_in_pause(
         &mut self,
         pages: &[PageIndex],
-        pause_done: &AtomicBool,
+        pause_done: &PauseDone,
     ) -> Result<(usize, Vec<PageIndex>), LiveError> {
         let states = &self.shared.states;
         let max_run = BATCH_BYTES / PAGE_SIZE;
@@ -575,12 +590,12 @@ impl LiveCopy {
         let mut copied: Vec<(PageIndex, usize)> = Vec::with_capacity(pages.len());
         // Only the copy yields to QEMU; protecting the rest again, which
         // the pause waits for, runs at the thread's normal priority.
-        let idle = (!runs.is_empty()).then(YieldingPriority::enter);
+        let idle = (!runs.is_empty()).then(|| IdleWhileCopying::enter(pause_done));
         let mut left = Vec::new();
         let mut at = 0;
         for &(range, first, n) in &runs {
             let run = (first.0..first.0 + n).map(PageIndex);
-            if pause_done.load(Ordering::Acquire) {
+            if pause_done.is_set() {
                 left.extend(run);
                 continue;
             }

@@ -12,7 +12,6 @@
 use std::fs::File;
 use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -314,7 +313,7 @@ async fn save_locked(
         // A live copy fixes its pages and copies the predicted ones while
         // QEMU writes the device state (RAM stands still from the stop
         // on), and protects again what it could not copy by then.
-        let pause_done = Arc::new(AtomicBool::new(false));
+        let pause_done = Arc::new(crate::live::PauseDone::default());
         let protecting = live.take().map(|mut l| {
             let pause_done = pause_done.clone();
             let (tx, rx) = tokio::sync::oneshot::channel();
@@ -327,7 +326,7 @@ async fn save_locked(
             (rx, spawned)
         });
         let device_state = write_device_state(&mut qmp, &state, &paths, &mut writer, paused).await;
-        pause_done.store(true, Ordering::Release);
+        pause_done.set();
         if let Some((task, spawned)) = protecting {
             let failed = |e: String| SaveError::Io {
                 context: "protecting guest RAM in the pause".into(),
