@@ -57,19 +57,27 @@ sizes() {
     --runs 3 --out "$out/live-sizes"
 }
 
-incremental() {
-  local dir=/var/lib/thaw/live-writers res=$out/live-incremental
-  local n=${THAW_INCREMENTS:-5}
-  mkdir -p "$dir" "$res"
-  "$thaw" stop live-writers >/dev/null 2>&1 || true
+# Boots configs/NAME.yaml (a guest of the workload's copy-on-write mode)
+# and waits until its writers have run for two seconds.
+start_writers() {
+  local name=$1 dir=/var/lib/thaw/$1
+  mkdir -p "$dir"
+  "$thaw" stop "$name" >/dev/null 2>&1 || true
   : >"$dir/console.log"
-  "$thaw" start --config configs/live-writers.yaml >/dev/null
+  "$thaw" start --config "configs/$name.yaml" >/dev/null
   local waited=0
   until grep -q "THAW-COW-TICK 4 " "$dir/console.log"; do
     sleep 1
     waited=$((waited + 1))
     [ $waited -lt 600 ] || { echo "bench-live.sh: the guest never got ready" >&2; exit 1; }
   done
+}
+
+incremental() {
+  local dir=/var/lib/thaw/live-writers res=$out/live-incremental
+  local n=${THAW_INCREMENTS:-5}
+  mkdir -p "$res"
+  start_writers live-writers
   rm -rf "$dir"/inc-*
   "$thaw" --json save live-writers "$dir/inc-0" --keep-running >"$res/inc-0.json"
   for i in $(seq 1 "$n"); do
@@ -107,17 +115,9 @@ PY
 speculate() {
   local name=live-hot-writers dir=/var/lib/thaw/live-hot-writers res=$out/live-speculate
   local rounds=${THAW_ROUNDS:-3}
-  mkdir -p "$dir" "$res"
+  mkdir -p "$res"
   rm -f "$res"/*.json
-  "$thaw" stop $name >/dev/null 2>&1 || true
-  : >"$dir/console.log"
-  "$thaw" start --config configs/live-hot-writers.yaml >/dev/null
-  local waited=0
-  until grep -q "THAW-COW-TICK 4 " "$dir/console.log"; do
-    sleep 1
-    waited=$((waited + 1))
-    [ $waited -lt 600 ] || { echo "bench-live.sh: the guest never got ready" >&2; exit 1; }
-  done
+  start_writers $name
   for r in $(seq 1 "$rounds"); do
     for mode in plain speculative; do
       local spec=()

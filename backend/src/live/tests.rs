@@ -289,23 +289,31 @@ fn the_image_holds_the_instant_while_the_process_writes_on() {
         return;
     }
     let mut s = Scribbler::spawn(PAGES / 2);
-    let mut live = s.live_copy();
+    let live = s.live_copy();
     // A discard before the instant; the writers fill the page again.
     s.discard(PAGES / 4, 4);
+    let (stats, _, truth) = copy_while_writing(&s, live);
+    assert!(stats.wp_faults > 0, "no write met the copy: {stats:?}");
+    assert!(stats.saved_ahead > 0, "{stats:?}");
+    // The writers were never stopped for good: the memory moved on.
+    assert_ne!(s.contents(), truth);
+}
+
+/// Lets `s` write on `live`'s armed memory for a while, takes the
+/// instant, copies (paced: 2 MiB take about 2 s of writes) and checks
+/// that the image is the instant. Returns the copy's outcome and the
+/// memory at the instant.
+fn copy_while_writing(s: &Scribbler, mut live: LiveCopy) -> (LiveStats, Vec<PageIndex>, Vec<u8>) {
     std::thread::sleep(Duration::from_millis(50));
     s.freeze();
     let truth = s.contents();
     live.protect().expect("protect at the instant");
     s.thaw();
-    // Paced: the copy of 2 MiB takes about 2 s of writes.
     let throttle = Throttle::new(1 << 20);
     let image = copy_all(&mut live, Some(&throttle)).expect("copy");
-    let (stats, _) = live.finish().expect("finish");
-    assert!(stats.wp_faults > 0, "no write met the copy: {stats:?}");
-    assert!(stats.saved_ahead > 0, "{stats:?}");
+    let (stats, written) = live.finish().expect("finish");
     assert_is_instant(&image, &truth);
-    // The writers were never stopped for good: the memory moved on.
-    assert_ne!(s.contents(), truth);
+    (stats, written, truth)
 }
 
 /// `image` holds every page of `truth` (absent pages are zero there).
@@ -322,21 +330,12 @@ fn assert_is_instant(image: &HashMap<u64, Vec<u8>>, truth: &[u8]) {
     }
 }
 
-/// Arms a copy with `speculation` while the scribbler writes, takes the
-/// instant, copies (paced, the scribbler writing on) and checks the image.
+/// [`copy_while_writing`] of a copy armed with `speculation`.
 fn speculative_copy(speculation: &Speculation) -> (LiveStats, Vec<PageIndex>) {
     let s = Scribbler::spawn(PAGES / 2);
-    let mut live = s.live_copy_with(speculation);
-    std::thread::sleep(Duration::from_millis(50));
-    s.freeze();
-    let truth = s.contents();
-    live.protect().expect("protect at the instant");
-    s.thaw();
-    let throttle = Throttle::new(1 << 20);
-    let image = copy_all(&mut live, Some(&throttle)).expect("copy");
-    let done = live.finish().expect("finish");
-    assert_is_instant(&image, &truth);
-    done
+    let live = s.live_copy_with(speculation);
+    let (stats, written, _) = copy_while_writing(&s, live);
+    (stats, written)
 }
 
 #[test]
@@ -386,9 +385,15 @@ fn a_discard_of_unsaved_pages_after_the_instant_fails_the_copy() {
     if skip_without_wp() {
         return;
     }
-    let (mut s, mut live) = at_the_instant(PAGES);
-    s.thaw();
+    let (mut s, live) = at_the_instant(PAGES);
     // The last pages are copied last: discarded before the copier gets there.
+    discard_the_last_pages_after_the_instant(&mut s, live);
+}
+
+/// Lets the scribbler (stopped at `live`'s instant) run on, discards its
+/// last 8 pages and checks that the copy fails for it.
+fn discard_the_last_pages_after_the_instant(s: &mut Scribbler, mut live: LiveCopy) {
+    s.thaw();
     s.discard(PAGES - 8, 8);
     assert_discarded(
         copy_all(&mut live, None)
@@ -414,13 +419,7 @@ fn a_discard_while_arming_is_protected_again_not_copied() {
     s.freeze();
     live.protect().expect("protect");
     assert!(live.stats().reprotected_pages >= 8, "{:?}", live.stats());
-    s.thaw();
-    s.discard(PAGES - 8, 8);
-    assert_discarded(
-        copy_all(&mut live, None)
-            .err()
-            .or_else(|| live.finish().err()),
-    );
+    discard_the_last_pages_after_the_instant(&mut s, live);
 }
 
 /// A scribbler whose first `filled` pages hold data and a live copy of
