@@ -37,7 +37,8 @@
 #              --latency-history -i 1` (PING latency, worst per second) while
 #              thaw takes $THAW_RUNS (default 3) checkpoints per method,
 #              live and stop-and-copy alternating, 10 s apart (`thaw save
-#              --keep-running [--stop-copy]`). Per checkpoint: the pause,
+#              --keep-running [--stop-copy]`), each after a control window
+#              of 5 s without a checkpoint. Per checkpoint: the pause,
 #              the clients' rate during the command against the 5 s
 #              before it, their slowest 250 ms, the worst PING:
 #              target/bench/live-app/app.{json,md}; $THAW_LIVE_ARGS are
@@ -229,7 +230,15 @@ checkpoints = []
 try:
     time.sleep(10)
     for run in range(runs):
-        for method in ("live", "stop-and-copy"):
+        for method in ("no checkpoint", "live", "stop-and-copy"):
+            if method == "no checkpoint":
+                # The control: the same measure over 5 s without a checkpoint.
+                start = now()
+                time.sleep(5)
+                checkpoints.append(dict(method=method, run=run, start=start, end=now(),
+                                        report={"paused_ms": 0.0, "nonzero_pages": 0}))
+                time.sleep(10)
+                continue
             args = [thaw, "--json", "save", name, image, "--keep-running", "--force"]
             if method == "stop-and-copy":
                 args.append("--stop-copy")
@@ -291,12 +300,12 @@ for c in checkpoints:
                      nonzero_pages=rep["nonzero_pages"]))
 med = lambda xs: statistics.median(xs) if xs else 0.0
 summary = {}
-for m in ("live", "stop-and-copy"):
+for m in ("no checkpoint", "live", "stop-and-copy"):
     rs = [r for r in rows if r["method"] == m]
     summary[m] = {k: med([r[k] for r in rs if r[k] is not None])
                   for k in ("paused_ms", "window_ms", "rps_before", "rps_during",
                             "during_vs_before", "slowest_250ms_rps", "worst_ping_ms", "wp_faults")}
-print(f"data: {rows[0]['nonzero_pages'] * 4096 / 2**30:.2f} GiB in the image")
+print(f"data: {max(r['nonzero_pages'] for r in rows) * 4096 / 2**30:.2f} GiB in the image")
 print("| method | pause ms | checkpoint ms | SET/s the 5 s before | SET/s during | during vs before | slowest 250 ms, SET/s | worst PING ms |")
 print("|---|---:|---:|---:|---:|---:|---:|---:|")
 for m, s in summary.items():
