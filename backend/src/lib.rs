@@ -21,6 +21,7 @@ pub(crate) mod observe;
 pub mod ops;
 pub mod progress;
 pub mod remote;
+mod sched;
 #[cfg(test)]
 mod testing;
 pub mod vmm;

@@ -231,14 +231,5 @@ impl Engine {
 /// under `SCHED_IDLE`: it then only gets CPU time the guest's vCPUs and the
 /// fault thread leave over, so filling never slows a running guest down.
 fn yield_cpu_to_the_guest() {
-    let param = libc::sched_param { sched_priority: 0 };
-    // SAFETY: sched_setscheduler on the calling thread (pid 0) with a valid,
-    // initialised sched_param; it changes only this thread's policy.
-    let r = unsafe { libc::sched_setscheduler(0, libc::SCHED_IDLE, &param) };
-    if r != 0 {
-        log::debug!(
-            "could not make the filler SCHED_IDLE: {}",
-            std::io::Error::last_os_error()
-        );
-    }
+    crate::sched::set_policy(0, libc::SCHED_IDLE);
 }

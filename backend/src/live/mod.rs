@@ -219,6 +219,9 @@ struct Shared {
     failed: AtomicBool,
     /// Guest RAM is being unregistered: a write there is released by that.
     tearing_down: AtomicBool,
+    /// `arming.instant`, readable without the lock (set under it): the
+    /// fault thread's polling and counting.
+    past_instant: AtomicBool,
     /// Pages discarded by the guest before they were saved.
     discarded: AtomicU64,
 }
@@ -275,7 +278,7 @@ impl PauseDone {
         self.done.store(true, Ordering::SeqCst);
         let tid = self.idle_tid.load(Ordering::SeqCst);
         if tid != 0 {
-            set_policy(tid, libc::SCHED_OTHER);
+            crate::sched::set_policy(tid, libc::SCHED_OTHER);
         }
     }
 
@@ -295,10 +298,10 @@ impl<'a> IdleWhileCopying<'a> {
     fn enter(pause_done: &'a PauseDone) -> IdleWhileCopying<'a> {
         let tid = nix::unistd::gettid().as_raw();
         pause_done.idle_tid.store(tid, Ordering::SeqCst);
-        set_policy(0, libc::SCHED_IDLE);
+        crate::sched::set_policy(0, libc::SCHED_IDLE);
         // Set meanwhile: nobody lifts this thread but itself.
         if pause_done.is_set() {
-            set_policy(0, libc::SCHED_OTHER);
+            crate::sched::set_policy(0, libc::SCHED_OTHER);
         }
         IdleWhileCopying { pause_done }
     }
@@ -307,21 +310,7 @@ impl<'a> IdleWhileCopying<'a> {
 impl Drop for IdleWhileCopying<'_> {
     fn drop(&mut self) {
         self.pause_done.idle_tid.store(0, Ordering::SeqCst);
-        set_policy(0, libc::SCHED_OTHER);
-    }
-}
-
-/// Sets thread `tid`'s scheduling policy (0: the calling thread).
-fn set_policy(tid: libc::pid_t, policy: libc::c_int) {
-    let param = libc::sched_param { sched_priority: 0 };
-    // SAFETY: sched_setscheduler on a thread of this process with a
-    // valid, initialised parameter; it changes nothing else.
-    let r = unsafe { libc::sched_setscheduler(tid, policy, &param) };
-    if r != 0 {
-        log::debug!(
-            "scheduling policy {policy} for the pause copy: {}",
-            std::io::Error::last_os_error()
-        );
+        crate::sched::set_policy(0, libc::SCHED_OTHER);
     }
 }
 
@@ -362,18 +351,17 @@ impl LiveCopy {
             stop: AtomicBool::new(false),
             failed: AtomicBool::new(false),
             tearing_down: AtomicBool::new(false),
+            past_instant: AtomicBool::new(false),
             discarded: AtomicU64::new(0),
         });
-        let mut predicted: Vec<PageIndex> = Vec::new();
-        let mut seen = std::collections::HashSet::new();
-        for &p in &speculation.predicted {
-            if u64_from(predicted.len()) >= speculation.budget_pages {
-                break;
-            }
-            if ranges.iter().any(|r| r.holds(p)) && seen.insert(p.0) {
-                predicted.push(p);
-            }
-        }
+        let mut predicted: Vec<PageIndex> = first_of_each(
+            speculation
+                .predicted
+                .iter()
+                .copied()
+                .filter(|&p| ranges.iter().any(|r| r.holds(p))),
+        );
+        predicted.truncate(usize_from(speculation.budget_pages));
         predicted.sort_unstable_by_key(|p| p.0);
         let mut live = LiveCopy {
             uffd,
@@ -468,6 +456,7 @@ impl LiveCopy {
         let (speculate, again, pages, arm_written) = {
             let mut arming = lock(&self.shared.arming);
             arming.instant = true;
+            self.shared.past_instant.store(true, Ordering::Release);
             let written = std::mem::take(&mut arming.written);
             let removed = merge_ranges(std::mem::take(&mut arming.removed));
             let is_removed = |p: PageIndex| {
@@ -476,12 +465,11 @@ impl LiveCopy {
                     i > 0 && addr < removed[i - 1].0 + removed[i - 1].1
                 })
             };
-            let mut seen = std::collections::HashSet::new();
-            let arm_written: Vec<PageIndex> = written
-                .iter()
-                .filter_map(|&addr| self.ranges.iter().find_map(|r| r.page_at(addr)))
-                .filter(|p| seen.insert(p.0))
-                .collect();
+            let arm_written = first_of_each(
+                written
+                    .iter()
+                    .filter_map(|&addr| self.ranges.iter().find_map(|r| r.page_at(addr))),
+            );
             // Predicted pages are unprotected and known likeliest: first.
             let mut speculate = Vec::new();
             let mut again: Vec<(u64, u64)> = removed.clone();
@@ -845,15 +833,14 @@ impl LiveCopy {
         samples.sort_unstable();
         stats.fault_p50_us = percentile(&samples, 50);
         stats.fault_p99_us = percentile(&samples, 99);
-        let mut seen = std::collections::HashSet::new();
-        let written = counts
-            .written
-            .iter()
-            .chain(&self.arm_written)
-            .chain(&self.predicted)
-            .copied()
-            .filter(|p| seen.insert(p.0))
-            .collect();
+        let written = first_of_each(
+            counts
+                .written
+                .iter()
+                .chain(&self.arm_written)
+                .chain(&self.predicted)
+                .copied(),
+        );
         Ok((stats, written))
     }
 
@@ -931,7 +918,7 @@ fn serve_faults(
     while !shared.stop.load(Ordering::Acquire) {
         let wait = if !again.is_empty() {
             Duration::ZERO
-        } else if lock(&shared.arming).instant {
+        } else if shared.past_instant.load(Ordering::Acquire) {
             EVENT_POLL
         } else {
             // Arming is short; stay responsive to the instant.
@@ -948,7 +935,7 @@ fn serve_faults(
             match *ev {
                 FaultEvent::WriteProtectFault { addr } => {
                     counts.wp_faults += 1;
-                    if !lock(&shared.arming).instant {
+                    if !shared.past_instant.load(Ordering::Acquire) {
                         counts.arm_faults += 1;
                     } else if let Some(p) = ranges.iter().find_map(|r| r.page_at(addr)) {
                         if counts.written.len() < MAX_SAMPLES {
@@ -1113,17 +1100,21 @@ fn describe_vma(pid: nix::unistd::Pid, addr: u64) -> String {
     "none".into()
 }
 
+/// `pages` without repeats, each where it first came.
+fn first_of_each(pages: impl Iterator<Item = PageIndex>) -> Vec<PageIndex> {
+    let mut seen = std::collections::HashSet::new();
+    pages.filter(|p| seen.insert(p.0)).collect()
+}
+
 /// `(start, len)` ranges sorted and merged where they touch or overlap.
-fn merge_ranges(mut ranges: Vec<(u64, u64)>) -> Vec<(u64, u64)> {
-    ranges.sort_unstable();
-    let mut merged: Vec<(u64, u64)> = Vec::with_capacity(ranges.len());
-    for (start, len) in ranges {
-        match merged.last_mut() {
-            Some((s, l)) if *s + *l >= start => *l = (*l).max(start + len - *s),
-            _ => merged.push((start, len)),
-        }
-    }
-    merged
+fn merge_ranges(ranges: Vec<(u64, u64)>) -> Vec<(u64, u64)> {
+    union(
+        ranges.into_iter().map(|(start, len)| (start, start + len)),
+        std::iter::empty(),
+    )
+    .into_iter()
+    .map(|(start, end)| (start, end - start))
+    .collect()
 }
 
 /// The byte ranges `[from, to)` of `r` outside the (sorted) pages `skip`.
