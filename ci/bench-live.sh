@@ -18,13 +18,14 @@
 # speculate:   speculative pre-copy against plain copy-on-write, side by
 #              side on configs/live-hot-writers.yaml (two guest threads
 #              rewriting 2048 pages as fast as they can): $THAW_ROUNDS
-#              (default 3) rounds of two series of 6 checkpoints a second
-#              apart (`thaw checkpoint --interval-ms 1000`), one with
-#              --speculate-pages 0 and one with the default, where each
-#              checkpoint predicts from the one before; then the same
-#              number of single saves predicted by a `thaw track
-#              --estimator dirty` that ran for 3 s before, against saves
-#              after the same tracking with --speculate-pages 0. Pause and
+#              (default 3) rounds of three series of 6 checkpoints a second
+#              apart (`thaw checkpoint --interval-ms 1000`): plain
+#              (--speculate-pages 0), speculative (the default: predicted
+#              pages copied first after the resume) and in-pause
+#              (--speculate-in-pause), where each checkpoint predicts from
+#              the one before; then, per method, a single save predicted
+#              by a `thaw track --estimator dirty` that ran for 3 s
+#              before. Pause and
 #              write faults per checkpoint (the first of a series, which
 #              has nothing to predict from, apart):
 #              target/bench/live-speculate/speculate.{json,md}
@@ -37,8 +38,10 @@
 #              --latency-history -i 1` (PING latency, worst per second) while
 #              thaw takes $THAW_RUNS (default 3) checkpoints per method,
 #              live and stop-and-copy alternating, 10 s apart (`thaw save
-#              --keep-running [--stop-copy]`), each after a control window
-#              of 5 s without a checkpoint. Per checkpoint: the pause,
+#              --keep-running [--stop-copy]`), each round after two
+#              controls: 5 s without a checkpoint, and a plain copy of the
+#              guest's RAM file by cp (the copy's own cost, no write
+#              protection). Per checkpoint: the pause,
 #              the clients' rate during the command against the 5 s
 #              before it, their slowest 250 ms, the worst PING:
 #              target/bench/live-app/app.{json,md}; $THAW_LIVE_ARGS are
@@ -120,9 +123,12 @@ speculate() {
   rm -f "$res"/*.json
   start_writers $name
   for r in $(seq 1 "$rounds"); do
-    for mode in plain speculative; do
+    for mode in plain speculative in-pause; do
       local spec=()
-      [ $mode = speculative ] || spec=(--speculate-pages 0)
+      case $mode in
+        plain) spec=(--speculate-pages 0) ;;
+        in-pause) spec=(--speculate-in-pause) ;;
+      esac
       rm -rf "$dir/series"
       # The series' first checkpoint has nothing to predict from.
       rm -f "${THAW_RUNTIME_DIR:-/run/thaw}/$name/estimate-dirty.bin"
@@ -144,13 +150,19 @@ import json, statistics, sys
 res, rounds = sys.argv[1], int(sys.argv[2])
 med = lambda xs: statistics.median(xs) if xs else 0.0
 out, rows = {}, []
-for mode in ("plain", "speculative"):
+modes = ("plain", "speculative", "in-pause")
+q = lambda xs: statistics.quantiles(xs, n=4) if len(xs) > 1 else [0.0, 0.0, 0.0]
+for mode in modes:
     series = [json.load(open(f"{res}/series-{mode}-{r}.json")) for r in range(1, rounds + 1)]
     first = [e for s in series for e in s["taken"] if e["n"] == 1]
     later = [e for s in series for e in s["taken"] if e["n"] > 1]
     tracked = [json.load(open(f"{res}/tracked-{mode}-{r}.json")) for r in range(1, rounds + 1)]
     out[mode] = dict(
         series_later=dict(n=len(later), paused_ms=med([e["paused_ms"] for e in later]),
+                          device_state_ms=med([e.get("device_state_ms", 0.0) for e in later]),
+                          protect_ms=med([e.get("protect_ms", 0.0) for e in later]),
+                          paused_q1=q([e["paused_ms"] for e in later])[0],
+                          paused_q3=q([e["paused_ms"] for e in later])[2],
                           wp_faults=med([e["wp_faults"] for e in later]),
                           speculated=med([e["speculated_pages"] for e in later])),
         series_first=dict(n=len(first), paused_ms=med([e["paused_ms"] for e in first]),
@@ -160,18 +172,24 @@ for mode in ("plain", "speculative"):
                      wp_faults=med([t["live"]["wp_faults"] for t in tracked]),
                      speculated=med([t["live"]["speculated_pages"] for t in tracked]),
                      protect_ms=med([t["live"]["protect_ms"] for t in tracked])))
-print("| prediction | method | checkpoints | pause ms (median) | write faults (median) | pages copied in the pause |")
+print("| prediction | method | checkpoints | pause ms (median) | write faults (median) | pages copied ahead |")
 print("|---|---|---:|---:|---:|---:|")
 for key, label in (("series_later", "previous checkpoint (series, 2nd to 6th)"),
                    ("tracked", "dirty estimate (track, then save)"),
                    ("series_first", "none (first of a series)")):
-    for mode in ("plain", "speculative"):
+    for mode in modes:
         m = out[mode][key]
         print(f"| {label} | {mode} | {m['n']} | {m['paused_ms']:.1f} | {m['wp_faults']:.0f} | {m['speculated']:.0f} |")
 for key in ("series_later", "tracked"):
-    p, s = out["plain"][key]["wp_faults"], out["speculative"][key]["wp_faults"]
-    if p:
-        print(f"{key}: write faults cut by {100 * (1 - s / p):.0f} %")
+    for mode in modes[1:]:
+        p, s = out["plain"][key], out[mode][key]
+        if p["wp_faults"]:
+            print(f"{key}, {mode}: write faults cut by {100 * (1 - s['wp_faults'] / p['wp_faults']):.0f} %, "
+                  f"pause {s['paused_ms'] - p['paused_ms']:+.1f} ms")
+for mode in modes:
+    m = out[mode]["series_later"]
+    print(f"series, {mode}: pause quartiles {m['paused_q1']:.1f}-{m['paused_q3']:.1f} ms; "
+          f"in the pause, device state {m['device_state_ms']:.1f} ms beside protecting {m['protect_ms']:.1f} ms (medians)")
 json.dump(out, open(f"{res}/speculate.json", "w"), indent=1)
 PY
 }
@@ -196,8 +214,10 @@ app() {
     >"$res/load.txt"
   # shellcheck disable=SC2086
   python3 - "$thaw" $name "${THAW_IMAGE_DIR:-$dir}/ckpt" "$res" "$runs" $ns $addr "${THAW_TRACK:-0}" ${THAW_LIVE_ARGS:-} <<'PY' | tee "$res/app.md"
-import json, statistics, subprocess, sys, threading, time
+import glob, json, os, statistics, subprocess, sys, threading, time
 thaw, name, image, res, runs, ns, addr = sys.argv[1:8]
+shm = os.environ.get("THAW_SHM_DIR", "/dev/shm/thaw")
+runtime = os.environ.get("THAW_RUNTIME_DIR", "/run/thaw")
 runs = int(runs)
 track = sys.argv[8] == "1"
 live_args = sys.argv[9:]
@@ -230,7 +250,26 @@ checkpoints = []
 try:
     time.sleep(10)
     for run in range(runs):
-        for method in ("no checkpoint", "live", "stop-and-copy"):
+        for method in ("no checkpoint", "copy only", "live", "stop-and-copy"):
+            if method == "copy only":
+                # The copy's own cost: guest RAM's data copied into a file
+                # next to the image and synced, by cp (holes skipped),
+                # with no write protection and no fault.
+                # QEMU holds them open, unlinked: reach them through its fds.
+                qemu = open(os.path.join(runtime, name, "qemu.pid")).read().strip()
+                fds = glob.glob(f"/proc/{qemu}/fd/*")
+                rams = [f for f in fds if os.readlink(f).startswith(os.path.join(shm, name) + "/")]
+                if not rams:
+                    raise SystemExit(f"bench-live.sh: QEMU of {name} holds no RAM file of {shm}")
+                start = now()
+                for f in rams:
+                    subprocess.run(["cp", "--sparse=always", f, image + ".raw"], check=True)
+                    subprocess.run(["sync", image + ".raw"], check=True)
+                    os.remove(image + ".raw")
+                checkpoints.append(dict(method=method, run=run, start=start, end=now(),
+                                        report={"paused_ms": 0.0, "nonzero_pages": 0}))
+                time.sleep(10)
+                continue
             if method == "no checkpoint":
                 # The control: the same measure over 5 s without a checkpoint.
                 start = now()
@@ -300,7 +339,7 @@ for c in checkpoints:
                      nonzero_pages=rep["nonzero_pages"]))
 med = lambda xs: statistics.median(xs) if xs else 0.0
 summary = {}
-for m in ("no checkpoint", "live", "stop-and-copy"):
+for m in ("no checkpoint", "copy only", "live", "stop-and-copy"):
     rs = [r for r in rows if r["method"] == m]
     summary[m] = {k: med([r[k] for r in rs if r[k] is not None])
                   for k in ("paused_ms", "window_ms", "rps_before", "rps_during",

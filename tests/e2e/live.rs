@@ -222,9 +222,10 @@ fn live_checkpoint_holds_one_instant_under_writes_and_dma() {
         "no write met the copy: the test proved nothing\n{report}"
     );
     // Speculative pre-copy from the tracker's estimate: the pages it
-    // predicted were copied in the pause (and the restore below checks
-    // them like every other page).
+    // predicted were copied first after the resume (and the restore below
+    // checks them like every other page).
     assert_eq!(live["prediction"], "dirty-estimate", "{report}");
+    assert_eq!(live["speculated_at"], "resume", "{report}");
     assert!(live["predicted_pages"].as_u64() > Some(0), "{report}");
     assert!(live["speculated_pages"].as_u64() > Some(0), "{report}");
     assert!(save["paused_ms"].as_f64().is_some(), "{report}");
@@ -414,6 +415,9 @@ fn continuous_checkpoints_keep_the_last_k_restorable() {
         "2",
         "--count",
         "5",
+        // The other way of speculating than the default's (checked
+        // above): copied in the pause, never protected again.
+        "--speculate-in-pause",
         "--json",
     ]);
     let report = json(&out);

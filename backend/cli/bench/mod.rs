@@ -616,7 +616,7 @@ pub async fn run(opts: &BenchOptions) -> Result<BenchReport, BenchError> {
             method: thaw::ops::save::SaveMethod::StopAndCopy,
             copy_limit: None,
             parent: None,
-            speculate_pages: None,
+            speculate: Default::default(),
             predicted: None,
             progress: Default::default(),
         },

@@ -30,15 +30,20 @@
 //! the guest writes again and again would fault once while arming and
 //! once more after the resume. The pages predicted to be written
 //! ([`Speculation`]: the write tracker's estimate, or what the previous
-//! checkpoint of a series saw written) are left unprotected while arming,
-//! and in the pause they and the pages written while arming are copied
-//! into memory, up to a budget, instead of being protected again, so the
-//! guest takes no fault on them. The copy runs while QEMU writes the
-//! device state ([`LiveCopy::protect_until`]) and stops when that is done:
-//! what it has not copied by then, what exceeds the budget, and every
-//! discarded range are protected again as before, so speculation never
-//! makes the pause longer. Every write fault seen is returned
-//! ([`LiveCopy::finish`]) as the next prediction.
+//! checkpoint of a series saw written) are left unprotected while arming;
+//! in the pause they and the pages written while arming are protected
+//! again like the rest, and the copier copies them first after the
+//! resume, up to a budget, into memory, lifting their protection run by
+//! run ([`LiveCopy::copy`]), so only a write that comes before the copier
+//! faults, and the pause is that of plain copy-on-write. With
+//! [`Speculation::in_pause`] they are copied in the pause instead, while
+//! QEMU writes the device state ([`LiveCopy::protect_until`]), and never
+//! protected again: no fault on them at all, but QEMU writes the device
+//! state more slowly beside the copy. That copy stops when the device
+//! state is done: what it has not copied by then, what exceeds the
+//! budget, and every discarded range are protected again as before.
+//! Every write fault seen is returned ([`LiveCopy::finish`]) as the next
+//! prediction.
 //!
 //! QEMU holds no copy of the userfaultfd: if thaw dies, the kernel drops
 //! the registration and every protection with thaw's copy, and the guest
@@ -75,7 +80,7 @@ const BATCH_BYTES: u64 = 256 << 10;
 /// The copier lifts the protection of what it saved in steps of this many
 /// bytes.
 const RELEASE_BYTES: u64 = 16 << 20;
-/// Pages copied in the pause by default ([`Speculation::budget_pages`]):
+/// Pages copied ahead by default ([`Speculation::budget_pages`]):
 /// 16 MiB.
 pub const DEFAULT_SPECULATE_PAGES: u64 = 4096;
 /// How long the fault thread waits for an event before checking for stop.
@@ -120,13 +125,18 @@ pub enum LiveError {
 #[derive(Clone, Debug, Default)]
 pub struct Speculation {
     /// Most likely first; the first `budget_pages` are left unprotected
-    /// while arming and copied in the pause.
+    /// while arming and copied ahead of the walk.
     pub predicted: Vec<PageIndex>,
-    /// At most this many pages are copied in the pause (predicted ones
-    /// first, then those written while arming); 0 turns speculation off.
+    /// At most this many pages are copied ahead (predicted ones first,
+    /// then those written while arming); 0 turns speculation off.
     pub budget_pages: u64,
     /// Where the prediction came from, for reports.
     pub source: &'static str,
+    /// Copy them in the pause, beside QEMU's device state (no fault on
+    /// them at all, but the pause grows with the memory traffic), rather
+    /// than first thing after the resume (the pause as without
+    /// speculation; a write in the first milliseconds may still fault).
+    pub in_pause: bool,
 }
 
 /// One guest RAM block as a live copy sees it.
@@ -165,9 +175,13 @@ pub struct LiveStats {
     pub prediction: String,
     /// Pages predicted to be written, left unprotected while arming.
     pub predicted_pages: u64,
-    /// Pages copied in the pause (predicted, or written while arming)
-    /// and never protected again (speculative pre-copy).
+    /// Pages copied ahead of the walk (predicted, or written while
+    /// arming): in the pause, never protected again, or first thing after
+    /// the resume (speculative pre-copy).
     pub speculated_pages: u64,
+    /// When they were copied: `pause`, `resume`, or empty without
+    /// speculation.
+    pub speculated_at: String,
     /// Pages protected again in the pause: written, discarded or
     /// predicted, and not copied there.
     pub reprotected_pages: u64,
@@ -250,9 +264,14 @@ pub struct LiveCopy {
     /// Predicted pages left unprotected while arming, sorted.
     predicted: Vec<PageIndex>,
     budget_pages: u64,
-    /// Room for the pages copied in the pause, allocated and touched
-    /// before it.
-    pause_memory: Vec<u8>,
+    /// Copy the speculated pages in the pause, not after the resume.
+    in_pause: bool,
+    /// Room for the speculated pages, allocated and touched before the
+    /// pause.
+    speculated_memory: Vec<u8>,
+    /// The pages to copy first after the resume (sorted), when not
+    /// copied in the pause.
+    copy_first: Vec<PageIndex>,
     /// Pages written while arming (the instant's noted writes).
     arm_written: Vec<PageIndex>,
     stats: LiveStats,
@@ -368,11 +387,14 @@ impl LiveCopy {
             armed_extents: Vec::new(),
             predicted,
             budget_pages: speculation.budget_pages.min(total_pages),
-            // Not zeros: every page of it is touched now, not in the pause.
-            pause_memory: vec![
+            // Not zeros: every page of it is touched now, not in the pause
+            // or the copy window.
+            speculated_memory: vec![
                 0x5a;
                 usize_from(speculation.budget_pages.min(total_pages)) * PAGE_BYTES
             ],
+            in_pause: speculation.in_pause,
+            copy_first: Vec::new(),
             arm_written: Vec::new(),
             ranges: Arc::new(ranges),
             shared,
@@ -438,17 +460,18 @@ impl LiveCopy {
         Ok(live)
     }
 
-    /// The checkpoint instant (the guest is paused): copies the predicted
-    /// pages and those written since [`LiveCopy::start`] (up to the
-    /// budget), protects again what else lost its protection, and fixes
-    /// the pages to copy. Returns how many there are.
+    /// The checkpoint instant (the guest is paused): protects again what
+    /// lost its protection since [`LiveCopy::start`] (the predicted pages
+    /// and those written; with [`Speculation::in_pause`] it copies them
+    /// instead, up to the budget) and fixes the pages to copy. Returns how
+    /// many there are.
     pub fn protect(&mut self) -> Result<u64, LiveError> {
         self.protect_until(&PauseDone::default())
     }
 
     /// [`LiveCopy::protect`], run while QEMU writes the device state:
-    /// once `pause_done` is set the pages not copied yet are protected
-    /// again instead, so the copy never makes the pause longer.
+    /// once `pause_done` is set the pages not copied in the pause yet are
+    /// protected again instead.
     pub fn protect_until(&mut self, pause_done: &PauseDone) -> Result<u64, LiveError> {
         let t = Instant::now();
         // The instant and the pages to copy are fixed together: a remove
@@ -514,7 +537,17 @@ impl LiveCopy {
             (speculate, again, pages, arm_written)
         };
         self.arm_written = arm_written;
-        let (copied, left) = self.copy_in_pause(&speculate, pause_done)?;
+        if !speculate.is_empty() {
+            self.stats.speculated_at = if self.in_pause { "pause" } else { "resume" }.into();
+        }
+        let (copied, left) = if self.in_pause {
+            self.copy_in_pause(&speculate, pause_done)?
+        } else {
+            // Protected like every other page; copied first after the
+            // resume ([`LiveCopy::copy`]).
+            self.copy_first = speculate.clone();
+            (0, speculate)
+        };
         let mut again = again;
         if !left.is_empty() {
             again = merge_ranges(
@@ -559,21 +592,8 @@ impl LiveCopy {
         pause_done: &PauseDone,
     ) -> Result<(usize, Vec<PageIndex>), LiveError> {
         let states = &self.shared.states;
-        let max_run = BATCH_BYTES / PAGE_SIZE;
-        // (range, first page, pages) per run.
-        let mut runs: Vec<(usize, PageIndex, u64)> = Vec::new();
-        for &p in pages {
-            let Some(range) = self.ranges.iter().position(|r| r.holds(p)) else {
-                continue;
-            };
-            match runs.last_mut() {
-                Some((r, first, n)) if *r == range && first.0 + *n == p.0 && *n < max_run => {
-                    *n += 1;
-                }
-                _ => runs.push((range, p, 1)),
-            }
-        }
-        let mut memory = std::mem::take(&mut self.pause_memory);
+        let runs = runs_of(&self.ranges, pages);
+        let mut memory = std::mem::take(&mut self.speculated_memory);
         // Each page copied, with its page number in `memory`.
         let mut copied: Vec<(PageIndex, usize)> = Vec::with_capacity(pages.len());
         // Only the copy yields to QEMU; protecting the rest again, which
@@ -624,6 +644,74 @@ impl LiveCopy {
         Ok((copied.len(), left))
     }
 
+    /// First thing after the resume: keeps the bytes of the speculated
+    /// pages in memory, read in runs, and lifts the protection of each
+    /// run as soon as it is read, so the guest's next writes there do not
+    /// fault. A page the fault thread took first is left to it.
+    fn copy_speculated_first(&mut self) -> Result<(), LiveError> {
+        let pages = std::mem::take(&mut self.copy_first);
+        if pages.is_empty() {
+            return Ok(());
+        }
+        let states = &self.shared.states;
+        let mut memory = std::mem::take(&mut self.speculated_memory);
+        let mut copied: Vec<(PageIndex, usize)> = Vec::with_capacity(pages.len());
+        let mut mine = Vec::new();
+        let mut at = 0;
+        for (range, first, n) in runs_of(&self.ranges, &pages) {
+            self.check_failed()?;
+            let r = &self.ranges[range];
+            let end = at + usize_from(n) * PAGE_BYTES;
+            mine.clear();
+            mine.extend((0..n).map(|i| states.claim(PageIndex(first.0 + i))));
+            if mine.iter().any(|&m| m) {
+                let data = memory.get_mut(at..end).ok_or_else(|| {
+                    LiveError::Side(std::io::Error::other(
+                        "more pages to copy first than the speculation budget",
+                    ))
+                })?;
+                // Claimed, so still protected: the instant's bytes.
+                r.file
+                    .read_exact_at(data, (first.0 - r.first_page) * PAGE_SIZE)
+                    .map_err(|source| LiveError::ReadRam {
+                        id: r.id.clone(),
+                        source,
+                    })?;
+                for (i, &m) in mine.iter().enumerate() {
+                    if m {
+                        let p = PageIndex(first.0 + u64_from(i));
+                        copied.push((p, at / PAGE_BYTES + i));
+                        // Only this thread reads the store, after this
+                        // pass: the page may count as saved already.
+                        states.saved(p, false);
+                    }
+                }
+                // Lift only this pass's pages: one the fault thread is
+                // still reading must stay protected.
+                let mut i = 0;
+                while i < mine.len() {
+                    if !mine[i] {
+                        i += 1;
+                        continue;
+                    }
+                    let from = i;
+                    while i < mine.len() && mine[i] {
+                        i += 1;
+                    }
+                    let off = (first.0 - r.first_page + u64_from(from)) * PAGE_SIZE;
+                    let len = u64_from(i - from) * PAGE_SIZE;
+                    self.retry_eagain(|| self.uffd.unprotect(r.start.offset(off), len, true))?;
+                }
+            }
+            at = end;
+        }
+        self.stats.speculated_pages = u64_from(copied.len());
+        self.shared
+            .side
+            .put_in_memory(memory, &copied)
+            .map_err(LiveError::Side)
+    }
+
     /// QEMU's address of guest page `p`.
     fn address_of(&self, p: PageIndex) -> Option<u64> {
         self.ranges
@@ -639,8 +727,9 @@ impl LiveCopy {
     }
 
     /// Copies every page of the instant to `sink` in page order, in runs
-    /// (the guest runs meanwhile); `throttle` paces the copier. Returns
-    /// when every page is in `sink`'s hands.
+    /// (the guest runs meanwhile), after the speculated pages if they were
+    /// not copied in the pause; `throttle` paces the copier. Returns when
+    /// every page is in `sink`'s hands.
     pub fn copy(
         &mut self,
         mut sink: impl FnMut(PageIndex, &[u8]) -> Result<(), LiveError>,
@@ -648,6 +737,7 @@ impl LiveCopy {
         progress: &dyn crate::progress::Progress,
     ) -> Result<(), LiveError> {
         let t = Instant::now();
+        self.copy_speculated_first()?;
         let no_extents = Vec::new();
         let extents = self.shared.extents.get().unwrap_or(&no_extents);
         let total: u64 = extents
@@ -1098,6 +1188,25 @@ fn describe_vma(pid: nix::unistd::Pid, addr: u64) -> String {
         }
     }
     "none".into()
+}
+
+/// Sorted `pages` grouped into runs of neighbours within one range, at
+/// most a batch long: `(range, first page, pages)`.
+fn runs_of(ranges: &[LiveRange], pages: &[PageIndex]) -> Vec<(usize, PageIndex, u64)> {
+    let max_run = BATCH_BYTES / PAGE_SIZE;
+    let mut runs: Vec<(usize, PageIndex, u64)> = Vec::new();
+    for &p in pages {
+        let Some(range) = ranges.iter().position(|r| r.holds(p)) else {
+            continue;
+        };
+        match runs.last_mut() {
+            Some((r, first, n)) if *r == range && first.0 + *n == p.0 && *n < max_run => {
+                *n += 1;
+            }
+            _ => runs.push((range, p, 1)),
+        }
+    }
+    runs
 }
 
 /// `pages` without repeats, each where it first came.

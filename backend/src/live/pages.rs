@@ -12,8 +12,9 @@
 //! [`SideStore`] holds the pages saved ahead of the copier until it
 //! reaches them and writes them into the image in page order: those the
 //! fault thread saved (a guest write was waiting on them) in an unnamed
-//! scratch file next to the image, and those copied in the pause
-//! (speculative pre-copy) in memory, to keep the pause short.
+//! scratch file next to the image, and those copied ahead of the walk
+//! (speculative pre-copy, in the pause or first after the resume) in
+//! memory taken before the pause.
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
@@ -101,7 +102,7 @@ pub struct SideStore {
     /// of `memory`).
     slots: Vec<AtomicU32>,
     next: AtomicU32,
-    /// The pages copied in the pause, set once.
+    /// The pages copied ahead of the walk, set once.
     memory: OnceLock<Vec<u8>>,
 }
 

@@ -348,6 +348,7 @@ fn predicted_pages_are_copied_in_the_pause_and_never_fault() {
         predicted: (0..PAGES).rev().map(PageIndex).collect(),
         budget_pages: PAGES,
         source: "test",
+        in_pause: true,
     });
     assert_eq!(stats.predicted_pages, PAGES, "{stats:?}");
     assert_eq!(stats.speculated_pages, PAGES, "{stats:?}");
@@ -355,6 +356,26 @@ fn predicted_pages_are_copied_in_the_pause_and_never_fault() {
     assert_eq!(stats.reprotected_pages, 0, "{stats:?}");
     // The prediction is carried on for the next checkpoint.
     assert_eq!(written.len() as u64, PAGES);
+}
+
+#[test]
+fn predicted_pages_are_copied_first_after_the_resume() {
+    if skip_without_wp() {
+        return;
+    }
+    // Every page predicted, copied after the resume: all are protected
+    // in the pause, and each is saved once, by that first pass or, if
+    // the scribbler wrote it sooner, by the fault thread.
+    let (stats, _) = speculative_copy(&Speculation {
+        predicted: (0..PAGES).rev().map(PageIndex).collect(),
+        budget_pages: PAGES,
+        source: "test",
+        in_pause: false,
+    });
+    assert_eq!(stats.speculated_at, "resume", "{stats:?}");
+    assert_eq!(stats.reprotected_pages, PAGES, "{stats:?}");
+    assert!(stats.speculated_pages > 0, "{stats:?}");
+    assert_eq!(stats.speculated_pages + stats.saved_ahead, PAGES, "{stats:?}");
 }
 
 #[test]
@@ -369,6 +390,7 @@ fn writes_while_arming_beyond_the_budget_are_protected_again() {
         predicted: Vec::new(),
         budget_pages: 16,
         source: "test",
+        in_pause: true,
     });
     assert_eq!(stats.speculated_pages, 16, "{stats:?}");
     assert!(stats.reprotected_pages > 0, "{stats:?}");
@@ -414,6 +436,7 @@ fn a_discard_while_arming_is_protected_again_not_copied() {
         predicted: (PAGES - 8..PAGES).map(PageIndex).collect(),
         budget_pages: PAGES,
         source: "test",
+        in_pause: true,
     });
     s.discard(PAGES - 8, 8);
     s.freeze();

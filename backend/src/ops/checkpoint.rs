@@ -27,7 +27,7 @@ use crate::image::Image;
 use crate::observe::window::{self, LearnWindow};
 use crate::ops::owner::LockError;
 use crate::ops::restore::{self, RestoreError};
-use crate::ops::save::{self, SaveError, SaveMethod, SaveOptions, SaveReport};
+use crate::ops::save::{self, SaveError, SaveMethod, SaveOptions, SaveReport, SpeculateOptions};
 use crate::vmm::{self, Qmp, VmState};
 use crate::wss::{self, Estimator, WorkingSet};
 
@@ -72,7 +72,7 @@ impl std::fmt::Display for CheckpointReport {
             write!(
                 f,
                 "\n  copied live in {:.0} ms, {} pages: the guest took {} write faults ({} while \
-                 arming, p50 {:.0} µs); {} pages copied in the pause (prediction: {})",
+                 arming, p50 {:.0} µs); {} pages copied ahead (prediction: {})",
                 l.copy_ms,
                 l.protected_pages,
                 l.wp_faults,
@@ -105,8 +105,8 @@ pub struct CheckpointOptions {
     pub copy_limit: Option<u64>,
     /// Write an incremental image of this earlier image.
     pub parent: Option<std::path::PathBuf>,
-    /// Live: pages the pause may copy ([`SaveOptions::speculate_pages`]).
-    pub speculate_pages: Option<u64>,
+    /// Live: speculative pre-copy ([`SaveOptions::speculate`]).
+    pub speculate: SpeculateOptions,
     /// Live: the pages predicted to be written ([`SaveOptions::predicted`]).
     pub predicted: Option<(Vec<crate::mem::PageIndex>, &'static str)>,
     /// Where the RAM copy reports its progress.
@@ -135,7 +135,7 @@ pub async fn checkpoint(
             method: opts.method,
             copy_limit: opts.copy_limit,
             parent: opts.parent.clone(),
-            speculate_pages: opts.speculate_pages,
+            speculate: opts.speculate,
             predicted: opts.predicted.clone(),
         },
         &owner,

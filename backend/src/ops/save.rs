@@ -114,15 +114,24 @@ pub struct SaveOptions {
     /// Write an incremental image of this earlier image of the VM: pages
     /// unchanged since are stored as the parent's.
     pub parent: Option<PathBuf>,
-    /// Live saves: at most this many pages are copied in the pause
-    /// (speculative pre-copy, [`crate::live::Speculation`]); `Some(0)`
-    /// turns it off, `None` is [`crate::live::DEFAULT_SPECULATE_PAGES`].
-    pub speculate_pages: Option<u64>,
+    /// Live saves: speculative pre-copy.
+    pub speculate: SpeculateOptions,
     /// Live saves: the pages predicted to be written, likeliest first,
     /// and where they come from (a series passes what the previous
     /// checkpoint saw written). `None`: the estimate of a
     /// `thaw track --estimator dirty` of this VM, if any.
     pub predicted: Option<(Vec<PageIndex>, &'static str)>,
+}
+
+/// Live saves: speculative pre-copy ([`crate::live::Speculation`]).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct SpeculateOptions {
+    /// At most this many pages are copied ahead; `Some(0)` turns it
+    /// off, `None` is [`crate::live::DEFAULT_SPECULATE_PAGES`].
+    pub pages: Option<u64>,
+    /// Copy them in the pause rather than first after the resume
+    /// ([`crate::live::Speculation::in_pause`]).
+    pub in_pause: bool,
 }
 
 /// What a save did, for humans and `--json`.
@@ -501,7 +510,8 @@ async fn start_live(
 /// being protected.
 fn speculation(opts: &SaveOptions, paths: &VmPaths, total_pages: u64) -> Speculation {
     let budget_pages = opts
-        .speculate_pages
+        .speculate
+        .pages
         .unwrap_or(crate::live::DEFAULT_SPECULATE_PAGES);
     if budget_pages == 0 {
         return Speculation {
@@ -511,31 +521,39 @@ fn speculation(opts: &SaveOptions, paths: &VmPaths, total_pages: u64) -> Specula
     }
     let (predicted, source) = match &opts.predicted {
         Some((p, source)) => (p.clone(), *source),
-        None => {
-            let path = wss::estimate_path(&paths.dir, Estimator::Dirty);
-            let fresh = std::fs::metadata(&path)
-                .and_then(|m| m.modified())
-                .is_ok_and(|t| t.elapsed().is_ok_and(|age| age <= ESTIMATE_MAX_AGE));
-            match wss::read_estimate(&path, total_pages) {
-                Ok(Some(p)) if fresh => {
-                    log::debug!(
-                        "predicting writes from the dirty estimate ({} pages)",
-                        p.len()
-                    );
-                    (p, "dirty-estimate")
-                }
-                Ok(_) => (Vec::new(), "none"),
-                Err(e) => {
-                    log::warn!("not predicting writes from the dirty estimate: {e}");
-                    (Vec::new(), "none")
-                }
-            }
-        }
+        None => fresh_dirty_estimate(paths, total_pages),
     };
     Speculation {
         predicted,
         budget_pages,
         source,
+        in_pause: opts.speculate.in_pause,
+    }
+}
+
+/// The estimate of a `thaw track --estimator dirty` of this VM, if one
+/// is younger than [`ESTIMATE_MAX_AGE`], as a prediction of writes.
+fn fresh_dirty_estimate(paths: &VmPaths, total_pages: u64) -> (Vec<PageIndex>, &'static str) {
+    let path = wss::estimate_path(&paths.dir, Estimator::Dirty);
+    let fresh = std::fs::metadata(&path)
+        .and_then(|m| m.modified())
+        .is_ok_and(|t| t.elapsed().is_ok_and(|age| age <= ESTIMATE_MAX_AGE));
+    if !fresh {
+        return (Vec::new(), "none");
+    }
+    match wss::read_estimate(&path, total_pages) {
+        Ok(Some(p)) => {
+            log::debug!(
+                "predicting writes from the dirty estimate ({} pages)",
+                p.len()
+            );
+            (p, "dirty-estimate")
+        }
+        Ok(None) => (Vec::new(), "none"),
+        Err(e) => {
+            log::warn!("not predicting writes from the dirty estimate: {e}");
+            (Vec::new(), "none")
+        }
     }
 }
 

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
-use crate::ops::save::{self, SaveError, SaveMethod, SaveOptions};
+use crate::ops::save::{self, SaveError, SaveMethod, SaveOptions, SpeculateOptions};
 
 /// Errors of a series.
 #[derive(Debug, thiserror::Error)]
@@ -48,8 +48,8 @@ pub struct SeriesOptions {
     pub count: Option<u64>,
     pub method: SaveMethod,
     pub copy_limit: Option<u64>,
-    /// Live: pages the pause may copy ([`SaveOptions::speculate_pages`]).
-    pub speculate_pages: Option<u64>,
+    /// Live: speculative pre-copy ([`SaveOptions::speculate`]).
+    pub speculate: SpeculateOptions,
     /// The VM is a libvirt domain at this URI.
     pub libvirt: Option<String>,
 }
@@ -68,12 +68,18 @@ pub struct SeriesEntry {
     pub pages_written: u64,
     pub inherited_pages: u64,
     pub total_ms: f64,
-    /// Live: write faults the guest took, and pages copied in the pause
+    /// Live: write faults the guest took, and pages copied ahead
     /// (predicted from the previous checkpoint's writes).
     #[serde(default)]
     pub wp_faults: u64,
     #[serde(default)]
     pub speculated_pages: u64,
+    /// The pause's two parts, side by side: QEMU writing the device
+    /// state, and (live) thaw protecting or copying guest RAM.
+    #[serde(default)]
+    pub device_state_ms: f64,
+    #[serde(default)]
+    pub protect_ms: f64,
 }
 
 /// What a series did.
@@ -164,7 +170,7 @@ pub async fn run(
                 method: opts.method,
                 copy_limit: opts.copy_limit,
                 parent: parent.clone(),
-                speculate_pages: opts.speculate_pages,
+                speculate: opts.speculate,
                 predicted: predicted.take(),
                 ..Default::default()
             },
@@ -189,6 +195,8 @@ pub async fn run(
             total_ms: report.total_ms,
             wp_faults: report.live.as_ref().map_or(0, |l| l.wp_faults),
             speculated_pages: report.live.as_ref().map_or(0, |l| l.speculated_pages),
+            device_state_ms: report.device_state_ms,
+            protect_ms: report.live.as_ref().map_or(0.0, |l| l.protect_ms),
         };
         if report.live.is_some() {
             predicted = Some((
@@ -197,7 +205,7 @@ pub async fn run(
             ));
         }
         log::info!(
-            "checkpoint {n}: paused {:.1} ms, {} pages written, {} write faults, {} pages copied in the pause",
+            "checkpoint {n}: paused {:.1} ms, {} pages written, {} write faults, {} pages copied ahead",
             entry.paused_ms,
             entry.pages_written,
             entry.wp_faults,
@@ -284,6 +292,8 @@ mod tests {
             total_ms: 0.0,
             wp_faults: 0,
             speculated_pages: 0,
+            device_state_ms: 0.0,
+            protect_ms: 0.0,
         })
         .collect()
     }
