@@ -15,6 +15,7 @@ use thaw::config::VmConfig;
 use thaw::ops::recover::RestoreProgress;
 use thaw::ops::restore::{EstimatorChoice, LearnWindow, Mode, RestoreOptions};
 use thaw::ops::save::{SaveMethod, SaveOptions, SpeculateOptions};
+use thaw::store::{client::Store, settings::StoreSettings, Location, StoreUrl};
 use thaw::vmm::{self, VmState};
 use thaw::wss::Estimator;
 
@@ -440,8 +441,32 @@ enum Command {
         #[arg(long)]
         force: bool,
     },
-    /// Describe an image: VM, QEMU, RAM layout, sizes, working sets.
+    /// Describe an image: VM, QEMU, RAM layout, sizes, working sets. An
+    /// image in an object store (s3://BUCKET/PREFIX): its manifest and
+    /// metadata.
     Inspect { image: PathBuf },
+    /// Upload the image in directory LOCAL to an object store
+    /// (s3://BUCKET/PREFIX); it becomes visible there only once complete.
+    /// The store is found as S3 tools find it: AWS_ENDPOINT_URL,
+    /// AWS_REGION, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, or a profile
+    /// of ~/.aws/credentials and ~/.aws/config (AWS_PROFILE).
+    Push {
+        local: PathBuf,
+        url: String,
+        /// Replace an image already at URL.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Download the image at s3://BUCKET/PREFIX into directory LOCAL,
+    /// every file checked against the image's manifest (store settings as
+    /// for push).
+    Pull {
+        url: String,
+        local: PathBuf,
+        /// Replace an image already at LOCAL.
+        #[arg(long)]
+        force: bool,
+    },
     /// List running VMs.
     List,
     /// Show a VM's state.
@@ -929,6 +954,13 @@ async fn run(cli: Cli) -> Result<()> {
             )
         }
         Command::Inspect { image } => {
+            if let Location::Store(url) = Location::parse(&image)? {
+                let store = connect(&url)?;
+                let stored = thaw::store::transfer::describe(&store, &url)
+                    .await
+                    .with_context(|| format!("inspecting {url}"))?;
+                return print(j, &stored, &stored);
+            }
             let img = thaw::image::Image::open(&image)
                 .with_context(|| format!("opening {}", image.display()))?;
             let report = thaw::image::inspect(&img);
@@ -959,6 +991,54 @@ async fn run(cli: Cli) -> Result<()> {
                 }
             }
             print(j, &out, text)
+        }
+        Command::Push { local, url, force } => {
+            let url = StoreUrl::parse(&url)?;
+            let store = connect(&url)?;
+            let report = thaw::store::transfer::push(
+                &store,
+                &local,
+                &url,
+                force,
+                &*progress::terminal_bar(),
+            )
+            .await
+            .with_context(|| format!("pushing {} to {url}", local.display()))?;
+            print(
+                j,
+                &report,
+                format_args!(
+                    "pushed {} to {}: {} files, {} MiB in {:.1} s ({:.0} MiB/s)",
+                    local.display(),
+                    report.url,
+                    report.files,
+                    report.bytes >> 20,
+                    report.seconds,
+                    report.mib_per_sec
+                ),
+            )
+        }
+        Command::Pull { url, local, force } => {
+            let url = StoreUrl::parse(&url)?;
+            let store = connect(&url)?;
+            let report = thaw::store::transfer::pull(
+                &store,
+                &url,
+                &local,
+                force,
+                &*progress::terminal_bar(),
+            )
+            .await
+            .with_context(|| format!("pulling {url} into {}", local.display()))?;
+            print(
+                j,
+                &report,
+                format_args!(
+                "pulled {} into {}: {} files, {} MiB in {:.1} s ({:.0} MiB/s), every file verified",
+                report.url, local.display(), report.files, report.bytes >> 20,
+                report.seconds, report.mib_per_sec
+            ),
+            )
         }
         Command::List => {
             let mut rows = Vec::new();
@@ -1131,4 +1211,11 @@ async fn run(cli: Cli) -> Result<()> {
             )
         }
     }
+}
+
+/// A client of the bucket of `url`, with the settings S3 tools would use.
+fn connect(url: &StoreUrl) -> anyhow::Result<Store> {
+    let settings = StoreSettings::from_environment()?;
+    log::debug!("object store: {}", settings.source);
+    Ok(Store::connect(&settings, &url.bucket)?)
 }

@@ -7,7 +7,8 @@
 //! [`image`] (on-disk format, writer, verifying reader) → [`engine`] (every
 //! page install: faults, fetches, prefetch, fill, discards) → [`observe`]
 //! (watching a running guest's memory) → [`wss`] (working sets) → [`ops`]
-//! (save, restore, recover, checkpoint, track: orchestration only).
+//! (save, restore, recover, checkpoint, track: orchestration only);
+//! [`store`] puts images in S3-compatible object stores.
 //! [`mem`] holds the vocabulary they share. The command line and the
 //! benchmark tooling live in the `thaw` binary on top of this library.
 
@@ -22,6 +23,7 @@ pub mod ops;
 pub mod progress;
 pub mod remote;
 mod sched;
+pub mod store;
 #[cfg(test)]
 mod testing;
 pub mod vmm;

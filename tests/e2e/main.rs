@@ -27,6 +27,7 @@ mod libvirt;
 mod live;
 mod live_app;
 mod secrets;
+mod store;
 mod working_set;
 
 use harness::{Restore, Vm};

@@ -558,7 +558,7 @@ impl App {
     /// server answered.
     fn ping(&self) -> bool {
         if let Some(c) = &self.custom {
-            let reachable = c.port.map_or(true, |port| {
+            let reachable = c.port.is_none_or(|port| {
                 TcpStream::connect_timeout(&SocketAddr::from((self.addr, port)), CONNECT_TIMEOUT)
                     .is_ok()
             });

@@ -99,7 +99,7 @@ mod tests {
     fn ttr_is_where_the_next_second_holds_the_rate() {
         // Slow, a good blip, slow again, then good for good.
         let mut rates = vec![10.0, 10.0, 95.0, 20.0, 50.0];
-        rates.extend(std::iter::repeat(92.0).take(30));
+        rates.extend(std::iter::repeat_n(92.0, 30));
         let s = series(&rates);
         // From report 4 (300..350 ms) on, the next second averages
         // (50 + 19 * 92) / 20 = 89.9: short. From report 5 (350..400): 92.

@@ -391,7 +391,8 @@ impl LiveCopy {
             // or the copy window.
             speculated_memory: vec![
                 0x5a;
-                usize_from(speculation.budget_pages.min(total_pages)) * PAGE_BYTES
+                usize_from(speculation.budget_pages.min(total_pages))
+                    * PAGE_BYTES
             ],
             in_pause: speculation.in_pause,
             copy_first: Vec::new(),

@@ -161,7 +161,7 @@ impl SideStore {
         let n = u32::try_from(count).map_err(|_| std::io::Error::other("run too long"))?;
         let slot = self.next.fetch_add(n, Ordering::Relaxed);
         // Slots stay below IN_MEMORY, the bit that marks the memory's.
-        if !slot.checked_add(n).is_some_and(|end| end < IN_MEMORY) {
+        if slot.checked_add(n).is_none_or(|end| end >= IN_MEMORY) {
             return Err(std::io::Error::other("too many pages saved ahead"));
         }
         self.file

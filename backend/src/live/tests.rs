@@ -375,7 +375,11 @@ fn predicted_pages_are_copied_first_after_the_resume() {
     assert_eq!(stats.speculated_at, "resume", "{stats:?}");
     assert_eq!(stats.reprotected_pages, PAGES, "{stats:?}");
     assert!(stats.speculated_pages > 0, "{stats:?}");
-    assert_eq!(stats.speculated_pages + stats.saved_ahead, PAGES, "{stats:?}");
+    assert_eq!(
+        stats.speculated_pages + stats.saved_ahead,
+        PAGES,
+        "{stats:?}"
+    );
 }
 
 #[test]

@@ -189,7 +189,7 @@ impl OwnerLock {
             match OwnerLock::acquire(paths, operation) {
                 Err(LockError::Busy { holder, .. })
                     if std::time::Instant::now() < deadline
-                        && holder.as_ref().map_or(true, |h| *h == tracker) => {}
+                        && holder.as_ref().is_none_or(|h| *h == tracker) => {}
                 other => return other,
             }
         }

@@ -139,7 +139,7 @@ impl QemuProcess {
         // A zombie's pid is still taken, so /proc/<pid> is this process.
         let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.pid)).unwrap_or_default();
         let state = stat_fields(&stat).and_then(|f| f.first().copied());
-        !state.map_or(true, |s| s.starts_with('Z'))
+        !state.is_none_or(|s| s.starts_with('Z'))
     }
 
     /// Sends SIGKILL through the pidfd (never to a reused pid). A process

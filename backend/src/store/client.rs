@@ -1,0 +1,158 @@
+//! The object store client: one bucket of an S3-compatible store through
+//! the `object_store` crate (Apache Arrow's: one trait over S3 and other
+//! stores, ranged and coalesced reads, parallel multipart uploads, retries
+//! with backoff, all async on tokio), with thaw's timeouts and retries.
+
+use std::ops::Range;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use object_store::aws::AmazonS3Builder;
+use object_store::path::Path as ObjectPath;
+use object_store::{
+    BackoffConfig, ClientOptions, ObjectMeta, ObjectStore, ObjectStoreExt, PutPayload, RetryConfig,
+};
+
+use super::settings::StoreSettings;
+use super::StoreError;
+
+/// How long a connection may take to open.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long one request (a part of an upload, a ranged read) may take.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(120);
+/// Retries of a failed request, and how long to keep retrying one.
+const MAX_RETRIES: usize = 5;
+const RETRY_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// One bucket of a store.
+#[derive(Clone)]
+pub struct Store {
+    inner: Arc<dyn ObjectStore>,
+    bucket: String,
+}
+
+impl Store {
+    /// A client of `bucket` with `settings`. Nothing is sent yet.
+    pub fn connect(settings: &StoreSettings, bucket: &str) -> Result<Store, StoreError> {
+        let mut builder = AmazonS3Builder::new()
+            .with_bucket_name(bucket)
+            .with_region(&settings.region)
+            .with_access_key_id(&settings.access_key_id)
+            .with_secret_access_key(settings.secret_access_key.expose())
+            // Path-style requests: what S3-compatible servers all take.
+            .with_virtual_hosted_style_request(false)
+            .with_client_options(
+                ClientOptions::new()
+                    .with_connect_timeout(CONNECT_TIMEOUT)
+                    .with_timeout(REQUEST_TIMEOUT)
+                    .with_allow_http(
+                        settings
+                            .endpoint
+                            .as_deref()
+                            .is_some_and(|e| e.starts_with("http://")),
+                    ),
+            )
+            .with_retry(RetryConfig {
+                max_retries: MAX_RETRIES,
+                retry_timeout: RETRY_TIMEOUT,
+                backoff: BackoffConfig {
+                    init_backoff: Duration::from_millis(100),
+                    max_backoff: Duration::from_secs(5),
+                    base: 2.0,
+                },
+            });
+        if let Some(endpoint) = &settings.endpoint {
+            builder = builder.with_endpoint(endpoint);
+        }
+        if let Some(token) = &settings.session_token {
+            builder = builder.with_token(token.expose());
+        }
+        let inner = builder.build().map_err(|source| StoreError::Store {
+            what: format!(
+                "setting up the client of bucket {bucket} ({})",
+                settings.source
+            ),
+            source,
+        })?;
+        Ok(Store {
+            inner: Arc::new(inner),
+            bucket: bucket.to_string(),
+        })
+    }
+
+    /// The `object_store` client itself.
+    pub fn inner(&self) -> &Arc<dyn ObjectStore> {
+        &self.inner
+    }
+
+    fn failed(
+        &self,
+        what: &str,
+        path: &ObjectPath,
+    ) -> impl FnOnce(object_store::Error) -> StoreError {
+        let what = format!("{what} s3://{}/{path}", self.bucket);
+        move |source| StoreError::Store { what, source }
+    }
+
+    /// The object's size and version, `None` if it does not exist.
+    pub async fn head(&self, path: &ObjectPath) -> Result<Option<ObjectMeta>, StoreError> {
+        match self.inner.head(path).await {
+            Ok(m) => Ok(Some(m)),
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(self.failed("looking up", path)(e)),
+        }
+    }
+
+    /// The whole object, `None` if it does not exist.
+    pub async fn get(&self, path: &ObjectPath) -> Result<Option<Bytes>, StoreError> {
+        let result = match self.inner.get(path).await {
+            Ok(r) => r,
+            Err(object_store::Error::NotFound { .. }) => return Ok(None),
+            Err(e) => return Err(self.failed("reading", path)(e)),
+        };
+        result
+            .bytes()
+            .await
+            .map(Some)
+            .map_err(self.failed("reading", path))
+    }
+
+    /// Bytes `range` of the object.
+    pub async fn get_range(
+        &self,
+        path: &ObjectPath,
+        range: Range<u64>,
+    ) -> Result<Bytes, StoreError> {
+        self.inner
+            .get_range(path, range)
+            .await
+            .map_err(self.failed("reading", path))
+    }
+
+    /// Writes the object whole, in one request.
+    pub async fn put(&self, path: &ObjectPath, data: Bytes) -> Result<(), StoreError> {
+        self.inner
+            .put(path, PutPayload::from(data))
+            .await
+            .map(|_| ())
+            .map_err(self.failed("writing", path))
+    }
+
+    /// Removes the object (gone already is fine).
+    pub async fn delete(&self, path: &ObjectPath) -> Result<(), StoreError> {
+        match self.inner.delete(path).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(self.failed("removing", path)(e)),
+        }
+    }
+
+    /// The objects right under `prefix` (not in deeper "directories").
+    pub async fn list_children(&self, prefix: &ObjectPath) -> Result<Vec<ObjectMeta>, StoreError> {
+        self.inner
+            .list_with_delimiter(Some(prefix))
+            .await
+            .map(|l| l.objects)
+            .map_err(self.failed("listing", prefix))
+    }
+}

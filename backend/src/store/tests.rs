@@ -1,0 +1,131 @@
+use std::collections::HashMap;
+
+use super::settings::StoreSettings;
+use super::transfer::Manifest;
+use super::{Location, StoreUrl};
+
+#[test]
+fn store_urls_parse_and_print_back() {
+    let u = StoreUrl::parse("s3://thaw-images/vms/web-1/").expect("parse");
+    assert_eq!(u.bucket, "thaw-images");
+    assert_eq!(u.prefix, "vms/web-1");
+    assert_eq!(u.to_string(), "s3://thaw-images/vms/web-1");
+    assert_eq!(u.object("pages.bin").as_ref(), "vms/web-1/pages.bin");
+    for bad in [
+        "s3://",
+        "s3://bucket",
+        "s3://bucket/",
+        "s3://Bucket/x",
+        "s3://ab/x",
+        "s3://-bucket/x",
+        "s3://bucket//x",
+        "s3://bucket/a/../b",
+        "s3://bucket/./b",
+        "http://bucket/x",
+    ] {
+        assert!(StoreUrl::parse(bad).is_err(), "{bad} was accepted");
+    }
+    assert_eq!(
+        Location::parse(std::path::Path::new("/var/lib/img")).expect("local"),
+        Location::Local("/var/lib/img".into())
+    );
+    assert!(matches!(
+        Location::parse(std::path::Path::new("s3://bucket/p")).expect("store"),
+        Location::Store(_)
+    ));
+    assert!(Location::parse(std::path::Path::new("s3://B/p")).is_err());
+}
+
+fn settings(env: &[(&str, &str)], home: Option<&std::path::Path>) -> Result<StoreSettings, String> {
+    let env: HashMap<String, String> = env
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    StoreSettings::resolve(&|k| env.get(k).cloned(), home).map_err(|e| e.to_string())
+}
+
+#[test]
+fn settings_come_from_the_environment_first_then_the_profile() {
+    let home = tempfile::tempdir().expect("tempdir");
+    let aws = home.path().join(".aws");
+    std::fs::create_dir(&aws).expect("mkdir");
+    std::fs::write(
+        aws.join("credentials"),
+        "[default]\naws_access_key_id = AKDEFAULT\naws_secret_access_key = secret-default\n\
+         [ci]\naws_access_key_id=AKCI\naws_secret_access_key=secret-ci\n",
+    )
+    .expect("write");
+    std::fs::write(
+        aws.join("config"),
+        "[default]\nregion = eu-west-1\n[profile ci]\nregion = eu-north-1\nendpoint_url = http://127.0.0.1:8333\n",
+    )
+    .expect("write");
+    let s = settings(&[], Some(home.path())).expect("default profile");
+    assert_eq!(s.access_key_id, "AKDEFAULT");
+    assert_eq!(s.region, "eu-west-1");
+    assert_eq!(s.endpoint, None);
+    let s = settings(&[("AWS_PROFILE", "ci")], Some(home.path())).expect("profile ci");
+    assert_eq!(s.access_key_id, "AKCI");
+    assert_eq!(s.secret_access_key.expose(), "secret-ci");
+    assert_eq!(s.region, "eu-north-1");
+    assert_eq!(s.endpoint.as_deref(), Some("http://127.0.0.1:8333"));
+    // The environment wins, key by key.
+    let s = settings(
+        &[
+            ("AWS_PROFILE", "ci"),
+            ("AWS_ACCESS_KEY_ID", "AKENV"),
+            ("AWS_SECRET_ACCESS_KEY", "secret-env"),
+            ("AWS_REGION", "ap-south-1"),
+            ("AWS_ENDPOINT_URL", "https://store.example:9000"),
+        ],
+        Some(home.path()),
+    )
+    .expect("environment");
+    assert_eq!(s.access_key_id, "AKENV");
+    assert_eq!(s.region, "ap-south-1");
+    assert_eq!(s.endpoint.as_deref(), Some("https://store.example:9000"));
+    // Secrets never show.
+    let shown = format!("{s:?} {}", s.source);
+    assert!(!shown.contains("secret-env"), "{shown}");
+    assert!(shown.contains("<set>"), "{shown}");
+}
+
+#[test]
+fn missing_or_half_credentials_are_refused_by_name() {
+    let none = settings(&[], None).expect_err("no credentials");
+    assert!(none.contains("AWS_ACCESS_KEY_ID"), "{none}");
+    let half = settings(&[("AWS_ACCESS_KEY_ID", "AK")], None).expect_err("half");
+    assert!(half.contains("together"), "{half}");
+    let bad = settings(
+        &[
+            ("AWS_ACCESS_KEY_ID", "AK"),
+            ("AWS_SECRET_ACCESS_KEY", "s"),
+            ("AWS_ENDPOINT_URL", "127.0.0.1:8333"),
+        ],
+        None,
+    )
+    .expect_err("endpoint without a scheme");
+    assert!(bad.contains("not an http"), "{bad}");
+    assert!(!bad.contains("\"s\""), "{bad}");
+}
+
+#[test]
+fn manifests_name_plain_files_once_and_a_meta_json() {
+    let good = br#"{"manifest_version":1,"identity":"00ff","files":[
+        {"name":"meta.json","len":10,"xxh3":"0"},{"name":"pages.bin","len":4096,"xxh3":"1"}]}"#;
+    assert_eq!(Manifest::parse(good).expect("good").files.len(), 2);
+    for bad in [
+        r#"{"manifest_version":2,"identity":"0","files":[{"name":"meta.json","len":1,"xxh3":"0"}]}"#,
+        r#"{"manifest_version":1,"identity":"0","files":[{"name":"../meta.json","len":1,"xxh3":"0"}]}"#,
+        r#"{"manifest_version":1,"identity":"0","files":[{"name":"a/b","len":1,"xxh3":"0"},{"name":"meta.json","len":1,"xxh3":"0"}]}"#,
+        r#"{"manifest_version":1,"identity":"0","files":[{"name":"meta.json","len":1,"xxh3":"0"},{"name":"meta.json","len":1,"xxh3":"0"}]}"#,
+        r#"{"manifest_version":1,"identity":"0","files":[{"name":"pages.bin","len":1,"xxh3":"0"}]}"#,
+        r#"{"manifest_version":1,"identity":"0","files":[{"name":"thaw-image.json","len":1,"xxh3":"0"},{"name":"meta.json","len":1,"xxh3":"0"}]}"#,
+        r#"{"manifest_version":1,"identity":"0","files":[],"extra":1}"#,
+    ] {
+        assert!(
+            Manifest::parse(bad.as_bytes()).is_err(),
+            "{bad} was accepted"
+        );
+    }
+}

@@ -1,0 +1,579 @@
+//! Whole images between a directory and an object store: `thaw push`
+//! and `thaw pull`.
+//!
+//! Push uploads every file of the image directory under the prefix
+//! (large ones as multipart uploads with several parts in flight),
+//! hashing each as it goes, then writes the manifest [`MANIFEST`] last:
+//! only then is the image visible. Replacing an image removes its
+//! manifest first. A failed push aborts its multipart uploads and removes
+//! what it wrote; objects a killed push left behind are never listed in a
+//! manifest and are removed by the next push to that prefix.
+//!
+//! Pull reads the manifest (none: no complete image), downloads each file
+//! into `<dir>.partial-<pid>` with several ranged reads in flight, checks
+//! each file's length and digest against the manifest, opens the result
+//! as an image (which checks its structure) and renames it into place.
+
+use std::io::Write;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use bytes::Bytes;
+use futures::{StreamExt, TryStreamExt};
+use object_store::{ObjectStoreExt, WriteMultipart};
+use serde::{Deserialize, Serialize};
+use xxhash_rust::xxh3::Xxh3;
+
+use super::client::Store;
+use super::{StoreError, StoreUrl};
+use crate::image::Image;
+use crate::progress::Progress;
+
+/// The object that makes an image visible, written last.
+pub const MANIFEST: &str = "thaw-image.json";
+/// The manifest format this thaw writes and reads.
+pub const MANIFEST_VERSION: u32 = 1;
+/// Files up to this size are written in one request.
+const SINGLE_PUT_MAX: u64 = 8 << 20;
+/// Part size of a multipart upload, and of the ranged reads of a pull.
+const PART_BYTES: u64 = 8 << 20;
+/// Parts or ranges in flight at once.
+const IN_FLIGHT: usize = 4;
+/// Largest manifest a pull accepts (a real one is well under 1 KiB per
+/// file).
+const MAX_MANIFEST_BYTES: u64 = 1 << 20;
+
+/// One file of an image in a store.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ManifestFile {
+    pub name: String,
+    pub len: u64,
+    /// xxh3-64 of the content, hex.
+    pub xxh3: String,
+}
+
+/// [`MANIFEST`]: what a complete image in a store holds.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Manifest {
+    pub manifest_version: u32,
+    /// The image's identity ([`Image::identity`]), hex.
+    pub identity: String,
+    pub files: Vec<ManifestFile>,
+}
+
+impl Manifest {
+    /// Parses and checks a manifest: version, file names (plain names,
+    /// each once), `meta.json` among them.
+    pub fn parse(text: &[u8]) -> Result<Manifest, String> {
+        let m: Manifest = serde_json::from_slice(text).map_err(|e| e.to_string())?;
+        if m.manifest_version != MANIFEST_VERSION {
+            return Err(format!(
+                "manifest version {} (this thaw reads {MANIFEST_VERSION})",
+                m.manifest_version
+            ));
+        }
+        let mut names: Vec<&str> = m.files.iter().map(|f| f.name.as_str()).collect();
+        if let Some(bad) = names.iter().find(|n| !is_plain_name(n)) {
+            return Err(format!("file name {bad:?} is not a plain file name"));
+        }
+        names.sort_unstable();
+        if names.windows(2).any(|w| w[0] == w[1]) {
+            return Err("a file is listed twice".into());
+        }
+        if !names.contains(&"meta.json") {
+            return Err("it lists no meta.json".into());
+        }
+        Ok(m)
+    }
+}
+
+/// A name that is one path component and not the manifest's.
+fn is_plain_name(name: &str) -> bool {
+    !name.is_empty()
+        && name != "."
+        && name != ".."
+        && name != MANIFEST
+        && name.len() <= 255
+        && !name.contains('/')
+        && !name.chars().any(char::is_control)
+}
+
+/// What a push or pull did, for humans and `--json`.
+#[derive(Clone, Debug, Serialize)]
+pub struct TransferReport {
+    pub url: String,
+    pub local: PathBuf,
+    pub identity: String,
+    pub files: usize,
+    pub bytes: u64,
+    pub seconds: f64,
+    pub mib_per_sec: f64,
+}
+
+impl TransferReport {
+    fn new(url: &StoreUrl, local: &Path, manifest: &Manifest, started: Instant) -> TransferReport {
+        let bytes = manifest.files.iter().map(|f| f.len).sum::<u64>();
+        let seconds = started.elapsed().as_secs_f64();
+        TransferReport {
+            url: url.to_string(),
+            local: local.to_path_buf(),
+            identity: manifest.identity.clone(),
+            files: manifest.files.len(),
+            bytes,
+            seconds,
+            mib_per_sec: if seconds > 0.0 {
+                bytes as f64 / f64::from(1u32 << 20) / seconds
+            } else {
+                0.0
+            },
+        }
+    }
+}
+
+fn io_err(path: &Path, context: &str) -> impl FnOnce(std::io::Error) -> StoreError {
+    let (path, context) = (path.to_path_buf(), context.to_string());
+    move |source| StoreError::Io {
+        path,
+        context,
+        source,
+    }
+}
+
+/// Reads the manifest of the image at `url`.
+pub async fn read_manifest(store: &Store, url: &StoreUrl) -> Result<Manifest, StoreError> {
+    let path = url.object(MANIFEST);
+    let Some(meta) = store.head(&path).await? else {
+        return Err(StoreError::NoImage {
+            url: url.to_string(),
+            manifest: MANIFEST,
+        });
+    };
+    if meta.size > MAX_MANIFEST_BYTES {
+        return Err(StoreError::Damaged {
+            url: url.to_string(),
+            why: format!(
+                "{MANIFEST} is {} bytes, more than a manifest may have",
+                meta.size
+            ),
+        });
+    }
+    let text = store.get(&path).await?.ok_or_else(|| StoreError::NoImage {
+        url: url.to_string(),
+        manifest: MANIFEST,
+    })?;
+    Manifest::parse(&text).map_err(|why| StoreError::Damaged {
+        url: url.to_string(),
+        why: format!("{MANIFEST}: {why}"),
+    })
+}
+
+/// Uploads the image in directory `local` to `url`; with `force` an image
+/// already there is replaced.
+pub async fn push(
+    store: &Store,
+    local: &Path,
+    url: &StoreUrl,
+    force: bool,
+    progress: &dyn Progress,
+) -> Result<TransferReport, StoreError> {
+    let started = Instant::now();
+    let image = Image::open(local)?;
+    if image.parent().is_some() {
+        return Err(StoreError::Refused {
+            path: local.to_path_buf(),
+            why: "an incremental image: push a merged one (`thaw merge`)".into(),
+        });
+    }
+    let identity = format!("{:016x}", image.identity());
+    drop(image);
+    let mut names = Vec::new();
+    for entry in std::fs::read_dir(local).map_err(io_err(local, "cannot list"))? {
+        let entry = entry.map_err(io_err(local, "cannot list"))?;
+        let file_type = entry
+            .file_type()
+            .map_err(io_err(&entry.path(), "cannot stat"))?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if file_type.is_file() && is_plain_name(&name) {
+            names.push(name);
+        } else {
+            log::warn!("not pushing {}: not a plain file", entry.path().display());
+        }
+    }
+    names.sort();
+    if store.head(&url.object(MANIFEST)).await?.is_some() {
+        if !force {
+            return Err(StoreError::Exists {
+                url: url.to_string(),
+            });
+        }
+        // Invisible from now on: never half old, half new.
+        store.delete(&url.object(MANIFEST)).await?;
+    }
+    let total = names
+        .iter()
+        .map(|n| std::fs::metadata(local.join(n)).map_or(0, |m| m.len()))
+        .sum();
+    progress.start("upload", total);
+    let mut files = Vec::new();
+    let mut written = Vec::new();
+    let result = async {
+        for name in &names {
+            written.push(url.object(name));
+            files.push(upload_file(store, &local.join(name), url, name, progress).await?);
+        }
+        crate::failpoint::check("push-before-manifest").map_err(io_err(local, "uploading"))?;
+        let manifest = Manifest {
+            manifest_version: MANIFEST_VERSION,
+            identity,
+            files: std::mem::take(&mut files),
+        };
+        let text = serde_json::to_vec_pretty(&manifest).map_err(|e| StoreError::Damaged {
+            url: url.to_string(),
+            why: format!("writing the manifest: {e}"),
+        })?;
+        store.put(&url.object(MANIFEST), Bytes::from(text)).await?;
+        Ok::<_, StoreError>(manifest)
+    }
+    .await;
+    progress.finish();
+    let manifest = match result {
+        Ok(m) => m,
+        Err(e) => {
+            for path in &written {
+                if let Err(cleanup) = store.delete(path).await {
+                    log::warn!("removing a partial upload: {cleanup}");
+                }
+            }
+            return Err(e);
+        }
+    };
+    // Leftovers of an earlier push to this prefix that was killed, or of
+    // a replaced image with other files.
+    let keep: Vec<_> = manifest
+        .files
+        .iter()
+        .map(|f| url.object(&f.name))
+        .chain([url.object(MANIFEST)])
+        .collect();
+    for object in store.list_children(&url.prefix_path()).await? {
+        if !keep.contains(&object.location) {
+            log::info!(
+                "removing s3://{}/{} (not part of the image)",
+                url.bucket,
+                object.location
+            );
+            store.delete(&object.location).await?;
+        }
+    }
+    Ok(TransferReport::new(url, local, &manifest, started))
+}
+
+/// Uploads one file as object `name` under `url`, hashing it.
+async fn upload_file(
+    store: &Store,
+    path: &Path,
+    url: &StoreUrl,
+    name: &str,
+    progress: &dyn Progress,
+) -> Result<ManifestFile, StoreError> {
+    let object = url.object(name);
+    let mut file = tokio::fs::File::open(path)
+        .await
+        .map_err(io_err(path, "cannot open"))?;
+    let len = file
+        .metadata()
+        .await
+        .map_err(io_err(path, "cannot stat"))?
+        .len();
+    let mut hasher = Xxh3::new();
+    let failed = |source| StoreError::Store {
+        what: format!(
+            "uploading {} to s3://{}/{object}",
+            path.display(),
+            url.bucket
+        ),
+        source,
+    };
+    if len <= SINGLE_PUT_MAX {
+        let data = read_block(&mut file, path, len).await?;
+        hasher.update(&data);
+        store.put(&object, Bytes::from(data)).await?;
+        progress.advance(len);
+    } else {
+        let upload = store.inner().put_multipart(&object).await.map_err(failed)?;
+        let mut writer = WriteMultipart::new_with_chunk_size(
+            upload,
+            usize::try_from(PART_BYTES).unwrap_or(usize::MAX),
+        );
+        let mut left = len;
+        let result = async {
+            while left > 0 {
+                let n = left.min(PART_BYTES);
+                let data = read_block(&mut file, path, n).await?;
+                hasher.update(&data);
+                writer.wait_for_capacity(IN_FLIGHT).await.map_err(failed)?;
+                writer.put(Bytes::from(data));
+                progress.advance(n);
+                left -= n;
+            }
+            Ok::<_, StoreError>(())
+        }
+        .await;
+        match result {
+            Ok(()) => {
+                writer.finish().await.map_err(failed)?;
+            }
+            Err(e) => {
+                if let Err(abort) = writer.abort().await {
+                    log::warn!("aborting the upload of {}: {abort}", path.display());
+                }
+                return Err(e);
+            }
+        }
+    }
+    Ok(ManifestFile {
+        name: name.to_string(),
+        len,
+        xxh3: format!("{:016x}", hasher.digest()),
+    })
+}
+
+/// Reads exactly `len` bytes from `file`.
+async fn read_block(
+    file: &mut tokio::fs::File,
+    path: &Path,
+    len: u64,
+) -> Result<Vec<u8>, StoreError> {
+    use tokio::io::AsyncReadExt;
+    let mut data = vec![
+        0u8;
+        usize::try_from(len).map_err(|_| StoreError::Io {
+            path: path.to_path_buf(),
+            context: "a block too large".into(),
+            source: std::io::Error::other("length"),
+        })?
+    ];
+    file.read_exact(&mut data).await.map_err(io_err(
+        path,
+        "cannot read (did it change during the upload?)",
+    ))?;
+    Ok(data)
+}
+
+/// Downloads the image at `url` into directory `local`; with `force` an
+/// image already there is replaced.
+pub async fn pull(
+    store: &Store,
+    url: &StoreUrl,
+    local: &Path,
+    force: bool,
+    progress: &dyn Progress,
+) -> Result<TransferReport, StoreError> {
+    let started = Instant::now();
+    let manifest = read_manifest(store, url).await?;
+    if local.exists() {
+        if !force {
+            return Err(StoreError::Refused {
+                path: local.to_path_buf(),
+                why: "already exists (use --force to replace the image there)".into(),
+            });
+        }
+        if !local.join("meta.json").exists() {
+            return Err(StoreError::Refused {
+                path: local.to_path_buf(),
+                why: "exists and is not an image: not replacing it".into(),
+            });
+        }
+    }
+    let file_name = local
+        .file_name()
+        .ok_or_else(|| StoreError::Refused {
+            path: local.to_path_buf(),
+            why: "not a directory name".into(),
+        })?
+        .to_string_lossy()
+        .into_owned();
+    let partial = local.with_file_name(format!("{file_name}.partial-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&partial);
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(&partial)
+        .map_err(io_err(&partial, "cannot create"))?;
+    progress.start("download", manifest.files.iter().map(|f| f.len).sum());
+    let result = async {
+        for f in &manifest.files {
+            download_file(store, url, f, &partial.join(&f.name), progress).await?;
+        }
+        // The structure (sizes, index digest, page table) as a restore
+        // would check it.
+        let image = Image::open(&partial)?;
+        let identity = format!("{:016x}", image.identity());
+        if identity != manifest.identity {
+            return Err(StoreError::Damaged {
+                url: url.to_string(),
+                why: format!(
+                    "the image's identity is {identity}, the manifest says {}",
+                    manifest.identity
+                ),
+            });
+        }
+        if image.parent().is_some() {
+            return Err(StoreError::Damaged {
+                url: url.to_string(),
+                why: "an incremental image (its parent is not in the store)".into(),
+            });
+        }
+        Ok(())
+    }
+    .await;
+    progress.finish();
+    if let Err(e) = result {
+        let _ = std::fs::remove_dir_all(&partial);
+        return Err(e);
+    }
+    if local.exists() {
+        std::fs::remove_dir_all(local).map_err(io_err(local, "cannot remove the old image"))?;
+    }
+    std::fs::rename(&partial, local)
+        .map_err(io_err(local, "cannot rename the download into place"))?;
+    Ok(TransferReport::new(url, local, &manifest, started))
+}
+
+/// Downloads one file of the manifest to `path` with ranged reads in
+/// flight, and checks its length and digest.
+async fn download_file(
+    store: &Store,
+    url: &StoreUrl,
+    f: &ManifestFile,
+    path: &Path,
+    progress: &dyn Progress,
+) -> Result<(), StoreError> {
+    let object = url.object(&f.name);
+    let damaged = |why: String| StoreError::Damaged {
+        url: url.to_string(),
+        why: format!("{}: {why}", f.name),
+    };
+    let found = store
+        .head(&object)
+        .await?
+        .ok_or_else(|| damaged("missing from the store".into()))?;
+    if found.size != f.len {
+        return Err(damaged(format!(
+            "{} bytes, the manifest says {}",
+            found.size, f.len
+        )));
+    }
+    let mut out = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(io_err(path, "cannot create"))?;
+    let mut hasher = Xxh3::new();
+    let ranges: Vec<_> = (0..f.len.div_ceil(PART_BYTES))
+        .map(|i| i * PART_BYTES..((i + 1) * PART_BYTES).min(f.len))
+        .collect();
+    let mut parts = futures::stream::iter(ranges)
+        .map(|r| store.get_range(&object, r))
+        .buffered(IN_FLIGHT);
+    while let Some(data) = parts.try_next().await? {
+        hasher.update(&data);
+        out.write_all(&data).map_err(io_err(path, "cannot write"))?;
+        progress.advance(data.len() as u64);
+    }
+    let got = format!("{:016x}", hasher.digest());
+    if got != f.xxh3 {
+        return Err(damaged(format!(
+            "content digest {got}, the manifest says {}: the object was changed or damaged",
+            f.xxh3
+        )));
+    }
+    out.sync_all().map_err(io_err(path, "cannot sync"))?;
+    Ok(())
+}
+
+/// What `thaw inspect s3://…` shows: the manifest and the image's
+/// `meta.json`, read without its pages.
+#[derive(Clone, Debug, Serialize)]
+pub struct StoredImage {
+    pub url: String,
+    pub identity: String,
+    pub files: Vec<ManifestFile>,
+    pub bytes: u64,
+    pub meta: crate::image::ImageMeta,
+}
+
+impl std::fmt::Display for StoredImage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let m = &self.meta;
+        write!(
+            f,
+            "{}: image of VM {} (format {}, thaw {}, QEMU {}), identity {}\n  \
+             RAM {} MiB, {} non-zero pages; {} files, {} MiB in the store",
+            self.url,
+            m.vm.name,
+            m.format_version,
+            m.thaw_version,
+            m.qemu_version,
+            self.identity,
+            (m.total_pages * m.page_size) >> 20,
+            m.nonzero_pages,
+            self.files.len(),
+            self.bytes >> 20
+        )?;
+        for file in &self.files {
+            write!(
+                f,
+                "\n  {:<24} {:>14} bytes  xxh3 {}",
+                file.name, file.len, file.xxh3
+            )?;
+        }
+        Ok(())
+    }
+}
+
+/// Reads the manifest and `meta.json` of the image at `url` (checked
+/// against the manifest).
+pub async fn describe(store: &Store, url: &StoreUrl) -> Result<StoredImage, StoreError> {
+    let manifest = read_manifest(store, url).await?;
+    let damaged = |why: String| StoreError::Damaged {
+        url: url.to_string(),
+        why,
+    };
+    let entry = manifest
+        .files
+        .iter()
+        .find(|f| f.name == "meta.json")
+        .ok_or_else(|| damaged("the manifest lists no meta.json".into()))?;
+    if entry.len > crate::image::MAX_META_BYTES {
+        return Err(damaged(format!(
+            "meta.json: {} bytes, more than a meta.json may have",
+            entry.len
+        )));
+    }
+    let text = store
+        .get(&url.object("meta.json"))
+        .await?
+        .ok_or_else(|| damaged("meta.json: missing from the store".into()))?;
+    let got = format!("{:016x}", xxhash_rust::xxh3::xxh3_64(&text));
+    if text.len() as u64 != entry.len || got != entry.xxh3 {
+        return Err(damaged(format!(
+            "meta.json: {} bytes with digest {got}, the manifest says {} bytes, {}",
+            text.len(),
+            entry.len,
+            entry.xxh3
+        )));
+    }
+    let meta =
+        crate::image::parse_meta(&text).map_err(|why| damaged(format!("meta.json: {why}")))?;
+    Ok(StoredImage {
+        url: url.to_string(),
+        identity: manifest.identity.clone(),
+        bytes: manifest.files.iter().map(|f| f.len).sum(),
+        files: manifest.files,
+        meta,
+    })
+}

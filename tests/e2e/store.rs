@@ -1,0 +1,282 @@
+//! Images in a real S3-compatible object store (SeaweedFS on loopback,
+//! started by `ci/s3-server.sh`): push, inspect, pull and restore a saved
+//! VM; a damaged, a missing and a never-completed object; bad credentials
+//! and a stopped store.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use serde_json::Value;
+
+use crate::harness::{repo_root, GuestSpec, Restore, Vm};
+
+/// The store of one test: started on creation, stopped and removed on
+/// drop. Its S3 port is not SeaweedFS's default, so a store a user runs
+/// on this host is left alone.
+struct S3Server {
+    dir: PathBuf,
+    env: Vec<(String, String)>,
+}
+
+const PORT: &str = "18333";
+
+impl S3Server {
+    fn start(dir: &Path) -> S3Server {
+        let dir = dir.join("s3");
+        let out = S3Server::script(&dir, "up");
+        assert!(
+            out.status.success(),
+            "ci/s3-server.sh up failed:\n{}",
+            text(&out)
+        );
+        let env = String::from_utf8_lossy(&S3Server::script(&dir, "env").stdout)
+            .lines()
+            .filter_map(|l| l.strip_prefix("export "))
+            .filter_map(|l| l.split_once('='))
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect::<Vec<_>>();
+        assert!(
+            env.iter().any(|(k, _)| k == "AWS_SECRET_ACCESS_KEY"),
+            "{env:?}"
+        );
+        S3Server { dir, env }
+    }
+
+    fn script(dir: &Path, cmd: &str) -> Output {
+        Command::new("bash")
+            .arg(repo_root().join("ci/s3-server.sh"))
+            .arg(cmd)
+            .env("THAW_S3_DIR", dir)
+            .env("THAW_S3_PORT", PORT)
+            .env("THAW_S3_BUCKET", "thaw-test")
+            .output()
+            .expect("run ci/s3-server.sh")
+    }
+
+    fn var(&self, key: &str) -> &str {
+        self.env
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
+            .expect("a variable of ci/s3-server.sh env")
+    }
+
+    /// `thaw ARGS` against this store (and `vm`'s runtime directory).
+    fn thaw(&self, vm: &Vm, args: &[&str], extra_env: &[(&str, &str)]) -> Output {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_thaw"));
+        cmd.args(args)
+            .env("THAW_RUNTIME_DIR", vm.dir.join("run"))
+            .env("RUST_LOG", "info")
+            // Only this store's settings count.
+            .env("HOME", vm.dir.join("no-home"));
+        for (k, v) in &self.env {
+            cmd.env(k, v);
+        }
+        for (k, v) in extra_env {
+            cmd.env(k, v);
+        }
+        cmd.output().expect("run thaw")
+    }
+
+    /// A request signed with the store's keys, as any S3 tool sends it:
+    /// curl's SigV4 (`--aws-sigv4`; the payload is not part of the
+    /// signature).
+    fn curl(&self, method: &str, key: &str, body: Option<&Path>) -> Output {
+        let url = format!("{}/thaw-test/{key}", self.var("AWS_ENDPOINT_URL"));
+        let user = format!(
+            "{}:{}",
+            self.var("AWS_ACCESS_KEY_ID"),
+            self.var("AWS_SECRET_ACCESS_KEY")
+        );
+        let mut cmd = Command::new("curl");
+        cmd.args([
+            "-sS",
+            "-f",
+            "-X",
+            method,
+            "--aws-sigv4",
+            "aws:amz:us-east-1:s3",
+            "--user",
+            &user,
+            "-H",
+            "x-amz-content-sha256: UNSIGNED-PAYLOAD",
+        ]);
+        if let Some(b) = body {
+            cmd.arg("--data-binary").arg(format!("@{}", b.display()));
+        }
+        let out = cmd.arg(url).output().expect("run curl");
+        assert!(out.status.success(), "curl {method} {key}: {}", text(&out));
+        out
+    }
+
+    fn stop(&self) {
+        S3Server::script(&self.dir, "down");
+    }
+}
+
+impl Drop for S3Server {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn text(out: &Output) -> String {
+    format!(
+        "{}\nstdout: {}\nstderr: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+fn ok(out: Output) -> Value {
+    assert!(out.status.success(), "thaw failed: {}", text(&out));
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("no JSON ({e}): {}", text(&out)))
+}
+
+fn refused(out: &Output, needles: &[&str]) {
+    assert!(
+        !out.status.success(),
+        "thaw succeeded where it must not: {}",
+        text(out)
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    for n in needles {
+        assert!(err.contains(n), "the error does not name {n:?}: {err}");
+    }
+}
+
+/// No `<name>.partial-*` directory left next to `dir`'s children.
+fn no_partials(dir: &Path) {
+    let left: Vec<_> = std::fs::read_dir(dir)
+        .expect("list")
+        .filter_map(Result::ok)
+        .filter(|e| e.file_name().to_string_lossy().contains(".partial-"))
+        .map(|e| e.path())
+        .collect();
+    assert!(left.is_empty(), "partial downloads left: {left:?}");
+}
+
+#[test]
+fn an_image_pushed_to_a_real_store_pulls_back_verified_and_restores() {
+    let vm = Vm::boot("store", &GuestSpec::default());
+    let s3 = S3Server::start(&vm.dir);
+    let before = vm.wait_ticks(3);
+    let image = vm.save();
+    let image_arg = image.to_str().expect("utf-8");
+    let prefix = format!("e2e/{}/img", std::process::id());
+    let url = format!("s3://thaw-test/{prefix}");
+
+    let pushed = ok(s3.thaw(&vm, &["push", image_arg, &url, "--json"], &[]));
+    assert_eq!(pushed["url"], url.as_str(), "{pushed}");
+    assert!(pushed["files"].as_u64() >= Some(4), "{pushed}");
+    let bytes = pushed["bytes"].as_u64().expect("bytes");
+    assert!(bytes > 1 << 20, "{pushed}");
+    // An image is never replaced by accident.
+    refused(
+        &s3.thaw(&vm, &["push", image_arg, &url], &[]),
+        &["already there", "--force"],
+    );
+
+    let inspected = ok(s3.thaw(&vm, &["inspect", &url, "--json"], &[]));
+    assert_eq!(
+        inspected["meta"]["vm"]["name"],
+        vm.name.as_str(),
+        "{inspected}"
+    );
+    assert_eq!(inspected["identity"], pushed["identity"], "{inspected}");
+
+    let pulled = vm.dir.join("pulled");
+    let pulled_arg = pulled.to_str().expect("utf-8");
+    let report = ok(s3.thaw(&vm, &["pull", &url, pulled_arg, "--json"], &[]));
+    assert_eq!(report["bytes"].as_u64(), Some(bytes), "{report}");
+    for f in ["meta.json", "device.state", "index.bin", "pages.bin"] {
+        assert_eq!(
+            std::fs::read(image.join(f)).expect("original"),
+            std::fs::read(pulled.join(f)).expect("pulled"),
+            "{f} differs after the round trip"
+        );
+    }
+    // The pulled image restores the guest where it was.
+    let restored = vm.restore(&pulled, Restore::Lazy);
+    restored.assert_fields();
+    vm.assert_continues_after(&before);
+    vm.stop();
+
+    // A damaged object (one byte changed, same length): refused by name,
+    // nothing left locally.
+    let mut state = std::fs::read(image.join("device.state")).expect("device.state");
+    let middle = state.len() / 2;
+    state[middle] ^= 0x40;
+    let junk = vm.dir.join("junk");
+    std::fs::write(&junk, &state).expect("write");
+    s3.curl("PUT", &format!("{prefix}/device.state"), Some(&junk));
+    let again = vm.dir.join("again");
+    let again_arg = again.to_str().expect("utf-8");
+    refused(
+        &s3.thaw(&vm, &["pull", &url, again_arg], &[]),
+        &["device.state", "content digest", "the manifest says"],
+    );
+    assert!(!again.exists());
+    no_partials(&vm.dir);
+    // A missing object (in an image pushed whole again).
+    ok(s3.thaw(&vm, &["push", image_arg, &url, "--force", "--json"], &[]));
+    s3.curl("DELETE", &format!("{prefix}/index.bin"), None);
+    refused(
+        &s3.thaw(&vm, &["pull", &url, again_arg], &[]),
+        &["index.bin", "missing"],
+    );
+    assert!(!again.exists());
+
+    // A push that died before its manifest leaves no image; the next push
+    // completes it and removes what the dead one left.
+    let second = format!("s3://thaw-test/{prefix}-2");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_thaw"));
+    child
+        .args(["push", image_arg, &second])
+        .env("THAW_RUNTIME_DIR", vm.dir.join("run"))
+        .env("HOME", vm.dir.join("no-home"))
+        .env("THAW_FAILPOINT", "push-before-manifest:hang")
+        .env("RUST_LOG", "info")
+        .envs(s3.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+        .stderr(std::process::Stdio::piped());
+    let mut child = child.spawn().expect("spawn thaw push");
+    let mut stderr = child.stderr.take().expect("stderr");
+    let mut seen = String::new();
+    {
+        use std::io::Read;
+        let mut buf = [0u8; 4096];
+        while !seen.contains("failpoint push-before-manifest") {
+            let n = stderr.read(&mut buf).expect("read the push's log");
+            assert!(n > 0, "the push ended before its manifest: {seen}");
+            seen.push_str(&String::from_utf8_lossy(&buf[..n]));
+        }
+    }
+    child.kill().expect("kill the push");
+    child.wait().expect("reap the push");
+    refused(
+        &s3.thaw(&vm, &["pull", &second, again_arg], &[]),
+        &["no complete image", "thaw-image.json"],
+    );
+    ok(s3.thaw(&vm, &["push", image_arg, &second, "--json"], &[]));
+    ok(s3.thaw(&vm, &["pull", &second, again_arg, "--json"], &[]));
+    no_partials(&vm.dir);
+
+    // Wrong keys: refused, and the secret is never shown.
+    let wrong = s3.thaw(
+        &vm,
+        &["inspect", &second],
+        &[("AWS_SECRET_ACCESS_KEY", "wrong-secret-never-shown")],
+    );
+    refused(&wrong, &[]);
+    assert!(
+        !text(&wrong).contains("wrong-secret-never-shown"),
+        "{}",
+        text(&wrong)
+    );
+    assert!(!text(&wrong).contains(s3.var("AWS_SECRET_ACCESS_KEY")));
+    // A stopped store: a clear error, not a hang.
+    s3.stop();
+    let gone = s3.thaw(&vm, &["inspect", &second], &[]);
+    refused(&gone, &[&second]);
+}
