@@ -5,7 +5,9 @@
 # installed from PyPI into a virtualenv. Every port it opens is bound to
 # 127.0.0.1; requests must be signed with the credentials it generates.
 #
-#   ci/s3-server.sh up     install (once), start it, create the bucket, wait until it answers
+#   ci/s3-server.sh up     install (once), start it (with the data of an earlier start),
+#                          create the bucket, wait until it answers
+#   ci/s3-server.sh stop   stop it, keeping its data
 #   ci/s3-server.sh down   stop it and remove its data
 #   ci/s3-server.sh env    print the environment that points thaw (or any S3 tool) at it:
 #                          eval "$(ci/s3-server.sh env)"
@@ -61,9 +63,9 @@ up() {
   "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}
 EOF
   )
-  # A fresh data directory: `weed mini` remembers the flags of its last
-  # start there.
-  rm -rf "$dir/data"
+  # The data of an earlier start is kept (`stop`, then `up`: the objects
+  # are still there); every flag is given each time, as `weed mini`
+  # remembers those of its last start in the data directory.
   mkdir -p "$dir/data"
   GOMEMLIMIT=256MiB setsid "$weed" mini -dir="$dir/data" -ip=127.0.0.1 -ip.bind=127.0.0.1 \
     -s3.port="$port" -s3.config="$dir/s3.json" -s3.autoCreateBucket=false -bucket="$bucket" \
@@ -83,7 +85,7 @@ EOF
   echo "s3-server: SeaweedFS $version on 127.0.0.1:$port, bucket $bucket"
 }
 
-down() {
+stop() {
   if running; then
     local pid
     pid=$(cat "$pidfile")
@@ -91,12 +93,16 @@ down() {
     for _ in $(seq 1 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
     kill -9 "$pid" 2>/dev/null || true
   fi
-  rm -rf "$dir/data" "$pidfile"
+  rm -f "$pidfile"
 }
 
 case ${1:-} in
 up) up ;;
-down) down ;;
+stop) stop ;;
+down)
+  stop
+  rm -rf "$dir/data"
+  ;;
 env)
   [ -s "$dir/credentials" ] || { echo "s3-server: not set up: run ci/s3-server.sh up" >&2; exit 1; }
   credentials
@@ -109,5 +115,5 @@ export AWS_SECRET_ACCESS_KEY=$secret_key
 export THAW_S3_BUCKET=$bucket
 EOF
   ;;
-*) echo "usage: ci/s3-server.sh up|down|env" >&2; exit 2 ;;
+*) echo "usage: ci/s3-server.sh up|stop|down|env" >&2; exit 2 ;;
 esac

@@ -198,6 +198,10 @@ enum Command {
     },
     /// Restore a VM from an image; returns once all its RAM is resident
     /// (and, after ws and lazy restores, the learning window has closed).
+    /// IMAGE may be in an object store (s3://BUCKET/PREFIX): its metadata,
+    /// device state and working sets are read first (kept under
+    /// $THAW_CACHE_DIR, default /var/cache/thaw), its pages by ranged
+    /// reads as the restore needs them.
     Restore {
         image: PathBuf,
         /// ws: prefetch the working set, run, load the rest behind; lazy:
@@ -723,7 +727,23 @@ async fn run(cli: Cli) -> Result<()> {
                 fetch_workers: usize::try_from(fetch_workers).unwrap_or(1),
                 progress: progress::terminal_bar(),
             };
-            let stats = thaw::ops::restore::restore(&image, &opts)
+            // From an object store: everything but the pages first, then
+            // the pages by ranged reads as the restore needs them.
+            let local = match Location::parse(&image)? {
+                Location::Local(dir) => dir,
+                Location::Store(url) => {
+                    let store = connect(&url)?;
+                    thaw::store::lazy::prepare(
+                        &store,
+                        &url,
+                        &thaw::store::lazy::cache_root(),
+                        &*progress::terminal_bar(),
+                    )
+                    .await
+                    .with_context(|| format!("reading {url}"))?
+                }
+            };
+            let stats = thaw::ops::restore::restore(&local, &opts)
                 .await
                 .with_context(|| format!("restoring {}", image.display()))?;
             print(j, &stats, &stats)

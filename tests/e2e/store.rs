@@ -201,6 +201,49 @@ fn an_image_pushed_to_a_real_store_pulls_back_verified_and_restores() {
     let restored = vm.restore(&pulled, Restore::Lazy);
     restored.assert_fields();
     vm.assert_continues_after(&before);
+
+    // Saved again and restored straight from the store, lazily: metadata
+    // and device state first, the pages by ranged reads.
+    let before = vm.wait_ticks(3);
+    let second_image = vm.save_as("image-2");
+    let lazy_url = format!("s3://thaw-test/{prefix}-lazy");
+    ok(s3.thaw(
+        &vm,
+        &[
+            "push",
+            second_image.to_str().expect("utf-8"),
+            &lazy_url,
+            "--json",
+        ],
+        &[],
+    ));
+    let cache = vm.dir.join("cache");
+    let cache_env = [("THAW_CACHE_DIR", cache.to_str().expect("utf-8"))];
+    let stats = ok(s3.thaw(
+        &vm,
+        &[
+            "restore",
+            &lazy_url,
+            "--mode",
+            "lazy",
+            "--no-learn",
+            "--json",
+        ],
+        &cache_env,
+    ));
+    assert_eq!(stats["mode"], "lazy", "{stats}");
+    assert!(stats["nonzero_pages"].as_u64() > Some(0), "{stats}");
+    vm.assert_continues_after(&before);
+    // Only the pages stayed in the store.
+    let kept: Vec<_> = std::fs::read_dir(cache.join("store"))
+        .expect("the cache")
+        .filter_map(Result::ok)
+        .collect();
+    assert_eq!(kept.len(), 1, "{kept:?}");
+    let local = kept[0].path();
+    assert!(local.join("meta.json").is_file() && local.join("device.state").is_file());
+    assert!(!local.join("pages.bin").exists());
+    assert!(local.join("pages.remote").is_file());
     vm.stop();
 
     // A damaged object (one byte changed, same length): refused by name,

@@ -114,6 +114,8 @@ pub enum ImageError {
     OutOfOrder { last: u64, got: u64 },
     #[error("page {0} is outside the RAM layout")]
     OutOfRange(u64),
+    #[error("{path}: its pages are in an object store: {message}")]
+    RemotePages { path: PathBuf, message: String },
     #[error("{image} is an incremental image whose parent {parent} {why}")]
     Parent {
         image: PathBuf,
@@ -787,8 +789,25 @@ pub fn parse_meta(text: &[u8]) -> Result<ImageMeta, String> {
     Ok(meta)
 }
 
+/// Where an image's `pages.bin` is read from.
+enum PagesSource {
+    Local(File),
+    /// Left in an object store (a restore straight from it).
+    Remote(std::sync::Arc<crate::store::pages::RemotePages>),
+}
+
+impl PagesSource {
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        match self {
+            PagesSource::Local(f) => f.read_exact_at(buf, offset),
+            PagesSource::Remote(r) => r.read_exact_at(buf, offset),
+        }
+    }
+}
+
 /// An opened, structurally verified image; `&Image` is safe to share
-/// between a fault thread and a filler (all reads are `pread`).
+/// between a fault thread and a filler (all reads are `pread`, or ranged
+/// reads of an object store).
 pub struct Image {
     dir: PathBuf,
     meta: ImageMeta,
@@ -796,7 +815,7 @@ pub struct Image {
     chunk_sums: Vec<u64>,
     page_sums: Vec<u64>,
     reverse: Vec<u64>,
-    pages: File,
+    pages: PagesSource,
     /// The same file for bulk reads that bypass the page cache.
     pages_direct: Option<direct::DirectReader>,
     pages_path: PathBuf,
@@ -870,11 +889,20 @@ impl Image {
         };
         check_meta(&meta).map_err(|m| damaged(&meta_path, m))?;
         let pages_path = dir.join("pages.bin");
-        let pages = File::open(&pages_path).map_err(io_err(&pages_path, "cannot open"))?;
-        let plen = pages
-            .metadata()
-            .map_err(io_err(&pages_path, "cannot stat"))?
-            .len();
+        let (pages, plen) = match open_remote_pages(dir, &meta, &pages_path)? {
+            Some(remote) => {
+                let len = remote.len();
+                (PagesSource::Remote(std::sync::Arc::new(remote)), len)
+            }
+            None => {
+                let pages = File::open(&pages_path).map_err(io_err(&pages_path, "cannot open"))?;
+                let len = pages
+                    .metadata()
+                    .map_err(io_err(&pages_path, "cannot stat"))?
+                    .len();
+                (PagesSource::Local(pages), len)
+            }
+        };
         if plen != meta.nonzero_pages * PAGE_SIZE || plen != meta.pages.len {
             return Err(damaged(
                 &pages_path,
@@ -926,7 +954,10 @@ impl Image {
             chunk_sums,
             page_sums,
             reverse,
-            pages_direct: direct::DirectReader::open(&pages_path),
+            pages_direct: match pages {
+                PagesSource::Local(_) => direct::DirectReader::open(&pages_path),
+                PagesSource::Remote(_) => None,
+            },
             pages,
             pages_path,
             throttle: None,
@@ -943,6 +974,11 @@ impl Image {
             parent: parent_dir.clone(),
             why,
         };
+        if matches!(self.pages, PagesSource::Remote(_)) {
+            return Err(refuse(
+                "is not read from an object store: restore a merged image from there".into(),
+            ));
+        }
         if depth >= chain::MAX_DEPTH {
             return Err(refuse(format!(
                 "lies deeper than {} images",
@@ -1276,6 +1312,36 @@ impl Image {
         }
         Ok(data)
     }
+}
+
+/// The pages of the image in `dir` when they were left in an object store
+/// ([`crate::store::pages::REMOTE_PAGES`] in place of `pages.bin`):
+/// connected, and checked against `meta`.
+fn open_remote_pages(
+    dir: &Path,
+    meta: &ImageMeta,
+    pages_path: &Path,
+) -> Result<Option<crate::store::pages::RemotePages>, ImageError> {
+    use crate::store::pages::{RemotePages, RemotePagesRef};
+    if pages_path.exists() {
+        return Ok(None);
+    }
+    let remote_err = |message: String| ImageError::RemotePages {
+        path: dir.to_owned(),
+        message,
+    };
+    let Some(reference) = RemotePagesRef::read(dir).map_err(|e| remote_err(e.to_string()))? else {
+        return Ok(None);
+    };
+    if reference.len != meta.pages.len || reference.xxh3 != meta.pages.xxh3 {
+        return Err(remote_err(format!(
+            "{} names pages of another image",
+            reference.url
+        )));
+    }
+    RemotePages::open(&reference)
+        .map(Some)
+        .map_err(|e| remote_err(e.to_string()))
 }
 
 /// The identity of the image `meta` describes (see [`Image::identity`]).

@@ -17,13 +17,35 @@ use object_store::{
 use super::settings::StoreSettings;
 use super::StoreError;
 
-/// How long a connection may take to open.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-/// How long one request (a part of an upload, a ranged read) may take.
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(120);
-/// Retries of a failed request, and how long to keep retrying one.
-const MAX_RETRIES: usize = 5;
-const RETRY_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long requests may take, and how often a failed one is retried.
+#[derive(Clone, Copy, Debug)]
+pub struct Timeouts {
+    pub connect: Duration,
+    /// One request: a part of an upload, a ranged read.
+    pub request: Duration,
+    pub retries: usize,
+    /// How long one request is retried at most.
+    pub retry_for: Duration,
+}
+
+impl Timeouts {
+    /// Uploads and downloads of whole images.
+    pub const BULK: Timeouts = Timeouts {
+        connect: Duration::from_secs(5),
+        request: Duration::from_secs(120),
+        retries: 5,
+        retry_for: Duration::from_secs(60),
+    };
+    /// Reads a running guest waits on (a restore from the store): short,
+    /// so that a store gone away stops the VM with an error in seconds
+    /// instead of holding a fault for minutes.
+    pub const FAULT: Timeouts = Timeouts {
+        connect: Duration::from_secs(2),
+        request: Duration::from_secs(10),
+        retries: 3,
+        retry_for: Duration::from_secs(15),
+    };
+}
 
 /// One bucket of a store.
 #[derive(Clone)]
@@ -33,8 +55,18 @@ pub struct Store {
 }
 
 impl Store {
-    /// A client of `bucket` with `settings`. Nothing is sent yet.
+    /// A client of `bucket` with `settings` for whole-image transfers.
+    /// Nothing is sent yet.
     pub fn connect(settings: &StoreSettings, bucket: &str) -> Result<Store, StoreError> {
+        Store::connect_with(settings, bucket, Timeouts::BULK)
+    }
+
+    /// A client of `bucket` with `settings` and `timeouts`.
+    pub fn connect_with(
+        settings: &StoreSettings,
+        bucket: &str,
+        timeouts: Timeouts,
+    ) -> Result<Store, StoreError> {
         let mut builder = AmazonS3Builder::new()
             .with_bucket_name(bucket)
             .with_region(&settings.region)
@@ -44,8 +76,8 @@ impl Store {
             .with_virtual_hosted_style_request(false)
             .with_client_options(
                 ClientOptions::new()
-                    .with_connect_timeout(CONNECT_TIMEOUT)
-                    .with_timeout(REQUEST_TIMEOUT)
+                    .with_connect_timeout(timeouts.connect)
+                    .with_timeout(timeouts.request)
                     .with_allow_http(
                         settings
                             .endpoint
@@ -54,8 +86,8 @@ impl Store {
                     ),
             )
             .with_retry(RetryConfig {
-                max_retries: MAX_RETRIES,
-                retry_timeout: RETRY_TIMEOUT,
+                max_retries: timeouts.retries,
+                retry_timeout: timeouts.retry_for,
                 backoff: BackoffConfig {
                     init_backoff: Duration::from_millis(100),
                     max_backoff: Duration::from_secs(5),

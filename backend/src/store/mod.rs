@@ -10,6 +10,8 @@
 //! complete, and every byte read back is checked against it.
 
 pub mod client;
+pub mod lazy;
+pub mod pages;
 pub mod settings;
 #[cfg(test)]
 mod tests;

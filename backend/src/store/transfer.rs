@@ -444,7 +444,7 @@ pub async fn pull(
 
 /// Downloads one file of the manifest to `path` with ranged reads in
 /// flight, and checks its length and digest.
-async fn download_file(
+pub(super) async fn download_file(
     store: &Store,
     url: &StoreUrl,
     f: &ManifestFile,

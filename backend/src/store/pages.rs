@@ -1,0 +1,259 @@
+//! An image's `pages.bin` left in the object store: the reads of a restore
+//! straight from the store, served by ranged GETs.
+//!
+//! A restore from `s3://…` keeps a local copy of everything but the pages
+//! ([`super::lazy`]) and, in place of `pages.bin`, the file
+//! [`REMOTE_PAGES`] naming the object. [`crate::image::Image::open`] then
+//! reads pages through [`RemotePages`]: each read is one or more ranged
+//! GETs on thaw's own runtime, several in flight for a large read (the
+//! fill's), with short timeouts and a few retries so that a fault is never
+//! held for minutes. Reads block only the thread that asked (a fault
+//! worker, the fill), never another's; the image verifies every page it
+//! gets against its digests as for a local file.
+
+use std::ops::Range;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc;
+
+use serde::{Deserialize, Serialize};
+
+use super::client::{Store, Timeouts};
+use super::settings::StoreSettings;
+use super::{StoreError, StoreUrl};
+
+/// The file that stands for a `pages.bin` left in the store.
+pub const REMOTE_PAGES: &str = "pages.remote";
+/// A read at least this large is split into ranges fetched at once.
+const SPLIT_BYTES: u64 = 1 << 20;
+/// Ranges of one read in flight at once.
+const PARALLEL_RANGES: usize = 8;
+
+/// [`REMOTE_PAGES`]: where the pages are.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RemotePagesRef {
+    /// The image's URL (`s3://BUCKET/PREFIX`).
+    pub url: String,
+    /// The length and xxh3-64 of `pages.bin`, from the manifest.
+    pub len: u64,
+    pub xxh3: String,
+}
+
+impl RemotePagesRef {
+    /// Reads `dir`'s [`REMOTE_PAGES`], if it has one.
+    pub fn read(dir: &Path) -> Result<Option<RemotePagesRef>, StoreError> {
+        let path = dir.join(REMOTE_PAGES);
+        let text = match std::fs::read(&path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(source) => {
+                return Err(StoreError::Io {
+                    path,
+                    context: "cannot read".into(),
+                    source,
+                })
+            }
+        };
+        serde_json::from_slice(&text)
+            .map(Some)
+            .map_err(|e| StoreError::Refused {
+                path,
+                why: format!("not a remote pages reference: {e}"),
+            })
+    }
+}
+
+/// `pages.bin` in the store; see the module documentation.
+pub struct RemotePages {
+    /// Always `Some` until dropped.
+    runtime: Option<tokio::runtime::Runtime>,
+    store: Store,
+    object: object_store::path::Path,
+    url: String,
+    len: u64,
+    requests: AtomicU64,
+    bytes: AtomicU64,
+}
+
+impl RemotePages {
+    /// Connects to the store of `reference` (settings as S3 tools take
+    /// them) and checks that the object is there with the expected length.
+    pub fn open(reference: &RemotePagesRef) -> Result<RemotePages, StoreError> {
+        let url = StoreUrl::parse(&reference.url)?;
+        let settings = StoreSettings::from_environment()?;
+        let store = Store::connect_with(&settings, &url.bucket, Timeouts::FAULT)?;
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("thaw-store")
+            .enable_all()
+            .build()
+            .map_err(|source| StoreError::Io {
+                path: REMOTE_PAGES.into(),
+                context: "starting the object store runtime".into(),
+                source,
+            })?;
+        let object = url.object("pages.bin");
+        let found = {
+            let (store, object) = (store.clone(), object.clone());
+            run_on(&runtime, async move { store.head(&object).await })??
+        };
+        match found {
+            Some(m) if m.size == reference.len => {}
+            Some(m) => {
+                return Err(StoreError::Damaged {
+                    url: reference.url.clone(),
+                    why: format!(
+                        "pages.bin: {} bytes, the manifest says {}",
+                        m.size, reference.len
+                    ),
+                })
+            }
+            None => {
+                return Err(StoreError::Damaged {
+                    url: reference.url.clone(),
+                    why: "pages.bin: missing from the store".into(),
+                })
+            }
+        }
+        Ok(RemotePages {
+            runtime: Some(runtime),
+            store,
+            object,
+            url: reference.url.clone(),
+            len: reference.len,
+            requests: AtomicU64::new(0),
+            bytes: AtomicU64::new(0),
+        })
+    }
+
+    /// The object's length.
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    /// Whether the object is empty (an image of an all-zero guest).
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Where the pages are, for messages.
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// Requests sent and bytes received so far.
+    pub fn counts(&self) -> (u64, u64) {
+        (
+            self.requests.load(Ordering::Relaxed),
+            self.bytes.load(Ordering::Relaxed),
+        )
+    }
+
+    /// Fills `buf` with the object's bytes from `offset` on: one ranged
+    /// GET, or for a large read several at once. Blocks the calling thread
+    /// only.
+    pub fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        let end = offset + buf.len() as u64;
+        if end > self.len {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                format!("bytes {offset}..{end} of a {}-byte object", self.len),
+            ));
+        }
+        if buf.is_empty() {
+            return Ok(());
+        }
+        let ranges = split(offset..end);
+        let store = self.store.clone();
+        let object = self.object.clone();
+        let count = ranges.len() as u64;
+        let runtime = self
+            .runtime
+            .as_ref()
+            .ok_or_else(|| std::io::Error::other("the object store runtime stopped"))?;
+        let parts = run_on(runtime, async move {
+            use futures::{StreamExt, TryStreamExt};
+            futures::stream::iter(ranges)
+                .map(|r| {
+                    let (store, object) = (&store, &object);
+                    async move { store.get_range(object, r).await }
+                })
+                .buffered(PARALLEL_RANGES)
+                .try_collect::<Vec<_>>()
+                .await
+        })
+        .map_err(|e| std::io::Error::other(e.to_string()))?
+        .map_err(|e| std::io::Error::other(e.to_string()))?;
+        self.requests.fetch_add(count, Ordering::Relaxed);
+        let mut at = 0;
+        for part in parts {
+            let n = part.len();
+            let dst = buf.get_mut(at..at + n).ok_or_else(|| {
+                std::io::Error::other("the store sent more bytes than were asked for")
+            })?;
+            dst.copy_from_slice(&part);
+            at += n;
+        }
+        if at != buf.len() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                format!("the store sent {at} of {} bytes", buf.len()),
+            ));
+        }
+        self.bytes.fetch_add(at as u64, Ordering::Relaxed);
+        Ok(())
+    }
+}
+
+impl Drop for RemotePages {
+    fn drop(&mut self) {
+        // Without waiting: the image may be dropped on another runtime's
+        // thread, where blocking is not allowed.
+        if let Some(runtime) = self.runtime.take() {
+            runtime.shutdown_background();
+        }
+    }
+}
+
+/// Runs `task` on `runtime` and waits for it on this thread, which may be
+/// a thread of another runtime or of none (a fault worker, the fill).
+fn run_on<T: Send + 'static>(
+    runtime: &tokio::runtime::Runtime,
+    task: impl std::future::Future<Output = T> + Send + 'static,
+) -> Result<T, StoreError> {
+    let (tx, rx) = mpsc::sync_channel(1);
+    runtime.spawn(async move {
+        let _ = tx.send(task.await);
+    });
+    rx.recv().map_err(|_| StoreError::Io {
+        path: REMOTE_PAGES.into(),
+        context: "the object store runtime".into(),
+        source: std::io::Error::other("it stopped"),
+    })
+}
+
+/// `range` in pieces of [`SPLIT_BYTES`] (one piece if smaller).
+fn split(range: Range<u64>) -> Vec<Range<u64>> {
+    let mut out = Vec::new();
+    let mut at = range.start;
+    while at < range.end {
+        let next = (at + SPLIT_BYTES).min(range.end);
+        out.push(at..next);
+        at = next;
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn large_reads_split_into_megabyte_ranges() {
+        assert_eq!(super::split(0..10), vec![0..10]);
+        let parts = super::split(4096..4096 + (5 << 20) / 2);
+        assert_eq!(parts.len(), 3);
+        assert_eq!(parts[0], 4096..4096 + (1 << 20));
+        assert_eq!(parts[2].end, 4096 + (5 << 20) / 2);
+        assert!(parts.windows(2).all(|w| w[0].end == w[1].start));
+    }
+}
