@@ -4,7 +4,7 @@ mod bench;
 mod limits;
 mod progress;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
@@ -173,7 +173,10 @@ enum Command {
         config: PathBuf,
     },
     /// Save a running VM into an image directory; the VM is gone afterwards
-    /// (virsh save semantics). On failure the VM keeps running.
+    /// (virsh save semantics). On failure the VM keeps running. IMAGE may
+    /// be in an object store (s3://BUCKET/PREFIX): the image is written
+    /// under $THAW_CACHE_DIR/staging first, then uploaded (kept there if
+    /// the upload fails).
     Save {
         name: String,
         image: PathBuf,
@@ -251,7 +254,8 @@ enum Command {
     /// copy-on-write: the guest pauses for milliseconds, see --stop-copy);
     /// then trace the order in which the guest touches its pages (the
     /// `trace` working set). With --interval-ms: continuous, incremental
-    /// checkpoints into a directory.
+    /// checkpoints into a directory. IMAGE may be in an object store
+    /// (s3://BUCKET/PREFIX), as for save.
     Checkpoint {
         name: String,
         image: PathBuf,
@@ -667,11 +671,14 @@ async fn run(cli: Cli) -> Result<()> {
                      paused until QEMU stops"
                 );
             }
+            let target = StoreTarget::of(&image, &name, parent.is_some(), force).await?;
+            let local = target.as_ref().map_or(image.clone(), |t| t.staging.clone());
             let report = thaw::ops::save::save(
                 &name,
-                &image,
+                &local,
                 &SaveOptions {
-                    force,
+                    // A staging directory is thaw's own: never in the way.
+                    force: force || target.is_some(),
                     keep_running,
                     leave_paused: false,
                     progress: progress::terminal_bar(),
@@ -685,6 +692,16 @@ async fn run(cli: Cli) -> Result<()> {
             )
             .await
             .with_context(|| format!("saving VM {name} to {}", image.display()))?;
+            if let Some(target) = target {
+                let pushed = target.push(force).await?;
+                let mut out = serde_json::to_value(&report)?;
+                out["pushed"] = serde_json::to_value(&pushed)?;
+                return print(j, &out, format_args!(
+                    "saved {} to {}: {} MiB RAM, {} non-zero pages; paused {:.0} ms; uploaded {} MiB in {:.1} s",
+                    report.name, pushed.url, report.ram_bytes >> 20, report.nonzero_pages,
+                    report.paused_ms, pushed.bytes >> 20, pushed.seconds
+                ));
+            }
             let copied = match &report.live {
                 Some(l) => format!(
                     "; copied live in {:.0} ms, {} write faults, {} pages copied ahead",
@@ -762,6 +779,12 @@ async fn run(cli: Cli) -> Result<()> {
             libvirt,
         } => {
             if let Some(interval_ms) = interval_ms {
+                if Location::parse(&image)? != Location::Local(image.clone()) {
+                    anyhow::bail!(
+                        "a series (--interval-ms) is kept in a directory; push the images \
+                         you want to keep with `thaw push`"
+                    );
+                }
                 let opts = thaw::ops::series::SeriesOptions {
                     interval: Duration::from_millis(interval_ms),
                     keep,
@@ -787,11 +810,13 @@ async fn run(cli: Cli) -> Result<()> {
                 quiet: Duration::from_millis(window_quiet_ms),
                 max: Duration::from_millis(window_max_ms),
             };
+            let target = StoreTarget::of(&image, &name, parent.is_some(), force).await?;
+            let local = target.as_ref().map_or(image.clone(), |t| t.staging.clone());
             let report = thaw::ops::checkpoint::checkpoint(
                 &name,
-                &image,
+                &local,
                 &thaw::ops::checkpoint::CheckpointOptions {
-                    force,
+                    force: force || target.is_some(),
                     window,
                     libvirt: libvirt.uri(),
                     method: live.method(),
@@ -804,6 +829,21 @@ async fn run(cli: Cli) -> Result<()> {
             )
             .await
             .with_context(|| format!("checkpointing VM {name} to {}", image.display()))?;
+            if let Some(target) = target {
+                let pushed = target.push(force).await?;
+                let mut out = serde_json::to_value(&report)?;
+                out["pushed"] = serde_json::to_value(&pushed)?;
+                return print(
+                    j,
+                    &out,
+                    format_args!(
+                        "{report}\nuploaded to {}: {} MiB in {:.1} s",
+                        pushed.url,
+                        pushed.bytes >> 20,
+                        pushed.seconds
+                    ),
+                );
+            }
             print(j, &report, &report)
         }
         Command::Track {
@@ -1238,4 +1278,78 @@ fn connect(url: &StoreUrl) -> anyhow::Result<Store> {
     let settings = StoreSettings::from_environment()?;
     log::debug!("object store: {}", settings.source);
     Ok(Store::connect(&settings, &url.bucket)?)
+}
+
+/// A save or checkpoint into an object store: written into a staging
+/// directory of thaw's own first, then pushed (the image is visible there
+/// once complete) and the staging directory removed. If the push fails
+/// the image stays in the staging directory, and the error says where.
+struct StoreTarget {
+    url: StoreUrl,
+    staging: PathBuf,
+}
+
+impl StoreTarget {
+    /// `Some` if `image` is an `s3://` URL.
+    async fn of(
+        image: &Path,
+        name: &str,
+        incremental: bool,
+        force: bool,
+    ) -> anyhow::Result<Option<StoreTarget>> {
+        let Location::Store(url) = Location::parse(image)? else {
+            return Ok(None);
+        };
+        if incremental {
+            anyhow::bail!(
+                "an incremental image cannot go to an object store yet: save it to a \
+                 directory, `thaw merge` it, and `thaw push` the merged image"
+            );
+        }
+        // Fail before the VM is touched if the store cannot be reached or
+        // an image is in the way.
+        let store = connect(&url)?;
+        let manifest = url.object(thaw::store::transfer::MANIFEST);
+        if store.head(&manifest).await?.is_some() && !force {
+            anyhow::bail!("{url}: an image is already there (use --force to replace it)");
+        }
+        let root = thaw::store::lazy::cache_root()
+            .parent()
+            .map(|p| p.join("staging"))
+            .unwrap_or_else(|| PathBuf::from("/var/cache/thaw/staging"));
+        std::fs::create_dir_all(&root)
+            .with_context(|| format!("creating the staging directory {}", root.display()))?;
+        Ok(Some(StoreTarget {
+            url,
+            staging: root.join(format!("{name}.{}", std::process::id())),
+        }))
+    }
+
+    async fn push(&self, force: bool) -> anyhow::Result<thaw::store::transfer::TransferReport> {
+        let store = connect(&self.url)?;
+        let pushed = thaw::store::transfer::push(
+            &store,
+            &self.staging,
+            &self.url,
+            force,
+            &*progress::terminal_bar(),
+        )
+        .await
+        .with_context(|| {
+            format!(
+                "uploading to {}: the image is kept in {}; push it with `thaw push {} {}`",
+                self.url,
+                self.staging.display(),
+                self.staging.display(),
+                self.url
+            )
+        })?;
+        if let Err(e) = std::fs::remove_dir_all(&self.staging) {
+            log::warn!(
+                "removing the staging directory {}: {e}",
+                self.staging.display()
+            );
+        }
+        Ok(pushed)
+    }
 }

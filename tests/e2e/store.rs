@@ -202,23 +202,27 @@ fn an_image_pushed_to_a_real_store_pulls_back_verified_and_restores() {
     restored.assert_fields();
     vm.assert_continues_after(&before);
 
-    // Saved again and restored straight from the store, lazily: metadata
+    // Saved again straight into the store (through a staging directory
+    // that is removed), and restored straight from it, lazily: metadata
     // and device state first, the pages by ranged reads.
     let before = vm.wait_ticks(3);
-    let second_image = vm.save_as("image-2");
     let lazy_url = format!("s3://thaw-test/{prefix}-lazy");
-    ok(s3.thaw(
-        &vm,
-        &[
-            "push",
-            second_image.to_str().expect("utf-8"),
-            &lazy_url,
-            "--json",
-        ],
-        &[],
-    ));
     let cache = vm.dir.join("cache");
     let cache_env = [("THAW_CACHE_DIR", cache.to_str().expect("utf-8"))];
+    let saved = ok(s3.thaw(&vm, &["save", &vm.name, &lazy_url, "--json"], &cache_env));
+    assert_eq!(saved["pushed"]["url"], lazy_url.as_str(), "{saved}");
+    assert_eq!(
+        std::fs::read_dir(cache.join("staging"))
+            .expect("staging")
+            .count(),
+        0,
+        "the staging directory was left behind"
+    );
+    // An image in the way is refused before any VM is touched.
+    refused(
+        &s3.thaw(&vm, &["save", &vm.name, &lazy_url], &cache_env),
+        &["already there"],
+    );
     let stats = ok(s3.thaw(
         &vm,
         &[
