@@ -63,12 +63,16 @@ up() {
   "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}
 EOF
   )
+  # -s3.cacheCapacityMB: without its chunk cache SeaweedFS reads a whole
+  # stored chunk (a part of an upload, 8 MiB) for every ranged GET, even
+  # of 4 KiB (10-50 ms each here).
   # The data of an earlier start is kept (`stop`, then `up`: the objects
   # are still there); every flag is given each time, as `weed mini`
   # remembers those of its last start in the data directory.
   mkdir -p "$dir/data"
-  GOMEMLIMIT=256MiB setsid "$weed" mini -dir="$dir/data" -ip=127.0.0.1 -ip.bind=127.0.0.1 \
+  GOMEMLIMIT=512MiB setsid "$weed" mini -dir="$dir/data" -ip=127.0.0.1 -ip.bind=127.0.0.1 \
     -s3.port="$port" -s3.config="$dir/s3.json" -s3.autoCreateBucket=false -bucket="$bucket" \
+    -s3.cacheCapacityMB=256 \
     -master.telemetry=false -webdav=false -admin.ui=false -s3.port.iceberg=0 -s3.port.lance=0 \
     >"$dir/weed.log" 2>&1 </dev/null &
   echo $! >"$pidfile"

@@ -17,7 +17,8 @@ use crate::image::direct::PageBuffer;
 use crate::mem::{usize_from, PAGE_BYTES, PAGE_SIZE};
 use crate::progress::Progress;
 
-/// Bytes the filler reads per request.
+/// Bytes the filler reads per request (from a local image; see
+/// [`crate::image::Image::bulk_read_bytes`]).
 const FILL_READ_BYTES: u64 = 4 << 20;
 
 impl Engine {
@@ -39,7 +40,8 @@ impl Engine {
         let chunk_bytes = u64::from(meta.chunk_pages) * PAGE_SIZE;
         let chunk_count = u32::try_from(meta.nonzero_pages.div_ceil(u64::from(meta.chunk_pages)))
             .map_err(|_| EngineError::TooManyChunks)?;
-        let per_read = u32::try_from((FILL_READ_BYTES / chunk_bytes).max(1)).unwrap_or(1);
+        let read_bytes = self.image.bulk_read_bytes().unwrap_or(FILL_READ_BYTES);
+        let per_read = u32::try_from((read_bytes / chunk_bytes).max(1)).unwrap_or(1);
         let buf_len = usize_from(u64::from(per_read) * chunk_bytes);
         // Two page-aligned buffers (the reads bypass the page cache, see
         // `image::direct`): one being read while the other is installed.

@@ -1195,6 +1195,16 @@ impl Image {
             .map_err(io_err(&self.pages_path, "cannot read"))
     }
 
+    /// How many bytes a bulk reader (the fill) should ask for at once
+    /// when not the local default: an image whose pages are in an object
+    /// store is read in larger requests, several ranges in flight.
+    pub fn bulk_read_bytes(&self) -> Option<u64> {
+        match self.pages {
+            PagesSource::Local(_) => None,
+            PagesSource::Remote(_) => Some(crate::store::pages::BULK_READ_BYTES),
+        }
+    }
+
     /// Whether each page can be read and verified alone ([`Image::read_slots`];
     /// format version 2 on).
     pub fn has_page_sums(&self) -> bool {

@@ -24,10 +24,15 @@ use super::{StoreError, StoreUrl};
 
 /// The file that stands for a `pages.bin` left in the store.
 pub const REMOTE_PAGES: &str = "pages.remote";
-/// A read at least this large is split into ranges fetched at once.
-const SPLIT_BYTES: u64 = 1 << 20;
+/// A large read is split at multiples of this (the part size of an
+/// upload, which stores such as SeaweedFS keep as one chunk: a range
+/// within one chunk is read from one place) into ranges fetched at once.
+const SPLIT_BYTES: u64 = super::transfer::PART_BYTES;
 /// Ranges of one read in flight at once.
-const PARALLEL_RANGES: usize = 8;
+const PARALLEL_RANGES: usize = 4;
+/// How much the fill should read at once from the store: several ranges
+/// in flight (see [`crate::image::Image::bulk_read_bytes`]).
+pub const BULK_READ_BYTES: u64 = 4 * SPLIT_BYTES;
 
 /// [`REMOTE_PAGES`]: where the pages are.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -233,12 +238,12 @@ fn run_on<T: Send + 'static>(
     })
 }
 
-/// `range` in pieces of [`SPLIT_BYTES`] (one piece if smaller).
+/// `range` cut at the multiples of [`SPLIT_BYTES`] inside it.
 fn split(range: Range<u64>) -> Vec<Range<u64>> {
     let mut out = Vec::new();
     let mut at = range.start;
     while at < range.end {
-        let next = (at + SPLIT_BYTES).min(range.end);
+        let next = ((at / SPLIT_BYTES + 1) * SPLIT_BYTES).min(range.end);
         out.push(at..next);
         at = next;
     }
@@ -248,12 +253,14 @@ fn split(range: Range<u64>) -> Vec<Range<u64>> {
 #[cfg(test)]
 mod tests {
     #[test]
-    fn large_reads_split_into_megabyte_ranges() {
+    fn large_reads_split_at_part_boundaries() {
+        const P: u64 = super::SPLIT_BYTES;
         assert_eq!(super::split(0..10), vec![0..10]);
-        let parts = super::split(4096..4096 + (5 << 20) / 2);
-        assert_eq!(parts.len(), 3);
-        assert_eq!(parts[0], 4096..4096 + (1 << 20));
-        assert_eq!(parts[2].end, 4096 + (5 << 20) / 2);
-        assert!(parts.windows(2).all(|w| w[0].end == w[1].start));
+        assert_eq!(
+            super::split(P - 4096..P + 4096),
+            vec![P - 4096..P, P..P + 4096]
+        );
+        let parts = super::split(4096..3 * P);
+        assert_eq!(parts, vec![4096..P, P..2 * P, 2 * P..3 * P]);
     }
 }

@@ -37,7 +37,7 @@ pub const MANIFEST_VERSION: u32 = 1;
 /// Files up to this size are written in one request.
 const SINGLE_PUT_MAX: u64 = 8 << 20;
 /// Part size of a multipart upload, and of the ranged reads of a pull.
-const PART_BYTES: u64 = 8 << 20;
+pub const PART_BYTES: u64 = 8 << 20;
 /// Parts or ranges in flight at once.
 const IN_FLIGHT: usize = 4;
 /// Largest manifest a pull accepts (a real one is well under 1 KiB per
