@@ -248,6 +248,52 @@ fn an_image_pushed_to_a_real_store_pulls_back_verified_and_restores() {
     assert!(local.join("meta.json").is_file() && local.join("device.state").is_file());
     assert!(!local.join("pages.bin").exists());
     assert!(local.join("pages.remote").is_file());
+
+    // The store stops answering in the middle of a restore from it (the
+    // fill paced so that it is still running): the VM and its restore
+    // record are kept, and `thaw recover` finishes once the store is back.
+    let before = vm.wait_ticks(3);
+    let outage_url = format!("s3://thaw-test/{prefix}-outage");
+    ok(s3.thaw(&vm, &["save", &vm.name, &outage_url, "--json"], &cache_env));
+    let mut restoring = Command::new(env!("CARGO_BIN_EXE_thaw"));
+    restoring
+        .args([
+            "restore",
+            &outage_url,
+            "--mode",
+            "lazy",
+            "--no-learn",
+            "--read-limit",
+            "4M",
+        ])
+        .env("THAW_RUNTIME_DIR", vm.dir.join("run"))
+        .env("HOME", vm.dir.join("no-home"))
+        .env("RUST_LOG", "info")
+        .envs(s3.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+        .envs(cache_env)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let restoring = restoring.spawn().expect("spawn thaw restore");
+    let record = vm.runtime_file("restore.json");
+    let waited = std::time::Instant::now();
+    while !std::fs::read_to_string(&record).is_ok_and(|r| r.contains("\"resumed\": true")) {
+        assert!(
+            waited.elapsed() < std::time::Duration::from_secs(300),
+            "the guest never resumed"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    S3Server::script(&s3.dir, "stop");
+    let out = restoring.wait_with_output().expect("wait for the restore");
+    refused(&out, &["object store stopped answering", "thaw recover"]);
+    assert!(
+        vm.runtime_file("vm.json").exists() && vm.runtime_file("restore.json").exists(),
+        "the VM or its restore record is gone"
+    );
+    let back = S3Server::script(&s3.dir, "up");
+    assert!(back.status.success(), "{}", text(&back));
+    ok(s3.thaw(&vm, &["recover", &vm.name, "--json"], &cache_env));
+    vm.assert_continues_after(&before);
     vm.stop();
 
     // A damaged object (one byte changed, same length): refused by name,

@@ -161,34 +161,18 @@ pub async fn recover(
     // read (and answer no QMP meanwhile): read events until the engine
     // serves them.
     let drainer = EventDrainer::start(uffd.clone())?;
-    let mut qmp = state.monitor(&paths).await?;
-    let run_state = qmp.run_state().await?;
-    log::info!("recovering {name}: QEMU {} is {run_state}", pid.pid());
-    match run_state.as_str() {
-        "running" => stats.guest_was_running = true,
-        "paused" => {}
-        "inmigrate" | "prelaunch" => {
-            drop(qmp);
-            vmm::stop(&paths, &state, true).await?;
-            let _ = std::fs::remove_file(&record_path);
-            return Err(RestoreError::DiedLoading(name.to_string()));
-        }
-        other => {
-            return Err(RestoreError::Unrecoverable(
-                name.to_string(),
-                other.to_string(),
-            ))
-        }
-    }
-
-    // The dead restore may have left x-ignore-shared on.
-    if vmm::libvirt::IgnoreSharedMark::present(&paths.dir) {
-        qmp.clear_ignore_shared().await?;
-        vmm::libvirt::IgnoreSharedMark::remove(&paths.dir);
-    }
     // A guest the dead restore resumed owns what RAM holds, even when it
     // is paused now (the user paused it, or thaw died right before `cont`).
-    let resumed = stats.guest_was_running || record.resumed;
+    // Its vCPUs may wait for pages, and so may QEMU's monitor when a device
+    // touched a missing page under QEMU's lock (a restore whose object
+    // store stopped answering leaves that more often than a dead thaw):
+    // its faults are served before QEMU is asked anything.
+    let resumed_on_record = record.resumed;
+    let mut qmp = None;
+    if !resumed_on_record {
+        qmp = Some(query_run_state(name, &paths, &state, &record_path, &mut stats).await?);
+    }
+    let resumed = stats.guest_was_running || resumed_on_record;
     let image = Arc::new(Image::open(&record.image)?);
     check_layout(&image.meta().layout, &state.layout)?;
     let ram = vmm::find_ram(&pid, &paths, &state)?;
@@ -240,6 +224,16 @@ pub async fn recover(
         uffd.wake(m.start, m.len)?;
     }
     let service = engine.start(0)?;
+    let mut qmp = match qmp {
+        Some(q) => q,
+        None => match query_run_state(name, &paths, &state, &record_path, &mut stats).await {
+            Ok(q) => q,
+            Err(e) => {
+                let _ = service.stop(&engine);
+                return Err(e);
+            }
+        },
+    };
     let bar = progress;
     bar.start(
         "recover",
@@ -282,6 +276,43 @@ pub async fn recover(
     stats.bytes_read = c.bytes_read.load(Relaxed);
     stats.complete_ms = ms(started.elapsed());
     Ok(stats)
+}
+
+/// Connects to QEMU's monitor and checks the state a recovery can take
+/// over (noted in `stats`); QEMU still loading the device state is
+/// stopped (the restore is redone from the image).
+async fn query_run_state(
+    name: &str,
+    paths: &VmPaths,
+    state: &vmm::VmState,
+    record_path: &std::path::Path,
+    stats: &mut RecoverStats,
+) -> Result<vmm::Qmp, RestoreError> {
+    let mut qmp = state.monitor(paths).await?;
+    let run_state = qmp.run_state().await?;
+    log::info!("recovering {name}: QEMU {} is {run_state}", state.qemu_pid);
+    match run_state.as_str() {
+        "running" => stats.guest_was_running = true,
+        "paused" => {}
+        "inmigrate" | "prelaunch" => {
+            drop(qmp);
+            vmm::stop(paths, state, true).await?;
+            let _ = std::fs::remove_file(record_path);
+            return Err(RestoreError::DiedLoading(name.to_string()));
+        }
+        other => {
+            return Err(RestoreError::Unrecoverable(
+                name.to_string(),
+                other.to_string(),
+            ))
+        }
+    }
+    // The dead restore may have left x-ignore-shared on.
+    if vmm::libvirt::IgnoreSharedMark::present(&paths.dir) {
+        qmp.clear_ignore_shared().await?;
+        vmm::libvirt::IgnoreSharedMark::remove(&paths.dir);
+    }
+    Ok(qmp)
 }
 
 /// Where a VM's restore stands, from its runtime directory.

@@ -139,6 +139,11 @@ pub enum RestoreError {
         "QEMU (pid {pid}) exited during the restore; its runtime and RAM files were removed, the image is unchanged ({cause})"
     )]
     QemuExited { pid: i32, cause: String },
+    #[error(
+        "the object store stopped answering: VM {name} is kept as it is (its vCPUs wait for \
+         the pages they miss); run `thaw recover {name}` once the store answers again ({cause})"
+    )]
+    StoreUnavailable { name: String, cause: String },
     #[error("VM {0} has no interrupted restore to recover (no restore record for its QEMU)")]
     NothingToRecover(String),
     #[error("a thaw process is still serving VM {0}'s restore; recover only after it died")]
@@ -406,6 +411,17 @@ pub async fn restore(path: &Path, opts: &RestoreOptions) -> Result<RestoreStats,
         Ok(stats) => Ok(stats),
         Err(e) => {
             let gone = !state.qemu_alive();
+            if !gone && store_unavailable(&e) {
+                match keep_for_recovery(&paths) {
+                    Ok(()) => {
+                        return Err(RestoreError::StoreUnavailable {
+                            name: paths.name.clone(),
+                            cause: e.to_string(),
+                        })
+                    }
+                    Err(keep) => log::error!("could not keep the VM for a recovery: {keep}"),
+                }
+            }
             if !gone {
                 log::error!("restore failed; stopping QEMU (pid {pid})");
             }
@@ -418,6 +434,30 @@ pub async fn restore(path: &Path, opts: &RestoreOptions) -> Result<RestoreStats,
             }
             Err(e)
         }
+    }
+}
+
+/// Whether `e` is the image's object store not answering (as opposed to
+/// damage, which no retry mends).
+fn store_unavailable(e: &RestoreError) -> bool {
+    matches!(
+        e,
+        RestoreError::Engine(EngineError::Image(crate::image::ImageError::Io { source, .. }))
+            if crate::store::pages::is_unavailable(source)
+    )
+}
+
+/// After the object store stopped answering: QEMU, its userfaultfd and
+/// the restore record stay as a dead restore leaves them (the guest's
+/// vCPUs wait for the pages they miss; QEMU's monitor may wait with
+/// them), for `thaw recover` to finish the restore. Fails if there is no
+/// record to recover from.
+fn keep_for_recovery(paths: &vmm::VmPaths) -> Result<(), RestoreError> {
+    let record_path = paths.dir.join(RECORD_FILE);
+    if record_path.exists() {
+        Ok(())
+    } else {
+        Err(RestoreError::NothingToRecover(paths.name.clone()))
     }
 }
 

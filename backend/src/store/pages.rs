@@ -188,8 +188,8 @@ impl RemotePages {
                 .try_collect::<Vec<_>>()
                 .await
         })
-        .map_err(|e| std::io::Error::other(e.to_string()))?
-        .map_err(|e| std::io::Error::other(e.to_string()))?;
+        .map_err(unavailable)?
+        .map_err(unavailable)?;
         self.requests.fetch_add(count, Ordering::Relaxed);
         let mut at = 0;
         for part in parts {
@@ -209,6 +209,18 @@ impl RemotePages {
         self.bytes.fetch_add(at as u64, Ordering::Relaxed);
         Ok(())
     }
+}
+
+/// A read the store did not answer (after its retries): the kind
+/// [`is_unavailable`] recognises.
+fn unavailable(e: StoreError) -> std::io::Error {
+    std::io::Error::new(std::io::ErrorKind::NotConnected, e.to_string())
+}
+
+/// Whether `e` is a read of remote pages that the store did not answer
+/// (rather than damage): a restore keeps the VM for a recovery then.
+pub fn is_unavailable(e: &std::io::Error) -> bool {
+    e.kind() == std::io::ErrorKind::NotConnected
 }
 
 impl Drop for RemotePages {
