@@ -14,16 +14,8 @@ runs=${1:-3}
 # shellcheck source=ci/bench-common.sh
 . ci/bench-common.sh
 image=/var/lib/thaw/bench-2g.img
-console=/var/lib/thaw/bench-2g/console.log
 
-"$thaw" stop bench-2g --force >/dev/null 2>&1 || true
-: >"$console"
-"$thaw" start --config configs/bench-2g.yaml
-for _ in $(seq 3000); do
-  grep -q 'THAW-TICK 3 ' "$console" 2>/dev/null && break
-  sleep 0.2
-done
-grep -q 'THAW-TICK 3 ' "$console" || { echo "guest never ticked; console:" >&2; tail -5 "$console" >&2; exit 1; }
+start_bench_2g
 "$thaw" --json save bench-2g "$image" --force >"$out/save.json"
 
 for mode in eager lazy; do

@@ -22,20 +22,12 @@ res=$out/store
 mkdir -p "$res"
 image=/var/lib/thaw/bench-2g.img
 pulled=/var/lib/thaw/bench-2g.pulled
-console=/var/lib/thaw/bench-2g/console.log
 export THAW_CACHE_DIR=/var/lib/thaw/bench-store-cache
 bash ci/s3-server.sh up
 eval "$(bash ci/s3-server.sh env)"
 url=s3://$THAW_S3_BUCKET/bench/bench-2g
 
-"$thaw" stop bench-2g --force >/dev/null 2>&1 || true
-: >"$console"
-"$thaw" start --config configs/bench-2g.yaml
-for _ in $(seq 3000); do
-  grep -q 'THAW-TICK 3 ' "$console" 2>/dev/null && break
-  sleep 0.2
-done
-grep -q 'THAW-TICK 3 ' "$console" || { echo "guest never ticked" >&2; exit 1; }
+start_bench_2g
 "$thaw" --json save bench-2g "$image" --force >"$res/save.json"
 "$thaw" --json push "$image" "$url" --force >"$res/push.json"
 

@@ -608,19 +608,7 @@ impl LiveCopy {
                 left.extend(run);
                 continue;
             }
-            let r = &self.ranges[range];
-            let end = at + usize_from(n) * PAGE_BYTES;
-            let data = memory.get_mut(at..end).ok_or_else(|| {
-                LiveError::Side(std::io::Error::other(
-                    "more pages to copy in the pause than its budget",
-                ))
-            })?;
-            r.file
-                .read_exact_at(data, (first.0 - r.first_page) * PAGE_SIZE)
-                .map_err(|source| LiveError::ReadRam {
-                    id: r.id.clone(),
-                    source,
-                })?;
+            let end = self.read_run(&mut memory, at, range, first, n)?;
             // A page the fault thread took (a write fault read before the
             // instant and handled after it) is saved by that thread; the
             // others are this copy's. Their slots must stay in step with
@@ -666,18 +654,8 @@ impl LiveCopy {
             mine.clear();
             mine.extend((0..n).map(|i| states.claim(PageIndex(first.0 + i))));
             if mine.iter().any(|&m| m) {
-                let data = memory.get_mut(at..end).ok_or_else(|| {
-                    LiveError::Side(std::io::Error::other(
-                        "more pages to copy first than the speculation budget",
-                    ))
-                })?;
                 // Claimed, so still protected: the instant's bytes.
-                r.file
-                    .read_exact_at(data, (first.0 - r.first_page) * PAGE_SIZE)
-                    .map_err(|source| LiveError::ReadRam {
-                        id: r.id.clone(),
-                        source,
-                    })?;
+                self.read_run(&mut memory, at, range, first, n)?;
                 for (i, &m) in mine.iter().enumerate() {
                     if m {
                         let p = PageIndex(first.0 + u64_from(i));
@@ -711,6 +689,32 @@ impl LiveCopy {
             .side
             .put_in_memory(memory, &copied)
             .map_err(LiveError::Side)
+    }
+
+    /// Reads the `n` pages from `first` of range `range` into `memory` at
+    /// byte `at` (the speculated pages' memory); returns where they end.
+    fn read_run(
+        &self,
+        memory: &mut [u8],
+        at: usize,
+        range: usize,
+        first: PageIndex,
+        n: u64,
+    ) -> Result<usize, LiveError> {
+        let r = &self.ranges[range];
+        let end = at + usize_from(n) * PAGE_BYTES;
+        let data = memory.get_mut(at..end).ok_or_else(|| {
+            LiveError::Side(std::io::Error::other(
+                "more pages to copy ahead than the speculation budget",
+            ))
+        })?;
+        r.file
+            .read_exact_at(data, (first.0 - r.first_page) * PAGE_SIZE)
+            .map_err(|source| LiveError::ReadRam {
+                id: r.id.clone(),
+                source,
+            })?;
+        Ok(end)
     }
 
     /// QEMU's address of guest page `p`.
