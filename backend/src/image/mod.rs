@@ -797,10 +797,11 @@ enum PagesSource {
 }
 
 impl PagesSource {
-    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+    /// `urgent`: a fault waits on it (a remote source serves it first).
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64, urgent: bool) -> std::io::Result<()> {
         match self {
             PagesSource::Local(f) => f.read_exact_at(buf, offset),
-            PagesSource::Remote(r) => r.read_exact_at(buf, offset),
+            PagesSource::Remote(r) => r.read_exact_at(buf, offset, urgent),
         }
     }
 }
@@ -1191,7 +1192,7 @@ impl Image {
             }
         }
         self.pages
-            .read_exact_at(buf, start)
+            .read_exact_at(buf, start, urgent)
             .map_err(io_err(&self.pages_path, "cannot read"))
     }
 

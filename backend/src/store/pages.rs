@@ -13,8 +13,9 @@
 
 use std::ops::Range;
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
@@ -79,6 +80,10 @@ pub struct RemotePages {
     len: u64,
     requests: AtomicU64,
     bytes: AtomicU64,
+    /// Urgent reads (a fault waits) in flight: background reads start no
+    /// new range meanwhile, and are told by `calm` when there are none.
+    urgent: Arc<AtomicUsize>,
+    calm: Arc<tokio::sync::Notify>,
 }
 
 impl RemotePages {
@@ -129,6 +134,8 @@ impl RemotePages {
             len: reference.len,
             requests: AtomicU64::new(0),
             bytes: AtomicU64::new(0),
+            urgent: Arc::new(AtomicUsize::new(0)),
+            calm: Arc::new(tokio::sync::Notify::new()),
         })
     }
 
@@ -157,8 +164,9 @@ impl RemotePages {
 
     /// Fills `buf` with the object's bytes from `offset` on: one ranged
     /// GET, or for a large read several at once. Blocks the calling thread
-    /// only.
-    pub fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+    /// only. A read that is not `urgent` (the fill's) starts no new range
+    /// while an urgent one (a fault's) is in flight.
+    pub fn read_exact_at(&self, buf: &mut [u8], offset: u64, urgent: bool) -> std::io::Result<()> {
         let end = offset + buf.len() as u64;
         if end > self.len {
             return Err(std::io::Error::new(
@@ -177,12 +185,27 @@ impl RemotePages {
             .runtime
             .as_ref()
             .ok_or_else(|| std::io::Error::other("the object store runtime stopped"))?;
+        let _urgent = urgent.then(|| UrgentRead::start(&self.urgent, &self.calm));
+        let gate = (!urgent).then(|| (self.urgent.clone(), self.calm.clone()));
         let parts = run_on(runtime, async move {
             use futures::{StreamExt, TryStreamExt};
             futures::stream::iter(ranges)
                 .map(|r| {
-                    let (store, object) = (&store, &object);
-                    async move { store.get_range(object, r).await }
+                    let (store, object, gate) = (&store, &object, &gate);
+                    async move {
+                        if let Some((urgent, calm)) = gate {
+                            loop {
+                                // Registered before the check: a wake-up
+                                // between the two is not lost.
+                                let calmed = calm.notified();
+                                if urgent.load(Ordering::Acquire) == 0 {
+                                    break;
+                                }
+                                calmed.await;
+                            }
+                        }
+                        store.get_range(object, r).await
+                    }
                 })
                 .buffered(PARALLEL_RANGES)
                 .try_collect::<Vec<_>>()
@@ -208,6 +231,28 @@ impl RemotePages {
         }
         self.bytes.fetch_add(at as u64, Ordering::Relaxed);
         Ok(())
+    }
+}
+
+/// An urgent read in flight, counted while this lives; the last one to
+/// end lets the background reads go on.
+struct UrgentRead<'a> {
+    urgent: &'a AtomicUsize,
+    calm: &'a tokio::sync::Notify,
+}
+
+impl<'a> UrgentRead<'a> {
+    fn start(urgent: &'a AtomicUsize, calm: &'a tokio::sync::Notify) -> UrgentRead<'a> {
+        urgent.fetch_add(1, Ordering::AcqRel);
+        UrgentRead { urgent, calm }
+    }
+}
+
+impl Drop for UrgentRead<'_> {
+    fn drop(&mut self) {
+        if self.urgent.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.calm.notify_waiters();
+        }
     }
 }
 
