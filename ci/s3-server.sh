@@ -5,6 +5,7 @@
 # installed from PyPI into a virtualenv. Every port it opens is bound to
 # 127.0.0.1; requests must be signed with the credentials it generates.
 #
+#   ci/s3-server.sh install  install it (once; the rest needs no network but loopback)
 #   ci/s3-server.sh up     install (once), start it (with the data of an earlier start),
 #                          create the bucket, wait until it answers
 #   ci/s3-server.sh stop   stop it, keeping its data
@@ -101,6 +102,7 @@ stop() {
 }
 
 case ${1:-} in
+install) install ;;
 up) up ;;
 stop) stop ;;
 down)
@@ -119,5 +121,5 @@ export AWS_SECRET_ACCESS_KEY=$secret_key
 export THAW_S3_BUCKET=$bucket
 EOF
   ;;
-*) echo "usage: ci/s3-server.sh up|stop|down|env" >&2; exit 2 ;;
+*) echo "usage: ci/s3-server.sh install|up|stop|down|env" >&2; exit 2 ;;
 esac

@@ -400,6 +400,21 @@ enum Command {
         /// each restore, no drop_caches): the floor of a local-disk restore.
         #[arg(long)]
         hot_cache: bool,
+        /// Restore from an object store: the image (PREFIX/thaw) and stock
+        /// QEMU's migration stream (PREFIX/stock) are put at
+        /// s3://BUCKET/PREFIX, and every restore reads from there: thaw's
+        /// straight from the store, stock's by downloading the stream
+        /// before migrate-incoming (store settings as for `thaw push`).
+        #[arg(long, conflicts_with_all = ["read_limit", "hot_cache"])]
+        store: Option<String>,
+        /// The link to the store, as shaped (e.g. by ci/store-link.sh): its
+        /// round-trip time in ms...
+        #[arg(long, requires_all = ["store", "link_rate"])]
+        link_rtt_ms: Option<f64>,
+        /// ...and its rate per second each way (e.g. 12.5M): the floors the
+        /// results are compared with.
+        #[arg(long, value_parser = parse_size, requires_all = ["store", "link_rtt_ms"])]
+        link_rate: Option<u64>,
     },
     /// Measure what a checkpoint costs the running guest: live
     /// (copy-on-write) against stop-and-copy, side by side, at one or
@@ -746,23 +761,25 @@ async fn run(cli: Cli) -> Result<()> {
             };
             // From an object store: everything but the pages first, then
             // the pages by ranged reads as the restore needs them.
-            let local = match Location::parse(&image)? {
-                Location::Local(dir) => dir,
+            let (local, metadata) = match Location::parse(&image)? {
+                Location::Local(dir) => (dir, None),
                 Location::Store(url) => {
                     let store = connect(&url)?;
-                    thaw::store::lazy::prepare(
+                    let prepared = thaw::store::lazy::prepare(
                         &store,
                         &url,
                         &thaw::store::lazy::cache_root(),
                         &*progress::terminal_bar(),
                     )
                     .await
-                    .with_context(|| format!("reading {url}"))?
+                    .with_context(|| format!("reading {url}"))?;
+                    (prepared.dir, Some(prepared.fetched))
                 }
             };
-            let stats = thaw::ops::restore::restore(&local, &opts)
+            let mut stats = thaw::ops::restore::restore(&local, &opts)
                 .await
                 .with_context(|| format!("restoring {}", image.display()))?;
+            stats.store_metadata = metadata;
             print(j, &stats, &stats)
         }
         Command::Checkpoint {
@@ -930,6 +947,9 @@ async fn run(cli: Cli) -> Result<()> {
             app_data,
             app_hot,
             hot_cache,
+            store,
+            link_rtt_ms,
+            link_rate,
         } => {
             let methods = if methods.is_empty() && libvirt.libvirt {
                 crate::bench::Method::all_libvirt()
@@ -981,6 +1001,16 @@ async fn run(cli: Cli) -> Result<()> {
                             (None, None) => None,
                         },
                         hot_cache,
+                        store: store
+                            .map(|url| {
+                                Ok::<_, anyhow::Error>(crate::bench::store::StoreOptions {
+                                    url: StoreUrl::parse(&url)?,
+                                    link: link_rtt_ms.zip(link_rate).map(|(rtt_ms, rate)| {
+                                        crate::bench::store::Link { rtt_ms, rate }
+                                    }),
+                                })
+                            })
+                            .transpose()?,
                     };
                     crate::bench::run(&opts).await.context("benchmark")?
                 }

@@ -20,6 +20,7 @@ pub mod console;
 pub mod libvirt;
 pub mod plot;
 pub mod probe;
+pub mod store;
 pub mod ttr;
 
 use std::path::{Path, PathBuf};
@@ -49,6 +50,10 @@ pub const TTR_HOLD_MS: f64 = 1000.0;
 const APP_STEADY_TIMEOUT: Duration = Duration::from_secs(180);
 /// Client passes wanted after all RAM is resident (the steady reference).
 const STEADY_PASSES: usize = 5;
+/// Round trips a restore from a store cannot avoid before the guest runs
+/// (the manifest, then the files: a lookup and a read each, some at once),
+/// counted in its floor.
+const FLOOR_ROUND_TRIPS: f64 = 4.0;
 /// Default period of the interactive probe.
 pub const PROBE_PERIOD_MS: u64 = 100;
 
@@ -253,6 +258,9 @@ pub struct BenchOptions {
     /// restore, no `drop_caches`): the floor a local-disk restore is
     /// compared with.
     pub hot_cache: bool,
+    /// Restore from an object store (`--store`): the image and the stock
+    /// stream put there, every restore read from there.
+    pub store: Option<store::StoreOptions>,
 }
 
 /// `--app`: which server the guest runs and how much data it holds.
@@ -315,6 +323,10 @@ pub struct MethodRun {
     /// limit (ms).
     #[serde(default)]
     pub floor_ms: Option<f64>,
+    /// `--store`: what the restore read from the store (requests, bytes),
+    /// metadata and pages together.
+    #[serde(default)]
+    pub store_fetched: Option<thaw::image::source::Fetched>,
 }
 
 impl MethodRun {
@@ -346,6 +358,7 @@ impl MethodRun {
             zero_faults: None,
             ws_pages: None,
             floor_ms: None,
+            store_fetched: None,
         }
     }
 
@@ -444,6 +457,11 @@ pub struct MethodSummary {
     pub ttr_vs_floor: Option<f64>,
     #[serde(default)]
     pub first_answer_vs_floor: Option<f64>,
+    /// `--store`: requests sent to the store and MiB received.
+    #[serde(default)]
+    pub store_requests: Option<f64>,
+    #[serde(default)]
+    pub store_mib: Option<f64>,
 }
 
 /// This machine's limits, measured in the same run (`thaw limits`).
@@ -497,6 +515,9 @@ pub struct BenchReport {
     /// The real application and its client, when the bench ran one.
     #[serde(default)]
     pub app: Option<AppReport>,
+    /// `--store`: where the restores read from, and over what link.
+    #[serde(default)]
+    pub store: Option<store::StoreReport>,
 }
 
 fn mib_per_s() -> String {
@@ -695,6 +716,29 @@ pub async fn run(opts: &BenchOptions) -> Result<BenchReport, BenchError> {
         stop_vm(&name, uri).await?;
     }
 
+    // The image (with what the learning restore learned) and the stock
+    // stream into the store, when the restores read from one.
+    let store_setup = match &opts.store {
+        Some(so) => Some(
+            store::StoreSetup::upload(
+                so,
+                &image,
+                opts.methods
+                    .contains(&Method::Stock)
+                    .then_some(stock_file.as_path()),
+                &opts.dir,
+            )
+            .await?,
+        ),
+        None => None,
+    };
+    let downloaded_stock = opts.dir.join("stock.downloaded");
+    let device_state_bytes = thaw::image::Image::open(&image)
+        .map_err(restore::RestoreError::from)?
+        .meta()
+        .device_state
+        .len;
+
     let mut runs = Vec::new();
     // Round robin (run 1 of every method, then run 2, ...): a slow spell
     // of a shared host hits every method alike, not all runs of one.
@@ -711,9 +755,18 @@ pub async fn run(opts: &BenchOptions) -> Result<BenchReport, BenchError> {
             let t0 = Instant::now();
             let observer = Observer::start(app.as_ref(), &serial, opts, console.as_deref(), t0)?;
             let mut r = match method {
-                Method::Stock => {
-                    stock_restore(&cfg, accel, &stock_file, false, opts.read_limit, t0).await?
-                }
+                Method::Stock => match &store_setup {
+                    Some(setup) => {
+                        let fetched = setup.download_stock(&downloaded_stock).await?;
+                        let mut r =
+                            stock_restore(&cfg, accel, &downloaded_stock, false, None, t0).await?;
+                        r.store_fetched = Some(fetched);
+                        r
+                    }
+                    None => {
+                        stock_restore(&cfg, accel, &stock_file, false, opts.read_limit, t0).await?
+                    }
+                },
                 Method::MappedRam => {
                     stock_restore(&cfg, accel, &mapped_file, true, opts.read_limit, t0).await?
                 }
@@ -742,24 +795,54 @@ pub async fn run(opts: &BenchOptions) -> Result<BenchReport, BenchError> {
                         _ => (Mode::Ws, EstimatorChoice::Dirty),
                     };
                     let learn = (method == Method::LazyLearn).then(LearnWindow::default);
-                    let s = restore::restore(&image, &restore_opts(mode, estimator, learn)).await?;
+                    // From a store: its metadata first, fetched again each time.
+                    let (dir, metadata) = match &store_setup {
+                        Some(setup) => {
+                            let (dir, fetched) = setup.prepare_image().await?;
+                            (dir, Some(fetched))
+                        }
+                        None => (image.clone(), None),
+                    };
+                    let before_ms = t0.elapsed().as_secs_f64() * 1000.0;
+                    let s = restore::restore(&dir, &restore_opts(mode, estimator, learn)).await?;
+                    let link = opts.store.as_ref().and_then(|so| so.link);
+                    let floor_ms = match (link, opts.read_limit) {
+                        (Some(link), _) => Some(
+                            s.launch_ms
+                                + s.device_state_ms
+                                + ((s.prefetched_pages * PAGE_SIZE) + device_state_bytes) as f64
+                                    * 1000.0
+                                    / link.rate.max(1) as f64
+                                + FLOOR_ROUND_TRIPS * link.rtt_ms,
+                        ),
+                        (None, Some(limit)) => Some(
+                            s.launch_ms
+                                + s.device_state_ms
+                                + (s.prefetched_pages * PAGE_SIZE) as f64 * 1000.0
+                                    / limit.max(1) as f64,
+                        ),
+                        (None, None) => None,
+                    }
+                    .filter(|_| mode == Mode::Ws);
                     MethodRun {
                         learn_window_ms: learn.map(|_| s.learn_window_ms),
                         window_faults: learn.map(|_| s.window_faults),
                         window_pages: learn.map(|_| s.window_pages),
                         zero_faults: Some(s.zero_page_faults),
                         ws_pages: (mode == Mode::Ws).then_some(s.ws_pages),
-                        floor_ms: opts.read_limit.filter(|_| mode == Mode::Ws).map(|limit| {
-                            s.launch_ms
-                                + s.device_state_ms
-                                + (s.prefetched_pages * PAGE_SIZE) as f64 * 1000.0
-                                    / limit.max(1) as f64
+                        floor_ms,
+                        store_fetched: metadata.map(|m| {
+                            let pages = s.store_fetched.unwrap_or_default();
+                            thaw::image::source::Fetched {
+                                requests: m.requests + pages.requests,
+                                bytes: m.bytes + pages.bytes,
+                            }
                         }),
                         method: String::new(),
                         run,
-                        running_ms: s.resume_ms,
+                        running_ms: before_ms + s.resume_ms,
                         ttr_ms: None,
-                        complete_ms: s.complete_ms,
+                        complete_ms: before_ms + s.complete_ms,
                         faults: s.lazy_faults,
                         bytes_read: s.bytes_read,
                         fill_mib_per_s: Some(s.fill_mib_per_s),
@@ -840,6 +923,7 @@ pub async fn run(opts: &BenchOptions) -> Result<BenchReport, BenchError> {
         libvirt: opts.libvirt.clone(),
         rate_unit: warm_state.unit().to_string(),
         app: warm_state.app,
+        store: store_setup.map(|s| s.report),
     })
 }
 
@@ -1155,6 +1239,13 @@ fn summarize(
                     mine.iter()
                         .filter_map(|r| Some(r.first_answer()? / r.floor_ms?)),
                 ),
+                store_requests: median(
+                    mine.iter()
+                        .filter_map(|r| r.store_fetched.map(|f| f.requests as f64)),
+                ),
+                store_mib: median(mine.iter().filter_map(|r| {
+                    r.store_fetched.map(|f| f.bytes as f64 / (1 << 20) as f64)
+                })),
             }
         })
         .collect()
@@ -1200,6 +1291,23 @@ fn check_methods(opts: &BenchOptions) -> Result<(), BenchError> {
             "this virsh has no `save --image-format` (libvirt >= 11 has): leave out virsh-sparse"
                 .into(),
         ));
+    }
+    if opts.store.is_some() {
+        if opts.libvirt.is_some() || opts.read_limit.is_some() || opts.hot_cache {
+            return Err(BenchError::Options(
+                "--store: the link to the store is the limit; leave out --libvirt, --read-limit and --hot-cache".into(),
+            ));
+        }
+        if let Some(m) = opts
+            .methods
+            .iter()
+            .find(|m| matches!(m, Method::MappedRam | Method::Hot(_)))
+        {
+            return Err(BenchError::Options(format!(
+                "--store: method {} reads a local file; use stock, eager, lazy, lazy:learn or ws:*",
+                m.name()
+            )));
+        }
     }
     for &m in &opts.methods {
         let fits = match m {
@@ -1442,6 +1550,9 @@ impl BenchReport {
             ));
         }
         out.push_str(&format!("\nTTR: {}. Medians.\n", self.ttr_definition));
+        if let Some(st) = &self.store {
+            out.push_str(&self.store_markdown(st));
+        }
         for sm in self.summary.iter().filter(|s| s.learn_window_ms.is_some()) {
             out.push_str(&format!(
                 "\n{}: learning window {} ms after all RAM was resident, {} first touches in it, {} of them through thaw; the guest's rate inside it: {} of its steady rate.\n",
@@ -1525,6 +1636,55 @@ impl BenchReport {
                     f(s.fault_p50_vs_page_floor, 1)
                 ));
             }
+        }
+        out
+    }
+}
+
+impl BenchReport {
+    /// `--store`: what each method read from the store, and against the link.
+    fn store_markdown(&self, st: &store::StoreReport) -> String {
+        let f = |v: Option<f64>, d: usize| v.map_or("—".to_string(), |v| format!("{v:.d$}"));
+        let rtt = st.link.map(|l| l.rtt_ms);
+        let rate_mib = st.link.map(|l| l.rate as f64 / (1 << 20) as f64);
+        let mut out = format!(
+            "\nEvery restore read from the object store {}{} with an empty local cache: thaw's \
+             straight from it (metadata, device state and working sets, then pages by ranged reads), \
+             stock's by downloading its stream (ranged reads in flight) before `migrate-incoming`. \
+             The image is {:.0} MiB there{}.\n\n\
+             | method | MiB fetched | requests | fault p50 ms | fault p50 / RTT | fill MiB/s | fill / link | TTR / floor | first answer / floor |\n\
+             |---|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+            st.url,
+            st.link.map_or(String::new(), |l| format!(
+                ", over a link of {} ms round trip and {:.1} MiB/s each way",
+                l.rtt_ms,
+                l.rate as f64 / (1 << 20) as f64
+            )),
+            st.image_bytes as f64 / (1 << 20) as f64,
+            st.stock_bytes.map_or(String::new(), |b| format!(
+                ", the stock stream {:.0} MiB",
+                b as f64 / (1 << 20) as f64
+            )),
+        );
+        for s in &self.summary {
+            out.push_str(&format!(
+                "| {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
+                s.method,
+                f(s.store_mib, 0),
+                f(s.store_requests, 0),
+                f(s.fault_p50_us.map(|u| u / 1000.0), 1),
+                f(s.fault_p50_us.zip(rtt).map(|(u, r)| u / 1000.0 / r), 2),
+                f(s.fill_mib_per_s, 0),
+                f(s.fill_mib_per_s.zip(rate_mib).map(|(f, r)| f / r), 2),
+                f(s.ttr_vs_floor, 2),
+                f(s.first_answer_vs_floor, 2),
+            ));
+        }
+        if st.link.is_some() {
+            out.push_str(&format!(
+                "\nFloor (ws): QEMU's start + loading the device state + the device state and the \
+                 working set at the link rate + {FLOOR_ROUND_TRIPS} round trips.\n"
+            ));
         }
         out
     }
@@ -1617,10 +1777,23 @@ mod tests {
             libvirt: None,
             app: None,
             hot_cache: false,
+            store: None,
         };
         assert!(check_methods(&opts).is_ok());
         opts.read_limit = Some(100 << 20);
         let err = check_methods(&opts).expect_err("a hot method with a read limit");
         assert!(err.to_string().contains("eager@hot"), "{err}");
+        // From a store, only methods that can read from one.
+        opts.read_limit = None;
+        opts.store = Some(store::StoreOptions {
+            url: thaw::store::StoreUrl::parse("s3://b/p").expect("a URL"),
+            link: None,
+        });
+        let err = check_methods(&opts).expect_err("a hot method from a store");
+        assert!(err.to_string().contains("eager@hot"), "{err}");
+        opts.methods = vec![Method::Stock, Method::Eager, Method::Lazy];
+        assert!(check_methods(&opts).is_ok());
+        opts.read_limit = Some(100 << 20);
+        assert!(check_methods(&opts).is_err(), "a read limit with a store");
     }
 }

@@ -163,6 +163,8 @@ mod tests {
             floor_ms: None,
             ttr_vs_floor: None,
             first_answer_vs_floor: None,
+            store_requests: None,
+            store_mib: None,
         };
         let report = BenchReport {
             vm: "t".into(),
@@ -181,6 +183,7 @@ mod tests {
             libvirt: None,
             rate_unit: "MiB/s".into(),
             app: None,
+            store: None,
             runs: vec![
                 run("stock", &[0.0, 10.0, 100.0]),
                 run("ws:learned", &[90.0, 100.0]),

@@ -48,7 +48,7 @@
 use std::fs::{self, DirBuilder, File, OpenOptions};
 use std::io::{BufWriter, Read, Write};
 use std::ops::Range;
-use std::os::unix::fs::{DirBuilderExt, FileExt, OpenOptionsExt};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -789,23 +789,6 @@ pub fn parse_meta(text: &[u8]) -> Result<ImageMeta, String> {
     Ok(meta)
 }
 
-/// Where an image's `pages.bin` is read from.
-enum PagesSource {
-    Local(File),
-    /// Left in an object store (a restore straight from it).
-    Remote(std::sync::Arc<crate::store::pages::RemotePages>),
-}
-
-impl PagesSource {
-    /// `urgent`: a fault waits on it (a remote source serves it first).
-    fn read_exact_at(&self, buf: &mut [u8], offset: u64, urgent: bool) -> std::io::Result<()> {
-        match self {
-            PagesSource::Local(f) => f.read_exact_at(buf, offset),
-            PagesSource::Remote(r) => r.read_exact_at(buf, offset, urgent),
-        }
-    }
-}
-
 /// An opened, structurally verified image; `&Image` is safe to share
 /// between a fault thread and a filler (all reads are `pread`, or ranged
 /// reads of an object store).
@@ -816,7 +799,7 @@ pub struct Image {
     chunk_sums: Vec<u64>,
     page_sums: Vec<u64>,
     reverse: Vec<u64>,
-    pages: PagesSource,
+    pages: Box<dyn source::PageSource>,
     /// The same file for bulk reads that bypass the page cache.
     pages_direct: Option<direct::DirectReader>,
     pages_path: PathBuf,
@@ -890,20 +873,18 @@ impl Image {
         };
         check_meta(&meta).map_err(|m| damaged(&meta_path, m))?;
         let pages_path = dir.join("pages.bin");
-        let (pages, plen) = match open_remote_pages(dir, &meta, &pages_path)? {
-            Some(remote) => {
-                let len = remote.len();
-                (PagesSource::Remote(std::sync::Arc::new(remote)), len)
-            }
+        let pages: Box<dyn source::PageSource> = match open_remote_pages(dir, &meta, &pages_path)? {
+            Some(remote) => Box::new(remote),
             None => {
                 let pages = File::open(&pages_path).map_err(io_err(&pages_path, "cannot open"))?;
                 let len = pages
                     .metadata()
                     .map_err(io_err(&pages_path, "cannot stat"))?
                     .len();
-                (PagesSource::Local(pages), len)
+                Box::new(source::LocalPages::new(pages, len))
             }
         };
+        let plen = pages.len();
         if plen != meta.nonzero_pages * PAGE_SIZE || plen != meta.pages.len {
             return Err(damaged(
                 &pages_path,
@@ -955,9 +936,10 @@ impl Image {
             chunk_sums,
             page_sums,
             reverse,
-            pages_direct: match pages {
-                PagesSource::Local(_) => direct::DirectReader::open(&pages_path),
-                PagesSource::Remote(_) => None,
+            pages_direct: if pages.is_remote() {
+                None
+            } else {
+                direct::DirectReader::open(&pages_path)
             },
             pages,
             pages_path,
@@ -975,7 +957,7 @@ impl Image {
             parent: parent_dir.clone(),
             why,
         };
-        if matches!(self.pages, PagesSource::Remote(_)) {
+        if self.pages.is_remote() {
             return Err(refuse(
                 "is not read from an object store: restore a merged image from there".into(),
             ));
@@ -1200,10 +1182,13 @@ impl Image {
     /// when not the local default: an image whose pages are in an object
     /// store is read in larger requests, several ranges in flight.
     pub fn bulk_read_bytes(&self) -> Option<u64> {
-        match self.pages {
-            PagesSource::Local(_) => None,
-            PagesSource::Remote(_) => Some(crate::store::pages::BULK_READ_BYTES),
-        }
+        self.pages.bulk_read_bytes()
+    }
+
+    /// What was fetched from an object store for this image's pages so far
+    /// (`None` when they are read from a local file).
+    pub fn fetched(&self) -> Option<source::Fetched> {
+        self.pages.fetched()
     }
 
     /// Whether each page can be read and verified alone ([`Image::read_slots`];
@@ -1499,6 +1484,7 @@ impl std::fmt::Display for InspectReport {
 
 pub mod chain;
 pub mod direct;
+pub mod source;
 #[cfg(test)]
 pub(crate) mod tests;
 pub mod throttle;

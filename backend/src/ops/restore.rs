@@ -239,6 +239,15 @@ pub struct RestoreStats {
     pub discarded_pages: u64,
     /// Faults on discarded pages, answered with zero pages.
     pub discarded_faults: u64,
+    /// Pages read straight from an object store: the ranged GETs sent and
+    /// the bytes they brought (absent for a local image).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub store_fetched: Option<crate::image::source::Fetched>,
+    /// A restore straight from a store: what was read before it began
+    /// (the manifest and every file but the pages: metadata, device
+    /// state, working sets), set by the caller that read them.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub store_metadata: Option<crate::image::source::Fetched>,
 }
 
 impl std::fmt::Display for RestoreStats {
@@ -296,6 +305,22 @@ impl std::fmt::Display for RestoreStats {
             "  pages: {} zero-page faults, {} with faulted chunks, {} background, {} touched",
             self.zero_page_faults, self.neighbour_pages, self.background_pages, self.touched_pages
         )?;
+        if let Some(fetched) = self.store_fetched {
+            writeln!(
+                f,
+                "  from the object store: {} MiB of pages in {} reads",
+                fetched.bytes >> 20,
+                fetched.requests
+            )?;
+        }
+        if let Some(fetched) = self.store_metadata {
+            writeln!(
+                f,
+                "  before it: {:.1} MiB of metadata, device state and working sets in {} reads",
+                fetched.bytes as f64 / f64::from(1u32 << 20),
+                fetched.requests
+            )?;
+        }
         if self.discarded_pages > 0 {
             writeln!(
                 f,
@@ -831,6 +856,8 @@ async fn run(
         learned_pages,
         discarded_pages: engine.discarded_pages(),
         discarded_faults: c.discarded_faults.load(Ordering::Relaxed),
+        store_fetched: image.fetched(),
+        store_metadata: None,
     })
 }
 

@@ -4,6 +4,7 @@
 //! with backoff, all async on tokio), with thaw's timeouts and retries.
 
 use std::ops::Range;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -16,6 +17,7 @@ use object_store::{
 
 use super::settings::StoreSettings;
 use super::StoreError;
+use crate::image::source::Fetched;
 
 /// How long requests may take, and how often a failed one is retried.
 #[derive(Clone, Copy, Debug)]
@@ -52,6 +54,22 @@ impl Timeouts {
 pub struct Store {
     inner: Arc<dyn ObjectStore>,
     bucket: String,
+    /// Reads sent through this client (and its clones) and the bytes
+    /// they brought.
+    reads: Arc<ReadCounts>,
+}
+
+#[derive(Default)]
+struct ReadCounts {
+    requests: AtomicU64,
+    bytes: AtomicU64,
+}
+
+impl ReadCounts {
+    fn count(&self, bytes: u64) {
+        self.requests.fetch_add(1, Ordering::Relaxed);
+        self.bytes.fetch_add(bytes, Ordering::Relaxed);
+    }
 }
 
 impl Store {
@@ -110,7 +128,18 @@ impl Store {
         Ok(Store {
             inner: Arc::new(inner),
             bucket: bucket.to_string(),
+            reads: Arc::default(),
         })
+    }
+
+    /// The reads (lookups, whole and ranged GETs) sent so far through this
+    /// client and its clones, and the bytes they brought; retries inside
+    /// one read are not counted apart.
+    pub fn fetched(&self) -> Fetched {
+        Fetched {
+            requests: self.reads.requests.load(Ordering::Relaxed),
+            bytes: self.reads.bytes.load(Ordering::Relaxed),
+        }
     }
 
     /// The `object_store` client itself.
@@ -129,6 +158,7 @@ impl Store {
 
     /// The object's size and version, `None` if it does not exist.
     pub async fn head(&self, path: &ObjectPath) -> Result<Option<ObjectMeta>, StoreError> {
+        self.reads.count(0);
         match self.inner.head(path).await {
             Ok(m) => Ok(Some(m)),
             Err(object_store::Error::NotFound { .. }) => Ok(None),
@@ -143,11 +173,9 @@ impl Store {
             Err(object_store::Error::NotFound { .. }) => return Ok(None),
             Err(e) => return Err(self.failed("reading", path)(e)),
         };
-        result
-            .bytes()
-            .await
-            .map(Some)
-            .map_err(self.failed("reading", path))
+        let data = result.bytes().await.map_err(self.failed("reading", path))?;
+        self.reads.count(data.len() as u64);
+        Ok(Some(data))
     }
 
     /// Bytes `range` of the object.
@@ -156,10 +184,13 @@ impl Store {
         path: &ObjectPath,
         range: Range<u64>,
     ) -> Result<Bytes, StoreError> {
-        self.inner
+        let data = self
+            .inner
             .get_range(path, range)
             .await
-            .map_err(self.failed("reading", path))
+            .map_err(self.failed("reading", path))?;
+        self.reads.count(data.len() as u64);
+        Ok(data)
     }
 
     /// Writes the object whole, in one request.

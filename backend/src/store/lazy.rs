@@ -15,6 +15,7 @@ use super::client::Store;
 use super::pages::{RemotePagesRef, REMOTE_PAGES};
 use super::transfer::{self, read_manifest};
 use super::{StoreError, StoreUrl};
+use crate::image::source::Fetched;
 use crate::progress::Progress;
 
 /// Where the local parts of images restored from a store are kept:
@@ -26,10 +27,38 @@ pub fn cache_root() -> PathBuf {
         .join("store")
 }
 
+/// An image of a store made ready for a restore straight from it.
+#[derive(Clone, Debug)]
+pub struct Prepared {
+    /// The local directory that stands for it.
+    pub dir: PathBuf,
+    /// What was read from the store to make it (the manifest, and the
+    /// files unless an earlier restore left them).
+    pub fetched: Fetched,
+}
+
 /// The local directory that stands for the image at `url` under `root`,
 /// with every file but the pages downloaded and verified (reused when
 /// already there for this image).
 pub async fn prepare(
+    store: &Store,
+    url: &StoreUrl,
+    root: &Path,
+    progress: &dyn Progress,
+) -> Result<Prepared, StoreError> {
+    let before = store.fetched();
+    let dir = prepare_dir(store, url, root, progress).await?;
+    let after = store.fetched();
+    Ok(Prepared {
+        dir,
+        fetched: Fetched {
+            requests: after.requests - before.requests,
+            bytes: after.bytes - before.bytes,
+        },
+    })
+}
+
+async fn prepare_dir(
     store: &Store,
     url: &StoreUrl,
     root: &Path,

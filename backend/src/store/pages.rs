@@ -13,13 +13,14 @@
 
 use std::ops::Range;
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
 use super::client::{Store, Timeouts};
+use crate::image::source::{Fetched, PageSource};
 use super::settings::StoreSettings;
 use super::{StoreError, StoreUrl};
 
@@ -33,7 +34,7 @@ const SPLIT_BYTES: u64 = super::transfer::PART_BYTES;
 const PARALLEL_RANGES: usize = 4;
 /// How much the fill should read at once from the store: several ranges
 /// in flight (see [`crate::image::Image::bulk_read_bytes`]).
-pub const BULK_READ_BYTES: u64 = 4 * SPLIT_BYTES;
+const BULK_READ_BYTES: u64 = 4 * SPLIT_BYTES;
 
 /// [`REMOTE_PAGES`]: where the pages are.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -78,8 +79,6 @@ pub struct RemotePages {
     object: object_store::path::Path,
     url: String,
     len: u64,
-    requests: AtomicU64,
-    bytes: AtomicU64,
     /// Urgent reads (a fault waits) in flight: background reads start no
     /// new range meanwhile, and are told by `calm` when there are none.
     urgent: Arc<AtomicUsize>,
@@ -132,21 +131,9 @@ impl RemotePages {
             object,
             url: reference.url.clone(),
             len: reference.len,
-            requests: AtomicU64::new(0),
-            bytes: AtomicU64::new(0),
             urgent: Arc::new(AtomicUsize::new(0)),
             calm: Arc::new(tokio::sync::Notify::new()),
         })
-    }
-
-    /// The object's length.
-    pub fn len(&self) -> u64 {
-        self.len
-    }
-
-    /// Whether the object is empty (an image of an all-zero guest).
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
     }
 
     /// Where the pages are, for messages.
@@ -154,19 +141,29 @@ impl RemotePages {
         &self.url
     }
 
-    /// Requests sent and bytes received so far.
-    pub fn counts(&self) -> (u64, u64) {
-        (
-            self.requests.load(Ordering::Relaxed),
-            self.bytes.load(Ordering::Relaxed),
-        )
+}
+
+impl PageSource for RemotePages {
+    fn len(&self) -> u64 {
+        self.len
     }
 
-    /// Fills `buf` with the object's bytes from `offset` on: one ranged
-    /// GET, or for a large read several at once. Blocks the calling thread
-    /// only. A read that is not `urgent` (the fill's) starts no new range
-    /// while an urgent one (a fault's) is in flight.
-    pub fn read_exact_at(&self, buf: &mut [u8], offset: u64, urgent: bool) -> std::io::Result<()> {
+    fn bulk_read_bytes(&self) -> Option<u64> {
+        Some(BULK_READ_BYTES)
+    }
+
+    fn is_remote(&self) -> bool {
+        true
+    }
+
+    fn fetched(&self) -> Option<Fetched> {
+        Some(self.store.fetched())
+    }
+
+    /// One ranged GET, or for a large read several at once. Blocks the
+    /// calling thread only. A read that is not `urgent` (the fill's)
+    /// starts no new range while an urgent one (a fault's) is in flight.
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64, urgent: bool) -> std::io::Result<()> {
         let end = offset + buf.len() as u64;
         if end > self.len {
             return Err(std::io::Error::new(
@@ -180,7 +177,6 @@ impl RemotePages {
         let ranges = split(offset..end);
         let store = self.store.clone();
         let object = self.object.clone();
-        let count = ranges.len() as u64;
         let runtime = self
             .runtime
             .as_ref()
@@ -213,7 +209,6 @@ impl RemotePages {
         })
         .map_err(unavailable)?
         .map_err(unavailable)?;
-        self.requests.fetch_add(count, Ordering::Relaxed);
         let mut at = 0;
         for part in parts {
             let n = part.len();
@@ -229,7 +224,6 @@ impl RemotePages {
                 format!("the store sent {at} of {} bytes", buf.len()),
             ));
         }
-        self.bytes.fetch_add(at as u64, Ordering::Relaxed);
         Ok(())
     }
 }

@@ -272,7 +272,7 @@ pub async fn push(
 }
 
 /// Uploads one file as object `name` under `url`, hashing it.
-async fn upload_file(
+pub async fn upload_file(
     store: &Store,
     path: &Path,
     url: &StoreUrl,
@@ -444,7 +444,7 @@ pub async fn pull(
 
 /// Downloads one file of the manifest to `path` with ranged reads in
 /// flight, and checks its length and digest.
-pub(super) async fn download_file(
+pub async fn download_file(
     store: &Store,
     url: &StoreUrl,
     f: &ManifestFile,

@@ -1,0 +1,146 @@
+//! `thaw bench --store s3://BUCKET/PREFIX`: every restore read from an
+//! object store. The bench puts its image there (`PREFIX/thaw`, as `thaw
+//! push` does) and stock QEMU's migration stream (`PREFIX/stock.mig`);
+//! thaw's methods then restore straight from the store (metadata, device
+//! state and working sets first, pages by ranged reads), and `stock`
+//! downloads the stream (ranged reads in flight, as S3 tools do) before
+//! `migrate-incoming`. Each restore starts from an empty local cache, so
+//! everything it needs comes over the link.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use thaw::image::source::Fetched;
+use thaw::progress::Silent;
+use thaw::store::client::Store;
+use thaw::store::settings::StoreSettings;
+use thaw::store::transfer::{self, ManifestFile};
+use thaw::store::{StoreError, StoreUrl};
+
+use super::BenchError;
+
+/// The link to the store, as the harness shaped it (ci/store-link.sh):
+/// only used to state the floors the results are compared with.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize)]
+pub struct Link {
+    /// Round-trip time (ms).
+    pub rtt_ms: f64,
+    /// Bytes per second each way.
+    pub rate: u64,
+}
+
+/// `--store` and `--link-*`.
+#[derive(Clone, Debug)]
+pub struct StoreOptions {
+    pub url: StoreUrl,
+    pub link: Option<Link>,
+}
+
+/// What the report says of the store.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct StoreReport {
+    pub url: String,
+    pub link: Option<Link>,
+    /// The image's bytes in the store, and the stock stream's.
+    pub image_bytes: u64,
+    pub stock_bytes: Option<u64>,
+}
+
+fn store_err(e: StoreError) -> BenchError {
+    BenchError::Options(format!("object store: {e}"))
+}
+
+/// The image and the stock stream in the store, ready to restore from.
+pub struct StoreSetup {
+    store: Store,
+    image_url: StoreUrl,
+    stock: Option<(StoreUrl, ManifestFile)>,
+    /// The local cache of restores straight from the store (emptied
+    /// before each).
+    cache: PathBuf,
+    pub report: StoreReport,
+}
+
+impl StoreSetup {
+    /// Puts `image` (and `stock_file`) under the options' URL.
+    pub async fn upload(
+        opts: &StoreOptions,
+        image: &Path,
+        stock_file: Option<&Path>,
+        dir: &Path,
+    ) -> Result<StoreSetup, BenchError> {
+        let settings = StoreSettings::from_environment().map_err(store_err)?;
+        let store = Store::connect(&settings, &opts.url.bucket).map_err(store_err)?;
+        let child = |name: &str| StoreUrl::parse(&format!("{}/{name}", opts.url));
+        let image_url = child("thaw").map_err(store_err)?;
+        log::info!("pushing the image to {image_url}");
+        let pushed = transfer::push(&store, image, &image_url, true, &Silent)
+            .await
+            .map_err(store_err)?;
+        let stock = match stock_file {
+            Some(file) => {
+                let url = child("stock").map_err(store_err)?;
+                log::info!("uploading the stock stream to {url}");
+                let f = transfer::upload_file(&store, file, &url, "stock.mig", &Silent)
+                    .await
+                    .map_err(store_err)?;
+                Some((url, f))
+            }
+            None => None,
+        };
+        Ok(StoreSetup {
+            report: StoreReport {
+                url: opts.url.to_string(),
+                link: opts.link,
+                image_bytes: pushed.bytes,
+                stock_bytes: stock.as_ref().map(|(_, f)| f.len),
+            },
+            store,
+            image_url,
+            stock,
+            cache: dir.join("store-cache"),
+        })
+    }
+
+    /// A cold start: the local part of the image fetched again from the
+    /// store. Returns its directory and what was fetched.
+    pub async fn prepare_image(&self) -> Result<(PathBuf, Fetched), BenchError> {
+        remove_dir(&self.cache)?;
+        let prepared =
+            thaw::store::lazy::prepare(&self.store, &self.image_url, &self.cache, &Silent)
+                .await
+                .map_err(store_err)?;
+        Ok((prepared.dir, prepared.fetched))
+    }
+
+    /// Downloads the stock stream to `dest` (verified against its
+    /// digest), as a stock restore from a store must before QEMU loads it.
+    pub async fn download_stock(&self, dest: &Path) -> Result<Fetched, BenchError> {
+        let (url, file) = self
+            .stock
+            .as_ref()
+            .ok_or_else(|| BenchError::Options("no stock stream in the store".into()))?;
+        match std::fs::remove_file(dest) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(super::io(format!("removing {}", dest.display()))(e)),
+        }
+        let before = self.store.fetched();
+        transfer::download_file(&self.store, url, file, dest, &Silent)
+            .await
+            .map_err(store_err)?;
+        let after = self.store.fetched();
+        Ok(Fetched {
+            requests: after.requests - before.requests,
+            bytes: after.bytes - before.bytes,
+        })
+    }
+}
+
+fn remove_dir(dir: &Path) -> Result<(), BenchError> {
+    match std::fs::remove_dir_all(dir) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(super::io(format!("removing {}", dir.display()))(e)),
+    }
+}

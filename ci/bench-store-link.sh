@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# Restores from an object store at the far end of a slow link (numbers, not
+# a test): `thaw bench --store` in the client namespace of ci/store-link.sh,
+# per link profile. The guest is the throughput workload with 1 GiB of RAM,
+# 512 MiB of it filled and 32 MiB hot. Side by side, from the same store and
+# each from an empty local cache:
+#   stock       download QEMU's migration stream, then migrate-incoming
+#   lazy        thaw restore s3://… --mode lazy
+#   ws:trace    thaw restore s3://… --mode ws with the set traced after the save
+#   ws:learned  the same with the set a first restore learned
+# Reported: time to running, TTR, all RAM resident, MiB and requests sent to
+# the store, fault p50 against the round trip, the fill against the link
+# rate, and TTR against the floor of a restore from that link.
+#
+# Usage (root): ci/bench-store-link.sh [PROFILE...]   (default: lan wan far;
+#               see ci/store-link.sh)
+# Environment: RUNS (default 2), METHODS (default stock,lazy,ws:trace,ws:learned).
+# Output: target/bench/store-link-<profile>/{bench.json,bench.md,throughput.svg}
+set -euo pipefail
+cd "$(dirname "$0")/.."
+runs=${RUNS:-2}
+methods=${METHODS:-stock,lazy,ws:trace,ws:learned}
+# shellcheck source=ci/bench-common.sh
+. ci/bench-common.sh
+profiles=("$@")
+[ ${#profiles[@]} -gt 0 ] || profiles=(lan wan far)
+
+config=$out/configs/store-link-1g.yaml
+mkdir -p "$out/configs"
+sed -e "s|^memory: .*|memory: 1G|" -e "s|thaw.mem=[^ ]*|thaw.mem=512M|" \
+  -e "s|thaw.hot=[^ ]*|thaw.hot=32M|" -e "s|\.\./target/|$PWD/target/|g" \
+  configs/bench-tput-2g.yaml >"$config"
+
+trap 'bash ci/store-link.sh down' EXIT
+for p in "${profiles[@]}"; do
+  bash ci/store-link.sh up "$p"
+  read -r rtt rate < <(bash ci/store-link.sh describe "$p")
+  dest=$out/store-link-${p//\//-}
+  mkdir -p "$dest"
+  echo "== $dest" >&2
+  # The bench's VM and its client run in the client namespace: every byte
+  # of the image crosses the shaped link.
+  (
+    eval "$(bash ci/store-link.sh env)"
+    ip netns exec thaw-client "$thaw" bench --config "$config" --runs "$runs" \
+      --methods "$methods" --store "s3://$THAW_S3_BUCKET/bench-link" \
+      --link-rtt-ms "$rtt" --link-rate "$rate" --no-limits --dir /var/lib/thaw/bench-link \
+      --out "$dest" 2>"$dest/stderr.log" | tee "$dest/stdout.md"
+  )
+done
