@@ -20,6 +20,11 @@ use crate::progress::Progress;
 /// Bytes the filler reads per request (from a local image; see
 /// [`crate::image::Image::bulk_read_bytes`]).
 const FILL_READ_BYTES: u64 = 4 << 20;
+/// From an object store, a group partly resident is read whole when its
+/// missing pages lie in more runs than this (each run would be one more
+/// request, one round trip apart), and the pages already resident are
+/// skipped when installing.
+const REMOTE_MAX_RUNS: usize = 4;
 
 impl Engine {
     /// Fills every saved page not resident yet; stops early (with `Ok`)
@@ -91,6 +96,7 @@ impl Engine {
         ready: &mpsc::SyncSender<Result<Group, EngineError>>,
         free: &mpsc::Receiver<PageBuffer>,
     ) {
+        let remote = self.image.bulk_read_bytes().is_some();
         let mut first = 0u32;
         while first < chunk_count {
             if self.stop.load(Ordering::Acquire) {
@@ -102,11 +108,10 @@ impl Engine {
             let bytes = u64::from(slots.end - slots.start) * PAGE_SIZE;
             let group = first;
             first += count;
-            let missing = slots
-                .clone()
-                .filter(|&s| !self.pages.is_resident(self.image.slot_page(s)))
-                .count() as u64;
-            let partly = missing < u64::from(slots.end - slots.start) && self.image.has_page_sums();
+            let (missing, runs) = self.missing_in(slots.clone());
+            let partly = missing < u64::from(slots.end - slots.start)
+                && self.image.has_page_sums()
+                && !(remote && runs > REMOTE_MAX_RUNS);
             if missing > 0 {
                 if let Some(pace) = &self.fill_pace {
                     if self.resumed.load(Ordering::Acquire) {
@@ -219,6 +224,24 @@ enum Group {
 }
 
 impl Engine {
+    /// The pages of `slots` not resident yet, and the runs they lie in.
+    fn missing_in(&self, slots: std::ops::Range<u32>) -> (u64, usize) {
+        let mut missing = 0;
+        let mut runs = 0;
+        let mut in_run = false;
+        for s in slots {
+            let absent = !self.pages.is_resident(self.image.slot_page(s));
+            if absent {
+                missing += 1;
+                if !in_run {
+                    runs += 1;
+                }
+            }
+            in_run = absent;
+        }
+        (missing, runs)
+    }
+
     fn count_filled(&self, fresh: u64) {
         self.counters.fill_pages.fetch_add(fresh, Ordering::Relaxed);
         if self.resumed.load(Ordering::Acquire) {

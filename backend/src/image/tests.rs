@@ -7,6 +7,7 @@
     clippy::cast_possible_wrap
 )]
 
+use std::os::unix::fs::FileExt;
 use super::chain::merge;
 use super::*;
 use crate::config::{ByteSize, VmConfig};
