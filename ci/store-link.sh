@@ -2,7 +2,7 @@
 # An object store at the far end of a slow link, for benchmarks of
 # restores from a store: two network namespaces this script creates, joined
 # by a veth pair with MTU 1500 whose bandwidth `tc tbf` limits in each
-# direction (fq_codel queueing), and a delaying proxy (ci/delay-proxy.py) in front of the
+# direction, and a delaying proxy (ci/delay-proxy.py) in front of the
 # store that adds the round-trip time (this kernel has no netem).
 #
 #   thaw-store   SeaweedFS (ci/s3-server.sh) on its 127.0.0.1, and the proxy
@@ -61,15 +61,15 @@ namespace() {
 
 # shape NS DEV RATE: the egress of DEV limited to RATE. The bucket holds
 # 10 ms of the rate (at least 64 KiB: a segment offloaded whole); the queue
-# behind it is fq_codel, Linux's usual one (flows queue apart, and none
-# keeps a standing queue), not one deep FIFO a bulk transfer would fill.
+# behind it is a FIFO of 5 ms, the shallow buffer of a switch port (this
+# kernel has no fq_codel; a deep FIFO would hold every small reply behind
+# seconds of bulk data).
 shape() {
   local bits
   bits=$(tc_bits "$3")
   local burst=$((bits / 8 / 100))
   [ "$burst" -ge 65536 ] || burst=65536
-  ip netns exec "$1" tc qdisc replace dev "$2" root handle 1: tbf rate "$3" burst "$burst" latency 100ms
-  ip netns exec "$1" tc qdisc replace dev "$2" parent 1:1 fq_codel
+  ip netns exec "$1" tc qdisc replace dev "$2" root tbf rate "$3" burst "$burst" latency 5ms
 }
 
 # tc_bits RATE: bits per second of a rate in tc's units kbit/mbit/gbit.
