@@ -686,7 +686,7 @@ async fn run(cli: Cli) -> Result<()> {
                      paused until QEMU stops"
                 );
             }
-            let target = StoreTarget::of(&image, &name, parent.is_some(), force).await?;
+            let target = StoreTarget::of(&image, &name, parent.as_deref(), force).await?;
             let local = target.as_ref().map_or(image.clone(), |t| t.staging.clone());
             let report = thaw::ops::save::save(
                 &name,
@@ -769,6 +769,7 @@ async fn run(cli: Cli) -> Result<()> {
                         &store,
                         &url,
                         &thaw::store::lazy::cache_root(),
+                        &thaw::store::lazy::WorkingSets::for_restore(opts.mode, opts.estimator),
                         &*progress::terminal_bar(),
                     )
                     .await
@@ -827,7 +828,7 @@ async fn run(cli: Cli) -> Result<()> {
                 quiet: Duration::from_millis(window_quiet_ms),
                 max: Duration::from_millis(window_max_ms),
             };
-            let target = StoreTarget::of(&image, &name, parent.is_some(), force).await?;
+            let target = StoreTarget::of(&image, &name, parent.as_deref(), force).await?;
             let local = target.as_ref().map_or(image.clone(), |t| t.staging.clone());
             let report = thaw::ops::checkpoint::checkpoint(
                 &name,
@@ -1311,12 +1312,25 @@ fn connect(url: &StoreUrl) -> anyhow::Result<Store> {
 }
 
 /// A save or checkpoint into an object store: written into a staging
-/// directory of thaw's own first, then pushed (the image is visible there
-/// once complete) and the staging directory removed. If the push fails
-/// the image stays in the staging directory, and the error says where.
+/// directory of thaw's own, its pages uploaded while they are written
+/// (unless an image is being replaced there: then after the save), then
+/// the rest pushed (the image is visible there once complete) and the
+/// staging directory removed. If the save fails the upload is aborted; if
+/// the push fails the image stays in the staging directory, and the error
+/// says where.
 struct StoreTarget {
     url: StoreUrl,
     staging: PathBuf,
+    upload: Option<thaw::store::stream::StreamedUpload>,
+}
+
+impl Drop for StoreTarget {
+    fn drop(&mut self) {
+        // Not pushed: the save failed.
+        if let Some(upload) = self.upload.take() {
+            upload.abort();
+        }
+    }
 }
 
 impl StoreTarget {
@@ -1324,23 +1338,32 @@ impl StoreTarget {
     async fn of(
         image: &Path,
         name: &str,
-        incremental: bool,
+        parent: Option<&Path>,
         force: bool,
     ) -> anyhow::Result<Option<StoreTarget>> {
         let Location::Store(url) = Location::parse(image)? else {
             return Ok(None);
         };
-        if incremental {
-            anyhow::bail!(
-                "an incremental image cannot go to an object store yet: save it to a \
-                 directory, `thaw merge` it, and `thaw push` the merged image"
-            );
-        }
-        // Fail before the VM is touched if the store cannot be reached or
-        // an image is in the way.
+        // Fail before the VM is touched if the store cannot be reached,
+        // an image is in the way or an incremental image's parent is not
+        // in the store next to it.
         let store = connect(&url)?;
+        if let Some(parent) = parent {
+            let opened = thaw::image::Image::open(parent)
+                .with_context(|| format!("opening the parent {}", parent.display()))?;
+            let dir_name = parent
+                .file_name()
+                .and_then(|n| n.to_str())
+                .with_context(|| format!("{}: not a directory name", parent.display()))?;
+            let expected = thaw::store::transfer::ManifestParent {
+                url: url.sibling(dir_name).to_string(),
+                identity: format!("{:016x}", opened.identity()),
+            };
+            thaw::store::transfer::check_parent(&store, &expected, parent).await?;
+        }
         let manifest = url.object(thaw::store::transfer::MANIFEST);
-        if store.head(&manifest).await?.is_some() && !force {
+        let replacing = store.head(&manifest).await?.is_some();
+        if replacing && !force {
             anyhow::bail!("{url}: an image is already there (use --force to replace it)");
         }
         let root = thaw::store::lazy::cache_root()
@@ -1349,20 +1372,39 @@ impl StoreTarget {
             .unwrap_or_else(|| PathBuf::from("/var/cache/thaw/staging"));
         std::fs::create_dir_all(&root)
             .with_context(|| format!("creating the staging directory {}", root.display()))?;
+        let staging = root.join(format!("{name}.{}", std::process::id()));
+        // The old image's pages stay readable until its manifest goes: a
+        // replacement uploads after the save.
+        let upload = if replacing {
+            None
+        } else {
+            thaw::store::stream::StreamedUpload::start(store.clone(), url.clone(), &staging)
+                .map_err(|e| log::warn!("{e}: uploading after the save"))
+                .ok()
+        };
         Ok(Some(StoreTarget {
             url,
-            staging: root.join(format!("{name}.{}", std::process::id())),
+            staging,
+            upload,
         }))
     }
 
-    async fn push(&self, force: bool) -> anyhow::Result<thaw::store::transfer::TransferReport> {
+    async fn push(mut self, force: bool) -> anyhow::Result<thaw::store::transfer::TransferReport> {
         let store = connect(&self.url)?;
-        let pushed = thaw::store::transfer::push(
+        let uploaded = self.upload.take().and_then(|u| {
+            u.finish()
+                .map_err(|e| {
+                    log::warn!("uploading the pages while saving: {e}; uploading them now")
+                })
+                .ok()
+        });
+        let pushed = thaw::store::transfer::push_uploaded(
             &store,
             &self.staging,
             &self.url,
             force,
             &*progress::terminal_bar(),
+            uploaded,
         )
         .await
         .with_context(|| {

@@ -202,15 +202,46 @@ fn an_image_pushed_to_a_real_store_pulls_back_verified_and_restores() {
     restored.assert_fields();
     vm.assert_continues_after(&before);
 
-    // Saved again straight into the store (through a staging directory
-    // that is removed), and restored straight from it, lazily: metadata
-    // and device state first, the pages by ranged reads.
-    let before = vm.wait_ticks(3);
-    let lazy_url = format!("s3://thaw-test/{prefix}-lazy");
+    // A save into the store that fails once its pages are written (and
+    // uploaded while written): the guest runs on, and nothing of the
+    // image is left in the store.
     let cache = vm.dir.join("cache");
     let cache_env = [("THAW_CACHE_DIR", cache.to_str().expect("utf-8"))];
+    let before = vm.wait_ticks(3);
+    let failed_url = format!("s3://thaw-test/{prefix}-failed");
+    refused(
+        &s3.thaw(
+            &vm,
+            &["save", &vm.name, &failed_url],
+            &[cache_env[0], ("THAW_FAILPOINT", "image-finish")],
+        ),
+        &["failpoint image-finish"],
+    );
+    vm.assert_continues_after(&before);
+    let listed = text(&s3.curl(
+        "GET",
+        &format!("?list-type=2&prefix={prefix}-failed/"),
+        None,
+    ));
+    assert!(
+        !listed.contains("<Key>"),
+        "a failed save left objects in the store: {listed}"
+    );
+
+    // Saved again straight into the store (through a staging directory
+    // that is removed; the pages uploaded while they are written), and
+    // restored straight from it, lazily: metadata and device state
+    // first, the pages by ranged reads.
+    let before = vm.wait_ticks(3);
+    let lazy_url = format!("s3://thaw-test/{prefix}-lazy");
     let saved = ok(s3.thaw(&vm, &["save", &vm.name, &lazy_url, "--json"], &cache_env));
     assert_eq!(saved["pushed"]["url"], lazy_url.as_str(), "{saved}");
+    let pages_len = saved["nonzero_pages"].as_u64().expect("nonzero_pages") * 4096;
+    assert_eq!(
+        saved["pushed"]["while_writing"].as_u64(),
+        Some(pages_len),
+        "the pages were not uploaded while the image was written: {saved}"
+    );
     assert_eq!(
         std::fs::read_dir(cache.join("staging"))
             .expect("staging")
@@ -293,6 +324,54 @@ fn an_image_pushed_to_a_real_store_pulls_back_verified_and_restores() {
     let back = S3Server::script(&s3.dir, "up");
     assert!(back.status.success(), "{}", text(&back));
     ok(s3.thaw(&vm, &["recover", &vm.name, "--json"], &cache_env));
+    vm.assert_continues_after(&before);
+
+    // An incremental image into the store: refused until its parent is
+    // there next to it; then saved straight into the store and restored
+    // straight from it, the parent's pages read from the store too.
+    let base = vm.dir.join("base");
+    let base_arg = base.to_str().expect("utf-8");
+    ok(s3.thaw(
+        &vm,
+        &["save", &vm.name, base_arg, "--keep-running", "--json"],
+        &cache_env,
+    ));
+    let chain = format!("s3://thaw-test/{prefix}-chain");
+    let child_url = format!("{chain}/child");
+    refused(
+        &s3.thaw(
+            &vm,
+            &["save", &vm.name, &child_url, "--parent", base_arg],
+            &cache_env,
+        ),
+        &["must be in the store first", "thaw push"],
+    );
+    ok(s3.thaw(&vm, &["push", base_arg, &format!("{chain}/base")], &[]));
+    let before = vm.wait_ticks(3);
+    let child = ok(s3.thaw(
+        &vm,
+        &["save", &vm.name, &child_url, "--parent", base_arg, "--json"],
+        &cache_env,
+    ));
+    assert!(child["inherited_pages"].as_u64() > Some(0), "{child}");
+    std::fs::remove_dir_all(&base).expect("remove the local parent");
+    std::fs::remove_dir_all(cache.join("store")).expect("empty the cache");
+    let stats = ok(s3.thaw(
+        &vm,
+        &[
+            "restore",
+            &child_url,
+            "--mode",
+            "lazy",
+            "--no-learn",
+            "--json",
+        ],
+        &cache_env,
+    ));
+    assert!(
+        stats["store_fetched"]["bytes"].as_u64() > Some(0),
+        "no pages came from the store: {stats}"
+    );
     vm.assert_continues_after(&before);
     vm.stop();
 

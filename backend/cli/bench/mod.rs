@@ -798,7 +798,11 @@ pub async fn run(opts: &BenchOptions) -> Result<BenchReport, BenchError> {
                     // From a store: its metadata first, fetched again each time.
                     let (dir, metadata) = match &store_setup {
                         Some(setup) => {
-                            let (dir, fetched) = setup.prepare_image().await?;
+                            let (dir, fetched) = setup
+                                .prepare_image(&thaw::store::lazy::WorkingSets::for_restore(
+                                    mode, estimator,
+                                ))
+                                .await?;
                             (dir, Some(fetched))
                         }
                         None => (image.clone(), None),
@@ -1243,9 +1247,10 @@ fn summarize(
                     mine.iter()
                         .filter_map(|r| r.store_fetched.map(|f| f.requests as f64)),
                 ),
-                store_mib: median(mine.iter().filter_map(|r| {
-                    r.store_fetched.map(|f| f.bytes as f64 / (1 << 20) as f64)
-                })),
+                store_mib: median(
+                    mine.iter()
+                        .filter_map(|r| r.store_fetched.map(|f| f.bytes as f64 / (1 << 20) as f64)),
+                ),
             }
         })
         .collect()
@@ -1750,6 +1755,7 @@ mod tests {
             zero_faults: Some(zero),
             ws_pages: Some(10_000),
             floor_ms: Some(800.0),
+            store_fetched: None,
         };
         let runs = [run(300, 100, 1600.0), run(500, 100, 2400.0)];
         let s = &summarize(&["ws:learned".into()], &runs, None, Some(100 << 20))[0];

@@ -122,6 +122,7 @@ mod tests {
             zero_faults: None,
             ws_pages: None,
             floor_ms: None,
+            store_fetched: None,
             samples: rates
                 .iter()
                 .enumerate()

@@ -104,10 +104,13 @@ impl StoreSetup {
 
     /// A cold start: the local part of the image fetched again from the
     /// store. Returns its directory and what was fetched.
-    pub async fn prepare_image(&self) -> Result<(PathBuf, Fetched), BenchError> {
+    pub async fn prepare_image(
+        &self,
+        sets: &thaw::store::lazy::WorkingSets,
+    ) -> Result<(PathBuf, Fetched), BenchError> {
         remove_dir(&self.cache)?;
         let prepared =
-            thaw::store::lazy::prepare(&self.store, &self.image_url, &self.cache, &Silent)
+            thaw::store::lazy::prepare(&self.store, &self.image_url, &self.cache, sets, &Silent)
                 .await
                 .map_err(store_err)?;
         Ok((prepared.dir, prepared.fetched))

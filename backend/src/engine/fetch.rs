@@ -13,7 +13,9 @@
 //! and with several workers several reads are in flight at once: a store
 //! with 10–100 ms per request serves as many faults in parallel as there
 //! are workers. Fault reads go ahead of the prefetch and the fill at the
-//! image's read limiter.
+//! image's read limiter. From an object store, where each read costs a
+//! round trip and a chunk's 64 KiB little more than one page, a fault's
+//! chunk is read at once (its missing pages, in one request).
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::Ordering;
@@ -173,7 +175,9 @@ impl Engine {
                 }
             };
             let done = match job {
-                Job::Faults(chunk) if self.image.has_page_sums() => {
+                // From a store a request costs a round trip, the chunk's
+                // other pages next to nothing: the chunk comes at once.
+                Job::Faults(chunk) if self.image.has_page_sums() && !self.image.reads_remote() => {
                     self.serve_faulting_pages(chunk, &mut buf, &mut latencies)
                 }
                 Job::Faults(chunk) => self.complete_fetch(chunk, &mut buf, &mut latencies),

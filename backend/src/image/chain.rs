@@ -13,13 +13,13 @@
 //! engine, working sets and recovery read a chain as they read one image.
 //! A chain is verified page by page (every layer has page digests).
 
-use std::fs::File;
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use xxhash_rust::xxh3::xxh3_64;
 
+use super::source::PageSource;
 use super::{direct, io_err, ImageError, PAGE_BYTES, PAGE_SIZE};
 use crate::mem::usize_from;
 
@@ -39,20 +39,26 @@ pub struct ParentRef {
     pub identity: String,
 }
 
-/// One image file of a chain that the view reads from.
+/// One image file of a chain that the view reads from: a local file, or
+/// an object in a store.
 pub(crate) struct Layer {
     pub path: PathBuf,
-    pub pages: File,
+    pub pages: Arc<dyn PageSource>,
     pub direct: Option<direct::DirectReader>,
 }
 
 impl Layer {
-    pub fn open(pages_path: &Path) -> Result<Layer, ImageError> {
-        Ok(Layer {
-            pages: File::open(pages_path).map_err(io_err(pages_path, "cannot open"))?,
-            direct: direct::DirectReader::open(pages_path),
+    /// The pages of one image, as its reader opened them.
+    pub fn of(pages_path: &Path, pages: Arc<dyn PageSource>) -> Layer {
+        Layer {
+            direct: if pages.is_remote() {
+                None
+            } else {
+                direct::DirectReader::open(pages_path)
+            },
+            pages,
             path: pages_path.to_owned(),
-        })
+        }
     }
 }
 
@@ -114,7 +120,7 @@ impl Chain {
                     .is_some_and(|d| d.read(out, at).unwrap_or(false));
             if !done {
                 l.pages
-                    .read_exact_at(out, at)
+                    .read_exact_at(out, at, urgent)
                     .map_err(io_err(&l.path, "cannot read"))?;
             }
             i = j;
@@ -137,10 +143,21 @@ impl Chain {
     }
 }
 
-/// Where an image's parent is: the path it recorded, or, if nothing is
-/// there, a directory of the same name next to the image (a chain moved
-/// or copied as a whole).
+/// Where an image's parent is: for an image restored from a store, the
+/// image of the parent's identity next to it; else the path it recorded,
+/// or, if nothing is there, a directory of the same name next to the
+/// image (a chain moved or copied as a whole).
 pub fn parent_dir(image_dir: &Path, parent: &ParentRef) -> PathBuf {
+    // Images restored from a store are kept by identity, side by side:
+    // there, the parent is the one that came from the store.
+    if let Some(dir) = image_dir.parent() {
+        let by_identity = dir.join(&parent.identity);
+        if crate::store::pages::RemotePagesRef::read(image_dir).is_ok_and(|r| r.is_some())
+            && by_identity.join("meta.json").exists()
+        {
+            return by_identity;
+        }
+    }
     if parent.path.join("meta.json").exists() {
         return parent.path.clone();
     }

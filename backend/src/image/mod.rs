@@ -434,6 +434,7 @@ impl ImageWriter {
             .get_ref()
             .sync_all()
             .map_err(io_err(&pages_path, "cannot sync"))?;
+        crate::failpoint::check("image-finish").map_err(io_err(&pages_path, "finishing"))?;
 
         let index_path = self.dir.join("index.bin");
         let mut index = Vec::with_capacity(
@@ -799,7 +800,7 @@ pub struct Image {
     chunk_sums: Vec<u64>,
     page_sums: Vec<u64>,
     reverse: Vec<u64>,
-    pages: Box<dyn source::PageSource>,
+    pages: std::sync::Arc<dyn source::PageSource>,
     /// The same file for bulk reads that bypass the page cache.
     pages_direct: Option<direct::DirectReader>,
     pages_path: PathBuf,
@@ -873,17 +874,19 @@ impl Image {
         };
         check_meta(&meta).map_err(|m| damaged(&meta_path, m))?;
         let pages_path = dir.join("pages.bin");
-        let pages: Box<dyn source::PageSource> = match open_remote_pages(dir, &meta, &pages_path)? {
-            Some(remote) => Box::new(remote),
-            None => {
-                let pages = File::open(&pages_path).map_err(io_err(&pages_path, "cannot open"))?;
-                let len = pages
-                    .metadata()
-                    .map_err(io_err(&pages_path, "cannot stat"))?
-                    .len();
-                Box::new(source::LocalPages::new(pages, len))
-            }
-        };
+        let pages: std::sync::Arc<dyn source::PageSource> =
+            match open_remote_pages(dir, &meta, &pages_path)? {
+                Some(remote) => std::sync::Arc::new(remote),
+                None => {
+                    let pages =
+                        File::open(&pages_path).map_err(io_err(&pages_path, "cannot open"))?;
+                    let len = pages
+                        .metadata()
+                        .map_err(io_err(&pages_path, "cannot stat"))?
+                        .len();
+                    std::sync::Arc::new(source::LocalPages::new(pages, len))
+                }
+            };
         let plen = pages.len();
         if plen != meta.nonzero_pages * PAGE_SIZE || plen != meta.pages.len {
             return Err(damaged(
@@ -957,11 +960,6 @@ impl Image {
             parent: parent_dir.clone(),
             why,
         };
-        if self.pages.is_remote() {
-            return Err(refuse(
-                "is not read from an object store: restore a merged image from there".into(),
-            ));
-        }
         if depth >= chain::MAX_DEPTH {
             return Err(refuse(format!(
                 "lies deeper than {} images",
@@ -995,7 +993,7 @@ impl Image {
         let (mut layers, parent_sources) = match parent.chain {
             Some(c) => (c.layers, c.sources),
             None => (
-                vec![chain::Layer::open(&parent.pages_path)?],
+                vec![chain::Layer::of(&parent.pages_path, parent.pages.clone())],
                 (0..u32::try_from(parent.meta.nonzero_pages).unwrap_or(u32::MAX))
                     .map(|s| (0u16, s))
                     .collect(),
@@ -1003,7 +1001,7 @@ impl Image {
         };
         let top =
             u16::try_from(layers.len()).map_err(|_| refuse("makes the chain too long".into()))?;
-        layers.push(chain::Layer::open(&self.pages_path)?);
+        layers.push(chain::Layer::of(&self.pages_path, self.pages.clone()));
         let total = self.table.len();
         let mut table = vec![0u32; total];
         let (mut sources, mut sums, mut reverse) = (Vec::new(), Vec::new(), Vec::new());
@@ -1182,13 +1180,33 @@ impl Image {
     /// when not the local default: an image whose pages are in an object
     /// store is read in larger requests, several ranges in flight.
     pub fn bulk_read_bytes(&self) -> Option<u64> {
-        self.pages.bulk_read_bytes()
+        self.page_sources()
+            .filter_map(|p| p.bulk_read_bytes())
+            .max()
     }
 
-    /// What was fetched from an object store for this image's pages so far
-    /// (`None` when they are read from a local file).
+    /// What was fetched from object stores for this image's pages so far
+    /// (every layer of a chain; `None` when all are local files).
     pub fn fetched(&self) -> Option<source::Fetched> {
-        self.pages.fetched()
+        self.page_sources()
+            .filter_map(|p| p.fetched())
+            .reduce(|a, b| source::Fetched {
+                requests: a.requests + b.requests,
+                bytes: a.bytes + b.bytes,
+            })
+    }
+
+    /// Whether any of the pages are read from an object store.
+    pub fn reads_remote(&self) -> bool {
+        self.page_sources().any(|p| p.is_remote())
+    }
+
+    /// Where the pages come from: this image's, or each layer's of a chain.
+    fn page_sources(&self) -> Box<dyn Iterator<Item = &dyn source::PageSource> + '_> {
+        match &self.chain {
+            None => Box::new(std::iter::once(&*self.pages)),
+            Some(c) => Box::new(c.layers.iter().map(|l| &*l.pages)),
+        }
     }
 
     /// Whether each page can be read and verified alone ([`Image::read_slots`];

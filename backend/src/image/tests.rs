@@ -7,10 +7,10 @@
     clippy::cast_possible_wrap
 )]
 
-use std::os::unix::fs::FileExt;
 use super::chain::merge;
 use super::*;
 use crate::config::{ByteSize, VmConfig};
+use std::os::unix::fs::FileExt;
 use std::os::unix::fs::PermissionsExt;
 
 fn vm() -> VmConfig {

@@ -71,7 +71,7 @@ pub enum EstimatorChoice {
 }
 
 impl EstimatorChoice {
-    fn candidates(self) -> Vec<Estimator> {
+    pub(crate) fn candidates(self) -> Vec<Estimator> {
         match self {
             EstimatorChoice::Auto => Estimator::PREFERENCE.to_vec(),
             EstimatorChoice::Learned => vec![Estimator::Learned],

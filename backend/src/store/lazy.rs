@@ -1,22 +1,26 @@
 //! A restore straight from an object store: a local image directory that
 //! holds everything of the image but its pages (metadata, device state,
-//! index, working sets: small, downloaded and verified first), and in
+//! index, the working set the restore uses: downloaded and verified
+//! first), and in
 //! place of `pages.bin` a reference to the object
 //! ([`super::pages::REMOTE_PAGES`]), so the restore reads pages with
 //! ranged GETs as the guest needs them. The directory is named after the
 //! image's identity under the cache directory and reused by the next
 //! restore of the same image (and by `thaw recover`, which finds it in the
-//! restore's record).
+//! restore's record). An incremental image's parents are made ready the
+//! same way, next to it, where the image reader finds them by identity.
 
 use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 
 use super::client::Store;
 use super::pages::{RemotePagesRef, REMOTE_PAGES};
-use super::transfer::{self, read_manifest};
+use super::transfer::{self, read_manifest, ManifestParent};
 use super::{StoreError, StoreUrl};
 use crate::image::source::Fetched;
+use crate::ops::restore::{EstimatorChoice, Mode};
 use crate::progress::Progress;
+use crate::wss::Estimator;
 
 /// Where the local parts of images restored from a store are kept:
 /// `$THAW_CACHE_DIR`, else `/var/cache/thaw`, then `store/`.
@@ -25,6 +29,42 @@ pub fn cache_root() -> PathBuf {
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from("/var/cache/thaw"))
         .join("store")
+}
+
+/// Which working sets a restore straight from a store needs: each is as
+/// large as the pages it holds, so the others stay in the store. (A later
+/// restore of the same image fetches the ones it needs then.)
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum WorkingSets {
+    /// Every one the image has (a choice by the image's evidence).
+    All,
+    /// Only these (none for a restore without a prefetch).
+    Only(Vec<Estimator>),
+}
+
+impl WorkingSets {
+    /// What a restore in `mode` with `estimator` needs.
+    pub fn for_restore(mode: Mode, estimator: EstimatorChoice) -> WorkingSets {
+        match (mode, estimator) {
+            (Mode::Ws, EstimatorChoice::Auto) => WorkingSets::All,
+            (Mode::Ws, e) => WorkingSets::Only(e.candidates()),
+            _ => WorkingSets::Only(Vec::new()),
+        }
+    }
+
+    /// Whether file `name` of an image is needed.
+    fn wants(&self, name: &str) -> bool {
+        if name == "pages.bin" {
+            return false;
+        }
+        match self {
+            WorkingSets::All => true,
+            WorkingSets::Only(sets) => Estimator::PREFERENCE
+                .iter()
+                .find(|e| name == format!("ws-{}.bin", e.name()))
+                .is_none_or(|e| sets.contains(e)),
+        }
+    }
 }
 
 /// An image of a store made ready for a restore straight from it.
@@ -44,13 +84,44 @@ pub async fn prepare(
     store: &Store,
     url: &StoreUrl,
     root: &Path,
+    sets: &WorkingSets,
     progress: &dyn Progress,
 ) -> Result<Prepared, StoreError> {
     let before = store.fetched();
-    let dir = prepare_dir(store, url, root, progress).await?;
+    let mut dir = None;
+    let mut at = url.clone();
+    // An incremental image, then its parent, and so on to the base: all
+    // side by side under `root`, where the image reader finds a parent by
+    // its identity.
+    for depth in 0..=crate::image::chain::MAX_DEPTH {
+        // A parent's working sets are never used: only the image's own.
+        let own = if depth == 0 {
+            sets.clone()
+        } else {
+            WorkingSets::Only(Vec::new())
+        };
+        let (prepared, parent) = prepare_dir(store, &at, root, &own, progress).await?;
+        dir.get_or_insert(prepared);
+        match parent {
+            None => break,
+            Some(p) if depth < crate::image::chain::MAX_DEPTH => at = StoreUrl::parse(&p.url)?,
+            Some(_) => {
+                return Err(StoreError::Damaged {
+                    url: url.to_string(),
+                    why: format!(
+                        "its chain of parents is deeper than {} images",
+                        crate::image::chain::MAX_DEPTH
+                    ),
+                })
+            }
+        }
+    }
     let after = store.fetched();
     Ok(Prepared {
-        dir,
+        dir: dir.ok_or_else(|| StoreError::Damaged {
+            url: url.to_string(),
+            why: "nothing prepared".into(),
+        })?,
         fetched: Fetched {
             requests: after.requests - before.requests,
             bytes: after.bytes - before.bytes,
@@ -58,13 +129,16 @@ pub async fn prepare(
     })
 }
 
+/// One image of a chain: its directory, and its parent in the store.
 async fn prepare_dir(
     store: &Store,
     url: &StoreUrl,
     root: &Path,
+    sets: &WorkingSets,
     progress: &dyn Progress,
-) -> Result<PathBuf, StoreError> {
+) -> Result<(PathBuf, Option<ManifestParent>), StoreError> {
     let manifest = read_manifest(store, url).await?;
+    let parent = manifest.parent.clone();
     let pages = manifest
         .files
         .iter()
@@ -99,7 +173,23 @@ async fn prepare_dir(
                 // The same image under another name: read it from there.
                 write_reference(&dir, &reference)?;
             }
-            return Ok(dir);
+            // What an earlier restore did not need.
+            for f in manifest.files.iter().filter(|f| sets.wants(&f.name)) {
+                let path = dir.join(&f.name);
+                if path.exists() {
+                    continue;
+                }
+                let part = dir.join(format!(".{}.part-{}", f.name, std::process::id()));
+                let _ = std::fs::remove_file(&part);
+                let fetched = transfer::download_file(store, url, f, &part, progress).await;
+                if let Err(e) = fetched.and_then(|()| {
+                    std::fs::rename(&part, &path).map_err(io(&path, "cannot rename into place"))
+                }) {
+                    let _ = std::fs::remove_file(&part);
+                    return Err(e);
+                }
+            }
+            return Ok((dir, parent));
         }
     }
     let partial = root.join(format!(
@@ -115,7 +205,7 @@ async fn prepare_dir(
     let small: Vec<_> = manifest
         .files
         .iter()
-        .filter(|f| f.name != "pages.bin")
+        .filter(|f| sets.wants(&f.name))
         .collect();
     progress.start("metadata", small.iter().map(|f| f.len).sum());
     let result = async {
@@ -132,7 +222,7 @@ async fn prepare_dir(
     }
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::rename(&partial, &dir).map_err(io(&dir, "cannot rename into place"))?;
-    Ok(dir)
+    Ok((dir, parent))
 }
 
 fn write_reference(dir: &Path, reference: &RemotePagesRef) -> Result<(), StoreError> {

@@ -13,6 +13,7 @@ pub mod client;
 pub mod lazy;
 pub mod pages;
 pub mod settings;
+pub mod stream;
 #[cfg(test)]
 mod tests;
 pub mod transfer;
@@ -119,6 +120,19 @@ impl StoreUrl {
     /// The object of the image's file `name`.
     pub fn object(&self, name: &str) -> object_store::path::Path {
         object_store::path::Path::from(format!("{}/{name}", self.prefix))
+    }
+
+    /// The place named `name` next to this one (the same "directory" of
+    /// the bucket): where an incremental image's parent is pushed.
+    pub fn sibling(&self, name: &str) -> StoreUrl {
+        let prefix = match self.prefix.rsplit_once('/') {
+            Some((dir, _)) => format!("{dir}/{name}"),
+            None => name.to_string(),
+        };
+        StoreUrl {
+            bucket: self.bucket.clone(),
+            prefix,
+        }
     }
 
     /// The image's prefix, for listing its objects.

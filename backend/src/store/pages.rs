@@ -20,9 +20,9 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 
 use super::client::{Store, Timeouts};
-use crate::image::source::{Fetched, PageSource};
 use super::settings::StoreSettings;
 use super::{StoreError, StoreUrl};
+use crate::image::source::{Fetched, PageSource};
 
 /// The file that stands for a `pages.bin` left in the store.
 pub const REMOTE_PAGES: &str = "pages.remote";
@@ -140,7 +140,6 @@ impl RemotePages {
     pub fn url(&self) -> &str {
         &self.url
     }
-
 }
 
 impl PageSource for RemotePages {

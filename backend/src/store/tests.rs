@@ -110,11 +110,32 @@ fn missing_or_half_credentials_are_refused_by_name() {
 }
 
 #[test]
+fn a_sibling_is_next_to_the_prefix() {
+    let u = StoreUrl::parse("s3://thaw-images/vms/web-1/child").expect("parse");
+    assert_eq!(
+        u.sibling("base").to_string(),
+        "s3://thaw-images/vms/web-1/base"
+    );
+    let top = StoreUrl::parse("s3://thaw-images/child").expect("parse");
+    assert_eq!(top.sibling("base").to_string(), "s3://thaw-images/base");
+}
+
+#[test]
 fn manifests_name_plain_files_once_and_a_meta_json() {
     let good = br#"{"manifest_version":1,"identity":"00ff","files":[
         {"name":"meta.json","len":10,"xxh3":"0"},{"name":"pages.bin","len":4096,"xxh3":"1"}]}"#;
     assert_eq!(Manifest::parse(good).expect("good").files.len(), 2);
+    let child = br#"{"manifest_version":1,"identity":"00ff","files":[
+        {"name":"meta.json","len":10,"xxh3":"0"}],
+        "parent":{"url":"s3://thaw-images/vms/base","identity":"0a"}}"#;
+    let parent = Manifest::parse(child)
+        .expect("child")
+        .parent
+        .expect("parent");
+    assert_eq!(parent.url, "s3://thaw-images/vms/base");
     for bad in [
+        r#"{"manifest_version":1,"identity":"0","files":[{"name":"meta.json","len":1,"xxh3":"0"}],"parent":{"url":"/local/base","identity":"0a"}}"#,
+        r#"{"manifest_version":1,"identity":"0","files":[{"name":"meta.json","len":1,"xxh3":"0"}],"parent":{"url":"s3://b0/base","identity":""}}"#,
         r#"{"manifest_version":2,"identity":"0","files":[{"name":"meta.json","len":1,"xxh3":"0"}]}"#,
         r#"{"manifest_version":1,"identity":"0","files":[{"name":"../meta.json","len":1,"xxh3":"0"}]}"#,
         r#"{"manifest_version":1,"identity":"0","files":[{"name":"a/b","len":1,"xxh3":"0"},{"name":"meta.json","len":1,"xxh3":"0"}]}"#,

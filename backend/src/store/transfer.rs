@@ -35,11 +35,11 @@ pub const MANIFEST: &str = "thaw-image.json";
 /// The manifest format this thaw writes and reads.
 pub const MANIFEST_VERSION: u32 = 1;
 /// Files up to this size are written in one request.
-const SINGLE_PUT_MAX: u64 = 8 << 20;
+pub(super) const SINGLE_PUT_MAX: u64 = 8 << 20;
 /// Part size of a multipart upload, and of the ranged reads of a pull.
 pub const PART_BYTES: u64 = 8 << 20;
 /// Parts or ranges in flight at once.
-const IN_FLIGHT: usize = 4;
+pub(super) const IN_FLIGHT: usize = 4;
 /// Largest manifest a pull accepts (a real one is well under 1 KiB per
 /// file).
 const MAX_MANIFEST_BYTES: u64 = 1 << 20;
@@ -62,6 +62,70 @@ pub struct Manifest {
     /// The image's identity ([`Image::identity`]), hex.
     pub identity: String,
     pub files: Vec<ManifestFile>,
+    /// An incremental image: its parent in the store.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent: Option<ManifestParent>,
+}
+
+/// Where an incremental image's parent is in the store.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ManifestParent {
+    /// `s3://BUCKET/PREFIX` (a sibling of the image's prefix).
+    pub url: String,
+    /// The parent's identity, hex.
+    pub identity: String,
+}
+
+/// Where the parent of the incremental image in `local` must be in the
+/// store for it to go to `url`: next to it, under the name of the
+/// parent's directory. `None` for a full image.
+pub fn parent_url(image: &Image, url: &StoreUrl) -> Result<Option<ManifestParent>, StoreError> {
+    let (Some((dir, _)), Some(parent)) = (image.parent(), image.meta().parent.as_ref()) else {
+        return Ok(None);
+    };
+    let name = dir
+        .file_name()
+        .and_then(|n| n.to_str())
+        .filter(|n| is_plain_name(n))
+        .ok_or_else(|| StoreError::Refused {
+            path: dir.to_path_buf(),
+            why: "the parent's directory name is not a plain name".into(),
+        })?;
+    Ok(Some(ManifestParent {
+        url: url.sibling(name).to_string(),
+        identity: parent.identity.clone(),
+    }))
+}
+
+/// Checks that the parent an incremental image names is in the store.
+pub async fn check_parent(
+    store: &Store,
+    parent: &ManifestParent,
+    parent_dir: &Path,
+) -> Result<(), StoreError> {
+    let url = StoreUrl::parse(&parent.url)?;
+    let push_first = || StoreError::Refused {
+        path: parent_dir.to_path_buf(),
+        why: format!(
+            "is the parent of this incremental image and must be in the store first, next to it: \
+             thaw push {} {}",
+            parent_dir.display(),
+            parent.url
+        ),
+    };
+    match read_manifest(store, &url).await {
+        Ok(m) if m.identity == parent.identity => Ok(()),
+        Ok(_) => Err(StoreError::Refused {
+            path: parent_dir.to_path_buf(),
+            why: format!(
+                "the image at {} is not this incremental image's parent (another identity)",
+                parent.url
+            ),
+        }),
+        Err(StoreError::NoImage { .. }) => Err(push_first()),
+        Err(e) => Err(e),
+    }
 }
 
 impl Manifest {
@@ -85,6 +149,12 @@ impl Manifest {
         }
         if !names.contains(&"meta.json") {
             return Err("it lists no meta.json".into());
+        }
+        if let Some(p) = &m.parent {
+            StoreUrl::parse(&p.url).map_err(|e| format!("its parent: {e}"))?;
+            if p.identity.is_empty() || !p.identity.chars().all(|c| c.is_ascii_hexdigit()) {
+                return Err(format!("its parent's identity {:?} is not hex", p.identity));
+            }
         }
         Ok(m)
     }
@@ -111,6 +181,9 @@ pub struct TransferReport {
     pub bytes: u64,
     pub seconds: f64,
     pub mib_per_sec: f64,
+    /// Bytes of it uploaded while the image was being written (a save
+    /// into the store), before this push.
+    pub while_writing: u64,
 }
 
 impl TransferReport {
@@ -129,6 +202,7 @@ impl TransferReport {
             } else {
                 0.0
             },
+            while_writing: 0,
         }
     }
 }
@@ -179,14 +253,39 @@ pub async fn push(
     force: bool,
     progress: &dyn Progress,
 ) -> Result<TransferReport, StoreError> {
+    push_uploaded(store, local, url, force, progress, None).await
+}
+
+/// [`push`], with `pages.bin` already uploaded as `uploaded` (by a
+/// [`super::stream::StreamedUpload`] while the image was written): it is
+/// taken as it is if its length and digest are the image's, and uploaded
+/// again otherwise.
+pub async fn push_uploaded(
+    store: &Store,
+    local: &Path,
+    url: &StoreUrl,
+    force: bool,
+    progress: &dyn Progress,
+    uploaded: Option<ManifestFile>,
+) -> Result<TransferReport, StoreError> {
     let started = Instant::now();
     let image = Image::open(local)?;
-    if image.parent().is_some() {
-        return Err(StoreError::Refused {
-            path: local.to_path_buf(),
-            why: "an incremental image: push a merged one (`thaw merge`)".into(),
-        });
+    let parent = parent_url(&image, url)?;
+    if let (Some(p), Some((dir, _))) = (&parent, image.parent()) {
+        check_parent(store, p, dir).await?;
     }
+    let uploaded = uploaded.filter(|u| {
+        let pages = &image.meta().pages;
+        let same = u.name == "pages.bin" && u.len == pages.len && u.xxh3 == pages.xxh3;
+        if !same {
+            log::warn!(
+                "the pages uploaded while saving are not the image's ({} bytes, digest {}); uploading them again",
+                u.len,
+                u.xxh3
+            );
+        }
+        same
+    });
     let identity = format!("{:016x}", image.identity());
     drop(image);
     let mut names = Vec::new();
@@ -222,13 +321,20 @@ pub async fn push(
     let result = async {
         for name in &names {
             written.push(url.object(name));
-            files.push(upload_file(store, &local.join(name), url, name, progress).await?);
+            match &uploaded {
+                Some(u) if &u.name == name => {
+                    progress.advance(u.len);
+                    files.push(u.clone());
+                }
+                _ => files.push(upload_file(store, &local.join(name), url, name, progress).await?),
+            }
         }
         crate::failpoint::check("push-before-manifest").map_err(io_err(local, "uploading"))?;
         let manifest = Manifest {
             manifest_version: MANIFEST_VERSION,
             identity,
             files: std::mem::take(&mut files),
+            parent,
         };
         let text = serde_json::to_vec_pretty(&manifest).map_err(|e| StoreError::Damaged {
             url: url.to_string(),
@@ -250,6 +356,7 @@ pub async fn push(
             return Err(e);
         }
     };
+    let while_writing = uploaded.as_ref().map_or(0, |u| u.len);
     // Leftovers of an earlier push to this prefix that was killed, or of
     // a replaced image with other files.
     let keep: Vec<_> = manifest
@@ -268,7 +375,9 @@ pub async fn push(
             store.delete(&object.location).await?;
         }
     }
-    Ok(TransferReport::new(url, local, &manifest, started))
+    let mut report = TransferReport::new(url, local, &manifest, started);
+    report.while_writing = while_writing;
+    Ok(report)
 }
 
 /// Uploads one file as object `name` under `url`, hashing it.
@@ -420,12 +529,8 @@ pub async fn pull(
                 ),
             });
         }
-        if image.parent().is_some() {
-            return Err(StoreError::Damaged {
-                url: url.to_string(),
-                why: "an incremental image (its parent is not in the store)".into(),
-            });
-        }
+        // An incremental image opened: its parent was found here (pulled
+        // next to it under its name, or where it was saved).
         Ok(())
     }
     .await;
