@@ -1378,9 +1378,13 @@ impl StoreTarget {
         let upload = if replacing {
             None
         } else {
-            thaw::store::stream::StreamedUpload::start(store.clone(), url.clone(), &staging)
-                .map_err(|e| log::warn!("{e}: uploading after the save"))
-                .ok()
+            thaw::store::stream::StreamedUpload::start(
+                StoreSettings::from_environment()?,
+                url.clone(),
+                &staging,
+            )
+            .map_err(|e| log::warn!("{e}: uploading after the save"))
+            .ok()
         };
         Ok(Some(StoreTarget {
             url,

@@ -220,7 +220,11 @@ fn an_image_pushed_to_a_real_store_pulls_back_verified_and_restores() {
     vm.assert_continues_after(&before);
     let listed = text(&s3.curl(
         "GET",
-        &format!("?list-type=2&prefix={prefix}-failed/"),
+        // (The query percent-encoded, as SigV4 signs it.)
+        &format!(
+            "?list-type=2&prefix={}",
+            format!("{prefix}-failed/").replace('/', "%2F")
+        ),
         None,
     ));
     assert!(
@@ -346,7 +350,11 @@ fn an_image_pushed_to_a_real_store_pulls_back_verified_and_restores() {
         ),
         &["must be in the store first", "thaw push"],
     );
-    ok(s3.thaw(&vm, &["push", base_arg, &format!("{chain}/base")], &[]));
+    ok(s3.thaw(
+        &vm,
+        &["push", base_arg, &format!("{chain}/base"), "--json"],
+        &[],
+    ));
     let before = vm.wait_ticks(3);
     let child = ok(s3.thaw(
         &vm,

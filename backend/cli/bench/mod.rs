@@ -1792,7 +1792,7 @@ mod tests {
         // From a store, only methods that can read from one.
         opts.read_limit = None;
         opts.store = Some(store::StoreOptions {
-            url: thaw::store::StoreUrl::parse("s3://b/p").expect("a URL"),
+            url: thaw::store::StoreUrl::parse("s3://bench/p").expect("a URL"),
             link: None,
         });
         let err = check_methods(&opts).expect_err("a hot method from a store");

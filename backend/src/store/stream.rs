@@ -19,6 +19,7 @@ use object_store::{ObjectStoreExt, WriteMultipart};
 use xxhash_rust::xxh3::Xxh3;
 
 use super::client::Store;
+use super::settings::StoreSettings;
 use super::transfer::{ManifestFile, IN_FLIGHT, PART_BYTES, SINGLE_PUT_MAX};
 use super::{StoreError, StoreUrl};
 
@@ -50,7 +51,13 @@ impl Signal {
 impl StreamedUpload {
     /// Starts following the pages of the image an [`crate::image::ImageWriter`]
     /// of this process builds at `target`, uploading them to `url`.
-    pub fn start(store: Store, url: StoreUrl, target: &Path) -> Result<StreamedUpload, StoreError> {
+    /// Its client is its own, made on its own thread (a client's
+    /// connections belong to the runtime that opened them).
+    pub fn start(
+        settings: StoreSettings,
+        url: StoreUrl,
+        target: &Path,
+    ) -> Result<StreamedUpload, StoreError> {
         let name = target.file_name().ok_or_else(|| StoreError::Refused {
             path: target.to_path_buf(),
             why: "not a directory name".into(),
@@ -80,7 +87,10 @@ impl StreamedUpload {
                     .enable_all()
                     .build()
                     .map_err(io_thread)?;
-                runtime.block_on(follow(&store, &url, &paths, &theirs))
+                runtime.block_on(async {
+                    let store = Store::connect(&settings, &url.bucket)?;
+                    follow(&store, &url, &paths, &theirs).await
+                })
             })
             .map_err(io)?;
         Ok(StreamedUpload { signal, thread })
