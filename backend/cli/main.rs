@@ -769,7 +769,11 @@ async fn run(cli: Cli) -> Result<()> {
                         &store,
                         &url,
                         &thaw::store::lazy::cache_root(),
-                        &thaw::store::lazy::WorkingSets::for_restore(opts.mode, opts.estimator),
+                        &thaw::store::lazy::WorkingSets::for_restore(
+                            opts.mode,
+                            opts.estimator,
+                            opts.learn.is_some(),
+                        ),
                         &*progress::terminal_bar(),
                     )
                     .await
@@ -1351,7 +1355,10 @@ impl StoreTarget {
         if let Some(parent) = parent {
             let opened = thaw::image::Image::open(parent)
                 .with_context(|| format!("opening the parent {}", parent.display()))?;
-            let dir_name = parent
+            // Named as the image will record it (its real path).
+            let real = std::fs::canonicalize(parent)
+                .with_context(|| format!("resolving the parent {}", parent.display()))?;
+            let dir_name = real
                 .file_name()
                 .and_then(|n| n.to_str())
                 .with_context(|| format!("{}: not a directory name", parent.display()))?;

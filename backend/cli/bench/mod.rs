@@ -800,7 +800,9 @@ pub async fn run(opts: &BenchOptions) -> Result<BenchReport, BenchError> {
                         Some(setup) => {
                             let (dir, fetched) = setup
                                 .prepare_image(&thaw::store::lazy::WorkingSets::for_restore(
-                                    mode, estimator,
+                                    mode,
+                                    estimator,
+                                    learn.is_some(),
                                 ))
                                 .await?;
                             (dir, Some(fetched))
@@ -811,11 +813,13 @@ pub async fn run(opts: &BenchOptions) -> Result<BenchReport, BenchError> {
                     let s = restore::restore(&dir, &restore_opts(mode, estimator, learn)).await?;
                     let link = opts.store.as_ref().and_then(|so| so.link);
                     let floor_ms = match (link, opts.read_limit) {
+                        // What must cross the link before the guest runs:
+                        // the metadata, index, device state and working
+                        // set, as fetched.
                         (Some(link), _) => Some(
                             s.launch_ms
                                 + s.device_state_ms
-                                + ((s.prefetched_pages * PAGE_SIZE) + device_state_bytes) as f64
-                                    * 1000.0
+                                + metadata.map_or(device_state_bytes, |m| m.bytes) as f64 * 1000.0
                                     / link.rate.max(1) as f64
                                 + FLOOR_ROUND_TRIPS * link.rtt_ms,
                         ),
@@ -1578,7 +1582,12 @@ impl BenchReport {
                 sm.saved_faults_vs_ws
                     .map_or("—".to_string(), |r| format!("{:.1}", r * 100.0)),
                 sm.floor_ms.map_or(String::new(), |f| format!(
-                    " Floor (QEMU start + device state + the set's data at the read limit) {f:.0} ms: TTR {}× it, first answer {}× it.",
+                    " Floor ({}) {f:.0} ms: TTR {}× it, first answer {}× it.",
+                    if self.store.is_some() {
+                        "QEMU start + device state + what crosses the link before the guest runs, at its rate"
+                    } else {
+                        "QEMU start + device state + the set's data at the read limit"
+                    },
                     sm.ttr_vs_floor.map_or("—".to_string(), |r| format!("{r:.2}")),
                     sm.first_answer_vs_floor.map_or("—".to_string(), |r| format!("{r:.2}")),
                 ))
@@ -1687,8 +1696,9 @@ impl BenchReport {
         }
         if st.link.is_some() {
             out.push_str(&format!(
-                "\nFloor (ws): QEMU's start + loading the device state + the device state and the \
-                 working set at the link rate + {FLOOR_ROUND_TRIPS} round trips.\n"
+                "\nFloor (ws): QEMU's start + loading the device state + what must cross the link \
+                 before the guest runs (metadata, index, device state, working set) at the link \
+                 rate + {FLOOR_ROUND_TRIPS} round trips.\n"
             ));
         }
         out

@@ -15,7 +15,7 @@
 //! are workers. Fault reads go ahead of the prefetch and the fill at the
 //! image's read limiter. From an object store, where each read costs a
 //! round trip and a chunk's 64 KiB little more than one page, a fault's
-//! chunk is read at once (its missing pages, in one request).
+//! whole chunk is read at once, in one request.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::Ordering;
@@ -203,7 +203,9 @@ impl Engine {
         buf: &mut [u8],
         latencies: &mut Vec<u32>,
     ) -> Result<(), EngineError> {
-        let by_page = self.image.has_page_sums();
+        // From a store, one request for the whole chunk (resident pages
+        // are skipped when installing), not one per run of missing pages.
+        let by_page = self.image.has_page_sums() && !self.image.reads_remote();
         let installed = if by_page {
             self.install_missing_slots(self.image.chunk_slots(chunk), buf, true)?
         } else {

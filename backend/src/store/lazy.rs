@@ -11,6 +11,8 @@
 //! same way, next to it, where the image reader finds them by identity.
 
 use std::os::unix::fs::DirBuilderExt;
+
+use futures::{StreamExt, TryStreamExt};
 use std::path::{Path, PathBuf};
 
 use super::client::Store;
@@ -31,6 +33,9 @@ pub fn cache_root() -> PathBuf {
         .join("store")
 }
 
+/// Files of an image downloaded at once.
+const FILES_IN_FLIGHT: usize = 4;
+
 /// Which working sets a restore straight from a store needs: each is as
 /// large as the pages it holds, so the others stay in the store. (A later
 /// restore of the same image fetches the ones it needs then.)
@@ -43,13 +48,18 @@ pub enum WorkingSets {
 }
 
 impl WorkingSets {
-    /// What a restore in `mode` with `estimator` needs.
-    pub fn for_restore(mode: Mode, estimator: EstimatorChoice) -> WorkingSets {
-        match (mode, estimator) {
-            (Mode::Ws, EstimatorChoice::Auto) => WorkingSets::All,
-            (Mode::Ws, e) => WorkingSets::Only(e.candidates()),
-            _ => WorkingSets::Only(Vec::new()),
+    /// What a restore in `mode` with `estimator` needs; one that `learns`
+    /// also needs the learned set it refines.
+    pub fn for_restore(mode: Mode, estimator: EstimatorChoice, learns: bool) -> WorkingSets {
+        let mut sets = match (mode, estimator) {
+            (Mode::Ws, EstimatorChoice::Auto) => return WorkingSets::All,
+            (Mode::Ws, e) => e.candidates(),
+            _ => Vec::new(),
+        };
+        if learns && !sets.contains(&Estimator::Learned) {
+            sets.push(Estimator::Learned);
         }
+        WorkingSets::Only(sets)
     }
 
     /// Whether file `name` of an image is needed.
@@ -90,6 +100,7 @@ pub async fn prepare(
     let before = store.fetched();
     let mut dir = None;
     let mut at = url.clone();
+    let mut expected: Option<String> = None;
     // An incremental image, then its parent, and so on to the base: all
     // side by side under `root`, where the image reader finds a parent by
     // its identity.
@@ -100,11 +111,22 @@ pub async fn prepare(
         } else {
             WorkingSets::Only(Vec::new())
         };
-        let (prepared, parent) = prepare_dir(store, &at, root, &own, progress).await?;
+        let (prepared, parent) =
+            prepare_dir(store, &at, root, &own, expected.as_deref(), progress).await?;
         dir.get_or_insert(prepared);
         match parent {
             None => break,
-            Some(p) if depth < crate::image::chain::MAX_DEPTH => at = StoreUrl::parse(&p.url)?,
+            Some(p) if depth < crate::image::chain::MAX_DEPTH => {
+                let next = StoreUrl::parse(&p.url)?;
+                if next.bucket != url.bucket {
+                    return Err(StoreError::Damaged {
+                        url: at.to_string(),
+                        why: format!("its parent {} is in another bucket", p.url),
+                    });
+                }
+                expected = Some(p.identity);
+                at = next;
+            }
             Some(_) => {
                 return Err(StoreError::Damaged {
                     url: url.to_string(),
@@ -135,9 +157,20 @@ async fn prepare_dir(
     url: &StoreUrl,
     root: &Path,
     sets: &WorkingSets,
+    identity: Option<&str>,
     progress: &dyn Progress,
 ) -> Result<(PathBuf, Option<ManifestParent>), StoreError> {
     let manifest = read_manifest(store, url).await?;
+    if let Some(identity) = identity.filter(|i| *i != manifest.identity) {
+        return Err(StoreError::Damaged {
+            url: url.to_string(),
+            why: format!(
+                "it is the parent of the image restored, but has identity {}, not {identity}: \
+                 it was replaced since",
+                manifest.identity
+            ),
+        });
+    }
     let parent = manifest.parent.clone();
     let pages = manifest
         .files
@@ -209,9 +242,15 @@ async fn prepare_dir(
         .collect();
     progress.start("metadata", small.iter().map(|f| f.len).sum());
     let result = async {
-        for f in &small {
-            transfer::download_file(store, url, f, &partial.join(&f.name), progress).await?;
-        }
+        // Side by side: each file costs round trips of its own.
+        futures::stream::iter(&small)
+            .map(|f| {
+                let path = partial.join(&f.name);
+                async move { transfer::download_file(store, url, f, &path, progress).await }
+            })
+            .buffer_unordered(FILES_IN_FLIGHT)
+            .try_collect::<Vec<()>>()
+            .await?;
         write_reference(&partial, &reference)
     }
     .await;

@@ -20,7 +20,7 @@ use xxhash_rust::xxh3::Xxh3;
 
 use super::client::Store;
 use super::settings::StoreSettings;
-use super::transfer::{ManifestFile, IN_FLIGHT, PART_BYTES, SINGLE_PUT_MAX};
+use super::transfer::{ManifestFile, IN_FLIGHT, MANIFEST, PART_BYTES, SINGLE_PUT_MAX};
 use super::{StoreError, StoreUrl};
 
 /// How often the follower looks for more of the file.
@@ -118,6 +118,16 @@ impl StreamedUpload {
     }
 }
 
+/// An image completed at `url` since the save began.
+async fn refuse_if_taken(store: &Store, url: &StoreUrl) -> Result<(), StoreError> {
+    match store.head(&url.object(MANIFEST)).await? {
+        Some(_) => Err(StoreError::Exists {
+            url: url.to_string(),
+        }),
+        None => Ok(()),
+    }
+}
+
 /// The follower: `paths` are where `pages.bin` is while it is written and
 /// once the image is in place.
 async fn follow(
@@ -174,6 +184,7 @@ async fn follow(
                 };
                 let size = f.metadata().map_err(io("cannot stat"))?.len();
                 if finishing && upload.is_none() && size <= SINGLE_PUT_MAX {
+                    refuse_if_taken(store, url).await?;
                     let mut data = vec![0u8; usize::try_from(size).unwrap_or(0)];
                     f.read_exact_at(&mut data, 0).map_err(io("cannot read"))?;
                     hasher.update(&data);
@@ -181,6 +192,11 @@ async fn follow(
                     return Ok(size);
                 }
                 while size - sent >= PART_BYTES || (finishing && size > sent) {
+                    // A failed save stops the upload at the next part, not
+                    // once the backlog is sent.
+                    if signal.state.load(Ordering::Acquire) == ABORT {
+                        break;
+                    }
                     let n = (size - sent).min(PART_BYTES);
                     let mut data = vec![0u8; usize::try_from(n).unwrap_or(0)];
                     f.read_exact_at(&mut data, sent)
@@ -206,6 +222,9 @@ async fn follow(
                     sent += n;
                 }
                 if finishing {
+                    // Another image may have appeared at the URL since the
+                    // save began: never complete over its pages.
+                    refuse_if_taken(store, url).await?;
                     if let Some(w) = upload.take() {
                         w.finish()
                             .await

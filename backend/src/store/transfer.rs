@@ -268,6 +268,28 @@ pub async fn push_uploaded(
     progress: &dyn Progress,
     uploaded: Option<ManifestFile>,
 ) -> Result<TransferReport, StoreError> {
+    let streamed = uploaded.is_some();
+    let result = push_files(store, local, url, force, progress, uploaded).await;
+    if let Err(e) = &result {
+        // Pages uploaded while saving are not left behind without their
+        // image (unless another image is there now: they are its).
+        if streamed && !matches!(e, StoreError::Exists { .. }) {
+            if let Err(cleanup) = store.delete(&url.object("pages.bin")).await {
+                log::warn!("removing the pages uploaded while saving: {cleanup}");
+            }
+        }
+    }
+    result
+}
+
+async fn push_files(
+    store: &Store,
+    local: &Path,
+    url: &StoreUrl,
+    force: bool,
+    progress: &dyn Progress,
+    uploaded: Option<ManifestFile>,
+) -> Result<TransferReport, StoreError> {
     let started = Instant::now();
     let image = Image::open(local)?;
     let parent = parent_url(&image, url)?;
