@@ -15,27 +15,30 @@
 #   ci/store-link.sh describe PROFILE   its round trip (ms) and rate (bytes/s)
 #   ci/store-link.sh down         stop the store (keeping its data) and remove the namespaces
 #
+# THAW_LINK_NAME (default thaw) names the namespaces ($THAW_LINK_NAME-store,
+# $THAW_LINK_NAME-client), so that a test's link and a benchmark's do not meet.
 # PROFILE: RTT_MS/RATE, RATE in tc's units (1gbit, 100mbit, 256mbit = 32 MB/s),
 # e.g. 1/1gbit, 10/100mbit, 30/256mbit; or one of the names lan, wan, far
 # (those three). The store keeps its data in THAW_S3_DIR (default
-# /var/lib/thaw-s3-link), apart from ci/s3-server.sh's default one.
+# /var/lib/$THAW_LINK_NAME-s3-link), apart from ci/s3-server.sh's default one.
 # Idempotent; needs root.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 cmd=${1:-}
-store_ns=thaw-store
-client_ns=thaw-client
+name=${THAW_LINK_NAME:-thaw}
+store_ns=$name-store
+client_ns=$name-client
 store_addr=10.79.0.2
 client_addr=10.79.0.1
 port=8333
-export THAW_S3_DIR=${THAW_S3_DIR:-/var/lib/thaw-s3-link}
+export THAW_S3_DIR=${THAW_S3_DIR:-/var/lib/$name-s3-link}
 export THAW_S3_PORT=18334
 proxy_pid=$THAW_S3_DIR/proxy.pid
 
 [ "$(id -u)" = 0 ] || { echo "ci/store-link.sh: run as root" >&2; exit 1; }
 
-exec 9>/run/lock/thaw-store-link.lock
+exec 9>"/run/lock/$name-store-link.lock"
 flock 9
 
 profile() {
@@ -59,17 +62,21 @@ namespace() {
   ip netns exec "$1" ip link set lo up
 }
 
-# shape NS DEV RATE: the egress of DEV limited to RATE. The bucket holds
-# 10 ms of the rate (at least 64 KiB: a segment offloaded whole); the queue
-# behind it is a FIFO of 5 ms, the shallow buffer of a switch port (this
-# kernel has no fq_codel; a deep FIFO would hold every small reply behind
-# seconds of bulk data).
+# shape NS DEV RATE RTT_MS: the egress of DEV limited to RATE. The bucket
+# holds 10 ms of the rate (at least 64 KiB: a segment offloaded whole); the
+# FIFO behind it holds the link's round trip of data (at least 20 ms), the
+# buffer a path's bottleneck usually has. (This kernel has no fq_codel. A
+# buffer of a few ms drops the small replies of faults behind the fill's
+# bulk data, and their TCP retransmission timeouts stall a guest for
+# seconds: a loss-bound link, not a slow one.)
 shape() {
-  local bits
+  local bits queue
   bits=$(tc_bits "$3")
   local burst=$((bits / 8 / 100))
   [ "$burst" -ge 65536 ] || burst=65536
-  ip netns exec "$1" tc qdisc replace dev "$2" root tbf rate "$3" burst "$burst" latency 5ms
+  queue=$4
+  [ "$queue" -ge 20 ] || queue=20
+  ip netns exec "$1" tc qdisc replace dev "$2" root tbf rate "$3" burst "$burst" latency "${queue}ms"
 }
 
 # tc_bits RATE: bits per second of a rate in tc's units kbit/mbit/gbit.
@@ -103,7 +110,7 @@ up)
   for end in "$store_ns s3link0" "$client_ns s3link1"; do
     read -r ns dev <<<"$end"
     ip netns exec "$ns" ip link set "$dev" mtu 1500 up
-    shape "$ns" "$dev" "$rate"
+    shape "$ns" "$dev" "$rate" "$rtt"
   done
   # The daemons started here must not hold this script's lock.
   ip netns exec "$store_ns" bash ci/s3-server.sh up >&2 9>&-
@@ -116,7 +123,7 @@ up)
   # Ready when a connection through the link is accepted.
   for _ in $(seq 100); do
     if ip netns exec "$client_ns" bash -c "exec 3<>/dev/tcp/$store_addr/$port" 2>/dev/null; then
-      echo "store link: ${rtt} ms round trip, $rate each way, store at http://$store_addr:$port (namespace $client_ns)" >&2
+      echo "store link: ${rtt} ms round trip, $rate each way, store at http://$store_addr:$port (client namespace $client_ns)" >&2
       exit 0
     fi
     sleep 0.1
