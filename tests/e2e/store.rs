@@ -30,12 +30,7 @@ impl S3Server {
             "ci/s3-server.sh up failed:\n{}",
             text(&out)
         );
-        let env = String::from_utf8_lossy(&S3Server::script(&dir, "env").stdout)
-            .lines()
-            .filter_map(|l| l.strip_prefix("export "))
-            .filter_map(|l| l.split_once('='))
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect::<Vec<_>>();
+        let env = exported(&S3Server::script(&dir, "env"));
         assert!(
             env.iter().any(|(k, _)| k == "AWS_SECRET_ACCESS_KEY"),
             "{env:?}"
@@ -55,11 +50,7 @@ impl S3Server {
     }
 
     fn var(&self, key: &str) -> &str {
-        self.env
-            .iter()
-            .find(|(k, _)| k == key)
-            .map(|(_, v)| v.as_str())
-            .expect("a variable of ci/s3-server.sh env")
+        lookup(&self.env, key)
     }
 
     /// `thaw ARGS` against this store (and `vm`'s runtime directory).
@@ -119,6 +110,23 @@ impl Drop for S3Server {
     fn drop(&mut self) {
         self.stop();
     }
+}
+
+/// The `export K=V` lines a script printed.
+fn exported(out: &Output) -> Vec<(String, String)> {
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.strip_prefix("export "))
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+fn lookup<'a>(env: &'a [(String, String)], key: &str) -> &'a str {
+    env.iter()
+        .find(|(k, _)| k == key)
+        .map(|(_, v)| v.as_str())
+        .unwrap_or_else(|| panic!("{key} is not in the store's environment"))
 }
 
 fn text(out: &Output) -> String {
@@ -481,12 +489,7 @@ impl LinkStore {
             "ci/store-link.sh up failed:\n{}",
             text(&out)
         );
-        let env = String::from_utf8_lossy(&LinkStore::script(&dir, &["env"]).stdout)
-            .lines()
-            .filter_map(|l| l.strip_prefix("export "))
-            .filter_map(|l| l.split_once('='))
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect::<Vec<_>>();
+        let env = exported(&LinkStore::script(&dir, &["env"]));
         assert!(
             env.iter()
                 .any(|(k, v)| k == "AWS_ENDPOINT_URL" && v.contains("10.79.0.2")),
@@ -506,11 +509,7 @@ impl LinkStore {
     }
 
     fn var(&self, key: &str) -> &str {
-        self.env
-            .iter()
-            .find(|(k, _)| k == key)
-            .map(|(_, v)| v.as_str())
-            .expect("a variable of ci/store-link.sh env")
+        lookup(&self.env, key)
     }
 
     /// `thaw ARGS` in the link's client namespace.

@@ -13,9 +13,10 @@
 
 use std::ops::Range;
 use std::path::Path;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
@@ -26,15 +27,23 @@ use crate::image::source::{Fetched, PageSource};
 
 /// The file that stands for a `pages.bin` left in the store.
 pub const REMOTE_PAGES: &str = "pages.remote";
-/// A large read is split at multiples of this (the part size of an
-/// upload, which stores such as SeaweedFS keep as one chunk: a range
-/// within one chunk is read from one place) into ranges fetched at once.
-const SPLIT_BYTES: u64 = super::transfer::PART_BYTES;
+/// A large read is split at multiples of this into ranges fetched at
+/// once. It divides the part size of an upload (which stores such as
+/// SeaweedFS keep as one chunk), so no range spans two chunks; and it is
+/// small, so that what the fill has in flight when a fault comes drains
+/// soon (see [`HOLD_OFF`]).
+const SPLIT_BYTES: u64 = 2 << 20;
 /// Ranges of one read in flight at once.
 const PARALLEL_RANGES: usize = 4;
-/// How much the fill should read at once from the store: several ranges
-/// in flight (see [`crate::image::Image::bulk_read_bytes`]).
-const BULK_READ_BYTES: u64 = 4 * SPLIT_BYTES;
+/// How much the fill should read at once from the store: 16 ranges, 4 in
+/// flight (see [`crate::image::Image::bulk_read_bytes`]).
+const BULK_READ_BYTES: u64 = 16 * SPLIT_BYTES;
+/// After a fault's read, background reads start no new range for this
+/// long: a guest that faults faults again soon, and each of its reads
+/// should find the link free rather than queued behind the fill's.
+const HOLD_OFF: Duration = Duration::from_millis(100);
+
+const _: () = assert!(super::transfer::PART_BYTES % SPLIT_BYTES == 0);
 
 /// [`REMOTE_PAGES`]: where the pages are.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -79,10 +88,8 @@ pub struct RemotePages {
     object: object_store::path::Path,
     url: String,
     len: u64,
-    /// Urgent reads (a fault waits) in flight: background reads start no
-    /// new range meanwhile, and are told by `calm` when there are none.
-    urgent: Arc<AtomicUsize>,
-    calm: Arc<tokio::sync::Notify>,
+    /// Faults' reads ahead of the fill's.
+    gate: Arc<Gate>,
 }
 
 impl RemotePages {
@@ -131,8 +138,7 @@ impl RemotePages {
             object,
             url: reference.url.clone(),
             len: reference.len,
-            urgent: Arc::new(AtomicUsize::new(0)),
-            calm: Arc::new(tokio::sync::Notify::new()),
+            gate: Arc::new(Gate::new()),
         })
     }
 
@@ -180,24 +186,16 @@ impl PageSource for RemotePages {
             .runtime
             .as_ref()
             .ok_or_else(|| std::io::Error::other("the object store runtime stopped"))?;
-        let _urgent = urgent.then(|| UrgentRead::start(&self.urgent, &self.calm));
-        let gate = (!urgent).then(|| (self.urgent.clone(), self.calm.clone()));
+        let _urgent = urgent.then(|| UrgentRead::start(&self.gate));
+        let gate = (!urgent).then(|| self.gate.clone());
         let parts = run_on(runtime, async move {
             use futures::{StreamExt, TryStreamExt};
             futures::stream::iter(ranges)
                 .map(|r| {
                     let (store, object, gate) = (&store, &object, &gate);
                     async move {
-                        if let Some((urgent, calm)) = gate {
-                            loop {
-                                // Registered before the check: a wake-up
-                                // between the two is not lost.
-                                let calmed = calm.notified();
-                                if urgent.load(Ordering::Acquire) == 0 {
-                                    break;
-                                }
-                                calmed.await;
-                            }
+                        if let Some(gate) = gate {
+                            gate.wait_calm().await;
                         }
                         store.get_range(object, r).await
                     }
@@ -227,24 +225,73 @@ impl PageSource for RemotePages {
     }
 }
 
+/// Faults' reads ahead of the fill's: background reads start no new
+/// range while an urgent read (a fault waits) is in flight, nor for
+/// [`HOLD_OFF`] after the last one ended.
+struct Gate {
+    urgent: AtomicUsize,
+    calm: tokio::sync::Notify,
+    epoch: Instant,
+    /// When the last urgent read ended (ns after `epoch`; `u64::MAX`:
+    /// none yet).
+    last_end: AtomicU64,
+}
+
+impl Gate {
+    fn new() -> Gate {
+        Gate {
+            urgent: AtomicUsize::new(0),
+            calm: tokio::sync::Notify::new(),
+            epoch: Instant::now(),
+            last_end: AtomicU64::new(u64::MAX),
+        }
+    }
+
+    /// Waits until a background read may start a range.
+    async fn wait_calm(&self) {
+        loop {
+            // Registered before the check: a wake-up between the two is
+            // not lost.
+            let calmed = self.calm.notified();
+            if self.urgent.load(Ordering::Acquire) > 0 {
+                calmed.await;
+                continue;
+            }
+            let last = self.last_end.load(Ordering::Acquire);
+            if last == u64::MAX {
+                return;
+            }
+            let since = self
+                .epoch
+                .elapsed()
+                .saturating_sub(Duration::from_nanos(last));
+            if since >= HOLD_OFF {
+                return;
+            }
+            tokio::time::sleep(HOLD_OFF - since).await;
+        }
+    }
+}
+
 /// An urgent read in flight, counted while this lives; the last one to
-/// end lets the background reads go on.
+/// end lets the background reads go on (after [`HOLD_OFF`]).
 struct UrgentRead<'a> {
-    urgent: &'a AtomicUsize,
-    calm: &'a tokio::sync::Notify,
+    gate: &'a Gate,
 }
 
 impl<'a> UrgentRead<'a> {
-    fn start(urgent: &'a AtomicUsize, calm: &'a tokio::sync::Notify) -> UrgentRead<'a> {
-        urgent.fetch_add(1, Ordering::AcqRel);
-        UrgentRead { urgent, calm }
+    fn start(gate: &'a Gate) -> UrgentRead<'a> {
+        gate.urgent.fetch_add(1, Ordering::AcqRel);
+        UrgentRead { gate }
     }
 }
 
 impl Drop for UrgentRead<'_> {
     fn drop(&mut self) {
-        if self.urgent.fetch_sub(1, Ordering::AcqRel) == 1 {
-            self.calm.notify_waiters();
+        let now = u64::try_from(self.gate.epoch.elapsed().as_nanos()).unwrap_or(u64::MAX - 1);
+        self.gate.last_end.store(now, Ordering::Release);
+        if self.gate.urgent.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.gate.calm.notify_waiters();
         }
     }
 }

@@ -269,7 +269,119 @@ pub async fn push_uploaded(
     uploaded: Option<ManifestFile>,
 ) -> Result<TransferReport, StoreError> {
     let streamed = uploaded.is_some();
-    let result = push_files(store, local, url, force, progress, uploaded).await;
+    let result: Result<TransferReport, StoreError> = async {
+        let started = Instant::now();
+        let image = Image::open(local)?;
+        let parent = parent_url(&image, url)?;
+        if let (Some(p), Some((dir, _))) = (&parent, image.parent()) {
+            check_parent(store, p, dir).await?;
+        }
+        let uploaded = uploaded.filter(|u| {
+            let pages = &image.meta().pages;
+            let same = u.name == "pages.bin" && u.len == pages.len && u.xxh3 == pages.xxh3;
+            if !same {
+                log::warn!(
+                    "the pages uploaded while saving are not the image's ({} bytes, digest {}); uploading them again",
+                    u.len,
+                    u.xxh3
+                );
+            }
+            same
+        });
+        let identity = format!("{:016x}", image.identity());
+        drop(image);
+        let mut names = Vec::new();
+        for entry in std::fs::read_dir(local).map_err(io_err(local, "cannot list"))? {
+            let entry = entry.map_err(io_err(local, "cannot list"))?;
+            let file_type = entry
+                .file_type()
+                .map_err(io_err(&entry.path(), "cannot stat"))?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if file_type.is_file() && is_plain_name(&name) {
+                names.push(name);
+            } else {
+                log::warn!("not pushing {}: not a plain file", entry.path().display());
+            }
+        }
+        names.sort();
+        if store.head(&url.object(MANIFEST)).await?.is_some() {
+            if !force {
+                return Err(StoreError::Exists {
+                    url: url.to_string(),
+                });
+            }
+            // Invisible from now on: never half old, half new.
+            store.delete(&url.object(MANIFEST)).await?;
+        }
+        let total = names
+            .iter()
+            .map(|n| std::fs::metadata(local.join(n)).map_or(0, |m| m.len()))
+            .sum();
+        progress.start("upload", total);
+        let mut files = Vec::new();
+        let mut written = Vec::new();
+        let result = async {
+            for name in &names {
+                written.push(url.object(name));
+                match &uploaded {
+                    Some(u) if &u.name == name => {
+                        progress.advance(u.len);
+                        files.push(u.clone());
+                    }
+                    _ => files.push(upload_file(store, &local.join(name), url, name, progress).await?),
+                }
+            }
+            crate::failpoint::check("push-before-manifest").map_err(io_err(local, "uploading"))?;
+            let manifest = Manifest {
+                manifest_version: MANIFEST_VERSION,
+                identity,
+                files: std::mem::take(&mut files),
+                parent,
+            };
+            let text = serde_json::to_vec_pretty(&manifest).map_err(|e| StoreError::Damaged {
+                url: url.to_string(),
+                why: format!("writing the manifest: {e}"),
+            })?;
+            store.put(&url.object(MANIFEST), Bytes::from(text)).await?;
+            Ok::<_, StoreError>(manifest)
+        }
+        .await;
+        progress.finish();
+        let manifest = match result {
+            Ok(m) => m,
+            Err(e) => {
+                for path in &written {
+                    if let Err(cleanup) = store.delete(path).await {
+                        log::warn!("removing a partial upload: {cleanup}");
+                    }
+                }
+                return Err(e);
+            }
+        };
+        let while_writing = uploaded.as_ref().map_or(0, |u| u.len);
+        // Leftovers of an earlier push to this prefix that was killed, or of
+        // a replaced image with other files.
+        let keep: Vec<_> = manifest
+            .files
+            .iter()
+            .map(|f| url.object(&f.name))
+            .chain([url.object(MANIFEST)])
+            .collect();
+        for object in store.list_children(&url.prefix_path()).await? {
+            if !keep.contains(&object.location) {
+                log::info!(
+                    "removing s3://{}/{} (not part of the image)",
+                    url.bucket,
+                    object.location
+                );
+                store.delete(&object.location).await?;
+            }
+        }
+        let mut report = TransferReport::new(url, local, &manifest, started);
+        report.while_writing = while_writing;
+        Ok(report)
+    }
+    .await;
     if let Err(e) = &result {
         // Pages uploaded while saving are not left behind without their
         // image (unless another image is there now: they are its).
@@ -280,126 +392,6 @@ pub async fn push_uploaded(
         }
     }
     result
-}
-
-async fn push_files(
-    store: &Store,
-    local: &Path,
-    url: &StoreUrl,
-    force: bool,
-    progress: &dyn Progress,
-    uploaded: Option<ManifestFile>,
-) -> Result<TransferReport, StoreError> {
-    let started = Instant::now();
-    let image = Image::open(local)?;
-    let parent = parent_url(&image, url)?;
-    if let (Some(p), Some((dir, _))) = (&parent, image.parent()) {
-        check_parent(store, p, dir).await?;
-    }
-    let uploaded = uploaded.filter(|u| {
-        let pages = &image.meta().pages;
-        let same = u.name == "pages.bin" && u.len == pages.len && u.xxh3 == pages.xxh3;
-        if !same {
-            log::warn!(
-                "the pages uploaded while saving are not the image's ({} bytes, digest {}); uploading them again",
-                u.len,
-                u.xxh3
-            );
-        }
-        same
-    });
-    let identity = format!("{:016x}", image.identity());
-    drop(image);
-    let mut names = Vec::new();
-    for entry in std::fs::read_dir(local).map_err(io_err(local, "cannot list"))? {
-        let entry = entry.map_err(io_err(local, "cannot list"))?;
-        let file_type = entry
-            .file_type()
-            .map_err(io_err(&entry.path(), "cannot stat"))?;
-        let name = entry.file_name().to_string_lossy().into_owned();
-        if file_type.is_file() && is_plain_name(&name) {
-            names.push(name);
-        } else {
-            log::warn!("not pushing {}: not a plain file", entry.path().display());
-        }
-    }
-    names.sort();
-    if store.head(&url.object(MANIFEST)).await?.is_some() {
-        if !force {
-            return Err(StoreError::Exists {
-                url: url.to_string(),
-            });
-        }
-        // Invisible from now on: never half old, half new.
-        store.delete(&url.object(MANIFEST)).await?;
-    }
-    let total = names
-        .iter()
-        .map(|n| std::fs::metadata(local.join(n)).map_or(0, |m| m.len()))
-        .sum();
-    progress.start("upload", total);
-    let mut files = Vec::new();
-    let mut written = Vec::new();
-    let result = async {
-        for name in &names {
-            written.push(url.object(name));
-            match &uploaded {
-                Some(u) if &u.name == name => {
-                    progress.advance(u.len);
-                    files.push(u.clone());
-                }
-                _ => files.push(upload_file(store, &local.join(name), url, name, progress).await?),
-            }
-        }
-        crate::failpoint::check("push-before-manifest").map_err(io_err(local, "uploading"))?;
-        let manifest = Manifest {
-            manifest_version: MANIFEST_VERSION,
-            identity,
-            files: std::mem::take(&mut files),
-            parent,
-        };
-        let text = serde_json::to_vec_pretty(&manifest).map_err(|e| StoreError::Damaged {
-            url: url.to_string(),
-            why: format!("writing the manifest: {e}"),
-        })?;
-        store.put(&url.object(MANIFEST), Bytes::from(text)).await?;
-        Ok::<_, StoreError>(manifest)
-    }
-    .await;
-    progress.finish();
-    let manifest = match result {
-        Ok(m) => m,
-        Err(e) => {
-            for path in &written {
-                if let Err(cleanup) = store.delete(path).await {
-                    log::warn!("removing a partial upload: {cleanup}");
-                }
-            }
-            return Err(e);
-        }
-    };
-    let while_writing = uploaded.as_ref().map_or(0, |u| u.len);
-    // Leftovers of an earlier push to this prefix that was killed, or of
-    // a replaced image with other files.
-    let keep: Vec<_> = manifest
-        .files
-        .iter()
-        .map(|f| url.object(&f.name))
-        .chain([url.object(MANIFEST)])
-        .collect();
-    for object in store.list_children(&url.prefix_path()).await? {
-        if !keep.contains(&object.location) {
-            log::info!(
-                "removing s3://{}/{} (not part of the image)",
-                url.bucket,
-                object.location
-            );
-            store.delete(&object.location).await?;
-        }
-    }
-    let mut report = TransferReport::new(url, local, &manifest, started);
-    report.while_writing = while_writing;
-    Ok(report)
 }
 
 /// Uploads one file as object `name` under `url`, hashing it.
