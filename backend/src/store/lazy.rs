@@ -63,7 +63,7 @@ impl WorkingSets {
     }
 
     /// Whether file `name` of an image is needed.
-    fn wants(&self, name: &str) -> bool {
+    pub(crate) fn wants(&self, name: &str) -> bool {
         if name == "pages.bin" {
             return false;
         }

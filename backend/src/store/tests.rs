@@ -150,3 +150,25 @@ fn manifests_name_plain_files_once_and_a_meta_json() {
         );
     }
 }
+
+#[test]
+fn a_restore_from_a_store_fetches_only_the_working_sets_it_uses() {
+    use super::lazy::WorkingSets;
+    use crate::ops::restore::{EstimatorChoice, Mode};
+    let lazy = WorkingSets::for_restore(Mode::Lazy, EstimatorChoice::None, false);
+    for name in ["meta.json", "index.bin", "device.state", "ws-evidence.json"] {
+        assert!(lazy.wants(name), "{name}");
+    }
+    assert!(!lazy.wants("pages.bin") && !lazy.wants("ws-learned.bin"));
+    // A restore that learns refines the learned set it fetches.
+    let learning = WorkingSets::for_restore(Mode::Lazy, EstimatorChoice::None, true);
+    assert!(learning.wants("ws-learned.bin") && !learning.wants("ws-trace.bin"));
+    let trace = WorkingSets::for_restore(Mode::Ws, EstimatorChoice::Trace, false);
+    assert!(trace.wants("ws-trace.bin") && !trace.wants("ws-learned.bin"));
+    // `auto` chooses by the image's evidence among all of them.
+    let auto = WorkingSets::for_restore(Mode::Ws, EstimatorChoice::Auto, false);
+    for e in ["learned", "trace", "abit", "dirty"] {
+        assert!(auto.wants(&format!("ws-{e}.bin")), "{e}");
+    }
+    assert!(!auto.wants("pages.bin"));
+}
