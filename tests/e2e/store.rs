@@ -25,11 +25,11 @@ impl S3Server {
     fn start(dir: &Path) -> S3Server {
         let dir = dir.join("s3");
         let out = S3Server::script(&dir, "up");
-        assert!(
-            out.status.success(),
-            "ci/s3-server.sh up failed:\n{}",
-            text(&out)
-        );
+        if !out.status.success() {
+            // Not left running for the next test to trip over.
+            S3Server::script(&dir, "down");
+            panic!("ci/s3-server.sh up failed:\n{}", text(&out));
+        }
         let env = exported(&S3Server::script(&dir, "env"));
         assert!(
             env.iter().any(|(k, _)| k == "AWS_SECRET_ACCESS_KEY"),
@@ -486,11 +486,11 @@ impl LinkStore {
     fn start(dir: &Path, profile: &str) -> LinkStore {
         let dir = dir.join("s3-link");
         let out = LinkStore::script(&dir, &["up", profile]);
-        assert!(
-            out.status.success(),
-            "ci/store-link.sh up failed:\n{}",
-            text(&out)
-        );
+        if !out.status.success() {
+            // Not left running for the next test to trip over.
+            LinkStore::script(&dir, &["down"]);
+            panic!("ci/store-link.sh up failed:\n{}", text(&out));
+        }
         let env = exported(&LinkStore::script(&dir, &["env"]));
         assert!(
             env.iter()

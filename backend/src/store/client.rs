@@ -35,7 +35,9 @@ impl Timeouts {
     pub const BULK: Timeouts = Timeouts {
         connect: Duration::from_secs(5),
         request: Duration::from_secs(120),
-        retries: 5,
+        // With the backoff below (0.1 s doubling, at most 5 s) a store
+        // that answers 5xx for a while is retried for about half a minute.
+        retries: 10,
         retry_for: Duration::from_secs(60),
     };
     /// Reads a running guest waits on (a restore from the store): short,
