@@ -273,9 +273,7 @@ impl ImageWriter {
             path: target.to_owned(),
             message: "the image path needs a final component".into(),
         })?;
-        let mut partial = name.to_os_string();
-        partial.push(format!(".partial-{}", std::process::id()));
-        let dir = target.with_file_name(partial);
+        let dir = partial_dir(target, name);
         let _ = fs::remove_dir_all(&dir);
         remove_stale_partials(target, name);
         DirBuilder::new()
@@ -808,6 +806,9 @@ pub struct Image {
     /// An incremental image: its chain (the fields above are then the
     /// chain's view).
     chain: Option<chain::Chain>,
+    /// Whether any of the pages come from an object store (asked on the
+    /// fault path: kept, not recomputed).
+    remote: bool,
 }
 
 impl Image {
@@ -888,6 +889,7 @@ impl Image {
                 }
             };
         let plen = pages.len();
+        let remote = pages.is_remote();
         if plen != meta.nonzero_pages * PAGE_SIZE || plen != meta.pages.len {
             return Err(damaged(
                 &pages_path,
@@ -948,6 +950,7 @@ impl Image {
             pages_path,
             throttle: None,
             chain: None,
+            remote,
         })
     }
 
@@ -1037,6 +1040,7 @@ impl Image {
             pages_direct: None,
             pages_path: self.pages_path,
             throttle: None,
+            remote: layers.iter().any(|l| l.pages.is_remote()),
             chain: Some(chain::Chain {
                 own_meta: self.meta,
                 parent_dir,
@@ -1198,7 +1202,7 @@ impl Image {
 
     /// Whether any of the pages are read from an object store.
     pub fn reads_remote(&self) -> bool {
-        self.page_sources().any(|p| p.is_remote())
+        self.remote
     }
 
     /// Where the pages come from: this image's, or each layer's of a chain.
@@ -1356,6 +1360,14 @@ fn open_remote_pages(
     RemotePages::open(&reference)
         .map(Some)
         .map_err(|e| remote_err(e.to_string()))
+}
+
+/// Where this process's writer builds the image `target` (named `name`)
+/// until it is finished: `<name>.partial-<pid>` next to it.
+pub fn partial_dir(target: &Path, name: &std::ffi::OsStr) -> PathBuf {
+    let mut partial = name.to_os_string();
+    partial.push(format!(".partial-{}", std::process::id()));
+    target.with_file_name(partial)
 }
 
 /// The identity of the image `meta` describes (see [`Image::identity`]).

@@ -62,10 +62,8 @@ impl StreamedUpload {
             path: target.to_path_buf(),
             why: "not a directory name".into(),
         })?;
-        let mut partial = name.to_os_string();
-        partial.push(format!(".partial-{}", std::process::id()));
         let paths = [
-            target.with_file_name(partial).join("pages.bin"),
+            crate::image::partial_dir(target, name).join("pages.bin"),
             target.join("pages.bin"),
         ];
         let signal = Arc::new(Signal {
