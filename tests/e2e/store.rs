@@ -21,6 +21,14 @@ struct S3Server {
 
 const PORT: &str = "18333";
 
+/// The store tests one at a time: two SeaweedFS starting beside the rest
+/// of the suite on 2 cores answered writes with 500 for seconds.
+static ONE_STORE_TEST: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn one_store_test() -> std::sync::MutexGuard<'static, ()> {
+    ONE_STORE_TEST.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 impl S3Server {
     fn start(dir: &Path) -> S3Server {
         let dir = dir.join("s3");
@@ -168,6 +176,7 @@ fn no_partials(dir: &Path) {
 
 #[test]
 fn an_image_pushed_to_a_real_store_pulls_back_verified_and_restores() {
+    let _one = one_store_test();
     let vm = Vm::boot("store", &GuestSpec::default());
     let s3 = S3Server::start(&vm.dir);
     let before = vm.wait_ticks(3);
@@ -539,6 +548,7 @@ impl Drop for LinkStore {
 
 #[test]
 fn a_vm_saved_across_a_slow_link_restores_lazily_from_there_intact() {
+    let _one = one_store_test();
     let vm = Vm::boot("link", &GuestSpec::default());
     let link = LinkStore::start(&vm.dir, "far");
     let url = format!("s3://thaw-test/e2e/{}/link", std::process::id());
