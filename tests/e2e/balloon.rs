@@ -21,6 +21,10 @@ const MIB: u64 = 1 << 20;
 /// Generous: TCG on a shared 2-core machine is slow.
 const TIMEOUT: Duration = Duration::from_secs(300);
 
+/// How long one read from the monitor waits before the test asks QEMU
+/// directly: an event can be throttled or missed, `query-balloon` cannot.
+const POLL: Duration = Duration::from_secs(10);
+
 /// A QMP session on the VM's query monitor (the restore holds the main one).
 struct Monitor {
     reader: BufReader<UnixStream>,
@@ -30,33 +34,56 @@ struct Monitor {
 impl Monitor {
     fn connect(vm: &Vm) -> Monitor {
         let stream = UnixStream::connect(vm.runtime_file("query.sock")).expect("query monitor");
-        stream
-            .set_read_timeout(Some(TIMEOUT))
-            .expect("read timeout");
+        stream.set_read_timeout(Some(POLL)).expect("read timeout");
         let writer = stream.try_clone().expect("clone");
         let mut m = Monitor {
             reader: BufReader::new(stream),
             writer,
         };
-        let greeting = m.next();
+        let greeting = m.next_before(Instant::now() + TIMEOUT);
         assert!(greeting.get("QMP").is_some(), "no QMP greeting: {greeting}");
         m.execute("qmp_capabilities", json!({}));
         m
     }
 
-    fn next(&mut self) -> Value {
+    /// The next message, or `None` when none came within [`POLL`].
+    fn next_within_poll(&mut self) -> Option<Value> {
         let mut line = String::new();
-        let n = self.reader.read_line(&mut line).expect("read from QMP");
-        assert!(n > 0, "QMP closed");
-        serde_json::from_str(&line).expect("QMP JSON")
+        match self.reader.read_line(&mut line) {
+            Ok(0) => panic!("QMP closed"),
+            Ok(_) => Some(serde_json::from_str(&line).expect("QMP JSON")),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                // QEMU writes each message whole, so a timeout never
+                // falls inside a line; if one did, it would be lost here.
+                assert!(line.is_empty(), "a QMP line was cut by the read timeout");
+                None
+            }
+            Err(e) => panic!("read from QMP: {e}"),
+        }
+    }
+
+    /// The next message; panics if none comes before `deadline`.
+    fn next_before(&mut self, deadline: Instant) -> Value {
+        loop {
+            if let Some(msg) = self.next_within_poll() {
+                return msg;
+            }
+            assert!(Instant::now() < deadline, "QEMU sent nothing in time");
+        }
     }
 
     /// Runs `cmd`; returns its `return` value (events on the way are dropped).
     fn execute(&mut self, cmd: &str, args: Value) -> Value {
         let msg = json!({ "execute": cmd, "arguments": args });
         writeln!(self.writer, "{msg}").expect("write to QMP");
+        let deadline = Instant::now() + TIMEOUT;
         loop {
-            let reply = self.next();
+            let reply = self.next_before(deadline);
             if let Some(r) = reply.get("return") {
                 return r.clone();
             }
@@ -64,29 +91,37 @@ impl Monitor {
         }
     }
 
-    /// Sets the balloon target to `bytes` of guest RAM and waits for the
-    /// `BALLOON_CHANGE` event that reports the guest got within 4 MiB of it.
+    /// Sets the balloon target to `bytes` of guest RAM and waits until the
+    /// guest got within 4 MiB of it.
     fn balloon_to(&mut self, bytes: u64) {
         self.execute("balloon", json!({ "value": bytes }));
         self.wait_balloon(bytes);
     }
 
-    /// Waits for a `BALLOON_CHANGE` event within 4 MiB of `bytes`.
+    /// Waits until the guest's RAM is within 4 MiB of `bytes`: by a
+    /// `BALLOON_CHANGE` event, or, when none came for [`POLL`], by asking
+    /// `query-balloon`.
     fn wait_balloon(&mut self, bytes: u64) {
         let deadline = Instant::now() + TIMEOUT;
+        let mut last = None;
         loop {
-            assert!(
-                Instant::now() < deadline,
-                "the guest did not reach a balloon of {} MiB",
-                bytes / MIB
-            );
-            let ev = self.next();
-            if ev["event"] == "BALLOON_CHANGE" {
-                let actual = ev["data"]["actual"].as_u64().expect("actual");
+            let actual = match self.next_within_poll() {
+                Some(ev) if ev["event"] == "BALLOON_CHANGE" => ev["data"]["actual"].as_u64(),
+                Some(_) => None,
+                None => self.execute("query-balloon", json!({}))["actual"].as_u64(),
+            };
+            if let Some(actual) = actual {
                 if actual.abs_diff(bytes) <= 4 * MIB {
                     return;
                 }
+                last = Some(actual);
             }
+            assert!(
+                Instant::now() < deadline,
+                "the guest did not reach a balloon of {} MiB (last seen: {:?} MiB)",
+                bytes / MIB,
+                last.map(|b| b / MIB)
+            );
         }
     }
 }
