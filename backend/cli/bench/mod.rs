@@ -597,12 +597,10 @@ pub async fn run(opts: &BenchOptions) -> Result<BenchReport, BenchError> {
     } = warm_state.clone();
     log::info!("warm rate {warm:.1} {}", warm_state.unit());
 
-    // Working sets of the running VM, then the image; an application's
-    // client keeps working meanwhile, as it does when a user checkpoints.
-    let background = app
-        .as_ref()
-        .map(|a| Client::start(a, Instant::now()))
-        .transpose()?;
+    // Working sets of the running VM, then the image; the measured
+    // restores' observer (an application's client, or the workload's
+    // probes) keeps working meanwhile, as a user's does at a checkpoint.
+    let background = Observer::start(app.as_ref(), &serial, opts, console.as_deref(), Instant::now())?;
     for (e, wanted) in [
         (
             Estimator::Abit,
@@ -643,9 +641,9 @@ pub async fn run(opts: &BenchOptions) -> Result<BenchReport, BenchError> {
         },
     )
     .await?;
-    if let Some(client) = background {
-        client.finish();
-    }
+    background
+        .finish(&nonce)
+        .map_err(|e| BenchError::Integrity(format!("while checkpointing: {e}")))?;
 
     if let Some(uri) = uri {
         // What a libvirt user has: virsh's save images. The domain can be
@@ -696,11 +694,16 @@ pub async fn run(opts: &BenchOptions) -> Result<BenchReport, BenchError> {
         progress: Default::default(),
     };
     if opts.methods.contains(&Method::Ws(Estimator::Learned)) {
-        // The learning restore sees what the client makes the guest touch.
-        let client = app
-            .as_ref()
-            .map(|a| Client::start(a, Instant::now()))
-            .transpose()?;
+        // The learning restore sees what the measured restores' observer
+        // makes the guest touch: the application's client, or the
+        // workload's console and its probes.
+        let observer = Observer::start(
+            app.as_ref(),
+            &serial,
+            opts,
+            console.as_deref(),
+            Instant::now(),
+        )?;
         restore::restore(
             &image,
             &restore_opts(
@@ -710,9 +713,9 @@ pub async fn run(opts: &BenchOptions) -> Result<BenchReport, BenchError> {
             ),
         )
         .await?;
-        if let Some(client) = client {
-            client.finish();
-        }
+        observer
+            .finish(&nonce)
+            .map_err(|e| BenchError::Integrity(format!("the learning restore: {e}")))?;
         stop_vm(&name, uri).await?;
     }
 

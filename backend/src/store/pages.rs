@@ -186,6 +186,7 @@ impl PageSource for RemotePages {
             .runtime
             .as_ref()
             .ok_or_else(|| std::io::Error::other("the object store runtime stopped"))?;
+        let started = Instant::now();
         let _urgent = urgent.then(|| UrgentRead::start(&self.gate));
         let gate = (!urgent).then(|| self.gate.clone());
         let parts = run_on(runtime, async move {
@@ -221,6 +222,12 @@ impl PageSource for RemotePages {
                 format!("the store sent {at} of {} bytes", buf.len()),
             ));
         }
+        log::debug!(
+            "{} read of {} KiB at {offset:#x} took {} µs",
+            if urgent { "urgent" } else { "background" },
+            buf.len() >> 10,
+            started.elapsed().as_micros()
+        );
         Ok(())
     }
 }
