@@ -12,10 +12,16 @@
 # the store, fault p50 against the round trip, the fill against the link
 # rate, and TTR against the floor of a restore from that link.
 #
+# With APP=redis (or memcached) the guest is that real application from
+# Debian (configs/apps/APP.yaml), measured by its own client: the guest's
+# NIC is tap0 in the client namespace (ci/app-net.sh), where the client
+# runs beside QEMU; APP_DATA/APP_HOT size its data (default: the bench's).
+#
 # Usage (root): ci/bench-store-link.sh [PROFILE...]   (default: lan wan far;
 #               see ci/store-link.sh)
-# Environment: RUNS (default 2), METHODS (default stock,lazy,ws:trace,ws:learned).
-# Output: target/bench/store-link-<profile>/{bench.json,bench.md,throughput.svg}
+# Environment: RUNS (default 2), METHODS (default stock,lazy,ws:trace,ws:learned),
+#              APP, APP_DATA, APP_HOT.
+# Output: target/bench/store-link-<profile>[-<app>]/{bench.json,bench.md,throughput.svg}
 set -euo pipefail
 cd "$(dirname "$0")/.."
 runs=${RUNS:-2}
@@ -25,24 +31,36 @@ methods=${METHODS:-stock,lazy,ws:trace,ws:learned}
 profiles=("$@")
 [ ${#profiles[@]} -gt 0 ] || profiles=(lan wan far)
 
-config=$out/configs/store-link-1g.yaml
-mkdir -p "$out/configs"
-sed -e "s|^memory: .*|memory: 1G|" -e "s|thaw.mem=[^ ]*|thaw.mem=512M|" \
-  -e "s|thaw.hot=[^ ]*|thaw.hot=32M|" -e "s|\.\./target/|$PWD/target/|g" \
-  configs/bench-tput-2g.yaml >"$config"
+app=${APP:-}
+guest=()
+if [ -n "$app" ]; then
+  bash tests/guest/build-app.sh "$app" >/dev/null
+  config=configs/apps/$app.yaml
+  guest=(--app "$app")
+  [ -z "${APP_DATA:-}" ] || guest+=(--app-data "$APP_DATA")
+  [ -z "${APP_HOT:-}" ] || guest+=(--app-hot "$APP_HOT")
+else
+  config=$out/configs/store-link-1g.yaml
+  mkdir -p "$out/configs"
+  sed -e "s|^memory: .*|memory: 1G|" -e "s|thaw.mem=[^ ]*|thaw.mem=512M|" \
+    -e "s|thaw.hot=[^ ]*|thaw.hot=32M|" -e "s|\.\./target/|$PWD/target/|g" \
+    configs/bench-tput-2g.yaml >"$config"
+fi
 
 trap 'bash ci/store-link.sh down' EXIT
 for p in "${profiles[@]}"; do
   bash ci/store-link.sh up "$p"
+  # The application guest's NIC: tap0 beside the client, in its namespace.
+  [ -z "$app" ] || bash ci/app-net.sh up thaw-client >&2
   read -r rtt rate < <(bash ci/store-link.sh describe "$p")
-  dest=$out/store-link-${p//\//-}
+  dest=$out/store-link-${p//\//-}${app:+-$app}
   mkdir -p "$dest"
   echo "== $dest" >&2
   # The bench's VM and its client run in the client namespace: every byte
   # of the image crosses the shaped link.
   (
     eval "$(bash ci/store-link.sh env)"
-    ip netns exec thaw-client "$thaw" bench --config "$config" --runs "$runs" \
+    ip netns exec thaw-client "$thaw" bench --config "$config" "${guest[@]}" --runs "$runs" \
       --methods "$methods" --store "s3://$THAW_S3_BUCKET/bench-link" \
       --link-rtt-ms "$rtt" --link-rate "$rate" --no-limits --dir /var/lib/thaw/bench-link \
       --out "$dest" 2>"$dest/stderr.log" | tee "$dest/stdout.md"

@@ -25,7 +25,7 @@ fn bench_restores_by_each_method_and_reports_ttr_fields() {
         "--config",
         cfg_path.to_str().expect("utf-8"),
         "--methods",
-        "stock,mapped-ram,lazy,ws:trace",
+        "stock,mapped-ram,lazy,ws:trace,ws:learned",
         "--runs",
         "1",
         "--warmup-ms",
@@ -47,7 +47,10 @@ fn bench_restores_by_each_method_and_reports_ttr_fields() {
         .iter()
         .filter_map(|s| s["method"].as_str())
         .collect();
-    assert_eq!(methods, ["stock", "mapped-ram", "lazy", "ws:trace"]);
+    assert_eq!(
+        methods,
+        ["stock", "mapped-ram", "lazy", "ws:trace", "ws:learned"]
+    );
     for run in report["runs"].as_array().expect("runs") {
         assert!(run["running_ms"].as_f64() > Some(0.0), "{run}");
         assert!(

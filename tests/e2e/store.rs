@@ -634,3 +634,80 @@ fn a_vm_saved_across_a_slow_link_restores_lazily_from_there_intact() {
         "a VM was started from a damaged image"
     );
 }
+
+/// `thaw bench --store`: the image and stock's stream go to the store,
+/// every restore reads from there (stock after downloading its stream,
+/// thaw's straight from the store, each from an empty cache), and the
+/// report counts what each fetched and times one small request. The
+/// learning restore ran under the workload's observer, and the learned
+/// set it made is restored intact.
+#[test]
+fn the_bench_restores_from_a_store_and_counts_what_each_method_fetched() {
+    let _one = one_store_test();
+    let (name, dir) = Vm::workspace("store-bench");
+    let kit = crate::harness::guest_dir();
+    let config = format!(
+        "name: {name}\nmemory: 512M\ncpus: 1\naccel: tcg\nkernel: {}\ninitrd: {}\n\
+         append: \"console=ttyS0 quiet panic=-1 thaw.mem=96M thaw.hot=16M thaw.tput_ms=50\"\n\
+         serial: console.log\nextra_args: [\"-no-reboot\"]\n",
+        kit.join("vmlinuz").display(),
+        kit.join("initrd.img").display()
+    );
+    let cfg_path = dir.join("vm.yaml");
+    std::fs::write(&cfg_path, config).expect("write config");
+    let vm = Vm::attach(name, dir.clone());
+    let s3 = S3Server::start(&dir);
+    let url = format!("s3://thaw-test/e2e/{}/bench", std::process::id());
+    let out = s3.thaw(
+        &vm,
+        &[
+            "bench",
+            "--config",
+            cfg_path.to_str().expect("utf-8"),
+            "--store",
+            &url,
+            "--methods",
+            "stock,ws:learned",
+            "--runs",
+            "1",
+            "--warmup-ms",
+            "1000",
+            "--measure-ms",
+            "1000",
+            "--settle-ms",
+            "1500",
+            "--no-limits",
+            "--dir",
+            dir.join("art").to_str().expect("utf-8"),
+            "--out",
+            dir.join("out").to_str().expect("utf-8"),
+            "--json",
+        ],
+        &[],
+    );
+    let report = ok(out);
+    let store = &report["store"];
+    assert_eq!(store["url"], url.as_str(), "{store}");
+    assert!(store["image_bytes"].as_u64() > Some(1 << 20), "{store}");
+    assert!(store["stock_bytes"].as_u64() > Some(1 << 20), "{store}");
+    assert!(store["request_ms"].as_f64() > Some(0.0), "{store}");
+    let summary = report["summary"].as_array().expect("summary");
+    for s in summary {
+        assert!(s["store_requests"].as_f64() > Some(0.0), "{s}");
+        assert!(s["store_mib"].as_f64() > Some(1.0), "{s}");
+    }
+    let learned = summary
+        .iter()
+        .find(|s| s["method"] == "ws:learned")
+        .expect("ws:learned in the summary");
+    assert!(learned["ws_pages"].as_f64() > Some(0.0), "{learned}");
+    for run in report["runs"].as_array().expect("runs") {
+        assert!(
+            run["samples"].as_array().is_some_and(|s| !s.is_empty()),
+            "no throughput reports after a {} restore",
+            run["method"]
+        );
+    }
+    let md = std::fs::read_to_string(dir.join("out/bench.md")).expect("bench.md");
+    assert!(md.contains("Request: a 4 KiB ranged GET"), "{md}");
+}

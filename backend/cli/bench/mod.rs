@@ -600,7 +600,13 @@ pub async fn run(opts: &BenchOptions) -> Result<BenchReport, BenchError> {
     // Working sets of the running VM, then the image; the measured
     // restores' observer (an application's client, or the workload's
     // probes) keeps working meanwhile, as a user's does at a checkpoint.
-    let background = Observer::start(app.as_ref(), &serial, opts, console.as_deref(), Instant::now())?;
+    let background = Observer::start(
+        app.as_ref(),
+        &serial,
+        opts,
+        console.as_deref(),
+        Instant::now(),
+    )?;
     for (e, wanted) in [
         (
             Estimator::Abit,
@@ -1669,8 +1675,8 @@ impl BenchReport {
              straight from it (metadata, device state and working sets, then pages by ranged reads), \
              stock's by downloading its stream (ranged reads in flight) before `migrate-incoming`. \
              The image is {:.0} MiB there{}.\n\n\
-             | method | MiB fetched | requests | fault p50 ms | fault p50 / RTT | fill MiB/s | fill / link | TTR / floor | first answer / floor |\n\
-             |---|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+             | method | MiB fetched | requests | fault p50 ms | fault p50 / RTT | fault p50 / request | fill MiB/s | fill / link | TTR / floor | first answer / floor |\n\
+             |---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
             st.url,
             st.link.map_or(String::new(), |l| format!(
                 ", over a link of {} ms round trip and {:.1} MiB/s each way",
@@ -1685,16 +1691,29 @@ impl BenchReport {
         );
         for s in &self.summary {
             out.push_str(&format!(
-                "| {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
+                "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
                 s.method,
                 f(s.store_mib, 0),
                 f(s.store_requests, 0),
                 f(s.fault_p50_us.map(|u| u / 1000.0), 1),
                 f(s.fault_p50_us.zip(rtt).map(|(u, r)| u / 1000.0 / r), 2),
+                f(
+                    s.fault_p50_us
+                        .zip(st.request_ms)
+                        .map(|(u, r)| u / 1000.0 / r),
+                    2
+                ),
                 f(s.fill_mib_per_s, 0),
                 f(s.fill_mib_per_s.zip(rate_mib).map(|(f, r)| f / r), 2),
                 f(s.ttr_vs_floor, 2),
                 f(s.first_answer_vs_floor, 2),
+            ));
+        }
+        if let Some(ms) = st.request_ms {
+            out.push_str(&format!(
+                "\nRequest: a 4 KiB ranged GET of the pages with nothing else in flight takes {ms:.1} ms \
+                 (median of {}): the store's own round trip.\n",
+                store::REQUEST_PROBES
             ));
         }
         if st.link.is_some() {

@@ -44,7 +44,15 @@ pub struct StoreReport {
     /// The image's bytes in the store, and the stock stream's.
     pub image_bytes: u64,
     pub stock_bytes: Option<u64>,
+    /// The median time of a 4 KiB ranged GET of the pages with nothing
+    /// else in flight (ms): the store's own round trip, the link's plus
+    /// the time the proxy and the store take to answer.
+    #[serde(default)]
+    pub request_ms: Option<f64>,
 }
+
+/// Small reads that time one request to the store, one after another.
+pub const REQUEST_PROBES: u64 = 16;
 
 fn store_err(e: StoreError) -> BenchError {
     BenchError::Options(format!("object store: {e}"))
@@ -77,6 +85,8 @@ impl StoreSetup {
         let pushed = transfer::push(&store, image, &image_url, true, &Silent)
             .await
             .map_err(store_err)?;
+        let request_ms = request_time(&store, &image_url).await?;
+        log::info!("a small read from the store takes {request_ms:.1} ms");
         let stock = match stock_file {
             Some(file) => {
                 let url = child("stock").map_err(store_err)?;
@@ -93,6 +103,7 @@ impl StoreSetup {
                 url: opts.url.to_string(),
                 link: opts.link,
                 image_bytes: pushed.bytes,
+                request_ms: Some(request_ms),
                 stock_bytes: stock.as_ref().map(|(_, f)| f.len),
             },
             store,
@@ -146,4 +157,34 @@ fn remove_dir(dir: &Path) -> Result<(), BenchError> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
         Err(e) => Err(super::io(format!("removing {}", dir.display()))(e)),
     }
+}
+
+/// The median time (ms) of [`REQUEST_PROBES`] 4 KiB ranged GETs of the
+/// image's pages, spread over them, one at a time.
+async fn request_time(store: &Store, image: &StoreUrl) -> Result<f64, BenchError> {
+    const READ: u64 = 4096;
+    let object = image.object("pages.bin");
+    let len = store
+        .head(&object)
+        .await
+        .map_err(store_err)?
+        .ok_or_else(|| BenchError::Options(format!("{image}: no pages.bin after the push")))?
+        .size;
+    if len < READ {
+        return Err(BenchError::Options(format!(
+            "{image}: pages.bin holds no page"
+        )));
+    }
+    let span = len - READ + 1;
+    let mut times = Vec::new();
+    for i in 0..REQUEST_PROBES {
+        let at = (span / REQUEST_PROBES * i) / READ * READ;
+        let t = std::time::Instant::now();
+        store
+            .get_range(&object, at..at + READ)
+            .await
+            .map_err(store_err)?;
+        times.push(t.elapsed().as_secs_f64() * 1000.0);
+    }
+    super::ttr::median(times).ok_or_else(|| BenchError::Options("no request timed".into()))
 }
