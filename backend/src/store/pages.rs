@@ -82,9 +82,15 @@ impl RemotePagesRef {
 
 /// `pages.bin` in the store; see the module documentation.
 pub struct RemotePages {
-    /// Always `Some` until dropped.
+    /// Faults' reads (`urgent`): always `Some` until dropped.
     runtime: Option<tokio::runtime::Runtime>,
     store: Store,
+    /// The fill's reads, on their own client and threads: those threads
+    /// run under `SCHED_IDLE`, so receiving the fill's data, like the
+    /// filler itself, takes only CPU time the guest leaves. Always `Some`
+    /// until dropped.
+    background_runtime: Option<tokio::runtime::Runtime>,
+    background_store: Store,
     object: object_store::path::Path,
     url: String,
     len: u64,
@@ -99,16 +105,11 @@ impl RemotePages {
         let url = StoreUrl::parse(&reference.url)?;
         let settings = StoreSettings::from_environment()?;
         let store = Store::connect_with(&settings, &url.bucket, Timeouts::FAULT)?;
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .thread_name("thaw-store")
-            .enable_all()
-            .build()
-            .map_err(|source| StoreError::Io {
-                path: REMOTE_PAGES.into(),
-                context: "starting the object store runtime".into(),
-                source,
-            })?;
+        // Its own connections: a client's connections are served by the
+        // runtime that opened them.
+        let background_store = Store::connect_with(&settings, &url.bucket, Timeouts::FAULT)?;
+        let runtime = store_runtime("thaw-store", false)?;
+        let background_runtime = store_runtime("thaw-store-fill", true)?;
         let object = url.object("pages.bin");
         let found = {
             let (store, object) = (store.clone(), object.clone());
@@ -135,6 +136,8 @@ impl RemotePages {
         Ok(RemotePages {
             runtime: Some(runtime),
             store,
+            background_runtime: Some(background_runtime),
+            background_store,
             object,
             url: reference.url.clone(),
             len: reference.len,
@@ -162,7 +165,11 @@ impl PageSource for RemotePages {
     }
 
     fn fetched(&self) -> Option<Fetched> {
-        Some(self.store.fetched())
+        let (a, b) = (self.store.fetched(), self.background_store.fetched());
+        Some(Fetched {
+            requests: a.requests + b.requests,
+            bytes: a.bytes + b.bytes,
+        })
     }
 
     /// One ranged GET, or for a large read several at once. Blocks the
@@ -180,10 +187,14 @@ impl PageSource for RemotePages {
             return Ok(());
         }
         let ranges = split(offset..end);
-        let store = self.store.clone();
+        let (store, runtime) = if urgent {
+            (&self.store, &self.runtime)
+        } else {
+            (&self.background_store, &self.background_runtime)
+        };
+        let store = store.clone();
         let object = self.object.clone();
-        let runtime = self
-            .runtime
+        let runtime = runtime
             .as_ref()
             .ok_or_else(|| std::io::Error::other("the object store runtime stopped"))?;
         let started = Instant::now();
@@ -319,10 +330,30 @@ impl Drop for RemotePages {
     fn drop(&mut self) {
         // Without waiting: the image may be dropped on another runtime's
         // thread, where blocking is not allowed.
-        if let Some(runtime) = self.runtime.take() {
+        for runtime in [self.runtime.take(), self.background_runtime.take()]
+            .into_iter()
+            .flatten()
+        {
             runtime.shutdown_background();
         }
     }
+}
+
+/// The runtime that sends one kind of read: 2 threads named `name`,
+/// under `SCHED_IDLE` when `idle`.
+fn store_runtime(name: &str, idle: bool) -> Result<tokio::runtime::Runtime, StoreError> {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    builder.worker_threads(2).thread_name(name).enable_all();
+    if idle {
+        builder.on_thread_start(|| {
+            crate::sched::set_policy(0, libc::SCHED_IDLE);
+        });
+    }
+    builder.build().map_err(|source| StoreError::Io {
+        path: REMOTE_PAGES.into(),
+        context: format!("starting the object store runtime {name}"),
+        source,
+    })
 }
 
 /// Runs `task` on `runtime` and waits for it on this thread, which may be
