@@ -71,32 +71,20 @@ fn bench_app(app: &str) {
     let _vm = Vm::attach(name, dir.clone());
     let out = Command::new("ip")
         .args(["netns", "exec", &ns, env!("CARGO_BIN_EXE_thaw")])
+        .args(harness::quick_bench_args(
+            &cfg_path,
+            &dir,
+            "stock,lazy,ws:trace,ws:learned",
+            2000,
+        ))
         .args([
-            "bench",
-            "--config",
-            cfg_path.to_str().expect("utf-8"),
             "--app",
             app,
             "--app-data",
             "48M",
             "--app-hot",
             "4M",
-            "--methods",
-            "stock,lazy,ws:trace,ws:learned",
-            "--runs",
-            "1",
-            "--warmup-ms",
-            "1000",
-            "--measure-ms",
-            "1000",
-            "--settle-ms",
-            "2000",
             "--no-limits",
-            "--dir",
-            dir.join("art").to_str().expect("utf-8"),
-            "--out",
-            dir.join("out").to_str().expect("utf-8"),
-            "--json",
         ])
         .env("THAW_RUNTIME_DIR", dir.join("run"))
         .env("RUST_LOG", "info")

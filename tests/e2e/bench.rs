@@ -9,37 +9,15 @@ use crate::harness::{self, Vm};
 #[test]
 fn bench_restores_by_each_method_and_reports_ttr_fields() {
     let (name, dir) = Vm::workspace("bench");
-    let kit = harness::guest_dir();
-    let config = format!(
-        "name: {name}\nmemory: 512M\ncpus: 1\naccel: tcg\nkernel: {}\ninitrd: {}\n\
-         append: \"console=ttyS0 quiet panic=-1 thaw.mem=96M thaw.hot=16M thaw.tput_ms=50\"\n\
-         serial: console.log\nextra_args: [\"-no-reboot\"]\n",
-        kit.join("vmlinuz").display(),
-        kit.join("initrd.img").display()
-    );
-    let cfg_path = dir.join("vm.yaml");
-    std::fs::write(&cfg_path, config).expect("write config");
+    let cfg_path = harness::small_bench_config(&name, &dir);
     let vm = Vm::attach(name, dir.clone());
-    let out = vm.thaw(&[
-        "bench",
-        "--config",
-        cfg_path.to_str().expect("utf-8"),
-        "--methods",
+    let args = harness::quick_bench_args(
+        &cfg_path,
+        &dir,
         "stock,mapped-ram,lazy,ws:trace,ws:learned",
-        "--runs",
-        "1",
-        "--warmup-ms",
-        "1000",
-        "--measure-ms",
-        "1000",
-        "--settle-ms",
-        "1500",
-        "--dir",
-        dir.join("art").to_str().expect("utf-8"),
-        "--out",
-        dir.join("out").to_str().expect("utf-8"),
-        "--json",
-    ]);
+        1500,
+    );
+    let out = vm.thaw(&args.iter().map(String::as_str).collect::<Vec<_>>());
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("bench JSON");
     assert!(report["warm_rate"].as_f64() > Some(0.0), "{report}");
     let summary = report["summary"].as_array().expect("summary");

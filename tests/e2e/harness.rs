@@ -120,6 +120,51 @@ pub fn guest_dir() -> PathBuf {
         .unwrap_or_else(|| repo_root().join("target/guest"))
 }
 
+/// Writes `dir/vm.yaml`: a small throughput-mode guest of the kit for
+/// `thaw bench` (512 MiB, 96 MiB filled, 16 MiB hot); returns its path.
+pub fn small_bench_config(name: &str, dir: &Path) -> PathBuf {
+    let kit = guest_dir();
+    let config = format!(
+        "name: {name}\nmemory: 512M\ncpus: 1\naccel: tcg\nkernel: {}\ninitrd: {}\n\
+         append: \"console=ttyS0 quiet panic=-1 thaw.mem=96M thaw.hot=16M thaw.tput_ms=50\"\n\
+         serial: console.log\nextra_args: [\"-no-reboot\"]\n",
+        kit.join("vmlinuz").display(),
+        kit.join("initrd.img").display()
+    );
+    let path = dir.join("vm.yaml");
+    std::fs::write(&path, config).expect("write config");
+    path
+}
+
+/// `thaw bench` arguments for a quick run of `methods` (one run each,
+/// short warm-up, measure and settle windows, artefacts and report under
+/// `dir`, JSON out); callers add their own options.
+pub fn quick_bench_args(config: &Path, dir: &Path, methods: &str, settle_ms: u64) -> Vec<String> {
+    let path = |p: PathBuf| p.to_str().expect("utf-8").to_string();
+    [
+        "bench",
+        "--config",
+        config.to_str().expect("utf-8"),
+        "--methods",
+        methods,
+        "--runs",
+        "1",
+        "--warmup-ms",
+        "1000",
+        "--measure-ms",
+        "1000",
+        "--settle-ms",
+        &settle_ms.to_string(),
+        "--dir",
+        &path(dir.join("art")),
+        "--out",
+        &path(dir.join("out")),
+        "--json",
+    ]
+    .map(String::from)
+    .to_vec()
+}
+
 impl Vm {
     /// Writes a config for the guest kit and starts it with `thaw start`.
     pub fn boot(test: &str, spec: &GuestSpec) -> Vm {

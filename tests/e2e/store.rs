@@ -645,46 +645,18 @@ fn a_vm_saved_across_a_slow_link_restores_lazily_from_there_intact() {
 fn the_bench_restores_from_a_store_and_counts_what_each_method_fetched() {
     let _one = one_store_test();
     let (name, dir) = Vm::workspace("store-bench");
-    let kit = crate::harness::guest_dir();
-    let config = format!(
-        "name: {name}\nmemory: 512M\ncpus: 1\naccel: tcg\nkernel: {}\ninitrd: {}\n\
-         append: \"console=ttyS0 quiet panic=-1 thaw.mem=96M thaw.hot=16M thaw.tput_ms=50\"\n\
-         serial: console.log\nextra_args: [\"-no-reboot\"]\n",
-        kit.join("vmlinuz").display(),
-        kit.join("initrd.img").display()
-    );
-    let cfg_path = dir.join("vm.yaml");
-    std::fs::write(&cfg_path, config).expect("write config");
+    let cfg_path = crate::harness::small_bench_config(&name, &dir);
     let vm = Vm::attach(name, dir.clone());
     let s3 = S3Server::start(&dir);
     let url = format!("s3://thaw-test/e2e/{}/bench", std::process::id());
-    let out = s3.thaw(
-        &vm,
-        &[
-            "bench",
-            "--config",
-            cfg_path.to_str().expect("utf-8"),
-            "--store",
-            &url,
-            "--methods",
-            "stock,ws:learned",
-            "--runs",
-            "1",
-            "--warmup-ms",
-            "1000",
-            "--measure-ms",
-            "1000",
-            "--settle-ms",
-            "1500",
-            "--no-limits",
-            "--dir",
-            dir.join("art").to_str().expect("utf-8"),
-            "--out",
-            dir.join("out").to_str().expect("utf-8"),
-            "--json",
-        ],
-        &[],
-    );
+    let mut args = crate::harness::quick_bench_args(&cfg_path, &dir, "stock,ws:learned", 1500);
+    args.extend([
+        "--store".to_string(),
+        url.clone(),
+        "--no-limits".to_string(),
+    ]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = s3.thaw(&vm, &args, &[]);
     let report = ok(out);
     let store = &report["store"];
     assert_eq!(store["url"], url.as_str(), "{store}");

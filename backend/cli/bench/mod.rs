@@ -597,16 +597,14 @@ pub async fn run(opts: &BenchOptions) -> Result<BenchReport, BenchError> {
     } = warm_state.clone();
     log::info!("warm rate {warm:.1} {}", warm_state.unit());
 
-    // Working sets of the running VM, then the image; the measured
-    // restores' observer (an application's client, or the workload's
-    // probes) keeps working meanwhile, as a user's does at a checkpoint.
-    let background = Observer::start(
-        app.as_ref(),
-        &serial,
-        opts,
-        console.as_deref(),
-        Instant::now(),
-    )?;
+    // The measured restores' observer (an application's client, or the
+    // workload's probes) from `t0`: it also runs while the working sets
+    // are recorded, so that they see what it makes the guest touch.
+    let observe =
+        |t0: Instant| Observer::start(app.as_ref(), &serial, opts, console.as_deref(), t0);
+    // Working sets of the running VM, then the image; the observer keeps
+    // working meanwhile, as a user's client does at a checkpoint.
+    let background = observe(Instant::now())?;
     for (e, wanted) in [
         (
             Estimator::Abit,
@@ -703,13 +701,7 @@ pub async fn run(opts: &BenchOptions) -> Result<BenchReport, BenchError> {
         // The learning restore sees what the measured restores' observer
         // makes the guest touch: the application's client, or the
         // workload's console and its probes.
-        let observer = Observer::start(
-            app.as_ref(),
-            &serial,
-            opts,
-            console.as_deref(),
-            Instant::now(),
-        )?;
+        let observer = observe(Instant::now())?;
         restore::restore(
             &image,
             &restore_opts(
@@ -762,7 +754,7 @@ pub async fn run(opts: &BenchOptions) -> Result<BenchReport, BenchError> {
                 drop_caches();
             }
             let t0 = Instant::now();
-            let observer = Observer::start(app.as_ref(), &serial, opts, console.as_deref(), t0)?;
+            let observer = observe(t0)?;
             let mut r = match method {
                 Method::Stock => match &store_setup {
                     Some(setup) => {
