@@ -41,6 +41,10 @@ const READ_BLOCK: usize = 4 << 20;
 /// last estimate ([`OwnerLock::acquire_after_tracker`]).
 pub(crate) const TRACKER_PATIENCE: Duration = Duration::from_secs(60);
 
+/// How long a failed save waits for QEMU to exit before blaming the
+/// failure on something else.
+const QEMU_EXIT_GRACE: Duration = Duration::from_millis(500);
+
 /// Errors saving a VM.
 #[derive(Debug, thiserror::Error)]
 pub enum SaveError {
@@ -208,8 +212,16 @@ pub async fn save_owned(
     let (paths, state) = VmState::load(name)?;
     let qemu = state.qemu().map_err(vmm::QemuError::from)?;
     let mut written = false;
-    match save_locked(name, image, opts, &paths, &state, &mut written).await {
-        Err(e) if !qemu.alive() => {
+    let saved = save_locked(name, image, opts, &paths, &state, &mut written).await;
+    // A QEMU being killed loses its memory before its pidfd says it
+    // exited (a register of its RAM then fails with ENOMEM): an error gets
+    // a moment to show whether QEMU is going.
+    let qemu_gone = match &saved {
+        Err(_) => qemu.wait_exit(QEMU_EXIT_GRACE).await,
+        Ok(_) => false,
+    };
+    match saved {
+        Err(e) if qemu_gone => {
             // The partial image is gone already (the writer removes it when
             // dropped); so must be what the dead QEMU left.
             vmm::remove_runtime(&paths);
