@@ -840,13 +840,7 @@ pub async fn run(opts: &BenchOptions) -> Result<BenchReport, BenchError> {
                         zero_faults: Some(s.zero_page_faults),
                         ws_pages: (mode == Mode::Ws).then_some(s.ws_pages),
                         floor_ms,
-                        store_fetched: metadata.map(|m| {
-                            let pages = s.store_fetched.unwrap_or_default();
-                            thaw::image::source::Fetched {
-                                requests: m.requests + pages.requests,
-                                bytes: m.bytes + pages.bytes,
-                            }
-                        }),
+                        store_fetched: metadata.map(|m| m + s.store_fetched.unwrap_or_default()),
                         method: String::new(),
                         run,
                         running_ms: before_ms + s.resume_ms,

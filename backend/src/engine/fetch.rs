@@ -309,10 +309,13 @@ impl Engine {
             // Installed (and woken) above, or discarded meanwhile: a zero
             // page, or a wake for a page that is there.
             self.answer_waiter(w.page)?;
-            let us = w.since.elapsed().as_micros();
-            log::debug!("fault on page {:#x} answered after {us} µs", w.page.0);
-            if latencies.len() < latencies.capacity() {
-                latencies.push(u32::try_from(us).unwrap_or(u32::MAX));
+            let record = latencies.len() < latencies.capacity();
+            if record || log::log_enabled!(log::Level::Debug) {
+                let us = w.since.elapsed().as_micros();
+                log::debug!("fault on page {:#x} answered after {us} µs", w.page.0);
+                if record {
+                    latencies.push(u32::try_from(us).unwrap_or(u32::MAX));
+                }
             }
         }
         let n = waiters.len() as u64;

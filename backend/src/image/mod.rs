@@ -1194,10 +1194,7 @@ impl Image {
     pub fn fetched(&self) -> Option<source::Fetched> {
         self.page_sources()
             .filter_map(|p| p.fetched())
-            .reduce(|a, b| source::Fetched {
-                requests: a.requests + b.requests,
-                bytes: a.bytes + b.bytes,
-            })
+            .reduce(|a, b| a + b)
     }
 
     /// Whether any of the pages are read from an object store.

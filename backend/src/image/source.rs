@@ -16,6 +16,17 @@ pub struct Fetched {
     pub bytes: u64,
 }
 
+impl std::ops::Add for Fetched {
+    type Output = Fetched;
+
+    fn add(self, other: Fetched) -> Fetched {
+        Fetched {
+            requests: self.requests + other.requests,
+            bytes: self.bytes + other.bytes,
+        }
+    }
+}
+
 /// The bytes of `pages.bin`, read at offsets from any thread.
 pub trait PageSource: Send + Sync {
     /// Its length in bytes.

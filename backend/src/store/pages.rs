@@ -165,11 +165,7 @@ impl PageSource for RemotePages {
     }
 
     fn fetched(&self) -> Option<Fetched> {
-        let (a, b) = (self.store.fetched(), self.background_store.fetched());
-        Some(Fetched {
-            requests: a.requests + b.requests,
-            bytes: a.bytes + b.bytes,
-        })
+        Some(self.store.fetched() + self.background_store.fetched())
     }
 
     /// One ranged GET, or for a large read several at once. Blocks the
