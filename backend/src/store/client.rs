@@ -6,13 +6,14 @@
 use std::ops::Range;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use object_store::aws::AmazonS3Builder;
 use object_store::path::Path as ObjectPath;
 use object_store::{
-    BackoffConfig, ClientOptions, ObjectMeta, ObjectStore, ObjectStoreExt, PutPayload, RetryConfig,
+    BackoffConfig, ClientOptions, GetOptions, ObjectMeta, ObjectStore, ObjectStoreExt, PutPayload,
+    RetryConfig,
 };
 
 use super::settings::StoreSettings;
@@ -186,13 +187,29 @@ impl Store {
         path: &ObjectPath,
         range: Range<u64>,
     ) -> Result<Bytes, StoreError> {
-        let data = self
+        self.get_range_timed(path, range)
+            .await
+            .map(|(data, _)| data)
+    }
+
+    /// Bytes `range` of the object, and how long its first byte took
+    /// (the request's round trip with whatever queued ahead of its reply).
+    pub async fn get_range_timed(
+        &self,
+        path: &ObjectPath,
+        range: Range<u64>,
+    ) -> Result<(Bytes, Duration), StoreError> {
+        let started = Instant::now();
+        let options = GetOptions::new().with_range(Some(range));
+        let reply = self
             .inner
-            .get_range(path, range)
+            .get_opts(path, options)
             .await
             .map_err(self.failed("reading", path))?;
+        let first_byte = started.elapsed();
+        let data = reply.bytes().await.map_err(self.failed("reading", path))?;
         self.reads.count(data.len() as u64);
-        Ok(data)
+        Ok((data, first_byte))
     }
 
     /// Writes the object whole, in one request.

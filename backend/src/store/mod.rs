@@ -11,6 +11,7 @@
 
 pub mod client;
 pub mod lazy;
+pub mod pace;
 pub mod pages;
 pub mod settings;
 pub mod stream;

@@ -5,9 +5,10 @@
 //! ([`super::lazy`]) and, in place of `pages.bin`, the file
 //! [`REMOTE_PAGES`] naming the object. [`crate::image::Image::open`] then
 //! reads pages through [`RemotePages`]: each read is one or more ranged
-//! GETs on thaw's own runtime, several in flight for a large read (the
-//! fill's), with short timeouts and a few retries so that a fault is never
-//! held for minutes. Reads block only the thread that asked (a fault
+//! GETs on thaw's own runtime, with short timeouts and a few retries so
+//! that a fault is never held for minutes. A fault's read goes at once; the
+//! fill's large reads are cut into ranges kept in flight at the pace of
+//! [`super::pace`], which keeps the link's queue short for the next fault. Reads block only the thread that asked (a fault
 //! worker, the fill), never another's; the image verifies every page it
 //! gets against its digests as for a local file.
 
@@ -21,26 +22,30 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 
 use super::client::{Store, Timeouts};
+use super::pace::{Pace, MAX_RANGE};
 use super::settings::StoreSettings;
 use super::{StoreError, StoreUrl};
 use crate::image::source::{Fetched, PageSource};
 
 /// The file that stands for a `pages.bin` left in the store.
 pub const REMOTE_PAGES: &str = "pages.remote";
-/// A large read is split at multiples of this into ranges fetched at
-/// once. It divides the part size of an upload (which stores such as
-/// SeaweedFS keep as one chunk), so no range spans two chunks; and it is
-/// small, so that what the fill has in flight when a fault comes drains
-/// soon (see [`HOLD_OFF`]).
-const SPLIT_BYTES: u64 = 2 << 20;
-/// Ranges of one read in flight at once.
+/// An urgent read is split at multiples of this into ranges fetched at
+/// once (a background read at multiples of the pace's range size, a power
+/// of two no larger). It divides the part size of an upload (which stores
+/// such as SeaweedFS keep as one chunk), so no range spans two chunks.
+const SPLIT_BYTES: u64 = MAX_RANGE;
+/// Ranges of one urgent read in flight at once.
 const PARALLEL_RANGES: usize = 4;
-/// How much the fill should read at once from the store: 16 ranges, 4 in
-/// flight (see [`crate::image::Image::bulk_read_bytes`]).
+/// Ranges of one background read in flight at most (the pace's window
+/// decides how many are).
+const PARALLEL_BACKGROUND_RANGES: usize = 64;
+/// How much the fill should read at once from the store (see
+/// [`crate::image::Image::bulk_read_bytes`]): at most the pace's window.
 const BULK_READ_BYTES: u64 = 16 * SPLIT_BYTES;
 /// After a fault's read, background reads start no new range for this
 /// long: a guest that faults faults again soon, and each of its reads
-/// should find the link free rather than queued behind the fill's.
+/// should find the link free rather than queued behind the fill's (the
+/// fill's pace keeps that queue short otherwise).
 const HOLD_OFF: Duration = Duration::from_millis(100);
 
 const _: () = assert!(super::transfer::PART_BYTES % SPLIT_BYTES == 0);
@@ -96,6 +101,8 @@ pub struct RemotePages {
     len: u64,
     /// Faults' reads ahead of the fill's.
     gate: Arc<Gate>,
+    /// How much of the fill's reads is in flight.
+    pace: Arc<Pace>,
 }
 
 impl RemotePages {
@@ -142,6 +149,7 @@ impl RemotePages {
             url: reference.url.clone(),
             len: reference.len,
             gate: Arc::new(Gate::new()),
+            pace: Arc::new(Pace::new()),
         })
     }
 
@@ -170,7 +178,8 @@ impl PageSource for RemotePages {
 
     /// One ranged GET, or for a large read several at once. Blocks the
     /// calling thread only. A read that is not `urgent` (the fill's)
-    /// starts no new range while an urgent one (a fault's) is in flight.
+    /// starts no new range while an urgent one (a fault's) is in flight,
+    /// and keeps as much in flight as its [`Pace`] allows.
     fn read_exact_at(&self, buf: &mut [u8], offset: u64, urgent: bool) -> std::io::Result<()> {
         let end = offset + buf.len() as u64;
         if end > self.len {
@@ -182,36 +191,67 @@ impl PageSource for RemotePages {
         if buf.is_empty() {
             return Ok(());
         }
-        let ranges = split(offset..end);
-        let (store, runtime) = if urgent {
-            (&self.store, &self.runtime)
-        } else {
-            (&self.background_store, &self.background_runtime)
-        };
-        let store = store.clone();
-        let object = self.object.clone();
-        let runtime = runtime
-            .as_ref()
-            .ok_or_else(|| std::io::Error::other("the object store runtime stopped"))?;
         let started = Instant::now();
-        let _urgent = urgent.then(|| UrgentRead::start(&self.gate));
-        let gate = (!urgent).then(|| self.gate.clone());
-        let parts = run_on(runtime, async move {
-            use futures::{StreamExt, TryStreamExt};
-            futures::stream::iter(ranges)
-                .map(|r| {
-                    let (store, object, gate) = (&store, &object, &gate);
-                    async move {
-                        if let Some(gate) = gate {
-                            gate.wait_calm().await;
+        let parts = if urgent {
+            let runtime = self
+                .runtime
+                .as_ref()
+                .ok_or_else(|| std::io::Error::other("the object store runtime stopped"))?;
+            let _urgent = UrgentRead::start(&self.gate);
+            let ranges = split(offset..end, SPLIT_BYTES);
+            let (store, object, pace) =
+                (self.store.clone(), self.object.clone(), self.pace.clone());
+            run_on(runtime, async move {
+                use futures::{StreamExt, TryStreamExt};
+                futures::stream::iter(ranges)
+                    .map(|r| {
+                        let (store, object, pace) = (&store, &object, &pace);
+                        async move {
+                            let (data, first_byte) = store.get_range_timed(object, r).await?;
+                            pace.observe_urgent(first_byte);
+                            Ok::<_, StoreError>(data)
                         }
-                        store.get_range(object, r).await
-                    }
-                })
-                .buffered(PARALLEL_RANGES)
-                .try_collect::<Vec<_>>()
-                .await
-        })
+                    })
+                    .buffered(PARALLEL_RANGES)
+                    .try_collect::<Vec<_>>()
+                    .await
+            })
+        } else {
+            let runtime = self
+                .background_runtime
+                .as_ref()
+                .ok_or_else(|| std::io::Error::other("the object store runtime stopped"))?;
+            let ranges = split(offset..end, self.pace.range_bytes());
+            let (store, object) = (self.background_store.clone(), self.object.clone());
+            let (gate, pace) = (self.gate.clone(), self.pace.clone());
+            run_on(runtime, async move {
+                use futures::{StreamExt, TryStreamExt};
+                // Ranges start in order, each once the fill is calm (no
+                // fault in flight or just served) and it fits the window.
+                futures::stream::iter(ranges)
+                    .then(|r| {
+                        let (gate, pace) = (gate.clone(), pace.clone());
+                        async move {
+                            gate.wait_calm().await;
+                            let slot = pace.admit(r.end - r.start).await;
+                            (r, slot)
+                        }
+                    })
+                    .map(|(r, slot)| {
+                        let (store, object, pace) = (&store, &object, &pace);
+                        async move {
+                            let bytes = r.end - r.start;
+                            let (data, first_byte) = store.get_range_timed(object, r).await?;
+                            pace.observe(first_byte, bytes);
+                            drop(slot);
+                            Ok::<_, StoreError>(data)
+                        }
+                    })
+                    .buffered(PARALLEL_BACKGROUND_RANGES)
+                    .try_collect::<Vec<_>>()
+                    .await
+            })
+        }
         .map_err(unavailable)?
         .map_err(unavailable)?;
         let mut at = 0;
@@ -230,10 +270,11 @@ impl PageSource for RemotePages {
             ));
         }
         log::debug!(
-            "{} read of {} KiB at {offset:#x} took {} µs",
+            "{} read of {} KiB at {offset:#x} took {} µs (fill window {} KiB)",
             if urgent { "urgent" } else { "background" },
             buf.len() >> 10,
-            started.elapsed().as_micros()
+            started.elapsed().as_micros(),
+            self.pace.window() >> 10
         );
         Ok(())
     }
@@ -369,12 +410,12 @@ fn run_on<T: Send + 'static>(
     })
 }
 
-/// `range` cut at the multiples of [`SPLIT_BYTES`] inside it.
-fn split(range: Range<u64>) -> Vec<Range<u64>> {
+/// `range` cut at the multiples of `unit` inside it.
+fn split(range: Range<u64>, unit: u64) -> Vec<Range<u64>> {
     let mut out = Vec::new();
     let mut at = range.start;
     while at < range.end {
-        let next = ((at / SPLIT_BYTES + 1) * SPLIT_BYTES).min(range.end);
+        let next = ((at / unit + 1) * unit).min(range.end);
         out.push(at..next);
         at = next;
     }
@@ -386,12 +427,14 @@ mod tests {
     #[test]
     fn large_reads_split_at_part_boundaries() {
         const P: u64 = super::SPLIT_BYTES;
-        assert_eq!(super::split(0..10), vec![0..10]);
+        assert_eq!(super::split(0..10, P), vec![0..10]);
         assert_eq!(
-            super::split(P - 4096..P + 4096),
+            super::split(P - 4096..P + 4096, P),
             vec![P - 4096..P, P..P + 4096]
         );
-        let parts = super::split(4096..3 * P);
+        let parts = super::split(4096..3 * P, P);
         assert_eq!(parts, vec![4096..P, P..2 * P, 2 * P..3 * P]);
+        let parts = super::split(P - 4096..P + 4096, P / 2);
+        assert_eq!(parts, vec![P - 4096..P, P..P + 4096]);
     }
 }

@@ -1,0 +1,251 @@
+//! The pace of the fill's reads from a store: how many bytes of ranged
+//! GETs it keeps in flight, and in what range size.
+//!
+//! A link's bottleneck queue is first in, first out: whatever the fill has
+//! queued there, a fault's reply waits behind. Sent at full speed, the
+//! fill keeps that queue full (20 ms of data on the emulated 100 Mbit/s
+//! link, two round trips by itself), so an isolated fault costs three or
+//! four round trips. The fill therefore paces itself as a delay-based
+//! scavenger in the LEDBAT manner (RFC 6817): every read's time to its
+//! first byte, less the fastest seen (the round trip with nothing queued),
+//! is the delay the link's queue adds. The window of bytes in flight
+//! grows while that delay stays under a target (half the round trip) and shrinks when it goes over, in proportion to the difference,
+//! so the queue holds about the target: the link stays busy and a fault
+//! waits little behind the fill.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// The window a restore starts with: about a bandwidth-delay product of
+/// the links thaw expects (32 MB/s over 30 ms is 1 MB).
+const INITIAL_WINDOW: u64 = 1 << 20;
+/// The window never shrinks below two of the smallest ranges: the fill
+/// always goes on.
+const MIN_WINDOW: u64 = 2 * MIN_RANGE;
+/// Nor grows past this (the fill's read of 32 MiB at once, see
+/// [`super::pages`]).
+const MAX_WINDOW: u64 = 32 << 20;
+/// The range size follows the window (about four ranges in flight) within
+/// these bounds; a power of two, so ranges never span a stored chunk.
+const MIN_RANGE: u64 = 64 << 10;
+pub const MAX_RANGE: u64 = 2 << 20;
+/// The queueing delay aimed at: this fraction of the fastest round trip,
+/// and at least [`MIN_TARGET`].
+const TARGET_FRACTION: u32 = 2;
+const MIN_TARGET: Duration = Duration::from_millis(1);
+/// The delay now is the least of the last few reads' (jitter from the
+/// store or the host's scheduler only ever adds delay).
+const RECENT_SAMPLES: usize = 4;
+/// How fast the window moves: by up to the bytes read divided by this,
+/// so by up to half of itself per round trip.
+const GAIN_DIVISOR: i128 = 2;
+
+/// The fill's pace; shared by every background read of one image.
+pub struct Pace {
+    state: Mutex<State>,
+    freed: tokio::sync::Notify,
+}
+
+struct State {
+    window: u64,
+    in_flight: u64,
+    /// The fastest time to a first byte seen (any read, a fault's too).
+    base: Option<Duration>,
+    /// The last background reads' times to their first byte.
+    recent: VecDeque<Duration>,
+}
+
+impl Default for Pace {
+    fn default() -> Pace {
+        Pace::new()
+    }
+}
+
+impl Pace {
+    pub fn new() -> Pace {
+        Pace {
+            state: Mutex::new(State {
+                window: INITIAL_WINDOW,
+                in_flight: 0,
+                base: None,
+                recent: VecDeque::with_capacity(RECENT_SAMPLES),
+            }),
+            freed: tokio::sync::Notify::new(),
+        }
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        // The state stays consistent whatever panicked while holding it.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The window now, in bytes.
+    pub fn window(&self) -> u64 {
+        self.state().window
+    }
+
+    /// The size to cut the next background read into: a quarter of the
+    /// window, as a power of two between [`MIN_RANGE`] and [`MAX_RANGE`].
+    pub fn range_bytes(&self) -> u64 {
+        let quarter = (self.window() / 4).clamp(MIN_RANGE, MAX_RANGE);
+        1 << quarter.ilog2()
+    }
+
+    /// Waits until `bytes` more fit in the window (or nothing is in
+    /// flight), and counts them in flight until the returned guard drops.
+    pub async fn admit(self: &Arc<Pace>, bytes: u64) -> InFlight {
+        loop {
+            // Registered before the check: a release between the two is
+            // not lost.
+            let freed = self.freed.notified();
+            {
+                let mut s = self.state();
+                if s.in_flight == 0 || s.in_flight + bytes <= s.window {
+                    s.in_flight += bytes;
+                    return InFlight {
+                        pace: self.clone(),
+                        bytes,
+                    };
+                }
+            }
+            freed.await;
+        }
+    }
+
+    /// A fault's read got its first byte after `first_byte`: a sample of
+    /// the round trip, not of the fill's queue.
+    pub fn observe_urgent(&self, first_byte: Duration) {
+        let mut s = self.state();
+        s.base = Some(s.base.map_or(first_byte, |b| b.min(first_byte)));
+    }
+
+    /// A background read of `bytes` got its first byte after
+    /// `first_byte`: moves the window towards the target delay.
+    pub fn observe(&self, first_byte: Duration, bytes: u64) {
+        let mut s = self.state();
+        let base = s.base.map_or(first_byte, |b| b.min(first_byte));
+        s.base = Some(base);
+        if s.recent.len() == RECENT_SAMPLES {
+            s.recent.pop_front();
+        }
+        s.recent.push_back(first_byte);
+        let now = s.recent.iter().min().copied().unwrap_or(first_byte);
+        // In nanoseconds: how far the queue is under (+) or over (-) the
+        // target, at most the target itself either way.
+        let nanos = |d: Duration| i128::try_from(d.as_nanos()).unwrap_or(i128::MAX);
+        let target = nanos((base / TARGET_FRACTION).max(MIN_TARGET));
+        let queued = nanos(now.saturating_sub(base)).min(target * 2);
+        let off_target = (target - queued).clamp(-target, target);
+        let change = i128::from(bytes) * off_target / (GAIN_DIVISOR * target);
+        let window =
+            (i128::from(s.window) + change).clamp(i128::from(MIN_WINDOW), i128::from(MAX_WINDOW));
+        s.window = u64::try_from(window).unwrap_or(MIN_WINDOW);
+        log::trace!(
+            "fill read of {bytes} B: first byte after {} µs, fastest {} µs, window {} KiB",
+            first_byte.as_micros(),
+            base.as_micros(),
+            s.window >> 10
+        );
+        drop(s);
+        // A larger window may admit a waiting read.
+        if change > 0 {
+            self.freed.notify_waiters();
+        }
+    }
+}
+
+/// Bytes of one read counted in flight while this lives.
+pub struct InFlight {
+    pace: Arc<Pace>,
+    bytes: u64,
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        {
+            let mut s = self.pace.state();
+            s.in_flight = s.in_flight.saturating_sub(self.bytes);
+        }
+        self.pace.freed.notify_waiters();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const RTT: Duration = Duration::from_millis(20);
+
+    #[test]
+    fn the_window_grows_while_nothing_queues_and_shrinks_when_the_queue_grows() {
+        let pace = Pace::new();
+        pace.observe_urgent(RTT);
+        let start = pace.window();
+        for _ in 0..8 {
+            pace.observe(RTT, 256 << 10);
+        }
+        let grown = pace.window();
+        assert!(grown > start, "{grown} after {start}");
+        // Twice the target (half the round trip) queued: shrinks.
+        for _ in 0..8 {
+            pace.observe(RTT * 2, 256 << 10);
+        }
+        let shrunk = pace.window();
+        assert!(shrunk < grown, "{shrunk} after {grown}");
+        // At the target it holds still.
+        for _ in 0..8 {
+            pace.observe(RTT + RTT / 2, 256 << 10);
+        }
+        assert_eq!(pace.window(), shrunk);
+    }
+
+    #[test]
+    fn one_slow_reply_among_fast_ones_does_not_shrink_the_window() {
+        let pace = Pace::new();
+        for _ in 0..RECENT_SAMPLES {
+            pace.observe(RTT, 64 << 10);
+        }
+        let before = pace.window();
+        pace.observe(RTT * 10, 64 << 10);
+        assert!(pace.window() >= before);
+    }
+
+    #[test]
+    fn the_window_and_ranges_stay_within_bounds() {
+        let pace = Pace::new();
+        for _ in 0..10_000 {
+            pace.observe(RTT, MAX_RANGE);
+        }
+        assert_eq!(pace.window(), MAX_WINDOW);
+        assert_eq!(pace.range_bytes(), MAX_RANGE);
+        for _ in 0..10_000 {
+            pace.observe(RTT * 10, MAX_RANGE);
+        }
+        assert_eq!(pace.window(), MIN_WINDOW);
+        assert_eq!(pace.range_bytes(), MIN_RANGE);
+        for _ in 0..3 {
+            pace.observe(RTT, 100 << 10);
+        }
+        let r = pace.range_bytes();
+        assert!(r.is_power_of_two() && (MIN_RANGE..=MAX_RANGE).contains(&r));
+        assert_eq!(MAX_RANGE % MIN_RANGE, 0);
+    }
+
+    #[tokio::test]
+    async fn reads_past_the_window_wait_for_bytes_in_flight_to_end() {
+        let pace = Arc::new(Pace::new());
+        let window = pace.window();
+        let first = pace.admit(window).await;
+        // Nothing more fits; a read waits until the first one ends.
+        let waiting = pace.admit(MIN_RANGE);
+        tokio::pin!(waiting);
+        assert!(futures::poll!(waiting.as_mut()).is_pending());
+        drop(first);
+        let _second = waiting.await;
+        // With nothing else in flight, one read larger than the window
+        // still goes.
+        drop(_second);
+        let _big = pace.admit(window * 4).await;
+    }
+}
