@@ -6,12 +6,14 @@
 //! fill keeps that queue full (20 ms of data on the emulated 100 Mbit/s
 //! link, two round trips by itself), so an isolated fault costs three or
 //! four round trips. The fill therefore paces itself as a delay-based
-//! scavenger in the LEDBAT manner (RFC 6817): every read's time to its
-//! first byte, less the fastest seen (the round trip with nothing queued),
-//! is the delay the link's queue adds. The window of bytes in flight
-//! grows while that delay stays under a target (half the round trip) and shrinks when it goes over, in proportion to the difference,
-//! so the queue holds about the target: the link stays busy and a fault
-//! waits little behind the fill.
+//! scavenger in the LEDBAT manner (RFC 6817): the time to the first byte
+//! of its last few reads (the least of them: jitter only ever adds),
+//! less the fastest seen (the round trip with nothing queued), is the
+//! delay the queue adds. The window of bytes in flight grows while that
+//! delay stays under a target (half the round trip, at least
+//! [`MIN_TARGET`]) and shrinks when it goes over, in proportion to the
+//! difference, so the queue holds about the target: the link stays busy
+//! and a fault waits little behind the fill.
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
@@ -26,14 +28,18 @@ const MIN_WINDOW: u64 = 2 * MIN_RANGE;
 /// Nor grows past this (the fill's read of 32 MiB at once, see
 /// [`super::pages`]).
 const MAX_WINDOW: u64 = 32 << 20;
-/// The range size follows the window (about four ranges in flight) within
+/// The range size follows the window (about two ranges in flight) within
 /// these bounds; a power of two, so ranges never span a stored chunk.
 const MIN_RANGE: u64 = 64 << 10;
 pub const MAX_RANGE: u64 = 2 << 20;
 /// The queueing delay aimed at: this fraction of the fastest round trip,
-/// and at least [`MIN_TARGET`].
+/// and at least [`MIN_TARGET`]. Under load a store's own time to answer
+/// grows by milliseconds too (SeaweedFS on the host's other core takes
+/// 2 ms unloaded, 5 to 16 ms while it serves the fill at 1 Gbit/s): a
+/// smaller target would read that as the link's queue and starve the
+/// fill of a fast link.
 const TARGET_FRACTION: u32 = 2;
-const MIN_TARGET: Duration = Duration::from_millis(1);
+const MIN_TARGET: Duration = Duration::from_millis(5);
 /// The delay now is the least of the last few reads' (jitter from the
 /// store or the host's scheduler only ever adds delay).
 const RECENT_SAMPLES: usize = 4;
@@ -50,7 +56,8 @@ pub struct Pace {
 struct State {
     window: u64,
     in_flight: u64,
-    /// The fastest time to a first byte seen (any read, a fault's too).
+    /// The fastest round trip seen: the least of a fault's time to its
+    /// first byte and of the fill's delay now.
     base: Option<Duration>,
     /// The last background reads' times to their first byte.
     recent: VecDeque<Duration>,
@@ -85,11 +92,11 @@ impl Pace {
         self.state().window
     }
 
-    /// The size to cut the next background read into: a quarter of the
+    /// The size to cut the next background read into: half the
     /// window, as a power of two between [`MIN_RANGE`] and [`MAX_RANGE`].
     pub fn range_bytes(&self) -> u64 {
-        let quarter = (self.window() / 4).clamp(MIN_RANGE, MAX_RANGE);
-        1 << quarter.ilog2()
+        let half = (self.window() / 2).clamp(MIN_RANGE, MAX_RANGE);
+        1 << half.ilog2()
     }
 
     /// Waits until `bytes` more fit in the window (or nothing is in
@@ -124,13 +131,13 @@ impl Pace {
     /// `first_byte`: moves the window towards the target delay.
     pub fn observe(&self, first_byte: Duration, bytes: u64) {
         let mut s = self.state();
-        let base = s.base.map_or(first_byte, |b| b.min(first_byte));
-        s.base = Some(base);
         if s.recent.len() == RECENT_SAMPLES {
             s.recent.pop_front();
         }
         s.recent.push_back(first_byte);
         let now = s.recent.iter().min().copied().unwrap_or(first_byte);
+        let base = s.base.map_or(now, |b| b.min(now));
+        s.base = Some(base);
         // In nanoseconds: how far the queue is under (+) or over (-) the
         // target, at most the target itself either way.
         let nanos = |d: Duration| i128::try_from(d.as_nanos()).unwrap_or(i128::MAX);

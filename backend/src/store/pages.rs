@@ -6,11 +6,12 @@
 //! [`REMOTE_PAGES`] naming the object. [`crate::image::Image::open`] then
 //! reads pages through [`RemotePages`]: each read is one or more ranged
 //! GETs on thaw's own runtime, with short timeouts and a few retries so
-//! that a fault is never held for minutes. A fault's read goes at once; the
-//! fill's large reads are cut into ranges kept in flight at the pace of
-//! [`super::pace`], which keeps the link's queue short for the next fault. Reads block only the thread that asked (a fault
-//! worker, the fill), never another's; the image verifies every page it
-//! gets against its digests as for a local file.
+//! that a fault is never held for minutes. A fault's read goes at once;
+//! the fill's large reads are cut into ranges kept in flight at the pace
+//! of [`super::pace`], which keeps the link's queue short for the next
+//! fault. Reads block only the thread that asked (a fault worker, the
+//! fill), never another's; the image verifies every page it gets against
+//! its digests as for a local file.
 
 use std::ops::Range;
 use std::path::Path;
@@ -191,12 +192,16 @@ impl PageSource for RemotePages {
         if buf.is_empty() {
             return Ok(());
         }
+        let runtime = if urgent {
+            &self.runtime
+        } else {
+            &self.background_runtime
+        };
+        let runtime = runtime
+            .as_ref()
+            .ok_or_else(|| std::io::Error::other("the object store runtime stopped"))?;
         let started = Instant::now();
         let parts = if urgent {
-            let runtime = self
-                .runtime
-                .as_ref()
-                .ok_or_else(|| std::io::Error::other("the object store runtime stopped"))?;
             let _urgent = UrgentRead::start(&self.gate);
             let ranges = split(offset..end, SPLIT_BYTES);
             let (store, object, pace) =
@@ -217,10 +222,6 @@ impl PageSource for RemotePages {
                     .await
             })
         } else {
-            let runtime = self
-                .background_runtime
-                .as_ref()
-                .ok_or_else(|| std::io::Error::other("the object store runtime stopped"))?;
             let ranges = split(offset..end, self.pace.range_bytes());
             let (store, object) = (self.background_store.clone(), self.object.clone());
             let (gate, pace) = (self.gate.clone(), self.pace.clone());
