@@ -25,9 +25,9 @@ const INITIAL_WINDOW: u64 = 1 << 20;
 /// The window never shrinks below two of the smallest ranges: the fill
 /// always goes on.
 const MIN_WINDOW: u64 = 2 * MIN_RANGE;
-/// Nor grows past this (the fill's read of 32 MiB at once, see
-/// [`super::pages`]).
-const MAX_WINDOW: u64 = 32 << 20;
+/// Nor grows past this: what the fill asks of a store at once (see
+/// [`super::pages`]), so one read can keep all of it in flight.
+pub const MAX_WINDOW: u64 = 32 << 20;
 /// The range size follows the window (about two ranges in flight) within
 /// these bounds; a power of two, so ranges never span a stored chunk.
 const MIN_RANGE: u64 = 64 << 10;

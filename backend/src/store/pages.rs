@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 
 use super::client::{Store, Timeouts};
-use super::pace::{Pace, MAX_RANGE};
+use super::pace::{Pace, MAX_RANGE, MAX_WINDOW};
 use super::settings::StoreSettings;
 use super::{StoreError, StoreUrl};
 use crate::image::source::{Fetched, PageSource};
@@ -41,8 +41,8 @@ const PARALLEL_RANGES: usize = 4;
 /// decides how many are).
 const PARALLEL_BACKGROUND_RANGES: usize = 64;
 /// How much the fill should read at once from the store (see
-/// [`crate::image::Image::bulk_read_bytes`]): at most the pace's window.
-const BULK_READ_BYTES: u64 = 16 * SPLIT_BYTES;
+/// [`crate::image::Image::bulk_read_bytes`]): the pace's largest window.
+const BULK_READ_BYTES: u64 = MAX_WINDOW;
 /// After a fault's read, background reads start no new range for this
 /// long: a guest that faults faults again soon, and each of its reads
 /// should find the link free rather than queued behind the fill's (the
