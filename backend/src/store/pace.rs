@@ -14,10 +14,13 @@
 //! [`MIN_TARGET`]) and shrinks when it goes over, in proportion to the
 //! difference, so the queue holds about the target: the link stays busy
 //! and a fault waits little behind the fill.
+//!
+//! Faults come first outright: no range is admitted while a fault's read
+//! is in flight, nor for [`HOLD_OFF`] after the last one ended.
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// The window a restore starts with: about a bandwidth-delay product of
 /// the links thaw expects (32 MB/s over 30 ms is 1 MB).
@@ -47,15 +50,28 @@ const RECENT_SAMPLES: usize = 4;
 /// so by up to half of itself per round trip.
 const GAIN_DIVISOR: i128 = 2;
 
-/// The fill's pace; shared by every background read of one image.
+/// After a fault's read, no range is admitted for this long: a guest that
+/// faults faults again soon, and each of its reads should find the link
+/// free rather than queued behind the fill's (the window keeps that queue
+/// short otherwise).
+pub const HOLD_OFF: Duration = Duration::from_millis(100);
+
+/// The fill's pace; shared by every read of one image.
 pub struct Pace {
     state: Mutex<State>,
-    freed: tokio::sync::Notify,
+    /// Woken when a range may have become admissible: bytes in flight
+    /// released, the window grown, a fault's read ended.
+    changed: tokio::sync::Notify,
+    hold_off: Duration,
 }
 
 struct State {
     window: u64,
     in_flight: u64,
+    /// Faults' reads in flight.
+    urgent: usize,
+    /// When the last fault's read ended.
+    last_urgent_end: Option<Instant>,
     /// The fastest round trip seen: the least of a fault's time to its
     /// first byte and of the fill's delay now.
     base: Option<Duration>,
@@ -71,14 +87,21 @@ impl Default for Pace {
 
 impl Pace {
     pub fn new() -> Pace {
+        Pace::with_hold_off(HOLD_OFF)
+    }
+
+    fn with_hold_off(hold_off: Duration) -> Pace {
         Pace {
             state: Mutex::new(State {
                 window: INITIAL_WINDOW,
                 in_flight: 0,
+                urgent: 0,
+                last_urgent_end: None,
                 base: None,
                 recent: VecDeque::with_capacity(RECENT_SAMPLES),
             }),
-            freed: tokio::sync::Notify::new(),
+            changed: tokio::sync::Notify::new(),
+            hold_off,
         }
     }
 
@@ -99,25 +122,49 @@ impl Pace {
         1 << half.ilog2()
     }
 
-    /// Waits until `bytes` more fit in the window (or nothing is in
+    /// Waits until no fault's read is in flight or just ended (see
+    /// [`HOLD_OFF`]) and `bytes` more fit in the window (or nothing is in
     /// flight), and counts them in flight until the returned guard drops.
     pub async fn admit(self: &Arc<Pace>, bytes: u64) -> InFlight {
         loop {
-            // Registered before the check: a release between the two is
+            // Registered before the check: a change between the two is
             // not lost.
-            let freed = self.freed.notified();
-            {
+            let changed = self.changed.notified();
+            let held_for = {
                 let mut s = self.state();
-                if s.in_flight == 0 || s.in_flight + bytes <= s.window {
+                let held_for = match s.last_urgent_end {
+                    _ if s.urgent > 0 => None,
+                    Some(end) => {
+                        let since = end.elapsed();
+                        (since < self.hold_off).then(|| self.hold_off - since)
+                    }
+                    None => None,
+                };
+                let fits = s.in_flight == 0 || s.in_flight + bytes <= s.window;
+                if s.urgent == 0 && held_for.is_none() && fits {
                     s.in_flight += bytes;
                     return InFlight {
                         pace: self.clone(),
                         bytes,
                     };
                 }
+                held_for
+            };
+            match held_for {
+                // Until the hold-off ends, or sooner if a fault reads again.
+                Some(left) => {
+                    let _ = tokio::time::timeout(left, changed).await;
+                }
+                None => changed.await,
             }
-            freed.await;
         }
+    }
+
+    /// A fault's read starts: no range is admitted until the returned
+    /// guard drops, nor for [`HOLD_OFF`] after.
+    pub fn urgent_read(&self) -> UrgentRead<'_> {
+        self.state().urgent += 1;
+        UrgentRead { pace: self }
     }
 
     /// A fault's read got its first byte after `first_byte`: a sample of
@@ -157,7 +204,7 @@ impl Pace {
         drop(s);
         // A larger window may admit a waiting read.
         if change > 0 {
-            self.freed.notify_waiters();
+            self.changed.notify_waiters();
         }
     }
 }
@@ -174,7 +221,24 @@ impl Drop for InFlight {
             let mut s = self.pace.state();
             s.in_flight = s.in_flight.saturating_sub(self.bytes);
         }
-        self.pace.freed.notify_waiters();
+        self.pace.changed.notify_waiters();
+    }
+}
+
+/// A fault's read in flight, counted while this lives.
+pub struct UrgentRead<'a> {
+    pace: &'a Pace,
+}
+
+impl Drop for UrgentRead<'_> {
+    fn drop(&mut self) {
+        {
+            let mut s = self.pace.state();
+            s.urgent = s.urgent.saturating_sub(1);
+            s.last_urgent_end = Some(Instant::now());
+        }
+        // Waiting ranges now wait out the hold-off.
+        self.pace.changed.notify_waiters();
     }
 }
 
@@ -237,6 +301,26 @@ mod tests {
         let r = pace.range_bytes();
         assert!(r.is_power_of_two() && (MIN_RANGE..=MAX_RANGE).contains(&r));
         assert_eq!(MAX_RANGE % MIN_RANGE, 0);
+    }
+
+    #[tokio::test]
+    async fn a_faults_read_holds_the_fill_while_it_lasts_and_the_hold_off_after() {
+        // A hold-off no test outlasts: admission waits on it.
+        let pace = Arc::new(Pace::with_hold_off(Duration::from_secs(3600)));
+        let fault = pace.urgent_read();
+        let waiting = pace.admit(MIN_RANGE);
+        tokio::pin!(waiting);
+        assert!(futures::poll!(waiting.as_mut()).is_pending());
+        drop(fault);
+        assert!(futures::poll!(waiting.as_mut()).is_pending());
+        // With no hold-off the fill goes on as the fault's read ends.
+        let pace = Arc::new(Pace::with_hold_off(Duration::ZERO));
+        let fault = pace.urgent_read();
+        let waiting = pace.admit(MIN_RANGE);
+        tokio::pin!(waiting);
+        assert!(futures::poll!(waiting.as_mut()).is_pending());
+        drop(fault);
+        let _reading = waiting.await;
     }
 
     #[tokio::test]

@@ -15,10 +15,9 @@
 
 use std::ops::Range;
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 
@@ -43,12 +42,6 @@ const PARALLEL_BACKGROUND_RANGES: usize = 64;
 /// How much the fill should read at once from the store (see
 /// [`crate::image::Image::bulk_read_bytes`]): the pace's largest window.
 const BULK_READ_BYTES: u64 = MAX_WINDOW;
-/// After a fault's read, background reads start no new range for this
-/// long: a guest that faults faults again soon, and each of its reads
-/// should find the link free rather than queued behind the fill's (the
-/// fill's pace keeps that queue short otherwise).
-const HOLD_OFF: Duration = Duration::from_millis(100);
-
 const _: () = assert!(super::transfer::PART_BYTES % SPLIT_BYTES == 0);
 
 /// [`REMOTE_PAGES`]: where the pages are.
@@ -100,9 +93,7 @@ pub struct RemotePages {
     object: object_store::path::Path,
     url: String,
     len: u64,
-    /// Faults' reads ahead of the fill's.
-    gate: Arc<Gate>,
-    /// How much of the fill's reads is in flight.
+    /// When and how much of the fill's reads go, faults' reads first.
     pace: Arc<Pace>,
 }
 
@@ -149,7 +140,6 @@ impl RemotePages {
             object,
             url: reference.url.clone(),
             len: reference.len,
-            gate: Arc::new(Gate::new()),
             pace: Arc::new(Pace::new()),
         })
     }
@@ -202,7 +192,7 @@ impl PageSource for RemotePages {
             .ok_or_else(|| std::io::Error::other("the object store runtime stopped"))?;
         let started = Instant::now();
         let parts = if urgent {
-            let _urgent = UrgentRead::start(&self.gate);
+            let _urgent = self.pace.urgent_read();
             let ranges = split(offset..end, SPLIT_BYTES);
             let (store, object, pace) =
                 (self.store.clone(), self.object.clone(), self.pace.clone());
@@ -224,16 +214,15 @@ impl PageSource for RemotePages {
         } else {
             let ranges = split(offset..end, self.pace.range_bytes());
             let (store, object) = (self.background_store.clone(), self.object.clone());
-            let (gate, pace) = (self.gate.clone(), self.pace.clone());
+            let pace = self.pace.clone();
             run_on(runtime, async move {
                 use futures::{StreamExt, TryStreamExt};
                 // Ranges start in order, each once the fill is calm (no
                 // fault in flight or just served) and it fits the window.
                 futures::stream::iter(ranges)
                     .then(|r| {
-                        let (gate, pace) = (gate.clone(), pace.clone());
+                        let pace = pace.clone();
                         async move {
-                            gate.wait_calm().await;
                             let slot = pace.admit(r.end - r.start).await;
                             (r, slot)
                         }
@@ -278,77 +267,6 @@ impl PageSource for RemotePages {
             self.pace.window() >> 10
         );
         Ok(())
-    }
-}
-
-/// Faults' reads ahead of the fill's: background reads start no new
-/// range while an urgent read (a fault waits) is in flight, nor for
-/// [`HOLD_OFF`] after the last one ended.
-struct Gate {
-    urgent: AtomicUsize,
-    calm: tokio::sync::Notify,
-    epoch: Instant,
-    /// When the last urgent read ended (ns after `epoch`; `u64::MAX`:
-    /// none yet).
-    last_end: AtomicU64,
-}
-
-impl Gate {
-    fn new() -> Gate {
-        Gate {
-            urgent: AtomicUsize::new(0),
-            calm: tokio::sync::Notify::new(),
-            epoch: Instant::now(),
-            last_end: AtomicU64::new(u64::MAX),
-        }
-    }
-
-    /// Waits until a background read may start a range.
-    async fn wait_calm(&self) {
-        loop {
-            // Registered before the check: a wake-up between the two is
-            // not lost.
-            let calmed = self.calm.notified();
-            if self.urgent.load(Ordering::Acquire) > 0 {
-                calmed.await;
-                continue;
-            }
-            let last = self.last_end.load(Ordering::Acquire);
-            if last == u64::MAX {
-                return;
-            }
-            let since = self
-                .epoch
-                .elapsed()
-                .saturating_sub(Duration::from_nanos(last));
-            if since >= HOLD_OFF {
-                return;
-            }
-            tokio::time::sleep(HOLD_OFF - since).await;
-        }
-    }
-}
-
-/// An urgent read in flight, counted while this lives; the last one to
-/// end lets the background reads go on (after [`HOLD_OFF`]).
-struct UrgentRead<'a> {
-    gate: &'a Gate,
-}
-
-impl<'a> UrgentRead<'a> {
-    fn start(gate: &'a Gate) -> UrgentRead<'a> {
-        gate.urgent.fetch_add(1, Ordering::AcqRel);
-        UrgentRead { gate }
-    }
-}
-
-impl Drop for UrgentRead<'_> {
-    fn drop(&mut self) {
-        let now = u64::try_from(self.gate.epoch.elapsed().as_nanos()).unwrap_or(u64::MAX - 1);
-        self.gate.last_end.store(now, Ordering::Release);
-        if self.gate.urgent.fetch_sub(1, Ordering::AcqRel) == 1 {
-            self.gate.calm.notify_waiters();
-        }
     }
 }
 
