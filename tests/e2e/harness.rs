@@ -394,11 +394,14 @@ impl Vm {
         .expect("inspect JSON")
     }
 
-    /// Waits until the console holds `n` or more occurrences of `needle`.
+    /// Waits until `needle` starts at least `n` complete lines of the
+    /// console; returns the console up to its last complete line (the
+    /// line the guest is writing may hold only its start yet).
     pub fn wait_count(&self, needle: &str, n: usize) -> String {
-        self.wait_for(TICK_TIMEOUT, &format!("{n} x {needle:?}"), |t| {
-            t.matches(needle).count() >= n
-        })
+        let text = self.wait_for(TICK_TIMEOUT, &format!("{n} x {needle:?}"), |t| {
+            complete_lines(t).matches(needle).count() >= n
+        });
+        complete_lines(&text).to_string()
     }
 
     pub fn restore(&self, image: &Path, mode: Restore) -> RestoreJson {
@@ -597,4 +600,9 @@ pub fn parse_ticks(text: &str) -> Vec<Tick> {
             Some(tick)
         })
         .collect()
+}
+
+/// `text` up to and with its last newline.
+fn complete_lines(text: &str) -> &str {
+    text.rfind('\n').map_or("", |end| &text[..=end])
 }

@@ -1,5 +1,6 @@
-//! The pace of the fill's reads from a store: how many bytes of ranged
-//! GETs it keeps in flight, and in what range size.
+//! The pace of the fill's reads from a store: when it may send a range,
+//! how many bytes of ranged GETs it keeps in flight, and in what range
+//! size.
 //!
 //! A link's bottleneck queue is first in, first out: whatever the fill has
 //! queued there, a fault's reply waits behind. Sent at full speed, the
@@ -130,27 +131,24 @@ impl Pace {
             // Registered before the check: a change between the two is
             // not lost.
             let changed = self.changed.notified();
-            let held_for = {
+            let hold_off_left = {
                 let mut s = self.state();
-                let held_for = match s.last_urgent_end {
-                    _ if s.urgent > 0 => None,
-                    Some(end) => {
-                        let since = end.elapsed();
-                        (since < self.hold_off).then(|| self.hold_off - since)
-                    }
-                    None => None,
-                };
+                let hold_off_left = s
+                    .last_urgent_end
+                    .and_then(|end| self.hold_off.checked_sub(end.elapsed()))
+                    .filter(|left| !left.is_zero());
                 let fits = s.in_flight == 0 || s.in_flight + bytes <= s.window;
-                if s.urgent == 0 && held_for.is_none() && fits {
+                if s.urgent == 0 && hold_off_left.is_none() && fits {
                     s.in_flight += bytes;
                     return InFlight {
                         pace: self.clone(),
                         bytes,
                     };
                 }
-                held_for
+                // A fault's read in flight: until it ends.
+                hold_off_left.filter(|_| s.urgent == 0)
             };
-            match held_for {
+            match hold_off_left {
                 // Until the hold-off ends, or sooner if a fault reads again.
                 Some(left) => {
                     let _ = tokio::time::timeout(left, changed).await;
