@@ -394,9 +394,9 @@ impl Vm {
         .expect("inspect JSON")
     }
 
-    /// Waits until `needle` starts at least `n` complete lines of the
-    /// console; returns the console up to its last complete line (the
-    /// line the guest is writing may hold only its start yet).
+    /// Waits until `needle` occurs `n` or more times in the console's
+    /// complete lines; returns the console up to its last complete line
+    /// (the line the guest is writing may hold only its start yet).
     pub fn wait_count(&self, needle: &str, n: usize) -> String {
         let text = self.wait_for(TICK_TIMEOUT, &format!("{n} x {needle:?}"), |t| {
             complete_lines(t).matches(needle).count() >= n

@@ -55,7 +55,7 @@ const GAIN_DIVISOR: i128 = 2;
 /// faults faults again soon, and each of its reads should find the link
 /// free rather than queued behind the fill's (the window keeps that queue
 /// short otherwise).
-pub const HOLD_OFF: Duration = Duration::from_millis(100);
+const HOLD_OFF: Duration = Duration::from_millis(100);
 
 /// The fill's pace; shared by every read of one image.
 pub struct Pace {
