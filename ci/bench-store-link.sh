@@ -20,8 +20,9 @@
 # Usage (root): ci/bench-store-link.sh [PROFILE...]   (default: lan wan far;
 #               see ci/store-link.sh)
 # Environment: RUNS (default 2), METHODS (default stock,lazy,ws:trace,ws:learned),
-#              APP, APP_DATA, APP_HOT.
-# Output: target/bench/store-link-<profile>[-<app>]/{bench.json,bench.md,throughput.svg}
+#              APP, APP_DATA, APP_HOT, THAW_S3_SERVER (seaweedfs or garage;
+#              see ci/s3-server.sh).
+# Output: target/bench/store-link-<profile>[-<app>][-garage]/{bench.json,bench.md,throughput.svg}
 set -euo pipefail
 cd "$(dirname "$0")/.."
 runs=${RUNS:-2}
@@ -53,7 +54,9 @@ for p in "${profiles[@]}"; do
   # The application guest's NIC: tap0 beside the client, in its namespace.
   [ -z "$app" ] || bash ci/app-net.sh up thaw-client >&2
   read -r rtt rate < <(bash ci/store-link.sh describe "$p")
+  server=${THAW_S3_SERVER:-seaweedfs}
   dest=$out/store-link-${p//\//-}${app:+-$app}
+  [ "$server" = seaweedfs ] || dest=$dest-$server
   mkdir -p "$dest"
   echo "== $dest" >&2
   # The bench's VM and its client run in the client namespace: every byte

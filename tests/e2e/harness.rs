@@ -576,8 +576,7 @@ pub fn parse_ticks(text: &str) -> Vec<Tick> {
     // Only whole lines: the guest's serial output reaches the log a few
     // bytes at a time, and a tick line read half-written would show a
     // truncated nonce or `ok=`.
-    let whole = text.rfind('\n').map_or("", |end| &text[..=end]);
-    whole
+    complete_lines(text)
         .lines()
         .filter_map(|line| {
             let rest = line.trim().strip_prefix("THAW-TICK ")?;
