@@ -147,11 +147,13 @@ EOF
     [ $waited -lt 300 ] || fail "no answer in 60 s"
   done
   g() { "$garage" -c "$garage_conf" "$@" >/dev/null; }
-  g layout assign -z dc1 -c 100G "${node%%@*}"
-  g layout apply --version 1
-  g key import --yes -n thaw "$access_key" "$secret_key"
-  g bucket create "$bucket"
-  g bucket allow --read --write --owner "$bucket" --key thaw
+  if ! { g layout assign -z dc1 -c 100G "${node%%@*}" && g layout apply --version 1 &&
+    g key import --yes -n thaw "$access_key" "$secret_key" && g bucket create "$bucket" &&
+    g bucket allow --read --write --owner "$bucket" --key thaw; }; then
+    # Not left running half set up: the next `up` would take it as ready.
+    stop
+    fail "setting up the node failed"
+  fi
   touch "$dir/garage/thaw-ready"
 }
 

@@ -152,7 +152,10 @@ env)
 down)
   stop_proxy
   if [ -e "/run/netns/$store_ns" ]; then
-    ip netns exec "$store_ns" bash ci/s3-server.sh stop >&2 || true
+    # Whichever store `up` started.
+    for server in seaweedfs garage; do
+      THAW_S3_SERVER=$server ip netns exec "$store_ns" bash ci/s3-server.sh stop >&2 || true
+    done
   fi
   for ns in "$store_ns" "$client_ns"; do
     [ -e "/run/netns/$ns" ] && ip netns delete "$ns"
