@@ -12,6 +12,14 @@
 # the store, fault p50 against the round trip, the fill against the link
 # rate, and TTR against the floor of a restore from that link.
 #
+# The working sets are recorded with windows that end after 5 s without a
+# new page (at most 30 s; RECORD_QUIET_MS, RECORD_MAX_MS), not thaw's
+# default 1 s: a restore from across the link takes up to 25 s to fill,
+# and what the guest touches in that time but outside the set comes by
+# faults, one round trip each. The guest walks a few pages every few
+# seconds (4, 8 and 10 s after it resumes), which a 1 s window closes
+# before.
+#
 # With APP=redis (or memcached) the guest is that real application from
 # Debian (configs/apps/APP.yaml), measured by its own client: the guest's
 # NIC is tap0 in the client namespace (ci/app-net.sh), where the client
@@ -21,7 +29,7 @@
 #               see ci/store-link.sh)
 # Environment: RUNS (default 2), METHODS (default stock,lazy,ws:trace,ws:learned),
 #              APP, APP_DATA, APP_HOT, THAW_S3_SERVER (seaweedfs or garage;
-#              see ci/s3-server.sh).
+#              see ci/s3-server.sh), RECORD_QUIET_MS, RECORD_MAX_MS.
 # Output: target/bench/store-link-<profile>[-<app>][-garage]/{bench.json,bench.md,throughput.svg}
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -66,6 +74,7 @@ for p in "${profiles[@]}"; do
     ip netns exec thaw-client "$thaw" bench --config "$config" "${guest[@]}" --runs "$runs" \
       --methods "$methods" --store "s3://$THAW_S3_BUCKET/bench-link" \
       --link-rtt-ms "$rtt" --link-rate "$rate" --no-limits --dir /var/lib/thaw/bench-link \
+      --record-quiet-ms "${RECORD_QUIET_MS:-5000}" --record-max-ms "${RECORD_MAX_MS:-30000}" \
       --out "$dest" 2>"$dest/stderr.log" | tee "$dest/stdout.md"
   )
 done

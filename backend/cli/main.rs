@@ -415,6 +415,15 @@ enum Command {
         /// results are compared with.
         #[arg(long, value_parser = parse_size, requires_all = ["store", "link_rtt_ms"])]
         link_rate: Option<u64>,
+        /// The windows in which the working sets are recorded (the trace
+        /// after the checkpoint, and the learning restore's before
+        /// ws:learned) end once no new page was touched for this long
+        /// (ms)...
+        #[arg(long, default_value_t = 1000)]
+        record_quiet_ms: u64,
+        /// ...or after this long (ms) at most.
+        #[arg(long, default_value_t = 10_000)]
+        record_max_ms: u64,
     },
     /// Measure what a checkpoint costs the running guest: live
     /// (copy-on-write) against stop-and-copy, side by side, at one or
@@ -955,6 +964,8 @@ async fn run(cli: Cli) -> Result<()> {
             store,
             link_rtt_ms,
             link_rate,
+            record_quiet_ms,
+            record_max_ms,
         } => {
             let methods = if methods.is_empty() && libvirt.libvirt {
                 crate::bench::Method::all_libvirt()
@@ -1016,6 +1027,10 @@ async fn run(cli: Cli) -> Result<()> {
                                 })
                             })
                             .transpose()?,
+                        record_window: LearnWindow {
+                            quiet: Duration::from_millis(record_quiet_ms),
+                            max: Duration::from_millis(record_max_ms),
+                        },
                     };
                     crate::bench::run(&opts).await.context("benchmark")?
                 }

@@ -261,6 +261,10 @@ pub struct BenchOptions {
     /// Restore from an object store (`--store`): the image and the stock
     /// stream put there, every restore read from there.
     pub store: Option<store::StoreOptions>,
+    /// The windows in which the working sets are recorded: the trace
+    /// after the checkpoint (`ws:trace`) and the learning restore's
+    /// (`ws:learned`).
+    pub record_window: LearnWindow,
 }
 
 /// `--app`: which server the guest runs and how much data it holds.
@@ -634,7 +638,7 @@ pub async fn run(opts: &BenchOptions) -> Result<BenchReport, BenchError> {
         &image,
         &thaw::ops::checkpoint::CheckpointOptions {
             force: true,
-            window: LearnWindow::default(),
+            window: opts.record_window,
             libvirt: uri.map(str::to_string),
             method: thaw::ops::save::SaveMethod::StopAndCopy,
             copy_limit: None,
@@ -704,11 +708,7 @@ pub async fn run(opts: &BenchOptions) -> Result<BenchReport, BenchError> {
         let observer = observe(Instant::now())?;
         restore::restore(
             &image,
-            &restore_opts(
-                Mode::Lazy,
-                EstimatorChoice::None,
-                Some(LearnWindow::default()),
-            ),
+            &restore_opts(Mode::Lazy, EstimatorChoice::None, Some(opts.record_window)),
         )
         .await?;
         observer
@@ -1802,6 +1802,7 @@ mod tests {
             app: None,
             hot_cache: false,
             store: None,
+            record_window: LearnWindow::default(),
         };
         assert!(check_methods(&opts).is_ok());
         opts.read_limit = Some(100 << 20);
