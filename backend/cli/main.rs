@@ -1451,3 +1451,38 @@ impl StoreTarget {
         Ok(pushed)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_bench_takes_the_windows_that_record_its_working_sets() {
+        let window = |args: &[&str]| {
+            let mut all = vec!["thaw", "bench", "--config", "vm.yaml"];
+            all.extend_from_slice(args);
+            match Cli::try_parse_from(all).expect("parses").command {
+                Command::Bench {
+                    record_quiet_ms,
+                    record_max_ms,
+                    ..
+                } => (record_quiet_ms, record_max_ms),
+                _ => panic!("not bench"),
+            }
+        };
+        // thaw's own defaults, as `restore --learn-quiet-ms/--learn-max-ms`.
+        let defaults = LearnWindow::default();
+        assert_eq!(
+            window(&[]),
+            (
+                u64::try_from(defaults.quiet.as_millis()).expect("ms"),
+                u64::try_from(defaults.max.as_millis()).expect("ms")
+            )
+        );
+        assert_eq!(
+            window(&["--record-quiet-ms", "5000", "--record-max-ms", "30000"]),
+            (5000, 30_000)
+        );
+        assert!(Cli::try_parse_from(["thaw", "bench", "--record-quiet-ms", "soon"]).is_err());
+    }
+}
