@@ -522,6 +522,10 @@ pub struct BenchReport {
     /// `--store`: where the restores read from, and over what link.
     #[serde(default)]
     pub store: Option<store::StoreReport>,
+    /// The windows that recorded the working sets (`--record-quiet-ms`,
+    /// `--record-max-ms`): [quiet, max] in ms.
+    #[serde(default)]
+    pub record_window_ms: Option<[u64; 2]>,
 }
 
 fn mib_per_s() -> String {
@@ -927,6 +931,10 @@ pub async fn run(opts: &BenchOptions) -> Result<BenchReport, BenchError> {
         rate_unit: warm_state.unit().to_string(),
         app: warm_state.app,
         store: store_setup.map(|s| s.report),
+        record_window_ms: Some(
+            [opts.record_window.quiet, opts.record_window.max]
+                .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
+        ),
     })
 }
 
@@ -1608,6 +1616,12 @@ impl BenchReport {
                 ms(cold.first_answer_ms),
                 ms(hot.first_answer_ms),
                 ratio(cold.first_answer_ms, hot.first_answer_ms),
+            ));
+        }
+        if let Some([quiet, max]) = self.record_window_ms {
+            out.push_str(&format!(
+                "\nWorking sets recorded (the trace after the checkpoint, the learning restore's \
+                 first touches) until {quiet} ms passed without a new page, {max} ms at most.\n"
             ));
         }
         if let (Some(p), Some(period)) = (self.warm_probe_p50_ms, self.probe_period_ms) {

@@ -185,6 +185,7 @@ mod tests {
             rate_unit: "MiB/s".into(),
             app: None,
             store: None,
+            record_window_ms: None,
             runs: vec![
                 run("stock", &[0.0, 10.0, 100.0]),
                 run("ws:learned", &[90.0, 100.0]),
