@@ -92,6 +92,18 @@ fail() {
   exit 1
 }
 
+# poll CMD...: runs CMD every 0.2 s until it succeeds, for 60 s at most,
+# while the server runs.
+poll() {
+  local waited=0
+  until "$@"; do
+    running || fail "it exited"
+    sleep 0.2
+    waited=$((waited + 1))
+    [ $waited -lt 300 ] || fail "no answer in 60 s"
+  done
+}
+
 start_seaweedfs() {
   (umask 077; cat >"$dir/s3.json" <<EOF
 {"identities": [{"name": "thaw",
@@ -115,7 +127,7 @@ EOF
 }
 
 start_garage() {
-  local rpc_port=$((port + 1)) node waited=0
+  local rpc_port=$((port + 1)) node
   mkdir -p "$dir/garage/meta" "$dir/garage/data"
   [ -s "$dir/garage-rpc-secret" ] || (umask 077; hex 32 >"$dir/garage-rpc-secret")
   # Blocks kept as sent: compressing them would cost the store CPU time
@@ -140,12 +152,8 @@ EOF
   echo $! >"$pidfile"
   # The node's layout, the key and the bucket: once per data directory.
   [ ! -e "$dir/garage/thaw-ready" ] || return 0
-  until node=$("$garage" -c "$garage_conf" node id -q 2>/dev/null); do
-    running || fail "it exited"
-    sleep 0.2
-    waited=$((waited + 1))
-    [ $waited -lt 300 ] || fail "no answer in 60 s"
-  done
+  poll "$garage" -c "$garage_conf" node id -q >/dev/null 2>&1
+  node=$("$garage" -c "$garage_conf" node id -q)
   g() { "$garage" -c "$garage_conf" "$@" >/dev/null; }
   if ! { g layout assign -z dc1 -c 100G "${node%%@*}" && g layout apply --version 1 &&
     g key import --yes -n thaw "$access_key" "$secret_key" && g bucket create "$bucket" &&
@@ -167,14 +175,8 @@ up() {
   "start_$server"
   # Ready when the bucket, created a moment after the server answers,
   # answers a signed request.
-  local waited=0
-  until curl -sf -o /dev/null -I --aws-sigv4 aws:amz:us-east-1:s3 --user "$access_key:$secret_key" \
-    -H "x-amz-content-sha256: UNSIGNED-PAYLOAD" "http://127.0.0.1:$port/$bucket"; do
-    running || fail "it exited"
-    sleep 0.2
-    waited=$((waited + 1))
-    [ $waited -lt 300 ] || fail "no answer in 60 s"
-  done
+  poll curl -sf -o /dev/null -I --aws-sigv4 aws:amz:us-east-1:s3 --user "$access_key:$secret_key" \
+    -H "x-amz-content-sha256: UNSIGNED-PAYLOAD" "http://127.0.0.1:$port/$bucket"
   if [ "$server" = garage ]; then
     echo "s3-server: Garage $garage_version on 127.0.0.1:$port, bucket $bucket"
   else
