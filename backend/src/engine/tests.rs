@@ -12,6 +12,7 @@
     clippy::cast_possible_wrap
 )]
 
+use std::collections::VecDeque;
 use std::io::{BufRead, Write};
 use std::os::fd::OwnedFd;
 use std::path::Path;
@@ -204,6 +205,9 @@ struct Mapper {
     child: Child,
     stdin: ChildStdin,
     lines: Receiver<String>,
+    /// "done" lines that arrived while another reply was awaited: a thread
+    /// started earlier may finish before the mapper reads the next command.
+    finished: VecDeque<String>,
     memfd: OwnedFd,
     base: u64,
 }
@@ -229,6 +233,7 @@ impl Mapper {
             child,
             stdin,
             lines,
+            finished: VecDeque::new(),
             memfd,
             base: 0,
         };
@@ -243,14 +248,28 @@ impl Mapper {
     }
 
     /// The next line from the mapper, which must start with `prefix`.
+    /// "done" lines met on the way to another reply are kept for
+    /// [`Mapper::next_done`].
     fn expect_prefix(&mut self, prefix: &str) -> String {
-        match self.lines.recv_timeout(TIMEOUT) {
-            Ok(l) => l
-                .strip_prefix(prefix)
-                .unwrap_or_else(|| panic!("mapper said {l:?}, expected {prefix:?}"))
-                .to_string(),
-            Err(RecvTimeoutError::Timeout) => panic!("mapper silent for {TIMEOUT:?}"),
-            Err(RecvTimeoutError::Disconnected) => panic!("mapper exited"),
+        const DONE: &str = "done ";
+        if prefix == DONE {
+            if let Some(l) = self.finished.pop_front() {
+                return l;
+            }
+        }
+        loop {
+            let l = match self.lines.recv_timeout(TIMEOUT) {
+                Ok(l) => l,
+                Err(RecvTimeoutError::Timeout) => panic!("mapper silent for {TIMEOUT:?}"),
+                Err(RecvTimeoutError::Disconnected) => panic!("mapper exited"),
+            };
+            if let Some(rest) = l.strip_prefix(prefix) {
+                return rest.to_string();
+            }
+            match l.strip_prefix(DONE) {
+                Some(rest) => self.finished.push_back(rest.to_string()),
+                None => panic!("mapper said {l:?}, expected {prefix:?}"),
+            }
         }
     }
 
