@@ -249,6 +249,12 @@ enum Command {
         #[arg(long, default_value_t = thaw::ops::restore::DEFAULT_FETCH_WORKERS as u64,
               value_parser = clap::value_parser!(u64).range(1..=256))]
         fetch_workers: u64,
+        /// IMAGE in an object store: once the learning window has closed,
+        /// publish the refined learned working set and its evidence back to
+        /// it, so the next restore on any host prefetches what this one saw
+        /// (needs write access; a failure is reported, the VM runs on).
+        #[arg(long, conflicts_with = "no_learn")]
+        publish_learned: bool,
     },
     /// Save a running VM into an image and keep it running (live,
     /// copy-on-write: the guest pauses for milliseconds, see --stop-copy);
@@ -488,6 +494,11 @@ enum Command {
         /// Replace an image already at URL.
         #[arg(long)]
         force: bool,
+        /// Only publish LOCAL's working sets and their evidence to the same
+        /// image already at URL (new versions, named by its manifest in one
+        /// atomic write); what the store has as it is here is skipped.
+        #[arg(long, conflicts_with = "force")]
+        working_sets: bool,
     },
     /// Download the image at s3://BUCKET/PREFIX into directory LOCAL,
     /// every file checked against the image's manifest (store settings as
@@ -751,6 +762,7 @@ async fn run(cli: Cli) -> Result<()> {
             read_limit,
             fill_limit,
             fetch_workers,
+            publish_learned,
         } => {
             let learn = (!no_learn).then_some(LearnWindow {
                 quiet: Duration::from_millis(learn_quiet_ms),
@@ -770,13 +782,21 @@ async fn run(cli: Cli) -> Result<()> {
             };
             // From an object store: everything but the pages first, then
             // the pages by ranged reads as the restore needs them.
-            let (local, metadata) = match Location::parse(&image)? {
-                Location::Local(dir) => (dir, None),
+            let location = Location::parse(&image)?;
+            if publish_learned && !matches!(location, Location::Store(_)) {
+                anyhow::bail!(
+                    "--publish-learned publishes to the store the image came from; for an image \
+                     in a directory use `thaw push {} s3://… --working-sets`",
+                    image.display()
+                );
+            }
+            let (local, metadata) = match &location {
+                Location::Local(dir) => (dir.clone(), None),
                 Location::Store(url) => {
-                    let store = connect(&url)?;
+                    let store = connect(url)?;
                     let prepared = thaw::store::lazy::prepare(
                         &store,
-                        &url,
+                        url,
                         &thaw::store::lazy::cache_root(),
                         &thaw::store::lazy::WorkingSets::for_restore(
                             opts.mode,
@@ -794,7 +814,34 @@ async fn run(cli: Cli) -> Result<()> {
                 .await
                 .with_context(|| format!("restoring {}", image.display()))?;
             stats.store_metadata = metadata;
-            print(j, &stats, &stats)
+            let (true, Location::Store(url)) = (publish_learned, &location) else {
+                return print(j, &stats, &stats);
+            };
+            // The VM runs whatever happens here: a failed publish is
+            // reported, not an error of the restore.
+            let published = if stats.learned_pages == 0 {
+                Err(anyhow::anyhow!(
+                    "nothing to publish: this restore did not update the learned working set"
+                ))
+            } else {
+                publish_to(url, &local, &|name| {
+                    name == "ws-learned.bin" || name == thaw::wss::evidence::FILE
+                })
+                .await
+            };
+            let mut out = serde_json::to_value(&stats)?;
+            let line = match &published {
+                Ok(report) => {
+                    out["published"] = serde_json::to_value(report)?;
+                    report.to_string()
+                }
+                Err(e) => {
+                    log::warn!("the learned working set was not published: {e:#}");
+                    out["publish_error"] = format!("{e:#}").into();
+                    format!("not published: {e:#}")
+                }
+            };
+            print(j, &out, format_args!("{stats}\n{line}"))
         }
         Command::Checkpoint {
             name,
@@ -1102,7 +1149,19 @@ async fn run(cli: Cli) -> Result<()> {
             }
             print(j, &out, text)
         }
-        Command::Push { local, url, force } => {
+        Command::Push {
+            local,
+            url,
+            working_sets: true,
+            ..
+        } => {
+            let url = StoreUrl::parse(&url)?;
+            let report = publish_to(&url, &local, &|_| true).await?;
+            print(j, &report, &report)
+        }
+        Command::Push {
+            local, url, force, ..
+        } => {
             let url = StoreUrl::parse(&url)?;
             let store = connect(&url)?;
             let report = thaw::store::transfer::push(
@@ -1328,6 +1387,24 @@ fn connect(url: &StoreUrl) -> anyhow::Result<Store> {
     let settings = StoreSettings::from_environment()?;
     log::debug!("object store: {}", settings.source);
     Ok(Store::connect(&settings, &url.bucket)?)
+}
+
+/// Publishes the working sets of the image in `local` that `wanted`
+/// selects to the same image at `url`.
+async fn publish_to(
+    url: &StoreUrl,
+    local: &Path,
+    wanted: &dyn Fn(&str) -> bool,
+) -> anyhow::Result<thaw::store::publish::PublishReport> {
+    let store = connect(url)?;
+    thaw::store::publish::publish(&store, url, local, wanted, &*progress::terminal_bar())
+        .await
+        .with_context(|| {
+            format!(
+                "publishing the working sets of {} to {url}",
+                local.display()
+            )
+        })
 }
 
 /// A save or checkpoint into an object store: written into a staging

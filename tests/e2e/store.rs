@@ -220,6 +220,64 @@ fn an_image_pushed_to_a_real_store_pulls_back_verified_and_restores() {
     restored.assert_fields();
     vm.assert_continues_after(&before);
 
+    // What that restore learned goes back to the image in the store: a
+    // new version of the learned set, named by its manifest.
+    assert!(restored.u64("learned_pages") > 0, "{}", restored.json);
+    let published = ok(s3.thaw(
+        &vm,
+        &["push", pulled_arg, &url, "--working-sets", "--json"],
+        &[],
+    ));
+    let learned = published["published"]
+        .as_array()
+        .and_then(|p| p.iter().find(|f| f["name"] == "ws-learned.bin"))
+        .unwrap_or_else(|| panic!("the learned set was not published: {published}"))
+        .clone();
+    let learned_object = learned["object"].as_str().expect("object").to_string();
+    assert_eq!(
+        learned_object,
+        format!(
+            "ws-learned.bin.v-{}",
+            learned["xxh3"].as_str().expect("xxh3")
+        ),
+        "{published}"
+    );
+    // Published again: the store has it already.
+    let again = ok(s3.thaw(
+        &vm,
+        &["push", pulled_arg, &url, "--working-sets", "--json"],
+        &[],
+    ));
+    assert_eq!(
+        again["published"].as_array().map(Vec::len),
+        Some(0),
+        "{again}"
+    );
+    assert!(
+        again["unchanged"].to_string().contains("ws-learned.bin"),
+        "{again}"
+    );
+    let inspected = ok(s3.thaw(&vm, &["inspect", &url, "--json"], &[]));
+    assert!(
+        inspected["files"].to_string().contains(&learned_object),
+        "{inspected}"
+    );
+    // Another host pulls the image with it.
+    let second_host = vm.dir.join("second-host");
+    let second_arg = second_host.to_str().expect("utf-8");
+    ok(s3.thaw(&vm, &["pull", &url, second_arg, "--json"], &[]));
+    assert_eq!(
+        std::fs::read(pulled.join("ws-learned.bin")).expect("learned here"),
+        std::fs::read(second_host.join("ws-learned.bin")).expect("learned there"),
+        "the published learned set did not come back"
+    );
+    std::fs::remove_dir_all(&second_host).expect("remove the second pull");
+    // Not an image of that store: nothing to publish it to.
+    refused(
+        &s3.thaw(&vm, &["restore", pulled_arg, "--publish-learned"], &[]),
+        &["--working-sets"],
+    );
+
     // A save into the store that fails once its pages are written (and
     // uploaded while written): the guest runs on, and nothing of the
     // image is left in the store.
@@ -276,6 +334,7 @@ fn an_image_pushed_to_a_real_store_pulls_back_verified_and_restores() {
         &s3.thaw(&vm, &["save", &vm.name, &lazy_url], &cache_env),
         &["already there"],
     );
+    // The restore learns, and publishes what it learned to the store.
     let stats = ok(s3.thaw(
         &vm,
         &[
@@ -283,7 +342,11 @@ fn an_image_pushed_to_a_real_store_pulls_back_verified_and_restores() {
             &lazy_url,
             "--mode",
             "lazy",
-            "--no-learn",
+            "--publish-learned",
+            "--learn-quiet-ms",
+            "500",
+            "--learn-max-ms",
+            "3000",
             "--json",
         ],
         &cache_env,
@@ -291,6 +354,11 @@ fn an_image_pushed_to_a_real_store_pulls_back_verified_and_restores() {
     assert_eq!(stats["mode"], "lazy", "{stats}");
     assert!(stats["nonzero_pages"].as_u64() > Some(0), "{stats}");
     vm.assert_continues_after(&before);
+    let learned = stats["published"]["published"]
+        .as_array()
+        .and_then(|p| p.iter().find(|f| f["name"] == "ws-learned.bin"))
+        .unwrap_or_else(|| panic!("the restore published no learned set: {stats}"))
+        .clone();
     // Only the pages stayed in the store.
     let kept: Vec<_> = std::fs::read_dir(cache.join("store"))
         .expect("the cache")
@@ -301,6 +369,21 @@ fn an_image_pushed_to_a_real_store_pulls_back_verified_and_restores() {
     assert!(local.join("meta.json").is_file() && local.join("device.state").is_file());
     assert!(!local.join("pages.bin").exists());
     assert!(local.join("pages.remote").is_file());
+    // The store has what this host learned, and knows it has it.
+    let versions =
+        std::fs::read_to_string(local.join(".store-versions.json")).expect("the store's versions");
+    assert!(
+        versions.contains(learned["xxh3"].as_str().expect("xxh3")),
+        "{versions}"
+    );
+    let from_store = vm.dir.join("from-store");
+    let from_store_arg = from_store.to_str().expect("utf-8");
+    ok(s3.thaw(&vm, &["pull", &lazy_url, from_store_arg, "--json"], &[]));
+    assert_eq!(
+        std::fs::read(local.join("ws-learned.bin")).expect("learned here"),
+        std::fs::read(from_store.join("ws-learned.bin")).expect("learned in the store"),
+    );
+    std::fs::remove_dir_all(&from_store).expect("remove the pull");
 
     // The store stops answering in the middle of a restore from it (the
     // fill paced so that it is still running): the VM and its restore

@@ -12,8 +12,8 @@ use bytes::Bytes;
 use object_store::aws::AmazonS3Builder;
 use object_store::path::Path as ObjectPath;
 use object_store::{
-    BackoffConfig, ClientOptions, GetOptions, ObjectMeta, ObjectStore, ObjectStoreExt, PutPayload,
-    RetryConfig,
+    BackoffConfig, ClientOptions, GetOptions, ObjectMeta, ObjectStore, ObjectStoreExt, PutMode,
+    PutOptions, PutPayload, RetryConfig, UpdateVersion,
 };
 
 use super::settings::StoreSettings;
@@ -181,6 +181,26 @@ impl Store {
         Ok(Some(data))
     }
 
+    /// The whole object and the version it was read at, `None` if it does
+    /// not exist.
+    pub async fn get_versioned(
+        &self,
+        path: &ObjectPath,
+    ) -> Result<Option<(Bytes, UpdateVersion)>, StoreError> {
+        let result = match self.inner.get(path).await {
+            Ok(r) => r,
+            Err(object_store::Error::NotFound { .. }) => return Ok(None),
+            Err(e) => return Err(self.failed("reading", path)(e)),
+        };
+        let version = UpdateVersion {
+            e_tag: result.meta.e_tag.clone(),
+            version: result.meta.version.clone(),
+        };
+        let data = result.bytes().await.map_err(self.failed("reading", path))?;
+        self.reads.count(data.len() as u64);
+        Ok(Some((data, version)))
+    }
+
     /// Bytes `range` of the object.
     pub async fn get_range(
         &self,
@@ -219,6 +239,35 @@ impl Store {
             .await
             .map(|_| ())
             .map_err(self.failed("writing", path))
+    }
+
+    /// Writes the object whole if it is still at `version` (`If-Match`);
+    /// `false` if another writer replaced or removed it first. A store
+    /// that ignores the condition overwrites it (read it back to know).
+    pub async fn put_if(
+        &self,
+        path: &ObjectPath,
+        data: Bytes,
+        version: UpdateVersion,
+    ) -> Result<bool, StoreError> {
+        if version.e_tag.is_none() {
+            // Nothing to match on: write, and let the read-back tell.
+            log::debug!(
+                "s3://{}/{path}: no ETag to write it conditionally",
+                self.bucket
+            );
+            return self.put(path, data).await.map(|()| true);
+        }
+        let options = PutOptions::from(PutMode::Update(version));
+        match self
+            .inner
+            .put_opts(path, PutPayload::from(data), options)
+            .await
+        {
+            Ok(_) => Ok(true),
+            Err(object_store::Error::Precondition { .. }) => Ok(false),
+            Err(e) => Err(self.failed("writing", path)(e)),
+        }
     }
 
     /// Removes the object (gone already is fine).

@@ -10,6 +10,7 @@
 //! restore's record). An incremental image's parents are made ready the
 //! same way, next to it, where the image reader finds them by identity.
 
+use std::collections::BTreeMap;
 use std::os::unix::fs::DirBuilderExt;
 
 use futures::{StreamExt, TryStreamExt};
@@ -17,7 +18,8 @@ use std::path::{Path, PathBuf};
 
 use super::client::Store;
 use super::pages::{RemotePagesRef, REMOTE_PAGES};
-use super::transfer::{self, read_manifest, ManifestParent};
+use super::publish::publishable;
+use super::transfer::{self, read_manifest, ManifestFile, ManifestParent};
 use super::{StoreError, StoreUrl};
 use crate::image::source::Fetched;
 use crate::ops::restore::{EstimatorChoice, Mode};
@@ -35,6 +37,53 @@ pub fn cache_root() -> PathBuf {
 
 /// Files of an image downloaded at once.
 const FILES_IN_FLIGHT: usize = 4;
+/// Times the manifest is read again when a working set it names was
+/// replaced by a publish meanwhile.
+const MISSING_VERSION_RETRIES: u32 = 3;
+/// In a prepared directory: the version (xxh3) of each publishable file
+/// as last read from or published to the store. A file whose version in
+/// the store is another has been published since (from another host) and
+/// is read again; one that matches is kept, with what restores here
+/// learned into it.
+const STORE_VERSIONS: &str = ".store-versions.json";
+
+/// The [`STORE_VERSIONS`] of `dir` (empty when it has none or it is
+/// unreadable: every publishable file is then read again).
+fn store_versions(dir: &Path) -> BTreeMap<String, String> {
+    std::fs::read(dir.join(STORE_VERSIONS))
+        .ok()
+        .and_then(|t| serde_json::from_slice(&t).ok())
+        .unwrap_or_default()
+}
+
+fn write_store_versions(dir: &Path, versions: &BTreeMap<String, String>) -> Result<(), StoreError> {
+    let path = dir.join(STORE_VERSIONS);
+    let tmp = dir.join(format!("{STORE_VERSIONS}.tmp-{}", std::process::id()));
+    let text = serde_json::to_vec_pretty(versions).map_err(|e| StoreError::Refused {
+        path: path.clone(),
+        why: e.to_string(),
+    })?;
+    std::fs::write(&tmp, text)
+        .and_then(|()| std::fs::rename(&tmp, &path))
+        .map_err(|source| StoreError::Io {
+            path,
+            context: "cannot write".into(),
+            source,
+        })
+}
+
+/// Notes in the prepared directory `dir` (a no-op for any other) that its
+/// `files` are now the store's versions: a publish from it.
+pub fn note_published(dir: &Path, files: &[ManifestFile]) -> Result<(), StoreError> {
+    if !dir.join(REMOTE_PAGES).is_file() {
+        return Ok(());
+    }
+    let mut versions = store_versions(dir);
+    for f in files {
+        versions.insert(f.name.clone(), f.xxh3.clone());
+    }
+    write_store_versions(dir, &versions)
+}
 
 /// Which working sets a restore straight from a store needs: each is as
 /// large as the pages it holds, so the others stay in the store. (A later
@@ -111,8 +160,21 @@ pub async fn prepare(
         } else {
             WorkingSets::Only(Vec::new())
         };
-        let (prepared, parent) =
-            prepare_dir(store, &at, root, &own, expected.as_deref(), progress).await?;
+        let mut tries = 0;
+        let (prepared, parent) = loop {
+            match prepare_dir(store, &at, root, &own, expected.as_deref(), progress).await {
+                // A version of a working set that a publish replaced
+                // between the manifest's read and the file's: read the
+                // manifest again.
+                Err(StoreError::Missing { name, .. })
+                    if publishable(&name) && tries < MISSING_VERSION_RETRIES =>
+                {
+                    tries += 1;
+                    log::info!("{at}: {name} was replaced meanwhile; reading the manifest again");
+                }
+                result => break result?,
+            }
+        };
         dir.get_or_insert(prepared);
         match parent {
             None => break,
@@ -206,10 +268,18 @@ async fn prepare_dir(
                 // The same image under another name: read it from there.
                 write_reference(&dir, &reference)?;
             }
-            // What an earlier restore did not need.
+            // What an earlier restore did not need, and working sets
+            // published since it read them.
+            let mut versions = store_versions(&dir);
+            let before = versions.clone();
             for f in manifest.files.iter().filter(|f| sets.wants(&f.name)) {
                 let path = dir.join(&f.name);
-                if path.exists() {
+                let current = if publishable(&f.name) {
+                    versions.get(&f.name) == Some(&f.xxh3)
+                } else {
+                    true
+                };
+                if path.exists() && current {
                     continue;
                 }
                 let part = dir.join(format!(".{}.part-{}", f.name, std::process::id()));
@@ -221,6 +291,12 @@ async fn prepare_dir(
                     let _ = std::fs::remove_file(&part);
                     return Err(e);
                 }
+                if publishable(&f.name) {
+                    versions.insert(f.name.clone(), f.xxh3.clone());
+                }
+            }
+            if versions != before {
+                write_store_versions(&dir, &versions)?;
             }
             return Ok((dir, parent));
         }
@@ -251,6 +327,12 @@ async fn prepare_dir(
             .buffer_unordered(FILES_IN_FLIGHT)
             .try_collect::<Vec<()>>()
             .await?;
+        let versions = small
+            .iter()
+            .filter(|f| publishable(&f.name))
+            .map(|f| (f.name.clone(), f.xxh3.clone()))
+            .collect();
+        write_store_versions(&partial, &versions)?;
         write_reference(&partial, &reference)
     }
     .await;

@@ -13,6 +13,7 @@ pub mod client;
 pub mod lazy;
 pub mod pace;
 pub mod pages;
+pub mod publish;
 pub mod settings;
 pub mod stream;
 #[cfg(test)]
@@ -53,6 +54,10 @@ pub enum StoreError {
     },
     #[error("{url}: {why}")]
     Damaged { url: String, why: String },
+    #[error("{url}: {name}: missing from the store")]
+    Missing { url: String, name: String },
+    #[error("{url}: {why}")]
+    Conflict { url: String, why: String },
     #[error(transparent)]
     Image(#[from] crate::image::ImageError),
     #[error("{path}: {why}")]

@@ -249,6 +249,7 @@ async fn follow(
             name: "pages.bin".into(),
             len,
             xxh3: format!("{:016x}", hasher.digest()),
+            object: None,
         }),
         Err(e) => {
             if let Some(w) = upload {

@@ -172,3 +172,101 @@ fn a_restore_from_a_store_fetches_only_the_working_sets_it_uses() {
     }
     assert!(!auto.wants("pages.bin"));
 }
+
+#[test]
+fn published_working_sets_are_named_apart_and_nothing_else_is() {
+    let v = super::publish::versioned("ws-learned.bin", "0123456789abcdef");
+    assert_eq!(v, "ws-learned.bin.v-0123456789abcdef");
+    let good = format!(
+        r#"{{"manifest_version":1,"identity":"00ff","files":[
+        {{"name":"meta.json","len":10,"xxh3":"0"}},
+        {{"name":"ws-learned.bin","len":8192,"xxh3":"0123456789abcdef","object":"{v}"}}]}}"#
+    );
+    let m = Manifest::parse(good.as_bytes()).expect("a published set");
+    assert_eq!(m.files[1].object_name(), v);
+    assert_eq!(m.files[0].object_name(), "meta.json");
+    for bad in [
+        // Only working sets and their evidence live apart.
+        r#"{"manifest_version":1,"identity":"0","files":[{"name":"meta.json","len":1,"xxh3":"0"},{"name":"pages.bin","len":1,"xxh3":"0","object":"pages.bin.v-0123456789abcdef"}]}"#,
+        // Two files in one object.
+        r#"{"manifest_version":1,"identity":"0","files":[{"name":"meta.json","len":1,"xxh3":"0"},{"name":"ws-trace.bin","len":1,"xxh3":"0","object":"meta.json"}]}"#,
+        r#"{"manifest_version":1,"identity":"0","files":[{"name":"meta.json","len":1,"xxh3":"0"},{"name":"ws-trace.bin","len":1,"xxh3":"0","object":"../x"}]}"#,
+        r#"{"manifest_version":1,"identity":"0","files":[{"name":"meta.json","len":1,"xxh3":"0"},{"name":"ws-trace.bin","len":1,"xxh3":"0","object":"thaw-image.json"}]}"#,
+    ] {
+        assert!(
+            Manifest::parse(bad.as_bytes()).is_err(),
+            "{bad} was accepted"
+        );
+    }
+}
+
+#[test]
+fn a_publish_removes_only_versions_neither_manifest_names() {
+    use super::publish::{superseded, versioned};
+    use super::transfer::{ManifestFile, MANIFEST, MANIFEST_VERSION};
+    let file = |name: &str, xxh3: &str, published: bool| ManifestFile {
+        name: name.into(),
+        len: 4096,
+        xxh3: xxh3.into(),
+        object: published.then(|| versioned(name, xxh3)),
+    };
+    let manifest = |files: Vec<ManifestFile>| Manifest {
+        manifest_version: MANIFEST_VERSION,
+        identity: "00ff".into(),
+        files,
+        parent: None,
+    };
+    let (a, b, c) = ("000000000000000a", "000000000000000b", "000000000000000c");
+    let fixed = || vec![file("meta.json", "1", false), file("pages.bin", "2", false)];
+    // As pushed: the learned set in its plain object.
+    let pushed = manifest([fixed(), vec![file("ws-learned.bin", a, false)]].concat());
+    let first = manifest([fixed(), vec![file("ws-learned.bin", b, true)]].concat());
+    let second = manifest([fixed(), vec![file("ws-learned.bin", c, true)]].concat());
+    let old = super::publish::RECENT * 2;
+    let present = |names: &[&str]| -> Vec<(String, std::time::Duration)> {
+        names
+            .iter()
+            .map(|n| n.to_string())
+            .chain([MANIFEST.to_string()])
+            .map(|n| (n, old))
+            .collect()
+    };
+    // The first publish keeps the plain object: the old manifest names it.
+    let all = present(&[
+        "meta.json",
+        "pages.bin",
+        "ws-learned.bin",
+        &versioned("ws-learned.bin", b),
+    ]);
+    assert!(superseded(&all, &pushed, &first).is_empty());
+    // The second removes it, keeps the first version for readers of the
+    // manifest before, and never touches what it does not know: a
+    // leftover of another kind, a foreign object.
+    let all = present(&[
+        "meta.json",
+        "pages.bin",
+        "ws-learned.bin",
+        "notes.txt",
+        &versioned("ws-learned.bin", b),
+        &versioned("ws-learned.bin", c),
+        &versioned("ws-trace.bin", a),
+        "pages.bin.v-000000000000000a",
+    ]);
+    let mut gone = superseded(&all, &first, &second);
+    gone.sort();
+    // A version uploaded a moment ago may be another publish's, its
+    // manifest not written yet.
+    let mut young = all.clone();
+    young
+        .iter_mut()
+        .filter(|(n, _)| n.starts_with("ws-trace"))
+        .for_each(|(_, age)| *age = std::time::Duration::from_secs(1));
+    assert_eq!(
+        superseded(&young, &first, &second),
+        vec!["ws-learned.bin".to_string()]
+    );
+    assert_eq!(
+        gone,
+        vec!["ws-learned.bin".to_string(), versioned("ws-trace.bin", a),]
+    );
+}

@@ -52,6 +52,19 @@ pub struct ManifestFile {
     pub len: u64,
     /// xxh3-64 of the content, hex.
     pub xxh3: String,
+    /// The object under the image's prefix that holds it, when not
+    /// `name`: a working set published after the push
+    /// ([`super::publish`]) goes up under a name of its own version, so
+    /// that a restore that read the manifest before still finds its file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub object: Option<String>,
+}
+
+impl ManifestFile {
+    /// The name of the object under the image's prefix that holds it.
+    pub fn object_name(&self) -> &str {
+        self.object.as_deref().unwrap_or(&self.name)
+    }
 }
 
 /// [`MANIFEST`]: what a complete image in a store holds.
@@ -147,6 +160,24 @@ impl Manifest {
         if names.windows(2).any(|w| w[0] == w[1]) {
             return Err("a file is listed twice".into());
         }
+        if let Some(f) = m
+            .files
+            .iter()
+            .find(|f| f.object.is_some() && !super::publish::publishable(&f.name))
+        {
+            return Err(format!(
+                "{} is in another object, and only working sets are published apart",
+                f.name
+            ));
+        }
+        let mut objects: Vec<&str> = m.files.iter().map(ManifestFile::object_name).collect();
+        if let Some(bad) = objects.iter().find(|n| !is_plain_name(n)) {
+            return Err(format!("object name {bad:?} is not a plain name"));
+        }
+        objects.sort_unstable();
+        if objects.windows(2).any(|w| w[0] == w[1]) {
+            return Err("two files are in one object".into());
+        }
         if !names.contains(&"meta.json") {
             return Err("it lists no meta.json".into());
         }
@@ -218,6 +249,23 @@ fn io_err(path: &Path, context: &str) -> impl FnOnce(std::io::Error) -> StoreErr
 
 /// Reads the manifest of the image at `url`.
 pub async fn read_manifest(store: &Store, url: &StoreUrl) -> Result<Manifest, StoreError> {
+    read_manifest_versioned(store, url).await.map(|(m, _)| m)
+}
+
+/// The manifest as it goes into the store.
+pub(super) fn encode_manifest(manifest: &Manifest, url: &StoreUrl) -> Result<Vec<u8>, StoreError> {
+    serde_json::to_vec_pretty(manifest).map_err(|e| StoreError::Damaged {
+        url: url.to_string(),
+        why: format!("writing the manifest: {e}"),
+    })
+}
+
+/// Reads the manifest of the image at `url`, and the version of the
+/// object it was read from (to replace it only if nobody did meanwhile).
+pub async fn read_manifest_versioned(
+    store: &Store,
+    url: &StoreUrl,
+) -> Result<(Manifest, object_store::UpdateVersion), StoreError> {
     let path = url.object(MANIFEST);
     let Some(meta) = store.head(&path).await? else {
         return Err(StoreError::NoImage {
@@ -234,14 +282,18 @@ pub async fn read_manifest(store: &Store, url: &StoreUrl) -> Result<Manifest, St
             ),
         });
     }
-    let text = store.get(&path).await?.ok_or_else(|| StoreError::NoImage {
-        url: url.to_string(),
-        manifest: MANIFEST,
-    })?;
-    Manifest::parse(&text).map_err(|why| StoreError::Damaged {
+    let (text, version) = store
+        .get_versioned(&path)
+        .await?
+        .ok_or_else(|| StoreError::NoImage {
+            url: url.to_string(),
+            manifest: MANIFEST,
+        })?;
+    let manifest = Manifest::parse(&text).map_err(|why| StoreError::Damaged {
         url: url.to_string(),
         why: format!("{MANIFEST}: {why}"),
-    })
+    })?;
+    Ok((manifest, version))
 }
 
 /// Uploads the image in directory `local` to `url`; with `force` an image
@@ -338,10 +390,7 @@ pub async fn push_uploaded(
                 files: std::mem::take(&mut files),
                 parent,
             };
-            let text = serde_json::to_vec_pretty(&manifest).map_err(|e| StoreError::Damaged {
-                url: url.to_string(),
-                why: format!("writing the manifest: {e}"),
-            })?;
+            let text = encode_manifest(&manifest, url)?;
             store.put(&url.object(MANIFEST), Bytes::from(text)).await?;
             Ok::<_, StoreError>(manifest)
         }
@@ -364,7 +413,7 @@ pub async fn push_uploaded(
         let keep: Vec<_> = manifest
             .files
             .iter()
-            .map(|f| url.object(&f.name))
+            .map(|f| url.object(f.object_name()))
             .chain([url.object(MANIFEST)])
             .collect();
         for object in store.list_children(&url.prefix_path()).await? {
@@ -461,6 +510,7 @@ pub async fn upload_file(
         name: name.to_string(),
         len,
         xxh3: format!("{:016x}", hasher.digest()),
+        object: None,
     })
 }
 
@@ -570,7 +620,7 @@ pub async fn download_file(
     path: &Path,
     progress: &dyn Progress,
 ) -> Result<(), StoreError> {
-    let object = url.object(&f.name);
+    let object = url.object(f.object_name());
     let damaged = |why: String| StoreError::Damaged {
         url: url.to_string(),
         why: format!("{}: {why}", f.name),
@@ -578,7 +628,10 @@ pub async fn download_file(
     let found = store
         .head(&object)
         .await?
-        .ok_or_else(|| damaged("missing from the store".into()))?;
+        .ok_or_else(|| StoreError::Missing {
+            url: url.to_string(),
+            name: f.name.clone(),
+        })?;
     if found.size != f.len {
         return Err(damaged(format!(
             "{} bytes, the manifest says {}",
@@ -649,6 +702,9 @@ impl std::fmt::Display for StoredImage {
                 "\n  {:<24} {:>14} bytes  xxh3 {}",
                 file.name, file.len, file.xxh3
             )?;
+            if let Some(object) = &file.object {
+                write!(f, "  (published as {object})")?;
+            }
         }
         Ok(())
     }
@@ -674,7 +730,7 @@ pub async fn describe(store: &Store, url: &StoreUrl) -> Result<StoredImage, Stor
         )));
     }
     let text = store
-        .get(&url.object("meta.json"))
+        .get(&url.object(entry.object_name()))
         .await?
         .ok_or_else(|| damaged("meta.json: missing from the store".into()))?;
     let got = format!("{:016x}", xxhash_rust::xxh3::xxh3_64(&text));

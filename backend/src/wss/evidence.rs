@@ -33,7 +33,8 @@ use crate::mem::PageIndex;
 pub const KEPT: usize = 8;
 /// Unused prefetched pages that cost as much as one missed page.
 pub const UNUSED_PER_MISS: u64 = 8;
-const FILE: &str = "ws-evidence.json";
+/// The evidence's file in an image directory.
+pub const FILE: &str = "ws-evidence.json";
 
 /// A candidate for `auto`: one working set, or the union of several
 /// (prefetched in this order, each page once).
