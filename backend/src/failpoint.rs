@@ -1,7 +1,15 @@
 //! Failure injection for end-to-end tests: `THAW_FAILPOINT=<name>` makes
 //! the named point fail with an error, `THAW_FAILPOINT=<name>:hang` makes
-//! it block forever (the test then kills thaw there). Unset, every point
-//! passes at the cost of one environment lookup.
+//! it block forever (the test then kills thaw there), and
+//! `THAW_FAILPOINT=<name>:stop` stops the process there with `SIGSTOP`
+//! the first time it gets there (the test sees it stopped, does what must
+//! happen meanwhile, and lets it go on with `SIGCONT`). Unset, every
+//! point passes at the cost of one environment lookup.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+
+/// Whether a `:stop` failpoint has stopped this process already.
+static STOPPED: AtomicBool = AtomicBool::new(false);
 
 /// Checks failpoint `name`.
 pub fn check(name: &str) -> std::io::Result<()> {
@@ -12,6 +20,11 @@ pub fn check(name: &str) -> std::io::Result<()> {
     if set == name {
         log::error!("failpoint {name}: failing here");
         return Err(std::io::Error::other(format!("failpoint {name}")));
+    }
+    if set.strip_suffix(":stop") == Some(name) && !STOPPED.swap(true, Ordering::Relaxed) {
+        log::error!("failpoint {name}: stopping here until SIGCONT");
+        return nix::sys::signal::raise(nix::sys::signal::Signal::SIGSTOP)
+            .map_err(std::io::Error::from);
     }
     if set.strip_suffix(":hang") == Some(name) {
         log::error!("failpoint {name}: hanging here");

@@ -272,6 +272,111 @@ fn an_image_pushed_to_a_real_store_pulls_back_verified_and_restores() {
         "the published learned set did not come back"
     );
     std::fs::remove_dir_all(&second_host).expect("remove the second pull");
+    // Two hosts publish at once: the one whose manifest write comes
+    // second finds the manifest changed (If-Match), reads it again and
+    // publishes over the other's version, which stays in the store for
+    // restores that read the manifest before.
+    let other_host = vm.dir.join("other-host");
+    std::fs::create_dir(&other_host).expect("mkdir");
+    for entry in std::fs::read_dir(&pulled).expect("list") {
+        let entry = entry.expect("entry");
+        std::fs::copy(entry.path(), other_host.join(entry.file_name())).expect("copy");
+    }
+    // The same evidence in other bytes: another version.
+    let evidence: Value =
+        serde_json::from_slice(&std::fs::read(pulled.join("ws-evidence.json")).expect("evidence"))
+            .expect("evidence JSON");
+    std::fs::write(
+        other_host.join("ws-evidence.json"),
+        serde_json::to_vec(&evidence).expect("compact"),
+    )
+    .expect("write");
+    let mut first = Command::new(env!("CARGO_BIN_EXE_thaw"));
+    first
+        .args([
+            "push",
+            other_host.to_str().expect("utf-8"),
+            &url,
+            "--working-sets",
+            "--json",
+        ])
+        .env("THAW_RUNTIME_DIR", vm.dir.join("run"))
+        .env("HOME", vm.dir.join("no-home"))
+        .env("THAW_FAILPOINT", "publish-before-manifest:stop")
+        .envs(s3.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let first = first.spawn().expect("spawn the first publish");
+    let first_pid = nix::unistd::Pid::from_raw(i32::try_from(first.id()).expect("pid"));
+    // Returns once the publish stopped itself before its manifest write.
+    let stopped = nix::sys::wait::waitpid(first_pid, Some(nix::sys::wait::WaitPidFlag::WUNTRACED))
+        .expect("wait for the publish to stop");
+    assert!(
+        matches!(stopped, nix::sys::wait::WaitStatus::Stopped(..)),
+        "{stopped:?}"
+    );
+    // Meanwhile the other publishes the evidence as it was.
+    let meanwhile = vm.dir.join("meanwhile");
+    std::fs::create_dir(&meanwhile).expect("mkdir");
+    for entry in std::fs::read_dir(&pulled).expect("list") {
+        let entry = entry.expect("entry");
+        std::fs::copy(entry.path(), meanwhile.join(entry.file_name())).expect("copy");
+    }
+    let mut changed = evidence.clone();
+    changed["restores"]
+        .as_array_mut()
+        .expect("restores")
+        .truncate(0);
+    std::fs::write(
+        meanwhile.join("ws-evidence.json"),
+        serde_json::to_vec_pretty(&changed).expect("json"),
+    )
+    .expect("write");
+    let second = ok(s3.thaw(
+        &vm,
+        &[
+            "push",
+            meanwhile.to_str().expect("utf-8"),
+            &url,
+            "--working-sets",
+            "--json",
+        ],
+        &[],
+    ));
+    let second_object = second["published"][0]["object"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{second}"))
+        .to_string();
+    nix::sys::signal::kill(first_pid, nix::sys::signal::Signal::SIGCONT).expect("SIGCONT");
+    let first = ok(first
+        .wait_with_output()
+        .expect("wait for the first publish"));
+    assert_eq!(first["attempts"].as_u64(), Some(2), "{first}");
+    let first_object = first["published"][0]["object"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{first}"))
+        .to_string();
+    let inspected = ok(s3.thaw(&vm, &["inspect", &url, "--json"], &[]));
+    let files = inspected["files"].to_string();
+    assert!(
+        files.contains(&first_object) && !files.contains(&second_object),
+        "{inspected}"
+    );
+    let listed = text(&s3.curl(
+        "GET",
+        &format!(
+            "?list-type=2&prefix={}",
+            format!("{prefix}/").replace('/', "%2F")
+        ),
+        None,
+    ));
+    assert!(
+        listed.contains(&second_object),
+        "the version a manifest named a moment ago was removed: {listed}"
+    );
+    std::fs::remove_dir_all(&other_host).expect("rm");
+    std::fs::remove_dir_all(&meanwhile).expect("rm");
+
     // Not an image of that store: nothing to publish it to.
     refused(
         &s3.thaw(&vm, &["restore", pulled_arg, "--publish-learned"], &[]),
