@@ -20,6 +20,12 @@
 # seconds (4, 8 and 10 s after it resumes), which a 1 s window closes
 # before.
 #
+# With LEARN_FROM_STORE=1 the learning restore before ws:learned is a first
+# host's: it restores the image as pushed from the store, across the link,
+# learns, and publishes its learned set there (`--learn-from-store`); the
+# measured ws:learned restores prefetch the published set. Its runs write to
+# store-link-<profile>[...]-published/.
+#
 # With APP=redis (or memcached) the guest is that real application from
 # Debian (configs/apps/APP.yaml), measured by its own client: the guest's
 # NIC is tap0 in the client namespace (ci/app-net.sh), where the client
@@ -29,8 +35,8 @@
 #               see ci/store-link.sh)
 # Environment: RUNS (default 2), METHODS (default stock,lazy,ws:trace,ws:learned),
 #              APP, APP_DATA, APP_HOT, THAW_S3_SERVER (seaweedfs or garage;
-#              see ci/s3-server.sh), RECORD_QUIET_MS, RECORD_MAX_MS.
-# Output: target/bench/store-link-<profile>[-<app>][-garage]/{bench.json,bench.md,throughput.svg}
+#              see ci/s3-server.sh), RECORD_QUIET_MS, RECORD_MAX_MS, LEARN_FROM_STORE.
+# Output: target/bench/store-link-<profile>[-<app>][-garage][-published]/{bench.json,bench.md,throughput.svg}
 set -euo pipefail
 cd "$(dirname "$0")/.."
 runs=${RUNS:-2}
@@ -65,6 +71,11 @@ for p in "${profiles[@]}"; do
   server=${THAW_S3_SERVER:-seaweedfs}
   dest=$out/store-link-${p//\//-}${app:+-$app}
   [ "$server" = seaweedfs ] || dest=$dest-$server
+  learn=()
+  if [ "${LEARN_FROM_STORE:-0}" = 1 ]; then
+    learn=(--learn-from-store)
+    dest=$dest-published
+  fi
   mkdir -p "$dest"
   echo "== $dest" >&2
   # The bench's VM and its client run in the client namespace: every byte
@@ -75,6 +86,6 @@ for p in "${profiles[@]}"; do
       --methods "$methods" --store "s3://$THAW_S3_BUCKET/bench-link" \
       --link-rtt-ms "$rtt" --link-rate "$rate" --no-limits --dir /var/lib/thaw/bench-link \
       --record-quiet-ms "${RECORD_QUIET_MS:-5000}" --record-max-ms "${RECORD_MAX_MS:-30000}" \
-      --out "$dest" 2>"$dest/stderr.log" | tee "$dest/stdout.md"
+      "${learn[@]}" --out "$dest" 2>"$dest/stderr.log" | tee "$dest/stdout.md"
   )
 done

@@ -421,6 +421,12 @@ enum Command {
         /// results are compared with.
         #[arg(long, value_parser = parse_size, requires_all = ["store", "link_rtt_ms"])]
         link_rate: Option<u64>,
+        /// With --store: the learning restore before ws:learned is a first
+        /// host's, from the store across the link (the image as pushed,
+        /// an empty cache), and publishes what it learned there
+        /// (`--publish-learned`); the measured restores prefetch that.
+        #[arg(long, requires = "store")]
+        learn_from_store: bool,
         /// The windows in which the working sets are recorded (the trace
         /// after the checkpoint, and the learning restore's before
         /// ws:learned) end once no new page was touched for this long
@@ -1011,6 +1017,7 @@ async fn run(cli: Cli) -> Result<()> {
             store,
             link_rtt_ms,
             link_rate,
+            learn_from_store,
             record_quiet_ms,
             record_max_ms,
         } => {
@@ -1071,6 +1078,7 @@ async fn run(cli: Cli) -> Result<()> {
                                     link: link_rtt_ms.zip(link_rate).map(|(rtt_ms, rate)| {
                                         crate::bench::store::Link { rtt_ms, rate }
                                     }),
+                                    learn_from_store,
                                 })
                             })
                             .transpose()?,

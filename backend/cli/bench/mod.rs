@@ -705,7 +705,8 @@ pub async fn run(opts: &BenchOptions) -> Result<BenchReport, BenchError> {
         fetch_workers: thaw::ops::restore::DEFAULT_FETCH_WORKERS,
         progress: Default::default(),
     };
-    if opts.methods.contains(&Method::Ws(Estimator::Learned)) {
+    let learn_from_store = opts.store.as_ref().is_some_and(|s| s.learn_from_store);
+    if opts.methods.contains(&Method::Ws(Estimator::Learned)) && !learn_from_store {
         // The learning restore sees what the measured restores' observer
         // makes the guest touch: the application's client, or the
         // workload's console and its probes.
@@ -723,7 +724,7 @@ pub async fn run(opts: &BenchOptions) -> Result<BenchReport, BenchError> {
 
     // The image (with what the learning restore learned) and the stock
     // stream into the store, when the restores read from one.
-    let store_setup = match &opts.store {
+    let mut store_setup = match &opts.store {
         Some(so) => Some(
             store::StoreSetup::upload(
                 so,
@@ -737,6 +738,32 @@ pub async fn run(opts: &BenchOptions) -> Result<BenchReport, BenchError> {
         ),
         None => None,
     };
+    if let Some(setup) = store_setup
+        .as_mut()
+        .filter(|_| learn_from_store && opts.methods.contains(&Method::Ws(Estimator::Learned)))
+    {
+        // A first host: it restores the image as pushed from the store,
+        // learns while the observer works, and publishes what it learned.
+        let (dir, _) = setup
+            .prepare_image(&thaw::store::lazy::WorkingSets::for_restore(
+                Mode::Lazy,
+                EstimatorChoice::None,
+                true,
+            ))
+            .await?;
+        drop_caches();
+        let observer = observe(Instant::now())?;
+        let learned = restore::restore(
+            &dir,
+            &restore_opts(Mode::Lazy, EstimatorChoice::None, Some(opts.record_window)),
+        )
+        .await?;
+        observer
+            .finish(&nonce)
+            .map_err(|e| BenchError::Integrity(format!("the learning restore: {e}")))?;
+        stop_vm(&name, uri).await?;
+        setup.publish_learned(&dir, learned.learned_pages).await?;
+    }
     let downloaded_stock = opts.dir.join("stock.downloaded");
     let device_state_bytes = thaw::image::Image::open(&image)
         .map_err(restore::RestoreError::from)?
@@ -1674,7 +1701,7 @@ impl BenchReport {
             "\nEvery restore read from the object store {}{} with an empty local cache: thaw's \
              straight from it (metadata, device state and working sets, then pages by ranged reads), \
              stock's by downloading its stream (ranged reads in flight) before `migrate-incoming`. \
-             The image is {:.0} MiB there{}.\n\n\
+             The image is {:.0} MiB there{}.{}\n\n\
              | method | MiB fetched | requests | fault p50 ms | fault p50 / RTT | fault p50 / request | fill MiB/s | fill / link | TTR / floor | first answer / floor |\n\
              |---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
             st.url,
@@ -1687,6 +1714,13 @@ impl BenchReport {
             st.stock_bytes.map_or(String::new(), |b| format!(
                 ", the stock stream {:.0} MiB",
                 b as f64 / (1 << 20) as f64
+            )),
+            st.learned_from_store.as_ref().map_or(String::new(), |l| format!(
+                " The learned set ({} pages) was learned by a first restore from the store, \
+                 across the same link, and published there ({:.1} MiB in {:.0} ms).",
+                l.pages,
+                l.bytes as f64 / (1 << 20) as f64,
+                l.publish_ms
             )),
         );
         for s in &self.summary {
@@ -1827,6 +1861,7 @@ mod tests {
         opts.store = Some(store::StoreOptions {
             url: thaw::store::StoreUrl::parse("s3://bench/p").expect("a URL"),
             link: None,
+            learn_from_store: false,
         });
         let err = check_methods(&opts).expect_err("a hot method from a store");
         assert!(err.to_string().contains("eager@hot"), "{err}");

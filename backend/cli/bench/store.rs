@@ -29,11 +29,13 @@ pub struct Link {
     pub rate: u64,
 }
 
-/// `--store` and `--link-*`.
+/// `--store`, `--link-*` and `--learn-from-store`.
 #[derive(Clone, Debug)]
 pub struct StoreOptions {
     pub url: StoreUrl,
     pub link: Option<Link>,
+    /// The learning restore reads from the store and publishes there.
+    pub learn_from_store: bool,
 }
 
 /// What the report says of the store.
@@ -49,6 +51,20 @@ pub struct StoreReport {
     /// the time the proxy and the store take to answer.
     #[serde(default)]
     pub request_ms: Option<f64>,
+    /// `--learn-from-store`: the learned set the measured restores
+    /// prefetch was learned by a restore from the store and published.
+    #[serde(default)]
+    pub learned_from_store: Option<LearnedFromStore>,
+}
+
+/// The first host's restore that learned from the store and published.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct LearnedFromStore {
+    /// Pages in the learned set it published.
+    pub pages: u64,
+    /// Bytes it uploaded, and how long the publish took (ms).
+    pub bytes: u64,
+    pub publish_ms: f64,
 }
 
 /// Small reads that time one request to the store, one after another.
@@ -105,6 +121,7 @@ impl StoreSetup {
                 image_bytes: pushed.bytes,
                 request_ms: Some(request_ms),
                 stock_bytes: stock.as_ref().map(|(_, f)| f.len),
+                learned_from_store: None,
             },
             store,
             image_url,
@@ -125,6 +142,32 @@ impl StoreSetup {
                 .await
                 .map_err(store_err)?;
         Ok((prepared.dir, prepared.fetched))
+    }
+
+    /// Publishes the learned set (of `pages` pages) and evidence of the
+    /// image prepared in `dir` to the image in the store.
+    pub async fn publish_learned(&mut self, dir: &Path, pages: u64) -> Result<(), BenchError> {
+        if pages == 0 {
+            return Err(BenchError::Options(
+                "the restore from the store learned no working set".into(),
+            ));
+        }
+        let published = thaw::store::publish::publish(
+            &self.store,
+            &self.image_url,
+            dir,
+            &|name| name == "ws-learned.bin" || name == thaw::wss::evidence::FILE,
+            &Silent,
+        )
+        .await
+        .map_err(store_err)?;
+        log::info!("{published}");
+        self.report.learned_from_store = Some(LearnedFromStore {
+            pages,
+            bytes: published.bytes,
+            publish_ms: published.seconds * 1000.0,
+        });
+        Ok(())
     }
 
     /// Downloads the stock stream to `dest` (verified against its
