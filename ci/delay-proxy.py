@@ -10,7 +10,9 @@ Data read from one side is written to the other ONE_WAY_MS after it was
 read, in order; reading goes on meanwhile (bounded by a queue per
 direction), so a delay does not cost bandwidth. TCP's own handshakes and
 acknowledgements on each leg are not delayed: what a request sees is one
-ONE_WAY_MS on the way out and one on the way back.
+ONE_WAY_MS on the way out and one on the way back. asyncio sets
+TCP_NODELAY on both legs' sockets, so a small reply is never held back
+waiting for the ACK of the one before (Nagle).
 """
 
 import asyncio

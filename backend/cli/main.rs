@@ -830,15 +830,16 @@ async fn run(cli: Cli) -> Result<()> {
                     "nothing to publish: this restore did not update the learned working set"
                 ))
             } else {
+                let learned = thaw::wss::Estimator::Learned.file_name();
                 publish_to(url, &local, &|name| {
-                    name == "ws-learned.bin" || name == thaw::wss::evidence::FILE
+                    name == learned || name == thaw::wss::evidence::FILE
                 })
                 .await
             };
             let mut out = serde_json::to_value(&stats)?;
             let line = match &published {
                 Ok(report) => {
-                    out["published"] = serde_json::to_value(report)?;
+                    out["publish"] = serde_json::to_value(report)?;
                     report.to_string()
                 }
                 Err(e) => {
@@ -1569,5 +1570,45 @@ mod tests {
             (5000, 30_000)
         );
         assert!(Cli::try_parse_from(["thaw", "bench", "--record-quiet-ms", "soon"]).is_err());
+    }
+
+    #[test]
+    fn publishing_flags_go_with_what_they_publish_from() {
+        let parses = |args: &[&str]| Cli::try_parse_from(args).is_ok();
+        assert!(parses(&[
+            "thaw",
+            "restore",
+            "s3://b0b/img",
+            "--publish-learned"
+        ]));
+        // A restore that does not learn has nothing to publish.
+        assert!(!parses(&[
+            "thaw",
+            "restore",
+            "s3://b0b/img",
+            "--publish-learned",
+            "--no-learn"
+        ]));
+        assert!(parses(&[
+            "thaw",
+            "push",
+            "dir",
+            "s3://b0b/img",
+            "--working-sets"
+        ]));
+        // Only the working sets of the image there: never a replacement.
+        assert!(!parses(&[
+            "thaw",
+            "push",
+            "dir",
+            "s3://b0b/img",
+            "--working-sets",
+            "--force"
+        ]));
+        let bench = ["thaw", "bench", "--config", "vm.yaml", "--learn-from-store"];
+        assert!(!parses(&bench), "--learn-from-store without --store");
+        assert!(parses(
+            &[&bench[..], &["--store", "s3://b0b/bench"]].concat()
+        ));
     }
 }

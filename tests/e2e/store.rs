@@ -308,6 +308,15 @@ fn an_image_pushed_to_a_real_store_pulls_back_verified_and_restores() {
         .stderr(std::process::Stdio::piped());
     let first = first.spawn().expect("spawn the first publish");
     let first_pid = nix::unistd::Pid::from_raw(i32::try_from(first.id()).expect("pid"));
+    // Should the test fail while the publish is stopped, it goes on and
+    // ends (SIGCONT is harmless to a process that runs).
+    struct ContinueOnDrop(nix::unistd::Pid);
+    impl Drop for ContinueOnDrop {
+        fn drop(&mut self) {
+            let _ = nix::sys::signal::kill(self.0, nix::sys::signal::Signal::SIGCONT);
+        }
+    }
+    let _continue = ContinueOnDrop(first_pid);
     // Returns once the publish stopped itself before its manifest write.
     let stopped = nix::sys::wait::waitpid(first_pid, Some(nix::sys::wait::WaitPidFlag::WUNTRACED))
         .expect("wait for the publish to stop");
@@ -459,7 +468,7 @@ fn an_image_pushed_to_a_real_store_pulls_back_verified_and_restores() {
     assert_eq!(stats["mode"], "lazy", "{stats}");
     assert!(stats["nonzero_pages"].as_u64() > Some(0), "{stats}");
     vm.assert_continues_after(&before);
-    let learned = stats["published"]["published"]
+    let learned = stats["publish"]["published"]
         .as_array()
         .and_then(|p| p.iter().find(|f| f["name"] == "ws-learned.bin"))
         .unwrap_or_else(|| panic!("the restore published no learned set: {stats}"))

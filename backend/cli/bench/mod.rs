@@ -1348,6 +1348,14 @@ fn check_methods(opts: &BenchOptions) -> Result<(), BenchError> {
             )));
         }
     }
+    if opts.store.as_ref().is_some_and(|s| s.learn_from_store)
+        && !opts.methods.contains(&Method::Ws(Estimator::Learned))
+    {
+        return Err(BenchError::Options(
+            "--learn-from-store learns the set ws:learned prefetches: add ws:learned to the methods"
+                .into(),
+        ));
+    }
     for &m in &opts.methods {
         let fits = match m {
             Method::Stock | Method::MappedRam => opts.libvirt.is_none(),

@@ -156,7 +156,10 @@ impl StoreSetup {
             &self.store,
             &self.image_url,
             dir,
-            &|name| name == "ws-learned.bin" || name == thaw::wss::evidence::FILE,
+            &|name| {
+                name == thaw::wss::Estimator::Learned.file_name()
+                    || name == thaw::wss::evidence::FILE
+            },
             &Silent,
         )
         .await

@@ -181,24 +181,21 @@ impl Store {
         Ok(Some(data))
     }
 
-    /// The whole object and the version it was read at, `None` if it does
-    /// not exist.
-    pub async fn get_versioned(
+    /// The whole object and what the store says of it (its version and
+    /// when it was written), `None` if it does not exist.
+    pub async fn get_with_meta(
         &self,
         path: &ObjectPath,
-    ) -> Result<Option<(Bytes, UpdateVersion)>, StoreError> {
+    ) -> Result<Option<(Bytes, ObjectMeta)>, StoreError> {
         let result = match self.inner.get(path).await {
             Ok(r) => r,
             Err(object_store::Error::NotFound { .. }) => return Ok(None),
             Err(e) => return Err(self.failed("reading", path)(e)),
         };
-        let version = UpdateVersion {
-            e_tag: result.meta.e_tag.clone(),
-            version: result.meta.version.clone(),
-        };
+        let meta = result.meta.clone();
         let data = result.bytes().await.map_err(self.failed("reading", path))?;
         self.reads.count(data.len() as u64);
-        Ok(Some((data, version)))
+        Ok(Some((data, meta)))
     }
 
     /// Bytes `range` of the object.
@@ -241,15 +238,20 @@ impl Store {
             .map_err(self.failed("writing", path))
     }
 
-    /// Writes the object whole if it is still at `version` (`If-Match`);
-    /// `false` if another writer replaced or removed it first. A store
-    /// that ignores the condition overwrites it (read it back to know).
+    /// Writes the object whole if it is still the version `read` describes
+    /// (`If-Match` on its ETag); `false` if another writer replaced or
+    /// removed it first. A store that ignores the condition overwrites it
+    /// (read it back to know).
     pub async fn put_if(
         &self,
         path: &ObjectPath,
         data: Bytes,
-        version: UpdateVersion,
+        read: &ObjectMeta,
     ) -> Result<bool, StoreError> {
+        let version = UpdateVersion {
+            e_tag: read.e_tag.clone(),
+            version: read.version.clone(),
+        };
         if version.e_tag.is_none() {
             // Nothing to match on: write, and let the read-back tell.
             log::debug!(

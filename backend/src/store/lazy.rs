@@ -9,6 +9,12 @@
 //! restore of the same image (and by `thaw recover`, which finds it in the
 //! restore's record). An incremental image's parents are made ready the
 //! same way, next to it, where the image reader finds them by identity.
+//!
+//! Working sets are the files of an image that change in the store
+//! ([`super::publish`]): the directory records which version of each it
+//! took (`.store-versions.json`), reads one again when the store has a
+//! newer one, and reads the manifest again when a version it names was
+//! removed before it was read.
 
 use std::collections::BTreeMap;
 use std::os::unix::fs::DirBuilderExt;
@@ -37,9 +43,6 @@ pub fn cache_root() -> PathBuf {
 
 /// Files of an image downloaded at once.
 const FILES_IN_FLIGHT: usize = 4;
-/// Times the manifest is read again when a working set it names was
-/// replaced by a publish meanwhile.
-const MISSING_VERSION_RETRIES: u32 = 3;
 /// In a prepared directory: the version (xxh3) of each publishable file
 /// as last read from or published to the store. A file whose version in
 /// the store is another has been published since (from another host) and
@@ -47,13 +50,14 @@ const MISSING_VERSION_RETRIES: u32 = 3;
 /// learned into it.
 const STORE_VERSIONS: &str = ".store-versions.json";
 
-/// The [`STORE_VERSIONS`] of `dir` (empty when it has none or it is
-/// unreadable: every publishable file is then read again).
-fn store_versions(dir: &Path) -> BTreeMap<String, String> {
-    std::fs::read(dir.join(STORE_VERSIONS))
-        .ok()
-        .and_then(|t| serde_json::from_slice(&t).ok())
-        .unwrap_or_default()
+/// The [`STORE_VERSIONS`] of `dir`: `None` when it has none (a
+/// directory prepared before thaw recorded them), empty when it is
+/// unreadable (every publishable file is then read again).
+pub fn store_versions(dir: &Path) -> Option<BTreeMap<String, String>> {
+    match std::fs::read(dir.join(STORE_VERSIONS)) {
+        Ok(text) => Some(serde_json::from_slice(&text).unwrap_or_default()),
+        Err(_) => None,
+    }
 }
 
 fn write_store_versions(dir: &Path, versions: &BTreeMap<String, String>) -> Result<(), StoreError> {
@@ -78,7 +82,7 @@ pub fn note_published(dir: &Path, files: &[ManifestFile]) -> Result<(), StoreErr
     if !dir.join(REMOTE_PAGES).is_file() {
         return Ok(());
     }
-    let mut versions = store_versions(dir);
+    let mut versions = store_versions(dir).unwrap_or_default();
     for f in files {
         versions.insert(f.name.clone(), f.xxh3.clone());
     }
@@ -167,7 +171,7 @@ pub async fn prepare(
                 // between the manifest's read and the file's: read the
                 // manifest again.
                 Err(StoreError::Missing { name, .. })
-                    if publishable(&name) && tries < MISSING_VERSION_RETRIES =>
+                    if publishable(&name) && tries < transfer::MISSING_VERSION_RETRIES =>
                 {
                     tries += 1;
                     log::info!("{at}: {name} was replaced meanwhile; reading the manifest again");
@@ -270,14 +274,20 @@ async fn prepare_dir(
             }
             // What an earlier restore did not need, and working sets
             // published since it read them.
-            let mut versions = store_versions(&dir);
-            let before = versions.clone();
+            // (Prepared before versions were recorded: what it has is
+            // taken for the store's, as it was then.)
+            let recorded = store_versions(&dir);
+            let mut versions = recorded.clone().unwrap_or_default();
+            let before = recorded.clone();
             for f in manifest.files.iter().filter(|f| sets.wants(&f.name)) {
                 let path = dir.join(&f.name);
-                let current = if publishable(&f.name) {
-                    versions.get(&f.name) == Some(&f.xxh3)
-                } else {
-                    true
+                let current = match &recorded {
+                    _ if !publishable(&f.name) => true,
+                    Some(v) => v.get(&f.name) == Some(&f.xxh3),
+                    None => {
+                        versions.insert(f.name.clone(), f.xxh3.clone());
+                        true
+                    }
                 };
                 if path.exists() && current {
                     continue;
@@ -295,7 +305,7 @@ async fn prepare_dir(
                     versions.insert(f.name.clone(), f.xxh3.clone());
                 }
             }
-            if versions != before {
+            if before.as_ref() != Some(&versions) {
                 write_store_versions(&dir, &versions)?;
             }
             return Ok((dir, parent));

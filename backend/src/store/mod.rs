@@ -1,7 +1,10 @@
 //! Images in an S3-compatible object store: where an image lives
 //! ([`Location`], [`StoreUrl`]), how thaw reaches the store
-//! ([`settings`]), the client ([`client::Store`]) and copying whole images
-//! between a directory and the store ([`transfer`]).
+//! ([`settings`]), the client ([`client::Store`]), copying whole images
+//! between a directory and the store ([`transfer`]), restoring straight
+//! from it ([`lazy`], [`pages`], [`pace`]), saving into it while the image
+//! is written ([`stream`]) and publishing what restores learned back to
+//! it ([`publish`]).
 //!
 //! An image in a store is the files of its directory as objects under one
 //! prefix (`s3://BUCKET/PREFIX/meta.json`, `…/pages.bin`, …) and a

@@ -9,18 +9,24 @@
 //! (`ws-learned.bin.v-<xxh3>`, [`versioned`]), and the manifest is
 //! replaced in one request that names it
 //! ([`super::transfer::ManifestFile::object`]), conditional on the
-//! manifest being the one this publish read (`If-Match` on its ETag; a
-//! store that ignores the condition is caught by reading the manifest back).
-//! A restore that read the manifest before still finds its files: the
-//! versions one publish replaces are removed by the next one, and a restore
-//! that meets a removed version reads the manifest again
-//! ([`super::lazy::prepare`]).
+//! manifest being the one this publish read (`If-Match` on its ETag), then
+//! read back. Per file the last publish wins.
+//!
+//! A version no manifest names any more is removed by a later publish,
+//! and only once both it and the manifest before that publish's are
+//! [`RECENT`] old by the store's clock: a restore that read a manifest a
+//! moment ago still finds its files, and a publish still under way keeps
+//! the version it just uploaded. A restore or pull that meets a removed
+//! version reads the manifest again ([`super::lazy::prepare`],
+//! [`super::transfer::pull`]).
 
-use std::io::Read;
+use std::collections::HashSet;
+use std::io::{Read, Seek};
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use object_store::ObjectMeta;
 use serde::Serialize;
 use xxhash_rust::xxh3::Xxh3;
 
@@ -33,21 +39,20 @@ use crate::wss::{evidence, Estimator, WsFile};
 
 /// How an object name marks the version of a published file.
 const VERSION_MARK: &str = ".v-";
-/// Times a publish reads the manifest again after another writer changed
-/// it first.
+/// Tries of a publish: reading the manifest, uploading what differs,
+/// writing the manifest. Another is made when another writer replaced the
+/// manifest first, or a version this publish named was removed.
 const ATTEMPTS: u32 = 4;
-/// Objects younger than this are never removed as older versions: they
-/// may belong to a publish still under way (uploaded, its manifest not
-/// yet written).
+/// A version younger than this is never removed (it may belong to a
+/// publish still under way: uploaded, its manifest not yet written), nor
+/// one that a manifest younger than this named (a restore may have read
+/// that manifest a moment ago).
 pub const RECENT: Duration = Duration::from_secs(15 * 60);
 
 /// The files of an image that may be published after a push: its working
 /// sets and their evidence.
 pub fn publishable(name: &str) -> bool {
-    name == evidence::FILE
-        || Estimator::PREFERENCE
-            .iter()
-            .any(|e| name == format!("ws-{}.bin", e.name()))
+    name == evidence::FILE || Estimator::PREFERENCE.iter().any(|e| name == e.file_name())
 }
 
 /// The object that holds version `xxh3` of the image's file `name`.
@@ -56,19 +61,26 @@ pub fn versioned(name: &str, xxh3: &str) -> String {
 }
 
 /// Whether `object` is a version of a publishable file.
-fn is_version(object: &str) -> bool {
+pub fn is_version(object: &str) -> bool {
     object.rsplit_once(VERSION_MARK).is_some_and(|(name, v)| {
         publishable(name) && v.len() == 16 && v.bytes().all(|b| b.is_ascii_hexdigit())
     })
 }
 
 /// The objects under the image's prefix (`present`: name and age) that a
-/// publish from manifest `old` to `new` leaves unused for good: versions
-/// of publishable files and the plain objects of files now published
-/// under versions, named by neither manifest and older than [`RECENT`].
-/// Those `old` names stay for restores that read it a moment ago; a later
-/// publish removes them.
-pub fn superseded(present: &[(String, Duration)], old: &Manifest, new: &Manifest) -> Vec<String> {
+/// publish from manifest `old` (written `old_age` ago) to `new` leaves
+/// unused for good: versions of publishable files and the plain objects of
+/// files now published under versions, named by neither manifest, older
+/// than [`RECENT`], and only when `old` is too.
+pub fn superseded(
+    present: &[(String, Duration)],
+    old: &Manifest,
+    old_age: Duration,
+    new: &Manifest,
+) -> Vec<String> {
+    if old_age < RECENT {
+        return Vec::new();
+    }
     let named = |o: &str| {
         old.files
             .iter()
@@ -97,7 +109,7 @@ pub fn superseded(present: &[(String, Duration)], old: &Manifest, new: &Manifest
 pub struct PublishReport {
     pub url: String,
     pub identity: String,
-    /// Files whose new version the manifest now names.
+    /// Files whose version from here the manifest now names.
     pub published: Vec<ManifestFile>,
     /// Files the store already had as they are here.
     pub unchanged: Vec<String>,
@@ -105,8 +117,8 @@ pub struct PublishReport {
     pub bytes: u64,
     /// Versions no manifest names any more, removed.
     pub removed: Vec<String>,
-    /// Manifests read: more than one when another writer replaced it
-    /// between this publish's read and its write.
+    /// Tries (see [`ATTEMPTS`]): more than one when another writer
+    /// replaced the manifest between this publish's read and its write.
     pub attempts: u32,
     pub seconds: f64,
 }
@@ -152,23 +164,26 @@ pub async fn publish(
     progress: &dyn Progress,
 ) -> Result<PublishReport, StoreError> {
     let started = Instant::now();
-    let files = local_files(local, wanted)?;
+    let (identity, files) = local_files(local, wanted)?;
+    // The versions this directory took from the store, if it was
+    // prepared from there: to tell when a publish replaces a newer one.
+    let base = super::lazy::store_versions(local);
     let mut report = PublishReport {
         url: url.to_string(),
+        identity: identity.clone(),
         ..PublishReport::default()
     };
-    let local_identity = {
-        let image = Image::open(local)?;
-        format!("{:016x}", image.identity())
-    };
+    // Objects this publish uploaded: young, so no other publish removes
+    // them before a manifest names them.
+    let mut sent: HashSet<String> = HashSet::new();
     while report.attempts < ATTEMPTS {
         report.attempts += 1;
-        let (manifest, version) = transfer::read_manifest_versioned(store, url).await?;
-        if manifest.identity != local_identity {
+        let (manifest, manifest_meta) = transfer::read_manifest_versioned(store, url).await?;
+        if manifest.identity != identity {
             return Err(StoreError::Refused {
                 path: local.to_path_buf(),
                 why: format!(
-                    "is image {local_identity}, and the one at {url} is {}: its working sets \
+                    "is image {identity}, and the one at {url} is {}: its working sets \
                      are not this image's",
                     manifest.identity
                 ),
@@ -176,33 +191,57 @@ pub async fn publish(
         }
         let mut next = manifest.clone();
         let (mut published, mut unchanged) = (Vec::new(), Vec::new());
-        let mut changed_here = false;
         for (name, path) in &files {
-            let (len, xxh3) = digest_of(path)?;
+            // One open file for its digest and its upload: the sets are
+            // replaced by renames, so both see one version.
+            let io = |context: &str| io_err(path, context);
+            let mut file = std::fs::File::open(path).map_err(io("cannot open"))?;
+            let (len, xxh3) = digest(&mut file, path)?;
             let current = manifest.files.iter().find(|f| &f.name == name);
-            if current.is_some_and(|c| c.len == len && c.xxh3 == xxh3) {
-                unchanged.push(name.clone());
-                continue;
-            }
-            let object = versioned(name, &xxh3);
-            let there = store
-                .head(&url.object(&object))
-                .await?
-                .is_some_and(|m| m.size == len);
-            if !there {
-                progress.start(&format!("publish {name}"), len);
-                let sent = transfer::upload_file(store, path, url, &object, progress).await;
-                progress.finish();
-                let sent = sent?;
-                report.bytes += sent.len;
-                if sent.len != len || sent.xxh3 != xxh3 {
-                    // Replaced here while it went up (a restore learning):
-                    // what went up is not the version it is named after.
-                    store.delete(&url.object(&object)).await?;
-                    changed_here = true;
-                    break;
+            if let Some(c) = current.filter(|c| c.len == len && c.xxh3 == xxh3) {
+                // The store has it as it is here, if its object is there.
+                if store.head(&url.object(c.object_name())).await?.is_some() {
+                    if sent.contains(c.object_name()) {
+                        published.push(c.clone());
+                    } else {
+                        unchanged.push(name.clone());
+                    }
+                    continue;
+                }
+                log::warn!("{url}: {name} is missing from the store; publishing it again");
+            } else if let (Some(c), Some(base)) = (current, &base) {
+                if base.get(name) != Some(&c.xxh3) {
+                    log::warn!(
+                        "{url}: {name} was published since this directory took its own; \
+                         replacing it with this one (the last publish wins)"
+                    );
                 }
             }
+            let object = versioned(name, &xxh3);
+            file.rewind().map_err(io("cannot read"))?;
+            progress.start(&format!("publish {name}"), len);
+            let up = transfer::upload_from(
+                store,
+                tokio::fs::File::from_std(file),
+                path,
+                url,
+                &object,
+                progress,
+            )
+            .await;
+            progress.finish();
+            let up = up?;
+            report.bytes += up.len;
+            if up.len != len || up.xxh3 != xxh3 {
+                if let Err(e) = store.delete(&url.object(&object)).await {
+                    log::warn!("{url}: removing {object}: {e}");
+                }
+                return Err(StoreError::Refused {
+                    path: path.clone(),
+                    why: "changed while it was uploaded (written in place?)".into(),
+                });
+            }
+            sent.insert(object.clone());
             let entry = ManifestFile {
                 name: name.clone(),
                 len,
@@ -215,90 +254,50 @@ pub async fn publish(
             }
             published.push(entry);
         }
-        if changed_here {
-            continue;
-        }
-        report.identity = manifest.identity.clone();
         report.unchanged = unchanged;
-        if published.is_empty() {
-            note_in_sync(local, &manifest, &files)?;
+        if next.files == manifest.files {
+            // Nothing for the manifest to name anew (at most an object
+            // put back where it names it).
+            note_in_sync(local, &manifest, &files);
+            report.published = published;
             report.seconds = started.elapsed().as_secs_f64();
             return Ok(report);
         }
-        crate::failpoint::check("publish-before-manifest").map_err(|source| StoreError::Io {
-            path: local.to_path_buf(),
-            context: "publishing".into(),
-            source,
-        })?;
-        let written = store
-            .put_if(
-                &url.object(MANIFEST),
-                Bytes::from(encode_manifest(&next, url)?),
-                version,
-            )
-            .await?;
-        if !written {
+        crate::failpoint::check("publish-before-manifest")
+            .map_err(|source| io_err(local, "publishing")(source))?;
+        let text = Bytes::from(encode_manifest(&next, url)?);
+        if !store
+            .put_if(&url.object(MANIFEST), text, &manifest_meta)
+            .await?
+        {
             log::info!("{url}: its manifest changed while publishing; reading it again");
             continue;
         }
-        // A store that ignores If-Match overwrites whatever is there:
-        // read back what it holds now.
-        let now = transfer::read_manifest(store, url).await?;
-        let ours = published.iter().all(|p| now.files.contains(p));
-        if ours {
-            // Removed meanwhile by another publish that took them for
-            // leftovers (possible only where If-Match is ignored): put
-            // them up again.
-            let mut lost = false;
-            for o in published.iter().filter_map(|p| p.object.as_deref()) {
-                lost |= store.head(&url.object(o)).await?.is_none();
-            }
-            if lost {
-                log::warn!("{url}: a version this publish named was removed; publishing again");
-                continue;
-            }
-        }
-        if !ours {
-            let unused: Vec<String> = published
-                .iter()
-                .filter_map(|p| p.object.clone())
-                .filter(|o| !now.files.iter().any(|f| f.object_name() == o))
-                .collect();
-            for o in &unused {
-                store.delete(&url.object(o)).await?;
-            }
+        // What the store holds now: a store that ignores If-Match
+        // overwrites whatever another writer put there.
+        let (now, now_meta) = transfer::read_manifest_versioned(store, url).await?;
+        if !published.iter().all(|p| now.files.contains(p)) {
             return Err(StoreError::Conflict {
                 url: url.to_string(),
-                why: "another writer replaced its manifest at the same moment, and the store \
-                      does not honour If-Match: that writer's version was kept"
+                why: "read back, its manifest names another publish's versions: that one \
+                      wrote right after this one (or at the same moment, on a store that \
+                      ignores If-Match)"
                     .into(),
             });
         }
-        let now = SystemTime::now()
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .unwrap_or_default()
-            .as_secs_f64();
-        let present: Vec<(String, Duration)> = store
-            .list_children(&url.prefix_path())
-            .await?
-            .into_iter()
-            .filter_map(|o| {
-                // Ahead of this host's clock reads as new.
-                let age = (now - o.last_modified.timestamp() as f64).max(0.0);
-                let name = o.location.filename()?.to_string();
-                Some((name, Duration::from_secs_f64(age)))
-            })
-            .collect();
-        for o in superseded(&present, &manifest, &next) {
-            log::info!(
-                "removing s3://{}/{}/{o} (an older version)",
-                url.bucket,
-                url.prefix
-            );
-            store.delete(&url.object(&o)).await?;
-            report.removed.push(o);
+        let mut lost = false;
+        for p in &published {
+            lost |= store.head(&url.object(p.object_name())).await?.is_none();
         }
-        note_in_sync(local, &next, &files)?;
+        if lost {
+            log::warn!("{url}: a version this publish named was removed; publishing it again");
+            continue;
+        }
+        note_in_sync(local, &now, &files);
+        match remove_superseded(store, url, &manifest, &manifest_meta, &now, &now_meta).await {
+            Ok(removed) => report.removed = removed,
+            Err(e) => log::warn!("{url}: older versions were not removed: {e}"),
+        }
         report.published = published;
         report.seconds = started.elapsed().as_secs_f64();
         return Ok(report);
@@ -306,33 +305,70 @@ pub async fn publish(
     Err(StoreError::Conflict {
         url: url.to_string(),
         why: format!(
-            "its manifest changed under each of {ATTEMPTS} attempts to publish (other writers)"
+            "its manifest was replaced, or a version it named removed, under each of \
+             {ATTEMPTS} tries to publish"
         ),
     })
 }
 
+/// Removes what [`superseded`] selects after a publish from `old` to
+/// `new`, its ages by the store's clock (`new_meta`: the manifest just
+/// written).
+async fn remove_superseded(
+    store: &Store,
+    url: &StoreUrl,
+    old: &Manifest,
+    old_meta: &ObjectMeta,
+    new: &Manifest,
+    new_meta: &ObjectMeta,
+) -> Result<Vec<String>, StoreError> {
+    let age = |meta: &ObjectMeta| {
+        new_meta
+            .last_modified
+            .signed_duration_since(meta.last_modified)
+            .to_std()
+            .unwrap_or_default()
+    };
+    let present: Vec<(String, Duration)> = store
+        .list_children(&url.prefix_path())
+        .await?
+        .iter()
+        .filter_map(|o| Some((o.location.filename()?.to_string(), age(o))))
+        .collect();
+    let mut removed = Vec::new();
+    for o in superseded(&present, old, age(old_meta), new) {
+        log::info!(
+            "removing s3://{}/{}/{o} (an older version)",
+            url.bucket,
+            url.prefix
+        );
+        store.delete(&url.object(&o)).await?;
+        removed.push(o);
+    }
+    Ok(removed)
+}
+
 /// Notes in `local` (a directory prepared for restores from the store)
-/// that its `files` are the versions `manifest` names.
-fn note_in_sync(
-    local: &Path,
-    manifest: &Manifest,
-    files: &[(String, PathBuf)],
-) -> Result<(), StoreError> {
+/// that its `files` are the versions `manifest` names. A failure only
+/// costs the next restore here a download.
+fn note_in_sync(local: &Path, manifest: &Manifest, files: &[(String, PathBuf)]) {
     let in_sync: Vec<ManifestFile> = manifest
         .files
         .iter()
         .filter(|f| files.iter().any(|(name, _)| name == &f.name))
         .cloned()
         .collect();
-    super::lazy::note_published(local, &in_sync)
+    if let Err(e) = super::lazy::note_published(local, &in_sync) {
+        log::warn!("{}: {e}", local.display());
+    }
 }
 
-/// The publishable files in `local` that `wanted` selects, each checked
-/// to be whole and this image's.
+/// The identity of the image in `local`, and its publishable files that
+/// `wanted` selects, each checked to be whole and this image's.
 fn local_files(
     local: &Path,
     wanted: &dyn Fn(&str) -> bool,
-) -> Result<Vec<(String, PathBuf)>, StoreError> {
+) -> Result<(String, Vec<(String, PathBuf)>), StoreError> {
     let image = Image::open(local)?;
     let refused = |name: &str, why: String| StoreError::Refused {
         path: local.join(name),
@@ -340,13 +376,13 @@ fn local_files(
     };
     let mut files = Vec::new();
     for e in Estimator::PREFERENCE {
-        let name = format!("ws-{}.bin", e.name());
+        let name = e.file_name();
         if !wanted(&name) || !local.join(&name).is_file() {
             continue;
         }
         match WsFile::open(&image, e) {
             Ok(Some(_)) => files.push((name.clone(), local.join(&name))),
-            Ok(None) => log::warn!("not publishing {name}: an older format"),
+            Ok(None) => log::warn!("not publishing {name}: an older format, or gone"),
             Err(err) => return Err(refused(&name, format!("not published: {err}"))),
         }
     }
@@ -361,25 +397,25 @@ fn local_files(
             why: "has no working set to publish".into(),
         });
     }
-    Ok(files)
+    Ok((format!("{:016x}", image.identity()), files))
 }
 
-/// The length and xxh3 (hex) of the file at `path`.
-fn digest_of(path: &Path) -> Result<(u64, String), StoreError> {
-    let io = |context: &str| {
-        let (path, context) = (path.to_path_buf(), context.to_string());
-        move |source| StoreError::Io {
-            path,
-            context,
-            source,
-        }
-    };
-    let mut file = std::fs::File::open(path).map_err(io("cannot open"))?;
+fn io_err(path: &Path, context: &str) -> impl FnOnce(std::io::Error) -> StoreError {
+    let (path, context) = (path.to_path_buf(), context.to_string());
+    move |source| StoreError::Io {
+        path,
+        context,
+        source,
+    }
+}
+
+/// The length and xxh3 (hex) of the rest of `file` (opened from `path`).
+fn digest(file: &mut std::fs::File, path: &Path) -> Result<(u64, String), StoreError> {
     let mut hasher = Xxh3::new();
     let mut buf = vec![0u8; 1 << 20];
     let mut len = 0u64;
     loop {
-        let n = file.read(&mut buf).map_err(io("cannot read"))?;
+        let n = file.read(&mut buf).map_err(io_err(path, "cannot read"))?;
         if n == 0 {
             break;
         }

@@ -136,7 +136,7 @@ fn manifests_name_plain_files_once_and_a_meta_json() {
     for bad in [
         r#"{"manifest_version":1,"identity":"0","files":[{"name":"meta.json","len":1,"xxh3":"0"}],"parent":{"url":"/local/base","identity":"0a"}}"#,
         r#"{"manifest_version":1,"identity":"0","files":[{"name":"meta.json","len":1,"xxh3":"0"}],"parent":{"url":"s3://b0/base","identity":""}}"#,
-        r#"{"manifest_version":2,"identity":"0","files":[{"name":"meta.json","len":1,"xxh3":"0"}]}"#,
+        r#"{"manifest_version":3,"identity":"0","files":[{"name":"meta.json","len":1,"xxh3":"0"}]}"#,
         r#"{"manifest_version":1,"identity":"0","files":[{"name":"../meta.json","len":1,"xxh3":"0"}]}"#,
         r#"{"manifest_version":1,"identity":"0","files":[{"name":"a/b","len":1,"xxh3":"0"},{"name":"meta.json","len":1,"xxh3":"0"}]}"#,
         r#"{"manifest_version":1,"identity":"0","files":[{"name":"meta.json","len":1,"xxh3":"0"},{"name":"meta.json","len":1,"xxh3":"0"}]}"#,
@@ -178,7 +178,7 @@ fn published_working_sets_are_named_apart_and_nothing_else_is() {
     let v = super::publish::versioned("ws-learned.bin", "0123456789abcdef");
     assert_eq!(v, "ws-learned.bin.v-0123456789abcdef");
     let good = format!(
-        r#"{{"manifest_version":1,"identity":"00ff","files":[
+        r#"{{"manifest_version":2,"identity":"00ff","files":[
         {{"name":"meta.json","len":10,"xxh3":"0"}},
         {{"name":"ws-learned.bin","len":8192,"xxh3":"0123456789abcdef","object":"{v}"}}]}}"#
     );
@@ -187,11 +187,13 @@ fn published_working_sets_are_named_apart_and_nothing_else_is() {
     assert_eq!(m.files[0].object_name(), "meta.json");
     for bad in [
         // Only working sets and their evidence live apart.
-        r#"{"manifest_version":1,"identity":"0","files":[{"name":"meta.json","len":1,"xxh3":"0"},{"name":"pages.bin","len":1,"xxh3":"0","object":"pages.bin.v-0123456789abcdef"}]}"#,
+        r#"{"manifest_version":2,"identity":"0","files":[{"name":"meta.json","len":1,"xxh3":"0"},{"name":"pages.bin","len":1,"xxh3":"0","object":"pages.bin.v-0123456789abcdef"}]}"#,
         // Two files in one object.
-        r#"{"manifest_version":1,"identity":"0","files":[{"name":"meta.json","len":1,"xxh3":"0"},{"name":"ws-trace.bin","len":1,"xxh3":"0","object":"meta.json"}]}"#,
-        r#"{"manifest_version":1,"identity":"0","files":[{"name":"meta.json","len":1,"xxh3":"0"},{"name":"ws-trace.bin","len":1,"xxh3":"0","object":"../x"}]}"#,
-        r#"{"manifest_version":1,"identity":"0","files":[{"name":"meta.json","len":1,"xxh3":"0"},{"name":"ws-trace.bin","len":1,"xxh3":"0","object":"thaw-image.json"}]}"#,
+        r#"{"manifest_version":2,"identity":"0","files":[{"name":"meta.json","len":1,"xxh3":"0"},{"name":"ws-trace.bin","len":1,"xxh3":"0","object":"meta.json"}]}"#,
+        r#"{"manifest_version":2,"identity":"0","files":[{"name":"meta.json","len":1,"xxh3":"0"},{"name":"ws-trace.bin","len":1,"xxh3":"0","object":"../x"}]}"#,
+        r#"{"manifest_version":2,"identity":"0","files":[{"name":"meta.json","len":1,"xxh3":"0"},{"name":"ws-trace.bin","len":1,"xxh3":"0","object":"thaw-image.json"}]}"#,
+        // A file apart in a manifest of version 1, as pushed.
+        r#"{"manifest_version":1,"identity":"0","files":[{"name":"meta.json","len":1,"xxh3":"0"},{"name":"ws-trace.bin","len":1,"xxh3":"0","object":"ws-trace.bin.v-0123456789abcdef"}]}"#,
     ] {
         assert!(
             Manifest::parse(bad.as_bytes()).is_err(),
@@ -238,7 +240,7 @@ fn a_publish_removes_only_versions_neither_manifest_names() {
         "ws-learned.bin",
         &versioned("ws-learned.bin", b),
     ]);
-    assert!(superseded(&all, &pushed, &first).is_empty());
+    assert!(superseded(&all, &pushed, old, &first).is_empty());
     // The second removes it, keeps the first version for readers of the
     // manifest before, and never touches what it does not know: a
     // leftover of another kind, a foreign object.
@@ -252,8 +254,11 @@ fn a_publish_removes_only_versions_neither_manifest_names() {
         &versioned("ws-trace.bin", a),
         "pages.bin.v-000000000000000a",
     ]);
-    let mut gone = superseded(&all, &first, &second);
+    let mut gone = superseded(&all, &first, old, &second);
     gone.sort();
+    // Nothing while a restore may still read the manifest before.
+    let just_written = std::time::Duration::from_secs(60);
+    assert!(superseded(&all, &first, just_written, &second).is_empty());
     // A version uploaded a moment ago may be another publish's, its
     // manifest not written yet.
     let mut young = all.clone();
@@ -262,7 +267,7 @@ fn a_publish_removes_only_versions_neither_manifest_names() {
         .filter(|(n, _)| n.starts_with("ws-trace"))
         .for_each(|(_, age)| *age = std::time::Duration::from_secs(1));
     assert_eq!(
-        superseded(&young, &first, &second),
+        superseded(&young, &first, old, &second),
         vec!["ws-learned.bin".to_string()]
     );
     assert_eq!(

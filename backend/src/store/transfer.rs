@@ -7,12 +7,19 @@
 //! only then is the image visible. Replacing an image removes its
 //! manifest first. A failed push aborts its multipart uploads and removes
 //! what it wrote; objects a killed push left behind are never listed in a
-//! manifest and are removed by the next push to that prefix.
+//! manifest and are removed by the next push to that prefix, as are
+//! versions of working sets published to an image it replaces
+//! ([`super::publish`]; not one younger than [`RECENT`], which may be a
+//! publish's under way).
+//!
+//! [`RECENT`]: super::publish::RECENT
 //!
 //! Pull reads the manifest (none: no complete image), downloads each file
 //! into `<dir>.partial-<pid>` with several ranged reads in flight, checks
 //! each file's length and digest against the manifest, opens the result
-//! as an image (which checks its structure) and renames it into place.
+//! as an image (which checks its structure) and renames it into place. A
+//! working set that a publish replaced meanwhile makes it read the
+//! manifest again.
 
 use std::io::Write;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
@@ -32,8 +39,13 @@ use crate::progress::Progress;
 
 /// The object that makes an image visible, written last.
 pub const MANIFEST: &str = "thaw-image.json";
-/// The manifest format this thaw writes and reads.
+/// The manifest format of an image as pushed: every file in the object
+/// of its name.
 pub const MANIFEST_VERSION: u32 = 1;
+/// The manifest format once a working set was published apart
+/// ([`ManifestFile::object`]): a thaw that reads only version 1 refuses it
+/// by its version, not as damaged.
+pub const MANIFEST_VERSION_PUBLISHED: u32 = 2;
 /// Files up to this size are written in one request.
 pub(super) const SINGLE_PUT_MAX: u64 = 8 << 20;
 /// Part size of a multipart upload, and of the ranged reads of a pull.
@@ -145,11 +157,24 @@ impl Manifest {
     /// Parses and checks a manifest: version, file names (plain names,
     /// each once), `meta.json` among them.
     pub fn parse(text: &[u8]) -> Result<Manifest, String> {
-        let m: Manifest = serde_json::from_slice(text).map_err(|e| e.to_string())?;
-        if m.manifest_version != MANIFEST_VERSION {
+        // The version first: a newer manifest may have fields this thaw
+        // does not know.
+        #[derive(Deserialize)]
+        struct Version {
+            manifest_version: u32,
+        }
+        let v: Version = serde_json::from_slice(text).map_err(|e| e.to_string())?;
+        if !(MANIFEST_VERSION..=MANIFEST_VERSION_PUBLISHED).contains(&v.manifest_version) {
             return Err(format!(
-                "manifest version {} (this thaw reads {MANIFEST_VERSION})",
-                m.manifest_version
+                "manifest version {} (this thaw reads {MANIFEST_VERSION} to \
+                 {MANIFEST_VERSION_PUBLISHED})",
+                v.manifest_version
+            ));
+        }
+        let m: Manifest = serde_json::from_slice(text).map_err(|e| e.to_string())?;
+        if m.manifest_version == MANIFEST_VERSION && m.files.iter().any(|f| f.object.is_some()) {
+            return Err(format!(
+                "a file in another object needs manifest version {MANIFEST_VERSION_PUBLISHED}"
             ));
         }
         let mut names: Vec<&str> = m.files.iter().map(|f| f.name.as_str()).collect();
@@ -252,20 +277,28 @@ pub async fn read_manifest(store: &Store, url: &StoreUrl) -> Result<Manifest, St
     read_manifest_versioned(store, url).await.map(|(m, _)| m)
 }
 
-/// The manifest as it goes into the store.
+/// The manifest as it goes into the store, with the oldest version that
+/// holds it.
 pub(super) fn encode_manifest(manifest: &Manifest, url: &StoreUrl) -> Result<Vec<u8>, StoreError> {
-    serde_json::to_vec_pretty(manifest).map_err(|e| StoreError::Damaged {
+    let mut manifest = manifest.clone();
+    manifest.manifest_version = if manifest.files.iter().any(|f| f.object.is_some()) {
+        MANIFEST_VERSION_PUBLISHED
+    } else {
+        MANIFEST_VERSION
+    };
+    serde_json::to_vec_pretty(&manifest).map_err(|e| StoreError::Damaged {
         url: url.to_string(),
         why: format!("writing the manifest: {e}"),
     })
 }
 
-/// Reads the manifest of the image at `url`, and the version of the
-/// object it was read from (to replace it only if nobody did meanwhile).
+/// Reads the manifest of the image at `url`, and what the store says of
+/// its object: its version (to replace it only if nobody did meanwhile)
+/// and when it was written, by the store's clock.
 pub async fn read_manifest_versioned(
     store: &Store,
     url: &StoreUrl,
-) -> Result<(Manifest, object_store::UpdateVersion), StoreError> {
+) -> Result<(Manifest, object_store::ObjectMeta), StoreError> {
     let path = url.object(MANIFEST);
     let Some(meta) = store.head(&path).await? else {
         return Err(StoreError::NoImage {
@@ -283,7 +316,7 @@ pub async fn read_manifest_versioned(
         });
     }
     let (text, version) = store
-        .get_versioned(&path)
+        .get_with_meta(&path)
         .await?
         .ok_or_else(|| StoreError::NoImage {
             url: url.to_string(),
@@ -409,15 +442,32 @@ pub async fn push_uploaded(
         };
         let while_writing = uploaded.as_ref().map_or(0, |u| u.len);
         // Leftovers of an earlier push to this prefix that was killed, or of
-        // a replaced image with other files.
+        // a replaced image with other files, or versions of working sets
+        // published to the image replaced (but not one a publish may have
+        // just uploaded for this one).
         let keep: Vec<_> = manifest
             .files
             .iter()
             .map(|f| url.object(f.object_name()))
             .chain([url.object(MANIFEST)])
             .collect();
+        let now = store
+            .head(&url.object(MANIFEST))
+            .await?
+            .map(|m| m.last_modified);
         for object in store.list_children(&url.prefix_path()).await? {
-            if !keep.contains(&object.location) {
+            let young = now.is_none_or(|now| {
+                now.signed_duration_since(object.last_modified)
+                    .to_std()
+                    .map_or(true, |age| age < super::publish::RECENT)
+            });
+            let version = object
+                .location
+                .filename()
+                .is_some_and(super::publish::is_version);
+            // A young version may be a publish's under way.
+            let kept = keep.contains(&object.location) || (version && young);
+            if !kept {
                 log::info!(
                     "removing s3://{}/{} (not part of the image)",
                     url.bucket,
@@ -451,10 +501,23 @@ pub async fn upload_file(
     name: &str,
     progress: &dyn Progress,
 ) -> Result<ManifestFile, StoreError> {
-    let object = url.object(name);
-    let mut file = tokio::fs::File::open(path)
+    let file = tokio::fs::File::open(path)
         .await
         .map_err(io_err(path, "cannot open"))?;
+    upload_from(store, file, path, url, name, progress).await
+}
+
+/// Uploads the rest of `file` (opened from `path`, at its start) as
+/// object `name` under `url`, hashing it.
+pub async fn upload_from(
+    store: &Store,
+    mut file: tokio::fs::File,
+    path: &Path,
+    url: &StoreUrl,
+    name: &str,
+    progress: &dyn Progress,
+) -> Result<ManifestFile, StoreError> {
+    let object = url.object(name);
     let len = file
         .metadata()
         .await
@@ -546,7 +609,6 @@ pub async fn pull(
     progress: &dyn Progress,
 ) -> Result<TransferReport, StoreError> {
     let started = Instant::now();
-    let manifest = read_manifest(store, url).await?;
     if local.exists() {
         if !force {
             return Err(StoreError::Refused {
@@ -570,11 +632,46 @@ pub async fn pull(
         .to_string_lossy()
         .into_owned();
     let partial = local.with_file_name(format!("{file_name}.partial-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&partial);
+    let mut tries = 0;
+    let manifest = loop {
+        match pull_into(store, url, &partial, progress).await {
+            // A working set a publish replaced after the manifest was
+            // read: read it again.
+            Err(StoreError::Missing { name, .. })
+                if super::publish::publishable(&name) && tries < MISSING_VERSION_RETRIES =>
+            {
+                tries += 1;
+                log::info!("{url}: {name} was replaced meanwhile; reading the manifest again");
+            }
+            result => break result?,
+        }
+    };
+    if local.exists() {
+        std::fs::remove_dir_all(local).map_err(io_err(local, "cannot remove the old image"))?;
+    }
+    std::fs::rename(&partial, local)
+        .map_err(io_err(local, "cannot rename the download into place"))?;
+    Ok(TransferReport::new(url, local, &manifest, started))
+}
+
+/// Times a pull or a restore reads the manifest again when a working set
+/// it names was replaced by a publish meanwhile.
+pub(super) const MISSING_VERSION_RETRIES: u32 = 3;
+
+/// Downloads the image at `url` as its manifest says now into the new
+/// directory `partial` and checks it; on failure nothing is left there.
+async fn pull_into(
+    store: &Store,
+    url: &StoreUrl,
+    partial: &Path,
+    progress: &dyn Progress,
+) -> Result<Manifest, StoreError> {
+    let manifest = read_manifest(store, url).await?;
+    let _ = std::fs::remove_dir_all(partial);
     std::fs::DirBuilder::new()
         .mode(0o700)
-        .create(&partial)
-        .map_err(io_err(&partial, "cannot create"))?;
+        .create(partial)
+        .map_err(io_err(partial, "cannot create"))?;
     progress.start("download", manifest.files.iter().map(|f| f.len).sum());
     let result = async {
         for f in &manifest.files {
@@ -582,7 +679,7 @@ pub async fn pull(
         }
         // The structure (sizes, index digest, page table) as a restore
         // would check it.
-        let image = Image::open(&partial)?;
+        let image = Image::open(partial)?;
         let identity = format!("{:016x}", image.identity());
         if identity != manifest.identity {
             return Err(StoreError::Damaged {
@@ -599,16 +696,13 @@ pub async fn pull(
     }
     .await;
     progress.finish();
-    if let Err(e) = result {
-        let _ = std::fs::remove_dir_all(&partial);
-        return Err(e);
+    match result {
+        Ok(()) => Ok(manifest),
+        Err(e) => {
+            let _ = std::fs::remove_dir_all(partial);
+            Err(e)
+        }
     }
-    if local.exists() {
-        std::fs::remove_dir_all(local).map_err(io_err(local, "cannot remove the old image"))?;
-    }
-    std::fs::rename(&partial, local)
-        .map_err(io_err(local, "cannot rename the download into place"))?;
-    Ok(TransferReport::new(url, local, &manifest, started))
 }
 
 /// Downloads one file of the manifest to `path` with ranged reads in
@@ -651,7 +745,17 @@ pub async fn download_file(
     let mut parts = futures::stream::iter(ranges)
         .map(|r| store.get_range(&object, r))
         .buffered(IN_FLIGHT);
-    while let Some(data) = parts.try_next().await? {
+    let gone = |e: StoreError| match e {
+        StoreError::Store {
+            source: object_store::Error::NotFound { .. },
+            ..
+        } => StoreError::Missing {
+            url: url.to_string(),
+            name: f.name.clone(),
+        },
+        e => e,
+    };
+    while let Some(data) = parts.try_next().await.map_err(gone)? {
         hasher.update(&data);
         out.write_all(&data).map_err(io_err(path, "cannot write"))?;
         progress.advance(data.len() as u64);

@@ -99,9 +99,15 @@ impl Estimator {
         }
     }
 
+    /// The name of the file that holds this estimator's working set in
+    /// an image directory.
+    pub fn file_name(self) -> String {
+        format!("ws-{}.bin", self.name())
+    }
+
     /// The file holding this estimator's working set in image `dir`.
     pub fn path_in(self, dir: &Path) -> PathBuf {
-        dir.join(format!("ws-{}.bin", self.name()))
+        dir.join(self.file_name())
     }
 }
 
