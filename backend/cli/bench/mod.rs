@@ -705,14 +705,13 @@ pub async fn run(opts: &BenchOptions) -> Result<BenchReport, BenchError> {
         fetch_workers: thaw::ops::restore::DEFAULT_FETCH_WORKERS,
         progress: Default::default(),
     };
-    let learn_from_store = opts.store.as_ref().is_some_and(|s| s.learn_from_store);
-    if opts.methods.contains(&Method::Ws(Estimator::Learned)) && !learn_from_store {
-        // The learning restore sees what the measured restores' observer
-        // makes the guest touch: the application's client, or the
-        // workload's console and its probes.
+    // The learning restore of the image in a directory: it sees what the
+    // measured restores' observer makes the guest touch (the
+    // application's client, or the workload's console and its probes).
+    let learning_restore = async |dir: &Path| -> Result<restore::RestoreStats, BenchError> {
         let observer = observe(Instant::now())?;
-        restore::restore(
-            &image,
+        let stats = restore::restore(
+            dir,
             &restore_opts(Mode::Lazy, EstimatorChoice::None, Some(opts.record_window)),
         )
         .await?;
@@ -720,6 +719,11 @@ pub async fn run(opts: &BenchOptions) -> Result<BenchReport, BenchError> {
             .finish(&nonce)
             .map_err(|e| BenchError::Integrity(format!("the learning restore: {e}")))?;
         stop_vm(&name, uri).await?;
+        Ok(stats)
+    };
+    let learn_from_store = opts.store.as_ref().is_some_and(|s| s.learn_from_store);
+    if opts.methods.contains(&Method::Ws(Estimator::Learned)) && !learn_from_store {
+        learning_restore(&image).await?;
     }
 
     // The image (with what the learning restore learned) and the stock
@@ -752,16 +756,7 @@ pub async fn run(opts: &BenchOptions) -> Result<BenchReport, BenchError> {
             ))
             .await?;
         drop_caches();
-        let observer = observe(Instant::now())?;
-        let learned = restore::restore(
-            &dir,
-            &restore_opts(Mode::Lazy, EstimatorChoice::None, Some(opts.record_window)),
-        )
-        .await?;
-        observer
-            .finish(&nonce)
-            .map_err(|e| BenchError::Integrity(format!("the learning restore: {e}")))?;
-        stop_vm(&name, uri).await?;
+        let learned = learning_restore(&dir).await?;
         setup.publish_learned(&dir, learned.learned_pages).await?;
     }
     let downloaded_stock = opts.dir.join("stock.downloaded");

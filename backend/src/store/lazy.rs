@@ -61,9 +61,14 @@ pub fn store_versions(dir: &Path) -> Option<BTreeMap<String, String>> {
 }
 
 fn write_store_versions(dir: &Path, versions: &BTreeMap<String, String>) -> Result<(), StoreError> {
-    let path = dir.join(STORE_VERSIONS);
-    let tmp = dir.join(format!("{STORE_VERSIONS}.tmp-{}", std::process::id()));
-    let text = serde_json::to_vec_pretty(versions).map_err(|e| StoreError::Refused {
+    write_json(dir, STORE_VERSIONS, versions)
+}
+
+/// Replaces file `name` in `dir` with `value` as JSON, atomically.
+fn write_json(dir: &Path, name: &str, value: &impl serde::Serialize) -> Result<(), StoreError> {
+    let path = dir.join(name);
+    let tmp = dir.join(format!("{name}.tmp-{}", std::process::id()));
+    let text = serde_json::to_vec_pretty(value).map_err(|e| StoreError::Refused {
         path: path.clone(),
         why: e.to_string(),
     })?;
@@ -357,17 +362,5 @@ async fn prepare_dir(
 }
 
 fn write_reference(dir: &Path, reference: &RemotePagesRef) -> Result<(), StoreError> {
-    let path = dir.join(REMOTE_PAGES);
-    let tmp = dir.join(format!("{REMOTE_PAGES}.tmp"));
-    let text = serde_json::to_vec_pretty(reference).map_err(|e| StoreError::Refused {
-        path: path.clone(),
-        why: e.to_string(),
-    })?;
-    std::fs::write(&tmp, text)
-        .and_then(|()| std::fs::rename(&tmp, &path))
-        .map_err(|source| StoreError::Io {
-            path,
-            context: "cannot write".into(),
-            source,
-        })
+    write_json(dir, REMOTE_PAGES, reference)
 }

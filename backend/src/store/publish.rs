@@ -31,7 +31,7 @@ use serde::Serialize;
 use xxhash_rust::xxh3::Xxh3;
 
 use super::client::Store;
-use super::transfer::{self, encode_manifest, Manifest, ManifestFile, MANIFEST};
+use super::transfer::{self, encode_manifest, io_err, Manifest, ManifestFile, MANIFEST};
 use super::{StoreError, StoreUrl};
 use crate::image::Image;
 use crate::progress::Progress;
@@ -398,15 +398,6 @@ fn local_files(
         });
     }
     Ok((format!("{:016x}", image.identity()), files))
-}
-
-fn io_err(path: &Path, context: &str) -> impl FnOnce(std::io::Error) -> StoreError {
-    let (path, context) = (path.to_path_buf(), context.to_string());
-    move |source| StoreError::Io {
-        path,
-        context,
-        source,
-    }
 }
 
 /// The length and xxh3 (hex) of the rest of `file` (opened from `path`).

@@ -263,7 +263,8 @@ impl TransferReport {
     }
 }
 
-fn io_err(path: &Path, context: &str) -> impl FnOnce(std::io::Error) -> StoreError {
+/// An I/O error on `path` while doing `context`.
+pub(super) fn io_err(path: &Path, context: &str) -> impl FnOnce(std::io::Error) -> StoreError {
     let (path, context) = (path.to_path_buf(), context.to_string());
     move |source| StoreError::Io {
         path,
