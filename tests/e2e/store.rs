@@ -174,6 +174,32 @@ fn no_partials(dir: &Path) {
     assert!(left.is_empty(), "partial downloads left: {left:?}");
 }
 
+/// Copies the files of the image directory `from` into a new `to`.
+fn copy_image(from: &Path, to: &Path) {
+    std::fs::create_dir(to).expect("mkdir");
+    for entry in std::fs::read_dir(from).expect("list") {
+        let entry = entry.expect("entry");
+        std::fs::copy(entry.path(), to.join(entry.file_name())).expect("copy");
+    }
+}
+
+/// A pull of the image at `url` (as another host would) holds the same
+/// learned working set as the directory `here`.
+fn assert_pull_has_learned_set(s3: &S3Server, vm: &Vm, url: &str, here: &Path) {
+    let there = vm.dir.join("another-host");
+    ok(s3.thaw(
+        vm,
+        &["pull", url, there.to_str().expect("utf-8"), "--json"],
+        &[],
+    ));
+    assert_eq!(
+        std::fs::read(here.join("ws-learned.bin")).expect("learned here"),
+        std::fs::read(there.join("ws-learned.bin")).expect("learned there"),
+        "the published learned set did not come back"
+    );
+    std::fs::remove_dir_all(&there).expect("remove the pull");
+}
+
 #[test]
 fn an_image_pushed_to_a_real_store_pulls_back_verified_and_restores() {
     let _one = one_store_test();
@@ -263,25 +289,13 @@ fn an_image_pushed_to_a_real_store_pulls_back_verified_and_restores() {
         "{inspected}"
     );
     // Another host pulls the image with it.
-    let second_host = vm.dir.join("second-host");
-    let second_arg = second_host.to_str().expect("utf-8");
-    ok(s3.thaw(&vm, &["pull", &url, second_arg, "--json"], &[]));
-    assert_eq!(
-        std::fs::read(pulled.join("ws-learned.bin")).expect("learned here"),
-        std::fs::read(second_host.join("ws-learned.bin")).expect("learned there"),
-        "the published learned set did not come back"
-    );
-    std::fs::remove_dir_all(&second_host).expect("remove the second pull");
+    assert_pull_has_learned_set(&s3, &vm, &url, &pulled);
     // Two hosts publish at once: the one whose manifest write comes
     // second finds the manifest changed (If-Match), reads it again and
     // publishes over the other's version, which stays in the store for
     // restores that read the manifest before.
     let other_host = vm.dir.join("other-host");
-    std::fs::create_dir(&other_host).expect("mkdir");
-    for entry in std::fs::read_dir(&pulled).expect("list") {
-        let entry = entry.expect("entry");
-        std::fs::copy(entry.path(), other_host.join(entry.file_name())).expect("copy");
-    }
+    copy_image(&pulled, &other_host);
     // The same evidence in other bytes: another version.
     let evidence: Value =
         serde_json::from_slice(&std::fs::read(pulled.join("ws-evidence.json")).expect("evidence"))
@@ -326,11 +340,7 @@ fn an_image_pushed_to_a_real_store_pulls_back_verified_and_restores() {
     );
     // Meanwhile the other publishes the evidence as it was.
     let meanwhile = vm.dir.join("meanwhile");
-    std::fs::create_dir(&meanwhile).expect("mkdir");
-    for entry in std::fs::read_dir(&pulled).expect("list") {
-        let entry = entry.expect("entry");
-        std::fs::copy(entry.path(), meanwhile.join(entry.file_name())).expect("copy");
-    }
+    copy_image(&pulled, &meanwhile);
     let mut changed = evidence.clone();
     changed["restores"]
         .as_array_mut()
@@ -490,14 +500,7 @@ fn an_image_pushed_to_a_real_store_pulls_back_verified_and_restores() {
         versions.contains(learned["xxh3"].as_str().expect("xxh3")),
         "{versions}"
     );
-    let from_store = vm.dir.join("from-store");
-    let from_store_arg = from_store.to_str().expect("utf-8");
-    ok(s3.thaw(&vm, &["pull", &lazy_url, from_store_arg, "--json"], &[]));
-    assert_eq!(
-        std::fs::read(local.join("ws-learned.bin")).expect("learned here"),
-        std::fs::read(from_store.join("ws-learned.bin")).expect("learned in the store"),
-    );
-    std::fs::remove_dir_all(&from_store).expect("remove the pull");
+    assert_pull_has_learned_set(&s3, &vm, &lazy_url, &local);
 
     // The store stops answering in the middle of a restore from it (the
     // fill paced so that it is still running): the VM and its restore
