@@ -171,14 +171,7 @@ impl Store {
 
     /// The whole object, `None` if it does not exist.
     pub async fn get(&self, path: &ObjectPath) -> Result<Option<Bytes>, StoreError> {
-        let result = match self.inner.get(path).await {
-            Ok(r) => r,
-            Err(object_store::Error::NotFound { .. }) => return Ok(None),
-            Err(e) => return Err(self.failed("reading", path)(e)),
-        };
-        let data = result.bytes().await.map_err(self.failed("reading", path))?;
-        self.reads.count(data.len() as u64);
-        Ok(Some(data))
+        Ok(self.get_with_meta(path).await?.map(|(data, _)| data))
     }
 
     /// The whole object and what the store says of it (its version and
