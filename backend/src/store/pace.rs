@@ -16,6 +16,18 @@
 //! difference, so the queue holds about the target: the link stays busy
 //! and a fault waits little behind the fill.
 //!
+//! A delay is the fill's own queue only when the link is full, though.
+//! The store's own time to answer and the host's CPU (a busy guest on a
+//! small host, a store starved of CPU) add delay just the same, and
+//! shrinking the window for them only starves the fill: the link then
+//! idles while each small read waits out the delay. So the pace also
+//! measures the fill's delivery rate over the time it has reads in
+//! flight ([`Delivery`]). While that rate stays below
+//! [`FULL_PERCENT`] of the most it has delivered, a delay over the target
+//! is not taken for a queue: the window grows on, up to what delivers
+//! that most at the delay now (a bandwidth-delay product measured with
+//! the delay now, in the manner of BBR), and stops there.
+//!
 //! Faults come first outright: no range is admitted while a fault's read
 //! is in flight, nor for [`HOLD_OFF`] after the last one ended.
 
@@ -51,6 +63,15 @@ const RECENT_SAMPLES: usize = 4;
 /// so by up to half of itself per round trip.
 const GAIN_DIVISOR: i128 = 2;
 
+/// The link counts as full while the fill's delivery rate is at least
+/// this percentage of the most it has delivered: a delay beyond the target
+/// is then the fill's own queue and shrinks the window.
+const FULL_PERCENT: f64 = 90.0;
+/// The fill's delivery rate is measured over this much of the time it
+/// has reads in flight: long against a round trip, so that reads ending
+/// together do not pass for a faster link.
+const RATE_SPAN: Duration = Duration::from_millis(250);
+
 /// After a fault's read, no range is admitted for this long: a guest that
 /// faults faults again soon, and each of its reads should find the link
 /// free rather than queued behind the fill's (the window keeps that queue
@@ -78,6 +99,77 @@ struct State {
     base: Option<Duration>,
     /// The last background reads' times to their first byte.
     recent: VecDeque<Duration>,
+    delivery: Delivery,
+}
+
+/// The fill's delivery rate, over the time it has reads in flight (time
+/// the fill is held off for faults, or has nothing to read, does not
+/// count).
+#[derive(Default)]
+struct Delivery {
+    /// Bytes the fill's reads have received, in all.
+    delivered: u64,
+    /// Time with reads in flight, in all, until `busy_since`.
+    busy: Duration,
+    /// Since when reads are in flight, if they are.
+    busy_since: Option<Instant>,
+    /// (busy time, bytes delivered) when reads ended, back to one at
+    /// least [`RATE_SPAN`] of busy time ago.
+    marks: VecDeque<(Duration, u64)>,
+    /// The most bytes per second delivered over a [`RATE_SPAN`].
+    max_rate: f64,
+}
+
+impl Delivery {
+    fn busy_at(&self, now: Instant) -> Duration {
+        self.busy
+            + self
+                .busy_since
+                .map_or(Duration::ZERO, |since| now.saturating_duration_since(since))
+    }
+
+    /// Reads are in flight from `now` (there were none).
+    fn start(&mut self, now: Instant) {
+        self.busy_since.get_or_insert(now);
+        if self.marks.is_empty() {
+            self.marks.push_back((self.busy, self.delivered));
+        }
+    }
+
+    /// No read is in flight from `now`.
+    fn stop(&mut self, now: Instant) {
+        self.busy = self.busy_at(now);
+        self.busy_since = None;
+    }
+
+    /// A read of `bytes` ended at `now`: the bytes per second delivered
+    /// over the last [`RATE_SPAN`] of busy time, once there is one.
+    fn delivered(&mut self, bytes: u64, now: Instant) -> Option<f64> {
+        let busy = self.busy_at(now);
+        self.delivered += bytes;
+        while self
+            .marks
+            .get(1)
+            .is_some_and(|&(at, _)| busy.saturating_sub(at) >= RATE_SPAN)
+        {
+            self.marks.pop_front();
+        }
+        let rate = self.marks.front().and_then(|&(at, delivered)| {
+            let span = busy.saturating_sub(at);
+            (span >= RATE_SPAN).then(|| (self.delivered - delivered) as f64 / span.as_secs_f64())
+        });
+        self.marks.push_back((busy, self.delivered));
+        if let Some(rate) = rate {
+            self.max_rate = self.max_rate.max(rate);
+        }
+        rate
+    }
+
+    /// Whether `rate` fills the link: it is within [`FULL_PERCENT`] of the
+    /// most delivered (a rate not measured yet counts as full).
+    fn is_full(&self, rate: Option<f64>) -> bool {
+        rate.is_none_or(|rate| rate * 100.0 >= self.max_rate * FULL_PERCENT)
+    }
 }
 
 impl Default for Pace {
@@ -100,6 +192,7 @@ impl Pace {
                 last_urgent_end: None,
                 base: None,
                 recent: VecDeque::with_capacity(RECENT_SAMPLES),
+                delivery: Delivery::default(),
             }),
             changed: tokio::sync::Notify::new(),
             hold_off,
@@ -139,6 +232,9 @@ impl Pace {
                     .filter(|left| !left.is_zero());
                 let fits = s.in_flight == 0 || s.in_flight + bytes <= s.window;
                 if s.urgent == 0 && hold_off_left.is_none() && fits {
+                    if s.in_flight == 0 {
+                        s.delivery.start(Instant::now());
+                    }
                     s.in_flight += bytes;
                     return InFlight {
                         pace: self.clone(),
@@ -173,37 +269,59 @@ impl Pace {
     }
 
     /// A background read of `bytes` got its first byte after
-    /// `first_byte`: moves the window towards the target delay.
-    pub fn observe(&self, first_byte: Duration, bytes: u64) {
+    /// `first_byte` and has ended: moves the window towards the target
+    /// delay (see [`InFlight::ended`]).
+    fn observe(&self, first_byte: Duration, bytes: u64) {
         let mut s = self.state();
-        if s.recent.len() == RECENT_SAMPLES {
-            s.recent.pop_front();
+        let rate = s.delivery.delivered(bytes, Instant::now());
+        s.adjust(first_byte, bytes, rate);
+        // The read's guard wakes waiting reads as it drops.
+    }
+}
+
+impl State {
+    /// Moves the window after a background read of `bytes` whose first
+    /// byte came after `first_byte`, with the fill's delivery rate now
+    /// (bytes per second), if measured.
+    fn adjust(&mut self, first_byte: Duration, bytes: u64, rate: Option<f64>) {
+        if self.recent.len() == RECENT_SAMPLES {
+            self.recent.pop_front();
         }
-        s.recent.push_back(first_byte);
-        let now = s.recent.iter().min().copied().unwrap_or(first_byte);
-        let base = s.base.map_or(now, |b| b.min(now));
-        s.base = Some(base);
+        self.recent.push_back(first_byte);
+        let now = self.recent.iter().min().copied().unwrap_or(first_byte);
+        let base = self.base.map_or(now, |b| b.min(now));
+        self.base = Some(base);
         // In nanoseconds: how far the queue is under (+) or over (-) the
         // target, at most the target itself either way.
         let nanos = |d: Duration| i128::try_from(d.as_nanos()).unwrap_or(i128::MAX);
         let target = nanos((base / TARGET_FRACTION).max(MIN_TARGET));
         let queued = nanos(now.saturating_sub(base)).min(target * 2);
         let off_target = (target - queued).clamp(-target, target);
-        let change = i128::from(bytes) * off_target / (GAIN_DIVISOR * target);
-        let window =
-            (i128::from(s.window) + change).clamp(i128::from(MIN_WINDOW), i128::from(MAX_WINDOW));
-        s.window = u64::try_from(window).unwrap_or(MIN_WINDOW);
+        let mut change = i128::from(bytes) * off_target / (GAIN_DIVISOR * target);
+        let full = self.delivery.is_full(rate);
+        if change < 0 && !full {
+            // The delay is not the fill's queue on the link, which is not
+            // full: the window grows on to what delivered the most at the
+            // delay now.
+            let enough = self.delivery.max_rate * now.as_secs_f64();
+            change = if (self.window as f64) < enough {
+                i128::from(bytes) / GAIN_DIVISOR
+            } else {
+                0
+            };
+        }
+        let window = (i128::from(self.window) + change)
+            .clamp(i128::from(MIN_WINDOW), i128::from(MAX_WINDOW));
+        self.window = u64::try_from(window).unwrap_or(MIN_WINDOW);
         log::trace!(
-            "fill read of {bytes} B: first byte after {} µs, fastest {} µs, window {} KiB",
+            "fill read of {bytes} B: first byte after {} µs, fastest {} µs, \
+             {:.0} KiB/s (most {:.0} KiB/s), window {} KiB",
             first_byte.as_micros(),
             base.as_micros(),
-            s.window >> 10
+            rate.unwrap_or(f64::NAN) / 1024.0,
+            self.delivery.max_rate / 1024.0,
+            self.window >> 10
         );
-        drop(s);
-        // A larger window may admit a waiting read.
-        if change > 0 {
-            self.changed.notify_waiters();
-        }
     }
 }
 
@@ -213,11 +331,23 @@ pub struct InFlight {
     bytes: u64,
 }
 
+impl InFlight {
+    /// The read has ended, its first byte having come after `first_byte`:
+    /// moves the window (see [`Pace`]), and no longer counts the bytes in
+    /// flight.
+    pub fn ended(self, first_byte: Duration) {
+        self.pace.observe(first_byte, self.bytes);
+    }
+}
+
 impl Drop for InFlight {
     fn drop(&mut self) {
         {
             let mut s = self.pace.state();
             s.in_flight = s.in_flight.saturating_sub(self.bytes);
+            if s.in_flight == 0 {
+                s.delivery.stop(Instant::now());
+            }
         }
         self.pace.changed.notify_waiters();
     }
@@ -299,6 +429,61 @@ mod tests {
         let r = pace.range_bytes();
         assert!(r.is_power_of_two() && (MIN_RANGE..=MAX_RANGE).contains(&r));
         assert_eq!(MAX_RANGE % MIN_RANGE, 0);
+    }
+
+    #[test]
+    fn the_delivery_rate_counts_only_time_with_reads_in_flight() {
+        let mut d = Delivery::default();
+        let t0 = Instant::now();
+        d.start(t0);
+        assert_eq!(d.delivered(1 << 20, t0 + RATE_SPAN / 2), None);
+        // 4 MiB in 250 ms of reads in flight: 16 MiB/s.
+        let rate = d.delivered(3 << 20, t0 + RATE_SPAN);
+        assert_eq!(rate, Some(f64::from(16 << 20)));
+        // A second idle (held off for faults) does not slow it.
+        d.stop(t0 + RATE_SPAN);
+        let t1 = t0 + RATE_SPAN + Duration::from_secs(1);
+        d.start(t1);
+        let rate = d.delivered(2 << 20, t1 + RATE_SPAN / 2).unwrap_or(0.0);
+        assert!(rate >= f64::from(16 << 20), "{rate}");
+        assert!(d.is_full(Some(rate)));
+        // Half the rate with reads in flight is not a full link.
+        let rate = d.delivered(1 << 20, t1 + RATE_SPAN * 3);
+        assert!(!d.is_full(rate), "{rate:?} against {}", d.max_rate);
+        assert!(d.is_full(None));
+    }
+
+    /// A pace's state after `rounds` reads of `bytes` whose first bytes
+    /// came after `first_byte`, at a delivery rate of `rate` against a
+    /// most of `max_rate`.
+    fn adjusted(first_byte: Duration, rate: f64, max_rate: f64, rounds: usize) -> u64 {
+        let pace = Pace::new();
+        let mut s = pace.state();
+        s.base = Some(RTT);
+        s.delivery.max_rate = max_rate;
+        for _ in 0..rounds {
+            s.adjust(first_byte, 256 << 10, Some(rate));
+        }
+        s.window
+    }
+
+    #[test]
+    fn a_delay_shrinks_the_window_only_while_the_link_is_full() {
+        let link = f64::from(32 << 20);
+        // Full link, delay over the target: the fill's own queue.
+        assert!(adjusted(RTT * 3, link, link, 8) < INITIAL_WINDOW);
+        // The same delay at a third of the link: the store's or the host's,
+        // not a queue. The window grows, to what delivers the link's rate
+        // at that delay, and no further.
+        let grown = adjusted(RTT * 3, link / 3.0, link, 1_000);
+        let enough = (32 << 20) * u64::try_from((RTT * 3).as_millis()).unwrap_or(0) / 1000;
+        assert!(grown > INITIAL_WINDOW, "{grown}");
+        assert!(
+            (enough..enough + (256 << 10)).contains(&grown),
+            "{grown} against {enough}"
+        );
+        // Nothing queued: it grows whatever the rate, as before.
+        assert!(adjusted(RTT, link / 3.0, link, 8) > INITIAL_WINDOW);
     }
 
     #[tokio::test]

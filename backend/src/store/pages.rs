@@ -228,12 +228,10 @@ impl PageSource for RemotePages {
                         }
                     })
                     .map(|(r, slot)| {
-                        let (store, object, pace) = (&store, &object, &pace);
+                        let (store, object) = (&store, &object);
                         async move {
-                            let bytes = r.end - r.start;
                             let (data, first_byte) = store.get_range_timed(object, r).await?;
-                            pace.observe(first_byte, bytes);
-                            drop(slot);
+                            slot.ended(first_byte);
                             Ok::<_, StoreError>(data)
                         }
                     })
