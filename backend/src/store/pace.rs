@@ -27,8 +27,11 @@
 //! is not taken for a queue: the window grows on, up to [`PROBE_GAIN`]
 //! times what delivers that most at the delay now (a bandwidth-delay
 //! product measured with the delay now, in the manner of BBR). The gain
-//! lets the rate pass the most seen, so a fill that started on a busy host
-//! finds out what the link can take.
+//! lets the rate pass the most seen, so the most can grow past what a
+//! window once shrunk delivered. The most is that of the last
+//! [`PEAK_SPAN`] only, also as in BBR: a link that slows down (other
+//! traffic on it) or a most measured too high is forgotten, and the fill
+//! reads the delay as its queue again.
 //!
 //! Faults come first outright: no range is admitted while a fault's read
 //! is in flight, nor for [`HOLD_OFF`] after the last one ended.
@@ -78,6 +81,9 @@ const RATE_SPAN: Duration = Duration::from_secs(1);
 /// While the link is not full, the window grows up to this many times
 /// what delivers the most rate seen at the delay now.
 const PROBE_GAIN: f64 = 1.5;
+/// The most delivered is the most over this much of the time the fill
+/// has reads in flight.
+const PEAK_SPAN: Duration = Duration::from_secs(10);
 
 /// After a fault's read, no range is admitted for this long: a guest that
 /// faults faults again soon, and each of its reads should find the link
@@ -120,11 +126,12 @@ struct Delivery {
     busy: Duration,
     /// Since when reads are in flight, if they are.
     busy_since: Option<Instant>,
-    /// (busy time, bytes delivered) when reads ended, back to one at
-    /// least [`RATE_SPAN`] of busy time ago.
+    /// (busy time, bytes delivered) when reads ended (and when the first
+    /// started), back to one at least [`RATE_SPAN`] of busy time ago.
     marks: VecDeque<(Duration, u64)>,
-    /// The most bytes per second delivered over a [`RATE_SPAN`].
-    max_rate: f64,
+    /// (busy time, bytes per second) of the rates measured over the last
+    /// [`PEAK_SPAN`] that no later one reached: the first is the most.
+    peaks: VecDeque<(Duration, f64)>,
 }
 
 impl Delivery {
@@ -167,15 +174,31 @@ impl Delivery {
         });
         self.marks.push_back((busy, self.delivered));
         if let Some(rate) = rate {
-            self.max_rate = self.max_rate.max(rate);
+            while self.peaks.back().is_some_and(|&(_, peak)| peak <= rate) {
+                self.peaks.pop_back();
+            }
+            self.peaks.push_back((busy, rate));
+            while self
+                .peaks
+                .front()
+                .is_some_and(|&(at, _)| busy.saturating_sub(at) > PEAK_SPAN)
+            {
+                self.peaks.pop_front();
+            }
         }
         rate
     }
 
-    /// Whether `rate` fills the link: it is within [`FULL_PERCENT`] of the
-    /// most delivered (a rate not measured yet counts as full).
+    /// The most bytes per second delivered over a [`RATE_SPAN`] in the
+    /// last [`PEAK_SPAN`] (0 before the first).
+    fn max_rate(&self) -> f64 {
+        self.peaks.front().map_or(0.0, |&(_, rate)| rate)
+    }
+
+    /// Whether `rate` fills the link: it is at least [`FULL_PERCENT`] % of
+    /// the most delivered (a rate not measured yet counts as full).
     fn is_full(&self, rate: Option<f64>) -> bool {
-        rate.is_none_or(|rate| rate * 100.0 >= self.max_rate * FULL_PERCENT)
+        rate.is_none_or(|rate| rate * 100.0 >= self.max_rate() * FULL_PERCENT)
     }
 }
 
@@ -310,7 +333,7 @@ impl State {
             // The delay is not the fill's queue on the link, which is not
             // full: the window grows on, past what delivered the most at
             // the delay now.
-            let enough = PROBE_GAIN * self.delivery.max_rate * now.as_secs_f64();
+            let enough = PROBE_GAIN * self.delivery.max_rate() * now.as_secs_f64();
             change = if (self.window as f64) < enough {
                 i128::from(bytes) / GAIN_DIVISOR
             } else {
@@ -322,11 +345,11 @@ impl State {
         self.window = u64::try_from(window).unwrap_or(MIN_WINDOW);
         log::trace!(
             "fill read of {bytes} B: first byte after {} µs, fastest {} µs, \
-             {:.0} KiB/s (most {:.0} KiB/s), window {} KiB",
+             {} KiB/s (most {:.0} KiB/s), window {} KiB",
             first_byte.as_micros(),
             base.as_micros(),
-            rate.unwrap_or(f64::NAN) / 1024.0,
-            self.delivery.max_rate / 1024.0,
+            rate.map_or_else(|| "-".to_owned(), |r| format!("{:.0}", r / 1024.0)),
+            self.delivery.max_rate() / 1024.0,
             self.window >> 10
         );
     }
@@ -454,20 +477,57 @@ mod tests {
         let rate = d.delivered(2 << 20, t1 + RATE_SPAN / 2).unwrap_or(0.0);
         assert!(rate >= f64::from(4 << 20), "{rate}");
         assert!(d.is_full(Some(rate)));
-        // Half the rate with reads in flight is not a full link.
+        // A tenth of the rate with reads in flight is not a full link.
         let rate = d.delivered(1 << 20, t1 + RATE_SPAN * 3);
-        assert!(!d.is_full(rate), "{rate:?} against {}", d.max_rate);
+        assert!(!d.is_full(rate), "{rate:?} against {}", d.max_rate());
         assert!(d.is_full(None));
     }
 
-    /// A pace's state after `rounds` reads of `bytes` whose first bytes
+    #[test]
+    fn the_link_is_full_from_the_threshold_on() {
+        let mut d = Delivery::default();
+        d.peaks.push_back((Duration::ZERO, 1000.0));
+        let at = |percent: f64| Some(1000.0 * percent / 100.0);
+        assert!(d.is_full(at(FULL_PERCENT + 1.0)));
+        assert!(!d.is_full(at(FULL_PERCENT - 1.0)));
+    }
+
+    #[test]
+    fn the_most_delivered_is_forgotten_after_the_peak_span() {
+        let mut d = Delivery::default();
+        let t0 = Instant::now();
+        d.start(t0);
+        let mut t = t0;
+        // 8 MiB/s for two seconds, then 2 MiB/s.
+        for _ in 0..20 {
+            t += RATE_SPAN / 10;
+            d.delivered(800 << 10, t);
+        }
+        let fast = d.max_rate();
+        assert!(fast > f64::from(7 << 20), "{fast}");
+        for _ in 0..10 {
+            t += RATE_SPAN / 10;
+            d.delivered(200 << 10, t);
+        }
+        assert_eq!(d.max_rate(), fast, "still within the span");
+        let end = t + PEAK_SPAN;
+        while t < end {
+            t += RATE_SPAN / 10;
+            d.delivered(200 << 10, t);
+        }
+        let slow = d.max_rate();
+        assert!(slow < f64::from(3 << 20), "{slow} after {fast}");
+        assert!(d.peaks.len() < 200, "{} peaks kept", d.peaks.len());
+    }
+
+    /// A pace's window after `rounds` reads of 256 KiB whose first bytes
     /// came after `first_byte`, at a delivery rate of `rate` against a
     /// most of `max_rate`.
     fn adjusted(first_byte: Duration, rate: f64, max_rate: f64, rounds: usize) -> u64 {
         let pace = Pace::new();
         let mut s = pace.state();
         s.base = Some(RTT);
-        s.delivery.max_rate = max_rate;
+        s.delivery.peaks.push_back((Duration::ZERO, max_rate));
         for _ in 0..rounds {
             s.adjust(first_byte, 256 << 10, Some(rate));
         }
